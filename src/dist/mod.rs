@@ -1,0 +1,6 @@
+//! The distribution port: routing incoming connections to local nodes.
+
+pub mod handshake;
+pub mod listener;
+pub mod relay;
+pub mod router;

@@ -1,0 +1,350 @@
+//! The registry of local nodes.
+//!
+//! A registration lives exactly as long as the node's ALIVE2 connection: the
+//! connection task owns a [`Registration`] guard and dropping it unregisters
+//! (also when the task ends through an error or a reset). Creation numbers
+//! follow OTP's `epmd_srv.c`: a per-name counter that starts at a
+//! pseudo-random value ≥ 4 and is bumped on every re-registration, so a
+//! restarted node never reuses the creation of its previous incarnation.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::proto::NodeSpec;
+use crate::metrics as m;
+
+/// A registered node as the router and EPMD server see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub spec: NodeSpec,
+    /// The creation handed out (32-bit; see [`NodeEntry::reply_creation`]).
+    pub creation: u32,
+    /// The address the node registered from; the router connects to the
+    /// node's port there (so a node registered over IPv6 is reached over IPv6).
+    pub addr: IpAddr,
+}
+
+impl NodeEntry {
+    /// The creation as sent in the ALIVE2 reply: nodes older than version 6
+    /// get the old 1..=3 range, as `epmd` does.
+    pub fn reply_creation(&self) -> u32 {
+        if self.spec.highest_version >= 6 {
+            self.creation
+        } else {
+            self.creation % 3 + 1
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegisterError {
+    #[error("node name {0:?} is already registered")]
+    Duplicate(String),
+}
+
+struct Slot {
+    entry: NodeEntry,
+    id: u64,
+    /// Cancelled by STOP_REQ to close the owning ALIVE2 connection.
+    stop: CancellationToken,
+}
+
+#[derive(Default)]
+struct Inner {
+    live: HashMap<String, Slot>,
+    /// Last creation counter per name, kept after unregistration.
+    creations: HashMap<String, u32>,
+    next_id: u64,
+}
+
+/// Shared registry; cheap to clone through `Arc`.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    /// Bumped on every change (readiness, state file, tests).
+    version: watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            version: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // in a way that matters more than losing the registry; keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed(&self, inner: &Inner) {
+        metrics::gauge!(m::REGISTERED_NODES).set(inner.live.len() as f64);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Registers `spec` from `addr`. The returned guard unregisters on drop.
+    pub fn register(
+        self: &Arc<Self>,
+        spec: NodeSpec,
+        addr: IpAddr,
+    ) -> Result<Registration, RegisterError> {
+        let mut inner = self.lock();
+        if inner.live.contains_key(&spec.name) {
+            return Err(RegisterError::Duplicate(spec.name));
+        }
+        let creation = match inner.creations.get(&spec.name) {
+            Some(&prev) => bump_creation(prev),
+            None => initial_creation(),
+        };
+        inner.creations.insert(spec.name.clone(), creation);
+        inner.next_id += 1;
+        let id = inner.next_id;
+        let name = spec.name.clone();
+        let stop = CancellationToken::new();
+        let entry = NodeEntry {
+            spec,
+            creation,
+            addr,
+        };
+        inner.live.insert(
+            name.clone(),
+            Slot {
+                entry: entry.clone(),
+                id,
+                stop: stop.clone(),
+            },
+        );
+        self.changed(&inner);
+        Ok(Registration {
+            registry: Arc::clone(self),
+            name,
+            id,
+            entry,
+            stop,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<NodeEntry> {
+        self.lock().live.get(name).map(|s| s.entry.clone())
+    }
+
+    /// All live nodes, sorted by name.
+    pub fn list(&self) -> Vec<NodeEntry> {
+        let mut v: Vec<NodeEntry> = self.lock().live.values().map(|s| s.entry.clone()).collect();
+        v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The only registered node, if exactly one is registered.
+    pub fn single(&self) -> Option<NodeEntry> {
+        let inner = self.lock();
+        if inner.live.len() == 1 {
+            inner.live.values().next().map(|s| s.entry.clone())
+        } else {
+            None
+        }
+    }
+
+    /// STOP_REQ: unregisters `name` and closes its ALIVE2 connection.
+    pub fn stop(&self, name: &str) -> bool {
+        let mut inner = self.lock();
+        match inner.live.remove(name) {
+            Some(slot) => {
+                slot.stop.cancel();
+                self.changed(&inner);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Subscribe to change notifications.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn unregister(&self, name: &str, id: u64) {
+        let mut inner = self.lock();
+        if inner.live.get(name).is_some_and(|s| s.id == id) {
+            inner.live.remove(name);
+            self.changed(&inner);
+        }
+    }
+}
+
+/// Owned by the ALIVE2 connection; dropping it unregisters the node.
+pub struct Registration {
+    registry: Arc<Registry>,
+    name: String,
+    id: u64,
+    entry: NodeEntry,
+    stop: CancellationToken,
+}
+
+impl Registration {
+    pub fn entry(&self) -> &NodeEntry {
+        &self.entry
+    }
+    /// Resolves when STOP_REQ asks for this registration to end.
+    pub fn stopped(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.stop.cancelled()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.unregister(&self.name, self.id);
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("name", &self.name)
+            .field("creation", &self.entry.creation)
+            .finish()
+    }
+}
+
+/// `epmd_srv.c` `bump_creation`: increment, skipping 0..=3 (reserved for
+/// old-style creations and "unknown").
+pub fn bump_creation(prev: u32) -> u32 {
+    let next = prev.wrapping_add(1);
+    if next < 4 {
+        4
+    } else {
+        next
+    }
+}
+
+/// A pseudo-random starting creation ≥ 4, so that a restarted sidecar is
+/// unlikely to hand out a creation a peer still remembers.
+fn initial_creation() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(nanos);
+    bump_creation((h.finish() as u32) | 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::net::Ipv4Addr;
+
+    fn spec(name: &str, port: u16, version: u16) -> NodeSpec {
+        NodeSpec {
+            port,
+            node_type: 77,
+            protocol: 0,
+            highest_version: version,
+            lowest_version: 5,
+            name: name.to_string(),
+            extra: Bytes::new(),
+        }
+    }
+
+    const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn register_lookup_and_drop_unregisters() {
+        let r = Arc::new(Registry::new());
+        let g = r.register(spec("a", 1000, 6), LO).unwrap();
+        assert_eq!(r.get("a").unwrap().spec.port, 1000);
+        assert_eq!(r.single().unwrap().spec.name, "a");
+        drop(g);
+        assert!(r.get("a").is_none());
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn duplicate_is_refused_and_does_not_disturb_the_first() {
+        let r = Arc::new(Registry::new());
+        let _g = r.register(spec("a", 1000, 6), LO).unwrap();
+        let err = r.register(spec("a", 2000, 6), LO).unwrap_err();
+        assert_eq!(err, RegisterError::Duplicate("a".into()));
+        assert_eq!(r.get("a").unwrap().spec.port, 1000);
+    }
+
+    #[test]
+    fn creation_changes_on_every_reregistration() {
+        let r = Arc::new(Registry::new());
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let g = r.register(spec("a", 1000, 6), LO).unwrap();
+            let c = g.entry().creation;
+            assert!(c >= 4);
+            assert!(!seen.contains(&c), "creation {c} reused");
+            seen.push(c);
+        }
+    }
+
+    #[test]
+    fn old_nodes_get_small_creations_that_differ_from_the_previous_one() {
+        let r = Arc::new(Registry::new());
+        let c1 = r
+            .register(spec("a", 1, 5), LO)
+            .unwrap()
+            .entry()
+            .reply_creation();
+        let c2 = r
+            .register(spec("a", 1, 5), LO)
+            .unwrap()
+            .entry()
+            .reply_creation();
+        assert!((1..=3).contains(&c1) && (1..=3).contains(&c2));
+        assert_ne!(c1, c2);
+    }
+
+    #[test]
+    fn bump_skips_reserved_values() {
+        assert_eq!(bump_creation(u32::MAX), 4);
+        assert_eq!(bump_creation(4), 5);
+        assert_eq!(bump_creation(0), 4);
+    }
+
+    #[test]
+    fn stale_guard_does_not_remove_a_newer_registration() {
+        let r = Arc::new(Registry::new());
+        let g1 = r.register(spec("a", 1, 6), LO).unwrap();
+        assert!(r.stop("a"));
+        let _g2 = r.register(spec("a", 2, 6), LO).unwrap();
+        drop(g1);
+        assert_eq!(r.get("a").unwrap().spec.port, 2);
+    }
+
+    #[tokio::test]
+    async fn stop_cancels_the_owner() {
+        let r = Arc::new(Registry::new());
+        let g = r.register(spec("a", 1, 6), LO).unwrap();
+        assert!(r.stop("a"));
+        tokio::time::timeout(std::time::Duration::from_secs(1), g.stopped())
+            .await
+            .unwrap();
+        assert!(!r.stop("a"));
+    }
+}

@@ -1,0 +1,283 @@
+//! The EPMD server: one task per connection, speaking the protocol as OTP's
+//! `epmd` does (`erts/epmd/src/epmd_srv.c`), with the proxy's twists:
+//! remote lookups are answered with the advertised distribution port and
+//! recorded for correlation, and remote NAMES lists nodes at that port.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::FramedRead;
+use tracing::{debug, info, warn};
+
+use super::codec::{CodecError, RequestCodec};
+use super::proto::{self, NodeSpec, Request};
+use super::registry::RegisterError;
+use crate::config::LoopbackLookups;
+use crate::dist::router::LookupOutcome;
+use crate::metrics as m;
+use crate::server::Shared;
+
+/// Accepts EPMD connections until shutdown. Accept errors are logged and
+/// the loop goes on; a connection's error ends only that connection.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let shared2 = Arc::clone(&shared);
+                shared.tracker.spawn(async move {
+                    handle_connection(stream, peer, shared2).await;
+                });
+            }
+            Err(e) => {
+                warn!(listener = ?local, error = %e, "epmd accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// `epmd` treats 127.0.0.0/8 and the server's own address as local.
+fn is_local_peer(peer: IpAddr, local: Option<IpAddr>) -> bool {
+    peer.is_loopback() || Some(peer) == local
+}
+
+fn request_type(req: &Request) -> &'static str {
+    match req {
+        Request::Alive2(_) => "alive2",
+        Request::PortPlease2 { .. } => "port_please2",
+        Request::Names => "names",
+        Request::Dump => "dump",
+        Request::Kill => "kill",
+        Request::Stop { .. } => "stop",
+    }
+}
+
+fn count(req_type: &'static str, result: &'static str) {
+    metrics::counter!(m::EPMD_REQUESTS, "type" => req_type, "result" => result).increment(1);
+}
+
+async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let peer_ip = canonical(peer.ip());
+    let local = stream.local_addr().ok();
+    let local_peer = is_local_peer(peer_ip, local.map(|a| canonical(a.ip())));
+    let idle = shared.config.epmd.idle_timeout();
+
+    let mut framed = FramedRead::new(stream, RequestCodec::default());
+    let request = match tokio::time::timeout(idle, framed.next()).await {
+        Err(_) => {
+            debug!(%peer, "epmd request timed out; closing");
+            count("unknown", "timeout");
+            return;
+        }
+        Ok(None) => return, // closed without a request
+        Ok(Some(Err(e))) => {
+            log_bad_request(peer, &e);
+            count("unknown", "bad_request");
+            return;
+        }
+        Ok(Some(Ok(req))) => req,
+    };
+    let leftover = !framed.read_buffer().is_empty();
+    let mut stream = framed.into_inner();
+    let req_type = request_type(&request);
+
+    if matches!(
+        request,
+        Request::Alive2(_) | Request::Dump | Request::Kill | Request::Stop { .. }
+    ) && !local_peer
+    {
+        warn!(%peer, request = req_type, "epmd request only allowed from local peers; closing");
+        count(req_type, "refused_non_local");
+        return;
+    }
+
+    let mut out = BytesMut::new();
+    match request {
+        Request::Alive2(spec) => {
+            if leftover {
+                // epmd drops a registration that sends more than its request.
+                count(req_type, "bad_request");
+                return;
+            }
+            serve_alive2(stream, peer, peer_ip, spec, &shared).await;
+            return;
+        }
+        Request::PortPlease2 { name } => {
+            let result = port_please(&shared, peer_ip, &name, &mut out).await;
+            count(req_type, result);
+        }
+        Request::Names => {
+            let epmd_port = local.map(|a| a.port()).unwrap_or(4369);
+            proto::encode_names_header(&mut out, u32::from(epmd_port));
+            let remote = advertise_to(&shared, peer_ip);
+            for node in shared.registry.list() {
+                let port = if remote {
+                    shared.advertise_port
+                } else {
+                    node.spec.port
+                };
+                proto::encode_names_line(&mut out, &node.spec.name, port);
+            }
+            count(req_type, "ok");
+        }
+        Request::Dump => {
+            let epmd_port = local.map(|a| a.port()).unwrap_or(4369);
+            proto::encode_names_header(&mut out, u32::from(epmd_port));
+            for node in shared.registry.list() {
+                proto::encode_dump_line(&mut out, &node.spec.name, node.spec.port, -1);
+            }
+            count(req_type, "ok");
+        }
+        Request::Kill => {
+            if !shared.registry.is_empty() && !shared.config.epmd.relaxed_command_check {
+                out.extend_from_slice(b"NO");
+                count(req_type, "refused");
+            } else {
+                out.extend_from_slice(b"OK");
+                count(req_type, "ok");
+                info!(%peer, "KILL_REQ accepted; shutting down");
+                let _ = stream.write_all(&out).await;
+                shared.shutdown.cancel();
+                return;
+            }
+        }
+        Request::Stop { name } => {
+            if !shared.config.epmd.relaxed_command_check {
+                warn!(%peer, node = %name, "STOP_REQ refused: relaxed_command_check is off");
+                count(req_type, "refused");
+                return;
+            }
+            if shared.registry.stop(&name) {
+                info!(%peer, node = %name, "node stopped by STOP_REQ");
+                out.extend_from_slice(b"STOPPED");
+                count(req_type, "ok");
+            } else {
+                out.extend_from_slice(b"NOEXIST");
+                count(req_type, "not_found");
+            }
+        }
+    }
+    if let Err(e) = stream.write_all(&out).await {
+        debug!(%peer, error = %e, "failed to write epmd reply");
+    }
+    // The OTP client reads until the socket closes.
+    let _ = stream.shutdown().await;
+}
+
+fn log_bad_request(peer: SocketAddr, e: &CodecError) {
+    match e {
+        CodecError::Io(err) => debug!(%peer, error = %err, "epmd connection error"),
+        other => warn!(%peer, error = %other, "malformed epmd request; closing"),
+    }
+}
+
+/// Whether `peer` is answered with the advertised port (remote peers, and
+/// loopback peers in `proxy` mode).
+fn advertise_to(shared: &Shared, peer: IpAddr) -> bool {
+    !peer.is_loopback() || shared.config.routing.loopback_lookups == LoopbackLookups::Proxy
+}
+
+/// Answers a PORT_PLEASE2_REQ into `out`; returns the result label.
+async fn port_please(
+    shared: &Shared,
+    peer: IpAddr,
+    name: &str,
+    out: &mut BytesMut,
+) -> &'static str {
+    let Some(node) = shared.registry.get(name) else {
+        proto::encode_port2_err(out, 1);
+        return "not_found";
+    };
+    if !advertise_to(shared, peer) {
+        proto::encode_port2_ok(out, &node.spec, node.spec.port);
+        return "direct";
+    }
+    match shared.correlator.record_lookup(peer, name).await {
+        LookupOutcome::Recorded { held } => {
+            if !held.is_zero() {
+                metrics::counter!(m::LOOKUPS_HELD).increment(1);
+                metrics::histogram!(m::LOOKUP_HOLD_SECONDS).record(held.as_secs_f64());
+                debug!(%peer, node = name, held_ms = held.as_millis() as u64, "lookup held by serialisation");
+            }
+            // The node may have re-registered while we waited.
+            let spec = shared
+                .registry
+                .get(name)
+                .map(|n| n.spec)
+                .unwrap_or(node.spec);
+            proto::encode_port2_ok(out, &spec, shared.advertise_port);
+            "proxied"
+        }
+        LookupOutcome::GaveUp { held } => {
+            metrics::counter!(m::LOOKUPS_HELD).increment(1);
+            metrics::histogram!(m::LOOKUP_HOLD_SECONDS).record(held.as_secs_f64());
+            warn!(%peer, node = name, held_ms = held.as_millis() as u64,
+                "lookup held too long behind lookups for another node; answering not found");
+            proto::encode_port2_err(out, 1);
+            "held_too_long"
+        }
+    }
+}
+
+async fn serve_alive2(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    peer_ip: IpAddr,
+    spec: NodeSpec,
+    shared: &Shared,
+) {
+    let extended = spec.highest_version >= 6;
+    let name = spec.name.clone();
+    let mut out = BytesMut::with_capacity(8);
+    let registration = match shared.registry.register(spec, peer_ip) {
+        Ok(r) => r,
+        Err(RegisterError::Duplicate(_)) => {
+            warn!(%peer, node = %name, "ALIVE2_REQ for a name already registered; refused");
+            count("alive2", "duplicate");
+            proto::encode_alive2_resp(&mut out, 1, 99, extended);
+            let _ = stream.write_all(&out).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    let entry = registration.entry().clone();
+    proto::encode_alive2_resp(&mut out, 0, entry.reply_creation(), extended);
+    if let Err(e) = stream.write_all(&out).await {
+        // `registration` drops here: the node is unregistered at once.
+        warn!(%peer, node = %name, error = %e, "failed to send ALIVE2 reply; unregistered");
+        count("alive2", "write_failed");
+        return;
+    }
+    count("alive2", "ok");
+    info!(node = %name, port = entry.spec.port, creation = entry.creation,
+        version = entry.spec.highest_version, addr = %peer_ip, "node registered");
+
+    // The registration lives as long as this connection. Any byte, EOF or
+    // error ends it (as in epmd); so do STOP_REQ and shutdown.
+    let mut probe = [0u8; 64];
+    let why = tokio::select! {
+        r = stream.read(&mut probe) => match r {
+            Ok(0) => "connection closed".to_string(),
+            Ok(n) => format!("unexpected {n} bytes on registration connection"),
+            Err(e) => format!("connection error: {e}"),
+        },
+        _ = registration.stopped() => "STOP_REQ".to_string(),
+        _ = shared.shutdown.cancelled() => "shutdown".to_string(),
+    };
+    drop(registration);
+    info!(node = %name, reason = %why, "node unregistered");
+}

@@ -1,0 +1,21 @@
+//! distproxy: a sidecar that is a pod's EPMD and owns one Erlang
+//! distribution port, so many BEAM nodes can share a pod behind two ports.
+//!
+//! Architecture (see `DESIGN.md` in the project's shared notes):
+//!
+//! - [`epmd`]: the EPMD protocol as OTP's `epmd` speaks it — [`epmd::proto`]
+//!   (messages, no I/O), [`epmd::codec`] (framing), [`epmd::registry`]
+//!   (registrations owned by their ALIVE2 connections), [`epmd::server`].
+//! - [`dist`]: the distribution port — [`dist::handshake`] (first frames, no
+//!   I/O), [`dist::router`] (lookup correlation), [`dist::listener`] (accept,
+//!   route, verify), [`dist::relay`] (opaque byte copying).
+//! - [`server`]: binding and wiring; [`config`]: configuration;
+//!   [`metrics`]: metric names; [`client`]: small EPMD client (`names`).
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod dist;
+pub mod epmd;
+pub mod metrics;
+pub mod server;

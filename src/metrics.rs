@@ -1,0 +1,99 @@
+//! Metric names and descriptions.
+//!
+//! Library code records through the `metrics` facade only; the Prometheus
+//! recorder is installed by the binary (tests may install their own). Names
+//! are constants so dashboards and code cannot drift apart.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const REGISTERED_NODES: &str = "distproxy_registered_nodes";
+pub const EPMD_REQUESTS: &str = "distproxy_epmd_requests_total";
+pub const LOOKUPS_HELD: &str = "distproxy_lookups_held_total";
+pub const LOOKUP_HOLD_SECONDS: &str = "distproxy_lookup_hold_seconds";
+pub const ROUTES: &str = "distproxy_routes_total";
+pub const DIST_CONNECTIONS_OPEN: &str = "distproxy_dist_connections_open";
+pub const DIST_CONNECTIONS: &str = "distproxy_dist_connections_total";
+pub const RELAYED_BYTES: &str = "distproxy_relayed_bytes_total";
+pub const HANDSHAKE_PHASE_SECONDS: &str = "distproxy_handshake_phase_seconds";
+pub const CONNECTIONS_CLOSED: &str = "distproxy_connections_closed_total";
+pub const MISROUTES: &str = "distproxy_misroutes_total";
+pub const BUILD_INFO: &str = "distproxy_build_info";
+
+/// Route methods (`method` label of [`ROUTES`]).
+pub mod route {
+    pub const CORRELATED: &str = "correlated";
+    pub const SINGLE_NODE: &str = "single_node";
+    pub const PREAMBLE: &str = "preamble";
+    pub const UNROUTABLE: &str = "unroutable";
+}
+
+/// Close reasons (`reason` label of [`CONNECTIONS_CLOSED`]).
+pub mod reason {
+    pub const TIMEOUT: &str = "timeout";
+    pub const BAD_FRAME: &str = "bad_frame";
+    pub const REFUSED_BY_POLICY: &str = "refused_by_policy";
+    pub const NODE_GONE: &str = "node_gone";
+    pub const UNROUTABLE: &str = "unroutable";
+    pub const OVER_LIMIT: &str = "over_limit";
+    pub const CONNECT_FAILED: &str = "connect_failed";
+    pub const PEER_CLOSED: &str = "peer_closed";
+}
+
+/// Explicit histogram buckets (seconds) for handshake phases and lookup holds.
+pub const PHASE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Registers descriptions with whatever recorder is installed.
+pub fn describe() {
+    describe_gauge!(
+        REGISTERED_NODES,
+        "Nodes currently registered with the EPMD server."
+    );
+    describe_counter!(
+        EPMD_REQUESTS,
+        "EPMD requests handled, by request type and result."
+    );
+    describe_counter!(
+        LOOKUPS_HELD,
+        "Remote lookups held back by per-peer serialisation."
+    );
+    describe_histogram!(
+        LOOKUP_HOLD_SECONDS,
+        Unit::Seconds,
+        "How long held lookups waited before being answered."
+    );
+    describe_counter!(
+        ROUTES,
+        "Routing decisions for incoming distribution connections, by method."
+    );
+    describe_gauge!(
+        DIST_CONNECTIONS_OPEN,
+        "Distribution connections being relayed, by local node and direction."
+    );
+    describe_counter!(
+        DIST_CONNECTIONS,
+        "Distribution connections relayed, by local node and direction."
+    );
+    describe_counter!(
+        RELAYED_BYTES,
+        Unit::Bytes,
+        "Bytes relayed, by local node and direction (rx: to the node, tx: from it)."
+    );
+    describe_histogram!(
+        HANDSHAKE_PHASE_SECONDS,
+        Unit::Seconds,
+        "Duration of connection set-up phases (first_frame, connect_node, node_challenge)."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Connections closed by distproxy before or instead of relaying, by reason."
+    );
+    describe_counter!(
+        MISROUTES,
+        "Connections whose node answered with a name other than the chosen target (must stay 0)."
+    );
+    describe_gauge!(BUILD_INFO, "Build information; value is always 1.");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}

@@ -1,0 +1,175 @@
+//! Wiring: bind the listeners, build the shared state, serve until shutdown.
+//!
+//! Binding is separate from serving (`bind` then `serve`), so tests bind
+//! port 0 and the binary reports bind errors before anything runs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::dist::router::Correlator;
+use crate::epmd::registry::Registry;
+
+/// State shared by every task.
+pub struct Shared {
+    pub config: Config,
+    pub registry: Arc<Registry>,
+    pub correlator: Correlator,
+    /// Port announced to remote lookups.
+    pub advertise_port: u16,
+    /// Stops accepting (graceful shutdown starts).
+    pub shutdown: CancellationToken,
+    /// Ends relays (grace period over).
+    pub hard_stop: CancellationToken,
+    pub tracker: TaskTracker,
+    pub dist_permits: Arc<Semaphore>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("failed to bind {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Bound listeners, ready to serve.
+pub struct Listeners {
+    pub epmd: Vec<TcpListener>,
+    pub dist: Vec<TcpListener>,
+}
+
+impl Listeners {
+    pub fn epmd_addrs(&self) -> Vec<SocketAddr> {
+        self.epmd
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+    pub fn dist_addrs(&self) -> Vec<SocketAddr> {
+        self.dist
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+}
+
+/// Binds a TCP listener; IPv6 sockets are IPv6-only so that `0.0.0.0:P`
+/// and `[::]:P` can both be listed.
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Binds every listener named in the configuration.
+pub fn bind(config: &Config) -> Result<Listeners, BindError> {
+    let bind_all = |what: &'static str, addrs: &[SocketAddr]| {
+        addrs
+            .iter()
+            .map(|&addr| bind_tcp(addr).map_err(|source| BindError::Bind { what, addr, source }))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(Listeners {
+        epmd: bind_all("EPMD", &config.epmd.listen)?,
+        dist: bind_all("distribution", &config.dist.listen)?,
+    })
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub shared: Arc<Shared>,
+    pub epmd_addrs: Vec<SocketAddr>,
+    pub dist_addrs: Vec<SocketAddr>,
+}
+
+impl Sidecar {
+    /// Starts serving on already-bound listeners. Call [`Sidecar::shutdown`]
+    /// (or cancel `shared.shutdown`) to stop.
+    pub fn start(config: Config, listeners: Listeners) -> Sidecar {
+        let epmd_addrs = listeners.epmd_addrs();
+        let dist_addrs = listeners.dist_addrs();
+        let advertise_port = config
+            .dist
+            .advertise_port
+            .or_else(|| dist_addrs.first().map(|a| a.port()))
+            .unwrap_or(43691);
+        let shared = Arc::new(Shared {
+            registry: Arc::new(Registry::new()),
+            correlator: Correlator::new(config.routing.lookup_ttl(), config.routing.max_hold()),
+            advertise_port,
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            dist_permits: Arc::new(Semaphore::new(config.dist.max_connections)),
+            config,
+        });
+        for l in listeners.epmd {
+            shared
+                .tracker
+                .spawn(crate::epmd::server::serve(l, Arc::clone(&shared)));
+        }
+        for l in listeners.dist {
+            shared
+                .tracker
+                .spawn(crate::dist::listener::serve(l, Arc::clone(&shared)));
+        }
+        // Expired correlation entries are purged lazily per peer; this sweep
+        // bounds memory for peers that never come back.
+        let sweeper = Arc::clone(&shared);
+        shared.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = sweeper.shutdown.cancelled() => break,
+                    _ = tick.tick() => sweeper.correlator.purge_expired(),
+                }
+            }
+        });
+        info!(epmd = ?epmd_addrs, dist = ?dist_addrs, advertise_port, "distproxy serving");
+        Sidecar {
+            shared,
+            epmd_addrs,
+            dist_addrs,
+        }
+    }
+
+    /// Stops accepting, lets relays run for up to `grace`, then ends them
+    /// and waits for every task.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shared.shutdown.cancel();
+        self.shared.tracker.close();
+        if tokio::time::timeout(grace, self.shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                "grace period over; closing remaining connections"
+            );
+            self.shared.hard_stop.cancel();
+            self.shared.tracker.wait().await;
+        }
+    }
+
+    /// Resolves when shutdown has been requested (signal, KILL_REQ).
+    pub async fn shutdown_requested(&self) {
+        self.shared.shutdown.cancelled().await
+    }
+}

@@ -1,0 +1,184 @@
+//! The distribution router against real sockets: correlation, fallback,
+//! rejection of bad first frames, relaying, IPv6 nodes.
+
+mod support_inproc;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use distproxy::client;
+use distproxy::dist::handshake::{self, SendName};
+use distproxy::epmd::proto::{Port2Reply, Request};
+use support_inproc::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn lookup_port(epmd: std::net::SocketAddr, name: &str) -> u16 {
+    match client::port_please(epmd, name).await.unwrap() {
+        Port2Reply::Found(spec) => spec.port,
+        other => panic!("lookup of {name}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn lookups_route_each_connection_to_the_node_looked_up() {
+    let sc = start(proxy_config());
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let a = FakeNode::start("a", "127.0.0.1:0").await;
+    let b = FakeNode::start("b", "127.0.0.1:0").await;
+    let c = FakeNode::start("c", "127.0.0.1:0").await;
+    let _ra = client::register(epmd, spec("a", a.port)).await.unwrap();
+    let _rb = client::register(epmd, spec("b", b.port)).await.unwrap();
+    let _rc = client::register(epmd, spec("c", c.port)).await.unwrap();
+
+    for target in ["b", "a", "c", "c", "a", "b"] {
+        assert_eq!(
+            lookup_port(epmd, target).await,
+            dist.port(),
+            "advertised port"
+        );
+        let (mut s, answered) = dial_as(dist, "initiator@remote").await;
+        assert_eq!(
+            answered,
+            format!("{target}@fake.host"),
+            "routed to the wrong node"
+        );
+        // Opaque relaying after the handshake frames, both ways.
+        s.write_all(b"ping-bytes").await.unwrap();
+        let mut back = [0u8; 10];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping-bytes");
+    }
+}
+
+#[tokio::test]
+async fn single_node_is_the_fallback_and_two_nodes_without_lookup_are_unroutable() {
+    let sc = start(proxy_config());
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let a = FakeNode::start("a", "127.0.0.1:0").await;
+    let _ra = client::register(epmd, spec("a", a.port)).await.unwrap();
+    let (_s, answered) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered, "a@fake.host");
+
+    let b = FakeNode::start("b", "127.0.0.1:0").await;
+    let _rb = client::register(epmd, spec("b", b.port)).await.unwrap();
+    let mut s = TcpStream::connect(dist).await.unwrap();
+    let mut out = BytesMut::new();
+    handshake::encode_send_name(
+        &mut out,
+        &SendName {
+            name: "x@remote".into(),
+            flags: 0x0d07_df7f_bd,
+            creation: Some(1),
+            version: None,
+        },
+    );
+    s.write_all(&out).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .expect("unroutable connection must be closed");
+    assert!(
+        n.is_err() || rest.is_empty(),
+        "unroutable connection got bytes: {rest:?}"
+    );
+}
+
+#[tokio::test]
+async fn non_dist_oversized_and_silent_first_frames_are_closed() {
+    let mut cfg = proxy_config();
+    cfg.dist.handshake_timeout_ms = 300;
+    let sc = start(cfg);
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let a = FakeNode::start("a", "127.0.0.1:0").await;
+    let _ra = client::register(epmd, spec("a", a.port)).await.unwrap();
+
+    for (what, bytes) in [
+        ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("oversized frame", vec![0x0f, 0xff, b'N', 0, 0]),
+        ("wrong tag", vec![0, 5, b'Z', 1, 2, 3, 4]),
+        ("silence", vec![0, 30, b'N']),
+    ] {
+        let mut s = TcpStream::connect(dist).await.unwrap();
+        s.write_all(&bytes).await.unwrap();
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: connection not closed"));
+        assert!(r.is_err() || rest.is_empty(), "{what}: got {rest:?}");
+    }
+    // The node is still reachable afterwards.
+    let (_s, answered) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered, "a@fake.host");
+}
+
+/// The heart of exact routing: one peer asks for two different nodes at
+/// once; the second answer must wait until the first has been consumed by a
+/// connection, so the next connection can only mean the first node.
+#[tokio::test]
+async fn two_concurrent_lookups_for_different_nodes_are_never_both_answered_before_connecting() {
+    let mut cfg = proxy_config();
+    cfg.routing.lookup_ttl_ms = 5000;
+    let sc = start(cfg);
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let a = FakeNode::start("a", "127.0.0.1:0").await;
+    let b = FakeNode::start("b", "127.0.0.1:0").await;
+    let _ra = client::register(epmd, spec("a", a.port)).await.unwrap();
+    let _rb = client::register(epmd, spec("b", b.port)).await.unwrap();
+
+    let send = |name: &'static str| async move {
+        let mut s = TcpStream::connect(epmd).await.unwrap();
+        let mut out = BytesMut::new();
+        Request::PortPlease2 { name: name.into() }.encode(&mut out);
+        s.write_all(&out).await.unwrap();
+        s
+    };
+    let mut first = send("a").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut second = send("b").await;
+
+    let mut reply = Vec::new();
+    first.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply[..2], [b'w', 0]);
+
+    // The second lookup stays unanswered while "a" is pending.
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(700), second.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "lookup for b answered while the lookup for a was unconsumed"
+    );
+
+    // Connecting consumes "a"; then "b" is answered and routes exactly.
+    let (_sa, answered_a) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered_a, "a@fake.host");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), second.read_to_end(&mut reply))
+        .await
+        .expect("held lookup not released after consumption")
+        .unwrap();
+    assert_eq!(reply[..2], [b'w', 0]);
+    let (_sb, answered_b) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered_b, "b@fake.host");
+}
+
+#[tokio::test]
+async fn node_registered_over_ipv6_is_reached_over_ipv6() {
+    let mut cfg = proxy_config();
+    cfg.epmd.listen = vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+    let sc = start(cfg);
+    let (epmd4, epmd6, dist) = (sc.epmd_addrs[0], sc.epmd_addrs[1], dist_addr(&sc));
+    // The fake nodes listen on ::1 only: reaching them over IPv4 would fail.
+    let six = FakeNode::start("six", "[::1]:0").await;
+    let seven = FakeNode::start("seven", "[::1]:0").await;
+    let _r6 = client::register(epmd6, spec("six", six.port))
+        .await
+        .unwrap();
+    let _r7 = client::register(epmd6, spec("seven", seven.port))
+        .await
+        .unwrap();
+    // Looked up and dialled over IPv4 (peer 127.0.0.1 both times).
+    lookup_port(epmd4, "seven").await;
+    let (_s, answered) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered, "seven@fake.host");
+}

@@ -1,0 +1,43 @@
+//! End-to-end harness: pods emulated as Linux network namespaces on a private
+//! bridge, each with its own loopback, address and hosts file, running a
+//! distproxy sidecar (or stock `epmd`) and real OTP nodes driven through a
+//! small Erlang agent (`tests/erlang/dp_test_agent.erl`).
+//!
+//! - [`prereq::e2e_enabled`] decides whether an e2e test runs: it fails with
+//!   the reason when the machine cannot run it, unless the person running the
+//!   tests opted out with `DISTPROXY_SKIP_E2E=1`.
+//! - [`Lab`] builds the isolated network and owns everything started in it;
+//!   dropping it (also while a test panics) kills every process and deletes
+//!   every namespace. Labs are serialised process-wide: the suite is heavy and
+//!   the machine small.
+//! - [`Pod`] starts the sidecar, stock `epmd`, Erlang and Elixir nodes.
+//! - [`BeamNode`] talks to one node's agent, one request per line, with a
+//!   deadline on every read.
+//!
+//! On a failing test the lab prints the tail of every log it kept (sidecar
+//! stderr, node output) and leaves its directory in place.
+
+// Each test binary uses a different subset of the harness.
+#![allow(dead_code)]
+
+pub mod beam;
+pub mod lab;
+pub mod netstat;
+pub mod prereq;
+pub mod process;
+pub mod sidecar;
+
+pub use beam::{BeamNode, BlobResult};
+pub use lab::{Lab, Pod};
+pub use prereq::e2e_enabled;
+pub use sidecar::{Daemon, SidecarOptions};
+
+/// The EPMD port every pod serves.
+pub const EPMD_PORT: u16 = 4369;
+/// The sidecar's default distribution port, advertised for every local node.
+pub const DIST_PORT: u16 = 43691;
+
+/// Path of the distproxy binary under test.
+pub fn distproxy_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_distproxy")
+}

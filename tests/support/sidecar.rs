@@ -1,0 +1,129 @@
+//! The pod's EPMD: the distproxy sidecar under test, or stock `epmd`.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use super::lab::Pod;
+use super::process::Proc;
+use super::{distproxy_bin, DIST_PORT, EPMD_PORT};
+
+/// How long a daemon may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How to run the sidecar.
+#[derive(Clone, Debug)]
+pub struct SidecarOptions {
+    /// Arguments after `run`.
+    pub args: Vec<String>,
+    /// TOML configuration, written to a file and passed as `--config`.
+    pub config: Option<String>,
+    /// TCP ports that must be listening before the sidecar counts as started.
+    pub wait_ports: Vec<u16>,
+    /// `RUST_LOG` for the sidecar (an outer `RUST_LOG` wins).
+    pub log_filter: String,
+}
+
+impl Default for SidecarOptions {
+    fn default() -> Self {
+        SidecarOptions {
+            args: Vec::new(),
+            config: None,
+            wait_ports: vec![EPMD_PORT, DIST_PORT],
+            log_filter: "info,distproxy=debug".into(),
+        }
+    }
+}
+
+impl SidecarOptions {
+    pub fn with_args(args: &[&str]) -> Self {
+        SidecarOptions {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_string());
+        self
+    }
+
+    pub fn wait_ports(mut self, ports: &[u16]) -> Self {
+        self.wait_ports = ports.to_vec();
+        self
+    }
+}
+
+/// A long-running server in a pod (sidecar or stock epmd), killed on drop.
+/// Its stderr and stdout go to a log file, printed when the test fails.
+pub struct Daemon {
+    proc: Proc,
+}
+
+impl Daemon {
+    pub(crate) fn sidecar(pod: &Pod, options: SidecarOptions) -> Daemon {
+        let lab = pod.lab();
+        let log = lab.file(&format!("{}-sidecar", pod.name()), "log");
+        let mut cmd = pod.command(distproxy_bin());
+        cmd.arg("run");
+        if let Some(toml) = &options.config {
+            let path = lab.file(&format!("{}-sidecar", pod.name()), "toml");
+            std::fs::write(&path, toml).expect("write sidecar config");
+            cmd.arg("--config").arg(&path);
+        }
+        cmd.args(&options.args);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", &options.log_filter);
+        }
+        let mut proc = spawn_logged(
+            &format!("distproxy sidecar in pod {}", pod.name()),
+            cmd,
+            &log,
+        );
+        for port in &options.wait_ports {
+            pod.wait_listening(*port, START_TIMEOUT, Some(&mut proc));
+        }
+        Daemon { proc }
+    }
+
+    pub(crate) fn stock_epmd(pod: &Pod) -> Daemon {
+        let log = pod.lab().file(&format!("{}-epmd", pod.name()), "log");
+        // No -daemon: it stays in the foreground, in our process group.
+        let cmd = pod.command("epmd");
+        let mut proc = spawn_logged(&format!("stock epmd in pod {}", pod.name()), cmd, &log);
+        pod.wait_epmd(&mut proc, START_TIMEOUT);
+        Daemon { proc }
+    }
+
+    /// What the daemon wrote so far (stderr and stdout).
+    pub fn log(&self) -> String {
+        self.proc.log_text()
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.exited().is_none()
+    }
+
+    /// Panics with the log if the daemon has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.proc.exited() {
+            panic!(
+                "{} exited ({status}); its log:\n{}",
+                self.proc.label(),
+                self.log()
+            );
+        }
+    }
+
+    /// Kills the daemon.
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+}
+
+fn spawn_logged(label: &str, mut cmd: std::process::Command, log: &std::path::Path) -> Proc {
+    let file = std::fs::File::create(log).expect("create daemon log");
+    let file2 = file.try_clone().expect("clone daemon log handle");
+    cmd.stdout(Stdio::from(file)).stderr(Stdio::from(file2));
+    Proc::spawn(label, &mut cmd, log)
+}
