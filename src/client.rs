@@ -39,7 +39,7 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, ClientError> {
 }
 
 /// Sends `req` and reads until the server closes the connection.
-async fn request_to_eof(addr: SocketAddr, req: &Request) -> Result<Vec<u8>, ClientError> {
+pub async fn request_to_eof(addr: SocketAddr, req: &Request) -> Result<Vec<u8>, ClientError> {
     let mut s = connect(addr).await?;
     let mut out = BytesMut::new();
     req.encode(&mut out);

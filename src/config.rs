@@ -37,6 +37,10 @@ pub struct Config {
     pub dist: DistConfig,
     #[serde(default)]
     pub routing: RoutingConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +56,14 @@ pub struct EpmdConfig {
     /// while nodes are registered.
     #[serde(default)]
     pub relaxed_command_check: bool,
+    /// Where the registry is persisted so registrations survive a sidecar
+    /// restart (unset: not persisted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<std::path::PathBuf>,
+    /// How often adopted registrations (restored from `state_file`) are
+    /// probed; one whose port stops answering is dropped.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +84,26 @@ pub struct DistConfig {
     /// Connections relayed at once; more are closed on accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// On SIGTERM/SIGINT, established connections keep being relayed this
+    /// long before they are closed.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+/// The admin HTTP endpoint: /metrics, /healthz, /readyz, /nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address; an empty string turns the endpoint off.
+    #[serde(
+        default = "default_admin_listen",
+        deserialize_with = "optional_addr",
+        serialize_with = "render_optional_addr"
+    )]
+    pub listen: Option<SocketAddr>,
+    /// /readyz answers 200 only once these node names are registered.
+    #[serde(default)]
+    pub ready_nodes: Vec<String>,
 }
 
 /// Where loopback lookups are sent.
@@ -116,6 +148,15 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_max_connections() -> usize {
     4096
 }
+fn default_probe_interval_ms() -> u64 {
+    5_000
+}
+fn default_shutdown_grace_ms() -> u64 {
+    20_000
+}
+fn default_admin_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([0, 0, 0, 0], 9369)))
+}
 fn default_lookup_ttl_ms() -> u64 {
     3_000
 }
@@ -129,6 +170,8 @@ impl Default for EpmdConfig {
             listen: default_epmd_listen(),
             idle_timeout_ms: default_epmd_idle_timeout_ms(),
             relaxed_command_check: false,
+            state_file: None,
+            probe_interval_ms: default_probe_interval_ms(),
         }
     }
 }
@@ -141,6 +184,7 @@ impl Default for DistConfig {
             handshake_timeout_ms: default_handshake_timeout_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
             max_connections: default_max_connections(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
         }
     }
 }
@@ -152,6 +196,38 @@ impl Default for RoutingConfig {
             max_hold_ms: default_max_hold_ms(),
             loopback_lookups: LoopbackLookups::Direct,
         }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            ready_nodes: Vec::new(),
+        }
+    }
+}
+
+/// Accepts `"addr"`, or `""` for "off".
+fn optional_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.trim().parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "expected a socket address like \"0.0.0.0:9369\", or \"\" to turn it off; got {text:?}"
+        ))
+    })
+}
+
+fn render_optional_addr<S: serde::Serializer>(
+    a: &Option<SocketAddr>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match a {
+        Some(a) => s.serialize_str(&a.to_string()),
+        None => s.serialize_str(""),
     }
 }
 
@@ -217,6 +293,7 @@ impl Config {
             ("dist.connect_timeout_ms", self.dist.connect_timeout_ms),
             ("routing.lookup_ttl_ms", self.routing.lookup_ttl_ms),
             ("routing.max_hold_ms", self.routing.max_hold_ms),
+            ("epmd.probe_interval_ms", self.epmd.probe_interval_ms),
         ] {
             if value == 0 {
                 return invalid(key, "must be greater than 0");
@@ -234,9 +311,26 @@ impl Config {
                 "must be a port number from 1 to 65535",
             );
         }
-        if self.dist.advertise_port.is_none() && self.dist.listen[0].port() == 0 {
-            // Allowed (tests bind port 0): the bound port is advertised.
+        if self.dist.shutdown_grace_ms > 3_600_000 {
+            return invalid(
+                "dist.shutdown_grace_ms",
+                "must be at most 3600000 (one hour)",
+            );
         }
+        for name in &self.admin.ready_nodes {
+            if crate::epmd::proto::validate_name(name.as_bytes()).is_err() {
+                return invalid(
+                    "admin.ready_nodes",
+                    &format!("{name:?} is not a valid node name"),
+                );
+            }
+        }
+        if let Some(path) = &self.epmd.state_file {
+            if path.as_os_str().is_empty() || path.file_name().is_none() {
+                return invalid("epmd.state_file", "must name a file");
+            }
+        }
+        self.tls.validate()?;
         Ok(())
     }
 
@@ -250,6 +344,9 @@ impl EpmdConfig {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
     }
+    pub fn probe_interval(&self) -> Duration {
+        Duration::from_millis(self.probe_interval_ms)
+    }
 }
 
 impl DistConfig {
@@ -259,6 +356,9 @@ impl DistConfig {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
 }
 
 impl RoutingConfig {
@@ -267,6 +367,147 @@ impl RoutingConfig {
     }
     pub fn max_hold(&self) -> Duration {
         Duration::from_millis(self.max_hold_ms)
+    }
+}
+
+/// How the sidecar that dials checks the certificate of the sidecar it
+/// reached (`tls.verify_server_name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerNameVerification {
+    /// The certificate must chain to `ca_file` **and** name the host that was
+    /// dialled (the host part of the remote node's name) in a DNS or IP SAN.
+    /// Proves "this is pod X"; needs certificates that carry the pods' names.
+    #[default]
+    Hostname,
+    /// The certificate must chain to `ca_file` (signatures, validity and the
+    /// server-auth usage are still checked); its names are not. Proves only
+    /// "this is a pod holding a certificate of our CA": any such pod could
+    /// answer for any other (e.g. after a DNS or IP mix-up). For workloads
+    /// whose node names are pod IPs and that share one certificate.
+    CaOnly,
+}
+
+/// `[tls]`: mutual TLS between sidecars. TLS is **enabled when `cert_file`,
+/// `key_file` and `ca_file` are set** (all three or none); the other keys
+/// need it enabled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: this sidecar's certificate, then any intermediates. Presented as
+    /// server and as client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM: the private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// PEM: the CA certificate(s) peers' certificates must chain to. Several
+    /// may be listed (e.g. old and new CA while the CA is rotated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Refuse plaintext (preamble) and raw distribution connections from
+    /// non-loopback peers: only TLS from other pods.
+    #[serde(default)]
+    pub require_tls: bool,
+    #[serde(default)]
+    pub verify_server_name: ServerNameVerification,
+    /// The initiator node named in a TLS connection's preamble must have a
+    /// host part that is a DNS (wildcards allowed) or IP SAN of the client
+    /// certificate: one pod cannot speak as another pod's nodes.
+    #[serde(default)]
+    pub bind_node_names: bool,
+    /// Deadline for a TLS handshake, in either direction.
+    #[serde(default = "default_tls_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// How often the three files are re-read; a change is loaded for new
+    /// connections (established ones keep their session).
+    #[serde(default = "default_tls_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+}
+
+fn default_tls_handshake_timeout_ms() -> u64 {
+    5_000
+}
+fn default_tls_reload_interval_ms() -> u64 {
+    1_000
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            ca_file: None,
+            require_tls: false,
+            verify_server_name: ServerNameVerification::default(),
+            bind_node_names: false,
+            handshake_timeout_ms: default_tls_handshake_timeout_ms(),
+            reload_interval_ms: default_tls_reload_interval_ms(),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether TLS is configured (the three files are set; see `validate`).
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() && self.key_file.is_some() && self.ca_file.is_some()
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_millis(self.reload_interval_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        let files = [
+            ("tls.cert_file", &self.cert_file),
+            ("tls.key_file", &self.key_file),
+            ("tls.ca_file", &self.ca_file),
+        ];
+        let set: Vec<&str> = files.iter().filter(|f| f.1.is_some()).map(|f| f.0).collect();
+        if !set.is_empty() && set.len() < files.len() {
+            let (missing, _) = files.iter().find(|f| f.1.is_none()).expect("one is unset");
+            return invalid(
+                missing,
+                format!(
+                    "must be set together with {} (TLS needs a certificate, its key and a CA)",
+                    set.join(" and ")
+                ),
+            );
+        }
+        for (key, path) in files {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return invalid(key, "must name a file".into());
+            }
+        }
+        if !self.enabled() {
+            if self.require_tls {
+                return invalid(
+                    "tls.require_tls",
+                    "needs TLS: set tls.cert_file, tls.key_file and tls.ca_file".into(),
+                );
+            }
+            if self.bind_node_names {
+                return invalid(
+                    "tls.bind_node_names",
+                    "needs TLS: set tls.cert_file, tls.key_file and tls.ca_file".into(),
+                );
+            }
+        }
+        for (key, value) in [
+            ("tls.handshake_timeout_ms", self.handshake_timeout_ms),
+            ("tls.reload_interval_ms", self.reload_interval_ms),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than 0".into());
+            }
+            if value > 3_600_000 {
+                return invalid(key, "must be at most 3600000 (one hour)".into());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -328,10 +569,32 @@ mod tests {
     }
 
     #[test]
+    fn admin_listen_can_be_turned_off_and_ready_nodes_are_checked() {
+        let c = Config::from_toml("[admin]\nlisten = \"\"\n", "t").unwrap();
+        assert_eq!(c.admin.listen, None);
+        let c = Config::from_toml(
+            "[admin]\nlisten = \"127.0.0.1:9000\"\nready_nodes = [\"a\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(c.admin.ready_nodes, vec!["a"]);
+        let err = Config::from_toml("[admin]\nlisten = \"nope\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+        let err = Config::from_toml("[admin]\nready_nodes = [\"\"]\n", "t").unwrap_err();
+        assert!(err.to_string().contains("admin.ready_nodes"), "{err}");
+        let mut off = Config::default();
+        off.admin.listen = None;
+        assert_eq!(Config::from_toml(&off.to_toml(), "t").unwrap(), off);
+    }
+
+    #[test]
     fn rendered_config_parses_back_to_itself() {
         let mut c = Config::default();
         c.dist.advertise_port = Some(4000);
         c.routing.loopback_lookups = LoopbackLookups::Proxy;
+        c.epmd.state_file = Some("/var/lib/distproxy/registry.json".into());
+        c.admin.ready_nodes = vec!["a".into()];
         let back = Config::from_toml(&c.to_toml(), "rendered").unwrap();
         assert_eq!(back, c);
     }

@@ -13,6 +13,7 @@
 //!   [`metrics`]: metric names; [`client`]: small EPMD client (`names`).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod dist;

@@ -7,7 +7,6 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use distproxy::config::Config;
@@ -58,6 +57,14 @@ enum Command {
         /// TOML configuration file.
         file: PathBuf,
     },
+    /// Behave like OTP's `epmd` (`-port N -address LIST -daemon
+    /// -relaxed_command_check -names -dump -kill -stop NAME`); the rest of
+    /// the configuration comes from $DISTPROXY_CONFIG or the defaults.
+    #[command(disable_help_flag = true)]
+    Epmd {
+        #[arg(allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
     /// Print the nodes registered with an EPMD server, as `epmd -names` does.
     Names {
         /// Host of the EPMD server.
@@ -84,6 +91,18 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Installed or invoked as `epmd`: speak epmd's command line.
+    let args: Vec<String> = std::env::args().collect();
+    let invoked_as_epmd = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "epmd");
+    if invoked_as_epmd {
+        return epmd_main(&args[1..]);
+    }
+    if args.get(1).map(String::as_str) == Some("epmd") {
+        return epmd_main(&args[2..]);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -109,6 +128,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Names { host, port } => names(&host, port),
+        Command::Epmd { args } => epmd_main(&args),
         Command::Run {
             config,
             epmd_listen,
@@ -138,7 +158,7 @@ fn main() -> ExitCode {
                 eprintln!("distproxy: {e}");
                 return ExitCode::from(EX_USAGE);
             }
-            run(config)
+            run(config, false)
         }
     }
 }
@@ -149,7 +169,36 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn run(config: Config) -> ExitCode {
+/// Installs the Prometheus recorder (binary only; the library just records).
+fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let builder = PrometheusBuilder::new();
+    let builder = [
+        distproxy::metrics::HANDSHAKE_PHASE_SECONDS,
+        distproxy::metrics::LOOKUP_HOLD_SECONDS,
+    ]
+    .into_iter()
+    .try_fold(builder, |b, name| {
+        b.set_buckets_for_metric(
+            Matcher::Full(name.to_string()),
+            distproxy::metrics::PHASE_BUCKETS,
+        )
+    });
+    match builder.and_then(|b| b.install_recorder()) {
+        Ok(handle) => {
+            distproxy::metrics::describe();
+            Some(handle)
+        }
+        Err(e) => {
+            error!(error = %e, "failed to install metrics recorder; /metrics disabled");
+            None
+        }
+    }
+}
+
+/// Serves until a signal or KILL_REQ, then shuts down gracefully.
+/// `in_use_is_ok`: like `epmd`, exit 0 when the port is already taken.
+fn run(config: Config, in_use_is_ok: bool) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -158,33 +207,65 @@ fn run(config: Config) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        distproxy::metrics::describe();
         let listeners = match server::bind(&config) {
             Ok(l) => l,
             Err(e) => {
+                // Like `epmd`: a second instance on the same port is not an error.
+                if in_use_is_ok && e.is_addr_in_use() {
+                    info!("{e}; another EPMD is already running");
+                    return ExitCode::SUCCESS;
+                }
                 error!("{e}");
                 return ExitCode::FAILURE;
             }
         };
-        let sidecar = Sidecar::start(config, listeners);
+        let prometheus = install_metrics();
+        let grace = config.dist.shutdown_grace();
+        let sidecar = Sidecar::start_with(config, listeners, prometheus);
+        let mut signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot install signal handlers");
+                return ExitCode::FAILURE;
+            }
+        };
         tokio::select! {
-            _ = shutdown_signal() => info!("signal received; shutting down"),
+            _ = signals.next() => info!(grace_ms = grace.as_millis() as u64, "signal received; draining connections"),
             _ = sidecar.shutdown_requested() => info!("shutdown requested"),
         }
-        sidecar.shutdown(Duration::from_secs(5)).await;
-        ExitCode::SUCCESS
+        tokio::select! {
+            _ = sidecar.shutdown(grace) => {
+                info!("shutdown complete");
+                ExitCode::SUCCESS
+            }
+            _ = signals.next() => {
+                info!("second signal; exiting at once");
+                ExitCode::from(130)
+            }
+        }
     })
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT as one stream.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 
@@ -217,5 +298,162 @@ fn names(host: &str, port: u16) -> ExitCode {
             eprintln!("epmd: Cannot connect to epmd at {addr}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `distproxy epmd …` / invoked as `epmd`.
+fn epmd_main(args: &[String]) -> ExitCode {
+    use distproxy::epmd::cli::{self, EpmdAction};
+    let action = match cli::parse(args, |k| std::env::var(k).ok()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("epmd: {e}");
+            eprintln!("usage: epmd [-port No] [-address List] [-daemon] [-relaxed_command_check] [-names | -dump | -kill | -stop Name]");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    match action {
+        EpmdAction::Serve {
+            listen,
+            daemon,
+            relaxed_command_check,
+        } => {
+            if daemon {
+                return daemonize(args);
+            }
+            init_logging(LogFormat::Text);
+            let mut config = match std::env::var_os("DISTPROXY_CONFIG") {
+                Some(path) => match Config::load(std::path::Path::new(&path)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("distproxy: {e}");
+                        return ExitCode::from(EX_USAGE);
+                    }
+                },
+                None => Config::embedded_default(),
+            };
+            config.epmd.listen = drop_unavailable_ipv6(listen);
+            config.epmd.relaxed_command_check |= relaxed_command_check;
+            run(config, true)
+        }
+        EpmdAction::Names { port } => names("127.0.0.1", port),
+        EpmdAction::Dump { port } => epmd_command(
+            local(port),
+            distproxy::epmd::proto::Request::Dump,
+            |reply| {
+                if reply.len() < 4 {
+                    return Err("epmd: no response from local epmd".into());
+                }
+                let p = u32::from_be_bytes([reply[0], reply[1], reply[2], reply[3]]);
+                let text: String = String::from_utf8_lossy(&reply[4..]).replace('\0', "");
+                Ok(format!(
+                    "epmd: up and running on port {p} with data:\n{text}"
+                ))
+            },
+        ),
+        EpmdAction::Kill { port } => epmd_command(
+            local(port),
+            distproxy::epmd::proto::Request::Kill,
+            |reply| match reply {
+                b"OK" => Ok("Killed\n".into()),
+                b"NO" => Err("Killing not allowed - living nodes in database.".into()),
+                other => Err(format!(
+                    "epmd: local epmd responded with <{}>",
+                    String::from_utf8_lossy(other)
+                )),
+            },
+        ),
+        EpmdAction::Stop { port, name } => epmd_command(
+            local(port),
+            distproxy::epmd::proto::Request::Stop { name },
+            |reply| {
+                if reply.len() == 7 {
+                    Ok(format!("{}\n", String::from_utf8_lossy(reply)))
+                } else {
+                    Err(format!(
+                        "epmd: local epmd responded with <{}>",
+                        String::from_utf8_lossy(reply)
+                    ))
+                }
+            },
+        ),
+    }
+}
+
+/// Sends one request to a local EPMD and prints the formatted reply.
+fn epmd_command(
+    addr: SocketAddr,
+    req: distproxy::epmd::proto::Request,
+    format: impl FnOnce(&[u8]) -> Result<String, String>,
+) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("distproxy: failed to start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(distproxy::client::request_to_eof(addr, &req)) {
+        Ok(reply) => match format(&reply) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(text) => {
+                println!("{text}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(_) => {
+            eprintln!("epmd: Cannot connect to local epmd");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `-daemon`: start a detached copy of ourselves without `-daemon`, in its
+/// own process group, and return at once (as `epmd -daemon` does).
+fn daemonize(args: &[String]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let rest: Vec<&String> = args
+        .iter()
+        .filter(|a| *a != "-daemon" && *a != "-detached")
+        .collect();
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("epmd: cannot find own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let spawned = std::process::Command::new(exe)
+        .arg("epmd")
+        .args(rest)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
+    match spawned {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("epmd: cannot start daemon: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Hosts without IPv6 cannot bind `[::]`; keep IPv4-only there, like epmd.
+fn drop_unavailable_ipv6(listen: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let ipv6_ok = std::net::TcpListener::bind("[::1]:0").is_ok();
+    if ipv6_ok {
+        return listen;
+    }
+    let v4: Vec<SocketAddr> = listen.iter().copied().filter(SocketAddr::is_ipv4).collect();
+    if v4.is_empty() {
+        listen
+    } else {
+        v4
     }
 }

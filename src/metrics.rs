@@ -18,6 +18,10 @@ pub const HANDSHAKE_PHASE_SECONDS: &str = "distproxy_handshake_phase_seconds";
 pub const CONNECTIONS_CLOSED: &str = "distproxy_connections_closed_total";
 pub const MISROUTES: &str = "distproxy_misroutes_total";
 pub const BUILD_INFO: &str = "distproxy_build_info";
+pub const TLS_HANDSHAKE_FAILURES: &str = "distproxy_tls_handshake_failures_total";
+pub const TLS_RELOADS: &str = "distproxy_tls_reloads_total";
+pub const TLS_RELOAD_FAILURES: &str = "distproxy_tls_reload_failures_total";
+pub const TLS_CERT_NOT_AFTER: &str = "distproxy_tls_certificate_not_after_timestamp_seconds";
 
 /// Route methods (`method` label of [`ROUTES`]).
 pub mod route {
@@ -37,6 +41,23 @@ pub mod reason {
     pub const OVER_LIMIT: &str = "over_limit";
     pub const CONNECT_FAILED: &str = "connect_failed";
     pub const PEER_CLOSED: &str = "peer_closed";
+}
+
+/// TLS handshake failure reasons (`reason` label of [`TLS_HANDSHAKE_FAILURES`];
+/// its `side` label is `accept` or `connect`).
+pub mod tls_reason {
+    /// The peer's certificate does not chain to our CA, or the peer said so
+    /// of ours (alert `unknown_ca`).
+    pub const UNKNOWN_CA: &str = "unknown_ca";
+    /// Expired, not yet valid, wrong usage, bad signature, unparsable.
+    pub const BAD_CERT: &str = "bad_cert";
+    /// The client presented no certificate (mutual TLS is mandatory).
+    pub const NO_CLIENT_CERT: &str = "no_client_cert";
+    /// The server's certificate does not name the host that was dialled.
+    pub const NAME_MISMATCH: &str = "name_mismatch";
+    pub const TIMEOUT: &str = "timeout";
+    /// Anything else: not TLS, TLS 1.2 only, closed mid-handshake, ...
+    pub const PROTOCOL: &str = "protocol";
 }
 
 /// Explicit histogram buckets (seconds) for handshake phases and lookup holds.
@@ -93,6 +114,23 @@ pub fn describe() {
     describe_counter!(
         MISROUTES,
         "Connections whose node answered with a name other than the chosen target (must stay 0)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "Failed TLS handshakes between sidecars, by side (accept, connect) and reason."
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "Certificate, key or CA files changed and were loaded for new connections."
+    );
+    describe_counter!(
+        TLS_RELOAD_FAILURES,
+        "Changed certificate, key or CA files that could not be loaded (the previous ones stay in use)."
+    );
+    describe_gauge!(
+        TLS_CERT_NOT_AFTER,
+        Unit::Seconds,
+        "Expiry (Unix time) of the certificate this sidecar presents."
     );
     describe_gauge!(BUILD_INFO, "Build information; value is always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);

@@ -3,9 +3,12 @@
 //! Binding is separate from serving (`bind` then `serve`), so tests bind
 //! port 0 and the binary reports bind errors before anything runs.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -30,6 +33,49 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     pub tracker: TaskTracker,
     pub dist_permits: Arc<Semaphore>,
+    /// Renders `/metrics`; `None` when no Prometheus recorder is installed.
+    pub prometheus: Option<PrometheusHandle>,
+    pub open_connections: Arc<OpenConnections>,
+}
+
+/// Relayed connections per local node, for `/nodes`.
+#[derive(Default)]
+pub struct OpenConnections(Mutex<HashMap<String, u64>>);
+
+impl OpenConnections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a connection to `node` until the guard drops.
+    pub fn open(self: &Arc<Self>, node: &str) -> OpenConnection {
+        *self.lock().entry(node.to_string()).or_default() += 1;
+        OpenConnection {
+            counts: Arc::clone(self),
+            node: node.to_string(),
+        }
+    }
+
+    pub fn get(&self, node: &str) -> u64 {
+        self.lock().get(node).copied().unwrap_or(0)
+    }
+}
+
+pub struct OpenConnection {
+    counts: Arc<OpenConnections>,
+    node: String,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock();
+        if let Some(n) = map.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.node);
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,10 +88,19 @@ pub enum BindError {
     },
 }
 
+impl BindError {
+    pub fn is_addr_in_use(&self) -> bool {
+        match self {
+            BindError::Bind { source, .. } => source.kind() == std::io::ErrorKind::AddrInUse,
+        }
+    }
+}
+
 /// Bound listeners, ready to serve.
 pub struct Listeners {
     pub epmd: Vec<TcpListener>,
     pub dist: Vec<TcpListener>,
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -89,6 +144,10 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
     Ok(Listeners {
         epmd: bind_all("EPMD", &config.epmd.listen)?,
         dist: bind_all("distribution", &config.dist.listen)?,
+        admin: match config.admin.listen {
+            Some(addr) => Some(bind_all("admin", &[addr])?.remove(0)),
+            None => None,
+        },
     })
 }
 
@@ -97,14 +156,25 @@ pub struct Sidecar {
     pub shared: Arc<Shared>,
     pub epmd_addrs: Vec<SocketAddr>,
     pub dist_addrs: Vec<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
 }
 
 impl Sidecar {
     /// Starts serving on already-bound listeners. Call [`Sidecar::shutdown`]
     /// (or cancel `shared.shutdown`) to stop.
     pub fn start(config: Config, listeners: Listeners) -> Sidecar {
+        Sidecar::start_with(config, listeners, None)
+    }
+
+    /// Like [`Sidecar::start`], with a Prometheus handle for `/metrics`.
+    pub fn start_with(
+        config: Config,
+        listeners: Listeners,
+        prometheus: Option<PrometheusHandle>,
+    ) -> Sidecar {
         let epmd_addrs = listeners.epmd_addrs();
         let dist_addrs = listeners.dist_addrs();
+        let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
         let advertise_port = config
             .dist
             .advertise_port
@@ -118,8 +188,18 @@ impl Sidecar {
             hard_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
             dist_permits: Arc::new(Semaphore::new(config.dist.max_connections)),
+            prometheus,
+            open_connections: Arc::default(),
             config,
         });
+        if let Some(path) = shared.config.epmd.state_file.clone() {
+            shared
+                .tracker
+                .spawn(crate::epmd::state::start(Arc::clone(&shared), path));
+        }
+        if let Some(l) = listeners.admin {
+            tokio::spawn(crate::admin::serve(l, Arc::clone(&shared)));
+        }
         for l in listeners.epmd {
             shared
                 .tracker
@@ -142,11 +222,12 @@ impl Sidecar {
                 }
             }
         });
-        info!(epmd = ?epmd_addrs, dist = ?dist_addrs, advertise_port, "distproxy serving");
+        info!(epmd = ?epmd_addrs, dist = ?dist_addrs, admin = ?admin_addr, advertise_port, "distproxy serving");
         Sidecar {
             shared,
             epmd_addrs,
             dist_addrs,
+            admin_addr,
         }
     }
 

@@ -122,7 +122,8 @@ async fn names_lists_nodes_with_real_ports_locally_and_advertised_port_in_proxy_
     let _b = client::register(epmd, spec("b", 40011)).await.unwrap();
     let (port, text) = client::names(epmd).await.unwrap();
     assert_eq!(port, u32::from(epmd.port()));
-    assert_eq!(text, "name a at port 40010\nname b at port 40011\n");
+    // Most recent first, as epmd lists them.
+    assert_eq!(text, "name b at port 40011\nname a at port 40010\n");
 
     let sc2 = start(proxy_config());
     let epmd2 = epmd_addr(&sc2);

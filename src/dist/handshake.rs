@@ -3,7 +3,8 @@
 //!
 //! The format is "Distribution Handshake" in OTP's [Distribution Protocol
 //! guide] (`erts/doc/guides/erl_dist_protocol.md`), checked against
-//! `lib/kernel/src/dist_util.erl` of OTP 23 to 28. The router reads the
+//! `lib/kernel/src/dist_util.erl` (its OTP 23/24 and its current versions;
+//! the current one documents the OTP 25.3 change). The router reads the
 //! initiator's `send_name` to log who is connecting, and the node's
 //! `challenge` to check that the connection reached the node it was routed
 //! to; everything after that is relayed without parsing. Every handshake
@@ -16,8 +17,8 @@
 //! - Names in `send_name` and `challenge` are written with
 //!   `atom_to_binary(Node, latin1)` and read back with `list_to_atom/1` of
 //!   the bytes: they are Latin-1, not UTF-8. We decode them as Latin-1 (one
-//!   byte, one character), which can never fail and gives the same string as
-//!   the node's UTF-8 EPMD name. Only `named:` carries UTF-8
+//!   byte, one character), which can never fail and yields the same `String`
+//!   as the node's UTF-8 EPMD name. Only `named:` carries UTF-8
 //!   (`atom_to_binary(Node, utf8)`).
 //! - `recv_name_new` and `recv_challenge_new` split `Nlen` bytes off the rest
 //!   and ignore what follows ("any extra data after the node Name must be
@@ -29,7 +30,7 @@
 //!   when they did not learn the peer's version from EPMD; OTP 25.0 to 25.2
 //!   refuse it, 25.3 and later accept it again. The old `'n'` challenge is
 //!   sent only by OTP 24 and older, to peers without `DFLAG_HANDSHAKE_23`.
-//! - With `DFLAG_NAME_ME` (a node started without a name) `send_name`
+//! - With `DFLAG_NAME_ME` (a node started as `undefined@Host`) `send_name`
 //!   carries only the host, without `@`, and creation 0; the acceptor answers
 //!   with the `named:` status, giving the full name and a creation. So a
 //!   `send_name` name need not contain `@`, and we do not require it.
@@ -70,7 +71,7 @@ pub struct SendName {
 }
 
 /// A handshake frame that cannot be parsed; the connection must be closed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum HandshakeError {
     #[error("not a distribution handshake (unexpected tag {0:#04x})")]
     NotHandshake(u8),
@@ -90,7 +91,12 @@ type Parsed<T> = Result<Option<(T, usize)>, HandshakeError>;
 /// need more bytes. `Ok(Some((msg, consumed)))` where consumed = 2 + frame
 /// length. The length and the tag are checked as soon as they arrive.
 pub fn parse_send_name(buf: &[u8]) -> Parsed<SendName> {
-    let Some((tag, mut b, consumed)) = frame(buf, b"Nn")? else {
+    let Some(Frame {
+        tag,
+        body: mut b,
+        consumed,
+    }) = frame(buf, b"Nn")?
+    else {
         return Ok(None);
     };
     let msg = if tag == b'N' {
@@ -136,7 +142,7 @@ pub enum Status {
 
 /// Parse a status frame (`'s'` + status) from the start of `buf`.
 pub fn parse_status(buf: &[u8]) -> Parsed<Status> {
-    let Some((_, body, consumed)) = frame(buf, b"s")? else {
+    let Some(Frame { body, consumed, .. }) = frame(buf, b"s")? else {
         return Ok(None);
     };
     let status = match body {
@@ -176,7 +182,12 @@ pub struct Challenge {
 
 /// Parse a challenge frame from the start of `buf`.
 pub fn parse_challenge(buf: &[u8]) -> Parsed<Challenge> {
-    let Some((tag, mut b, consumed)) = frame(buf, b"Nn")? else {
+    let Some(Frame {
+        tag,
+        body: mut b,
+        consumed,
+    }) = frame(buf, b"Nn")?
+    else {
         return Ok(None);
     };
     let msg = if tag == b'N' {
@@ -292,10 +303,18 @@ pub fn encode_challenge(dst: &mut BytesMut, c: &Challenge) {
     });
 }
 
-/// The tag, the body after the tag and the bytes consumed of the first
-/// frame in `buf`; `Ok(None)` while it is incomplete. The length and the tag
-/// are judged as soon as they are there.
-fn frame<'a>(buf: &'a [u8], tags: &[u8]) -> Result<Option<(u8, &'a [u8], usize)>, HandshakeError> {
+/// One complete handshake frame.
+struct Frame<'a> {
+    tag: u8,
+    /// The bytes after the tag.
+    body: &'a [u8],
+    /// 2 + the frame length.
+    consumed: usize,
+}
+
+/// The first frame in `buf`, `Ok(None)` while it is incomplete. The length
+/// and the tag are judged as soon as they are there.
+fn frame<'a>(buf: &'a [u8], tags: &[u8]) -> Result<Option<Frame<'a>>, HandshakeError> {
     let Some((len, rest)) = buf.split_first_chunk::<2>() else {
         return Ok(None);
     };
@@ -315,7 +334,11 @@ fn frame<'a>(buf: &'a [u8], tags: &[u8]) -> Result<Option<(u8, &'a [u8], usize)>
     if !tags.contains(&tag) {
         return Err(HandshakeError::NotHandshake(tag));
     }
-    Ok(rest.get(1..len).map(|body| (tag, body, 2 + len)))
+    Ok(rest.get(1..len).map(|body| Frame {
+        tag,
+        body,
+        consumed: 2 + len,
+    }))
 }
 
 fn take<'a>(b: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u8], HandshakeError> {
@@ -657,13 +680,13 @@ mod tests {
     fn oversized_and_empty_frames_are_refused_before_buffering() {
         for hdr in [[0x08, 0x01], [0xff, 0xff], [0x16, 0x03]] {
             let len = usize::from(u16::from_be_bytes(hdr));
-            let want = Err(HandshakeError::FrameTooLarge {
+            let want = HandshakeError::FrameTooLarge {
                 len,
                 max: MAX_HANDSHAKE_FRAME,
-            });
-            assert_eq!(parse_send_name(&hdr), want);
-            assert_eq!(parse_status(&hdr), want);
-            assert_eq!(parse_challenge(&hdr), want);
+            };
+            assert_eq!(parse_send_name(&hdr), Err(want.clone()));
+            assert_eq!(parse_status(&hdr), Err(want.clone()));
+            assert_eq!(parse_challenge(&hdr), Err(want));
         }
         assert_eq!(
             parse_send_name(b"\x00\x00"),

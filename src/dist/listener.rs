@@ -251,6 +251,7 @@ pub async fn relay_to_node<P>(
     metrics::counter!(m::DIST_CONNECTIONS, &labels).increment(1);
     let open = metrics::gauge!(m::DIST_CONNECTIONS_OPEN, &labels);
     open.increment(1.0);
+    let _counted = shared.open_connections.open(&target);
     let rx = metrics::counter!(m::RELAYED_BYTES, "node" => target.clone(), "direction" => "rx");
     let tx = metrics::counter!(m::RELAYED_BYTES, "node" => target.clone(), "direction" => "tx");
     rx.increment(prefix.len() as u64);

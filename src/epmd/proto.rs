@@ -207,15 +207,18 @@ fn decode_alive2(mut b: &[u8]) -> Result<NodeSpec, ProtoError> {
     let highest_version = u16::from_be_bytes(take_array(&mut b, "highest version")?);
     let lowest_version = u16::from_be_bytes(take_array(&mut b, "lowest version")?);
     let nlen = u16::from_be_bytes(take_array(&mut b, "name length")?);
-    let name = validate_name(take(&mut b, nlen.into(), "name")?)?.to_owned();
+    let name = take(&mut b, nlen.into(), "name")?;
     let elen = usize::from(u16::from_be_bytes(take_array(&mut b, "extra length")?));
     if elen > MAX_EXTRA_LEN {
         return Err(ProtoError::ExtraTooLong(elen));
     }
-    let extra = Bytes::copy_from_slice(take(&mut b, elen, "extra")?);
+    let extra = take(&mut b, elen, "extra")?;
     if !b.is_empty() {
         return Err(ProtoError::TrailingBytes("extra"));
     }
+    // Lengths first, contents second: a lying length is reported as such.
+    let name = validate_name(name)?.to_owned();
+    let extra = Bytes::copy_from_slice(extra);
     Ok(NodeSpec {
         port,
         node_type,
@@ -304,7 +307,7 @@ pub fn encode_names_header(dst: &mut BytesMut, epmd_port: u32) {
 /// One `NAMES_REQ` line, exactly as `epmd_srv.c` writes it.
 pub fn encode_names_line(dst: &mut BytesMut, name: &str, port: u16) {
     // Writing to a BytesMut cannot fail: it grows.
-    let _ = write!(dst, "name {name} at port {port}\n");
+    let _ = writeln!(dst, "name {name} at port {port}");
 }
 
 /// One `DUMP_REQ` line for an active name, as `epmd_srv.c` writes it. The
@@ -328,10 +331,11 @@ pub enum Port2Reply {
 /// incomplete, else the reply and the number of bytes it took.
 pub fn decode_port2_resp(buf: &[u8]) -> Result<Option<(Port2Reply, usize)>, ProtoError> {
     complete(buf, |b| {
-        let [tag, result] = take_array(b, "reply tag")?;
+        let [tag] = take_array(b, "reply tag")?;
         if tag != PORT2_RESP {
             return Err(ProtoError::UnknownReplyTag(tag));
         }
+        let [result] = take_array(b, "result")?;
         if result != 0 {
             return Ok(Port2Reply::NotFound { result });
         }
@@ -369,11 +373,17 @@ pub struct Alive2Reply {
 /// `Ok(None)` while it is incomplete.
 pub fn decode_alive2_resp(buf: &[u8]) -> Result<Option<(Alive2Reply, usize)>, ProtoError> {
     complete(buf, |b| {
-        let [tag, result] = take_array(b, "reply tag")?;
-        let (creation, extended) = match tag {
-            ALIVE2_X_RESP => (u32::from_be_bytes(take_array(b, "creation")?), true),
-            ALIVE2_RESP => (u16::from_be_bytes(take_array(b, "creation")?).into(), false),
+        let [tag] = take_array(b, "reply tag")?;
+        let extended = match tag {
+            ALIVE2_X_RESP => true,
+            ALIVE2_RESP => false,
             other => return Err(ProtoError::UnknownReplyTag(other)),
+        };
+        let [result] = take_array(b, "result")?;
+        let creation = if extended {
+            u32::from_be_bytes(take_array(b, "creation")?)
+        } else {
+            u16::from_be_bytes(take_array(b, "creation")?).into()
         };
         Ok(Alive2Reply {
             result,

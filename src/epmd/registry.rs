@@ -27,6 +27,9 @@ pub struct NodeEntry {
     /// The address the node registered from; the router connects to the
     /// node's port there (so a node registered over IPv6 is reached over IPv6).
     pub addr: IpAddr,
+    /// Restored from the state file after a sidecar restart rather than
+    /// registered over a live ALIVE2 connection; kept while its port answers.
+    pub adopted: bool,
 }
 
 impl NodeEntry {
@@ -101,8 +104,15 @@ impl Registry {
         addr: IpAddr,
     ) -> Result<Registration, RegisterError> {
         let mut inner = self.lock();
-        if inner.live.contains_key(&spec.name) {
-            return Err(RegisterError::Duplicate(spec.name));
+        if let Some(existing) = inner.live.get(&spec.name) {
+            if !existing.entry.adopted {
+                return Err(RegisterError::Duplicate(spec.name));
+            }
+            // A live registration supersedes one restored from the state
+            // file: the adopted node cannot re-register by itself, so this is
+            // its restart (or its replacement).
+            existing.stop.cancel();
+            inner.live.remove(&spec.name);
         }
         let creation = match inner.creations.get(&spec.name) {
             Some(&prev) => bump_creation(prev),
@@ -111,13 +121,24 @@ impl Registry {
         inner.creations.insert(spec.name.clone(), creation);
         inner.next_id += 1;
         let id = inner.next_id;
-        let name = spec.name.clone();
         let stop = CancellationToken::new();
         let entry = NodeEntry {
             spec,
             creation,
             addr,
+            adopted: false,
         };
+        Ok(self.insert(&mut inner, entry, id, stop))
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        entry: NodeEntry,
+        id: u64,
+        stop: CancellationToken,
+    ) -> Registration {
+        let name = entry.spec.name.clone();
         inner.live.insert(
             name.clone(),
             Slot {
@@ -126,25 +147,64 @@ impl Registry {
                 stop: stop.clone(),
             },
         );
-        self.changed(&inner);
-        Ok(Registration {
+        self.changed(inner);
+        Registration {
             registry: Arc::clone(self),
             name,
             id,
             entry,
             stop,
-        })
+        }
+    }
+
+    /// Re-creates a registration remembered from before a restart. The
+    /// guard is owned by the task that keeps probing the node's port.
+    pub fn adopt(self: &Arc<Self>, mut entry: NodeEntry) -> Result<Registration, RegisterError> {
+        let mut inner = self.lock();
+        if inner.live.contains_key(&entry.spec.name) {
+            return Err(RegisterError::Duplicate(entry.spec.name));
+        }
+        entry.adopted = true;
+        let remembered = inner.creations.entry(entry.spec.name.clone()).or_insert(0);
+        *remembered = (*remembered).max(entry.creation);
+        inner.next_id += 1;
+        let id = inner.next_id;
+        Ok(self.insert(&mut inner, entry, id, CancellationToken::new()))
+    }
+
+    /// Remembers the last creation handed out for `name` (from the state
+    /// file), so its next registration gets a different one.
+    pub fn remember_creation(&self, name: &str, creation: u32) {
+        let mut inner = self.lock();
+        let slot = inner.creations.entry(name.to_string()).or_insert(creation);
+        *slot = (*slot).max(creation);
+    }
+
+    /// Live nodes and remembered creations, for the state file.
+    pub fn snapshot(&self) -> (Vec<NodeEntry>, Vec<(String, u32)>) {
+        let inner = self.lock();
+        let mut nodes: Vec<NodeEntry> = inner.live.values().map(|s| s.entry.clone()).collect();
+        nodes.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        let mut creations: Vec<(String, u32)> = inner
+            .creations
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        creations.sort();
+        (nodes, creations)
     }
 
     pub fn get(&self, name: &str) -> Option<NodeEntry> {
         self.lock().live.get(name).map(|s| s.entry.clone())
     }
 
-    /// All live nodes, sorted by name.
+    /// All live nodes, most recently registered first (the order in which
+    /// `epmd` lists them).
     pub fn list(&self) -> Vec<NodeEntry> {
-        let mut v: Vec<NodeEntry> = self.lock().live.values().map(|s| s.entry.clone()).collect();
-        v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-        v
+        let inner = self.lock();
+        let mut v: Vec<(u64, NodeEntry)> = inner.live.values().map(|s| (s.id, s.entry.clone())).collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0));
+        v.into_iter().map(|(_, e)| e).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -205,7 +265,8 @@ impl Registration {
     pub fn entry(&self) -> &NodeEntry {
         &self.entry
     }
-    /// Resolves when STOP_REQ asks for this registration to end.
+    /// Resolves when STOP_REQ (or, for an adopted entry, a new live
+    /// registration of the same name) ends this registration.
     pub fn stopped(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.stop.cancelled()
     }
@@ -335,6 +396,39 @@ mod tests {
         let _g2 = r.register(spec("a", 2, 6), LO).unwrap();
         drop(g1);
         assert_eq!(r.get("a").unwrap().spec.port, 2);
+    }
+
+    #[test]
+    fn adopted_entries_keep_their_creation_and_yield_to_a_live_registration() {
+        let r = Arc::new(Registry::new());
+        let entry = NodeEntry {
+            spec: spec("a", 1000, 6),
+            creation: 777,
+            addr: LO,
+            adopted: false,
+        };
+        let adopted = r.adopt(entry).unwrap();
+        assert!(r.get("a").unwrap().adopted);
+        assert_eq!(r.get("a").unwrap().creation, 777);
+        // The node restarted and registers again: it replaces the adopted
+        // entry and gets a different creation.
+        let live = r.register(spec("a", 2000, 6), LO).unwrap();
+        assert_ne!(live.entry().creation, 777);
+        assert!(!r.get("a").unwrap().adopted);
+        // The adopted guard was told to stop and dropping it is harmless.
+        drop(adopted);
+        assert_eq!(r.get("a").unwrap().spec.port, 2000);
+    }
+
+    #[test]
+    fn remembered_creations_are_not_reused() {
+        let r = Arc::new(Registry::new());
+        r.remember_creation("a", 4242);
+        let g = r.register(spec("a", 1, 6), LO).unwrap();
+        assert_eq!(g.entry().creation, 4243);
+        let (nodes, creations) = r.snapshot();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(creations, vec![("a".to_string(), 4243)]);
     }
 
     #[tokio::test]

@@ -1,0 +1,243 @@
+//! `distproxy epmd …`: the command line of OTP's `epmd`, so the binary can
+//! stand in for it (installed as `epmd`, or started by `erl` in its place).
+//!
+//! Supported, as documented for `epmd`: `-port N`, `-address LIST`,
+//! `-daemon`, `-relaxed_command_check`, `-names`, `-dump`, `-kill`,
+//! `-stop NAME`, `-d`/`-debug` (accepted, ignored), and the environment
+//! variables `ERL_EPMD_PORT`, `ERL_EPMD_ADDRESS` and
+//! `ERL_EPMD_RELAXED_COMMAND_CHECK`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EpmdAction {
+    /// Serve (optionally detached).
+    Serve {
+        listen: Vec<SocketAddr>,
+        daemon: bool,
+        relaxed_command_check: bool,
+    },
+    Names {
+        port: u16,
+    },
+    Dump {
+        port: u16,
+    },
+    Kill {
+        port: u16,
+    },
+    Stop {
+        port: u16,
+        name: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EpmdUsageError {
+    #[error("option {0} needs a value")]
+    MissingValue(String),
+    #[error("invalid port {0:?}")]
+    BadPort(String),
+    #[error("invalid address {0:?} in -address")]
+    BadAddress(String),
+    #[error("unknown option {0}")]
+    Unknown(String),
+}
+
+/// Parses `epmd`'s arguments (without the program name). `env` looks up
+/// environment variables (injected for tests).
+pub fn parse(
+    args: &[String],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<EpmdAction, EpmdUsageError> {
+    let mut port: u16 = match env("ERL_EPMD_PORT") {
+        Some(p) => p.trim().parse().map_err(|_| EpmdUsageError::BadPort(p))?,
+        None => 4369,
+    };
+    let mut addresses: Option<String> = env("ERL_EPMD_ADDRESS").filter(|a| !a.trim().is_empty());
+    let mut relaxed = env("ERL_EPMD_RELAXED_COMMAND_CHECK").is_some();
+    let mut daemon = false;
+    let mut command: Option<(&str, Option<String>)> = None;
+
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |opt: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| EpmdUsageError::MissingValue(opt.to_string()))
+        };
+        match arg.as_str() {
+            "-port" => {
+                let p = value("-port")?;
+                port = p.parse().map_err(|_| EpmdUsageError::BadPort(p))?;
+            }
+            "-address" => addresses = Some(value("-address")?),
+            "-daemon" | "-detached" => daemon = true,
+            "-relaxed_command_check" => relaxed = true,
+            "-d" | "-debug" => {}
+            "-names" => command = Some(("names", None)),
+            "-dump" => command = Some(("dump", None)),
+            "-kill" => command = Some(("kill", None)),
+            "-stop" => command = Some(("stop", Some(value("-stop")?))),
+            other => return Err(EpmdUsageError::Unknown(other.to_string())),
+        }
+    }
+    Ok(match command {
+        Some(("names", _)) => EpmdAction::Names { port },
+        Some(("dump", _)) => EpmdAction::Dump { port },
+        Some(("kill", _)) => EpmdAction::Kill { port },
+        Some((_, Some(name))) => EpmdAction::Stop { port, name },
+        _ => EpmdAction::Serve {
+            listen: listen_addrs(addresses.as_deref(), port)?,
+            daemon,
+            relaxed_command_check: relaxed,
+        },
+    })
+}
+
+/// `-address` lists where to listen; like `epmd`, loopback is added when
+/// missing. Without `-address`, all interfaces (IPv4 and IPv6).
+fn listen_addrs(list: Option<&str>, port: u16) -> Result<Vec<SocketAddr>, EpmdUsageError> {
+    let Some(list) = list else {
+        return Ok(vec![
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+        ]);
+    };
+    let mut ips = Vec::new();
+    for part in list
+        .split([',', ' '])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let ip: IpAddr = part
+            .parse()
+            .map_err(|_| EpmdUsageError::BadAddress(part.to_string()))?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let any_v6 = ips.iter().any(IpAddr::is_ipv6);
+    let lo4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    if !ips
+        .iter()
+        .any(|ip| ip.is_loopback() && ip.is_ipv4() || ip.is_unspecified() && ip.is_ipv4())
+    {
+        ips.push(lo4);
+    }
+    let lo6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    if any_v6
+        && !ips
+            .iter()
+            .any(|ip| ip.is_ipv6() && (ip.is_loopback() || ip.is_unspecified()))
+    {
+        ips.push(lo6);
+    }
+    Ok(ips
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn serve_defaults_listen_everywhere_on_4369() {
+        let a = parse(&args(&["-daemon"]), no_env).unwrap();
+        assert_eq!(
+            a,
+            EpmdAction::Serve {
+                listen: vec![
+                    "0.0.0.0:4369".parse().unwrap(),
+                    "[::]:4369".parse().unwrap()
+                ],
+                daemon: true,
+                relaxed_command_check: false,
+            }
+        );
+    }
+
+    #[test]
+    fn address_list_gets_loopback_added_and_port_applies() {
+        let a = parse(
+            &args(&["-port", "4400", "-address", "10.1.2.3,fd00::1"]),
+            no_env,
+        )
+        .unwrap();
+        let EpmdAction::Serve { listen, .. } = a else {
+            panic!()
+        };
+        let want: Vec<SocketAddr> = [
+            "10.1.2.3:4400",
+            "[fd00::1]:4400",
+            "127.0.0.1:4400",
+            "[::1]:4400",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(listen, want);
+    }
+
+    #[test]
+    fn client_commands_and_environment() {
+        let env = |k: &str| match k {
+            "ERL_EPMD_PORT" => Some("4500".to_string()),
+            "ERL_EPMD_RELAXED_COMMAND_CHECK" => Some("1".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            parse(&args(&["-names"]), env).unwrap(),
+            EpmdAction::Names { port: 4500 }
+        );
+        assert_eq!(
+            parse(&args(&["-kill"]), no_env).unwrap(),
+            EpmdAction::Kill { port: 4369 }
+        );
+        assert_eq!(
+            parse(&args(&["-stop", "a1"]), no_env).unwrap(),
+            EpmdAction::Stop {
+                port: 4369,
+                name: "a1".into()
+            }
+        );
+        let EpmdAction::Serve {
+            relaxed_command_check,
+            ..
+        } = parse(&[], env).unwrap()
+        else {
+            panic!()
+        };
+        assert!(relaxed_command_check);
+    }
+
+    #[test]
+    fn usage_errors() {
+        assert_eq!(
+            parse(&args(&["-port"]), no_env),
+            Err(EpmdUsageError::MissingValue("-port".into()))
+        );
+        assert_eq!(
+            parse(&args(&["-port", "x"]), no_env),
+            Err(EpmdUsageError::BadPort("x".into()))
+        );
+        assert_eq!(
+            parse(&args(&["-bogus"]), no_env),
+            Err(EpmdUsageError::Unknown("-bogus".into()))
+        );
+        assert_eq!(
+            parse(&args(&["-address", "nope"]), no_env),
+            Err(EpmdUsageError::BadAddress("nope".into()))
+        );
+    }
+}

@@ -1,0 +1,335 @@
+//! Registrations that survive a sidecar restart.
+//!
+//! OTP's EPMD client registers once and never retries, so when a stock EPMD
+//! restarts every node of the pod becomes unreachable. With
+//! `epmd.state_file` set, the registry is written (atomically: temporary
+//! file, fsync, rename) on every change; on start, entries whose node still
+//! answers on its port are adopted and then probed every
+//! `epmd.probe_interval_ms`; an entry whose port stops answering is dropped.
+//! Remembered creations make a later re-registration of the same name get a
+//! different creation. A corrupt or unreadable file is logged and ignored.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use super::proto::{validate_name, NodeSpec};
+use super::registry::{NodeEntry, Registration};
+use crate::server::Shared;
+
+const FORMAT_VERSION: u32 = 1;
+/// Deadline for one probe of an adopted node's port.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    pub version: u32,
+    pub nodes: Vec<StoredNode>,
+    /// Last creation handed out per name, including unregistered names.
+    pub creations: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredNode {
+    pub name: String,
+    pub port: u16,
+    pub node_type: u8,
+    pub protocol: u8,
+    pub highest_version: u16,
+    pub lowest_version: u16,
+    /// The extra field, hex-encoded.
+    pub extra_hex: String,
+    pub creation: u32,
+    pub addr: IpAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("failed to read state file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("corrupt state file {path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("failed to write state file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StoredNode {
+    fn from_entry(e: &NodeEntry) -> StoredNode {
+        StoredNode {
+            name: e.spec.name.clone(),
+            port: e.spec.port,
+            node_type: e.spec.node_type,
+            protocol: e.spec.protocol,
+            highest_version: e.spec.highest_version,
+            lowest_version: e.spec.lowest_version,
+            extra_hex: e.spec.extra.iter().map(|b| format!("{b:02x}")).collect(),
+            creation: e.creation,
+            addr: e.addr,
+        }
+    }
+
+    fn to_entry(&self) -> Result<NodeEntry, String> {
+        validate_name(self.name.as_bytes()).map_err(|e| format!("node {:?}: {e}", self.name))?;
+        if self.port == 0 {
+            return Err(format!("node {:?}: port 0", self.name));
+        }
+        let hex = self.extra_hex.as_bytes();
+        if hex.len() % 2 != 0 {
+            return Err(format!("node {:?}: odd-length extra_hex", self.name));
+        }
+        let extra = hex
+            .chunks(2)
+            .map(|pair| {
+                std::str::from_utf8(pair)
+                    .ok()
+                    .and_then(|s| u8::from_str_radix(s, 16).ok())
+                    .ok_or_else(|| format!("node {:?}: bad extra_hex", self.name))
+            })
+            .collect::<Result<Vec<u8>, String>>()?;
+        Ok(NodeEntry {
+            spec: NodeSpec {
+                port: self.port,
+                node_type: self.node_type,
+                protocol: self.protocol,
+                highest_version: self.highest_version,
+                lowest_version: self.lowest_version,
+                name: self.name.clone(),
+                extra: Bytes::from(extra),
+            },
+            creation: self.creation,
+            addr: self.addr,
+            adopted: true,
+        })
+    }
+}
+
+/// Reads and checks a state file.
+pub fn load(path: &Path) -> Result<StateFile, StateError> {
+    let text = std::fs::read(path).map_err(|source| StateError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let corrupt = |reason: String| StateError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let state: StateFile = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
+    if state.version != FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "unsupported format version {}",
+            state.version
+        )));
+    }
+    for node in &state.nodes {
+        node.to_entry().map_err(corrupt)?;
+    }
+    Ok(state)
+}
+
+/// Writes `state` atomically: a reader sees the old file or the new one.
+pub fn save(path: &Path, state: &StateFile) -> Result<(), StateError> {
+    let err = |source| StateError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let json = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(&json).map_err(err)?;
+    f.write_all(b"\n").map_err(err)?;
+    f.sync_all().map_err(err)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(err)?;
+    // Make the rename itself durable.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn snapshot(shared: &Shared) -> StateFile {
+    let (nodes, creations) = shared.registry.snapshot();
+    StateFile {
+        version: FORMAT_VERSION,
+        nodes: nodes.iter().map(StoredNode::from_entry).collect(),
+        creations: creations.into_iter().collect(),
+    }
+}
+
+async fn answers(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Restores the registry from `path` (adopting nodes that still answer) and
+/// starts the writer that keeps the file up to date. Never fails: problems
+/// with the file are logged.
+pub async fn start(shared: Arc<Shared>, path: PathBuf) {
+    match load(&path) {
+        Ok(state) => restore(&shared, state).await,
+        Err(StateError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            info!(path = %path.display(), "no state file yet; starting with an empty registry");
+        }
+        Err(e) => warn!(error = %e, "ignoring state file"),
+    }
+    let writer = Arc::clone(&shared);
+    shared.tracker.spawn(write_on_change(writer, path));
+}
+
+async fn restore(shared: &Arc<Shared>, state: StateFile) {
+    for (name, creation) in &state.creations {
+        shared.registry.remember_creation(name, *creation);
+    }
+    for stored in state.nodes {
+        let Ok(entry) = stored.to_entry() else {
+            continue;
+        };
+        let addr = SocketAddr::new(entry.addr, entry.spec.port);
+        if !answers(addr).await {
+            info!(node = %entry.spec.name, %addr, "remembered node does not answer; not adopted");
+            continue;
+        }
+        match shared.registry.adopt(entry) {
+            Ok(registration) => {
+                info!(node = %stored.name, %addr, creation = stored.creation, "adopted node from state file");
+                let prober = Arc::clone(shared);
+                shared.tracker.spawn(probe(prober, registration, addr));
+            }
+            Err(e) => warn!(error = %e, "cannot adopt remembered node"),
+        }
+    }
+}
+
+/// Keeps an adopted registration while its port answers.
+async fn probe(shared: Arc<Shared>, registration: Registration, addr: SocketAddr) {
+    let name = registration.entry().spec.name.clone();
+    let mut tick = tokio::time::interval(shared.config.epmd.probe_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate; the node just answered
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = registration.stopped() => {
+                info!(node = %name, "adopted node re-registered; probing stops");
+                return;
+            }
+            _ = tick.tick() => {
+                if !answers(addr).await {
+                    info!(node = %name, %addr, "adopted node stopped answering; unregistered");
+                    return; // dropping `registration` unregisters
+                }
+            }
+        }
+    }
+}
+
+/// Writes the state file after every registry change until shutdown
+/// (unregistrations caused by shutdown itself are not persisted).
+async fn write_on_change(shared: Arc<Shared>, path: PathBuf) {
+    let mut changes = shared.registry.subscribe();
+    changes.mark_changed(); // write once at start
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        let state = snapshot(&shared);
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || save(&p, &state)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "state file not updated"),
+            Err(e) => warn!(error = %e, "state file writer failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StateFile {
+        StateFile {
+            version: FORMAT_VERSION,
+            nodes: vec![StoredNode {
+                name: "a".into(),
+                port: 1234,
+                node_type: 77,
+                protocol: 0,
+                highest_version: 6,
+                lowest_version: 5,
+                extra_hex: "00ff10".into(),
+                creation: 99,
+                addr: "127.0.0.1".parse().unwrap(),
+            }],
+            creations: [("a".to_string(), 99), ("gone".to_string(), 7)]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn save_then_load_round_trips_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/registry.json");
+        save(&path, &sample()).unwrap();
+        assert_eq!(load(&path).unwrap(), sample());
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("registry.json")]);
+        let entry = sample().nodes[0].to_entry().unwrap();
+        assert_eq!(&entry.spec.extra[..], &[0x00, 0xff, 0x10]);
+    }
+
+    #[test]
+    fn corrupt_files_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        for bad in [
+            "",
+            "{",
+            "[]",
+            "{\"version\":2,\"nodes\":[],\"creations\":{}}",
+            "{\"version\":1,\"nodes\":[{\"name\":\"\",\"port\":1,\"node_type\":77,\"protocol\":0,\"highest_version\":6,\"lowest_version\":5,\"extra_hex\":\"\",\"creation\":1,\"addr\":\"127.0.0.1\"}],\"creations\":{}}",
+            "{\"version\":1,\"nodes\":[{\"name\":\"a\",\"port\":1,\"node_type\":77,\"protocol\":0,\"highest_version\":6,\"lowest_version\":5,\"extra_hex\":\"zz\",\"creation\":1,\"addr\":\"127.0.0.1\"}],\"creations\":{}}",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            assert!(matches!(load(&path), Err(StateError::Corrupt { .. })), "{bad:?}");
+        }
+        assert!(matches!(
+            load(&dir.path().join("missing")),
+            Err(StateError::Read { .. })
+        ));
+    }
+}
