@@ -171,19 +171,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Installs the Prometheus recorder (binary only; the library just records).
 fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
-    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-    let builder = PrometheusBuilder::new();
-    let builder = [
-        distproxy::metrics::HANDSHAKE_PHASE_SECONDS,
-        distproxy::metrics::LOOKUP_HOLD_SECONDS,
-    ]
-    .into_iter()
-    .try_fold(builder, |b, name| {
-        b.set_buckets_for_metric(
-            Matcher::Full(name.to_string()),
-            distproxy::metrics::PHASE_BUCKETS,
-        )
-    });
+    let builder = distproxy::metrics::prometheus_builder();
     match builder.and_then(|b| b.install_recorder()) {
         Ok(handle) => {
             distproxy::metrics::describe();

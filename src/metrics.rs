@@ -18,6 +18,8 @@ pub const HANDSHAKE_PHASE_SECONDS: &str = "distproxy_handshake_phase_seconds";
 pub const CONNECTIONS_CLOSED: &str = "distproxy_connections_closed_total";
 pub const MISROUTES: &str = "distproxy_misroutes_total";
 pub const BUILD_INFO: &str = "distproxy_build_info";
+/// Tunnel egress listeners open (one per remote node in use).
+pub const EGRESS_LISTENERS: &str = "distproxy_egress_listeners";
 pub const TLS_HANDSHAKE_FAILURES: &str = "distproxy_tls_handshake_failures_total";
 pub const TLS_RELOADS: &str = "distproxy_tls_reloads_total";
 pub const TLS_RELOAD_FAILURES: &str = "distproxy_tls_reload_failures_total";
@@ -41,6 +43,10 @@ pub mod reason {
     pub const OVER_LIMIT: &str = "over_limit";
     pub const CONNECT_FAILED: &str = "connect_failed";
     pub const PEER_CLOSED: &str = "peer_closed";
+    /// A tunnel preamble named a node not registered here.
+    pub const UNKNOWN_NODE: &str = "unknown_node";
+    /// The egress side could not resolve the remote node's host.
+    pub const RESOLVE_FAILED: &str = "resolve_failed";
 }
 
 /// TLS handshake failure reasons (`reason` label of [`TLS_HANDSHAKE_FAILURES`];
@@ -65,6 +71,19 @@ pub const PHASE_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
+
+/// A Prometheus builder with this crate's histogram buckets. Installing it
+/// is left to the binary (and to tests).
+pub fn prometheus_builder(
+) -> Result<metrics_exporter_prometheus::PrometheusBuilder, metrics_exporter_prometheus::BuildError>
+{
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    [HANDSHAKE_PHASE_SECONDS, LOOKUP_HOLD_SECONDS]
+        .into_iter()
+        .try_fold(PrometheusBuilder::new(), |b, name| {
+            b.set_buckets_for_metric(Matcher::Full(name.to_string()), PHASE_BUCKETS)
+        })
+}
 
 /// Registers descriptions with whatever recorder is installed.
 pub fn describe() {
@@ -105,7 +124,7 @@ pub fn describe() {
     describe_histogram!(
         HANDSHAKE_PHASE_SECONDS,
         Unit::Seconds,
-        "Duration of connection set-up phases (first_frame, connect_node, node_challenge)."
+        "Duration of connection set-up phases (first_frame, connect_node, node_challenge; tunnel: preamble, egress_first_frame, resolve, connect_remote, send_preamble)."
     );
     describe_counter!(
         CONNECTIONS_CLOSED,
@@ -131,6 +150,10 @@ pub fn describe() {
         TLS_CERT_NOT_AFTER,
         Unit::Seconds,
         "Expiry (Unix time) of the certificate this sidecar presents."
+    );
+    describe_gauge!(
+        EGRESS_LISTENERS,
+        "Tunnel egress listeners open on loopback, one per remote node in use."
     );
     describe_gauge!(BUILD_INFO, "Build information; value is always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);

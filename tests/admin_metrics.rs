@@ -1,0 +1,303 @@
+//! The admin endpoint over real HTTP, with `/metrics` parsed as Prometheus
+//! text by a parser crate and checked against the traffic the test made.
+
+mod support_inproc;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use distproxy::client;
+use distproxy::server::{self, Sidecar};
+use metrics_exporter_prometheus::PrometheusHandle;
+use support_inproc::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One recorder per test process (the `metrics` facade is global).
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let h = distproxy::metrics::prometheus_builder()
+                .unwrap()
+                .install_recorder()
+                .unwrap();
+            distproxy::metrics::describe();
+            h
+        })
+        .clone()
+}
+
+fn start_with_admin(mut config: distproxy::config::Config) -> Sidecar {
+    config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+    let listeners = server::bind(&config).unwrap();
+    Sidecar::start_with(config, listeners, Some(prometheus()))
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Scrapes and parses `/metrics`: (name, sorted labels) → value.
+async fn scrape(addr: SocketAddr) -> HashMap<(String, Vec<(String, String)>), f64> {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
+    let mut out = HashMap::new();
+    for s in parsed.samples {
+        let value = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => continue,
+        };
+        let mut labels: Vec<(String, String)> = s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.sort();
+        out.insert((s.metric, labels), value);
+    }
+    out
+}
+
+fn get(
+    m: &HashMap<(String, Vec<(String, String)>), f64>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    let mut l: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    l.sort();
+    m.get(&(name.to_string(), l)).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_follow_the_traffic() {
+    let sc = start_with_admin(proxy_config());
+    let admin = sc.admin_addr.unwrap();
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let node = FakeNode::start("metrics_node", "127.0.0.1:0").await;
+    let other = FakeNode::start("metrics_other", "127.0.0.1:0").await;
+    let _r1 = client::register(epmd, spec("metrics_node", node.port))
+        .await
+        .unwrap();
+    let _r2 = client::register(epmd, spec("metrics_other", other.port))
+        .await
+        .unwrap();
+
+    let before = scrape(admin).await;
+    let correlated_before = get(
+        &before,
+        "distproxy_routes_total",
+        &[("method", "correlated")],
+    );
+    let bad_before = get(
+        &before,
+        "distproxy_connections_closed_total",
+        &[("reason", "bad_frame")],
+    );
+    let unroutable_before = get(
+        &before,
+        "distproxy_routes_total",
+        &[("method", "unroutable")],
+    );
+
+    // One correlated connection carrying a known payload.
+    client::port_please(epmd, "metrics_node").await.unwrap();
+    let (mut s, answered) = dial_as(dist, "peer@remote").await;
+    assert_eq!(answered, "metrics_node@fake.host");
+    let payload = vec![7u8; 100_000];
+    s.write_all(&payload).await.unwrap();
+    let mut echo = vec![0u8; payload.len()];
+    s.read_exact(&mut echo).await.unwrap();
+
+    // While open, /nodes shows the connection.
+    let (status, nodes) = http_get(admin, "/nodes").await;
+    assert_eq!(status, 200);
+    let nodes: serde_json::Value = serde_json::from_str(&nodes).unwrap();
+    let entry = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "metrics_node")
+        .expect("node listed");
+    assert_eq!(entry["port"], node.port);
+    assert_eq!(entry["open_connections"], 1);
+    assert_eq!(entry["highest_version"], 6);
+
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    drop(s);
+
+    // A bad first frame and an unroutable connection (two nodes, no lookup).
+    let mut bad = TcpStream::connect(dist).await.unwrap();
+    bad.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let _ = bad.read_to_end(&mut Vec::new()).await;
+    let (mut lost, _) = (TcpStream::connect(dist).await.unwrap(), ());
+    let mut frame = bytes::BytesMut::new();
+    distproxy::dist::handshake::encode_send_name(
+        &mut frame,
+        &distproxy::dist::handshake::SendName {
+            name: "lost@remote".into(),
+            flags: 0x0d07_df7f_bd,
+            creation: Some(1),
+            version: None,
+        },
+    );
+    lost.write_all(&frame).await.unwrap();
+    let _ = lost.read_to_end(&mut Vec::new()).await;
+
+    // Counters are updated as the relay ends; poll briefly.
+    let mut after = scrape(admin).await;
+    for _ in 0..50 {
+        let open = get(
+            &after,
+            "distproxy_dist_connections_open",
+            &[("node", "metrics_node"), ("direction", "inbound")],
+        );
+        if open == 0.0
+            && get(
+                &after,
+                "distproxy_routes_total",
+                &[("method", "unroutable")],
+            ) > unroutable_before
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = scrape(admin).await;
+    }
+    assert_eq!(
+        get(
+            &after,
+            "distproxy_routes_total",
+            &[("method", "correlated")]
+        ),
+        correlated_before + 1.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "distproxy_routes_total",
+            &[("method", "unroutable")]
+        ),
+        unroutable_before + 1.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "distproxy_connections_closed_total",
+            &[("reason", "bad_frame")]
+        ),
+        bad_before + 1.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "distproxy_dist_connections_total",
+            &[("node", "metrics_node"), ("direction", "inbound")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "distproxy_dist_connections_open",
+            &[("node", "metrics_node"), ("direction", "inbound")]
+        ),
+        0.0
+    );
+    // rx: the replayed send_name frame plus the payload; tx: the node's
+    // status and challenge frames plus the echo.
+    let send_name_len = frame.len() as f64;
+    assert_eq!(
+        get(
+            &after,
+            "distproxy_relayed_bytes_total",
+            &[("node", "metrics_node"), ("direction", "rx")]
+        ),
+        send_name_len + payload.len() as f64
+    );
+    let tx = get(
+        &after,
+        "distproxy_relayed_bytes_total",
+        &[("node", "metrics_node"), ("direction", "tx")],
+    );
+    assert!(
+        tx > payload.len() as f64 && tx < payload.len() as f64 + 200.0,
+        "tx {tx}"
+    );
+    assert!(
+        get(
+            &after,
+            "distproxy_epmd_requests_total",
+            &[("type", "port_please2"), ("result", "proxied")]
+        ) >= 1.0
+    );
+    assert_eq!(get(&after, "distproxy_misroutes_total", &[]), 0.0);
+    assert_eq!(
+        get(
+            &after,
+            "distproxy_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+
+    // Histograms are exported with their buckets.
+    let (_, text) = http_get(admin, "/metrics").await;
+    assert!(text.contains("distproxy_handshake_phase_seconds_bucket{phase=\"first_frame\""));
+    assert!(text.contains("# HELP distproxy_routes_total"));
+}
+
+#[tokio::test]
+async fn health_readiness_and_unknown_paths() {
+    let mut cfg = proxy_config();
+    cfg.admin.ready_nodes = vec!["needed".into()];
+    let sc = start_with_admin(cfg);
+    let admin = sc.admin_addr.unwrap();
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    let (status, body) = http_get(admin, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("needed"), "{body}");
+    let node = FakeNode::start("needed", "127.0.0.1:0").await;
+    let _r = client::register(epmd_addr(&sc), spec("needed", node.port))
+        .await
+        .unwrap();
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    assert_eq!(http_get(admin, "/nope").await.0, 404);
+
+    // Not ready once shutdown starts (Kubernetes stops routing to us).
+    sc.shared.shutdown.cancel();
+    assert_eq!(http_get(admin, "/readyz").await.0, 503);
+
+    // Garbage is answered 400, not a hang or a crash.
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"\x00\x01\x02\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+}

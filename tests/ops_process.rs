@@ -1,0 +1,381 @@
+//! The binary as operators run it: state file across `kill -9`, graceful
+//! shutdown on SIGTERM, the `epmd` drop-in compared with OTP's `epmd`.
+
+mod support_inproc;
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use distproxy::client;
+use distproxy::epmd::proto::Port2Reply;
+use support_inproc::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_distproxy");
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+struct Ports {
+    epmd: u16,
+    dist: u16,
+    admin: u16,
+}
+
+fn write_config(dir: &Path, ports: &Ports, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("distproxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[epmd]\nlisten = [\"127.0.0.1:{}\"]\n{extra}\n[dist]\nlisten = \"127.0.0.1:{}\"\nshutdown_grace_ms = 10000\n[routing]\nloopback_lookups = \"proxy\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+            ports.epmd, ports.dist, ports.admin
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn spawn(config: &Path, epmd: u16) -> Proc {
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], epmd));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await,
+        "sidecar did not start"
+    );
+    p
+}
+
+#[tokio::test]
+async fn registrations_survive_kill_9_through_the_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state/registry.json");
+    let ports = Ports {
+        epmd: free_port(),
+        dist: free_port(),
+        admin: free_port(),
+    };
+    let config = write_config(
+        dir.path(),
+        &ports,
+        &format!(
+            "state_file = {:?}\nprobe_interval_ms = 200",
+            state.display().to_string()
+        ),
+    );
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
+
+    let mut first = spawn(&config, ports.epmd).await;
+    let alive = FakeNode::start("alive", "127.0.0.1:0").await;
+    let doomed = FakeNode::start("doomed", "127.0.0.1:0").await;
+    let (_c1, r1) = client::register(epmd, spec("alive", alive.port))
+        .await
+        .unwrap();
+    let (_c2, _) = client::register(epmd, spec("doomed", doomed.port))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            std::fs::read_to_string(&state)
+                .is_ok_and(|s| s.contains("\"doomed\"") && s.contains("\"alive\""))
+        })
+        .await,
+        "state file not written"
+    );
+    first.signal("KILL");
+    first
+        .wait_exit(Duration::from_secs(5))
+        .expect("sidecar did not die");
+
+    // The nodes keep running but never re-register (as OTP's client).
+    let _second = spawn(&config, ports.epmd).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            matches!(
+                client::port_please(epmd, "alive").await,
+                Ok(Port2Reply::Found(_))
+            )
+        })
+        .await,
+        "node not adopted after restart"
+    );
+    // New lookups route to the adopted node.
+    let (_s, answered) = dial_as(dist, "newcomer@remote").await;
+    assert_eq!(answered, "alive@fake.host");
+
+    // A node that stops answering is dropped within the probe interval...
+    doomed.task.abort();
+    let _ = doomed.task.await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            matches!(
+                client::port_please(epmd, "doomed").await,
+                Ok(Port2Reply::NotFound { .. })
+            )
+        })
+        .await,
+        "dead adopted node not dropped"
+    );
+    // ...and its name can be registered again, with a new creation.
+    let again = FakeNode::start("doomed", "127.0.0.1:0").await;
+    let (_c3, r3) = client::register(epmd, spec("doomed", again.port))
+        .await
+        .unwrap();
+    assert_eq!(r3.result, 0);
+    // A live re-registration of an adopted name supersedes it with a
+    // creation different from the remembered one.
+    let (_c4, r4) = client::register(epmd, spec("alive", alive.port))
+        .await
+        .unwrap();
+    assert_eq!(r4.result, 0);
+    assert_ne!(r4.creation, r1.creation);
+}
+
+#[tokio::test]
+async fn corrupt_state_file_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("registry.json");
+    std::fs::write(&state, "{ this is not json").unwrap();
+    let ports = Ports {
+        epmd: free_port(),
+        dist: free_port(),
+        admin: free_port(),
+    };
+    let config = write_config(
+        dir.path(),
+        &ports,
+        &format!("state_file = {:?}", state.display().to_string()),
+    );
+    let _p = spawn(&config, ports.epmd).await;
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let node = FakeNode::start("fresh", "127.0.0.1:0").await;
+    let (_c, r) = client::register(epmd, spec("fresh", node.port))
+        .await
+        .unwrap();
+    assert_eq!(r.result, 0);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"fresh\""))
+        })
+        .await,
+        "corrupt state file not replaced"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_connections_then_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports {
+        epmd: free_port(),
+        dist: free_port(),
+        admin: free_port(),
+    };
+    let config = write_config(dir.path(), &ports, "");
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
+    let mut p = spawn(&config, ports.epmd).await;
+    let node = FakeNode::start("busy", "127.0.0.1:0").await;
+    let (_reg, _) = client::register(epmd, spec("busy", node.port))
+        .await
+        .unwrap();
+    let (mut s, answered) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered, "busy@fake.host");
+
+    let started = Instant::now();
+    p.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New connections are no longer accepted...
+    assert!(
+        tokio::net::TcpStream::connect(dist).await.is_err(),
+        "dist port still accepting after SIGTERM"
+    );
+    // ...but the established one keeps relaying: 8 MiB there and back.
+    let payload: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut echoed = Vec::new();
+    let recv = r.read_to_end(&mut echoed);
+    let (_, got) = tokio::join!(send, recv);
+    got.unwrap();
+    assert!(echoed == payload, "payload corrupted during drain");
+    drop(s);
+    let code = p
+        .wait_exit(Duration::from_secs(9))
+        .expect("did not exit within the grace period");
+    assert_eq!(code, 0);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports {
+        epmd: free_port(),
+        dist: free_port(),
+        admin: free_port(),
+    };
+    let config = write_config(dir.path(), &ports, "");
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
+    let mut p = spawn(&config, ports.epmd).await;
+    let node = FakeNode::start("idle", "127.0.0.1:0").await;
+    let (_reg, _) = client::register(epmd, spec("idle", node.port))
+        .await
+        .unwrap();
+    let (_s, _) = dial_as(dist, "x@remote").await; // holds the grace period open
+    p.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        p.wait_exit(Duration::from_millis(100)).is_none(),
+        "exited while a connection was open"
+    );
+    p.signal("TERM");
+    let code = p
+        .wait_exit(Duration::from_secs(2))
+        .expect("second signal did not exit");
+    assert_ne!(code, 0);
+}
+
+/// `distproxy epmd -names` prints what OTP's `epmd -names` prints for the
+/// same registrations, byte for byte (apart from the port each runs on).
+#[tokio::test]
+async fn epmd_drop_in_names_matches_otp_epmd() {
+    if Command::new("epmd").arg("-help").output().is_err() {
+        if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() {
+            eprintln!("skipped: OTP's epmd not installed and DISTPROXY_SKIP_E2E is set");
+            return;
+        }
+        panic!("OTP's `epmd` is not installed (apt-get install erlang-base); set DISTPROXY_SKIP_E2E=1 to skip");
+    }
+    let (otp_port, our_port) = (free_port(), free_port());
+    let _otp = Proc(
+        Command::new("epmd")
+            .args(["-port", &otp_port.to_string(), "-address", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let dist_port = free_port();
+    let _ours = Proc(
+        Command::new(BIN)
+            .args([
+                "epmd",
+                "-port",
+                &our_port.to_string(),
+                "-address",
+                "127.0.0.1",
+            ])
+            .env("DISTPROXY_CONFIG", {
+                let dir = std::env::temp_dir().join(format!("dp-epmd-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let p = dir.join("c.toml");
+                std::fs::write(
+                    &p,
+                    format!("[dist]\nlisten = \"127.0.0.1:{dist_port}\"\n[admin]\nlisten = \"\"\n"),
+                )
+                .unwrap();
+                p
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let otp = SocketAddr::from(([127, 0, 0, 1], otp_port));
+    let ours = SocketAddr::from(([127, 0, 0, 1], our_port));
+    for addr in [otp, ours] {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                tokio::net::TcpStream::connect(addr).await.is_ok()
+            })
+            .await
+        );
+    }
+    let mut keep = Vec::new();
+    for (name, port) in [("first", 41001), ("second", 41002), ("third", 41003)] {
+        for addr in [otp, ours] {
+            let (c, r) = client::register(addr, spec(name, port)).await.unwrap();
+            assert_eq!(r.result, 0);
+            keep.push(c);
+        }
+    }
+    let names = |cmd: &str, port: u16| {
+        let out = Command::new(cmd)
+            .args(if cmd == BIN { vec!["epmd"] } else { vec![] })
+            .args(["-port", &port.to_string(), "-names"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd} -names failed");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let otp_text = names("epmd", otp_port);
+    let our_text = names(BIN, our_port);
+    assert_eq!(
+        our_text.replace(&our_port.to_string(), "PORT"),
+        otp_text.replace(&otp_port.to_string(), "PORT")
+    );
+    assert!(our_text.contains("name first at port 41001"));
+
+    // -kill is refused while nodes live, like epmd.
+    let out = Command::new(BIN)
+        .args(["epmd", "-port", &our_port.to_string(), "-kill"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Killing not allowed - living nodes in database.\n"
+    );
+}
