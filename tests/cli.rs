@@ -1,0 +1,63 @@
+//! The command line: check-config output and exit codes.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_distproxy");
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example-full.toml");
+    let (code, stdout, stderr) = run(&["check-config", file]);
+    assert_eq!(code, 0, "{stderr}");
+    let printed: distproxy::config::Config = toml::from_str(&stdout).unwrap();
+    assert_eq!(printed, distproxy::config::Config::load(file.as_ref()).unwrap());
+    assert_eq!(printed.dist.advertise_port, Some(443));
+}
+
+#[test]
+fn config_errors_exit_64_and_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[routing]\nlookup_ttl_ms = 0\n").unwrap();
+    let (code, _, stderr) = run(&["check-config", bad.to_str().unwrap()]);
+    assert_eq!(code, 64);
+    assert!(stderr.contains("routing.lookup_ttl_ms"), "{stderr}");
+
+    std::fs::write(&bad, "[dist]\nlisten = \"0.0.0.0:1\"\nbogus_key = 1\n").unwrap();
+    let (code, _, stderr) = run(&["run", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 64);
+    assert!(stderr.contains("bogus_key"), "{stderr}");
+
+    let (code, _, stderr) = run(&["check-config", "/nonexistent/distproxy.toml"]);
+    assert_eq!(code, 64);
+    assert!(stderr.contains("/nonexistent/distproxy.toml"), "{stderr}");
+}
+
+#[test]
+fn usage_errors_exit_64_and_help_exits_0() {
+    assert_eq!(run(&["run", "--no-such-flag"]).0, 64);
+    assert_eq!(run(&["run", "--dist-listen", "not-an-address"]).0, 64);
+    assert_eq!(run(&["frobnicate"]).0, 64);
+    assert_eq!(run(&["epmd", "-bogus"]).0, 64);
+    let (code, stdout, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("check-config"));
+}
+
+#[test]
+fn names_reports_an_unreachable_epmd() {
+    // A port nobody listens on (bound then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (code, _, stderr) = run(&["names", "--port", &port.to_string()]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("Cannot connect"), "{stderr}");
+}
