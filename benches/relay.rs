@@ -1,1 +1,684 @@
-fn main() {}
+//! Relay throughput and latency: a direct TCP connection to a (fake) node
+//! against the same traffic through distproxy's router, measured in one run
+//! on loopback and reported as ratios to direct (issue 2, "Benches").
+//!
+//! The router runs as the real binary (`distproxy run --config <tmp>`, with
+//! `loopback_lookups = "proxy"`), so the client and the proxy do not share a
+//! runtime or a process. The fake node and the client use blocking sockets,
+//! one thread per connection, identical for both paths: whatever they cost is
+//! in both columns, and the difference is the proxy. Every proxied
+//! connection is set up as a BEAM would: `PORT_PLEASE2_REQ` to the proxy's
+//! EPMD, connect to the announced port, `send_name`, read status and
+//! challenge. A direct connection connects to the node's own port and does
+//! the same handshake.
+//!
+//! Measured:
+//! - bulk one way: the client writes N bytes and half-closes; the node counts
+//!   them and answers with the count; time from first write to answer.
+//!   Median of several runs, direct and proxied runs interleaved.
+//! - bulk both ways: the node echoes; the client writes N bytes on one thread
+//!   and reads the N echoed bytes on another (N each way at once).
+//! - ping-pong: one 64-byte message, echoed, read back; per-round-trip times,
+//!   p50 and p99, in interleaved blocks.
+//! - idle connections: RSS and open files of the proxy process before and
+//!   after opening many relayed connections that have each carried one
+//!   ping-pong (kernel socket and pipe buffers are not in RSS).
+//!
+//! Usage:
+//!   cargo bench --bench relay                full run (about a minute on 2 CPUs)
+//!   cargo bench --bench relay -- --quick     shorter (or RELAY_BENCH_QUICK=1)
+//! Without `--bench` (as `cargo test --benches` runs it) it does a smoke run
+//! of well under a second with tiny sizes, to check that it works.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use distproxy::client;
+use distproxy::dist::handshake::{self, Challenge, SendName, Status};
+use distproxy::epmd::proto::{NodeSpec, Port2Reply};
+
+const NODE: &str = "bench";
+const MSG: usize = 64;
+const CHUNK: usize = 256 * 1024;
+
+/// Sizes for one kind of run.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    label: &'static str,
+    bulk_bytes: u64,
+    bulk_runs: usize,
+    bidir_bytes: u64,
+    bidir_runs: usize,
+    pingpong_iters: usize,
+    pingpong_blocks: usize,
+    idle_conns: usize,
+}
+
+const FULL: Plan = Plan {
+    label: "full",
+    bulk_bytes: 512 << 20,
+    bulk_runs: 5,
+    bidir_bytes: 256 << 20,
+    bidir_runs: 3,
+    pingpong_iters: 50_000,
+    pingpong_blocks: 5,
+    idle_conns: 1000,
+};
+
+const QUICK: Plan = Plan {
+    label: "quick",
+    bulk_bytes: 128 << 20,
+    bulk_runs: 3,
+    bidir_bytes: 64 << 20,
+    bidir_runs: 3,
+    pingpong_iters: 20_000,
+    pingpong_blocks: 4,
+    idle_conns: 200,
+};
+
+const SMOKE: Plan = Plan {
+    label: "smoke (run with --bench for figures)",
+    bulk_bytes: 4 << 20,
+    bulk_runs: 1,
+    bidir_bytes: 1 << 20,
+    bidir_runs: 1,
+    pingpong_iters: 400,
+    pingpong_blocks: 2,
+    idle_conns: 10,
+};
+
+// ---------------------------------------------------------------- fake node
+
+/// What the node does after the handshake, chosen by the initiator's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Read to EOF, then answer with the byte count (u64, big-endian).
+    Sink,
+    /// Echo everything; half-close after EOF.
+    Echo,
+}
+
+impl Mode {
+    fn initiator(self) -> &'static str {
+        match self {
+            Mode::Sink => "sink@bench.client",
+            Mode::Echo => "echo@bench.client",
+        }
+    }
+}
+
+/// A fake BEAM node: answers the first two handshake frames with its name,
+/// then sinks or echoes. Threads live until the process exits.
+fn start_fake_node() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake node");
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { continue };
+            thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || {
+                    let _ = serve_node_conn(s);
+                })
+                .expect("spawn node thread");
+        }
+    });
+    port
+}
+
+fn serve_node_conn(mut s: TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut buf = BytesMut::with_capacity(512);
+    let mut tmp = [0u8; 512];
+    let send_name = loop {
+        if let Ok(Some((m, _))) = handshake::parse_send_name(&buf) {
+            break m;
+        }
+        let n = s.read(&mut tmp)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let mode = if send_name.name.starts_with("sink@") {
+        Mode::Sink
+    } else {
+        Mode::Echo
+    };
+    let mut out = BytesMut::new();
+    handshake::encode_status(&mut out, &Status::Ok);
+    handshake::encode_challenge(
+        &mut out,
+        &Challenge {
+            name: format!("{NODE}@fake.host"),
+            flags: 0x0d07_df7f_bd,
+            challenge: 0x1234_5678,
+            creation: Some(77),
+        },
+    );
+    s.write_all(&out)?;
+    let mut data = vec![0u8; CHUNK];
+    match mode {
+        Mode::Sink => {
+            let mut total = 0u64;
+            loop {
+                let n = s.read(&mut data)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            s.write_all(&total.to_be_bytes())?;
+            s.shutdown(Shutdown::Write)?;
+        }
+        Mode::Echo => {
+            loop {
+                let n = s.read(&mut data)?;
+                if n == 0 {
+                    break;
+                }
+                s.write_all(&data[..n])?;
+            }
+            s.shutdown(Shutdown::Write)?;
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------- proxy
+
+/// The distproxy binary, killed on drop.
+struct Proxy {
+    child: Child,
+    epmd: SocketAddr,
+    dist: SocketAddr,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("pick a free port")
+        .port()
+}
+
+fn start_proxy() -> Proxy {
+    // Never 4369: a real EPMD may be running.
+    let (epmd_port, dist_port) = loop {
+        let (a, b) = (free_port(), free_port());
+        if a != b && a != 4369 && b != 4369 {
+            break (a, b);
+        }
+    };
+    let epmd: SocketAddr = ([127, 0, 0, 1], epmd_port).into();
+    let dist: SocketAddr = ([127, 0, 0, 1], dist_port).into();
+    let mut config = tempfile::NamedTempFile::new().expect("temp config");
+    write!(
+        config,
+        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n\n\
+         [routing]\nloopback_lookups = \"proxy\"\n"
+    )
+    .unwrap();
+    config.flush().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_distproxy"))
+        .arg("run")
+        .arg("--config")
+        .arg(config.path())
+        .env("DISTPROXY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start distproxy");
+    let mut proxy = Proxy {
+        child,
+        epmd,
+        dist,
+        _config: config,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Both listeners are bound before either serves: a NAMES_REQ answered
+    // means the dist port is ready too.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    while rt.block_on(client::names(epmd)).is_err() {
+        if let Ok(Some(status)) = proxy.child.try_wait() {
+            panic!("distproxy exited at start-up: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "distproxy did not start listening"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    proxy
+}
+
+/// A field of /proc/<pid>/status in kB (Linux only; 0 elsewhere).
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+// ------------------------------------------------------------------ client
+
+/// How the client reaches the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Direct,
+    Proxy,
+}
+
+struct Setup {
+    rt: tokio::runtime::Runtime,
+    node_port: u16,
+    proxy: Proxy,
+    /// Keeps the node registered.
+    _registration: tokio::net::TcpStream,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let node_port = start_fake_node();
+        let proxy = start_proxy();
+        let spec = NodeSpec {
+            port: node_port,
+            node_type: 77,
+            protocol: 0,
+            highest_version: 6,
+            lowest_version: 5,
+            name: NODE.to_string(),
+            extra: Bytes::new(),
+        };
+        let (registration, _) = rt
+            .block_on(client::register(proxy.epmd, spec))
+            .expect("register the fake node with distproxy");
+        Setup {
+            rt,
+            node_port,
+            proxy,
+            _registration: registration,
+        }
+    }
+
+    /// A connection to the node with the handshake's first frames done.
+    fn connect(&self, path: Path, mode: Mode) -> TcpStream {
+        let addr: SocketAddr = match path {
+            Path::Direct => ([127, 0, 0, 1], self.node_port).into(),
+            Path::Proxy => {
+                let port = match self.rt.block_on(client::port_please(self.proxy.epmd, NODE)) {
+                    Ok(Port2Reply::Found(spec)) => spec.port,
+                    other => panic!("lookup of {NODE} through distproxy: {other:?}"),
+                };
+                assert_eq!(
+                    port,
+                    self.proxy.dist.port(),
+                    "lookup answered the proxy port"
+                );
+                ([127, 0, 0, 1], port).into()
+            }
+        };
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_nodelay(true).unwrap();
+        let mut out = BytesMut::new();
+        handshake::encode_send_name(
+            &mut out,
+            &SendName {
+                name: mode.initiator().to_string(),
+                flags: 0x0d07_df7f_bd,
+                creation: Some(1234),
+                version: None,
+            },
+        );
+        s.write_all(&out).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = BytesMut::new();
+        let mut tmp = [0u8; 512];
+        let mut status_len = None;
+        loop {
+            if status_len.is_none() {
+                if let Ok(Some((_, n))) = handshake::parse_status(&buf) {
+                    status_len = Some(n);
+                }
+            }
+            if let Some(sl) = status_len {
+                if let Ok(Some((c, n))) = handshake::parse_challenge(&buf[sl..]) {
+                    assert_eq!(c.name, format!("{NODE}@fake.host"), "answered by the node");
+                    assert_eq!(sl + n, buf.len(), "no bytes after the challenge");
+                    break;
+                }
+            }
+            let n = s.read(&mut tmp).expect("handshake reply");
+            assert!(n > 0, "closed during the handshake ({path:?})");
+            buf.extend_from_slice(&tmp[..n]);
+        }
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    }
+}
+
+fn pattern() -> Vec<u8> {
+    (0..CHUNK).map(|i| (i % 251) as u8).collect()
+}
+
+fn write_n(s: &mut TcpStream, total: u64, data: &[u8]) {
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(data.len() as u64) as usize;
+        s.write_all(&data[..n]).expect("bulk write");
+        left -= n as u64;
+    }
+}
+
+/// One-way bulk transfer; seconds from first write to the node's count.
+fn bulk_one_way(setup: &Setup, path: Path, bytes: u64) -> f64 {
+    let mut s = setup.connect(path, Mode::Sink);
+    let data = pattern();
+    let t0 = Instant::now();
+    write_n(&mut s, bytes, &data);
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).expect("count from the node");
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(
+        u64::from_be_bytes(count),
+        bytes,
+        "node got every byte ({path:?})"
+    );
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "EOF after the count ({path:?})");
+    secs
+}
+
+/// `bytes` each way at once through an echoing node; seconds until the
+/// last echoed byte and EOF.
+fn bulk_both_ways(setup: &Setup, path: Path, bytes: u64) -> f64 {
+    let s = setup.connect(path, Mode::Echo);
+    let mut w = s.try_clone().unwrap();
+    let mut r = s;
+    let t0 = Instant::now();
+    let writer = thread::spawn(move || {
+        write_n(&mut w, bytes, &pattern());
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    loop {
+        let n = r.read(&mut buf).expect("echo read");
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    writer.join().unwrap();
+    assert_eq!(got, bytes, "every byte echoed ({path:?})");
+    secs
+}
+
+/// Round-trip times in nanoseconds of `iters` 64-byte ping-pongs.
+fn ping_pong(setup: &Setup, path: Path, iters: usize, out: &mut Vec<u64>) {
+    let mut s = setup.connect(path, Mode::Echo);
+    let mut msg = [0u8; MSG];
+    let mut back = [0u8; MSG];
+    for i in 0..(iters / 10).max(100) {
+        msg[0] = i as u8;
+        s.write_all(&msg).unwrap();
+        s.read_exact(&mut back).unwrap();
+    }
+    for i in 0..iters {
+        msg[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let t0 = Instant::now();
+        s.write_all(&msg).unwrap();
+        s.read_exact(&mut back).unwrap();
+        out.push(t0.elapsed().as_nanos() as u64);
+        debug_assert_eq!(msg, back);
+    }
+    assert_eq!(msg, back, "echoed intact ({path:?})");
+}
+
+/// Proxy RSS (bytes) and open files per idle relayed connection.
+fn idle_cost(setup: &Setup, conns: usize) -> (f64, f64) {
+    let pid = setup.proxy.child.id();
+    thread::sleep(Duration::from_millis(200));
+    let (rss0, fds0) = (proc_status_kb(pid, "VmRSS:"), open_fds(pid));
+    let mut held = Vec::with_capacity(conns);
+    let mut msg = [7u8; MSG];
+    for _ in 0..conns {
+        let mut s = setup.connect(Path::Proxy, Mode::Echo);
+        s.write_all(&msg).unwrap();
+        s.read_exact(&mut msg).unwrap();
+        held.push(s);
+    }
+    thread::sleep(Duration::from_millis(300));
+    let (rss1, fds1) = (proc_status_kb(pid, "VmRSS:"), open_fds(pid));
+    drop(held);
+    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / conns as f64;
+    (per(rss0, rss1) * 1024.0, per(fds0 as u64, fds1 as u64))
+}
+
+// ----------------------------------------------------------------- figures
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
+    let idx = ((sorted_ns.len() as f64 - 1.0) * p).round() as usize;
+    sorted_ns[idx] as f64 / 1000.0
+}
+
+fn mb_per_s(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / 1e6 / secs
+}
+
+struct Row {
+    what: String,
+    direct: Option<f64>,
+    proxy: f64,
+    ratio: bool,
+    note: String,
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<36} {:>10} {:>10} {:>9}  {}",
+        "metric", "direct", "proxy", "ratio", "note"
+    );
+    println!("{}", "-".repeat(92));
+    for r in rows {
+        let direct = r.direct.map_or("-".to_string(), |d| format!("{d:.1}"));
+        let ratio = match r.direct {
+            Some(d) if r.ratio && d > 0.0 => format!("{:.2}x", r.proxy / d),
+            _ => "-".to_string(),
+        };
+        println!(
+            "{:<36} {:>10} {:>10.1} {:>9}  {}",
+            r.what, direct, r.proxy, ratio, r.note
+        );
+    }
+}
+
+fn spread(v: &[f64]) -> String {
+    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().cloned().fold(0.0, f64::max);
+    format!("{}: {lo:.0}..{hi:.0}", v.len())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let benching = args.iter().any(|a| a == "--bench");
+    let quick = args.iter().any(|a| a == "--quick")
+        || std::env::var("RELAY_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let plan = match (benching, quick) {
+        (false, _) => SMOKE,
+        (true, true) => QUICK,
+        (true, false) => FULL,
+    };
+    let started = Instant::now();
+    let setup = Setup::new();
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "relay bench, {} run: loopback, {cpus} CPUs, proxy = {} (pid {})",
+        plan.label,
+        env!("CARGO_BIN_EXE_distproxy"),
+        setup.proxy.child.id()
+    );
+    let paths = [Path::Direct, Path::Proxy];
+    let mut rows = Vec::new();
+
+    // Bulk one way, interleaved runs.
+    let mut one_way = [Vec::new(), Vec::new()];
+    for _ in 0..plan.bulk_runs {
+        for (i, &p) in paths.iter().enumerate() {
+            let secs = bulk_one_way(&setup, p, plan.bulk_bytes);
+            one_way[i].push(mb_per_s(plan.bulk_bytes, secs));
+        }
+    }
+    let note = format!(
+        "median of {}; proxy runs {}",
+        plan.bulk_runs,
+        spread(&one_way[1])
+    );
+    let [mut d, mut p] = one_way;
+    let (bulk_d, bulk_p) = (median(&mut d), median(&mut p));
+    rows.push(Row {
+        what: format!("bulk one way {} MiB (MB/s)", plan.bulk_bytes >> 20),
+        direct: Some(bulk_d),
+        proxy: bulk_p,
+        ratio: true,
+        note,
+    });
+
+    // Bulk both ways at once.
+    let mut both = [Vec::new(), Vec::new()];
+    for _ in 0..plan.bidir_runs {
+        for (i, &p) in paths.iter().enumerate() {
+            let secs = bulk_both_ways(&setup, p, plan.bidir_bytes);
+            both[i].push(mb_per_s(plan.bidir_bytes, secs));
+        }
+    }
+    let note = format!(
+        "median of {}; proxy runs {}",
+        plan.bidir_runs,
+        spread(&both[1])
+    );
+    let [mut d, mut p] = both;
+    rows.push(Row {
+        what: format!(
+            "bulk both ways {} MiB each (MB/s each)",
+            plan.bidir_bytes >> 20
+        ),
+        direct: Some(median(&mut d)),
+        proxy: median(&mut p),
+        ratio: true,
+        note,
+    });
+
+    // Ping-pong, interleaved blocks.
+    let mut rtts: [Vec<u64>; 2] = [
+        Vec::with_capacity(plan.pingpong_iters),
+        Vec::with_capacity(plan.pingpong_iters),
+    ];
+    let block = plan.pingpong_iters.div_ceil(plan.pingpong_blocks);
+    for _ in 0..plan.pingpong_blocks {
+        for (i, &p) in paths.iter().enumerate() {
+            ping_pong(&setup, p, block, &mut rtts[i]);
+        }
+    }
+    for v in rtts.iter_mut() {
+        v.sort_unstable();
+    }
+    let n = rtts[0].len();
+    let p50 = [percentile_us(&rtts[0], 0.50), percentile_us(&rtts[1], 0.50)];
+    let p99 = [percentile_us(&rtts[0], 0.99), percentile_us(&rtts[1], 0.99)];
+    rows.push(Row {
+        what: format!("ping-pong {MSG} B p50 (us)"),
+        direct: Some(p50[0]),
+        proxy: p50[1],
+        ratio: true,
+        note: format!("{n} round trips each"),
+    });
+    rows.push(Row {
+        what: format!("ping-pong {MSG} B p99 (us)"),
+        direct: Some(p99[0]),
+        proxy: p99[1],
+        ratio: true,
+        note: String::new(),
+    });
+    let added = p50[1] - p50[0];
+    rows.push(Row {
+        what: "added p50 latency (us)".into(),
+        direct: None,
+        proxy: added,
+        ratio: false,
+        note: "proxy p50 - direct p50".into(),
+    });
+
+    // Idle connections.
+    let (rss, fds) = idle_cost(&setup, plan.idle_conns);
+    rows.push(Row {
+        what: "proxy RSS per idle conn (KiB)".into(),
+        direct: None,
+        proxy: rss / 1024.0,
+        ratio: false,
+        note: format!("{} conns, each after one ping-pong", plan.idle_conns),
+    });
+    rows.push(Row {
+        what: "proxy open files per idle conn".into(),
+        direct: None,
+        proxy: fds,
+        ratio: false,
+        note: String::new(),
+    });
+
+    println!();
+    print_table(&rows);
+    let ratio = bulk_p / bulk_d;
+    println!();
+    println!(
+        "targets: bulk throughput >= 0.5x direct: {:.2}x {}; added p50 latency <= 15 us: {:.1} us {}",
+        ratio,
+        if ratio >= 0.5 { "MET" } else { "MISSED" },
+        added,
+        if added <= 15.0 { "MET" } else { "MISSED" },
+    );
+    println!("elapsed {:.1} s", started.elapsed().as_secs_f64());
+}

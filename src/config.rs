@@ -41,6 +41,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -331,6 +333,7 @@ impl Config {
             }
         }
         self.tls.validate()?;
+        self.tunnel.validate()?;
         Ok(())
     }
 
@@ -466,7 +469,11 @@ impl TlsConfig {
             ("tls.key_file", &self.key_file),
             ("tls.ca_file", &self.ca_file),
         ];
-        let set: Vec<&str> = files.iter().filter(|f| f.1.is_some()).map(|f| f.0).collect();
+        let set: Vec<&str> = files
+            .iter()
+            .filter(|f| f.1.is_some())
+            .map(|f| f.0)
+            .collect();
         if !set.is_empty() && set.len() < files.len() {
             let (missing, _) = files.iter().find(|f| f.1.is_none()).expect("one is unset");
             return invalid(
@@ -505,6 +512,125 @@ impl TlsConfig {
             }
             if value > 3_600_000 {
                 return invalid(key, "must be at most 3600000 (one hour)".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[tunnel]`: the sidecar-to-sidecar path. Outbound, local nodes started
+/// with `-epmd_module distproxy_epmd` ask for a loopback egress port per
+/// remote node; connections to it are carried to the remote pod's sidecar
+/// with a preamble naming the target (`src/tunnel/`). Inbound preamble
+/// connections need no configuration: they are always routed by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// Answer egress requests. When off, they get "refused" and the Erlang
+    /// module falls back to stock `erl_epmd` behaviour.
+    #[serde(default = "default_tunnel_egress")]
+    pub egress: bool,
+    /// The distribution port of remote sidecars (their `dist.listen` port,
+    /// or what their Service maps to it).
+    #[serde(default = "default_tunnel_remote_port")]
+    pub remote_port: u16,
+    /// An egress listener with no open connection and no request for this
+    /// long is closed; the next request opens a new one.
+    #[serde(default = "default_egress_idle_timeout_ms")]
+    pub egress_idle_timeout_ms: u64,
+    /// Egress listeners (one per remote node) open at once; requests beyond
+    /// get "unavailable" and fall back.
+    #[serde(default = "default_max_egress_listeners")]
+    pub max_egress_listeners: usize,
+    /// Deadline for resolving a remote node's host.
+    #[serde(default = "default_resolve_timeout_ms")]
+    pub resolve_timeout_ms: u64,
+    /// Deadline for connecting to the remote sidecar (all of its addresses).
+    #[serde(default = "default_tunnel_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Deadline for sending the preamble (outbound) and for receiving it
+    /// (inbound, after the first byte).
+    #[serde(default = "default_preamble_timeout_ms")]
+    pub preamble_timeout_ms: u64,
+}
+
+fn default_tunnel_egress() -> bool {
+    true
+}
+fn default_tunnel_remote_port() -> u16 {
+    43691
+}
+fn default_egress_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_max_egress_listeners() -> usize {
+    1024
+}
+fn default_resolve_timeout_ms() -> u64 {
+    5_000
+}
+fn default_tunnel_connect_timeout_ms() -> u64 {
+    3_000
+}
+fn default_preamble_timeout_ms() -> u64 {
+    5_000
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            egress: default_tunnel_egress(),
+            remote_port: default_tunnel_remote_port(),
+            egress_idle_timeout_ms: default_egress_idle_timeout_ms(),
+            max_egress_listeners: default_max_egress_listeners(),
+            resolve_timeout_ms: default_resolve_timeout_ms(),
+            connect_timeout_ms: default_tunnel_connect_timeout_ms(),
+            preamble_timeout_ms: default_preamble_timeout_ms(),
+        }
+    }
+}
+
+impl TunnelConfig {
+    pub fn egress_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.egress_idle_timeout_ms)
+    }
+    pub fn resolve_timeout(&self) -> Duration {
+        Duration::from_millis(self.resolve_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn preamble_timeout(&self) -> Duration {
+        Duration::from_millis(self.preamble_timeout_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.remote_port == 0 {
+            return invalid(
+                "tunnel.remote_port",
+                "must be a port number from 1 to 65535",
+            );
+        }
+        if self.max_egress_listeners == 0 {
+            return invalid("tunnel.max_egress_listeners", "must be greater than 0");
+        }
+        for (key, value) in [
+            ("tunnel.egress_idle_timeout_ms", self.egress_idle_timeout_ms),
+            ("tunnel.resolve_timeout_ms", self.resolve_timeout_ms),
+            ("tunnel.connect_timeout_ms", self.connect_timeout_ms),
+            ("tunnel.preamble_timeout_ms", self.preamble_timeout_ms),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than 0");
+            }
+            if value > 3_600_000 {
+                return invalid(key, "must be at most 3600000 (one hour)");
             }
         }
         Ok(())
@@ -597,6 +723,51 @@ mod tests {
         c.admin.ready_nodes = vec!["a".into()];
         let back = Config::from_toml(&c.to_toml(), "rendered").unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn tunnel_section_defaults_and_errors() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert!(c.tunnel.egress);
+        assert_eq!(c.tunnel.remote_port, 43691);
+        assert_eq!(c.tunnel.egress_idle_timeout_ms, 60_000);
+        assert_eq!(c.tunnel.max_egress_listeners, 1024);
+        let c = Config::from_toml(
+            "[tunnel]\negress = false\nremote_port = 5000\nresolve_timeout_ms = 250\n",
+            "t",
+        )
+        .unwrap();
+        assert!(!c.tunnel.egress);
+        assert_eq!(c.tunnel.remote_port, 5000);
+        assert_eq!(c.tunnel.resolve_timeout(), Duration::from_millis(250));
+        for (toml, key) in [
+            ("[tunnel]\nremote_port = 0\n", "tunnel.remote_port"),
+            (
+                "[tunnel]\nmax_egress_listeners = 0\n",
+                "tunnel.max_egress_listeners",
+            ),
+            (
+                "[tunnel]\negress_idle_timeout_ms = 0\n",
+                "tunnel.egress_idle_timeout_ms",
+            ),
+            (
+                "[tunnel]\nconnect_timeout_ms = 3600001\n",
+                "tunnel.connect_timeout_ms",
+            ),
+            (
+                "[tunnel]\npreamble_timeout_ms = 0\n",
+                "tunnel.preamble_timeout_ms",
+            ),
+            (
+                "[tunnel]\nresolve_timeout_ms = 0\n",
+                "tunnel.resolve_timeout_ms",
+            ),
+            ("[tunnel]\nremote_prot = 1\n", "remote_prot"),
+            ("[tunnel]\nremote_port = 70000\n", "remote_port"),
+        ] {
+            let err = Config::from_toml(toml, "t").unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

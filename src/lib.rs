@@ -11,6 +11,10 @@
 //!   route, verify), [`dist::relay`] (opaque byte copying).
 //! - [`server`]: binding and wiring; [`config`]: configuration;
 //!   [`metrics`]: metric names; [`client`]: small EPMD client (`names`).
+//! - [`tunnel`]: sidecar-to-sidecar connections routed exactly by a
+//!   preamble — [`tunnel::preamble`] (no I/O), [`tunnel::egress`] (loopback
+//!   egress listeners for local nodes), [`tunnel::resolve`] (hickory),
+//!   [`tunnel::tls`] (mutual TLS).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -20,3 +24,4 @@ pub mod dist;
 pub mod epmd;
 pub mod metrics;
 pub mod server;
+pub mod tunnel;

@@ -36,6 +36,8 @@ pub struct Shared {
     /// Renders `/metrics`; `None` when no Prometheus recorder is installed.
     pub prometheus: Option<PrometheusHandle>,
     pub open_connections: Arc<OpenConnections>,
+    /// Tunnel egress listeners (one per remote node) and their resolver.
+    pub egress: crate::tunnel::egress::EgressManager,
 }
 
 /// Relayed connections per local node, for `/nodes`.
@@ -190,6 +192,7 @@ impl Sidecar {
             dist_permits: Arc::new(Semaphore::new(config.dist.max_connections)),
             prometheus,
             open_connections: Arc::default(),
+            egress: crate::tunnel::egress::EgressManager::new(),
             config,
         });
         if let Some(path) = shared.config.epmd.state_file.clone() {

@@ -12,10 +12,9 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use support::{e2e_enabled, BeamNode, Pod, DIST_PORT, EPMD_PORT};
+use support::{e2e_enabled, BeamNode, Daemon, Pod, DIST_PORT, EPMD_PORT};
 
 /// Size of the bulk transfers.
 const BLOB_SIZE: usize = 32 * 1024 * 1024;
@@ -54,8 +53,8 @@ fn every_node_reaches_every_other_node_through_the_sidecars() {
     let names: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
 
     // Nothing but the sidecar is reachable from outside a sidecar pod.
-    assert_only_sidecar_ports_exposed(a);
-    assert_only_sidecar_ports_exposed(b);
+    assert_only_the_sidecar_listens_beyond_loopback(a, &sidecar_a, 3);
+    assert_only_the_sidecar_listens_beyond_loopback(b, &sidecar_b, 2);
 
     // No connection exists yet: every ping below sets one up (or finds the
     // one its peer is setting up at the same moment).
@@ -107,8 +106,16 @@ fn every_node_reaches_every_other_node_through_the_sidecars() {
     let blob = nodes[5].send_blob(&a3, BLOB_SIZE);
     assert_blob_intact(&blob, "s1", "a3");
 
-    sidecar_a.assert_running();
-    sidecar_b.assert_running();
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        sidecar.assert_running();
+        // The sidecar checks the name in each node's challenge against the
+        // node it routed to; a mismatch is logged with this marker.
+        let misroutes = sidecar.log_lines_containing("MISROUTE");
+        assert!(
+            misroutes.is_empty(),
+            "misrouted connections: {misroutes:#?}"
+        );
+    }
 }
 
 /// A node that halts and starts again under the same name registers anew
@@ -243,7 +250,7 @@ fn names_of_a_sidecar_pod_list_all_its_nodes() {
     }
 
     let pod_a_addr = a.addr().to_string();
-    let out = b.run_ok(support::distproxy_bin(), &["names", "--host", &pod_a_addr]);
+    let out = b.run_ok(&support::distproxy_bin(), &["names", "--host", &pod_a_addr]);
     let listed = parse_epmd_names(&out);
     let listed_names: BTreeSet<String> = listed.iter().map(|(n, _)| n.clone()).collect();
     assert_eq!(
@@ -268,12 +275,13 @@ fn names_of_a_sidecar_pod_list_all_its_nodes() {
 }
 
 /// The harness on its own, without distproxy: two pods with stock epmd, nodes
-/// listening on their pod address. Everything the sidecar tests rely on
-/// (namespaces, hosts files, agent, concurrency, bulk transfer, names,
-/// restart) must work here, so a failure above is the sidecar's.
+/// listening on their pod address, one of them Elixir. Everything the sidecar
+/// tests rely on (namespaces, hosts files, agent, Erlang and Elixir nodes,
+/// concurrency, bulk transfer, names, restart) must work here, so a failure
+/// above is the sidecar's.
 #[test]
 fn harness_works_with_stock_epmd_pods() {
-    if !e2e_enabled("harness_works_with_stock_epmd_pods", &[]) {
+    if !e2e_enabled("harness_works_with_stock_epmd_pods", &["elixir"]) {
         return;
     }
     let lab = support::Lab::new(&["p", "q"]);
@@ -283,21 +291,23 @@ fn harness_works_with_stock_epmd_pods() {
     let mut p1 = p.spawn_erlang("p1");
     let mut p2 = p.spawn_erlang("p2");
     let mut q1 = q.spawn_erlang("q1");
-    for node in [&mut p1, &mut p2, &mut q1] {
+    let mut qe = q.spawn_elixir("qe");
+    for node in [&mut p1, &mut p2, &mut q1, &mut qe] {
         node.wait_ready();
     }
     // Pods are isolated: the hosts file resolves names, addresses are the
     // pods' own, and nothing of the root namespace is listening inside.
     let listeners = p.listening_tcp();
     assert!(
-        listeners.iter().any(|l| l.port() == EPMD_PORT),
+        listeners.iter().any(|l| l.addr.port() == EPMD_PORT),
         "epmd listens in pod p: {listeners:?}"
     );
     let hosts = p.run_ok("getent", &["hosts", q.host()]);
     assert!(hosts.starts_with(&q.addr().to_string()), "getent: {hosts}");
 
-    ping_everyone_at_once(&mut [&mut p1, &mut p2, &mut q1]);
+    ping_everyone_at_once(&mut [&mut p1, &mut p2, &mut q1, &mut qe]);
     assert_eq!(q1.rpc_node(p2.name()), p2.name());
+    assert_eq!(p1.rpc_node(qe.name()), qe.name());
     let blob = p1.send_blob(q1.name(), BLOB_SIZE);
     assert_blob_intact(&blob, "p1", "q1");
 
@@ -375,21 +385,37 @@ fn assert_blob_intact(blob: &support::BlobResult, from: &str, to: &str) {
     eprintln!("{from} -> {to}: 32 MiB intact in {:?}", blob.elapsed);
 }
 
-/// In a sidecar pod, the only sockets listening beyond loopback are the
-/// sidecar's EPMD and distribution ports.
-fn assert_only_sidecar_ports_exposed(pod: &Pod) {
+/// In a sidecar pod, every socket listening beyond loopback is the
+/// sidecar's (EPMD, distribution, admin), and the nodes listen on loopback.
+fn assert_only_the_sidecar_listens_beyond_loopback(pod: &Pod, sidecar: &Daemon, nodes: usize) {
     let listeners = pod.listening_tcp();
-    let exposed: Vec<&SocketAddr> = listeners.iter().filter(|l| !l.ip().is_loopback()).collect();
+    let owned = sidecar.socket_inodes();
+    let foreign: Vec<_> = listeners
+        .iter()
+        .filter(|l| !l.addr.ip().is_loopback() && !owned.contains(&l.inode))
+        .collect();
     assert!(
-        exposed
-            .iter()
-            .all(|l| [EPMD_PORT, DIST_PORT].contains(&l.port())),
-        "pod {} exposes more than the sidecar: {exposed:?} (all: {listeners:?})",
+        foreign.is_empty(),
+        "pod {}: sockets listening beyond loopback that are not the sidecar's: \
+         {foreign:?} (all: {listeners:?})",
         pod.name()
     );
+    for port in [EPMD_PORT, DIST_PORT] {
+        assert!(
+            listeners
+                .iter()
+                .any(|l| l.addr.port() == port && owned.contains(&l.inode)),
+            "pod {}: the sidecar listens on {port}: {listeners:?}",
+            pod.name()
+        );
+    }
+    let on_loopback = listeners
+        .iter()
+        .filter(|l| l.addr.ip().is_loopback() && !owned.contains(&l.inode))
+        .count();
     assert!(
-        listeners.iter().filter(|l| l.ip().is_loopback()).count() >= 1,
-        "pod {}: nodes listen on loopback: {listeners:?}",
+        on_loopback >= nodes,
+        "pod {}: {nodes} nodes listen on loopback: {listeners:?}",
         pod.name()
     );
 }

@@ -100,6 +100,17 @@ pub async fn read_send_name<S: AsyncRead + Unpin>(
         .unwrap_or(Err(FirstFrameError::Timeout))
 }
 
+/// Waits for the connection's first byte without consuming it.
+async fn peek_first_byte(stream: &TcpStream, deadline: Duration) -> Result<u8, FirstFrameError> {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(deadline, stream.peek(&mut byte)).await {
+        Err(_) => Err(FirstFrameError::Timeout),
+        Ok(Ok(0)) => Err(FirstFrameError::Closed(0)),
+        Ok(Ok(_)) => Ok(byte[0]),
+        Ok(Err(e)) => Err(FirstFrameError::Io(e)),
+    }
+}
+
 /// Short name of a full node name (`a1@host` → `a1`), as registered in EPMD.
 pub fn short_name(full: &str) -> &str {
     full.split_once('@').map_or(full, |(n, _)| n)
@@ -110,13 +121,16 @@ pub fn short_name(full: &str) -> &str {
 pub enum RouteMethod {
     Correlated,
     SingleNode,
+    /// Named by a sidecar's tunnel preamble (`crate::tunnel`).
+    Preamble,
 }
 
 impl RouteMethod {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             RouteMethod::Correlated => route::CORRELATED,
             RouteMethod::SingleNode => route::SINGLE_NODE,
+            RouteMethod::Preamble => route::PREAMBLE,
         }
     }
 }
@@ -125,6 +139,39 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let started = Instant::now();
     let peer_ip: IpAddr = peer.ip().to_canonical();
     let _ = stream.set_nodelay(true);
+
+    // First-byte dispatch (DESIGN.md, "Sidecar ↔ sidecar tunnel"): the byte
+    // is peeked, not read, so each path sees the connection from its start.
+    let first = match peek_first_byte(&stream, shared.config.dist.handshake_timeout()).await {
+        Ok(byte) => byte,
+        Err(e) => {
+            let why = match e {
+                FirstFrameError::Timeout => reason::TIMEOUT,
+                _ => reason::PEER_CLOSED,
+            };
+            debug!(%peer, error = %e, "closing distribution connection before its first byte");
+            closed(why);
+            return;
+        }
+    };
+    if first == crate::tunnel::TLS_HANDSHAKE_BYTE {
+        crate::tunnel::accept_tls(stream, peer, started, shared).await;
+        return;
+    }
+    if crate::tunnel::preamble::starts_preamble(first) {
+        crate::tunnel::accept_preamble(
+            stream,
+            peer,
+            crate::tunnel::Transport::Plain,
+            started,
+            shared,
+        )
+        .await;
+        return;
+    }
+    // Otherwise a raw distribution handshake (first byte 0x00..=0x08, or
+    // garbage that read_send_name refuses): routed by correlation.
+
     let mut buf = BytesMut::with_capacity(512);
     let send_name = match read_send_name(
         &mut stream,
@@ -345,5 +392,56 @@ mod tests {
     fn short_names() {
         assert_eq!(short_name("a1@pod-a.example"), "a1");
         assert_eq!(short_name("plain"), "plain");
+    }
+
+    fn node_reply(name: &str) -> BytesMut {
+        let mut out = BytesMut::new();
+        handshake::encode_status(&mut out, &handshake::Status::Ok);
+        handshake::encode_challenge(
+            &mut out,
+            &handshake::Challenge {
+                name: name.to_string(),
+                flags: 0x0d07_df7f_bd,
+                challenge: 42,
+                creation: Some(7),
+            },
+        );
+        out
+    }
+
+    #[tokio::test]
+    async fn name_check_detects_a_misroute_and_keeps_every_byte() {
+        for (answered, want) in [
+            ("a1@pod", NameCheck::Matches),
+            ("a2@pod", NameCheck::Misrouted("a2@pod".into())),
+        ] {
+            let mut reply = node_reply(answered).to_vec();
+            reply.extend_from_slice(b"trailing bytes after the challenge");
+            let (mut node_side, mut ours) = tokio::io::duplex(4096);
+            node_side.write_all(&reply).await.unwrap();
+            let mut buf = BytesMut::new();
+            let got = check_node_name(&mut ours, &mut buf, "a1", Duration::from_secs(1)).await;
+            assert_eq!(got, want);
+            // Everything read so far is kept for forwarding.
+            assert!(reply.starts_with(&buf), "bytes lost");
+            assert!(buf.len() >= node_reply(answered).len());
+        }
+    }
+
+    #[tokio::test]
+    async fn name_check_gives_up_on_a_refusing_or_silent_node() {
+        let (mut node_side, mut ours) = tokio::io::duplex(4096);
+        let mut out = BytesMut::new();
+        handshake::encode_status(&mut out, &handshake::Status::NotAllowed);
+        node_side.write_all(&out).await.unwrap();
+        let mut buf = BytesMut::new();
+        let got = check_node_name(&mut ours, &mut buf, "a1", Duration::from_secs(1)).await;
+        assert!(matches!(got, NameCheck::Unknown(_)), "{got:?}");
+        assert_eq!(&buf[..], &out[..]);
+
+        let (_silent, mut ours) = tokio::io::duplex(64);
+        let mut buf = BytesMut::new();
+        let got = check_node_name(&mut ours, &mut buf, "a1", Duration::from_millis(50)).await;
+        assert!(matches!(got, NameCheck::Unknown(_)), "{got:?}");
     }
 }

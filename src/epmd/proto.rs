@@ -41,6 +41,42 @@ pub const KILL_REQ: u8 = b'k';
 /// Unregister a node by name (`epmd -stop`).
 pub const STOP_REQ: u8 = b's';
 
+/// distproxy's own request (`'E'`, 0x45): "give me a loopback egress port
+/// for the remote node `Name@Host`". Sent by `deploy/erlang/distproxy_epmd.erl`
+/// from `address_please/3`, from local peers only (like `ALIVE2_REQ`).
+///
+/// Request body: the tag, then the remote node's full name (UTF-8, the rest
+/// of the body, the rules of [`validate_name`]). Reply (no length prefix,
+/// always six bytes, then the connection is closed):
+///
+/// ```text
+/// 'e' (0x65) | Result u8 | EgressPort u16 | Version u16
+/// ```
+///
+/// Result 0: connect to `127.0.0.1:EgressPort` and speak distribution
+/// version `Version` (6); otherwise port and version are 0 and the result is
+/// one of [`EGRESS_REFUSED`], [`EGRESS_BAD_NAME`], [`EGRESS_UNAVAILABLE`].
+///
+/// Neither tag is used by OTP: `epmd_int.h` and `erl_epmd.hrl` define
+/// `a Y p n d k s x z y w v` (the last also in the Wireshark dissector), all
+/// lowercase except the long-gone `ALIVE_OK_RESP` `'Y'`. Stock `epmd` closes
+/// the connection on an unknown tag, which is how the Erlang module knows to
+/// fall back to `erl_epmd`.
+pub const DISTPROXY_EGRESS_REQ: u8 = b'E';
+/// Reply to [`DISTPROXY_EGRESS_REQ`].
+pub const DISTPROXY_EGRESS_RESP: u8 = b'e';
+/// Egress result: tunnelling is switched off (`tunnel.egress = false`).
+pub const EGRESS_REFUSED: u8 = 1;
+/// Egress result: the name is not `Name@Host` with both parts non-empty.
+pub const EGRESS_BAD_NAME: u8 = 2;
+/// Egress result: no egress listener could be had (limit reached, bind failed).
+pub const EGRESS_UNAVAILABLE: u8 = 3;
+/// The distribution version an egress reply announces: 6, the only one OTP 25
+/// and later speak (the tunnel relays whatever the two nodes negotiate).
+pub const EGRESS_DIST_VERSION: u16 = 6;
+/// Length of a [`DISTPROXY_EGRESS_RESP`].
+pub const EGRESS_RESP_LEN: usize = 6;
+
 /// `NodeType` of a normal (visible) Erlang node.
 pub const NODE_TYPE_NORMAL: u8 = 77;
 /// `NodeType` of a hidden node or C node.
@@ -83,11 +119,19 @@ pub struct NodeSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Alive2(NodeSpec),
-    PortPlease2 { name: String },
+    PortPlease2 {
+        name: String,
+    },
     Names,
     Dump,
     Kill,
-    Stop { name: String },
+    Stop {
+        name: String,
+    },
+    /// [`DISTPROXY_EGRESS_REQ`]: the full name of a node in another pod.
+    Egress {
+        node: String,
+    },
 }
 
 /// A request or reply that cannot be decoded.
@@ -158,6 +202,9 @@ impl Request {
             NAMES_REQ => Ok(Request::Names),
             DUMP_REQ => Ok(Request::Dump),
             KILL_REQ => Ok(Request::Kill),
+            DISTPROXY_EGRESS_REQ => Ok(Request::Egress {
+                node: validate_name(rest)?.to_owned(),
+            }),
             other => Err(ProtoError::UnknownTag(other)),
         }
     }
@@ -190,6 +237,10 @@ impl Request {
             Request::Stop { name } => {
                 dst.put_u8(STOP_REQ);
                 dst.put_slice(clamp(name.as_bytes(), MAX_NAME_BYTES));
+            }
+            Request::Egress { node } => {
+                dst.put_u8(DISTPROXY_EGRESS_REQ);
+                dst.put_slice(clamp(node.as_bytes(), MAX_NAME_BYTES));
             }
         }
         // The body is at most MAX_REQUEST_LEN bytes, so it fits.
@@ -318,6 +369,47 @@ pub fn encode_dump_line(dst: &mut BytesMut, name: &str, port: u16, fd: i64) {
         dst,
         "active name     <{name}> at port {port}, fd = {fd}\n\0"
     );
+}
+
+/// A [`DISTPROXY_EGRESS_RESP`]: `result` 0 with the egress port and
+/// [`EGRESS_DIST_VERSION`], or a nonzero result with port and version 0.
+pub fn encode_egress_resp(dst: &mut BytesMut, result: u8, port: u16) {
+    let (port, version) = if result == 0 {
+        (port, EGRESS_DIST_VERSION)
+    } else {
+        (0, 0)
+    };
+    dst.put_u8(DISTPROXY_EGRESS_RESP);
+    dst.put_u8(result);
+    dst.put_u16(port);
+    dst.put_u16(version);
+}
+
+/// A decoded [`DISTPROXY_EGRESS_RESP`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressReply {
+    pub result: u8,
+    pub port: u16,
+    pub version: u16,
+}
+
+/// Decodes a [`DISTPROXY_EGRESS_RESP`] at the start of `buf`: `Ok(None)`
+/// while it is incomplete.
+pub fn decode_egress_resp(buf: &[u8]) -> Result<Option<(EgressReply, usize)>, ProtoError> {
+    complete(buf, |b| {
+        let [tag] = take_array(b, "reply tag")?;
+        if tag != DISTPROXY_EGRESS_RESP {
+            return Err(ProtoError::UnknownReplyTag(tag));
+        }
+        let [result] = take_array(b, "result")?;
+        let port = u16::from_be_bytes(take_array(b, "egress port")?);
+        let version = u16::from_be_bytes(take_array(b, "version")?);
+        Ok(EgressReply {
+            result,
+            port,
+            version,
+        })
+    })
 }
 
 /// A decoded `PORT2_RESP`.
@@ -667,6 +759,9 @@ mod tests {
             Request::Dump,
             Request::Kill,
             Request::Stop { name: "c3".into() },
+            Request::Egress {
+                node: "b1@pod-b.dp.test".into(),
+            },
         ] {
             let mut dst = BytesMut::new();
             req.encode(&mut dst);
@@ -781,6 +876,72 @@ mod tests {
     }
 
     #[test]
+    fn egress_request_fixture() {
+        let wire = b"\x00\x09Eb1@pod-b";
+        let mut dst = BytesMut::new();
+        Request::Egress {
+            node: "b1@pod-b".into(),
+        }
+        .encode(&mut dst);
+        assert_eq!(&dst[..], wire);
+        assert_eq!(
+            Request::decode(&wire[2..]),
+            Ok(Request::Egress {
+                node: "b1@pod-b".into()
+            })
+        );
+        // The name rules of every other request apply; the `@` is the
+        // server's business (it answers EGRESS_BAD_NAME).
+        assert_eq!(
+            Request::decode(b"E"),
+            Err(ProtoError::InvalidName(NameError::Empty))
+        );
+        assert_eq!(
+            Request::decode(b"Eb\0@h"),
+            Err(ProtoError::InvalidName(NameError::NulByte))
+        );
+        assert_eq!(
+            Request::decode(b"E\xc3"),
+            Err(ProtoError::InvalidName(NameError::NotUtf8))
+        );
+        let mut long = b"E".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 256));
+        assert_eq!(
+            Request::decode(&long),
+            Err(ProtoError::InvalidName(NameError::TooLong { chars: 256 }))
+        );
+        assert_eq!(
+            Request::decode(b"Eno-host"),
+            Ok(Request::Egress {
+                node: "no-host".into()
+            })
+        );
+    }
+
+    #[test]
+    fn egress_replies() {
+        let mut dst = BytesMut::new();
+        encode_egress_resp(&mut dst, 0, 40001);
+        assert_eq!(&dst[..], &[b'e', 0, 0x9c, 0x41, 0, 6]);
+        let ok = EgressReply {
+            result: 0,
+            port: 40001,
+            version: 6,
+        };
+        assert_eq!(decode_egress_resp(&dst), Ok(Some((ok, EGRESS_RESP_LEN))));
+        for i in 0..EGRESS_RESP_LEN {
+            assert_eq!(decode_egress_resp(&dst[..i]), Ok(None), "prefix {i}");
+        }
+        let mut dst = BytesMut::new();
+        encode_egress_resp(&mut dst, EGRESS_BAD_NAME, 40001);
+        assert_eq!(&dst[..], &[b'e', 2, 0, 0, 0, 0]);
+        assert_eq!(
+            decode_egress_resp(b"w\x01"),
+            Err(ProtoError::UnknownReplyTag(b'w'))
+        );
+    }
+
+    #[test]
     fn names_and_dump_text() {
         let mut dst = BytesMut::new();
         encode_names_header(&mut dst, 4369);
@@ -836,6 +997,8 @@ mod tests {
             b"za1",
             b"n",
             b"\x76\x00\x00\x00\x00\x01",
+            b"Eb1@pod-b",
+            b"e\x00\x9c\x41\x00\x06",
         ];
         for i in 0..50_000 {
             let mut input = rng.bytes(64);
@@ -852,6 +1015,9 @@ mod tests {
                 assert!(used <= input.len());
             }
             if let Ok(Some((_, used))) = decode_alive2_resp(&input) {
+                assert!(used <= input.len());
+            }
+            if let Ok(Some((_, used))) = decode_egress_resp(&input) {
                 assert!(used <= input.len());
             }
             let _ = parse_names(&String::from_utf8_lossy(&input));

@@ -202,7 +202,11 @@ impl Registry {
     /// `epmd` lists them).
     pub fn list(&self) -> Vec<NodeEntry> {
         let inner = self.lock();
-        let mut v: Vec<(u64, NodeEntry)> = inner.live.values().map(|s| (s.id, s.entry.clone())).collect();
+        let mut v: Vec<(u64, NodeEntry)> = inner
+            .live
+            .values()
+            .map(|s| (s.id, s.entry.clone()))
+            .collect();
         v.sort_by(|a, b| b.0.cmp(&a.0));
         v.into_iter().map(|(_, e)| e).collect()
     }

@@ -63,6 +63,7 @@ fn request_type(req: &Request) -> &'static str {
         Request::Dump => "dump",
         Request::Kill => "kill",
         Request::Stop { .. } => "stop",
+        Request::Egress { .. } => "egress",
     }
 }
 
@@ -97,7 +98,11 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
 
     if matches!(
         request,
-        Request::Alive2(_) | Request::Dump | Request::Kill | Request::Stop { .. }
+        Request::Alive2(_)
+            | Request::Dump
+            | Request::Kill
+            | Request::Stop { .. }
+            | Request::Egress { .. }
     ) && !local_peer
     {
         warn!(%peer, request = req_type, "epmd request only allowed from local peers; closing");
@@ -153,6 +158,21 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
                 let _ = stream.write_all(&out).await;
                 shared.shutdown.cancel();
                 return;
+            }
+        }
+        Request::Egress { node } => {
+            // distproxy's own request, from `distproxy_epmd:address_please/3`.
+            match crate::tunnel::egress::egress_port(&shared, &node) {
+                Ok(port) => {
+                    debug!(%peer, remote = %node, port, "egress port handed out");
+                    proto::encode_egress_resp(&mut out, 0, port);
+                    count(req_type, "ok");
+                }
+                Err(e) => {
+                    warn!(%peer, remote = %node, error = %e, "egress request refused");
+                    proto::encode_egress_resp(&mut out, e.result(), 0);
+                    count(req_type, e.label());
+                }
             }
         }
         Request::Stop { name } => {

@@ -79,22 +79,46 @@ pub struct BeamNode {
     out_log: PathBuf,
 }
 
+/// Non-default ways to start an Erlang node (added for tests/e2e_tunnel.rs,
+/// see [`Pod::spawn_erlang_with`](super::lab::Pod::spawn_erlang_with)).
+#[derive(Clone, Debug, Default)]
+pub struct ErlangOptions {
+    /// Full node name instead of `short@<pod host>`.
+    pub name: Option<String>,
+    /// Start with `-sname` instead of `-name`.
+    pub short_names: bool,
+    /// Further `erl` arguments, e.g. `-pa DIR -epmd_module distproxy_epmd`.
+    pub extra_args: Vec<String>,
+}
+
 impl BeamNode {
     pub(crate) fn spawn(pod: &Pod, short: &str, kind: NodeKind, epmd: EpmdKind) -> BeamNode {
+        Self::spawn_with(pod, short, kind, epmd, &ErlangOptions::default())
+    }
+
+    pub(crate) fn spawn_with(
+        pod: &Pod,
+        short: &str,
+        kind: NodeKind,
+        epmd: EpmdKind,
+        options: &ErlangOptions,
+    ) -> BeamNode {
         let lab = pod.lab();
-        let name = pod.node_name(short);
+        let name = options.name.clone().unwrap_or_else(|| pod.node_name(short));
+        let name_flag = if options.short_names { "-sname" } else { "-name" };
         // Behind a sidecar the node listens on loopback only, so nothing can
         // reach it from another pod except through the sidecar.
         let loopback_only = epmd == EpmdKind::Sidecar;
         let mut cmd = match kind {
             NodeKind::Erlang => {
                 let mut cmd = pod.command("erl");
-                cmd.args(["-noshell", "-name", &name, "-setcookie", &lab.cookie]);
+                cmd.args(["-noshell", name_flag, &name, "-setcookie", &lab.cookie]);
                 cmd.args(["-start_epmd", "false"]);
                 if loopback_only {
                     cmd.args(["-kernel", "inet_dist_use_interface", "{127,0,0,1}"]);
                 }
                 cmd.args(VM_FLAGS).arg("-pa").arg(&lab.ebin);
+                cmd.args(&options.extra_args);
                 cmd.args(["-s", "dp_test_agent", "start"]);
                 cmd
             }

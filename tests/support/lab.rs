@@ -21,7 +21,7 @@
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use super::beam::{self, BeamNode, NodeKind};
-use super::netstat;
+use super::netstat::{self, Listener};
 use super::process::Proc;
 use super::sidecar::{Daemon, SidecarOptions};
 use super::EPMD_PORT;
@@ -354,7 +354,7 @@ impl Pod {
     }
 
     /// TCP sockets listening in this pod.
-    pub fn listening_tcp(&self) -> Vec<SocketAddr> {
+    pub fn listening_tcp(&self) -> Vec<Listener> {
         let out = self.run("cat", &["/proc/net/tcp", "/proc/net/tcp6"]);
         netstat::parse_listeners(&String::from_utf8_lossy(&out.stdout))
     }
@@ -364,7 +364,7 @@ impl Pod {
     pub fn wait_listening(&self, port: u16, timeout: Duration, mut watch: Option<&mut Proc>) {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.listening_tcp().iter().any(|a| a.port() == port) {
+            if self.listening_tcp().iter().any(|l| l.addr.port() == port) {
                 return;
             }
             if let Some(proc) = watch.as_deref_mut() {
@@ -422,6 +422,13 @@ impl Pod {
     /// does not wait for it (see [`BeamNode::wait_ready`]).
     pub fn spawn_erlang(&self, short: &str) -> BeamNode {
         BeamNode::spawn(self, short, NodeKind::Erlang, self.epmd_kind())
+    }
+
+    /// Starts an Erlang node with non-default options (node name, `-sname`,
+    /// extra `erl` arguments); does not wait for it. Added for
+    /// tests/e2e_tunnel.rs.
+    pub fn spawn_erlang_with(&self, short: &str, options: &beam::ErlangOptions) -> BeamNode {
+        BeamNode::spawn_with(self, short, NodeKind::Erlang, self.epmd_kind(), options)
     }
 
     /// Starts an Erlang node and waits until it is registered and ready.

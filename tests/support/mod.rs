@@ -18,7 +18,7 @@
 //! stderr, node output) and leaves its directory in place.
 
 // Each test binary uses a different subset of the harness.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod beam;
 pub mod lab;
@@ -37,7 +37,11 @@ pub const EPMD_PORT: u16 = 4369;
 /// The sidecar's default distribution port, advertised for every local node.
 pub const DIST_PORT: u16 = 43691;
 
-/// Path of the distproxy binary under test.
-pub fn distproxy_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_distproxy")
+/// Overrides the binary under test (e.g. a release build).
+pub const BIN_VAR: &str = "DISTPROXY_E2E_BIN";
+
+/// Path of the distproxy binary under test: the one Cargo built for this
+/// test run, or `$DISTPROXY_E2E_BIN`.
+pub fn distproxy_bin() -> String {
+    std::env::var(BIN_VAR).unwrap_or_else(|_| env!("CARGO_BIN_EXE_distproxy").to_string())
 }

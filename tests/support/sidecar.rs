@@ -7,6 +7,8 @@ use super::lab::Pod;
 use super::process::Proc;
 use super::{distproxy_bin, DIST_PORT, EPMD_PORT};
 
+/// The sidecar's log filter variable (tracing `EnvFilter` syntax).
+const LOG_VAR: &str = "DISTPROXY_LOG";
 /// How long a daemon may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -19,7 +21,7 @@ pub struct SidecarOptions {
     pub config: Option<String>,
     /// TCP ports that must be listening before the sidecar counts as started.
     pub wait_ports: Vec<u16>,
-    /// `RUST_LOG` for the sidecar (an outer `RUST_LOG` wins).
+    /// Log filter for the sidecar (`DISTPROXY_LOG`; an outer one wins).
     pub log_filter: String,
 }
 
@@ -63,7 +65,7 @@ impl Daemon {
     pub(crate) fn sidecar(pod: &Pod, options: SidecarOptions) -> Daemon {
         let lab = pod.lab();
         let log = lab.file(&format!("{}-sidecar", pod.name()), "log");
-        let mut cmd = pod.command(distproxy_bin());
+        let mut cmd = pod.command(&distproxy_bin());
         cmd.arg("run");
         if let Some(toml) = &options.config {
             let path = lab.file(&format!("{}-sidecar", pod.name()), "toml");
@@ -71,8 +73,8 @@ impl Daemon {
             cmd.arg("--config").arg(&path);
         }
         cmd.args(&options.args);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", &options.log_filter);
+        if std::env::var_os(LOG_VAR).is_none() {
+            cmd.env(LOG_VAR, &options.log_filter);
         }
         let mut proc = spawn_logged(
             &format!("distproxy sidecar in pod {}", pod.name()),
@@ -113,6 +115,26 @@ impl Daemon {
                 self.log()
             );
         }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Inodes of the sockets the daemon holds open (compare with
+    /// [`Listener::inode`](super::netstat::Listener)).
+    pub fn socket_inodes(&self) -> std::collections::HashSet<u64> {
+        super::netstat::socket_inodes(self.proc.pid())
+    }
+
+    /// Log lines containing `needle`.
+    pub fn log_lines_containing(&self, needle: &str) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
     }
 
     /// Kills the daemon.

@@ -1,0 +1,500 @@
+//! End-to-end tests of the sidecar ↔ sidecar tunnel (plain) with real OTP
+//! nodes started with `-pa DIR -epmd_module distproxy_epmd`.
+//!
+//! Nodes listen on 127.0.0.1 only (see `support::lab`), so every byte
+//! between pods passes through the sidecars. The sidecars' own metrics
+//! (`/metrics` on the admin port, read from inside the pod) then show *how*
+//! each connection was routed: through the tunnel preamble, with no EPMD
+//! lookup at all, or by correlation for a node started without the module.
+//!
+//! Needs root, iproute2 and erlang-nox; fails saying so otherwise, unless
+//! `DISTPROXY_SKIP_E2E=1`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use support::beam::ErlangOptions;
+use support::process::Proc;
+use support::{e2e_enabled, BeamNode, Daemon, Lab, Pod};
+
+/// Deadline for the concurrent pings (OTP gives up a connection after 7 s).
+const PING_ALL_TIMEOUT: Duration = Duration::from_secs(40);
+/// The sidecar's admin port (default configuration).
+const ADMIN_PORT: u16 = 9369;
+const MODULE_SRC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/erlang/distproxy_epmd.erl"
+);
+
+/// Compiles `distproxy_epmd.erl` with warnings as errors into the lab.
+fn compile_module(lab: &Lab) -> PathBuf {
+    let ebin = lab.dir().join("tunnel-ebin");
+    compile_erl(MODULE_SRC.as_ref(), &ebin);
+    ebin
+}
+
+fn compile_erl(src: &Path, ebin: &Path) {
+    std::fs::create_dir_all(ebin).unwrap();
+    let out = std::process::Command::new("timeout")
+        .args(["-k", "2", "60", "erlc", "+warnings_as_errors", "-o"])
+        .arg(ebin)
+        .arg(src)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run erlc");
+    assert!(
+        out.status.success(),
+        "erlc +warnings_as_errors {} failed:\n{}{}",
+        src.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The documented flags: `-pa DIR -epmd_module distproxy_epmd`.
+fn with_module(ebin: &Path) -> ErlangOptions {
+    ErlangOptions {
+        extra_args: vec![
+            "-pa".into(),
+            ebin.display().to_string(),
+            "-epmd_module".into(),
+            "distproxy_epmd".into(),
+        ],
+        ..Default::default()
+    }
+}
+
+/// The sidecar's Prometheus text, fetched inside the pod.
+fn metrics(pod: &Pod) -> String {
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{ADMIN_PORT} && \
+         printf 'GET /metrics HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3 && cat <&3"
+    );
+    pod.run_ok("bash", &["-c", &script])
+}
+
+/// Sum of the samples of `name` whose labels include every `key="value"`.
+fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, r)) => (m, r),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            if all {
+                value.parse::<f64>().ok()
+            } else {
+                None
+            }
+        })
+        .sum()
+}
+
+/// Every node pings every other node, all starting at the same instant;
+/// panics on any `pang`.
+fn ping_everyone_at_once(nodes: &mut [BeamNode]) {
+    let names: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
+    let start_at = SystemTime::now() + Duration::from_millis(800);
+    let ids: Vec<u64> = nodes
+        .iter_mut()
+        .map(|node| {
+            let others = others(&names, node.name());
+            node.send_ping_all(&others, start_at)
+        })
+        .collect();
+    let mut failures = Vec::new();
+    let mut answered = 0;
+    for (node, id) in nodes.iter_mut().zip(ids) {
+        for (target, result) in node.recv_pairs(id, PING_ALL_TIMEOUT) {
+            answered += 1;
+            if result != "pong" {
+                failures.push(format!("{} -> {target}: {result}", node.name()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "concurrent pings failed: {failures:#?}");
+    assert_eq!(answered, names.len() * (names.len() - 1), "every pair pinged");
+}
+
+fn others(names: &[String], me: &str) -> Vec<String> {
+    names.iter().filter(|n| *n != me).cloned().collect()
+}
+
+fn assert_no_misroute(sidecar: &mut Daemon) {
+    sidecar.assert_running();
+    let misroutes = sidecar.log_lines_containing("MISROUTE");
+    assert!(
+        misroutes.is_empty(),
+        "misrouted connections: {misroutes:#?}"
+    );
+}
+
+/// Pod A: a1 a2 a3, pod B: b1 b2, all with the helper module. Every node
+/// pings every other at the same instant, rpc answers from the right node
+/// across pods, 8 MiB cross intact. The sidecars' metrics prove the path:
+/// every connection was routed by preamble (intra-pod ones hairpin through
+/// the pod's own sidecar), no EPMD lookup was made at all, nothing was
+/// routed by correlation. Then a node without the module (a9) reaches b1 on
+/// the same distribution port by correlation, as before.
+#[test]
+fn tunnel_carries_every_pair_exactly_between_two_sidecar_pods() {
+    if !e2e_enabled(
+        "tunnel_carries_every_pair_exactly_between_two_sidecar_pods",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+
+    let opts = with_module(&ebin);
+    let mut nodes = vec![
+        a.spawn_erlang_with("a1", &opts),
+        a.spawn_erlang_with("a2", &opts),
+        a.spawn_erlang_with("a3", &opts),
+        b.spawn_erlang_with("b1", &opts),
+        b.spawn_erlang_with("b2", &opts),
+    ];
+    for node in &mut nodes {
+        node.wait_ready();
+    }
+    let names: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
+    for node in &mut nodes {
+        let me = node.name().to_string();
+        assert_eq!(
+            node.rpc(&me, "net_kernel", "epmd_module", "[]"),
+            "distproxy_epmd",
+            "{me} runs with the helper module"
+        );
+        assert!(node.nodes().is_empty(), "{me} already connected");
+    }
+
+    ping_everyone_at_once(&mut nodes);
+    for node in &mut nodes {
+        let mut expected = others(&names, node.name());
+        expected.sort();
+        assert_eq!(node.nodes(), expected, "nodes() of {}", node.name());
+    }
+
+    // rpc across pods is answered by the node named.
+    let pod_of = |name: &str| name.split_once('@').map(|(_, h)| h.to_string());
+    let ids: Vec<(u64, Vec<String>)> = nodes
+        .iter_mut()
+        .map(|node| {
+            let mine = pod_of(node.name());
+            let targets: Vec<String> = names
+                .iter()
+                .filter(|n| pod_of(n) != mine)
+                .cloned()
+                .collect();
+            (node.send_rpc_node_all(&targets), targets)
+        })
+        .collect();
+    for (node, (id, targets)) in nodes.iter_mut().zip(ids) {
+        let results = node.recv_pairs(id, Duration::from_secs(30));
+        assert_eq!(results.len(), targets.len());
+        for (target, answer) in results {
+            assert_eq!(answer, target, "rpc from {} to {target}", node.name());
+        }
+    }
+
+    // Bulk data through the tunnel, relayed opaquely.
+    let blob = nodes[0].send_blob(&names[4], 8 * 1024 * 1024);
+    assert_eq!(blob.remote_size, blob.size, "a1 -> b2 size");
+    assert_eq!(blob.remote_md5, blob.local_md5, "a1 -> b2 MD5");
+
+    // How it was routed.
+    let (ma, mb) = (metrics(a), metrics(b));
+    for (pod, text) in [("a", &ma), ("b", &mb)] {
+        let lookups = metric_sum(
+            text,
+            "distproxy_epmd_requests_total",
+            &[("type", "port_please2")],
+        );
+        assert_eq!(lookups, 0.0, "pod {pod}: no EPMD lookup with the module");
+        for method in ["correlated", "single_node", "unroutable"] {
+            let n = metric_sum(text, "distproxy_routes_total", &[("method", method)]);
+            assert_eq!(n, 0.0, "pod {pod}: routes by {method}");
+        }
+        let egress_ok = metric_sum(
+            text,
+            "distproxy_epmd_requests_total",
+            &[("type", "egress"), ("result", "ok")],
+        );
+        assert!(egress_ok >= 1.0, "pod {pod}: egress requests answered");
+        let outbound = metric_sum(
+            text,
+            "distproxy_dist_connections_total",
+            &[("direction", "outbound")],
+        );
+        assert!(outbound >= 1.0, "pod {pod}: tunnel connections out");
+    }
+    // 10 pairs among 5 nodes: each set up at least one connection, each
+    // routed by preamble by the target's sidecar.
+    let preamble = metric_sum(&ma, "distproxy_routes_total", &[("method", "preamble")])
+        + metric_sum(&mb, "distproxy_routes_total", &[("method", "preamble")]);
+    assert!(
+        preamble >= 10.0,
+        "connections routed by preamble: {preamble}\npod a:\n{ma}\npod b:\n{mb}"
+    );
+
+    // A node without the module uses the same distribution port by
+    // correlation.
+    let mut a9 = a.start_erlang("a9");
+    let a9_name = a9.name().to_string();
+    assert_eq!(a9.rpc(&a9_name, "net_kernel", "epmd_module", "[]"), "erl_epmd");
+    assert_eq!(a9.ping(&names[3]), "pong");
+    assert_eq!(a9.rpc_node(&names[3]), names[3]);
+    let mb = metrics(b);
+    assert!(metric_sum(&mb, "distproxy_routes_total", &[("method", "correlated")]) >= 1.0);
+    assert!(
+        metric_sum(
+            &mb,
+            "distproxy_epmd_requests_total",
+            &[("type", "port_please2")]
+        ) >= 1.0
+    );
+
+    assert_no_misroute(&mut sidecar_a);
+    assert_no_misroute(&mut sidecar_b);
+}
+
+/// A tiny authoritative DNS server (UDP, 127.0.0.1:53 in a pod) answering A
+/// queries from a fixed table and NXDOMAIN otherwise; prints each query.
+const DNS_SERVER_SRC: &str = r#"
+-module(dp_test_dns).
+-export([start/1]).
+
+%% erl -noshell -run dp_test_dns start Name=Ip ...
+start(Args) ->
+    Table = [parse(A) || A <- Args],
+    {ok, S} = gen_udp:open(53, [binary, {ip, {127, 0, 0, 1}}, {active, false}]),
+    io:format("DNSREADY~n"),
+    loop(S, Table).
+
+parse(Arg) ->
+    [Name, IpString] = string:split(Arg, "="),
+    {ok, Ip} = inet:parse_ipv4_address(IpString),
+    {string:lowercase(Name), Ip}.
+
+loop(S, Table) ->
+    {ok, {Ip, Port, Packet}} = gen_udp:recv(S, 0),
+    case reply(Packet, Table) of
+        {ok, Name, Type, Reply} ->
+            io:format("QUERY ~s ~b~n", [Name, Type]),
+            ok = gen_udp:send(S, Ip, Port, Reply);
+        error ->
+            io:format("BAD ~p~n", [Packet])
+    end,
+    loop(S, Table).
+
+reply(<<Id:16, Flags:16, 1:16, _:16, _:16, _:16, Rest/binary>>, Table) ->
+    case qname(Rest, []) of
+        {ok, Name, <<Type:16, Class:16, _/binary>> = Tail} ->
+            QLen = byte_size(Rest) - byte_size(Tail) + 4,
+            <<Question:QLen/binary, _/binary>> = Rest,
+            %% QR, AA, RA, and RD echoed.
+            F = 16#8480 bor (Flags band 16#0100),
+            case lists:keyfind(string:lowercase(Name), 1, Table) of
+                {_, {A, B, C, D}} when Type =:= 1, Class =:= 1 ->
+                    Answer = <<16#c00c:16, 1:16, 1:16, 60:32, 4:16, A, B, C, D>>,
+                    {ok, Name, Type,
+                     <<Id:16, F:16, 1:16, 1:16, 0:16, 0:16, Question/binary, Answer/binary>>};
+                {_, _} ->
+                    {ok, Name, Type, <<Id:16, F:16, 1:16, 0:16, 0:16, 0:16, Question/binary>>};
+                false ->
+                    {ok, Name, Type,
+                     <<Id:16, (F bor 3):16, 1:16, 0:16, 0:16, 0:16, Question/binary>>}
+            end;
+        error ->
+            error
+    end;
+reply(_, _) ->
+    error.
+
+qname(<<0, Rest/binary>>, Acc) ->
+    {ok, lists:flatten(lists:join(".", lists:reverse(Acc))), Rest};
+qname(<<L, Label:L/binary, Rest/binary>>, Acc) when L > 0, L < 64 ->
+    qname(Rest, [binary_to_list(Label) | Acc]);
+qname(_, _) ->
+    error.
+"#;
+
+/// The DNS server running in a pod; killed on drop.
+struct DnsServer {
+    proc: Proc,
+    log: PathBuf,
+}
+
+impl DnsServer {
+    fn start(lab: &Lab, pod: &Pod, table: &[(&str, &str)]) -> DnsServer {
+        let src = lab.dir().join("dp_test_dns.erl");
+        std::fs::write(&src, DNS_SERVER_SRC).unwrap();
+        let ebin = lab.dir().join("dns-ebin");
+        compile_erl(&src, &ebin);
+        let log = lab.dir().join(format!("dns-{}.log", pod.name()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = pod.command("erl");
+        cmd.args(["-noshell", "-start_epmd", "false", "-pa"])
+            .arg(&ebin)
+            .args(["-run", "dp_test_dns", "start"])
+            .args(table.iter().map(|(n, ip)| format!("{n}={ip}")))
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file));
+        let proc = Proc::spawn(&format!("DNS server in pod {}", pod.name()), &mut cmd, &log);
+        let server = DnsServer { proc, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.log_text().contains("DNSREADY") {
+            assert!(
+                Instant::now() < deadline,
+                "DNS server did not start: {}",
+                server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `(name, type)` of every query received so far.
+    fn queries(&self) -> Vec<(String, u16)> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.strip_prefix("QUERY ")?.split_whitespace();
+                Some((f.next()?.to_string(), f.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.proc.kill();
+    }
+}
+
+/// Writes a pod's `/etc/hosts` and `/etc/resolv.conf` (as `ip netns exec`
+/// shows them to every process started in the pod afterwards).
+fn set_pod_resolver(pod: &Pod, hosts: &str, resolv_conf: &str) {
+    let etc = Path::new("/etc/netns").join(pod.ns());
+    std::fs::write(etc.join("hosts"), hosts).unwrap();
+    std::fs::write(etc.join("resolv.conf"), resolv_conf).unwrap();
+}
+
+/// Nodes named with short host names (`-sname a1@pod-a`), which only the
+/// pods' search domain `dp.test` turns into resolvable names:
+///
+/// - pod A's hosts file knows no `pod-b` at all; its resolv.conf has
+///   `search dp.test` and a name server (a tiny one, inside pod A) that
+///   knows `pod-b.dp.test`. a1 → b1 works, and the server saw the query for
+///   `pod-b.dp.test`: hickory applied the search domain and asked DNS.
+/// - pod B has no reachable name server; its hosts file has only the full
+///   name `pod-a.dp.test`. b2 → a1 works: hickory applies search domains to
+///   hosts-file lookups too (glibc's `files` backend would not).
+/// - a host that resolves nowhere gives `pang` and a logged resolve failure.
+#[test]
+fn tunnel_resolves_short_host_names_through_the_pod_search_domain() {
+    if !e2e_enabled(
+        "tunnel_resolves_short_host_names_through_the_pod_search_domain",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let (ip_a, ip_b) = (a.addr().to_string(), b.addr().to_string());
+    set_pod_resolver(
+        a,
+        &format!("127.0.0.1 localhost\n{ip_a} pod-a.dp.test\n"),
+        "search dp.test\nnameserver 127.0.0.1\noptions ndots:1 timeout:2 attempts:2\n",
+    );
+    set_pod_resolver(
+        b,
+        &format!("127.0.0.1 localhost\n{ip_b} pod-b.dp.test\n{ip_a} pod-a.dp.test\n"),
+        "search dp.test\nnameserver 127.0.0.1\noptions ndots:1 timeout:1 attempts:1\n",
+    );
+    // The bare names resolve nowhere (checked with the pods' own libc).
+    for (pod, other) in [(a, "pod-b"), (b, "pod-a")] {
+        let out = pod.run("getent", &["hosts", other]);
+        assert!(
+            !out.status.success(),
+            "pod {}: `getent hosts {other}` must fail without the search domain: {}",
+            pod.name(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let dns = DnsServer::start(&lab, a, &[("pod-b.dp.test", &ip_b)]);
+
+    let ebin = compile_module(&lab);
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let short = |name: &str| {
+        let mut o = with_module(&ebin);
+        o.name = Some(name.to_string());
+        o.short_names = true;
+        // One connection per ping: no transitive connections by global.
+        o.extra_args.extend(["-connect_all".into(), "false".into()]);
+        o
+    };
+    let mut a1 = a.spawn_erlang_with("a1", &short("a1@pod-a"));
+    let mut b1 = b.spawn_erlang_with("b1", &short("b1@pod-b"));
+    let mut b2 = b.spawn_erlang_with("b2", &short("b2@pod-b"));
+    for node in [&mut a1, &mut b1, &mut b2] {
+        node.wait_ready();
+    }
+
+    // Pod A resolves pod-b through DNS with the search domain.
+    assert_eq!(a1.ping("b1@pod-b"), "pong");
+    assert_eq!(a1.rpc_node("b1@pod-b"), "b1@pod-b");
+    let queries = dns.queries();
+    assert!(
+        queries.contains(&("pod-b.dp.test".to_string(), 1)),
+        "the DNS server saw no A query for pod-b.dp.test: {queries:?}"
+    );
+
+    // Pod B resolves pod-a through its hosts file with the search domain.
+    assert_eq!(b2.ping("a1@pod-a"), "pong");
+    assert_eq!(b2.rpc_node("a1@pod-a"), "a1@pod-a");
+    assert!(b2.nodes().contains(&"a1@pod-a".to_string()));
+
+    // Unresolvable: refused cleanly, logged.
+    assert_eq!(b2.ping("x1@pod-zz"), "pang");
+    let failures = sidecar_b.log_lines_containing("cannot resolve");
+    assert!(
+        failures.iter().any(|l| l.contains("pod-zz")),
+        "no resolve failure logged for pod-zz: {failures:#?}"
+    );
+
+    let (ma, mb) = (metrics(a), metrics(b));
+    let preamble = metric_sum(&ma, "distproxy_routes_total", &[("method", "preamble")])
+        + metric_sum(&mb, "distproxy_routes_total", &[("method", "preamble")]);
+    assert!(preamble >= 2.0, "routed by preamble: {preamble}");
+    assert!(
+        metric_sum(
+            &mb,
+            "distproxy_connections_closed_total",
+            &[("reason", "resolve_failed")]
+        ) >= 1.0
+    );
+    assert_no_misroute(&mut sidecar_a);
+    assert_no_misroute(&mut sidecar_b);
+    drop(b1);
+}

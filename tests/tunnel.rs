@@ -1,0 +1,546 @@
+//! The sidecar ↔ sidecar tunnel in process: two sidecars on 127.0.0.1 with
+//! different ports, fake nodes behind the "remote" one, egress requests to
+//! the "local" one, and connections made as a BEAM would make them. Also the
+//! Erlang helper module, compiled with `erlc +warnings_as_errors` and run
+//! against a sidecar.
+
+mod support_inproc;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use distproxy::client;
+use distproxy::config::Config;
+use distproxy::dist::handshake::{self, SendName};
+use distproxy::epmd::proto::{self, EgressReply, Request};
+use distproxy::server::Sidecar;
+use distproxy::tunnel::preamble::Preamble;
+use support_inproc::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Sends an egress request for `remote` to `epmd`; the decoded reply.
+async fn egress(epmd: SocketAddr, remote: &str) -> EgressReply {
+    let mut req = BytesMut::new();
+    Request::Egress {
+        node: remote.to_string(),
+    }
+    .encode(&mut req);
+    let reply = raw_exchange(epmd, &req).await;
+    match proto::decode_egress_resp(&reply) {
+        Ok(Some((r, used))) => {
+            assert_eq!(used, reply.len(), "bytes after the egress reply");
+            r
+        }
+        other => panic!("egress reply for {remote}: {other:?} ({reply:?})"),
+    }
+}
+
+async fn egress_port(epmd: SocketAddr, remote: &str) -> u16 {
+    let r = egress(epmd, remote).await;
+    assert_eq!((r.result, r.version), (0, 6), "egress for {remote}: {r:?}");
+    assert_ne!(r.port, 0);
+    r.port
+}
+
+/// The in-process test configuration, without the admin endpoint (several
+/// sidecars run in one process).
+fn config() -> Config {
+    let mut c = test_config();
+    c.admin.listen = None;
+    c
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A remote pod (sidecar and fake nodes `names`, all registered) and a local
+/// sidecar whose tunnel dials the remote one.
+struct Pair {
+    remote: Sidecar,
+    local: Sidecar,
+    _nodes: Vec<FakeNode>,
+    _registrations: Vec<TcpStream>,
+}
+
+async fn pair(names: &[&str], tweak: impl FnOnce(&mut Config)) -> Pair {
+    let remote = start(config());
+    let mut nodes = Vec::new();
+    let mut registrations = Vec::new();
+    for name in names {
+        let node = FakeNode::start(name, "127.0.0.1:0").await;
+        let (conn, reply) = client::register(epmd_addr(&remote), spec(name, node.port))
+            .await
+            .unwrap();
+        assert_eq!(reply.result, 0);
+        registrations.push(conn);
+        nodes.push(node);
+    }
+    let mut config = config();
+    config.tunnel.remote_port = dist_addr(&remote).port();
+    tweak(&mut config);
+    let local = start(config);
+    Pair {
+        remote,
+        local,
+        _nodes: nodes,
+        _registrations: registrations,
+    }
+}
+
+/// Reads until EOF (or 5 s); true if the peer closed without sending bytes.
+async fn closed_without_reply(s: &mut TcpStream) -> bool {
+    let mut got = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await {
+        Ok(_) => got.is_empty(),
+        Err(_) => panic!("connection not closed within 5 s"),
+    }
+}
+
+fn send_name_frame(initiator: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    handshake::encode_send_name(
+        &mut out,
+        &SendName {
+            name: initiator.to_string(),
+            flags: 0x0d07_df7f_bd,
+            creation: Some(42),
+            version: None,
+        },
+    );
+    out
+}
+
+#[tokio::test]
+async fn egress_reaches_the_named_node_exactly_without_any_lookup() {
+    let p = pair(&["b", "c", "d"], |_| {}).await;
+    let local_epmd = epmd_addr(&p.local);
+    // Three nodes are registered on the remote side and nobody looked any of
+    // them up: correlation could not route these connections; only the
+    // preamble can.
+    for target in ["c", "b", "d", "d", "b", "c"] {
+        let port = egress_port(local_epmd, &format!("{target}@127.0.0.1")).await;
+        let (mut s, answered) = dial_as(loopback(port), "a1@pod-a").await;
+        assert_eq!(answered, format!("{target}@fake.host"), "wrong node");
+        s.write_all(b"after-handshake").await.unwrap();
+        let mut back = [0u8; 15];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"after-handshake");
+    }
+    assert!(
+        p.remote
+            .shared
+            .correlator
+            .pending("127.0.0.1".parse().unwrap())
+            .is_empty(),
+        "the tunnel must not use lookup correlation"
+    );
+}
+
+#[tokio::test]
+async fn one_egress_port_per_remote_node_reused_and_used_concurrently() {
+    let p = pair(&["b", "c"], |_| {}).await;
+    let local_epmd = epmd_addr(&p.local);
+    let pb = egress_port(local_epmd, "b@127.0.0.1").await;
+    let pc = egress_port(local_epmd, "c@127.0.0.1").await;
+    assert_ne!(pb, pc);
+    assert_eq!(egress_port(local_epmd, "b@127.0.0.1").await, pb);
+    assert_eq!(p.local.shared.egress.len(), 2);
+    assert_eq!(p.local.shared.egress.port_of("c@127.0.0.1"), Some(pc));
+
+    // Twenty connections at once, alternating targets, from distinct
+    // initiators.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (port, want) = if i % 2 == 0 { (pb, "b") } else { (pc, "c") };
+        tasks.push(tokio::spawn(async move {
+            let (mut s, answered) = dial_as(loopback(port), &format!("i{i}@pod-a")).await;
+            assert_eq!(answered, format!("{want}@fake.host"));
+            let msg = format!("payload {i}");
+            s.write_all(msg.as_bytes()).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, msg.as_bytes());
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn unknown_target_is_closed_cleanly() {
+    let p = pair(&["b", "c"], |_| {}).await;
+    let port = egress_port(epmd_addr(&p.local), "zz@127.0.0.1").await;
+    let mut s = TcpStream::connect(loopback(port)).await.unwrap();
+    s.write_all(&send_name_frame("a1@pod-a")).await.unwrap();
+    assert!(closed_without_reply(&mut s).await);
+    // The other nodes are still reachable.
+    let port = egress_port(epmd_addr(&p.local), "b@127.0.0.1").await;
+    let (_s, answered) = dial_as(loopback(port), "a1@pod-a").await;
+    assert_eq!(answered, "b@fake.host");
+}
+
+#[tokio::test]
+async fn inbound_preamble_routes_by_name_and_checks_the_initiator() {
+    let p = pair(&["b", "c"], |_| {}).await;
+    let dist = dist_addr(&p.remote);
+
+    // Matching preamble and send_name: routed to c.
+    let mut s = TcpStream::connect(dist).await.unwrap();
+    let mut out = BytesMut::new();
+    Preamble::new("c@pod-r", "x@pod-a")
+        .unwrap()
+        .encode(&mut out);
+    s.write_all(&out).await.unwrap();
+    // The send_name may come in a later segment.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(&send_name_frame("x@pod-a")).await.unwrap();
+    let mut buf = BytesMut::new();
+    let challenge = loop {
+        assert!(s.read_buf(&mut buf).await.unwrap() > 0, "closed");
+        if let Ok(Some((_, n))) = handshake::parse_status(&buf) {
+            if let Ok(Some((c, _))) = handshake::parse_challenge(&buf[n..]) {
+                break c;
+            }
+        }
+    };
+    assert_eq!(challenge.name, "c@fake.host");
+
+    // A send_name naming someone else than the preamble: closed.
+    let mut s = TcpStream::connect(dist).await.unwrap();
+    let mut out = BytesMut::new();
+    Preamble::new("c@pod-r", "x@pod-a")
+        .unwrap()
+        .encode(&mut out);
+    out.extend_from_slice(&send_name_frame("y@pod-a"));
+    s.write_all(&out).await.unwrap();
+    assert!(closed_without_reply(&mut s).await);
+
+    // A preamble of an unknown version: closed.
+    let mut s = TcpStream::connect(dist).await.unwrap();
+    s.write_all(b"DPX\x09\x00\x00").await.unwrap();
+    assert!(closed_without_reply(&mut s).await);
+
+    // A raw handshake still goes through correlation: with two nodes and no
+    // lookup it is unroutable.
+    let mut s = TcpStream::connect(dist).await.unwrap();
+    s.write_all(&send_name_frame("x@pod-a")).await.unwrap();
+    assert!(closed_without_reply(&mut s).await);
+
+    // TLS is not wired in yet: a ClientHello is closed.
+    let mut s = TcpStream::connect(dist).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 0, 0, 1, 0])
+        .await
+        .unwrap();
+    assert!(closed_without_reply(&mut s).await);
+}
+
+#[tokio::test]
+async fn a_silent_preamble_connection_times_out() {
+    let mut config = config();
+    config.tunnel.preamble_timeout_ms = 200;
+    let sc = start(config);
+    let mut s = TcpStream::connect(dist_addr(&sc)).await.unwrap();
+    s.write_all(b"DPX\x01").await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(closed_without_reply(&mut s).await);
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn egress_listener_closes_when_idle_and_reopens_on_request() {
+    let p = pair(&["b", "c"], |c| c.tunnel.egress_idle_timeout_ms = 300).await;
+    let local_epmd = epmd_addr(&p.local);
+    let port = egress_port(local_epmd, "b@127.0.0.1").await;
+
+    // An open connection keeps the listener, however long it lasts.
+    let (mut s, _) = dial_as(loopback(port), "a1@pod-a").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(p.local.shared.egress.port_of("b@127.0.0.1"), Some(port));
+    s.write_all(b"still").await.unwrap();
+    let mut back = [0u8; 5];
+    s.read_exact(&mut back).await.unwrap();
+    drop(s);
+
+    // Idle: closed, and the port refuses connections.
+    let egress = &p.local.shared.egress;
+    assert!(
+        eventually(Duration::from_secs(3), || async { egress.is_empty() }).await,
+        "egress listener still open"
+    );
+    assert!(TcpStream::connect(loopback(port)).await.is_err());
+
+    // The next request opens a new listener that works.
+    let port = egress_port(local_epmd, "b@127.0.0.1").await;
+    let (_s, answered) = dial_as(loopback(port), "a1@pod-a").await;
+    assert_eq!(answered, "b@fake.host");
+}
+
+#[tokio::test]
+async fn egress_request_errors_have_result_codes() {
+    let p = pair(&["b"], |c| c.tunnel.max_egress_listeners = 1).await;
+    let epmd = epmd_addr(&p.local);
+    for bad in ["nohost", "@h", "b@"] {
+        let r = egress(epmd, bad).await;
+        assert_eq!(
+            (r.result, r.port, r.version),
+            (proto::EGRESS_BAD_NAME, 0, 0),
+            "{bad}"
+        );
+    }
+    egress_port(epmd, "b@127.0.0.1").await;
+    let r = egress(epmd, "c@127.0.0.1").await;
+    assert_eq!(r.result, proto::EGRESS_UNAVAILABLE);
+    // The one that exists is still handed out.
+    egress_port(epmd, "b@127.0.0.1").await;
+
+    let mut config = config();
+    config.tunnel.egress = false;
+    let off = start(config);
+    let r = egress(epmd_addr(&off), "b@127.0.0.1").await;
+    assert_eq!(r.result, proto::EGRESS_REFUSED);
+    assert!(off.shared.egress.is_empty());
+}
+
+#[tokio::test]
+async fn unreachable_remote_closes_the_local_connection() {
+    // Nothing listens on the remote port.
+    let unused = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_port = unused.local_addr().unwrap().port();
+    drop(unused);
+    let mut config = config();
+    config.tunnel.remote_port = dead_port;
+    let sc = start(config);
+    // (Resolution failures are exercised in the e2e suite, whose pods have
+    // no reachable name server: a test here must not query this machine's.)
+    let port = egress_port(epmd_addr(&sc), "b@127.0.0.1").await;
+    let mut s = TcpStream::connect(loopback(port)).await.unwrap();
+    s.write_all(&send_name_frame("a1@pod-a")).await.unwrap();
+    assert!(closed_without_reply(&mut s).await);
+}
+
+// ---------------------------------------------------------------------------
+// The Erlang helper module.
+
+const MODULE_SRC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/erlang/distproxy_epmd.erl"
+);
+
+/// The opt-out for tests that need OTP, shared with the e2e suite.
+const SKIP_VAR: &str = "DISTPROXY_SKIP_E2E";
+
+/// True when `erl`/`erlc` can be run; panics with the reason otherwise,
+/// unless `DISTPROXY_SKIP_E2E=1`.
+fn otp_available(test: &str) -> bool {
+    let found = |tool: &str| {
+        std::process::Command::new(tool)
+            .arg("-version")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .is_ok()
+    };
+    let missing: Vec<&str> = ["erlc", "erl"].into_iter().filter(|t| !found(t)).collect();
+    if std::env::var(SKIP_VAR).as_deref() == Ok("1") {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {SKIP_VAR}=1");
+        return false;
+    }
+    assert!(
+        missing.is_empty(),
+        "{test} needs OTP (Debian package erlang-nox); missing: {missing:?}. \
+         Set {SKIP_VAR}=1 to skip tests that need OTP explicitly."
+    );
+    true
+}
+
+/// Compiles the module with warnings as errors into a fresh directory.
+fn compile_module() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("erlc")
+        .args(["+warnings_as_errors", "-o"])
+        .arg(dir.path())
+        .arg(MODULE_SRC)
+        .output()
+        .expect("run erlc");
+    assert!(
+        out.status.success(),
+        "erlc +warnings_as_errors {MODULE_SRC} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let beam = dir.path().join("distproxy_epmd.beam");
+    assert!(beam.is_file());
+    let ebin = dir.path().to_path_buf();
+    (dir, ebin)
+}
+
+/// Runs `expr` (an Erlang expression) in a fresh `erl` with the module on
+/// the path and `ERL_EPMD_PORT=epmd_port`; returns what it printed.
+async fn erl_eval(ebin: &Path, epmd_port: u16, expr: &str) -> String {
+    let eval = format!("io:format(\"~0p~n\", [{expr}]), halt().");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("erl")
+            .args(["-noshell", "-start_epmd", "false", "-pa"])
+            .arg(ebin)
+            .args(["-eval", &eval])
+            .env("ERL_EPMD_PORT", epmd_port.to_string())
+            .env_remove("ERL_FLAGS")
+            .env_remove("ERL_AFLAGS")
+            .env_remove("ERL_ZFLAGS")
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("erl did not finish within 60 s")
+    .expect("run erl");
+    assert!(
+        out.status.success(),
+        "erl -eval {expr} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn erlang_module_compiles_without_warnings() {
+    if !otp_available("erlang_module_compiles_without_warnings") {
+        return;
+    }
+    let (_dir, ebin) = compile_module();
+    // It exports the erl_epmd callbacks of OTP 25.
+    let exports = std::process::Command::new("erl")
+        .args(["-noshell", "-pa"])
+        .arg(&ebin)
+        .args([
+            "-eval",
+            "io:format(\"~0p~n\", [lists:sort(distproxy_epmd:module_info(exports))]), halt().",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&exports.stdout);
+    for f in [
+        "{start_link,0}",
+        "{register_node,2}",
+        "{register_node,3}",
+        "{port_please,2}",
+        "{port_please,3}",
+        "{listen_port_please,2}",
+        "{address_please,3}",
+        "{names,0}",
+        "{names,1}",
+    ] {
+        assert!(text.contains(f), "{f} not exported: {text}");
+    }
+}
+
+#[tokio::test]
+async fn erlang_module_asks_the_sidecar_and_falls_back_without_one() {
+    if !otp_available("erlang_module_asks_the_sidecar_and_falls_back_without_one") {
+        return;
+    }
+    let (_dir, ebin) = compile_module();
+    let p = pair(&["b"], |_| {}).await;
+    let local_epmd = epmd_addr(&p.local).port();
+
+    // With the sidecar: the egress port, on loopback, version 6.
+    let got = erl_eval(
+        &ebin,
+        local_epmd,
+        "distproxy_epmd:address_please(\"b\", \"127.0.0.1\", inet)",
+    )
+    .await;
+    let port = p
+        .local
+        .shared
+        .egress
+        .port_of("b@127.0.0.1")
+        .expect("the module's request opened an egress listener");
+    assert_eq!(got, format!("{{ok,{{127,0,0,1}},{port},6}}"));
+    // An IP tuple host and an atom name are formatted as OTP would.
+    let got = erl_eval(
+        &ebin,
+        local_epmd,
+        "distproxy_epmd:address_please(b, {127,0,0,1}, inet)",
+    )
+    .await;
+    assert_eq!(got, format!("{{ok,{{127,0,0,1}},{port},6}}"));
+    // The port leads to the node.
+    let (_s, answered) = dial_as(loopback(port), "a1@pod-a").await;
+    assert_eq!(answered, "b@fake.host");
+
+    // inet6 distribution is not tunnelled: stock behaviour.
+    let got = erl_eval(
+        &ebin,
+        local_epmd,
+        "distproxy_epmd:address_please(\"b\", \"::1\", inet6)",
+    )
+    .await;
+    assert_eq!(got, "{ok,{0,0,0,0,0,0,0,1}}");
+
+    // Egress switched off: refused, so erl_epmd's answer (the address only).
+    let mut config = config();
+    config.tunnel.egress = false;
+    let off = start(config);
+    let got = erl_eval(
+        &ebin,
+        epmd_addr(&off).port(),
+        "distproxy_epmd:address_please(\"b\", \"127.0.0.1\", inet)",
+    )
+    .await;
+    assert_eq!(got, "{ok,{127,0,0,1}}");
+    let got = erl_eval(
+        &ebin,
+        epmd_addr(&off).port(),
+        "distproxy_epmd:egress_port(\"b\", \"127.0.0.1\")",
+    )
+    .await;
+    assert_eq!(got, "{error,{refused,1}}");
+
+    // A stock epmd closes the connection on the unknown request: fallback.
+    let stock = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stock_port = stock.local_addr().unwrap().port();
+    let stock_task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = stock.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            // epmd_srv.c: "Incorrect request" -> close.
+        }
+    });
+    let got = erl_eval(
+        &ebin,
+        stock_port,
+        "distproxy_epmd:egress_port(\"b\", \"127.0.0.1\")",
+    )
+    .await;
+    assert_eq!(got, "{error,closed}");
+    let got = erl_eval(
+        &ebin,
+        stock_port,
+        "distproxy_epmd:address_please(\"b\", \"localhost\", inet)",
+    )
+    .await;
+    assert_eq!(got, "{ok,{127,0,0,1}}");
+    stock_task.abort();
+
+    // No EPMD at all: fallback too.
+    let unused = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = unused.local_addr().unwrap().port();
+    drop(unused);
+    let got = erl_eval(
+        &ebin,
+        dead,
+        "distproxy_epmd:address_please(\"b\", \"localhost\", inet)",
+    )
+    .await;
+    assert_eq!(got, "{ok,{127,0,0,1}}");
+}
