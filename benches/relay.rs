@@ -519,7 +519,7 @@ struct Row {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<36} {:>10} {:>10} {:>9}  {}",
+        "{:<40} {:>9} {:>9} {:>7}  {}",
         "metric", "direct", "proxy", "ratio", "note"
     );
     println!("{}", "-".repeat(92));
@@ -530,7 +530,7 @@ fn print_table(rows: &[Row]) {
             _ => "-".to_string(),
         };
         println!(
-            "{:<36} {:>10} {:>10.1} {:>9}  {}",
+            "{:<40} {:>9} {:>9.1} {:>7}  {}",
             r.what, direct, r.proxy, ratio, r.note
         );
     }
@@ -540,6 +540,154 @@ fn spread(v: &[f64]) -> String {
     let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
     let hi = v.iter().cloned().fold(0.0, f64::max);
     format!("{}: {lo:.0}..{hi:.0}", v.len())
+}
+
+/// User plus system CPU time of a process, in seconds (Linux only).
+fn cpu_secs(pid: u32) -> f64 {
+    // Fields 14 and 15 of /proc/<pid>/stat, in USER_HZ (100 on Linux),
+    // counted after the parenthesised command name.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Runs `f` for each path in turn, `runs` times (interleaved, so drift and
+/// noise from other processes fall on both columns); also returns the
+/// proxy's CPU seconds spent during the proxied runs.
+fn interleaved<T>(setup: &Setup, runs: usize, mut f: impl FnMut(Path) -> T) -> ([Vec<T>; 2], f64) {
+    let pid = setup.proxy.child.id();
+    let mut out = [Vec::new(), Vec::new()];
+    let mut cpu = 0.0;
+    for _ in 0..runs {
+        out[0].push(f(Path::Direct));
+        let c0 = cpu_secs(pid);
+        out[1].push(f(Path::Proxy));
+        cpu += cpu_secs(pid) - c0;
+    }
+    (out, cpu)
+}
+
+/// Figures of one run.
+#[derive(Default)]
+struct Results {
+    rows: Vec<Row>,
+    bulk_ratio: Option<f64>,
+    added_p50_us: Option<f64>,
+}
+
+fn run_bulk_one_way(setup: &Setup, plan: &Plan, res: &mut Results) {
+    let bytes = plan.bulk_bytes;
+    let (mut mbs, cpu) = interleaved(setup, plan.bulk_runs, |p| {
+        mb_per_s(bytes, bulk_one_way(setup, p, bytes))
+    });
+    let note = format!(
+        "median of {}; proxy runs {}; proxy CPU {:.2} s/GiB",
+        plan.bulk_runs,
+        spread(&mbs[1]),
+        cpu / (bytes as f64 * plan.bulk_runs as f64 / (1u64 << 30) as f64)
+    );
+    let (d, p) = (median(&mut mbs[0]), median(&mut mbs[1]));
+    res.bulk_ratio = Some(p / d);
+    res.rows.push(Row {
+        what: format!("bulk one way {} MiB (MB/s)", bytes >> 20),
+        direct: Some(d),
+        proxy: p,
+        ratio: true,
+        note,
+    });
+}
+
+fn run_bulk_both_ways(setup: &Setup, plan: &Plan, res: &mut Results) {
+    let bytes = plan.bidir_bytes;
+    let (mut mbs, cpu) = interleaved(setup, plan.bidir_runs, |p| {
+        mb_per_s(bytes, bulk_both_ways(setup, p, bytes))
+    });
+    let note = format!(
+        "median of {}; proxy runs {}; proxy CPU {:.2} s/GiB",
+        plan.bidir_runs,
+        spread(&mbs[1]),
+        cpu / (2.0 * bytes as f64 * plan.bidir_runs as f64 / (1u64 << 30) as f64)
+    );
+    res.rows.push(Row {
+        what: format!("bulk both ways {} MiB each (MB/s each)", bytes >> 20),
+        direct: Some(median(&mut mbs[0])),
+        proxy: median(&mut mbs[1]),
+        ratio: true,
+        note,
+    });
+}
+
+fn run_ping_pong(setup: &Setup, plan: &Plan, res: &mut Results) {
+    let block = plan.pingpong_iters.div_ceil(plan.pingpong_blocks);
+    let (blocks, cpu) = interleaved(setup, plan.pingpong_blocks, |p| {
+        let mut v = Vec::with_capacity(block);
+        ping_pong(setup, p, block, &mut v);
+        v
+    });
+    let [mut d, mut p] = blocks.map(|b| b.concat());
+    d.sort_unstable();
+    p.sort_unstable();
+    let p50 = [percentile_us(&d, 0.50), percentile_us(&p, 0.50)];
+    let p99 = [percentile_us(&d, 0.99), percentile_us(&p, 0.99)];
+    res.rows.push(Row {
+        what: format!("ping-pong {MSG} B p50 (us)"),
+        direct: Some(p50[0]),
+        proxy: p50[1],
+        ratio: true,
+        note: format!(
+            "{} round trips each, {} blocks; proxy CPU {:.1} us/round trip",
+            d.len(),
+            plan.pingpong_blocks,
+            cpu * 1e6 / p.len() as f64
+        ),
+    });
+    res.rows.push(Row {
+        what: format!("ping-pong {MSG} B p99 (us)"),
+        direct: Some(p99[0]),
+        proxy: p99[1],
+        ratio: true,
+        note: String::new(),
+    });
+    let added = p50[1] - p50[0];
+    res.added_p50_us = Some(added);
+    res.rows.push(Row {
+        what: "added p50 latency (us)".into(),
+        direct: None,
+        proxy: added,
+        ratio: false,
+        note: "proxy p50 - direct p50".into(),
+    });
+}
+
+fn run_idle(setup: &Setup, plan: &Plan, res: &mut Results) {
+    let (rss, fds) = idle_cost(setup, plan.idle_conns);
+    res.rows.push(Row {
+        what: "proxy RSS per idle conn (KiB)".into(),
+        direct: None,
+        proxy: rss / 1024.0,
+        ratio: false,
+        note: format!("{} conns, each after one ping-pong", plan.idle_conns),
+    });
+    res.rows.push(Row {
+        what: "proxy open files per idle conn".into(),
+        direct: None,
+        proxy: fds,
+        ratio: false,
+        note: String::new(),
+    });
 }
 
 fn main() {
@@ -552,7 +700,11 @@ fn main() {
         (true, true) => QUICK,
         (true, false) => FULL,
     };
+    // RELAY_BENCH_ONLY=bulk,bidir,pingpong,idle picks sections (profiling).
+    let only = std::env::var("RELAY_BENCH_ONLY").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
     let started = Instant::now();
+    let load_before = loadavg();
     let setup = Setup::new();
     let cpus = thread::available_parallelism().map_or(0, |n| n.get());
     println!(
@@ -561,124 +713,38 @@ fn main() {
         env!("CARGO_BIN_EXE_distproxy"),
         setup.proxy.child.id()
     );
-    let paths = [Path::Direct, Path::Proxy];
-    let mut rows = Vec::new();
-
-    // Bulk one way, interleaved runs.
-    let mut one_way = [Vec::new(), Vec::new()];
-    for _ in 0..plan.bulk_runs {
-        for (i, &p) in paths.iter().enumerate() {
-            let secs = bulk_one_way(&setup, p, plan.bulk_bytes);
-            one_way[i].push(mb_per_s(plan.bulk_bytes, secs));
-        }
+    let mut res = Results::default();
+    if wanted("bulk") {
+        run_bulk_one_way(&setup, &plan, &mut res);
     }
-    let note = format!(
-        "median of {}; proxy runs {}",
-        plan.bulk_runs,
-        spread(&one_way[1])
-    );
-    let [mut d, mut p] = one_way;
-    let (bulk_d, bulk_p) = (median(&mut d), median(&mut p));
-    rows.push(Row {
-        what: format!("bulk one way {} MiB (MB/s)", plan.bulk_bytes >> 20),
-        direct: Some(bulk_d),
-        proxy: bulk_p,
-        ratio: true,
-        note,
-    });
-
-    // Bulk both ways at once.
-    let mut both = [Vec::new(), Vec::new()];
-    for _ in 0..plan.bidir_runs {
-        for (i, &p) in paths.iter().enumerate() {
-            let secs = bulk_both_ways(&setup, p, plan.bidir_bytes);
-            both[i].push(mb_per_s(plan.bidir_bytes, secs));
-        }
+    if wanted("bidir") {
+        run_bulk_both_ways(&setup, &plan, &mut res);
     }
-    let note = format!(
-        "median of {}; proxy runs {}",
-        plan.bidir_runs,
-        spread(&both[1])
-    );
-    let [mut d, mut p] = both;
-    rows.push(Row {
-        what: format!(
-            "bulk both ways {} MiB each (MB/s each)",
-            plan.bidir_bytes >> 20
-        ),
-        direct: Some(median(&mut d)),
-        proxy: median(&mut p),
-        ratio: true,
-        note,
-    });
-
-    // Ping-pong, interleaved blocks.
-    let mut rtts: [Vec<u64>; 2] = [
-        Vec::with_capacity(plan.pingpong_iters),
-        Vec::with_capacity(plan.pingpong_iters),
-    ];
-    let block = plan.pingpong_iters.div_ceil(plan.pingpong_blocks);
-    for _ in 0..plan.pingpong_blocks {
-        for (i, &p) in paths.iter().enumerate() {
-            ping_pong(&setup, p, block, &mut rtts[i]);
-        }
+    if wanted("pingpong") {
+        run_ping_pong(&setup, &plan, &mut res);
     }
-    for v in rtts.iter_mut() {
-        v.sort_unstable();
+    if wanted("idle") {
+        run_idle(&setup, &plan, &mut res);
     }
-    let n = rtts[0].len();
-    let p50 = [percentile_us(&rtts[0], 0.50), percentile_us(&rtts[1], 0.50)];
-    let p99 = [percentile_us(&rtts[0], 0.99), percentile_us(&rtts[1], 0.99)];
-    rows.push(Row {
-        what: format!("ping-pong {MSG} B p50 (us)"),
-        direct: Some(p50[0]),
-        proxy: p50[1],
-        ratio: true,
-        note: format!("{n} round trips each"),
-    });
-    rows.push(Row {
-        what: format!("ping-pong {MSG} B p99 (us)"),
-        direct: Some(p99[0]),
-        proxy: p99[1],
-        ratio: true,
-        note: String::new(),
-    });
-    let added = p50[1] - p50[0];
-    rows.push(Row {
-        what: "added p50 latency (us)".into(),
-        direct: None,
-        proxy: added,
-        ratio: false,
-        note: "proxy p50 - direct p50".into(),
-    });
-
-    // Idle connections.
-    let (rss, fds) = idle_cost(&setup, plan.idle_conns);
-    rows.push(Row {
-        what: "proxy RSS per idle conn (KiB)".into(),
-        direct: None,
-        proxy: rss / 1024.0,
-        ratio: false,
-        note: format!("{} conns, each after one ping-pong", plan.idle_conns),
-    });
-    rows.push(Row {
-        what: "proxy open files per idle conn".into(),
-        direct: None,
-        proxy: fds,
-        ratio: false,
-        note: String::new(),
-    });
-
     println!();
-    print_table(&rows);
-    let ratio = bulk_p / bulk_d;
+    print_table(&res.rows);
     println!();
+    let mut targets = Vec::new();
+    if let Some(r) = res.bulk_ratio {
+        let met = if r >= 0.5 { "met" } else { "MISSED" };
+        targets.push(format!("bulk throughput >= 0.5x direct: {r:.2}x {met}"));
+    }
+    if let Some(a) = res.added_p50_us {
+        let met = if a <= 15.0 { "met" } else { "MISSED" };
+        targets.push(format!("added p50 latency <= 15 us: {a:.1} us {met}"));
+    }
+    if !targets.is_empty() {
+        println!("targets: {}", targets.join("; "));
+    }
     println!(
-        "targets: bulk throughput >= 0.5x direct: {:.2}x {}; added p50 latency <= 15 us: {:.1} us {}",
-        ratio,
-        if ratio >= 0.5 { "MET" } else { "MISSED" },
-        added,
-        if added <= 15.0 { "MET" } else { "MISSED" },
+        "elapsed {:.1} s; 1-min load average {} before, {} after (other processes on the machine skew figures)",
+        started.elapsed().as_secs_f64(),
+        load_before,
+        loadavg()
     );
-    println!("elapsed {:.1} s", started.elapsed().as_secs_f64());
 }

@@ -784,3 +784,83 @@ mod tests {
         assert!(n >= 1, "no configuration files in {}", dir.display());
     }
 }
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    const FILES: &str =
+        "[tls]\ncert_file = \"/t/tls.crt\"\nkey_file = \"/t/tls.key\"\nca_file = \"/t/ca.crt\"\n";
+
+    #[test]
+    fn tls_is_off_by_default_and_on_with_the_three_files() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert!(!c.tls.enabled());
+        assert_eq!(c.tls, TlsConfig::default());
+        assert_eq!(c.tls.verify_server_name, ServerNameVerification::Hostname);
+        assert_eq!(c.tls.handshake_timeout_ms, 5000);
+        assert_eq!(c.tls.reload_interval_ms, 1000);
+        let c = Config::from_toml(
+            &format!("{FILES}require_tls = true\nverify_server_name = \"ca_only\"\nbind_node_names = true\n"),
+            "t",
+        )
+        .unwrap();
+        assert!(c.tls.enabled());
+        assert!(c.tls.require_tls && c.tls.bind_node_names);
+        assert_eq!(c.tls.verify_server_name, ServerNameVerification::CaOnly);
+        assert_eq!(c.tls.ca_file.as_deref(), Some(Path::new("/t/ca.crt")));
+    }
+
+    #[test]
+    fn tls_files_must_come_together() {
+        let err =
+            Config::from_toml("[tls]\ncert_file = \"/c\"\nca_file = \"/a\"\n", "t").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("tls.key_file") && msg.contains("tls.cert_file"),
+            "{msg}"
+        );
+        let err = Config::from_toml("[tls]\nkey_file = \"/k\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("tls.cert_file"), "{err}");
+        let err = Config::from_toml(&FILES.replace("/t/ca.crt", ""), "t").unwrap_err();
+        assert!(err.to_string().contains("tls.ca_file"), "{err}");
+    }
+
+    #[test]
+    fn tls_policies_need_tls() {
+        let err = Config::from_toml("[tls]\nrequire_tls = true\n", "t").unwrap_err();
+        assert!(err.to_string().contains("tls.require_tls"), "{err}");
+        let err = Config::from_toml("[tls]\nbind_node_names = true\n", "t").unwrap_err();
+        assert!(err.to_string().contains("tls.bind_node_names"), "{err}");
+    }
+
+    #[test]
+    fn tls_bad_values_name_the_key() {
+        let err =
+            Config::from_toml(&format!("{FILES}verify_server_name = \"sni\"\n"), "t").unwrap_err();
+        assert!(err.to_string().contains("verify_server_name"), "{err}");
+        let err =
+            Config::from_toml(&format!("{FILES}handshake_timeout_ms = 0\n"), "t").unwrap_err();
+        assert!(
+            err.to_string().contains("tls.handshake_timeout_ms"),
+            "{err}"
+        );
+        let err =
+            Config::from_toml(&format!("{FILES}reload_interval_ms = 3600001\n"), "t").unwrap_err();
+        assert!(err.to_string().contains("tls.reload_interval_ms"), "{err}");
+        let err = Config::from_toml(&format!("{FILES}certfile = \"/x\"\n"), "t").unwrap_err();
+        assert!(err.to_string().contains("certfile"), "{err}");
+    }
+
+    #[test]
+    fn tls_config_renders_and_parses_back() {
+        let c = Config::from_toml(
+            &format!("{FILES}require_tls = true\nverify_server_name = \"ca_only\"\n"),
+            "t",
+        )
+        .unwrap();
+        let back = Config::from_toml(&c.to_toml(), "rendered").unwrap();
+        assert_eq!(back, c);
+        assert!(c.to_toml().contains("verify_server_name = \"ca_only\""));
+    }
+}

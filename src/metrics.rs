@@ -47,6 +47,9 @@ pub mod reason {
     pub const UNKNOWN_NODE: &str = "unknown_node";
     /// The egress side could not resolve the remote node's host.
     pub const RESOLVE_FAILED: &str = "resolve_failed";
+    /// The TLS handshake between sidecars failed (why: the `reason` label
+    /// of `distproxy_tls_handshake_failures_total`).
+    pub const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
 }
 
 /// TLS handshake failure reasons (`reason` label of [`TLS_HANDSHAKE_FAILURES`];

@@ -38,6 +38,8 @@ pub struct Shared {
     pub open_connections: Arc<OpenConnections>,
     /// Tunnel egress listeners (one per remote node) and their resolver.
     pub egress: crate::tunnel::egress::EgressManager,
+    /// Mutual TLS between sidecars; `None` when `[tls]` is not configured.
+    pub tls: Option<Arc<crate::tunnel::tls::Tls>>,
 }
 
 /// Relayed connections per local node, for `/nodes`.
@@ -88,12 +90,15 @@ pub enum BindError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot load TLS files: {0}")]
+    Tls(#[from] crate::tunnel::tls::TlsLoadError),
 }
 
 impl BindError {
     pub fn is_addr_in_use(&self) -> bool {
         match self {
             BindError::Bind { source, .. } => source.kind() == std::io::ErrorKind::AddrInUse,
+            BindError::Tls(_) => false,
         }
     }
 }
@@ -103,6 +108,8 @@ pub struct Listeners {
     pub epmd: Vec<TcpListener>,
     pub dist: Vec<TcpListener>,
     pub admin: Option<TcpListener>,
+    /// The TLS files of `[tls]`, loaded (and checked) before binding.
+    pub tls: Option<Arc<crate::tunnel::tls::Tls>>,
 }
 
 impl Listeners {
@@ -135,8 +142,13 @@ pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Binds every listener named in the configuration.
+/// Loads the TLS files of `[tls]` (if configured), then binds every
+/// listener named in the configuration.
 pub fn bind(config: &Config) -> Result<Listeners, BindError> {
+    let tls = match crate::tunnel::tls::TlsSettings::from_config(&config.tls) {
+        Some(settings) => Some(crate::tunnel::tls::Tls::load(settings)?),
+        None => None,
+    };
     let bind_all = |what: &'static str, addrs: &[SocketAddr]| {
         addrs
             .iter()
@@ -150,6 +162,7 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
             Some(addr) => Some(bind_all("admin", &[addr])?.remove(0)),
             None => None,
         },
+        tls,
     })
 }
 
@@ -193,8 +206,14 @@ impl Sidecar {
             prometheus,
             open_connections: Arc::default(),
             egress: crate::tunnel::egress::EgressManager::new(),
+            tls: listeners.tls,
             config,
         });
+        if let Some(tls) = &shared.tls {
+            shared
+                .tracker
+                .spawn(tls.reloader().run(shared.shutdown.clone()));
+        }
         if let Some(path) = shared.config.epmd.state_file.clone() {
             shared
                 .tracker

@@ -19,7 +19,10 @@ fn check_config_prints_the_effective_configuration() {
     let (code, stdout, stderr) = run(&["check-config", file]);
     assert_eq!(code, 0, "{stderr}");
     let printed: distproxy::config::Config = toml::from_str(&stdout).unwrap();
-    assert_eq!(printed, distproxy::config::Config::load(file.as_ref()).unwrap());
+    assert_eq!(
+        printed,
+        distproxy::config::Config::load(file.as_ref()).unwrap()
+    );
     assert_eq!(printed.dist.advertise_port, Some(443));
 }
 
@@ -56,7 +59,11 @@ fn usage_errors_exit_64_and_help_exits_0() {
 #[test]
 fn names_reports_an_unreachable_epmd() {
     // A port nobody listens on (bound then released).
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let (code, _, stderr) = run(&["names", "--port", &port.to_string()]);
     assert_eq!(code, 1);
     assert!(stderr.contains("Cannot connect"), "{stderr}");

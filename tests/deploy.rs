@@ -444,13 +444,21 @@ fn manifest_validator_rejects_broken_manifests() {
             "    name: nobody\n",
             "nobody",
         ),
-        // The tunnel is on but the BEAM side does not use it.
+        // TLS is on but the BEAM side does not use the tunnel.
         (
             "deploy/kubernetes/overlays/mtls",
             "Deployment",
-            " -epmd_module distproxy_epmd",
-            "",
+            "ebin -epmd_module distproxy_epmd",
+            "ebin",
             "-epmd_module distproxy_epmd",
+        ),
+        // TLS on, tunnel egress off: outgoing traffic would bypass TLS.
+        (
+            "deploy/kubernetes/overlays/mtls",
+            "Deployment",
+            "    egress = true",
+            "    egress = false",
+            "egress is off",
         ),
         // ServiceMonitor CRD: unknown field; port on no Service.
         (

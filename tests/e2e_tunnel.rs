@@ -123,8 +123,15 @@ fn ping_everyone_at_once(nodes: &mut [BeamNode]) {
             }
         }
     }
-    assert!(failures.is_empty(), "concurrent pings failed: {failures:#?}");
-    assert_eq!(answered, names.len() * (names.len() - 1), "every pair pinged");
+    assert!(
+        failures.is_empty(),
+        "concurrent pings failed: {failures:#?}"
+    );
+    assert_eq!(
+        answered,
+        names.len() * (names.len() - 1),
+        "every pair pinged"
+    );
 }
 
 fn others(names: &[String], me: &str) -> Vec<String> {
@@ -251,12 +258,31 @@ fn tunnel_carries_every_pair_exactly_between_two_sidecar_pods() {
         preamble >= 10.0,
         "connections routed by preamble: {preamble}\npod a:\n{ma}\npod b:\n{mb}"
     );
+    eprintln!(
+        "routed by preamble: {preamble} (pod a {}, pod b {}); tunnel connections out: \
+         pod a {}, pod b {}",
+        metric_sum(&ma, "distproxy_routes_total", &[("method", "preamble")]),
+        metric_sum(&mb, "distproxy_routes_total", &[("method", "preamble")]),
+        metric_sum(
+            &ma,
+            "distproxy_dist_connections_total",
+            &[("direction", "outbound")]
+        ),
+        metric_sum(
+            &mb,
+            "distproxy_dist_connections_total",
+            &[("direction", "outbound")]
+        ),
+    );
 
     // A node without the module uses the same distribution port by
     // correlation.
     let mut a9 = a.start_erlang("a9");
     let a9_name = a9.name().to_string();
-    assert_eq!(a9.rpc(&a9_name, "net_kernel", "epmd_module", "[]"), "erl_epmd");
+    assert_eq!(
+        a9.rpc(&a9_name, "net_kernel", "epmd_module", "[]"),
+        "erl_epmd"
+    );
     assert_eq!(a9.ping(&names[3]), "pong");
     assert_eq!(a9.rpc_node(&names[3]), names[3]);
     let mb = metrics(b);

@@ -509,10 +509,13 @@ def check_workload(docs: list[dict], workload: dict, config_source: str | None, 
         for flag in ("-start_epmd false", "-kernel inet_dist_use_interface {127,0,0,1}"):
             if flag not in flags:
                 problems.add(cwhere, f"BEAM flags lack `{flag}`")
-        if tls_on:
+        # Step 1 of turning TLS on (README, "Upgrade order") has TLS without
+        # the tunnel flags; once TLS is required, every pod must send it.
+        if tls_on and tls.get("require_tls"):
             for flag in ("-pa /opt/distproxy/ebin", "-epmd_module distproxy_epmd"):
                 if flag not in flags:
-                    problems.add(cwhere, f"[tls] is configured but the BEAM flags lack `{flag}` (outgoing traffic would bypass the TLS tunnel)")
+                    problems.add(cwhere, f"[tls] require_tls is on but the BEAM flags lack `{flag}`: "
+                                 "outgoing traffic would bypass the TLS tunnel and be refused by the other pods")
         if "-epmd_module distproxy_epmd" in flags and not egress:
             problems.add(cwhere, "-epmd_module distproxy_epmd but [tunnel] egress is off")
         if workload["kind"] == "StatefulSet":

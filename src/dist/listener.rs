@@ -158,6 +158,14 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         crate::tunnel::accept_tls(stream, peer, started, shared).await;
         return;
     }
+    // `tls.require_tls`: from other hosts, only TLS. Loopback is exempt
+    // (local nodes, `kubectl port-forward`).
+    if shared.config.tls.require_tls && !peer_ip.is_loopback() {
+        warn!(%peer, first_byte = first,
+            "plaintext distribution connection from another host refused (tls.require_tls)");
+        closed(reason::REFUSED_BY_POLICY);
+        return;
+    }
     if crate::tunnel::preamble::starts_preamble(first) {
         crate::tunnel::accept_preamble(
             stream,
@@ -284,7 +292,12 @@ pub async fn relay_to_node<P>(
         }
     }
     if !from_node.is_empty() {
-        if let Err(e) = peer_stream.write_all(&from_node).await {
+        // Flushed: on a TLS stream the records may otherwise stay buffered.
+        let replied = async {
+            peer_stream.write_all(&from_node).await?;
+            peer_stream.flush().await
+        };
+        if let Err(e) = replied.await {
             debug!(%peer, error = %e, "peer gone before handshake reply");
             closed(reason::PEER_CLOSED);
             return;

@@ -63,6 +63,10 @@ where
             return Ok(());
         }
         w.write_all(&buf[..n]).await?;
+        // A no-op on TCP; on TLS it sends records a write left buffered
+        // (tokio-rustls returns once the plaintext is taken, even if the
+        // socket would block), which would otherwise wait for the next read.
+        w.flush().await?;
         *total += n as u64;
         counted.increment(n as u64);
         if n == buf.len() && buf.len() < MAX_BUF {

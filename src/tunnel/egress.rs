@@ -214,7 +214,14 @@ async fn serve_egress(listener: TcpListener, egress: Arc<Egress>, shared: Arc<Sh
     let idle = shared.config.tunnel.egress_idle_timeout();
     let remote = egress.remote.full.clone();
     loop {
-        let idle_at = tokio::time::Instant::from_std(egress.idle_since() + idle);
+        // While connections are open the clock is not running: look again
+        // one idle period from now (a connection's end restarts the clock).
+        let since = if egress.open.load(Ordering::Acquire) > 0 {
+            Instant::now()
+        } else {
+            egress.idle_since()
+        };
+        let idle_at = tokio::time::Instant::from_std(since + idle);
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -398,11 +405,10 @@ async fn outbound(
     phase("connect_remote", connect_start);
     let _ = remote_stream.set_nodelay(true);
 
-    // TLS SEAM: when `[tls]` is enabled, wrap `remote_stream` here with the
-    // client side of `tls.rs` (deadline `tls.handshake_timeout_ms`, server
-    // name = `remote.host`), classify a failure as refused/timeout, and pass
-    // the TLS stream to `send_and_relay` instead: it is generic.
-    let ctx = Outbound {
+    // With `[tls]`: mutual TLS first (deadline `tls.handshake_timeout_ms`;
+    // the server's certificate is checked against the host dialled, unless
+    // `verify_server_name = "ca_only"`), then the preamble inside it.
+    let mut ctx = Outbound {
         local_peer,
         remote_addr,
         target,
@@ -410,6 +416,23 @@ async fn outbound(
         started,
         transport: super::Transport::Plain,
     };
+    if let Some(tls) = shared.tls.as_ref() {
+        let tls_start = Instant::now();
+        match tls.connect(remote_stream, &remote.host).await {
+            Ok(remote_tls) => {
+                phase("tls_handshake", tls_start);
+                ctx.transport = super::Transport::Tls;
+                send_and_relay(remote_tls, local, preamble, prefix, ctx, shared).await;
+            }
+            Err(e) => {
+                // Counted by reason in distproxy_tls_handshake_failures_total.
+                warn!(%initiator, %target, %remote_addr, reason = e.reason(), error = %e,
+                    "egress: TLS handshake with the remote sidecar failed; closing");
+                closed(reason::TLS_HANDSHAKE_FAILED);
+            }
+        }
+        return;
+    }
     send_and_relay(remote_stream, local, preamble, prefix, ctx, shared).await;
 }
 
@@ -473,6 +496,8 @@ pub async fn send_and_relay<R>(
         ("direction", "outbound".to_string()),
     ];
     metrics::counter!(m::DIST_CONNECTIONS, &labels).increment(1);
+    // For the admin endpoint's /nodes: connections relayed for this node.
+    let _counted = shared.open_connections.open(&local_node);
     let open = metrics::gauge!(m::DIST_CONNECTIONS_OPEN, &labels);
     open.increment(1.0);
     // rx: towards the local node; tx: from it (as on the inbound side).

@@ -74,17 +74,29 @@ fn phase(name: &'static str, since: Instant) {
         .record(since.elapsed().as_secs_f64());
 }
 
-/// A connection whose first byte is [`TLS_HANDSHAKE_BYTE`].
-///
-/// TLS SEAM: until `tls.rs` is wired in, TLS connections are closed. The
-/// TLS path is: `tls::accept(stream)` with `tls.handshake_timeout_ms`, then
-/// [`accept_preamble`] on the decrypted stream with [`Transport::Tls`]
-/// (after checking the initiator against the client certificate when
-/// `tls.bind_node_names` is on; see the comment there).
-pub async fn accept_tls(stream: TcpStream, peer: SocketAddr, _started: Instant, _shared: &Shared) {
-    warn!(%peer, "TLS connection on the distribution port, but TLS is not available; closing");
-    closed(reason::REFUSED_BY_POLICY);
-    drop(stream);
+/// A connection whose first byte is [`TLS_HANDSHAKE_BYTE`]: the server side
+/// of mutual TLS (deadline `tls.handshake_timeout_ms`), then the preamble
+/// inside it ([`accept_preamble_with`], with the client certificate's
+/// identity for `tls.bind_node_names`). Without `[tls]`, closed.
+pub async fn accept_tls(stream: TcpStream, peer: SocketAddr, started: Instant, shared: &Shared) {
+    let Some(tls) = shared.tls.as_ref() else {
+        warn!(%peer, "TLS connection on the distribution port, but [tls] is not configured; closing");
+        closed(reason::REFUSED_BY_POLICY);
+        return;
+    };
+    let tls_start = Instant::now();
+    match tls.accept(stream).await {
+        Ok((stream, identity)) => {
+            phase("tls_handshake", tls_start);
+            accept_preamble_with(stream, peer, Transport::Tls, Some(&identity), started, shared)
+                .await;
+        }
+        Err(e) => {
+            // Counted by reason in distproxy_tls_handshake_failures_total.
+            warn!(%peer, reason = e.reason(), error = %e, "TLS handshake with a peer failed; closing");
+            closed(reason::TLS_HANDSHAKE_FAILED);
+        }
+    }
 }
 
 /// Why a preamble could not be read.
@@ -131,9 +143,25 @@ pub async fn read_preamble<S: AsyncRead + Unpin>(
 /// initiator, and relays. `stream` starts at the preamble's first byte
 /// (plain TCP, or the decrypted TLS stream).
 pub async fn accept_preamble<S>(
+    stream: S,
+    peer: SocketAddr,
+    transport: Transport,
+    started: Instant,
+    shared: &Shared,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    accept_preamble_with(stream, peer, transport, None, started, shared).await
+}
+
+/// [`accept_preamble`] for a connection whose peer proved an identity (the
+/// client certificate of a TLS connection): with `tls.bind_node_names`, the
+/// preamble's initiator must be a node of a host the certificate names.
+pub async fn accept_preamble_with<S>(
     mut stream: S,
     peer: SocketAddr,
     transport: Transport,
+    identity: Option<&tls::PeerIdentity>,
     started: Instant,
     shared: &Shared,
 ) where
@@ -163,10 +191,19 @@ pub async fn accept_preamble<S>(
     phase("preamble", started);
     let Preamble { target, initiator } = &preamble;
 
-    // TLS SEAM: with `tls.bind_node_names`, the TLS path checks here that
-    // `initiator`'s host is a SAN of the client certificate, and closes
-    // (counted `refused_by_policy`) otherwise. Plain connections carry no
-    // identity; `tls.require_tls` refuses them before this point.
+    // Name binding: the initiator's host must be a SAN of the client
+    // certificate. Plain connections carry no identity (`tls.require_tls`
+    // refuses them from other hosts before this point).
+    if shared.config.tls.bind_node_names {
+        if let Some(identity) = identity {
+            if let Err(e) = tls::check_node_binding(identity, initiator) {
+                warn!(%peer, transport = transport.label(), %target, %initiator, error = %e,
+                    "tunnel initiator not bound to the peer's certificate (tls.bind_node_names); closing");
+                closed(reason::REFUSED_BY_POLICY);
+                return;
+            }
+        }
+    }
 
     let short = preamble.target_short_name();
     let Some(node) = shared.registry.get(short) else {

@@ -105,7 +105,11 @@ impl BeamNode {
     ) -> BeamNode {
         let lab = pod.lab();
         let name = options.name.clone().unwrap_or_else(|| pod.node_name(short));
-        let name_flag = if options.short_names { "-sname" } else { "-name" };
+        let name_flag = if options.short_names {
+            "-sname"
+        } else {
+            "-name"
+        };
         // Behind a sidecar the node listens on loopback only, so nothing can
         // reach it from another pod except through the sidecar.
         let loopback_only = epmd == EpmdKind::Sidecar;

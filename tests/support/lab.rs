@@ -21,7 +21,10 @@
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::Ipv4Addr;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -47,6 +50,12 @@ const LOG_TAIL_LINES: usize = 120;
 
 /// Serialises labs across the test threads of one process.
 static SERIAL: Mutex<()> = Mutex::new(());
+/// Abstract Unix socket bound while a lab exists: serialises labs across
+/// processes too (e.g. two e2e test binaries started at once). The kernel
+/// frees the name when its holder dies, so a killed run never leaves it taken.
+const HOST_LOCK: &[u8] = b"distproxy-e2e-lab";
+/// How long a lab waits for another process's lab to finish.
+const HOST_LOCK_WAIT: Duration = Duration::from_secs(900);
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 static STALE_CLEANUP: Once = Once::new();
 
@@ -76,17 +85,20 @@ pub struct Lab {
     namespaces: Vec<String>,
     started: Instant,
     // Declared last: released only after the cleanup in `drop`.
+    _host_lock: UnixListener,
     _serial: MutexGuard<'static, ()>,
 }
 
 impl Lab {
     /// Builds a lab with one pod per name (`["a", "b", "s"]` gives pods
-    /// `pod-a.dp.test`, ...). Waits for any other lab of this process to be
-    /// dropped first. Panics, after cleaning up, if anything fails.
+    /// `pod-a.dp.test`, ...). Waits for any other lab, of this process or
+    /// another, to be dropped first. Panics, after cleaning up, if anything
+    /// fails.
     pub fn new(pod_names: &[&str]) -> Lab {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let host_lock = host_lock();
         STALE_CLEANUP.call_once(remove_stale);
 
         let pid = std::process::id();
@@ -108,6 +120,7 @@ impl Lab {
             pods: Vec::new(),
             namespaces: Vec::new(),
             started: Instant::now(),
+            _host_lock: host_lock,
             _serial: serial,
         };
 
@@ -451,6 +464,25 @@ impl Pod {
         node
     }
 
+    /// `GET path` (HTTP/1.0) from `127.0.0.1:port` inside this pod, e.g. the
+    /// sidecar's admin endpoint. Panics unless the status is 200; returns the
+    /// body.
+    pub fn http_get(&self, port: u16, path: &str) -> String {
+        let script = "exec 3<>\"/dev/tcp/127.0.0.1/$1\" && \
+                      printf 'GET %s HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' \"$2\" >&3 && \
+                      cat <&3";
+        let port = port.to_string();
+        let response = self.run_ok("bash", &["-c", script, "http_get", &port, path]);
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head.lines().next().unwrap_or_default();
+        assert!(
+            status.split_whitespace().nth(1) == Some("200"),
+            "GET {path} on port {port} in pod {}: {status}\n{body}",
+            self.name
+        );
+        body.to_string()
+    }
+
     /// Runs `epmd -names` in this pod (it asks the local port 4369).
     pub fn epmd_names(&self) -> String {
         self.run_ok("epmd", &["-names"])
@@ -459,6 +491,34 @@ impl Pod {
     /// Waits for EPMD of this pod to listen (used by the daemons).
     pub(crate) fn wait_epmd(&self, proc: &mut Proc, timeout: Duration) {
         self.wait_listening(EPMD_PORT, timeout, Some(proc));
+    }
+}
+
+/// Takes the cross-process lab lock ([`HOST_LOCK`]), waiting for it.
+fn host_lock() -> UnixListener {
+    let addr = UnixSocketAddr::from_abstract_name(HOST_LOCK).expect("abstract socket name");
+    let start = Instant::now();
+    let mut told = false;
+    loop {
+        match UnixListener::bind_addr(&addr) {
+            Ok(listener) => return listener,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if !told && start.elapsed() > Duration::from_secs(2) {
+                    // Past the test harness's capture: say why nothing happens.
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "e2e: waiting for another process's lab to finish"
+                    );
+                    told = true;
+                }
+                assert!(
+                    start.elapsed() < HOST_LOCK_WAIT,
+                    "another process held the e2e lab lock for {HOST_LOCK_WAIT:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("cannot take the e2e lab lock (abstract Unix socket): {e}"),
+        }
     }
 }
 

@@ -36,10 +36,8 @@ pub fn e2e_enabled(test: &str, extra_tools: &[&str]) -> bool {
         };
         // Written to the process's stderr directly so the skip is visible
         // even though the test harness captures test output.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED e2e test {test}: {SKIP_VAR}=1{why}"
-        );
+        let line = format!("SKIPPED e2e test {test}: {SKIP_VAR}=1{why}\n");
+        let _ = std::io::stderr().write_all(line.as_bytes());
         return false;
     }
     if !missing.is_empty() {

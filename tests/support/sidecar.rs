@@ -7,6 +7,8 @@ use super::lab::Pod;
 use super::process::Proc;
 use super::{distproxy_bin, DIST_PORT, EPMD_PORT};
 
+/// The sidecar's admin endpoint port (default configuration).
+pub const ADMIN_PORT: u16 = 9369;
 /// The sidecar's log filter variable (tracing `EnvFilter` syntax).
 const LOG_VAR: &str = "DISTPROXY_LOG";
 /// How long a daemon may take to listen.
