@@ -155,7 +155,7 @@ fn serve_node_conn(mut s: TcpStream) -> io::Result<()> {
         &mut out,
         &Challenge {
             name: format!("{NODE}@fake.host"),
-            flags: 0x0d07_df7f_bd,
+            flags: 0x000d_07df_7fbd,
             challenge: 0x1234_5678,
             creation: Some(77),
         },
@@ -355,7 +355,7 @@ impl Setup {
             &mut out,
             &SendName {
                 name: mode.initiator().to_string(),
-                flags: 0x0d07_df7f_bd,
+                flags: 0x000d_07df_7fbd,
                 creation: Some(1234),
                 version: None,
             },

@@ -15,6 +15,9 @@ use support_inproc::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Parsed samples: (name, sorted labels) → value.
+type Samples = HashMap<(String, Vec<(String, String)>), f64>;
+
 /// One recorder per test process (the `metrics` facade is global).
 fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -56,7 +59,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// Scrapes and parses `/metrics`: (name, sorted labels) → value.
-async fn scrape(addr: SocketAddr) -> HashMap<(String, Vec<(String, String)>), f64> {
+async fn scrape(addr: SocketAddr) -> Samples {
     let (status, body) = http_get(addr, "/metrics").await;
     assert_eq!(status, 200);
     let lines = body.lines().map(|l| Ok(l.to_string()));
@@ -80,11 +83,7 @@ async fn scrape(addr: SocketAddr) -> HashMap<(String, Vec<(String, String)>), f6
     out
 }
 
-fn get(
-    m: &HashMap<(String, Vec<(String, String)>), f64>,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> f64 {
+fn get(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut l: Vec<(String, String)> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -162,7 +161,7 @@ async fn metrics_follow_the_traffic() {
         &mut frame,
         &distproxy::dist::handshake::SendName {
             name: "lost@remote".into(),
-            flags: 0x0d07_df7f_bd,
+            flags: 0x000d_07df_7fbd,
             creation: Some(1),
             version: None,
         },

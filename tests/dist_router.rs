@@ -68,7 +68,7 @@ async fn single_node_is_the_fallback_and_two_nodes_without_lookup_are_unroutable
         &mut out,
         &SendName {
             name: "x@remote".into(),
-            flags: 0x0d07_df7f_bd,
+            flags: 0x000d_07df_7fbd,
             creation: Some(1),
             version: None,
         },

@@ -686,7 +686,7 @@ mod tunnel_tls {
             &mut out,
             &SendName {
                 name: initiator.to_string(),
-                flags: 0x0d07_df7f_bd,
+                flags: 0x000d_07df_7fbd,
                 creation: Some(42),
                 version: None,
             },

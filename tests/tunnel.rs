@@ -106,7 +106,7 @@ fn send_name_frame(initiator: &str) -> BytesMut {
         &mut out,
         &SendName {
             name: initiator.to_string(),
-            flags: 0x0d07_df7f_bd,
+            flags: 0x000d_07df_7fbd,
             creation: Some(42),
             version: None,
         },

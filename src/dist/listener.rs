@@ -414,7 +414,7 @@ mod tests {
             &mut out,
             &handshake::Challenge {
                 name: name.to_string(),
-                flags: 0x0d07_df7f_bd,
+                flags: 0x000d_07df_7fbd,
                 challenge: 42,
                 creation: Some(7),
             },

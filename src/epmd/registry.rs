@@ -207,7 +207,7 @@ impl Registry {
             .values()
             .map(|s| (s.id, s.entry.clone()))
             .collect();
-        v.sort_by(|a, b| b.0.cmp(&a.0));
+        v.sort_by_key(|e| std::cmp::Reverse(e.0));
         v.into_iter().map(|(_, e)| e).collect()
     }
 

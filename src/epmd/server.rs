@@ -77,7 +77,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
     let local_peer = is_local_peer(peer_ip, local.map(|a| canonical(a.ip())));
     let idle = shared.config.epmd.idle_timeout();
 
-    let mut framed = FramedRead::new(stream, RequestCodec::default());
+    let mut framed = FramedRead::new(stream, RequestCodec);
     let request = match tokio::time::timeout(idle, framed.next()).await {
         Err(_) => {
             debug!(%peer, "epmd request timed out; closing");

@@ -88,6 +88,7 @@ pub async fn accept_tls(stream: TcpStream, peer: SocketAddr, started: Instant, s
     match tls.accept(stream).await {
         Ok((stream, identity)) => {
             phase("tls_handshake", tls_start);
+            tracing::debug!(%peer, client = %identity, "TLS peer authenticated");
             accept_preamble_with(stream, peer, Transport::Tls, Some(&identity), started, shared)
                 .await;
         }

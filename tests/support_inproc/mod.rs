@@ -122,7 +122,7 @@ impl FakeNode {
                         &mut out,
                         &Challenge {
                             name: full,
-                            flags: 0x0d07_df7f_bd,
+                            flags: 0x000d_07df_7fbd,
                             challenge: 0x1234_5678,
                             creation: Some(77),
                         },
@@ -154,7 +154,7 @@ pub async fn dial_as(dist: SocketAddr, initiator: &str) -> (TcpStream, String) {
         &mut out,
         &SendName {
             name: initiator.to_string(),
-            flags: 0x0d07_df7f_bd,
+            flags: 0x000d_07df_7fbd,
             creation: Some(1234),
             version: None,
         },
