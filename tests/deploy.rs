@@ -894,7 +894,7 @@ fn dockerfile_rust_version_builds_the_locked_dependencies() {
 /// and walks through every kustomization.
 #[test]
 fn deploy_readme_covers_metrics_and_manifests() {
-    let readme = std::fs::read_to_string(repo().join("deploy/README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let validator = std::fs::read_to_string(repo().join(VALIDATOR)).unwrap();
     let block = &validator[validator.find("KNOWN_METRICS = {").unwrap()..];
     let block = &block[..block.find('}').unwrap()];
@@ -903,14 +903,14 @@ fn deploy_readme_covers_metrics_and_manifests() {
     for metric in metrics {
         assert!(
             readme.contains(metric),
-            "deploy/README.md does not mention {metric}"
+            "README.md does not mention {metric}"
         );
     }
     for r in RENDERS {
         let dir = r.dir.trim_start_matches("deploy/");
         assert!(
             readme.contains(dir),
-            "deploy/README.md does not mention {dir}"
+            "README.md does not mention {dir}"
         );
     }
     for flag in [
@@ -921,7 +921,7 @@ fn deploy_readme_covers_metrics_and_manifests() {
     ] {
         assert!(
             readme.contains(flag),
-            "deploy/README.md does not explain {flag}"
+            "README.md does not explain {flag}"
         );
     }
 }
