@@ -29,6 +29,8 @@
 //!   cargo bench --bench relay -- --quick     shorter (or RELAY_BENCH_QUICK=1)
 //! Without `--bench` (as `cargo test --benches` runs it) it does a smoke run
 //! of well under a second with tiny sizes, to check that it works.
+//! RELAY_BENCH_ONLY=bulk,bidir,pingpong,idle runs only those sections;
+//! RELAY_BENCH_PROXY_BIN=<path> measures another distproxy build.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -213,6 +215,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The distproxy binary built with this bench, or RELAY_BENCH_PROXY_BIN
+/// (to compare builds, e.g. before and after a relay change).
+fn proxy_bin() -> String {
+    std::env::var("RELAY_BENCH_PROXY_BIN")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_distproxy").to_string())
+}
+
 fn start_proxy() -> Proxy {
     // Never 4369: a real EPMD may be running.
     let (epmd_port, dist_port) = loop {
@@ -231,7 +242,7 @@ fn start_proxy() -> Proxy {
     )
     .unwrap();
     config.flush().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_distproxy"))
+    let child = Command::new(proxy_bin())
         .arg("run")
         .arg("--config")
         .arg(config.path())
@@ -700,7 +711,6 @@ fn main() {
         (true, true) => QUICK,
         (true, false) => FULL,
     };
-    // RELAY_BENCH_ONLY=bulk,bidir,pingpong,idle picks sections (profiling).
     let only = std::env::var("RELAY_BENCH_ONLY").unwrap_or_default();
     let wanted = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
     let started = Instant::now();
@@ -710,7 +720,7 @@ fn main() {
     println!(
         "relay bench, {} run: loopback, {cpus} CPUs, proxy = {} (pid {})",
         plan.label,
-        env!("CARGO_BIN_EXE_distproxy"),
+        proxy_bin(),
         setup.proxy.child.id()
     );
     let mut res = Results::default();

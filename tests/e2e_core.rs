@@ -213,6 +213,8 @@ fn an_elixir_node_behind_the_sidecar_is_reachable_from_another_pod() {
     }
     let e1_name = a.node_name("e1");
     assert_eq!(e1.name(), e1_name);
+    // The --erl flags took effect: e1 listens on loopback only.
+    assert_only_the_sidecar_listens_beyond_loopback(a, &sidecar_a, 2);
 
     assert_eq!(b1.ping(&e1_name), "pong", "b1 -> e1");
     assert_eq!(b1.rpc_node(&e1_name), e1_name, "rpc b1 -> e1");
@@ -302,8 +304,8 @@ fn harness_works_with_stock_epmd_pods() {
     for node in [&mut p1, &mut p2, &mut q1, &mut qe] {
         node.wait_ready();
     }
-    // Pods are isolated: the hosts file resolves names, addresses are the
-    // pods' own, and nothing of the root namespace is listening inside.
+    // Each pod has its own sockets, and its hosts file resolves the other
+    // pod's name to that pod's address.
     let listeners = p.listening_tcp();
     assert!(
         listeners.iter().any(|l| l.addr.port() == EPMD_PORT),

@@ -239,7 +239,7 @@ pub async fn relay_to_node<P>(
     started: Instant,
     shared: &Shared,
 ) where
-    P: AsyncRead + tokio::io::AsyncWrite + Unpin,
+    P: AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     let target = node.spec.name.clone();
     let node_addr = SocketAddr::new(node.addr, node.spec.port);

@@ -1,17 +1,32 @@
 //! Opaque byte relaying between two sockets.
 //!
-//! Each direction reads into its own buffer that starts small (an idle
-//! distribution connection costs little) and doubles on full reads up to
-//! [`MAX_BUF`] (bulk transfers get large reads). Buffers are reused, so there
-//! is no allocation per read. EOF in one direction is propagated as a write
-//! shutdown (half-close) while the other direction keeps flowing; an error in
-//! either direction ends both.
+//! Two paths, chosen by [`relay`] from the stream types:
+//!
+//! - Two plaintext [`TcpStream`]s on Linux: `splice(2)` through a pipe, so
+//!   the bytes never enter user space and the relay holds no buffer (see
+//!   [`splice`](self::splice) for pipes, readiness and fallbacks).
+//! - Anything else (TLS): each direction reads into its own buffer that
+//!   starts small (an idle distribution connection costs little) and doubles
+//!   on full reads up to [`MAX_BUF`] (bulk transfers get large reads).
+//!   Buffers are reused, so there is no allocation per read.
+//!
+//! On both paths EOF in one direction is propagated as a write shutdown
+//! (half-close) while the other direction keeps flowing; an error in either
+//! direction ends both; bytes are counted once written. TCP_NODELAY is the
+//! callers' duty (they set it on every leg when connecting or accepting);
+//! the relay sets it again on TCP streams, as a relay that forgets it adds
+//! 40 ms Nagle stalls to every small message.
 
+use std::any::Any;
 use std::io;
 
 use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+
+#[cfg(target_os = "linux")]
+mod splice;
 
 pub const INITIAL_BUF: usize = 4 * 1024;
 pub const MAX_BUF: usize = 256 * 1024;
@@ -77,6 +92,10 @@ where
 
 /// Relays between `peer` (remote side) and `node` (local node) until both
 /// directions close, one fails, or `stop` fires.
+///
+/// Two [`TcpStream`]s are spliced on Linux; other streams are copied
+/// through buffers. (`'static` is what lets the stream types be inspected;
+/// streams owned by a spawned task are `'static` anyway.)
 pub async fn relay<P, N>(
     peer: P,
     node: N,
@@ -85,28 +104,67 @@ pub async fn relay<P, N>(
     stop: &CancellationToken,
 ) -> RelayEnd
 where
-    P: AsyncRead + AsyncWrite + Unpin,
-    N: AsyncRead + AsyncWrite + Unpin,
+    P: AsyncRead + AsyncWrite + Unpin + 'static,
+    N: AsyncRead + AsyncWrite + Unpin + 'static,
 {
-    let (peer_r, peer_w) = tokio::io::split(peer);
-    let (node_r, node_w) = tokio::io::split(node);
-    let mut stats = RelayStats::default();
     let (mut rx, mut tx) = (0u64, 0u64);
     let result = {
-        let to_node = copy_one_way(peer_r, node_w, &rx_bytes, &mut rx);
-        let to_peer = copy_one_way(node_r, peer_w, &tx_bytes, &mut tx);
+        let both = copy_both_ways(peer, node, &rx_bytes, &tx_bytes, &mut rx, &mut tx);
         tokio::select! {
-            r = async { tokio::try_join!(to_node, to_peer) } => Some(r),
+            r = both => Some(r),
             _ = stop.cancelled() => None,
         }
     };
-    stats.rx = rx;
-    stats.tx = tx;
+    let stats = RelayStats { rx, tx };
     match result {
-        Some(Ok(_)) => RelayEnd::Closed(stats),
+        Some(Ok(())) => RelayEnd::Closed(stats),
         Some(Err(e)) => RelayEnd::Failed(stats, e),
         None => RelayEnd::Stopped(stats),
     }
+}
+
+/// Both streams as plaintext TCP sockets, if they are.
+fn as_tcp_pair<'a, P: 'static, N: 'static>(
+    peer: &'a P,
+    node: &'a N,
+) -> Option<(&'a TcpStream, &'a TcpStream)> {
+    let peer = (peer as &dyn Any).downcast_ref::<TcpStream>()?;
+    let node = (node as &dyn Any).downcast_ref::<TcpStream>()?;
+    Some((peer, node))
+}
+
+/// Whether [`relay`] splices between these stream types on this platform.
+pub fn splices<P: 'static, N: 'static>(peer: &P, node: &N) -> bool {
+    cfg!(target_os = "linux") && as_tcp_pair(peer, node).is_some()
+}
+
+async fn copy_both_ways<P, N>(
+    peer: P,
+    node: N,
+    rx_bytes: &Counter,
+    tx_bytes: &Counter,
+    rx: &mut u64,
+    tx: &mut u64,
+) -> io::Result<()>
+where
+    P: AsyncRead + AsyncWrite + Unpin + 'static,
+    N: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    if let Some((p, n)) = as_tcp_pair(&peer, &node) {
+        let _ = p.set_nodelay(true);
+        let _ = n.set_nodelay(true);
+        #[cfg(target_os = "linux")]
+        {
+            let to_node = splice::copy_one_way(p, n, rx_bytes, rx);
+            let to_peer = splice::copy_one_way(n, p, tx_bytes, tx);
+            return tokio::try_join!(to_node, to_peer).map(|_| ());
+        }
+    }
+    let (peer_r, peer_w) = tokio::io::split(peer);
+    let (node_r, node_w) = tokio::io::split(node);
+    let to_node = copy_one_way(peer_r, node_w, rx_bytes, rx);
+    let to_peer = copy_one_way(node_r, peer_w, tx_bytes, tx);
+    tokio::try_join!(to_node, to_peer).map(|_| ())
 }
 
 #[cfg(test)]
@@ -162,5 +220,135 @@ mod tests {
         });
         stop.cancel();
         assert!(matches!(h.await.unwrap(), RelayEnd::Stopped(_)));
+    }
+
+    /// A connected pair of loopback sockets.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    fn counter() -> (Counter, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        (Counter::from_arc(n.clone()), n)
+    }
+
+    #[tokio::test]
+    async fn chooses_splice_only_for_two_tcp_streams() {
+        let (a, b) = tcp_pair().await;
+        let (d1, _d2) = duplex(64);
+        assert_eq!(splices(&a, &b), cfg!(target_os = "linux"));
+        assert!(!splices(&a, &d1));
+        assert!(!splices(&d1, &b));
+    }
+
+    /// Over real sockets: both directions at once with more bytes than the
+    /// socket and pipe buffers hold, then half-close each way in turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_relay_moves_both_ways_with_half_close_and_counts() {
+        let (mut client, peer_side) = tcp_pair().await;
+        let (node_side, mut server) = tcp_pair().await;
+        let (rx_c, rx_n) = counter();
+        let (tx_c, tx_n) = counter();
+        #[cfg(target_os = "linux")]
+        let spliced_before = splice::SPLICED.load(std::sync::atomic::Ordering::Relaxed);
+        let stop = CancellationToken::new();
+        let h = tokio::spawn(async move { relay(peer_side, node_side, rx_c, tx_c, &stop).await });
+
+        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let client_task = tokio::spawn(async move {
+            let (mut r, mut w) = client.split();
+            let write = async {
+                w.write_all(&up2).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut back = Vec::new();
+            let read = r.read_to_end(&mut back);
+            let (_, n) = tokio::join!(write, read);
+            n.unwrap();
+            back
+        });
+        let (mut sr, mut sw) = server.split();
+        let mut got = Vec::new();
+        let send_down = async {
+            sw.write_all(&down2).await.unwrap();
+        };
+        let (_, n) = tokio::join!(send_down, sr.read_to_end(&mut got));
+        n.unwrap();
+        assert!(got == up, "peer to node: {} bytes of {}", got.len(), up.len());
+        // The node may still write after the peer's half-close.
+        sw.write_all(b"reply after half-close").await.unwrap();
+        sw.shutdown().await.unwrap();
+        let back = client_task.await.unwrap();
+        assert_eq!(back.len(), down.len() + 22);
+        assert!(back[..down.len()] == down[..], "node to peer");
+        assert_eq!(&back[down.len()..], b"reply after half-close");
+
+        let end = h.await.unwrap();
+        assert!(matches!(end, RelayEnd::Closed(_)), "{end:?}");
+        let (rx, tx) = (up.len() as u64, down.len() as u64 + 22);
+        assert_eq!(end.stats(), RelayStats { rx, tx });
+        assert_eq!(rx_n.load(std::sync::atomic::Ordering::Relaxed), rx);
+        assert_eq!(tx_n.load(std::sync::atomic::Ordering::Relaxed), tx);
+        #[cfg(target_os = "linux")]
+        assert!(
+            splice::SPLICED.load(std::sync::atomic::Ordering::Relaxed) - spliced_before >= rx + tx,
+            "the bytes went through splice"
+        );
+    }
+
+    /// Small messages go out at once (no Nagle, no MSG_MORE held back).
+    #[tokio::test]
+    async fn tcp_relay_small_messages_are_not_held_back() {
+        let (mut client, peer_side) = tcp_pair().await;
+        let (node_side, mut server) = tcp_pair().await;
+        client.set_nodelay(true).unwrap();
+        server.set_nodelay(true).unwrap();
+        let stop = CancellationToken::new();
+        let s2 = stop.clone();
+        let h = tokio::spawn(async move {
+            relay(peer_side, node_side, Counter::noop(), Counter::noop(), &s2).await
+        });
+        let echo = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while server.read_exact(&mut buf).await.is_ok() {
+                server.write_all(&buf).await.unwrap();
+            }
+        });
+        let started = std::time::Instant::now();
+        let mut back = [0u8; 64];
+        for i in 0..200u8 {
+            client.write_all(&[i; 64]).await.unwrap();
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [i; 64]);
+        }
+        // 200 round trips held back even 40 ms each would take 8 s.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+        stop.cancel();
+        assert!(matches!(h.await.unwrap(), RelayEnd::Stopped(s) if s.rx == 200 * 64 && s.tx == 200 * 64));
+        drop(client);
+        echo.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tcp_relay_reports_a_reset() {
+        let (client, peer_side) = tcp_pair().await;
+        let (node_side, server) = tcp_pair().await;
+        let stop = CancellationToken::new();
+        let h = tokio::spawn(async move {
+            relay(peer_side, node_side, Counter::noop(), Counter::noop(), &stop).await
+        });
+        // With SO_LINGER 0, closing sends a reset instead of a FIN.
+        socket2::SockRef::from(&server).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(server);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), h)
+            .await
+            .expect("relay ends after a reset")
+            .unwrap();
+        assert!(matches!(end, RelayEnd::Failed(..)), "{end:?}");
+        drop(client);
     }
 }

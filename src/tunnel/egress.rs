@@ -460,7 +460,7 @@ pub async fn send_and_relay<R>(
     ctx: Outbound<'_>,
     shared: &Shared,
 ) where
-    R: AsyncRead + AsyncWrite + Unpin + Send,
+    R: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Outbound {
         local_peer,

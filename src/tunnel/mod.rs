@@ -150,7 +150,7 @@ pub async fn accept_preamble<S>(
     started: Instant,
     shared: &Shared,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     accept_preamble_with(stream, peer, transport, None, started, shared).await
 }
@@ -166,7 +166,7 @@ pub async fn accept_preamble_with<S>(
     started: Instant,
     shared: &Shared,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::with_capacity(512);
     let preamble = match read_preamble(

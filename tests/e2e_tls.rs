@@ -1,0 +1,798 @@
+//! End-to-end tests of the sidecar ↔ sidecar tunnel over mutual TLS, with
+//! real OTP nodes (started with `-pa DIR -epmd_module distproxy_epmd`) in
+//! network-namespace pods, and certificates made here with rcgen, written
+//! the way Kubernetes mounts a Secret (symlinks through `..data`).
+//!
+//! Nodes listen on 127.0.0.1 only (see `support::lab`), so every byte
+//! between pods passes through the sidecars; a packet capture on the lab's
+//! bridge shows what crossed. The sidecars' metrics and logs show how.
+//!
+//! Needs root, iproute2, erlang-nox and tcpdump; fails saying so otherwise,
+//! unless `DISTPROXY_SKIP_E2E=1`.
+
+mod certs;
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use certs::{Ca, Leaf, SecretDir};
+use support::beam::{atom, ErlangOptions};
+use support::process::Proc;
+use support::{e2e_enabled, BeamNode, Daemon, Lab, Pod, SidecarOptions};
+
+/// Deadline for the concurrent pings (OTP gives up a connection after 7 s).
+const PING_ALL_TIMEOUT: Duration = Duration::from_secs(40);
+const ADMIN_PORT: u16 = 9369;
+const DIST_PORT: u16 = 43691;
+const MODULE_SRC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/erlang/distproxy_epmd.erl"
+);
+/// A string sent as message payload; it must never cross in clear text.
+const MARKER: &str = "DP-MARKER-5c1e-payload-that-must-stay-encrypted";
+
+// ---------------------------------------------------------------------------
+// Set-up helpers
+
+/// Compiles `distproxy_epmd.erl` (warnings as errors) into the lab.
+fn compile_module(lab: &Lab) -> PathBuf {
+    let ebin = lab.dir().join("tunnel-ebin");
+    std::fs::create_dir_all(&ebin).unwrap();
+    let out = Command::new("timeout")
+        .args(["-k", "2", "60", "erlc", "+warnings_as_errors", "-o"])
+        .arg(&ebin)
+        .arg(MODULE_SRC)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run erlc");
+    assert!(
+        out.status.success(),
+        "erlc {MODULE_SRC} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ebin
+}
+
+/// The documented flags, and optionally a full node name.
+fn with_module(ebin: &Path, name: Option<&str>) -> ErlangOptions {
+    ErlangOptions {
+        name: name.map(str::to_string),
+        extra_args: vec![
+            "-pa".into(),
+            ebin.display().to_string(),
+            "-epmd_module".into(),
+            "distproxy_epmd".into(),
+        ],
+        ..Default::default()
+    }
+}
+
+/// TLS settings of one pod's sidecar.
+struct TlsPod {
+    require_tls: bool,
+    bind_node_names: bool,
+}
+
+impl Default for TlsPod {
+    fn default() -> Self {
+        TlsPod {
+            require_tls: true,
+            bind_node_names: true,
+        }
+    }
+}
+
+/// Writes `leaf` and `ca_pem` as a Secret-like directory in the lab and
+/// starts the pod's sidecar with `[tls]` pointing at it.
+fn spawn_tls_sidecar(
+    lab: &Lab,
+    pod: &Pod,
+    leaf: &Leaf,
+    ca_pem: &str,
+    opts: TlsPod,
+) -> (Daemon, SecretDir) {
+    let dir = lab.dir().join(format!("tls-{}", pod.name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = SecretDir::create(&dir, &leaf.cert_pem, &leaf.key_pem, ca_pem);
+    let toml = format!(
+        "[tls]\n\
+         cert_file = \"{}\"\n\
+         key_file = \"{}\"\n\
+         ca_file = \"{}\"\n\
+         require_tls = {}\n\
+         verify_server_name = \"hostname\"\n\
+         bind_node_names = {}\n\
+         reload_interval_ms = 200\n",
+        secret.cert_file().display(),
+        secret.key_file().display(),
+        secret.ca_file().display(),
+        opts.require_tls,
+        opts.bind_node_names,
+    );
+    let daemon = pod.spawn_sidecar_with(SidecarOptions::default().config(&toml));
+    (daemon, secret)
+}
+
+/// A certificate for a pod: its host name and address.
+fn pod_leaf(ca: &Ca, pod: &Pod, serial: u64) -> Leaf {
+    ca.leaf(&[pod.host(), &pod.addr().to_string()], serial)
+}
+
+/// The sidecar's Prometheus text, fetched inside the pod.
+fn metrics(pod: &Pod) -> String {
+    pod.http_get(ADMIN_PORT, "/metrics")
+}
+
+/// Sum of the samples of `name` whose labels include every `key="value"`.
+fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+fn others(names: &[String], me: &str) -> Vec<String> {
+    names.iter().filter(|n| *n != me).cloned().collect()
+}
+
+/// Every node pings every other node, all at the same instant.
+fn ping_everyone_at_once(nodes: &mut [BeamNode]) {
+    let names: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
+    let start_at = SystemTime::now() + Duration::from_millis(800);
+    let ids: Vec<u64> = nodes
+        .iter_mut()
+        .map(|node| {
+            let others = others(&names, node.name());
+            node.send_ping_all(&others, start_at)
+        })
+        .collect();
+    let mut failures = Vec::new();
+    let mut answered = 0;
+    for (node, id) in nodes.iter_mut().zip(ids) {
+        for (target, result) in node.recv_pairs(id, PING_ALL_TIMEOUT) {
+            answered += 1;
+            if result != "pong" {
+                failures.push(format!("{} -> {target}: {result}", node.name()));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "concurrent pings failed: {failures:#?}"
+    );
+    assert_eq!(answered, names.len() * (names.len() - 1));
+}
+
+fn assert_no_misroute(sidecar: &mut Daemon) {
+    sidecar.assert_running();
+    let misroutes = sidecar.log_lines_containing("MISROUTE");
+    assert!(misroutes.is_empty(), "misrouted: {misroutes:#?}");
+}
+
+/// Waits until `sidecar`'s log has `n` lines containing `needle`.
+fn wait_log(sidecar: &Daemon, needle: &str, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while sidecar.log_lines_containing(needle).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "no {n}× {needle:?} in the sidecar log within {within:?}:\n{}",
+            sidecar.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Packet capture on the lab's bridge
+
+/// tcpdump on every interface of the lab's bridge namespace (the pods'
+/// veth ports), writing a pcap file; stopped with SIGINT so it flushes.
+struct Capture {
+    proc: Proc,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(lab: &Lab) -> Capture {
+        // Pod namespaces are `<bridge namespace><pod name>`.
+        let pod = &lab.pods()[0];
+        let bridge = pod
+            .ns()
+            .strip_suffix(pod.name())
+            .expect("pod namespace = bridge namespace + pod name");
+        let file = lab.dir().join("bridge.pcap");
+        let log = lab.dir().join("tcpdump.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", bridge, "tcpdump", "-i", "any", "-n", "-U"])
+            .args(["-s", "0", "-w"])
+            .arg(&file)
+            .arg("tcp")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out));
+        let mut proc = Proc::spawn("tcpdump on the lab bridge", &mut cmd, &log);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !proc.log_text().contains("listening on") {
+            if let Some(status) = proc.exited() {
+                panic!("tcpdump exited ({status}): {}", proc.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tcpdump did not start: {}",
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Capture { proc, file }
+    }
+
+    /// Stops the capture and returns the pcap file's bytes.
+    fn stop(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_secs(1));
+        let _ = Command::new("kill")
+            .args(["-s", "INT", &self.proc.pid().to_string()])
+            .status();
+        if self.proc.wait_exit(Duration::from_secs(10)).is_none() {
+            self.proc.kill();
+        }
+        let bytes = std::fs::read(&self.file).expect("read the capture");
+        // Not left in the lab directory, whose files are printed on failure.
+        let _ = std::fs::remove_file(&self.file);
+        bytes
+    }
+}
+
+/// A TCP flow direction: (source, destination) as `ip:port`.
+type FlowKey = (String, u16, String, u16);
+
+/// Minimal pcap reader: per flow direction, the TCP payload in sequence
+/// order (retransmissions and the duplicate seen on the second veth port
+/// dropped).
+fn tcp_streams(pcap: &[u8]) -> BTreeMap<FlowKey, Vec<u8>> {
+    assert!(pcap.len() >= 24, "capture too short");
+    let magic = u32::from_le_bytes(pcap[0..4].try_into().unwrap());
+    assert!(
+        magic == 0xa1b2c3d4 || magic == 0xa1b23c4d,
+        "not a little-endian pcap file (magic {magic:#x})"
+    );
+    let linktype = u32::from_le_bytes(pcap[20..24].try_into().unwrap());
+    let mut segments: BTreeMap<FlowKey, Vec<(u32, bool, Vec<u8>)>> = BTreeMap::new();
+    let mut pos = 24;
+    while pos + 16 <= pcap.len() {
+        let incl = u32::from_le_bytes(pcap[pos + 8..pos + 12].try_into().unwrap()) as usize;
+        let frame = &pcap[pos + 16..(pos + 16 + incl).min(pcap.len())];
+        pos += 16 + incl;
+        // Link layer -> IPv4.
+        let (proto, ip) = match linktype {
+            1 if frame.len() >= 14 => (u16::from_be_bytes([frame[12], frame[13]]), &frame[14..]),
+            113 if frame.len() >= 16 => (u16::from_be_bytes([frame[14], frame[15]]), &frame[16..]),
+            276 if frame.len() >= 20 => (u16::from_be_bytes([frame[0], frame[1]]), &frame[20..]),
+            1 | 113 | 276 => continue,
+            other => panic!("unexpected pcap link type {other}"),
+        };
+        if proto != 0x0800 || ip.len() < 20 || ip[9] != 6 {
+            continue;
+        }
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        let total = (u16::from_be_bytes([ip[2], ip[3]]) as usize).min(ip.len());
+        if total < ihl + 20 {
+            continue;
+        }
+        let src = format!("{}.{}.{}.{}", ip[12], ip[13], ip[14], ip[15]);
+        let dst = format!("{}.{}.{}.{}", ip[16], ip[17], ip[18], ip[19]);
+        let tcp = &ip[ihl..total];
+        let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+        let seq = u32::from_be_bytes(tcp[4..8].try_into().unwrap());
+        let syn = tcp[13] & 0x02 != 0;
+        let off = (tcp[12] >> 4) as usize * 4;
+        let payload = tcp.get(off..).unwrap_or_default().to_vec();
+        segments
+            .entry((src, sport, dst, dport))
+            .or_default()
+            .push((seq, syn, payload));
+    }
+    segments
+        .into_iter()
+        .map(|(key, segs)| {
+            // Sequence numbers relative to the SYN (captured: the capture
+            // starts before any connection).
+            let isn = segs
+                .iter()
+                .find(|s| s.1)
+                .map(|s| s.0.wrapping_add(1))
+                .unwrap_or_else(|| segs.iter().map(|s| s.0).min().unwrap_or(0));
+            let mut data: Vec<(u32, Vec<u8>)> = segs
+                .into_iter()
+                .filter(|s| !s.2.is_empty())
+                .map(|s| (s.0.wrapping_sub(isn), s.2))
+                .collect();
+            data.sort_by_key(|d| d.0);
+            let mut stream = Vec::new();
+            for (rel, bytes) in data {
+                let rel = rel as usize;
+                if rel > stream.len() {
+                    break; // a gap: the rest cannot be interpreted
+                }
+                let skip = stream.len() - rel;
+                if skip < bytes.len() {
+                    stream.extend_from_slice(&bytes[skip..]);
+                }
+            }
+            (key, stream)
+        })
+        .collect()
+}
+
+/// Walks `stream` as TLS records; `Err` describes the first thing that is
+/// not one. A final partial record is accepted (the capture may end there).
+fn tls_records(stream: &[u8]) -> Result<usize, String> {
+    let mut pos = 0;
+    let mut records = 0;
+    while pos + 5 <= stream.len() {
+        let (ty, major, minor) = (stream[pos], stream[pos + 1], stream[pos + 2]);
+        let len = u16::from_be_bytes([stream[pos + 3], stream[pos + 4]]) as usize;
+        if !(20..=23).contains(&ty) || major != 3 || !(1..=3).contains(&minor) || len > 16384 + 256
+        {
+            return Err(format!(
+                "offset {pos}: {:02x?} is not a TLS record header",
+                &stream[pos..pos + 5]
+            ));
+        }
+        if records == 0 && ty != 22 {
+            return Err(format!("first record has type {ty}, not handshake (22)"));
+        }
+        pos += 5 + len;
+        records += 1;
+    }
+    Ok(records)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+
+/// Pods A (a1 a2) and B (b1 b2), TLS required, host names verified, node
+/// names bound to certificates. Every node pings every other at the same
+/// instant, rpc crosses both ways carrying a marker string, 4 MiB cross
+/// intact. A capture of everything that crossed the bridge holds only TLS
+/// records on the distribution port: no node or host name, no marker.
+#[test]
+fn tls_pods_carry_every_pair_and_only_tls_crosses_the_bridge() {
+    if !e2e_enabled(
+        "tls_pods_carry_every_pair_and_only_tls_crosses_the_bridge",
+        &["tcpdump"],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let ca = Ca::new("dp-e2e-ca");
+    let (mut sidecar_a, _sa) =
+        spawn_tls_sidecar(&lab, a, &pod_leaf(&ca, a, 0xa1), &ca.pem, TlsPod::default());
+    let (mut sidecar_b, _sb) =
+        spawn_tls_sidecar(&lab, b, &pod_leaf(&ca, b, 0xb1), &ca.pem, TlsPod::default());
+    let capture = Capture::start(&lab);
+
+    let opts = with_module(&ebin, None);
+    let mut nodes = vec![
+        a.spawn_erlang_with("a1", &opts),
+        a.spawn_erlang_with("a2", &opts),
+        b.spawn_erlang_with("b1", &opts),
+        b.spawn_erlang_with("b2", &opts),
+    ];
+    for node in &mut nodes {
+        node.wait_ready();
+    }
+    let names: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
+    ping_everyone_at_once(&mut nodes);
+
+    // rpc both ways across pods, answered by the node named, with the
+    // marker as message payload (in the call and in the reply).
+    let marker_arg = format!("[\"{MARKER}\"]");
+    let expected = format!("<<\"{MARKER}\">>");
+    for (from, to) in [(0, 2), (3, 1), (1, 3), (2, 0)] {
+        let target = names[to].clone();
+        assert_eq!(nodes[from].rpc_node(&target), target);
+        assert_eq!(
+            nodes[from].rpc(&target, "erlang", "list_to_binary", &marker_arg),
+            expected,
+            "{} -> {target}",
+            names[from]
+        );
+    }
+    let blob = nodes[0].send_blob(&names[3], 4 * 1024 * 1024);
+    assert_eq!(
+        (blob.remote_size, &blob.remote_md5),
+        (blob.size, &blob.local_md5),
+        "a1 -> b2 blob"
+    );
+
+    let pcap = capture.stop();
+    for needle in [
+        MARKER.as_bytes(),
+        b"DP-MARKER",
+        b"dp.test",
+        b"pod-a",
+        b"pod-b",
+        lab.cookie().as_bytes(),
+    ] {
+        assert!(
+            !contains(&pcap, needle),
+            "{:?} crossed the bridge in clear text",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    let streams = tcp_streams(&pcap);
+    let mut tls_streams = 0;
+    let mut tls_bytes = 0;
+    for ((src, sport, dst, dport), stream) in &streams {
+        if stream.is_empty() {
+            continue;
+        }
+        assert!(
+            *sport == DIST_PORT || *dport == DIST_PORT,
+            "{src}:{sport} -> {dst}:{dport}: {} bytes outside the distribution port",
+            stream.len()
+        );
+        match tls_records(stream) {
+            Ok(records) => {
+                assert!(records >= 1);
+                tls_streams += 1;
+                tls_bytes += stream.len();
+            }
+            Err(e) => panic!("{src}:{sport} -> {dst}:{dport}: not TLS: {e}"),
+        }
+    }
+    // a1/a2 <-> b1/b2: at least 4 connections, 2 directions each.
+    assert!(
+        tls_streams >= 8,
+        "TLS stream directions seen: {tls_streams}"
+    );
+    // The blob's stream is verified as TLS records up to the first segment
+    // the capture missed (offloaded super-segments can exceed the snapshot
+    // length, and the tail may still be in tcpdump's buffer at SIGINT).
+    assert!(
+        tls_bytes > 1_000_000,
+        "the capture holds only {tls_bytes} bytes verified as TLS records"
+    );
+    eprintln!(
+        "capture: {} bytes, {tls_streams} TLS stream directions, {tls_bytes} TLS bytes",
+        pcap.len()
+    );
+
+    let (ma, mb) = (metrics(a), metrics(b));
+    for (pod, text) in [("a", &ma), ("b", &mb)] {
+        let failures = metric_sum(text, "distproxy_tls_handshake_failures_total", &[]);
+        assert_eq!(failures, 0.0, "pod {pod}: TLS handshake failures\n{text}");
+        let refused = metric_sum(
+            text,
+            "distproxy_connections_closed_total",
+            &[("reason", "refused_by_policy")],
+        );
+        assert_eq!(refused, 0.0, "pod {pod}: refused connections\n{text}");
+        for method in ["correlated", "single_node", "unroutable"] {
+            let n = metric_sum(text, "distproxy_routes_total", &[("method", method)]);
+            assert_eq!(n, 0.0, "pod {pod}: routes by {method}");
+        }
+    }
+    let preamble = metric_sum(&ma, "distproxy_routes_total", &[("method", "preamble")])
+        + metric_sum(&mb, "distproxy_routes_total", &[("method", "preamble")]);
+    assert!(
+        preamble >= 6.0,
+        "connections routed by preamble: {preamble}"
+    );
+    assert_no_misroute(&mut sidecar_a);
+    assert_no_misroute(&mut sidecar_b);
+}
+
+/// `require_tls`: a node in a pod without a sidecar (stock epmd, plain
+/// distribution) cannot reach a node of pod A, which requires TLS; it does
+/// reach pod D, whose sidecar has TLS but allows raw connections. A and D
+/// talk TLS to each other.
+#[test]
+fn require_tls_refuses_a_pod_without_sidecar_that_a_permissive_pod_accepts() {
+    if !e2e_enabled(
+        "require_tls_refuses_a_pod_without_sidecar_that_a_permissive_pod_accepts",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "c", "d"]);
+    let (a, c, d) = (lab.pod("a"), lab.pod("c"), lab.pod("d"));
+    let ebin = compile_module(&lab);
+    let ca = Ca::new("dp-e2e-ca");
+    let (mut sidecar_a, _sa) =
+        spawn_tls_sidecar(&lab, a, &pod_leaf(&ca, a, 0xa1), &ca.pem, TlsPod::default());
+    let permissive = TlsPod {
+        require_tls: false,
+        ..TlsPod::default()
+    };
+    let (mut sidecar_d, _sd) =
+        spawn_tls_sidecar(&lab, d, &pod_leaf(&ca, d, 0xd1), &ca.pem, permissive);
+    let _epmd_c = c.spawn_stock_epmd();
+
+    let opts = with_module(&ebin, None);
+    let mut a1 = a.spawn_erlang_with("a1", &opts);
+    let mut d1 = d.spawn_erlang_with("d1", &opts);
+    let mut c1 = c.spawn_erlang("c1");
+    for node in [&mut a1, &mut d1, &mut c1] {
+        node.wait_ready();
+    }
+    let (a1_name, d1_name) = (a1.name().to_string(), d1.name().to_string());
+
+    assert_eq!(
+        c1.ping(&a1_name),
+        "pang",
+        "plain distribution into a require_tls pod"
+    );
+    let ma = metrics(a);
+    assert!(
+        metric_sum(
+            &ma,
+            "distproxy_connections_closed_total",
+            &[("reason", "refused_by_policy")]
+        ) >= 1.0,
+        "pod a counts the refusal\n{ma}"
+    );
+    assert!(!sidecar_a
+        .log_lines_containing("refused (tls.require_tls)")
+        .is_empty());
+
+    assert_eq!(
+        c1.ping(&d1_name),
+        "pong",
+        "plain distribution into a permissive pod"
+    );
+    assert_eq!(c1.rpc_node(&d1_name), d1_name);
+
+    // The two sidecar pods talk TLS.
+    assert_eq!(a1.ping(&d1_name), "pong");
+    assert_eq!(d1.rpc_node(&a1_name), a1_name);
+    let md = metrics(d);
+    assert_eq!(
+        metric_sum(&md, "distproxy_tls_handshake_failures_total", &[]),
+        0.0
+    );
+    assert_no_misroute(&mut sidecar_a);
+    assert_no_misroute(&mut sidecar_d);
+}
+
+/// A sidecar whose certificate comes from another CA is refused in both
+/// directions; with `bind_node_names`, a sidecar holding pod A's
+/// certificate can carry nodes named for pod A but not a node named for
+/// pod B.
+#[test]
+fn another_ca_and_unbound_node_names_are_refused() {
+    if !e2e_enabled("another_ca_and_unbound_node_names_are_refused", &[]) {
+        return;
+    }
+    let lab = Lab::new(&["a", "e", "f"]);
+    let (a, e, f) = (lab.pod("a"), lab.pod("e"), lab.pod("f"));
+    let ebin = compile_module(&lab);
+    let ca = Ca::new("dp-e2e-ca");
+    let other = Ca::new("some-other-ca");
+    let a_leaf = pod_leaf(&ca, a, 0xa1);
+    let (mut sidecar_a, _sa) = spawn_tls_sidecar(&lab, a, &a_leaf, &ca.pem, TlsPod::default());
+    // Pod E: a certificate for its own name, but from another CA (it trusts
+    // ours, so the refusal is the server's).
+    let (_sidecar_e, _se) = spawn_tls_sidecar(
+        &lab,
+        e,
+        &pod_leaf(&other, e, 0xe1),
+        &ca.pem,
+        TlsPod::default(),
+    );
+    // Pod F: holds pod A's certificate.
+    let (_sidecar_f, _sf) = spawn_tls_sidecar(&lab, f, &a_leaf, &ca.pem, TlsPod::default());
+
+    let mut a1 = a.spawn_erlang_with("a1", &with_module(&ebin, None));
+    let mut e1 = e.spawn_erlang_with("e1", &with_module(&ebin, None));
+    let mut fb = f.spawn_erlang_with("fb", &with_module(&ebin, Some("x@pod-b.dp.test")));
+    let mut fa = f.spawn_erlang_with("fa", &with_module(&ebin, Some("y@pod-a.dp.test")));
+    for node in [&mut a1, &mut e1, &mut fb, &mut fa] {
+        node.wait_ready();
+    }
+    let a1_name = a1.name().to_string();
+    let e1_name = e1.name().to_string();
+
+    assert_eq!(
+        e1.ping(&a1_name),
+        "pang",
+        "client certificate of another CA"
+    );
+    assert_eq!(
+        a1.ping(&e1_name),
+        "pang",
+        "server certificate of another CA"
+    );
+    let ma = metrics(a);
+    assert!(
+        metric_sum(
+            &ma,
+            "distproxy_tls_handshake_failures_total",
+            &[("side", "accept"), ("reason", "unknown_ca")]
+        ) >= 1.0,
+        "pod a refused e's client certificate\n{ma}"
+    );
+    assert!(
+        metric_sum(
+            &ma,
+            "distproxy_tls_handshake_failures_total",
+            &[("side", "connect"), ("reason", "unknown_ca")]
+        ) >= 1.0,
+        "pod a refused e's server certificate\n{ma}"
+    );
+
+    let refused_before = metric_sum(
+        &ma,
+        "distproxy_connections_closed_total",
+        &[("reason", "refused_by_policy")],
+    );
+    assert_eq!(
+        fb.ping(&a1_name),
+        "pang",
+        "pod A's certificate carrying a node of pod B"
+    );
+    let ma = metrics(a);
+    assert!(
+        metric_sum(
+            &ma,
+            "distproxy_connections_closed_total",
+            &[("reason", "refused_by_policy")]
+        ) > refused_before
+    );
+    assert!(
+        !sidecar_a
+            .log_lines_containing("not bound to the peer's certificate")
+            .is_empty(),
+        "{}",
+        sidecar_a.log()
+    );
+    // The same certificate carrying a node of pod A's host is accepted.
+    assert_eq!(fa.ping(&a1_name), "pong");
+    assert_eq!(fa.rpc_node(&a1_name), a1_name);
+    assert_no_misroute(&mut sidecar_a);
+}
+
+/// Certificates (and the CA) are rotated on both pods through a Secret-like
+/// symlink swap while a bulk transfer runs: the established connection
+/// carries on untouched, and a connection made afterwards uses the new
+/// certificates (it can only: both sides now trust the new CA alone).
+#[test]
+fn certificate_rotation_during_traffic() {
+    if !e2e_enabled("certificate_rotation_during_traffic", &[]) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let ca1 = Ca::new("dp-e2e-ca-1");
+    let ca2 = Ca::new("dp-e2e-ca-2");
+    let (mut sidecar_a, secret_a) = spawn_tls_sidecar(
+        &lab,
+        a,
+        &pod_leaf(&ca1, a, 0xa1),
+        &ca1.pem,
+        TlsPod::default(),
+    );
+    let (mut sidecar_b, secret_b) = spawn_tls_sidecar(
+        &lab,
+        b,
+        &pod_leaf(&ca1, b, 0xb1),
+        &ca1.pem,
+        TlsPod::default(),
+    );
+
+    let opts = with_module(&ebin, None);
+    let mut a1 = a.spawn_erlang_with("a1", &opts);
+    let mut b1 = b.spawn_erlang_with("b1", &opts);
+    a1.wait_ready();
+    b1.wait_ready();
+    let b1_name = b1.name().to_string();
+    assert_eq!(a1.ping(&b1_name), "pong");
+    let connections = |pod: &Pod| {
+        metric_sum(
+            &metrics(pod),
+            "distproxy_dist_connections_total",
+            &[("direction", "inbound")],
+        )
+    };
+    let inbound_b = connections(b);
+
+    // A bulk transfer in flight while both pods rotate to CA 2.
+    let blob_id = a1.send(&format!(
+        "{{send_blob, {}, {}}}",
+        atom(&b1_name),
+        48 * 1024 * 1024
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    let a_new = pod_leaf(&ca2, a, 0xa2);
+    let b_new = pod_leaf(&ca2, b, 0xb2);
+    secret_a.write(&a_new.cert_pem, &a_new.key_pem, &ca2.pem);
+    secret_b.write(&b_new.cert_pem, &b_new.key_pem, &ca2.pem);
+    wait_log(
+        &sidecar_a,
+        "new connections use the new certificate",
+        1,
+        Duration::from_secs(10),
+    );
+    wait_log(
+        &sidecar_b,
+        "new connections use the new certificate",
+        1,
+        Duration::from_secs(10),
+    );
+
+    // The established connection keeps working, during and after.
+    for _ in 0..5 {
+        assert_eq!(a1.rpc_node(&b1_name), b1_name);
+    }
+    let blob = a1.recv(blob_id, Duration::from_secs(120));
+    let fields: Vec<&str> = blob.split_whitespace().collect();
+    assert_eq!(fields.len(), 5, "blob result: {blob}");
+    assert_eq!(fields[1], fields[2], "blob MD5 across the rotation: {blob}");
+    assert_eq!(
+        fields[0], fields[3],
+        "blob size across the rotation: {blob}"
+    );
+    assert_eq!(
+        connections(b),
+        inbound_b,
+        "the a1-b1 connection was not re-established"
+    );
+    assert!(a1.nodes().contains(&b1_name));
+
+    // A new connection uses the new certificates on both sides.
+    let mut a2 = a.spawn_erlang_with("a2", &opts);
+    a2.wait_ready();
+    assert_eq!(a2.ping(&b1_name), "pong");
+    assert_eq!(a2.rpc_node(&b1_name), b1_name);
+    let a_serial = format!("serial {}", a_new.serial_string());
+    let b_serial = format!("serial {}", b_new.serial_string());
+    assert!(
+        sidecar_b
+            .log_lines_containing("TLS peer authenticated")
+            .iter()
+            .any(|l| l.contains(&a_serial)),
+        "pod b saw pod a's new certificate ({a_serial}):\n{}",
+        sidecar_b.log()
+    );
+    assert!(
+        sidecar_a
+            .log_lines_containing("TLS to the remote sidecar established")
+            .iter()
+            .any(|l| l.contains(&b_serial)),
+        "pod a saw pod b's new certificate ({b_serial})"
+    );
+    for (pod, text) in [("a", metrics(a)), ("b", metrics(b))] {
+        assert_eq!(
+            metric_sum(&text, "distproxy_tls_handshake_failures_total", &[]),
+            0.0,
+            "pod {pod}\n{text}"
+        );
+        assert!(metric_sum(&text, "distproxy_tls_reloads_total", &[]) >= 1.0);
+    }
+    assert_no_misroute(&mut sidecar_a);
+    assert_no_misroute(&mut sidecar_b);
+}
