@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use certs::{Ca, Leaf, SecretDir};
-use support::beam::{atom, ErlangOptions};
+use support::beam::ErlangOptions;
 use support::process::Proc;
 use support::{e2e_enabled, BeamNode, Daemon, Lab, Pod, SidecarOptions};
 
@@ -720,42 +720,51 @@ fn certificate_rotation_during_traffic() {
     };
     let inbound_b = connections(b);
 
-    // A bulk transfer in flight while both pods rotate to CA 2.
-    let blob_id = a1.send(&format!(
-        "{{send_blob, {}, {}}}",
-        atom(&b1_name),
-        48 * 1024 * 1024
-    ));
-    std::thread::sleep(Duration::from_millis(200));
+    // Bulk transfers back to back (8 MiB each) on the a1-b1 connection
+    // while both pods rotate to CA 2, and until after both have reloaded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = std::sync::Arc::clone(&stop);
+        let b1_name = b1_name.clone();
+        std::thread::spawn(move || {
+            let mut blobs = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                blobs.push((Instant::now(), a1.send_blob(&b1_name, 8 * 1024 * 1024)));
+            }
+            (a1, blobs)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
     let a_new = pod_leaf(&ca2, a, 0xa2);
     let b_new = pod_leaf(&ca2, b, 0xb2);
     secret_a.write(&a_new.cert_pem, &a_new.key_pem, &ca2.pem);
     secret_b.write(&b_new.cert_pem, &b_new.key_pem, &ca2.pem);
-    wait_log(
-        &sidecar_a,
-        "new connections use the new certificate",
-        1,
-        Duration::from_secs(10),
-    );
-    wait_log(
-        &sidecar_b,
-        "new connections use the new certificate",
-        1,
-        Duration::from_secs(10),
-    );
+    let reloaded = "new connections use the new certificate";
+    wait_log(&sidecar_a, reloaded, 1, Duration::from_secs(10));
+    wait_log(&sidecar_b, reloaded, 1, Duration::from_secs(10));
+    let reloaded_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut a1, blobs) = traffic.join().expect("traffic thread");
 
-    // The established connection keeps working, during and after.
+    // The established connection carried every transfer, across the reload.
+    for (_, blob) in &blobs {
+        assert_eq!(
+            (blob.remote_size, &blob.remote_md5),
+            (blob.size, &blob.local_md5),
+            "blob across the rotation"
+        );
+    }
+    let before = blobs.iter().filter(|(t, _)| *t < reloaded_at).count();
+    let after = blobs.len() - before;
+    eprintln!("transfers: {before} started before both reloads, {after} after");
+    assert!(
+        before >= 2 && after >= 1,
+        "traffic spans the reload: {before} before, {after} after"
+    );
     for _ in 0..5 {
         assert_eq!(a1.rpc_node(&b1_name), b1_name);
     }
-    let blob = a1.recv(blob_id, Duration::from_secs(120));
-    let fields: Vec<&str> = blob.split_whitespace().collect();
-    assert_eq!(fields.len(), 5, "blob result: {blob}");
-    assert_eq!(fields[1], fields[2], "blob MD5 across the rotation: {blob}");
-    assert_eq!(
-        fields[0], fields[3],
-        "blob size across the rotation: {blob}"
-    );
     assert_eq!(
         connections(b),
         inbound_b,

@@ -652,7 +652,6 @@ fn serial_strings_match_the_certificates() {
 // The tunnel with TLS, in process: two sidecars on 127.0.0.1, fake nodes
 // behind the remote one, a tap between them that records what crosses.
 
-#[allow(dead_code)]
 mod support_inproc;
 
 mod tunnel_tls {
@@ -832,9 +831,11 @@ mod tunnel_tls {
         let local_epmd = epmd_addr(&p.local);
         for target in ["c", "b", "c"] {
             let port = egress_port(local_epmd, &format!("{target}@127.0.0.1")).await;
-            let (mut s, answered) =
-                support_inproc::dial_as(SocketAddr::from(([127, 0, 0, 1], port)), "a1@pod-a.dp.test")
-                    .await;
+            let (mut s, answered) = support_inproc::dial_as(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                "a1@pod-a.dp.test",
+            )
+            .await;
             assert_eq!(answered, format!("{target}@fake.host"));
             let marker = b"MARKER-7f3a-payload-through-tls";
             s.write_all(marker).await.unwrap();
@@ -844,7 +845,10 @@ mod tunnel_tls {
         }
         let seen = p.seen.lock().unwrap().clone();
         assert!(seen.len() > 1000, "the tap saw {} bytes", seen.len());
-        assert_eq!(seen[0], 0x16, "the tunnel starts with a TLS handshake record");
+        assert_eq!(
+            seen[0], 0x16,
+            "the tunnel starts with a TLS handshake record"
+        );
         for needle in [
             &b"a1@pod-a.dp.test"[..],
             b"pod-a.dp.test",
@@ -875,7 +879,9 @@ mod tunnel_tls {
         let egress = SocketAddr::from(([127, 0, 0, 1], port));
         // Pod A's certificate carrying a node of pod B: refused.
         let mut s = TcpStream::connect(egress).await.unwrap();
-        s.write_all(&send_name_frame("x@pod-b.dp.test")).await.unwrap();
+        s.write_all(&send_name_frame("x@pod-b.dp.test"))
+            .await
+            .unwrap();
         assert!(closed_without_reply(&mut s).await);
         // Its own node: routed.
         let (_s, answered) = support_inproc::dial_as(egress, "x@pod-a.dp.test").await;
@@ -953,7 +959,9 @@ mod tunnel_tls {
         // ... new tunnels present the new certificate: pod-a is no longer
         // bound to it, pod-z is.
         let mut s = TcpStream::connect(egress).await.unwrap();
-        s.write_all(&send_name_frame("x@pod-a.dp.test")).await.unwrap();
+        s.write_all(&send_name_frame("x@pod-a.dp.test"))
+            .await
+            .unwrap();
         assert!(closed_without_reply(&mut s).await);
         let (_s, answered) = support_inproc::dial_as(egress, "x@pod-z.dp.test").await;
         assert_eq!(answered, "b@fake.host");

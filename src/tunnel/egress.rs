@@ -421,7 +421,8 @@ async fn outbound(
         match tls.connect(remote_stream, &remote.host).await {
             Ok(remote_tls) => {
                 phase("tls_handshake", tls_start);
-                if let Some(Ok(server)) = super::tls::PeerIdentity::of_peer(remote_tls.get_ref().1) {
+                if let Some(Ok(server)) = super::tls::PeerIdentity::of_peer(remote_tls.get_ref().1)
+                {
                     debug!(%target, %remote_addr, %server, "TLS to the remote sidecar established");
                 }
                 ctx.transport = super::Transport::Tls;

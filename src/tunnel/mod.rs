@@ -89,8 +89,15 @@ pub async fn accept_tls(stream: TcpStream, peer: SocketAddr, started: Instant, s
         Ok((stream, identity)) => {
             phase("tls_handshake", tls_start);
             tracing::debug!(%peer, client = %identity, "TLS peer authenticated");
-            accept_preamble_with(stream, peer, Transport::Tls, Some(&identity), started, shared)
-                .await;
+            accept_preamble_with(
+                stream,
+                peer,
+                Transport::Tls,
+                Some(&identity),
+                started,
+                shared,
+            )
+            .await;
         }
         Err(e) => {
             // Counted by reason in distproxy_tls_handshake_failures_total.

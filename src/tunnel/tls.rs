@@ -82,10 +82,6 @@ pub type ServerTlsStream<IO> = tokio_rustls::server::TlsStream<IO>;
 /// The dialling side's stream.
 pub type ClientTlsStream<IO> = tokio_rustls::client::TlsStream<IO>;
 
-/// The first byte of a TLS record carrying a handshake (a ClientHello):
-/// how the distribution port recognises TLS.
-pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-
 /// TLS settings taken from `[tls]`, for a configuration with TLS enabled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSettings {

@@ -8,14 +8,20 @@
 //!   tests opted out with `DISTPROXY_SKIP_E2E=1`.
 //! - [`Lab`] builds the isolated network and owns everything started in it;
 //!   dropping it (also while a test panics) kills every process and deletes
-//!   every namespace. Labs are serialised process-wide: the suite is heavy and
-//!   the machine small.
+//!   every namespace; namespaces left by a killed run are removed by the next
+//!   one. Labs are serialised, across threads and processes: the suite is
+//!   heavy and the machine small.
 //! - [`Pod`] starts the sidecar, stock `epmd`, Erlang and Elixir nodes.
 //! - [`BeamNode`] talks to one node's agent, one request per line, with a
 //!   deadline on every read.
 //!
 //! On a failing test the lab prints the tail of every log it kept (sidecar
 //! stderr, node output) and leaves its directory in place.
+//!
+//! Environment: `DISTPROXY_SKIP_E2E=1` skips e2e tests; `DISTPROXY_E2E_BIN`
+//! runs another distproxy binary (e.g. a release build) as the sidecar;
+//! `DISTPROXY_E2E_KEEP` keeps every lab directory; `DISTPROXY_LOG` sets the
+//! sidecar's log filter (default `info,distproxy=debug`).
 
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code, unused_imports)]
