@@ -552,6 +552,17 @@ pub struct TunnelConfig {
     /// (inbound, after the first byte).
     #[serde(default = "default_preamble_timeout_ms")]
     pub preamble_timeout_ms: u64,
+    /// Before the first egress listener for a remote node opens, check that
+    /// something answers on the remote host's `remote_port`; if not, refuse
+    /// the egress request so the node falls back to a direct connection
+    /// (pods without distproxy stay reachable). Failures are remembered for
+    /// a few seconds.
+    #[serde(default = "default_probe_remote")]
+    pub probe_remote: bool,
+}
+
+fn default_probe_remote() -> bool {
+    true
 }
 
 fn default_tunnel_egress() -> bool {
@@ -586,6 +597,7 @@ impl Default for TunnelConfig {
             resolve_timeout_ms: default_resolve_timeout_ms(),
             connect_timeout_ms: default_tunnel_connect_timeout_ms(),
             preamble_timeout_ms: default_preamble_timeout_ms(),
+            probe_remote: default_probe_remote(),
         }
     }
 }

@@ -524,3 +524,47 @@ fn tunnel_resolves_short_host_names_through_the_pod_search_domain() {
     assert_no_misroute(&mut sidecar_b);
     drop(b1);
 }
+
+/// A node started with the helper module still reaches a pod without
+/// distproxy: its sidecar finds no sidecar answering on the remote host's
+/// tunnel port, refuses the egress request, and the module falls back to a
+/// direct connection through the remote pod's stock epmd.
+#[test]
+fn module_falls_back_to_a_direct_connection_for_a_pod_without_sidecar() {
+    if !e2e_enabled(
+        "module_falls_back_to_a_direct_connection_for_a_pod_without_sidecar",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "s"]);
+    let (a, s) = (lab.pod("a"), lab.pod("s"));
+    let ebin = compile_module(&lab);
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let _epmd_s = s.spawn_stock_epmd();
+    let mut a1 = a.spawn_erlang_with("a1", &with_module(&ebin));
+    let mut s1 = s.spawn_erlang("s1");
+    a1.wait_ready();
+    s1.wait_ready();
+    let (a1_name, s1_name) = (a1.name().to_string(), s1.name().to_string());
+
+    assert_eq!(a1.ping(&s1_name), "pong", "module node -> stock pod");
+    assert_eq!(a1.rpc_node(&s1_name), s1_name);
+    let ma = metrics(a);
+    let refused = metric_sum(
+        &ma,
+        "distproxy_epmd_requests_total",
+        &[("type", "egress"), ("result", "no_remote_sidecar")],
+    );
+    assert!(refused >= 1.0, "egress was not refused for the stock pod:\n{ma}");
+    assert_eq!(
+        metric_sum(&ma, "distproxy_dist_connections_total", &[("direction", "outbound")]),
+        0.0,
+        "nothing may go through the tunnel to a pod without sidecar"
+    );
+    // And the other way round, by correlation.
+    s1.halt();
+    let mut s2 = s.start_erlang("s2");
+    assert_eq!(s2.ping(&a1_name), "pong", "stock pod -> sidecar pod");
+    assert_no_misroute(&mut sidecar_a);
+}

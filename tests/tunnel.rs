@@ -314,6 +314,7 @@ async fn unreachable_remote_closes_the_local_connection() {
     drop(unused);
     let mut config = config();
     config.tunnel.remote_port = dead_port;
+    config.tunnel.probe_remote = false;
     let sc = start(config);
     // (Resolution failures are exercised in the e2e suite, whose pods have
     // no reachable name server: a test here must not query this machine's.)
@@ -321,6 +322,34 @@ async fn unreachable_remote_closes_the_local_connection() {
     let mut s = TcpStream::connect(loopback(port)).await.unwrap();
     s.write_all(&send_name_frame("a1@pod-a")).await.unwrap();
     assert!(closed_without_reply(&mut s).await);
+}
+
+/// With `probe_remote` (the default), a remote host where no sidecar answers
+/// gets "no remote sidecar" so the node falls back to a direct connection;
+/// once a sidecar answers there (and the negative answer has expired), the
+/// egress port is handed out.
+#[tokio::test]
+async fn egress_is_refused_for_a_host_without_sidecar_so_the_node_falls_back() {
+    let spare = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let remote_port = spare.local_addr().unwrap().port();
+    drop(spare);
+    let mut config = config();
+    config.tunnel.remote_port = remote_port;
+    let sc = start(config);
+    let r = egress(epmd_addr(&sc), "b@127.0.0.1").await;
+    assert_eq!(r.result, proto::EGRESS_NO_REMOTE_SIDECAR, "{r:?}");
+    assert_eq!(r.port, 0);
+    // Remembered for a few seconds: no new probe, same answer.
+    let remote = TcpListener::bind(("127.0.0.1", remote_port)).await.unwrap();
+    let r = egress(epmd_addr(&sc), "b@127.0.0.1").await;
+    assert_eq!(r.result, proto::EGRESS_NO_REMOTE_SIDECAR, "{r:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(5200)).await;
+    let port = egress_port(epmd_addr(&sc), "b@127.0.0.1").await;
+    assert_ne!(port, remote_port);
+    // The probe connected and closed without sending a byte.
+    let (mut probe, _) = remote.accept().await.unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(probe.read(&mut buf).await.unwrap(), 0);
 }
 
 // ---------------------------------------------------------------------------

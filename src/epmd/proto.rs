@@ -55,7 +55,8 @@ pub const STOP_REQ: u8 = b's';
 ///
 /// Result 0: connect to `127.0.0.1:EgressPort` and speak distribution
 /// version `Version` (6); otherwise port and version are 0 and the result is
-/// one of [`EGRESS_REFUSED`], [`EGRESS_BAD_NAME`], [`EGRESS_UNAVAILABLE`].
+/// one of [`EGRESS_REFUSED`], [`EGRESS_BAD_NAME`], [`EGRESS_UNAVAILABLE`],
+/// [`EGRESS_NO_REMOTE_SIDECAR`].
 ///
 /// Neither tag is used by OTP: `epmd_int.h` and `erl_epmd.hrl` define
 /// `a Y p n d k s x z y w v` (the last also in the Wireshark dissector), all
@@ -71,6 +72,9 @@ pub const EGRESS_REFUSED: u8 = 1;
 pub const EGRESS_BAD_NAME: u8 = 2;
 /// Egress result: no egress listener could be had (limit reached, bind failed).
 pub const EGRESS_UNAVAILABLE: u8 = 3;
+/// Egress result: nothing answers on the remote host's tunnel port (a pod
+/// without distproxy); the node falls back to a direct connection.
+pub const EGRESS_NO_REMOTE_SIDECAR: u8 = 4;
 /// The distribution version an egress reply announces: 6, the only one OTP 25
 /// and later speak (the tunnel relays whatever the two nodes negotiate).
 pub const EGRESS_DIST_VERSION: u16 = 6;

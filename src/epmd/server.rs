@@ -162,7 +162,11 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
         }
         Request::Egress { node } => {
             // distproxy's own request, from `distproxy_epmd:address_please/3`.
-            match crate::tunnel::egress::egress_port(&shared, &node) {
+            let answer = match crate::tunnel::egress::check_remote(&shared, &node).await {
+                Ok(()) => crate::tunnel::egress::egress_port(&shared, &node),
+                Err(e) => Err(e),
+            };
+            match answer {
                 Ok(port) => {
                     debug!(%peer, remote = %node, port, "egress port handed out");
                     proto::encode_egress_resp(&mut out, 0, port);

@@ -49,6 +49,12 @@ pub enum EgressError {
     TooMany(usize),
     #[error("failed to bind an egress listener on 127.0.0.1: {0}")]
     Bind(std::io::Error),
+    #[error("no sidecar answers at {host} port {port}: {why}")]
+    NoRemoteSidecar {
+        host: String,
+        port: u16,
+        why: String,
+    },
 }
 
 impl EgressError {
@@ -58,6 +64,7 @@ impl EgressError {
             EgressError::Disabled => proto::EGRESS_REFUSED,
             EgressError::BadName(_) => proto::EGRESS_BAD_NAME,
             EgressError::TooMany(_) | EgressError::Bind(_) => proto::EGRESS_UNAVAILABLE,
+            EgressError::NoRemoteSidecar { .. } => proto::EGRESS_NO_REMOTE_SIDECAR,
         }
     }
 
@@ -68,6 +75,7 @@ impl EgressError {
             EgressError::BadName(_) => "bad_name",
             EgressError::TooMany(_) => "limit_reached",
             EgressError::Bind(_) => "bind_failed",
+            EgressError::NoRemoteSidecar { .. } => "no_remote_sidecar",
         }
     }
 }
@@ -134,7 +142,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct EgressManager {
     listeners: Mutex<HashMap<String, Arc<Egress>>>,
     resolver: Resolver,
+    /// Hosts found without a sidecar, and until when that is believed.
+    no_sidecar: Mutex<HashMap<String, (Instant, String)>>,
 }
+
+/// How long a failed remote-sidecar probe is remembered.
+const NO_SIDECAR_TTL: Duration = Duration::from_secs(5);
+/// Upper bound for one probe's connect.
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Default for EgressManager {
     fn default() -> Self {
@@ -149,6 +164,7 @@ impl EgressManager {
         EgressManager {
             listeners: Mutex::new(HashMap::new()),
             resolver: Resolver::from_system_conf(),
+            no_sidecar: Mutex::new(HashMap::new()),
         }
     }
 
@@ -168,6 +184,56 @@ impl EgressManager {
 
     fn gauge(&self, n: usize) {
         metrics::gauge!(m::EGRESS_LISTENERS).set(n as f64);
+    }
+}
+
+/// With `tunnel.probe_remote`, checks before the first listener for
+/// `remote` opens that a sidecar (anything) answers on the remote host's
+/// tunnel port. A node whose egress request is refused falls back to stock
+/// behaviour, so a pod without distproxy stays reachable from nodes that use
+/// the tunnel module. The probe connection is closed without a byte.
+pub async fn check_remote(shared: &Arc<Shared>, remote: &str) -> Result<(), EgressError> {
+    let config = &shared.config.tunnel;
+    if !config.egress || !config.probe_remote || shared.egress.port_of(remote).is_some() {
+        return Ok(());
+    }
+    let Some(node) = RemoteNode::parse(remote) else {
+        return Ok(()); // egress_port reports the bad name
+    };
+    let port = config.remote_port;
+    let refused = |why: String| EgressError::NoRemoteSidecar {
+        host: node.host.clone(),
+        port,
+        why,
+    };
+    if let Some((until, why)) = lock(&shared.egress.no_sidecar).get(&node.host) {
+        if *until > Instant::now() {
+            return Err(refused(why.clone()));
+        }
+    }
+    let outcome = match shared
+        .egress
+        .resolver
+        .resolve(&node.host, config.resolve_timeout())
+        .await
+    {
+        Err(e) => Err(format!("cannot resolve: {e}")),
+        Ok(addrs) => connect_any(&addrs, port, config.connect_timeout().min(PROBE_CONNECT_TIMEOUT))
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
+    };
+    let mut cache = lock(&shared.egress.no_sidecar);
+    match outcome {
+        Ok(()) => {
+            cache.remove(&node.host);
+            Ok(())
+        }
+        Err(why) => {
+            cache.retain(|_, (until, _)| *until > Instant::now());
+            cache.insert(node.host.clone(), (Instant::now() + NO_SIDECAR_TTL, why.clone()));
+            Err(refused(why))
+        }
     }
 }
 
