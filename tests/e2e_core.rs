@@ -12,15 +12,17 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
+use support::mesh::{
+    assert_full_mesh, assert_rpc_across_pods_answered_by_target, ping_everyone_at_once,
+};
 use support::sidecar::ADMIN_PORT;
+use support::wait::wait_until;
 use support::{e2e_enabled, BeamNode, Daemon, Pod, DIST_PORT, EPMD_PORT};
 
 /// Size of the bulk transfers.
 const BLOB_SIZE: usize = 32 * 1024 * 1024;
-/// Deadline for the concurrent pings (OTP gives up a connection after 7 s).
-const PING_ALL_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// Pod A: sidecar with a1 a2 a3. Pod B: sidecar with b1 b2. Pod S: stock epmd
 /// with s1. Every node pings every other node at the same instant; rpc across
@@ -69,36 +71,13 @@ fn every_node_reaches_every_other_node_through_the_sidecars() {
     }
 
     // Everyone pings everyone, all starting at the same instant.
-    ping_everyone_at_once(&mut nodes.iter_mut().collect::<Vec<_>>());
+    ping_everyone_at_once(&mut nodes);
 
     // A full mesh: each node is connected to all five others.
-    for node in &mut nodes {
-        let mut expected = others(&names, node.name());
-        expected.sort();
-        assert_eq!(node.nodes(), expected, "nodes() of {}", node.name());
-    }
+    assert_full_mesh(&mut nodes);
 
     // rpc:call(N, erlang, node, []) across pods is answered by N itself.
-    let pod_of = |name: &str| name.split_once('@').map(|(_, h)| h.to_string());
-    let ids: Vec<(u64, Vec<String>)> = nodes
-        .iter_mut()
-        .map(|node| {
-            let mine = pod_of(node.name());
-            let targets: Vec<String> = names
-                .iter()
-                .filter(|n| pod_of(n) != mine)
-                .cloned()
-                .collect();
-            (node.send_rpc_node_all(&targets), targets)
-        })
-        .collect();
-    for (node, (id, targets)) in nodes.iter_mut().zip(ids) {
-        let results = node.recv_pairs(id, Duration::from_secs(30));
-        assert_eq!(results.len(), targets.len());
-        for (target, answer) in results {
-            assert_eq!(answer, target, "rpc from {} to {target}", node.name());
-        }
-    }
+    assert_rpc_across_pods_answered_by_target(&mut nodes);
 
     // 32 MiB between two sidecar pods, and from the stock pod into one.
     let (a3, b2) = (names[2].clone(), names[4].clone());
@@ -107,16 +86,8 @@ fn every_node_reaches_every_other_node_through_the_sidecars() {
     let blob = nodes[5].send_blob(&a3, BLOB_SIZE);
     assert_blob_intact(&blob, "s1", "a3");
 
-    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
-        sidecar.assert_running();
-        // The sidecar checks the name in each node's challenge against the
-        // node it routed to; a mismatch is logged with this marker.
-        let misroutes = sidecar.log_lines_containing("MISROUTE");
-        assert!(
-            misroutes.is_empty(),
-            "misrouted connections: {misroutes:#?}"
-        );
-    }
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
 }
 
 /// A node that halts and starts again under the same name registers anew
@@ -314,7 +285,7 @@ fn harness_works_with_stock_epmd_pods() {
     let hosts = p.run_ok("getent", &["hosts", q.host()]);
     assert!(hosts.starts_with(&q.addr().to_string()), "getent: {hosts}");
 
-    ping_everyone_at_once(&mut [&mut p1, &mut p2, &mut q1, &mut qe]);
+    ping_everyone_at_once([&mut p1, &mut p2, &mut q1, &mut qe]);
     assert_eq!(q1.rpc_node(p2.name()), p2.name());
     assert_eq!(p1.rpc_node(qe.name()), qe.name());
     let blob = p1.send_blob(q1.name(), BLOB_SIZE);
@@ -341,44 +312,6 @@ fn harness_works_with_stock_epmd_pods() {
     assert_ne!(p2.creation(), old_creation);
     assert_eq!(q1.ping(&p2_name), "pong");
     assert_eq!(q1.remote_pid_creation(&p2_name), p2.creation());
-}
-
-/// Every node pings every other node, all starting at the same wall-clock
-/// instant (each node pings its peers in parallel); panics on any `pang`.
-fn ping_everyone_at_once(nodes: &mut [&mut BeamNode]) {
-    let names: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
-    let start_at = SystemTime::now() + Duration::from_millis(800);
-    let ids: Vec<u64> = nodes
-        .iter_mut()
-        .map(|node| {
-            let others = others(&names, node.name());
-            node.send_ping_all(&others, start_at)
-        })
-        .collect();
-    let mut failures = Vec::new();
-    let mut answered = 0;
-    for (node, id) in nodes.iter_mut().zip(ids) {
-        for (target, result) in node.recv_pairs(id, PING_ALL_TIMEOUT) {
-            answered += 1;
-            if result != "pong" {
-                failures.push(format!("{} -> {target}: {result}", node.name()));
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "concurrent pings failed: {failures:#?}"
-    );
-    assert_eq!(
-        answered,
-        names.len() * (names.len() - 1),
-        "every pair pinged"
-    );
-}
-
-/// All names but `me`.
-fn others(names: &[String], me: &str) -> Vec<String> {
-    names.iter().filter(|n| *n != me).cloned().collect()
 }
 
 fn assert_blob_intact(blob: &support::BlobResult, from: &str, to: &str) {
@@ -455,16 +388,4 @@ fn parse_epmd_names(out: &str) -> Vec<(String, u16)> {
             Some((name.to_string(), port.trim().parse().ok()?))
         })
         .collect()
-}
-
-/// Polls `cond` every 100 ms until it holds, or panics after `timeout`.
-fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

@@ -6,8 +6,10 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use support::sidecar::ADMIN_PORT;
+use support::wait::poll_until;
 use support::{e2e_enabled, SidecarOptions};
 
 /// OTP's EPMD client registers once and never again: after a stock EPMD
@@ -37,37 +39,43 @@ fn registrations_survive_a_sidecar_kill_9() {
     assert_eq!(a1.ping(&b.node_name("b1")), "pong");
     assert_eq!(a2.ping(&b.node_name("b1")), "pong");
     let state_text = std::fs::read_to_string(&state).expect("state file written");
-    assert!(state_text.contains("\"a1\"") && state_text.contains("\"a2\""), "{state_text}");
+    assert!(
+        state_text.contains("\"a1\"") && state_text.contains("\"a2\""),
+        "{state_text}"
+    );
 
     // kill -9 the sidecar; the nodes keep running and never re-register.
     sidecar_a.stop();
     let restarted = a.spawn_sidecar_with(SidecarOptions::default().config(&config));
-    let adopted = a.http_get(9369, "/nodes");
+    let adopted = a.http_get(ADMIN_PORT, "/nodes");
     assert!(adopted.contains("\"adopted\": true"), "{adopted}");
 
     // A node of pod B that was not connected before reaches both (fresh
     // lookups and connections through the restarted sidecar).
     assert!(b2.nodes().is_empty(), "b2 already connected");
-    assert_eq!(b2.ping(&a1_name), "pong", "a1 unreachable after restart\n{}", restarted.log());
-    assert_eq!(b2.ping(&a2_name), "pong", "a2 unreachable after restart\n{}", restarted.log());
+    assert_eq!(
+        b2.ping(&a1_name),
+        "pong",
+        "a1 unreachable after restart\n{}",
+        restarted.log()
+    );
+    assert_eq!(
+        b2.ping(&a2_name),
+        "pong",
+        "a2 unreachable after restart\n{}",
+        restarted.log()
+    );
     assert_eq!(b2.rpc_node(&a2_name), a2_name);
 
     // Stop a2: its adopted entry is dropped within the probe interval...
     let a2_creation = a2.creation();
     a2.halt();
-    let start = Instant::now();
-    loop {
-        let names = b1.names(a.host()).unwrap_or_default();
-        if !names.iter().any(|(n, _)| n == "a2") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "a2 still listed {:?} after it stopped",
-            names
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut names = Vec::new();
+    let dropped = poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        names = b1.names(a.host()).unwrap_or_default();
+        !names.iter().any(|(n, _)| n == "a2")
+    });
+    assert!(dropped, "a2 still listed {:?} after it stopped", names);
     // ...and its name can be registered again, with a new creation.
     let mut a2_again = a.start_erlang("a2");
     assert_ne!(a2_again.creation(), a2_creation);

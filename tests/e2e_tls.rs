@@ -14,62 +14,24 @@ mod certs;
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use certs::{Ca, Leaf, SecretDir};
 use support::beam::ErlangOptions;
+use support::mesh::ping_everyone_at_once;
+use support::metrics::{metric_sum, metrics};
+use support::module::{compile_module, with_module};
 use support::process::Proc;
-use support::{e2e_enabled, BeamNode, Daemon, Lab, Pod, SidecarOptions};
+use support::wait::poll_until;
+use support::{e2e_enabled, Daemon, Lab, Pod, SidecarOptions, DIST_PORT};
 
-/// Deadline for the concurrent pings (OTP gives up a connection after 7 s).
-const PING_ALL_TIMEOUT: Duration = Duration::from_secs(40);
-const ADMIN_PORT: u16 = 9369;
-const DIST_PORT: u16 = 43691;
-const MODULE_SRC: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/deploy/erlang/distproxy_epmd.erl"
-);
 /// A string sent as message payload; it must never cross in clear text.
 const MARKER: &str = "DP-MARKER-5c1e-payload-that-must-stay-encrypted";
 
 // ---------------------------------------------------------------------------
 // Set-up helpers
-
-/// Compiles `distproxy_epmd.erl` (warnings as errors) into the lab.
-fn compile_module(lab: &Lab) -> PathBuf {
-    let ebin = lab.dir().join("tunnel-ebin");
-    std::fs::create_dir_all(&ebin).unwrap();
-    let out = Command::new("timeout")
-        .args(["-k", "2", "60", "erlc", "+warnings_as_errors", "-o"])
-        .arg(&ebin)
-        .arg(MODULE_SRC)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run erlc");
-    assert!(
-        out.status.success(),
-        "erlc {MODULE_SRC} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ebin
-}
-
-/// The documented flags, and optionally a full node name.
-fn with_module(ebin: &Path, name: Option<&str>) -> ErlangOptions {
-    ErlangOptions {
-        name: name.map(str::to_string),
-        extra_args: vec![
-            "-pa".into(),
-            ebin.display().to_string(),
-            "-epmd_module".into(),
-            "distproxy_epmd".into(),
-        ],
-        ..Default::default()
-    }
-}
 
 /// TLS settings of one pod's sidecar.
 struct TlsPod {
@@ -122,81 +84,6 @@ fn pod_leaf(ca: &Ca, pod: &Pod, serial: u64) -> Leaf {
     ca.leaf(&[pod.host(), &pod.addr().to_string()], serial)
 }
 
-/// The sidecar's Prometheus text, fetched inside the pod.
-fn metrics(pod: &Pod) -> String {
-    pod.http_get(ADMIN_PORT, "/metrics")
-}
-
-/// Sum of the samples of `name` whose labels include every `key="value"`.
-fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            if metric != name {
-                return None;
-            }
-            labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
-}
-
-fn others(names: &[String], me: &str) -> Vec<String> {
-    names.iter().filter(|n| *n != me).cloned().collect()
-}
-
-/// Every node pings every other node, all at the same instant.
-fn ping_everyone_at_once(nodes: &mut [BeamNode]) {
-    let names: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
-    let start_at = SystemTime::now() + Duration::from_millis(800);
-    let ids: Vec<u64> = nodes
-        .iter_mut()
-        .map(|node| {
-            let others = others(&names, node.name());
-            node.send_ping_all(&others, start_at)
-        })
-        .collect();
-    let mut failures = Vec::new();
-    let mut answered = 0;
-    for (node, id) in nodes.iter_mut().zip(ids) {
-        for (target, result) in node.recv_pairs(id, PING_ALL_TIMEOUT) {
-            answered += 1;
-            if result != "pong" {
-                failures.push(format!("{} -> {target}: {result}", node.name()));
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "concurrent pings failed: {failures:#?}"
-    );
-    assert_eq!(answered, names.len() * (names.len() - 1));
-}
-
-fn assert_no_misroute(sidecar: &mut Daemon) {
-    sidecar.assert_running();
-    let misroutes = sidecar.log_lines_containing("MISROUTE");
-    assert!(misroutes.is_empty(), "misrouted: {misroutes:#?}");
-}
-
-/// Waits until `sidecar`'s log has `n` lines containing `needle`.
-fn wait_log(sidecar: &Daemon, needle: &str, n: usize, within: Duration) {
-    let deadline = Instant::now() + within;
-    while sidecar.log_lines_containing(needle).len() < n {
-        assert!(
-            Instant::now() < deadline,
-            "no {n}× {needle:?} in the sidecar log within {within:?}:\n{}",
-            sidecar.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Packet capture on the lab's bridge
 
@@ -227,18 +114,16 @@ impl Capture {
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out));
         let mut proc = Proc::spawn("tcpdump on the lab bridge", &mut cmd, &log);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !proc.log_text().contains("listening on") {
+        let started = poll_until(Duration::from_secs(15), Duration::from_millis(50), || {
+            if proc.log_text().contains("listening on") {
+                return true;
+            }
             if let Some(status) = proc.exited() {
                 panic!("tcpdump exited ({status}): {}", proc.log_text());
             }
-            assert!(
-                Instant::now() < deadline,
-                "tcpdump did not start: {}",
-                proc.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            false
+        });
+        assert!(started, "tcpdump did not start: {}", proc.log_text());
         Capture { proc, file }
     }
 
@@ -394,7 +279,7 @@ fn tls_pods_carry_every_pair_and_only_tls_crosses_the_bridge() {
         spawn_tls_sidecar(&lab, b, &pod_leaf(&ca, b, 0xb1), &ca.pem, TlsPod::default());
     let capture = Capture::start(&lab);
 
-    let opts = with_module(&ebin, None);
+    let opts = with_module(&ebin);
     let mut nodes = vec![
         a.spawn_erlang_with("a1", &opts),
         a.spawn_erlang_with("a2", &opts),
@@ -502,8 +387,8 @@ fn tls_pods_carry_every_pair_and_only_tls_crosses_the_bridge() {
         preamble >= 6.0,
         "connections routed by preamble: {preamble}"
     );
-    assert_no_misroute(&mut sidecar_a);
-    assert_no_misroute(&mut sidecar_b);
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
 }
 
 /// `require_tls`: a node in a pod without a sidecar (stock epmd, plain
@@ -532,7 +417,7 @@ fn require_tls_refuses_a_pod_without_sidecar_that_a_permissive_pod_accepts() {
         spawn_tls_sidecar(&lab, d, &pod_leaf(&ca, d, 0xd1), &ca.pem, permissive);
     let _epmd_c = c.spawn_stock_epmd();
 
-    let opts = with_module(&ebin, None);
+    let opts = with_module(&ebin);
     let mut a1 = a.spawn_erlang_with("a1", &opts);
     let mut d1 = d.spawn_erlang_with("d1", &opts);
     let mut c1 = c.spawn_erlang("c1");
@@ -574,8 +459,8 @@ fn require_tls_refuses_a_pod_without_sidecar_that_a_permissive_pod_accepts() {
         metric_sum(&md, "distproxy_tls_handshake_failures_total", &[]),
         0.0
     );
-    assert_no_misroute(&mut sidecar_a);
-    assert_no_misroute(&mut sidecar_d);
+    sidecar_a.assert_no_misroute();
+    sidecar_d.assert_no_misroute();
 }
 
 /// A sidecar whose certificate comes from another CA is refused in both
@@ -606,10 +491,14 @@ fn another_ca_and_unbound_node_names_are_refused() {
     // Pod F: holds pod A's certificate.
     let (_sidecar_f, _sf) = spawn_tls_sidecar(&lab, f, &a_leaf, &ca.pem, TlsPod::default());
 
-    let mut a1 = a.spawn_erlang_with("a1", &with_module(&ebin, None));
-    let mut e1 = e.spawn_erlang_with("e1", &with_module(&ebin, None));
-    let mut fb = f.spawn_erlang_with("fb", &with_module(&ebin, Some("x@pod-b.dp.test")));
-    let mut fa = f.spawn_erlang_with("fa", &with_module(&ebin, Some("y@pod-a.dp.test")));
+    let mut a1 = a.spawn_erlang_with("a1", &with_module(&ebin));
+    let mut e1 = e.spawn_erlang_with("e1", &with_module(&ebin));
+    let named = |name: &str| ErlangOptions {
+        name: Some(name.to_string()),
+        ..with_module(&ebin)
+    };
+    let mut fb = f.spawn_erlang_with("fb", &named("x@pod-b.dp.test"));
+    let mut fa = f.spawn_erlang_with("fa", &named("y@pod-a.dp.test"));
     for node in [&mut a1, &mut e1, &mut fb, &mut fa] {
         node.wait_ready();
     }
@@ -672,7 +561,7 @@ fn another_ca_and_unbound_node_names_are_refused() {
     // The same certificate carrying a node of pod A's host is accepted.
     assert_eq!(fa.ping(&a1_name), "pong");
     assert_eq!(fa.rpc_node(&a1_name), a1_name);
-    assert_no_misroute(&mut sidecar_a);
+    sidecar_a.assert_no_misroute();
 }
 
 /// Certificates (and the CA) are rotated on both pods through a Secret-like
@@ -704,7 +593,7 @@ fn certificate_rotation_during_traffic() {
         TlsPod::default(),
     );
 
-    let opts = with_module(&ebin, None);
+    let opts = with_module(&ebin);
     let mut a1 = a.spawn_erlang_with("a1", &opts);
     let mut b1 = b.spawn_erlang_with("b1", &opts);
     a1.wait_ready();
@@ -740,8 +629,8 @@ fn certificate_rotation_during_traffic() {
     secret_a.write(&a_new.cert_pem, &a_new.key_pem, &ca2.pem);
     secret_b.write(&b_new.cert_pem, &b_new.key_pem, &ca2.pem);
     let reloaded = "new connections use the new certificate";
-    wait_log(&sidecar_a, reloaded, 1, Duration::from_secs(10));
-    wait_log(&sidecar_b, reloaded, 1, Duration::from_secs(10));
+    sidecar_a.wait_log(reloaded, 1, Duration::from_secs(10));
+    sidecar_b.wait_log(reloaded, 1, Duration::from_secs(10));
     let reloaded_at = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -802,6 +691,6 @@ fn certificate_rotation_during_traffic() {
         );
         assert!(metric_sum(&text, "distproxy_tls_reloads_total", &[]) >= 1.0);
     }
-    assert_no_misroute(&mut sidecar_a);
-    assert_no_misroute(&mut sidecar_b);
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
 }

@@ -148,8 +148,8 @@ pub struct EgressManager {
 
 /// How long a failed remote-sidecar probe is remembered.
 const NO_SIDECAR_TTL: Duration = Duration::from_secs(5);
-/// Upper bound for one probe's connect.
-const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Upper bound for one probe (resolve and connect).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Default for EgressManager {
     fn default() -> Self {
@@ -211,18 +211,23 @@ pub async fn check_remote(shared: &Arc<Shared>, remote: &str) -> Result<(), Egre
             return Err(refused(why.clone()));
         }
     }
-    let outcome = match shared
-        .egress
-        .resolver
-        .resolve(&node.host, config.resolve_timeout())
-        .await
-    {
-        Err(e) => Err(format!("cannot resolve: {e}")),
-        Ok(addrs) => connect_any(&addrs, port, config.connect_timeout().min(PROBE_CONNECT_TIMEOUT))
+    // The whole probe stays within PROBE_TIMEOUT: the Erlang module waits
+    // 3 s for the reply before it falls back on its own.
+    let probe = async {
+        let addrs = shared
+            .egress
+            .resolver
+            .resolve(&node.host, config.resolve_timeout())
+            .await
+            .map_err(|e| format!("cannot resolve: {e}"))?;
+        connect_any(&addrs, port, config.connect_timeout())
             .await
             .map(drop)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| e.to_string())
     };
+    let outcome = tokio::time::timeout(PROBE_TIMEOUT, probe)
+        .await
+        .unwrap_or_else(|_| Err(format!("cannot resolve or connect within {PROBE_TIMEOUT:?}")));
     let mut cache = lock(&shared.egress.no_sidecar);
     match outcome {
         Ok(()) => {

@@ -14,6 +14,10 @@
 //! - [`Pod`] starts the sidecar, stock `epmd`, Erlang and Elixir nodes.
 //! - [`BeamNode`] talks to one node's agent, one request per line, with a
 //!   deadline on every read.
+//! - [`mesh`] checks a set of nodes as a whole (concurrent pings, full mesh,
+//!   rpc across pods); [`metrics`] reads a sidecar's Prometheus metrics;
+//!   [`module`] compiles the `distproxy_epmd` helper module and starts nodes
+//!   with it; [`wait`] polls a condition with a deadline.
 //!
 //! On a failing test the lab prints the tail of every log it kept (sidecar
 //! stderr, node output) and leaves its directory in place.
@@ -28,10 +32,14 @@
 
 pub mod beam;
 pub mod lab;
+pub mod mesh;
+pub mod metrics;
+pub mod module;
 pub mod netstat;
 pub mod prereq;
 pub mod process;
 pub mod sidecar;
+pub mod wait;
 
 pub use beam::{BeamNode, BlobResult};
 pub use lab::{Lab, Pod};

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::lab::Pod;
 use super::process::Proc;
+use super::wait::poll_until;
 use super::{distproxy_bin, DIST_PORT, EPMD_PORT};
 
 /// The sidecar's admin endpoint port (default configuration).
@@ -137,6 +138,30 @@ impl Daemon {
             .filter(|l| l.contains(needle))
             .map(str::to_string)
             .collect()
+    }
+
+    /// Waits until the log has `n` lines containing `needle`; panics with
+    /// the log after `within`.
+    pub fn wait_log(&self, needle: &str, n: usize, within: Duration) {
+        assert!(
+            poll_until(within, Duration::from_millis(50), || {
+                self.log_lines_containing(needle).len() >= n
+            }),
+            "no {n}× {needle:?} in the sidecar log within {within:?}:\n{}",
+            self.log()
+        );
+    }
+
+    /// Panics unless the sidecar still runs and has logged no misroute: it
+    /// checks the name in each node's challenge against the node it routed
+    /// to, and logs a mismatch with the marker `MISROUTE`.
+    pub fn assert_no_misroute(&mut self) {
+        self.assert_running();
+        let misroutes = self.log_lines_containing("MISROUTE");
+        assert!(
+            misroutes.is_empty(),
+            "misrouted connections: {misroutes:#?}"
+        );
     }
 
     /// Kills the daemon.

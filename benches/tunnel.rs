@@ -1,0 +1,1271 @@
+//! The sidecar ↔ sidecar tunnel, measured in one run on loopback (issue 3,
+//! "bench"): raw bytes through every path, and real BEAM-to-BEAM
+//! distribution through the TLS sidecar pair against OTP's own
+//! `inet_tls_dist` between the same kind of nodes, with the same
+//! certificates.
+//!
+//! **Part 1, raw bytes.** A fake node (blocking sockets, one thread per
+//! connection; it answers the handshake's first frames, then sinks or
+//! echoes) is reached four ways, each connection set up as a BEAM would set
+//! it up:
+//!
+//! - `direct`: connect to the node's own port;
+//! - `one hop`: `PORT_PLEASE2_REQ` to sidecar B (`loopback_lookups =
+//!   "proxy"`), connect to its distribution port; B routes and splices (what
+//!   `benches/relay.rs` measures);
+//! - `plain pair`: egress request (`'E'`, as `distproxy_epmd` sends it) to
+//!   sidecar A, connect to the egress port; A reads `send_name`, dials B,
+//!   sends the preamble, B routes by name to the node;
+//! - `TLS pair`: the same between sidecars AT and BT with `[tls]` (mutual
+//!   TLS 1.3, rcgen certificates with IP SANs, `verify_server_name =
+//!   "hostname"`).
+//!
+//! Bulk one way (the client writes N bytes and half-closes; the node answers
+//! with the count) and 64-byte ping-pong (p50/p99), paths interleaved run by
+//! run so drift falls on every column. Each sidecar is the real binary
+//! (`distproxy run --config <tmp>`), so the load generator and the proxies do
+//! not share a runtime; the sidecars' CPU time per GiB relayed is reported.
+//!
+//! **Part 2, BEAM to BEAM.** Pairs of real OTP nodes (`erl` on PATH), a
+//! helper module compiled with `erlc` into a temp dir: the sending node
+//! sends 1 MiB binaries to a registered process on the receiving node for a
+//! fixed time, then waits for the receiver's count (which must match). MB/s
+//! is bytes over the time until that answer; median of several runs, modes
+//! interleaved. Modes:
+//!
+//! - (c) `inet_tcp_dist` directly between the nodes (the baseline);
+//! - (b) OTP's `inet_tls_dist` directly between the nodes
+//!   (`-proto_dist inet_tls -ssl_dist_optfile`, TLS 1.3 only, `verify_peer`
+//!   and `fail_if_no_peer_cert` on the server, `verify_peer` on the client,
+//!   the sidecars' certificates and CA);
+//! - (a) `inet_tcp_dist` with `-epmd_module distproxy_epmd` through the TLS
+//!   sidecar pair AT → BT;
+//! - (d) the same through the plain pair A → B (what TLS costs in the tunnel).
+//!
+//! Every node is on 127.0.0.1 with `-start_epmd false`; (c) and (b) register
+//! with sidecar A (loopback lookups answered with the node's own port, so
+//! they connect directly), (a) and (d) with their pod's sidecar. Port 4369
+//! is never used. The bench checks that each connection took the intended
+//! path (the peer port the sending node connected to is the egress port, or
+//! the receiving node's own port).
+//!
+//! Child processes (sidecars and nodes) are killed when their guards drop,
+//! including on panic; nodes also halt when their stdin closes, so they go
+//! away with this process however it ends.
+//!
+//! Usage:
+//!   cargo bench --bench tunnel               full run (about 2 minutes on 2 CPUs)
+//!   cargo bench --bench tunnel -- --quick    shorter (or TUNNEL_BENCH_QUICK=1)
+//! Without `--bench` (as `cargo test --benches` runs it) it does a smoke run
+//! of part 1 with tiny sizes, well under a second, and skips part 2.
+//! TUNNEL_BENCH_ONLY=raw or =beam runs one part; TUNNEL_BENCH_PROXY_BIN=<path>
+//! measures another distproxy build. Without `erl`/`erlc`, part 2 is skipped
+//! with the reason printed.
+
+#[path = "../tests/certs/mod.rs"]
+mod certs;
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use distproxy::client;
+use distproxy::dist::handshake::{self, Challenge, SendName, Status};
+use distproxy::epmd::proto::{self, NodeSpec, Port2Reply, Request};
+
+/// The fake node's name, registered with B and BT.
+const NODE: &str = "bench";
+/// Its full name as an egress request names it (the host part is what the
+/// sidecar resolves and dials, and what BT's certificate must name).
+const NODE_FULL: &str = "bench@127.0.0.1";
+const MSG: usize = 64;
+const CHUNK: usize = 256 * 1024;
+
+/// Sizes for one kind of run.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    label: &'static str,
+    bulk_bytes: u64,
+    bulk_runs: usize,
+    pingpong_iters: usize,
+    pingpong_blocks: usize,
+    beam: Option<BeamPlan>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BeamPlan {
+    /// Sending time of one run.
+    run_ms: u64,
+    runs: usize,
+    msg_bytes: usize,
+}
+
+const FULL: Plan = Plan {
+    label: "full",
+    bulk_bytes: 512 << 20,
+    bulk_runs: 5,
+    pingpong_iters: 20_000,
+    pingpong_blocks: 5,
+    beam: Some(BeamPlan {
+        run_ms: 2000,
+        runs: 5,
+        msg_bytes: 1 << 20,
+    }),
+};
+
+const QUICK: Plan = Plan {
+    label: "quick",
+    bulk_bytes: 128 << 20,
+    bulk_runs: 3,
+    pingpong_iters: 8_000,
+    pingpong_blocks: 4,
+    beam: Some(BeamPlan {
+        run_ms: 1000,
+        runs: 3,
+        msg_bytes: 1 << 20,
+    }),
+};
+
+const SMOKE: Plan = Plan {
+    label: "smoke (run with --bench for figures)",
+    bulk_bytes: 4 << 20,
+    bulk_runs: 1,
+    pingpong_iters: 200,
+    pingpong_blocks: 1,
+    beam: None,
+};
+
+// ---------------------------------------------------------------- fake node
+
+/// What the fake node does after the handshake, chosen by the initiator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Read to EOF, then answer with the byte count (u64, big-endian).
+    Sink,
+    /// Echo everything; half-close after EOF.
+    Echo,
+}
+
+impl Mode {
+    fn initiator(self) -> &'static str {
+        match self {
+            Mode::Sink => "sink@bench.client",
+            Mode::Echo => "echo@bench.client",
+        }
+    }
+}
+
+/// A fake BEAM node: answers the first two handshake frames with its name,
+/// then sinks or echoes. Threads live until the process exits.
+fn start_fake_node() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake node");
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { continue };
+            thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || {
+                    let _ = serve_node_conn(s);
+                })
+                .expect("spawn node thread");
+        }
+    });
+    port
+}
+
+fn serve_node_conn(mut s: TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut buf = BytesMut::with_capacity(512);
+    let mut tmp = [0u8; 512];
+    let send_name = loop {
+        if let Ok(Some((m, _))) = handshake::parse_send_name(&buf) {
+            break m;
+        }
+        let n = s.read(&mut tmp)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let mode = if send_name.name.starts_with("sink@") {
+        Mode::Sink
+    } else {
+        Mode::Echo
+    };
+    let mut out = BytesMut::new();
+    handshake::encode_status(&mut out, &Status::Ok);
+    handshake::encode_challenge(
+        &mut out,
+        &Challenge {
+            name: format!("{NODE}@fake.host"),
+            flags: 0x000d_07df_7fbd,
+            challenge: 0x1234_5678,
+            creation: Some(77),
+        },
+    );
+    s.write_all(&out)?;
+    let mut data = vec![0u8; CHUNK];
+    match mode {
+        Mode::Sink => {
+            let mut total = 0u64;
+            loop {
+                let n = s.read(&mut data)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            s.write_all(&total.to_be_bytes())?;
+        }
+        Mode::Echo => loop {
+            let n = s.read(&mut data)?;
+            if n == 0 {
+                break;
+            }
+            s.write_all(&data[..n])?;
+        },
+    }
+    s.shutdown(Shutdown::Write)
+}
+
+// ----------------------------------------------------------------- sidecars
+
+/// A distproxy process, killed on drop.
+struct Sidecar {
+    label: &'static str,
+    child: Child,
+    epmd: SocketAddr,
+    dist: SocketAddr,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("pick a free port")
+            .port();
+        // Never 4369: a real EPMD may be running on this machine.
+        if port != 4369 {
+            return port;
+        }
+    }
+}
+
+/// The distproxy binary built with this bench, or TUNNEL_BENCH_PROXY_BIN
+/// (to compare builds, e.g. before and after a relay change).
+fn proxy_bin() -> String {
+    std::env::var("TUNNEL_BENCH_PROXY_BIN")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_distproxy").to_string())
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime")
+        .block_on(f)
+}
+
+/// Starts a sidecar on 127.0.0.1 (EPMD and distribution port free ports,
+/// admin endpoint off) with `extra` appended to its configuration, and
+/// waits until it serves.
+fn start_sidecar(label: &'static str, extra: &str) -> Sidecar {
+    let (epmd_port, dist_port) = loop {
+        let (a, b) = (free_port(), free_port());
+        if a != b {
+            break (a, b);
+        }
+    };
+    let epmd: SocketAddr = ([127, 0, 0, 1], epmd_port).into();
+    let dist: SocketAddr = ([127, 0, 0, 1], dist_port).into();
+    let mut config = tempfile::NamedTempFile::new().expect("temp config");
+    write!(
+        config,
+        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n\n\
+         [admin]\nlisten = \"\"\n\n{extra}"
+    )
+    .unwrap();
+    config.flush().unwrap();
+    let child = Command::new(proxy_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(config.path())
+        .env("DISTPROXY_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start distproxy");
+    let mut sidecar = Sidecar {
+        label,
+        child,
+        epmd,
+        dist,
+        _config: config,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Both listeners are bound before either serves: a NAMES_REQ answered
+    // means the distribution port is ready too.
+    while block_on(client::names(epmd)).is_err() {
+        if let Ok(Some(status)) = sidecar.child.try_wait() {
+            panic!("sidecar {label} exited at start-up: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sidecar {label} did not start listening"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    sidecar
+}
+
+/// Certificates for the two "pods" (both sidecars and, for `inet_tls_dist`,
+/// both nodes): one CA, one leaf each with the IP SAN 127.0.0.1.
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    /// (certificate, key) of pod A and pod B.
+    a: (PathBuf, PathBuf),
+    b: (PathBuf, PathBuf),
+}
+
+fn make_pki() -> Pki {
+    let dir = tempfile::tempdir().expect("temp dir for certificates");
+    let ca = certs::Ca::new("distproxy tunnel bench CA");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write PEM");
+        p
+    };
+    let ca_file = write("ca.crt", &ca.pem);
+    let leaf = |pod: &str, serial| {
+        let l = ca.leaf(&["127.0.0.1", "localhost"], serial);
+        (
+            write(&format!("{pod}.crt"), &l.cert_pem),
+            write(&format!("{pod}.key"), &l.key_pem),
+        )
+    };
+    let a = leaf("pod-a", 1);
+    let b = leaf("pod-b", 2);
+    Pki {
+        ca: ca_file,
+        a,
+        b,
+        _dir: dir,
+    }
+}
+
+fn tls_section(pki: &Pki, (cert, key): &(PathBuf, PathBuf)) -> String {
+    format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n\
+         verify_server_name = \"hostname\"\nrequire_tls = true\n",
+        cert.display(),
+        key.display(),
+        pki.ca.display()
+    )
+}
+
+/// Every sidecar of the bench.
+struct Sidecars {
+    /// Pod B, plain: the one hop (lookups from loopback answered with the
+    /// proxy port) and the far end of the plain pair.
+    b: Sidecar,
+    /// Pod A, plain: egress to B; also the EPMD of the direct BEAM pairs.
+    a: Sidecar,
+    /// Pod B with TLS.
+    bt: Sidecar,
+    /// Pod A with TLS: egress to BT.
+    at: Sidecar,
+}
+
+fn start_sidecars(pki: &Pki) -> Sidecars {
+    let b = start_sidecar("B", "[routing]\nloopback_lookups = \"proxy\"\n");
+    let a = start_sidecar(
+        "A",
+        &format!("[tunnel]\nremote_port = {}\n", b.dist.port()),
+    );
+    let bt = start_sidecar("BT", &tls_section(pki, &pki.b));
+    let at = start_sidecar(
+        "AT",
+        &format!(
+            "[tunnel]\nremote_port = {}\n\n{}",
+            bt.dist.port(),
+            tls_section(pki, &pki.a)
+        ),
+    );
+    Sidecars { b, a, bt, at }
+}
+
+/// Asks `epmd` for the egress port of `remote`, as `distproxy_epmd` does.
+fn egress_port(epmd: SocketAddr, remote: &str) -> u16 {
+    let reply = block_on(client::request_to_eof(
+        epmd,
+        &Request::Egress {
+            node: remote.to_string(),
+        },
+    ))
+    .unwrap_or_else(|e| panic!("egress request for {remote} to {epmd}: {e}"));
+    match proto::decode_egress_resp(&reply) {
+        Ok(Some((r, _))) if r.result == 0 && r.port != 0 => r.port,
+        other => panic!("egress request for {remote} to {epmd}: {other:?}"),
+    }
+}
+
+fn lookup_port(epmd: SocketAddr, name: &str) -> u16 {
+    match block_on(client::port_please(epmd, name)) {
+        Ok(Port2Reply::Found(spec)) => spec.port,
+        other => panic!("lookup of {name} at {epmd}: {other:?}"),
+    }
+}
+
+/// User plus system CPU time of a process, in seconds (Linux only).
+fn cpu_secs(pid: u32) -> f64 {
+    // Fields 14 and 15 of /proc/<pid>/stat, in USER_HZ (100 on Linux),
+    // counted after the parenthesised command name.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|&p| cpu_secs(p)).sum()
+}
+
+// ------------------------------------------------------- part 1: raw bytes
+
+/// How the client reaches the fake node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Direct,
+    Hop,
+    PlainPair,
+    TlsPair,
+}
+
+const PATHS: [Route; 4] = [Route::Direct, Route::Hop, Route::PlainPair, Route::TlsPair];
+
+impl Route {
+    fn label(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Hop => "one hop (router, splice)",
+            Route::PlainPair => "plain sidecar pair",
+            Route::TlsPair => "TLS sidecar pair",
+        }
+    }
+}
+
+struct Raw<'a> {
+    node_port: u16,
+    sc: &'a Sidecars,
+    /// Keep the fake node registered with B and BT.
+    _registrations: Vec<tokio::net::TcpStream>,
+}
+
+impl<'a> Raw<'a> {
+    fn new(sc: &'a Sidecars) -> Raw<'a> {
+        let node_port = start_fake_node();
+        let spec = NodeSpec {
+            port: node_port,
+            node_type: 77,
+            protocol: 0,
+            highest_version: 6,
+            lowest_version: 5,
+            name: NODE.to_string(),
+            extra: Bytes::new(),
+        };
+        let registrations = [&sc.b, &sc.bt]
+            .into_iter()
+            .map(|s| {
+                let (conn, reply) = block_on(client::register(s.epmd, spec.clone()))
+                    .unwrap_or_else(|e| panic!("register the fake node with {}: {e}", s.label));
+                assert_eq!(reply.result, 0, "registration with {}", s.label);
+                conn
+            })
+            .collect();
+        Raw {
+            node_port,
+            sc,
+            _registrations: registrations,
+        }
+    }
+
+    /// The sidecars a path goes through (their CPU time is charged to it).
+    fn pids(&self, path: Route) -> Vec<u32> {
+        match path {
+            Route::Direct => vec![],
+            Route::Hop => vec![self.sc.b.child.id()],
+            Route::PlainPair => vec![self.sc.a.child.id(), self.sc.b.child.id()],
+            Route::TlsPair => vec![self.sc.at.child.id(), self.sc.bt.child.id()],
+        }
+    }
+
+    /// A connection to the node with the handshake's first frames done.
+    fn connect(&self, path: Route, mode: Mode) -> TcpStream {
+        let port = match path {
+            Route::Direct => self.node_port,
+            Route::Hop => {
+                let port = lookup_port(self.sc.b.epmd, NODE);
+                assert_eq!(port, self.sc.b.dist.port(), "lookup answered the proxy port");
+                port
+            }
+            Route::PlainPair => egress_port(self.sc.a.epmd, NODE_FULL),
+            Route::TlsPair => egress_port(self.sc.at.epmd, NODE_FULL),
+        };
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_nodelay(true).unwrap();
+        let mut out = BytesMut::new();
+        handshake::encode_send_name(
+            &mut out,
+            &SendName {
+                name: mode.initiator().to_string(),
+                flags: 0x000d_07df_7fbd,
+                creation: Some(1234),
+                version: None,
+            },
+        );
+        s.write_all(&out).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = BytesMut::new();
+        let mut tmp = [0u8; 512];
+        let mut status_len = None;
+        loop {
+            if status_len.is_none() {
+                if let Ok(Some((_, n))) = handshake::parse_status(&buf) {
+                    status_len = Some(n);
+                }
+            }
+            if let Some(sl) = status_len {
+                if let Ok(Some((c, n))) = handshake::parse_challenge(&buf[sl..]) {
+                    assert_eq!(c.name, format!("{NODE}@fake.host"), "answered by the node");
+                    assert_eq!(sl + n, buf.len(), "no bytes after the challenge");
+                    break;
+                }
+            }
+            let n = s.read(&mut tmp).expect("handshake reply");
+            assert!(n > 0, "closed during the handshake ({path:?})");
+            buf.extend_from_slice(&tmp[..n]);
+        }
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s
+    }
+
+    /// One-way bulk transfer; seconds from first write to the node's count.
+    fn bulk(&self, path: Route, bytes: u64) -> f64 {
+        let mut s = self.connect(path, Mode::Sink);
+        let data: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+        let t0 = Instant::now();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(CHUNK as u64) as usize;
+            s.write_all(&data[..n]).expect("bulk write");
+            left -= n as u64;
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count).expect("count from the node");
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!(u64::from_be_bytes(count), bytes, "node got every byte ({path:?})");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "EOF after the count ({path:?})");
+        secs
+    }
+
+    /// Round-trip times in nanoseconds of `iters` 64-byte ping-pongs.
+    fn ping_pong(&self, path: Route, iters: usize, out: &mut Vec<u64>) {
+        let mut s = self.connect(path, Mode::Echo);
+        let mut msg = [0u8; MSG];
+        let mut back = [0u8; MSG];
+        for i in 0..(iters / 10).max(100) {
+            msg[0] = i as u8;
+            s.write_all(&msg).unwrap();
+            s.read_exact(&mut back).unwrap();
+        }
+        for i in 0..iters {
+            msg[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let t0 = Instant::now();
+            s.write_all(&msg).unwrap();
+            s.read_exact(&mut back).unwrap();
+            out.push(t0.elapsed().as_nanos() as u64);
+        }
+        assert_eq!(msg, back, "echoed intact ({path:?})");
+    }
+}
+
+/// Figures of one path.
+#[derive(Default)]
+struct RawRow {
+    mbs: Vec<f64>,
+    /// Sidecar CPU seconds spent during the bulk runs.
+    bulk_cpu: f64,
+    rtt_ns: Vec<u64>,
+    pp_cpu: f64,
+}
+
+fn run_raw(sc: &Sidecars, plan: &Plan) -> Vec<(Route, RawRow)> {
+    let raw = Raw::new(sc);
+    let mut rows: Vec<(Route, RawRow)> = PATHS.iter().map(|&p| (p, RawRow::default())).collect();
+    // Warm-up: one connection per path (egress listeners, TLS setup, pipes).
+    for &p in &PATHS {
+        raw.bulk(p, 1 << 20);
+    }
+    for _ in 0..plan.bulk_runs {
+        for (p, row) in rows.iter_mut() {
+            let pids = raw.pids(*p);
+            let c0 = cpu_of(&pids);
+            let secs = raw.bulk(*p, plan.bulk_bytes);
+            row.bulk_cpu += cpu_of(&pids) - c0;
+            row.mbs.push(mb_per_s(plan.bulk_bytes, secs));
+        }
+    }
+    let block = plan.pingpong_iters.div_ceil(plan.pingpong_blocks);
+    for _ in 0..plan.pingpong_blocks {
+        for (p, row) in rows.iter_mut() {
+            let pids = raw.pids(*p);
+            let c0 = cpu_of(&pids);
+            raw.ping_pong(*p, block, &mut row.rtt_ns);
+            row.pp_cpu += cpu_of(&pids) - c0;
+        }
+    }
+    rows
+}
+
+fn print_raw(rows: &mut [(Route, RawRow)], plan: &Plan) -> Option<f64> {
+    println!(
+        "Part 1: raw bytes, fake node ({} runs of {} MiB one way; {} x 64 B ping-pongs per path)",
+        plan.bulk_runs,
+        plan.bulk_bytes >> 20,
+        plan.pingpong_iters
+    );
+    println!(
+        "{:<26} {:>9} {:>6} {:>13} {:>9} {:>6} {:>9} {:>6} {:>10} {:>9}",
+        "path",
+        "bulk MB/s",
+        "ratio",
+        "runs",
+        "p50 us",
+        "ratio",
+        "p99 us",
+        "ratio",
+        "CPU s/GiB",
+        "CPU us/rt"
+    );
+    println!("{}", "-".repeat(113));
+    let mut direct = (0.0, 0.0, 0.0);
+    let mut tls_ratio = None;
+    for (path, row) in rows.iter_mut() {
+        row.rtt_ns.sort_unstable();
+        let mbs = median(&mut row.mbs);
+        let p50 = percentile_us(&row.rtt_ns, 0.50);
+        let p99 = percentile_us(&row.rtt_ns, 0.99);
+        if *path == Route::Direct {
+            direct = (mbs, p50, p99);
+        }
+        if *path == Route::TlsPair {
+            tls_ratio = Some(mbs / direct.0);
+        }
+        let gib = plan.bulk_bytes as f64 * plan.bulk_runs as f64 / (1u64 << 30) as f64;
+        let (cpu_gib, cpu_rt) = if *path == Route::Direct {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (
+                format!("{:.2}", row.bulk_cpu / gib),
+                format!("{:.1}", row.pp_cpu * 1e6 / row.rtt_ns.len() as f64),
+            )
+        };
+        println!(
+            "{:<26} {:>9.0} {:>5.2}x {:>13} {:>9.1} {:>5.2}x {:>9.1} {:>5.2}x {:>10} {:>9}",
+            path.label(),
+            mbs,
+            mbs / direct.0,
+            spread(&row.mbs),
+            p50,
+            p50 / direct.1,
+            p99,
+            p99 / direct.2,
+            cpu_gib,
+            cpu_rt
+        );
+    }
+    println!(
+        "(CPU: user+system time of the sidecars on the path, per GiB relayed in the bulk runs \
+         and per round trip in the ping-pongs)"
+    );
+    tls_ratio
+}
+
+// ---------------------------------------------------- part 2: BEAM to BEAM
+
+/// The Erlang side of part 2. `sink/0` on the receiving node, `control/0` on
+/// the sending node (commands on stdin, one answer line each on stdout);
+/// both halt when stdin closes.
+const HELPER_ERL: &str = r#"-module(tunnel_bench).
+-export([sink/0, control/0]).
+
+sink() ->
+    true = register(tunnel_bench_sink, spawn(fun() -> sink_loop(0, 0) end)),
+    io:format("ready~n"),
+    wait_eof().
+
+sink_loop(Msgs, Bytes) ->
+    receive
+        Bin when is_binary(Bin) -> sink_loop(Msgs + 1, Bytes + byte_size(Bin));
+        {done, From, Ref} -> From ! {Ref, Msgs, Bytes}, sink_loop(0, 0)
+    end.
+
+wait_eof() ->
+    case io:get_line("") of
+        eof -> erlang:halt(0);
+        {error, _} -> erlang:halt(0);
+        _ -> wait_eof()
+    end.
+
+control() ->
+    io:format("ready~n"),
+    control_loop().
+
+control_loop() ->
+    case io:get_line("") of
+        eof -> erlang:halt(0);
+        {error, _} -> erlang:halt(0);
+        Line ->
+            Reply = try command(string:lexemes(string:trim(Line), " "))
+                    catch C:R -> io_lib:format("error ~0p:~0p", [C, R])
+                    end,
+            io:format("~s~n", [Reply]),
+            control_loop()
+    end.
+
+%% Connects and answers with the port the connection went to.
+command(["connect", NodeS]) ->
+    Node = list_to_atom(NodeS),
+    case net_kernel:connect_node(Node) of
+        true ->
+            Sink = rpc:call(Node, erlang, whereis, [tunnel_bench_sink]),
+            true = is_pid(Sink),
+            {ok, Info} = net_kernel:node_info(Node),
+            {address, Address} = lists:keyfind(address, 1, Info),
+            {_Ip, Port} = element(2, Address),
+            io_lib:format("connected ~b", [Port]);
+        false ->
+            "error connect_failed"
+    end;
+%% Sends Size-byte binaries for Ms milliseconds, then waits for the count.
+command(["send", NodeS, MsS, SizeS]) ->
+    Node = list_to_atom(NodeS),
+    Size = list_to_integer(SizeS),
+    Bin = rand:bytes(Size),
+    Dest = {tunnel_bench_sink, Node},
+    T0 = erlang:monotonic_time(microsecond),
+    Sent = send_loop(Dest, Bin, T0 + 1000 * list_to_integer(MsS), 0),
+    Ref = make_ref(),
+    Dest ! {done, self(), Ref},
+    receive
+        {Ref, Msgs, Bytes} ->
+            T1 = erlang:monotonic_time(microsecond),
+            io_lib:format("sent ~b ~b ~b ~b", [Sent, Msgs, Bytes, T1 - T0])
+    after 120000 ->
+        "error no_count"
+    end.
+
+send_loop(Dest, Bin, Deadline, N) ->
+    send_n(Dest, Bin, 8),
+    case erlang:monotonic_time(microsecond) >= Deadline of
+        true -> N + 8;
+        false -> send_loop(Dest, Bin, Deadline, N + 8)
+    end.
+
+send_n(_, _, 0) -> ok;
+send_n(Dest, Bin, K) -> Dest ! Bin, send_n(Dest, Bin, K - 1).
+"#;
+
+const MODULE_SRC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/erlang/distproxy_epmd.erl"
+);
+
+const COOKIE: &str = "distproxy_tunnel_bench";
+
+/// Why part 2 cannot run here, if it cannot.
+fn otp_missing() -> Option<String> {
+    let missing: Vec<&str> = ["erl", "erlc"]
+        .into_iter()
+        .filter(|tool| {
+            Command::new(tool)
+                .arg("-version")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_err()
+        })
+        .collect();
+    (!missing.is_empty()).then(|| format!("{} not found on PATH", missing.join(" and ")))
+}
+
+/// Compiles the helper and `distproxy_epmd` into a temp dir.
+fn compile_erlang() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir for Erlang");
+    let helper = dir.path().join("tunnel_bench.erl");
+    std::fs::write(&helper, HELPER_ERL).unwrap();
+    let out = Command::new("erlc")
+        .arg("-o")
+        .arg(dir.path())
+        .arg(&helper)
+        .arg(MODULE_SRC)
+        .output()
+        .expect("run erlc");
+    assert!(
+        out.status.success(),
+        "erlc failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// The `-ssl_dist_optfile` of one node: its pod's certificate, the CA,
+/// TLS 1.3 only, peers verified both ways.
+fn ssl_dist_optfile(dir: &Path, pki: &Pki, (cert, key): &(PathBuf, PathBuf), name: &str) -> PathBuf {
+    let opts = format!(
+        "[{{certfile, \"{c}\"}}, {{keyfile, \"{k}\"}}, {{cacertfile, \"{ca}\"}}, \
+         {{verify, verify_peer}}, {{versions, ['tlsv1.3']}}",
+        c = cert.display(),
+        k = key.display(),
+        ca = pki.ca.display()
+    );
+    let text = format!(
+        "[{{server, {opts}, {{fail_if_no_peer_cert, true}}]}},\n {{client, {opts}]}}].\n"
+    );
+    let path = dir.join(format!("{name}.ssl_dist.conf"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running node, killed on drop (after closing its stdin, which halts it).
+struct Beam {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Beam {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The answers of the helper start with one of these; anything else the
+/// node prints (logger reports) is passed on to stderr.
+const ANSWERS: [&str; 4] = ["ready", "connected ", "sent ", "error"];
+
+impl Beam {
+    /// Starts `erl` for node `name@127.0.0.1` with `args`, running
+    /// `tunnel_bench:Role()`, registered with the EPMD at `epmd_port`.
+    fn start(name: &str, role: &str, epmd_port: u16, ebin: &Path, args: &[&str]) -> Beam {
+        let full = format!("{name}@127.0.0.1");
+        let mut child = Command::new("erl")
+            .args(["-noshell", "-name", &full, "-setcookie", COOKIE])
+            .args(["-start_epmd", "false"])
+            .args(["-kernel", "inet_dist_use_interface", "{127,0,0,1}"])
+            .arg("-pa")
+            .arg(ebin)
+            .args(args)
+            .args(["-run", "tunnel_bench", role])
+            .env("ERL_EPMD_PORT", epmd_port.to_string())
+            .env_remove("ERL_FLAGS")
+            .env_remove("ERL_AFLAGS")
+            .env_remove("ERL_ZFLAGS")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start erl");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        let tag = full.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if ANSWERS.iter().any(|a| line.starts_with(a)) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                } else {
+                    eprintln!("[{tag}] {line}");
+                }
+            }
+        });
+        Beam {
+            name: full,
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    fn answer(&mut self, what: &str, timeout: Duration) -> String {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => line,
+            Err(e) => {
+                let status = self.child.try_wait();
+                panic!("node {}: no answer to {what} ({e}); process: {status:?}", self.name)
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: &str, timeout: Duration) -> String {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{cmd}").expect("write to erl");
+        stdin.flush().unwrap();
+        let line = self.answer(cmd, timeout);
+        assert!(!line.starts_with("error"), "node {}: {cmd}: {line}", self.name);
+        line
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// How the two nodes of a pair are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dist {
+    /// (c) inet_tcp_dist, directly.
+    Tcp,
+    /// (b) inet_tls_dist, directly.
+    Tls,
+    /// (a) inet_tcp_dist through the TLS sidecar pair.
+    TlsTunnel,
+    /// (d) inet_tcp_dist through the plain sidecar pair.
+    PlainTunnel,
+}
+
+const DISTS: [Dist; 4] = [Dist::Tcp, Dist::Tls, Dist::TlsTunnel, Dist::PlainTunnel];
+
+impl Dist {
+    fn label(self) -> &'static str {
+        match self {
+            Dist::Tcp => "(c) inet_tcp_dist direct",
+            Dist::Tls => "(b) inet_tls_dist direct",
+            Dist::TlsTunnel => "(a) tcp via TLS sidecar pair",
+            Dist::PlainTunnel => "(d) tcp via plain sidecar pair",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Dist::Tcp => "tcp",
+            Dist::Tls => "tls",
+            Dist::TlsTunnel => "tun",
+            Dist::PlainTunnel => "ptun",
+        }
+    }
+}
+
+/// A sending and a receiving node, connected.
+struct Pair {
+    dist: Dist,
+    tx: Beam,
+    rx: Beam,
+    sidecar_pids: Vec<u32>,
+}
+
+fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
+    let mut pairs = Vec::new();
+    let module = ["-epmd_module", "distproxy_epmd"];
+    for dist in DISTS {
+        let p = dist.prefix();
+        let (tx_name, rx_name) = (format!("{p}_tx"), format!("{p}_rx"));
+        let (tx, rx, sidecar_pids) = match dist {
+            Dist::Tcp => (
+                Beam::start(&tx_name, "control", sc.a.epmd.port(), ebin, &[]),
+                Beam::start(&rx_name, "sink", sc.a.epmd.port(), ebin, &[]),
+                vec![],
+            ),
+            Dist::Tls => {
+                let tx_opts = ssl_dist_optfile(ebin, pki, &pki.a, &tx_name);
+                let rx_opts = ssl_dist_optfile(ebin, pki, &pki.b, &rx_name);
+                let args = |f: &Path| {
+                    vec![
+                        "-proto_dist".to_string(),
+                        "inet_tls".to_string(),
+                        "-ssl_dist_optfile".to_string(),
+                        f.display().to_string(),
+                    ]
+                };
+                let (ta, ra) = (args(&tx_opts), args(&rx_opts));
+                let ta: Vec<&str> = ta.iter().map(String::as_str).collect();
+                let ra: Vec<&str> = ra.iter().map(String::as_str).collect();
+                (
+                    Beam::start(&tx_name, "control", sc.a.epmd.port(), ebin, &ta),
+                    Beam::start(&rx_name, "sink", sc.a.epmd.port(), ebin, &ra),
+                    vec![],
+                )
+            }
+            Dist::TlsTunnel => (
+                Beam::start(&tx_name, "control", sc.at.epmd.port(), ebin, &module),
+                Beam::start(&rx_name, "sink", sc.bt.epmd.port(), ebin, &module),
+                vec![sc.at.child.id(), sc.bt.child.id()],
+            ),
+            Dist::PlainTunnel => (
+                Beam::start(&tx_name, "control", sc.a.epmd.port(), ebin, &module),
+                Beam::start(&rx_name, "sink", sc.b.epmd.port(), ebin, &module),
+                vec![sc.a.child.id(), sc.b.child.id()],
+            ),
+        };
+        pairs.push(Pair {
+            dist,
+            tx,
+            rx,
+            sidecar_pids,
+        });
+    }
+    for pair in &mut pairs {
+        pair.tx.answer("start-up", Duration::from_secs(60));
+        pair.rx.answer("start-up", Duration::from_secs(60));
+    }
+    for pair in &mut pairs {
+        let line = pair
+            .tx
+            .command(&format!("connect {}", pair.rx.name), Duration::from_secs(30));
+        let port: u16 = line["connected ".len()..].trim().parse().expect("port");
+        // The path taken: the egress port of the sending pod's sidecar for
+        // the tunnels, the receiving node's own port otherwise.
+        let (epmd, expected) = match pair.dist {
+            Dist::Tcp | Dist::Tls => (sc.a.epmd, lookup_port(sc.a.epmd, &pair.dist.rx_short())),
+            Dist::TlsTunnel => (sc.at.epmd, egress_port(sc.at.epmd, &pair.rx.name)),
+            Dist::PlainTunnel => (sc.a.epmd, egress_port(sc.a.epmd, &pair.rx.name)),
+        };
+        assert_eq!(
+            port,
+            expected,
+            "{}: connected to port {port}, expected {expected} (from {epmd})",
+            pair.dist.label()
+        );
+    }
+    pairs
+}
+
+impl Dist {
+    fn rx_short(self) -> String {
+        format!("{}_rx", self.prefix())
+    }
+}
+
+/// One run: MB/s, checking the receiver's count.
+fn beam_run(pair: &mut Pair, run_ms: u64, msg_bytes: usize) -> f64 {
+    let line = pair.tx.command(
+        &format!("send {} {run_ms} {msg_bytes}", pair.rx.name),
+        Duration::from_millis(run_ms + 120_000),
+    );
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().expect("number"))
+        .collect();
+    let (sent, msgs, bytes, us) = (f[0], f[1], f[2], f[3]);
+    assert_eq!(msgs, sent, "{}: every message arrived", pair.dist.label());
+    assert_eq!(bytes, sent * msg_bytes as u64, "{}: every byte arrived", pair.dist.label());
+    bytes as f64 / us as f64
+}
+
+#[derive(Default)]
+struct BeamRow {
+    mbs: Vec<f64>,
+    bytes: f64,
+    node_cpu: f64,
+    sidecar_cpu: f64,
+}
+
+fn run_beam(sc: &Sidecars, pki: &Pki, plan: &BeamPlan) -> Vec<(Dist, BeamRow)> {
+    let ebin = compile_erlang();
+    let mut pairs = start_pairs(sc, pki, ebin.path());
+    // Warm-up: one short run each.
+    for pair in &mut pairs {
+        beam_run(pair, 300, plan.msg_bytes);
+    }
+    let mut rows: Vec<(Dist, BeamRow)> = DISTS.iter().map(|&d| (d, BeamRow::default())).collect();
+    for _ in 0..plan.runs {
+        for (pair, (_, row)) in pairs.iter_mut().zip(rows.iter_mut()) {
+            let nodes = [pair.tx.pid(), pair.rx.pid()];
+            let (n0, s0) = (cpu_of(&nodes), cpu_of(&pair.sidecar_pids));
+            let t0 = Instant::now();
+            let mbs = beam_run(pair, plan.run_ms, plan.msg_bytes);
+            row.bytes += mbs * 1e6 * t0.elapsed().as_secs_f64();
+            row.node_cpu += cpu_of(&nodes) - n0;
+            row.sidecar_cpu += cpu_of(&pair.sidecar_pids) - s0;
+            row.mbs.push(mbs);
+        }
+    }
+    drop(pairs);
+    rows
+}
+
+fn print_beam(rows: &mut [(Dist, BeamRow)], plan: &BeamPlan) -> Option<(f64, f64)> {
+    println!(
+        "Part 2: BEAM to BEAM distribution, {} KiB binaries to a process on the other node, \
+         {} runs of {} ms each, median",
+        plan.msg_bytes >> 10,
+        plan.runs,
+        plan.run_ms
+    );
+    println!(
+        "{:<32} {:>8} {:>13} {:>9} {:>9} {:>13} {:>13}",
+        "mode", "MB/s", "runs", "vs (c)", "vs (b)", "nodes s/GiB", "sidecars s/GiB"
+    );
+    println!("{}", "-".repeat(104));
+    let medians: Vec<f64> = rows.iter_mut().map(|(_, r)| median(&mut r.mbs)).collect();
+    let at = |d: Dist| medians[DISTS.iter().position(|&x| x == d).unwrap()];
+    let (tcp, tls) = (at(Dist::Tcp), at(Dist::Tls));
+    for ((dist, row), m) in rows.iter().zip(&medians) {
+        let gib = row.bytes / (1u64 << 30) as f64;
+        let sidecars = if row.sidecar_cpu > 0.0 || !matches!(dist, Dist::Tcp | Dist::Tls) {
+            format!("{:.2}", row.sidecar_cpu / gib)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<32} {:>8.0} {:>13} {:>8.2}x {:>8.2}x {:>13.2} {:>13}",
+            dist.label(),
+            m,
+            spread(&row.mbs),
+            m / tcp,
+            m / tls,
+            row.node_cpu / gib,
+            sidecars
+        );
+    }
+    println!(
+        "(CPU: user+system time of both nodes, and of the two sidecars on the path, per GiB moved)"
+    );
+    Some((at(Dist::TlsTunnel) / tls, at(Dist::TlsTunnel) / tcp))
+}
+
+// ------------------------------------------------------------------ figures
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
+    let idx = ((sorted_ns.len() as f64 - 1.0) * p).round() as usize;
+    sorted_ns[idx] as f64 / 1000.0
+}
+
+fn mb_per_s(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / 1e6 / secs
+}
+
+fn spread(v: &[f64]) -> String {
+    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().cloned().fold(0.0, f64::max);
+    format!("{lo:.0}..{hi:.0}")
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let benching = args.iter().any(|a| a == "--bench");
+    let quick = args.iter().any(|a| a == "--quick")
+        || std::env::var("TUNNEL_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let plan = match (benching, quick) {
+        (false, _) => SMOKE,
+        (true, true) => QUICK,
+        (true, false) => FULL,
+    };
+    let only = std::env::var("TUNNEL_BENCH_ONLY").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
+    let started = Instant::now();
+    let load_before = loadavg();
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "tunnel bench, {} run: loopback, {cpus} CPUs, sidecars = {}",
+        plan.label,
+        proxy_bin()
+    );
+    let pki = make_pki();
+    let sc = start_sidecars(&pki);
+    let mut targets = Vec::new();
+
+    if wanted("raw") {
+        let mut rows = run_raw(&sc, &plan);
+        println!();
+        if let Some(r) = print_raw(&mut rows, &plan) {
+            let met = if r >= 0.2 { "met" } else { "MISSED" };
+            targets.push(format!("TLS pair >= 0.2x direct on raw bytes: {r:.2}x {met}"));
+        }
+    }
+    if wanted("beam") {
+        println!();
+        let skip = match (plan.beam, otp_missing()) {
+            (None, _) => Some("smoke run (use --bench)".to_string()),
+            (Some(_), Some(why)) => Some(why),
+            (Some(_), None) => None,
+        };
+        match (skip, plan.beam) {
+            (Some(why), _) => println!("Part 2 (BEAM to BEAM) skipped: {why}"),
+            (None, Some(beam)) => {
+                let mut rows = run_beam(&sc, &pki, &beam);
+                if let Some((vs_tls, vs_tcp)) = print_beam(&mut rows, &beam) {
+                    let met = if vs_tls >= 1.5 { "met" } else { "MISSED" };
+                    targets.push(format!(
+                        "TLS pair >= 1.5x inet_tls_dist: {vs_tls:.2}x {met} \
+                         ({vs_tcp:.2}x plain inet_tcp_dist)"
+                    ));
+                }
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+    drop(sc);
+    println!();
+    if !targets.is_empty() {
+        println!("targets: {}", targets.join("; "));
+    }
+    println!(
+        "elapsed {:.1} s; 1-min load average {} before, {} after (other processes on the machine skew figures)",
+        started.elapsed().as_secs_f64(),
+        load_before,
+        loadavg()
+    );
+}

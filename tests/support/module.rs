@@ -1,0 +1,59 @@
+//! The Erlang helper module `distproxy_epmd` (`deploy/erlang/`), which
+//! sends a node's connections through the sidecar's tunnel: compiled per
+//! lab, and the documented `erl` flags that load it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::beam::ErlangOptions;
+use super::lab::Lab;
+
+/// Source of the helper module, as deployed.
+pub const MODULE_SRC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/erlang/distproxy_epmd.erl"
+);
+
+/// Compiles `distproxy_epmd.erl` with warnings as errors into the lab;
+/// returns the ebin directory for [`with_module`].
+pub fn compile_module(lab: &Lab) -> PathBuf {
+    let ebin = lab.dir().join("tunnel-ebin");
+    compile_erl(MODULE_SRC.as_ref(), &ebin);
+    ebin
+}
+
+/// Compiles the Erlang source `src` into `ebin` (created if missing) with
+/// `erlc +warnings_as_errors`, killed after 60 s; panics with its output on
+/// failure.
+pub fn compile_erl(src: &Path, ebin: &Path) {
+    std::fs::create_dir_all(ebin).unwrap();
+    let out = Command::new("timeout")
+        .args(["-k", "2", "60", "erlc", "+warnings_as_errors", "-o"])
+        .arg(ebin)
+        .arg(src)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run erlc");
+    assert!(
+        out.status.success(),
+        "erlc +warnings_as_errors {} failed:\n{}{}",
+        src.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The documented flags, `-pa DIR -epmd_module distproxy_epmd`, with `ebin`
+/// from [`compile_module`]. Other options by struct update, e.g.
+/// `ErlangOptions { name: Some(..), ..with_module(&ebin) }`.
+pub fn with_module(ebin: &Path) -> ErlangOptions {
+    ErlangOptions {
+        extra_args: vec![
+            "-pa".into(),
+            ebin.display().to_string(),
+            "-epmd_module".into(),
+            "distproxy_epmd".into(),
+        ],
+        ..Default::default()
+    }
+}
