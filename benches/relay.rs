@@ -297,19 +297,93 @@ fn open_fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+// ------------------------------------------------------- reference relay
+
+/// Runs as the reference relay: `relay-bench --bare-relay PORT` accepts on
+/// 127.0.0.1 (port printed on stdout) and joins each connection to the node
+/// at 127.0.0.1:PORT with `tokio::io::copy_bidirectional` (256 KiB buffers),
+/// on tokio's default multi-thread runtime as distproxy uses. No EPMD, no
+/// routing, no handshake inspection, no splice: the cost of one more hop
+/// through a minimal read/write relay on this machine, to judge the proxy's
+/// figures against. Exits when its standard input closes.
+fn bare_relay_main(node_port: u16) {
+    thread::spawn(|| {
+        let _ = io::copy(&mut io::stdin(), &mut io::sink());
+        std::process::exit(0);
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", l.local_addr().unwrap().port());
+        io::stdout().flush().unwrap();
+        loop {
+            let Ok((mut a, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = a.set_nodelay(true);
+                let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", node_port)).await
+                else {
+                    return;
+                };
+                let _ = b.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, CHUNK, CHUNK).await;
+            });
+        }
+    });
+}
+
+/// The reference relay process, killed on drop.
+struct BareRelay {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for BareRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_bare_relay(node_port: u16) -> BareRelay {
+    let mut child = Command::new(std::env::current_exe().expect("bench executable"))
+        .arg("--bare-relay")
+        .arg(node_port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the reference relay");
+    let mut line = String::new();
+    io::BufRead::read_line(
+        &mut io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .expect("reference relay port");
+    let port = line.trim().parse().expect("reference relay port");
+    BareRelay { child, port }
+}
+
 // ------------------------------------------------------------------ client
 
 /// How the client reaches the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
     Direct,
+    /// Through the reference relay.
+    Bare,
+    /// Through distproxy: lookup, then its distribution port.
     Proxy,
 }
+
+const PATHS: [Path; 3] = [Path::Direct, Path::Bare, Path::Proxy];
 
 struct Setup {
     rt: tokio::runtime::Runtime,
     node_port: u16,
     proxy: Proxy,
+    bare: BareRelay,
     /// Keeps the node registered.
     _registration: tokio::net::TcpStream,
 }
@@ -322,6 +396,7 @@ impl Setup {
             .unwrap();
         let node_port = start_fake_node();
         let proxy = start_proxy();
+        let bare = start_bare_relay(node_port);
         let spec = NodeSpec {
             port: node_port,
             node_type: 77,
@@ -338,7 +413,17 @@ impl Setup {
             rt,
             node_port,
             proxy,
+            bare,
             _registration: registration,
+        }
+    }
+
+    /// The relay process a path goes through.
+    fn relay_pid(&self, path: Path) -> Option<u32> {
+        match path {
+            Path::Direct => None,
+            Path::Bare => Some(self.bare.child.id()),
+            Path::Proxy => Some(self.proxy.child.id()),
         }
     }
 
@@ -346,6 +431,7 @@ impl Setup {
     fn connect(&self, path: Path, mode: Mode) -> TcpStream {
         let addr: SocketAddr = match path {
             Path::Direct => ([127, 0, 0, 1], self.node_port).into(),
+            Path::Bare => ([127, 0, 0, 1], self.bare.port).into(),
             Path::Proxy => {
                 let port = match self.rt.block_on(client::port_please(self.proxy.epmd, NODE)) {
                     Ok(Port2Reply::Found(spec)) => spec.port,
@@ -520,29 +606,35 @@ fn mb_per_s(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / 1e6 / secs
 }
 
+/// One line of the table: a figure per path (None: not measured).
 struct Row {
     what: String,
-    direct: Option<f64>,
-    proxy: f64,
+    values: [Option<f64>; 3],
+    /// Print proxy / direct.
     ratio: bool,
     note: String,
 }
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<40} {:>9} {:>9} {:>7}  {}",
-        "metric", "direct", "proxy", "ratio", "note"
+        "{:<40} {:>9} {:>10} {:>9} {:>12}  {}",
+        "metric", "direct", "bare relay", "proxy", "proxy/direct", "notes"
     );
-    println!("{}", "-".repeat(92));
+    println!("{}", "-".repeat(100));
+    let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     for r in rows {
-        let direct = r.direct.map_or("-".to_string(), |d| format!("{d:.1}"));
-        let ratio = match r.direct {
-            Some(d) if r.ratio && d > 0.0 => format!("{:.2}x", r.proxy / d),
+        let ratio = match (r.values[0], r.values[2]) {
+            (Some(d), Some(p)) if r.ratio && d > 0.0 => format!("{:.2}x", p / d),
             _ => "-".to_string(),
         };
         println!(
-            "{:<40} {:>9} {:>9.1} {:>7}  {}",
-            r.what, direct, r.proxy, ratio, r.note
+            "{:<40} {:>9} {:>10} {:>9} {:>12}  {}",
+            r.what,
+            cell(r.values[0]),
+            cell(r.values[1]),
+            cell(r.values[2]),
+            ratio,
+            r.note
         );
     }
 }
@@ -550,7 +642,7 @@ fn print_table(rows: &[Row]) {
 fn spread(v: &[f64]) -> String {
     let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
     let hi = v.iter().cloned().fold(0.0, f64::max);
-    format!("{}: {lo:.0}..{hi:.0}", v.len())
+    format!("{lo:.0}..{hi:.0}")
 }
 
 /// User plus system CPU time of a process, in seconds (Linux only).
@@ -576,17 +668,22 @@ fn loadavg() -> String {
 }
 
 /// Runs `f` for each path in turn, `runs` times (interleaved, so drift and
-/// noise from other processes fall on both columns); also returns the
-/// proxy's CPU seconds spent during the proxied runs.
-fn interleaved<T>(setup: &Setup, runs: usize, mut f: impl FnMut(Path) -> T) -> ([Vec<T>; 2], f64) {
-    let pid = setup.proxy.child.id();
-    let mut out = [Vec::new(), Vec::new()];
-    let mut cpu = 0.0;
+/// noise from other processes fall on every column); also returns the CPU
+/// seconds each path's relay process spent during its runs.
+fn interleaved<T>(
+    setup: &Setup,
+    runs: usize,
+    mut f: impl FnMut(Path) -> T,
+) -> ([Vec<T>; 3], [f64; 3]) {
+    let mut out = [Vec::new(), Vec::new(), Vec::new()];
+    let mut cpu = [0.0; 3];
     for _ in 0..runs {
-        out[0].push(f(Path::Direct));
-        let c0 = cpu_secs(pid);
-        out[1].push(f(Path::Proxy));
-        cpu += cpu_secs(pid) - c0;
+        for (i, &path) in PATHS.iter().enumerate() {
+            let pid = setup.relay_pid(path);
+            let c0 = pid.map_or(0.0, cpu_secs);
+            out[i].push(f(path));
+            cpu[i] += pid.map_or(0.0, cpu_secs) - c0;
+        }
     }
     (out, cpu)
 }
@@ -599,46 +696,55 @@ struct Results {
     added_p50_us: Option<f64>,
 }
 
-fn run_bulk_one_way(setup: &Setup, plan: &Plan, res: &mut Results) {
-    let bytes = plan.bulk_bytes;
-    let (mut mbs, cpu) = interleaved(setup, plan.bulk_runs, |p| {
-        mb_per_s(bytes, bulk_one_way(setup, p, bytes))
-    });
+fn bulk_row(what: String, runs: usize, mut mbs: [Vec<f64>; 3], cpu: [f64; 3], gib: f64) -> Row {
     let note = format!(
-        "median of {}; proxy runs {}; proxy CPU {:.2} s/GiB",
-        plan.bulk_runs,
-        spread(&mbs[1]),
-        cpu / (bytes as f64 * plan.bulk_runs as f64 / (1u64 << 30) as f64)
+        "median of {runs}; proxy {} MB/s; relay CPU s/GiB: bare {:.2}, proxy {:.2}",
+        spread(&mbs[2]),
+        cpu[1] / gib,
+        cpu[2] / gib,
     );
-    let (d, p) = (median(&mut mbs[0]), median(&mut mbs[1]));
-    res.bulk_ratio = Some(p / d);
-    res.rows.push(Row {
-        what: format!("bulk one way {} MiB (MB/s)", bytes >> 20),
-        direct: Some(d),
-        proxy: p,
+    Row {
+        what,
+        values: [
+            Some(median(&mut mbs[0])),
+            Some(median(&mut mbs[1])),
+            Some(median(&mut mbs[2])),
+        ],
         ratio: true,
         note,
+    }
+}
+
+fn run_bulk_one_way(setup: &Setup, plan: &Plan, res: &mut Results) {
+    let bytes = plan.bulk_bytes;
+    let (mbs, cpu) = interleaved(setup, plan.bulk_runs, |p| {
+        mb_per_s(bytes, bulk_one_way(setup, p, bytes))
     });
+    let gib = (bytes * plan.bulk_runs as u64) as f64 / (1u64 << 30) as f64;
+    let row = bulk_row(
+        format!("bulk one way {} MiB (MB/s)", bytes >> 20),
+        plan.bulk_runs,
+        mbs,
+        cpu,
+        gib,
+    );
+    res.bulk_ratio = Some(row.values[2].unwrap() / row.values[0].unwrap());
+    res.rows.push(row);
 }
 
 fn run_bulk_both_ways(setup: &Setup, plan: &Plan, res: &mut Results) {
     let bytes = plan.bidir_bytes;
-    let (mut mbs, cpu) = interleaved(setup, plan.bidir_runs, |p| {
+    let (mbs, cpu) = interleaved(setup, plan.bidir_runs, |p| {
         mb_per_s(bytes, bulk_both_ways(setup, p, bytes))
     });
-    let note = format!(
-        "median of {}; proxy runs {}; proxy CPU {:.2} s/GiB",
+    let gib = (2 * bytes * plan.bidir_runs as u64) as f64 / (1u64 << 30) as f64;
+    res.rows.push(bulk_row(
+        format!("bulk both ways {} MiB each (MB/s each)", bytes >> 20),
         plan.bidir_runs,
-        spread(&mbs[1]),
-        cpu / (2.0 * bytes as f64 * plan.bidir_runs as f64 / (1u64 << 30) as f64)
-    );
-    res.rows.push(Row {
-        what: format!("bulk both ways {} MiB each (MB/s each)", bytes >> 20),
-        direct: Some(median(&mut mbs[0])),
-        proxy: median(&mut mbs[1]),
-        ratio: true,
-        note,
-    });
+        mbs,
+        cpu,
+        gib,
+    ));
 }
 
 fn run_ping_pong(setup: &Setup, plan: &Plan, res: &mut Results) {
@@ -648,38 +754,39 @@ fn run_ping_pong(setup: &Setup, plan: &Plan, res: &mut Results) {
         ping_pong(setup, p, block, &mut v);
         v
     });
-    let [mut d, mut p] = blocks.map(|b| b.concat());
-    d.sort_unstable();
-    p.sort_unstable();
-    let p50 = [percentile_us(&d, 0.50), percentile_us(&p, 0.50)];
-    let p99 = [percentile_us(&d, 0.99), percentile_us(&p, 0.99)];
+    let mut rtts = blocks.map(|b| b.concat());
+    for v in rtts.iter_mut() {
+        v.sort_unstable();
+    }
+    let n = rtts[0].len();
+    let pct = |p: f64| rtts.each_ref().map(|v| Some(percentile_us(v, p)));
+    let (p50, p99) = (pct(0.50), pct(0.99));
+    let per_rt = |c: f64| c * 1e6 / n as f64;
     res.rows.push(Row {
         what: format!("ping-pong {MSG} B p50 (us)"),
-        direct: Some(p50[0]),
-        proxy: p50[1],
+        values: p50,
         ratio: true,
         note: format!(
-            "{} round trips each, {} blocks; proxy CPU {:.1} us/round trip",
-            d.len(),
+            "{n} round trips per path in {} blocks; relay CPU us/round trip: bare {:.1}, proxy {:.1}",
             plan.pingpong_blocks,
-            cpu * 1e6 / p.len() as f64
+            per_rt(cpu[1]),
+            per_rt(cpu[2]),
         ),
     });
     res.rows.push(Row {
         what: format!("ping-pong {MSG} B p99 (us)"),
-        direct: Some(p99[0]),
-        proxy: p99[1],
+        values: p99,
         ratio: true,
         note: String::new(),
     });
-    let added = p50[1] - p50[0];
-    res.added_p50_us = Some(added);
+    let direct = p50[0].unwrap();
+    let added = p50.map(|v| v.map(|v| v - direct));
+    res.added_p50_us = added[2];
     res.rows.push(Row {
         what: "added p50 latency (us)".into(),
-        direct: None,
-        proxy: added,
+        values: [None, added[1], added[2]],
         ratio: false,
-        note: "proxy p50 - direct p50".into(),
+        note: "p50 - direct p50".into(),
     });
 }
 
@@ -687,15 +794,16 @@ fn run_idle(setup: &Setup, plan: &Plan, res: &mut Results) {
     let (rss, fds) = idle_cost(setup, plan.idle_conns);
     res.rows.push(Row {
         what: "proxy RSS per idle conn (KiB)".into(),
-        direct: None,
-        proxy: rss / 1024.0,
+        values: [None, None, Some(rss / 1024.0)],
         ratio: false,
-        note: format!("{} conns, each after one ping-pong", plan.idle_conns),
+        note: format!(
+            "{} conns, each after one ping-pong; kernel buffers not included",
+            plan.idle_conns
+        ),
     });
     res.rows.push(Row {
         what: "proxy open files per idle conn".into(),
-        direct: None,
-        proxy: fds,
+        values: [None, None, Some(fds)],
         ratio: false,
         note: String::new(),
     });
@@ -703,6 +811,11 @@ fn run_idle(setup: &Setup, plan: &Plan, res: &mut Results) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, port, ..] = args.as_slice() {
+        if flag == "--bare-relay" {
+            return bare_relay_main(port.parse().expect("--bare-relay PORT"));
+        }
+    }
     let benching = args.iter().any(|a| a == "--bench");
     let quick = args.iter().any(|a| a == "--quick")
         || std::env::var("RELAY_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
@@ -722,6 +835,10 @@ fn main() {
         plan.label,
         proxy_bin(),
         setup.proxy.child.id()
+    );
+    println!(
+        "direct: client to node; bare relay: through a minimal read/write relay in another \
+         process (tokio copy_bidirectional, 256 KiB buffers); proxy: lookup, then distproxy"
     );
     let mut res = Results::default();
     if wanted("bulk") {
@@ -752,7 +869,7 @@ fn main() {
         println!("targets: {}", targets.join("; "));
     }
     println!(
-        "elapsed {:.1} s; 1-min load average {} before, {} after (other processes on the machine skew figures)",
+        "elapsed {:.1} s; 1-min load average {} before, {} after (other processes skew figures)",
         started.elapsed().as_secs_f64(),
         load_before,
         loadavg()

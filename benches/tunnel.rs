@@ -59,8 +59,9 @@
 //! Without `--bench` (as `cargo test --benches` runs it) it does a smoke run
 //! of part 1 with tiny sizes, well under a second, and skips part 2.
 //! TUNNEL_BENCH_ONLY=raw or =beam runs one part; TUNNEL_BENCH_PROXY_BIN=<path>
-//! measures another distproxy build. Without `erl`/`erlc`, part 2 is skipped
-//! with the reason printed.
+//! measures another distproxy build; TUNNEL_BENCH_MSG_KIB=<n> changes the
+//! size of the BEAM messages; TUNNEL_BENCH_VERBOSE=1 prints every BEAM run.
+//! Without `erl`/`erlc`, part 2 is skipped with the reason printed.
 
 #[path = "../tests/certs/mod.rs"]
 mod certs;
@@ -336,7 +337,8 @@ fn start_sidecar(label: &'static str, extra: &str) -> Sidecar {
 }
 
 /// Certificates for the two "pods" (both sidecars and, for `inet_tls_dist`,
-/// both nodes): one CA, one leaf each with the IP SAN 127.0.0.1.
+/// both nodes): one CA, one leaf each with the IP SAN 127.0.0.1 and the DNS
+/// SAN localhost.
 struct Pki {
     _dir: tempfile::TempDir,
     ca: PathBuf,
@@ -396,10 +398,7 @@ struct Sidecars {
 
 fn start_sidecars(pki: &Pki) -> Sidecars {
     let b = start_sidecar("B", "[routing]\nloopback_lookups = \"proxy\"\n");
-    let a = start_sidecar(
-        "A",
-        &format!("[tunnel]\nremote_port = {}\n", b.dist.port()),
-    );
+    let a = start_sidecar("A", &format!("[tunnel]\nremote_port = {}\n", b.dist.port()));
     let bt = start_sidecar("BT", &tls_section(pki, &pki.b));
     let at = start_sidecar(
         "AT",
@@ -464,7 +463,7 @@ enum Route {
     TlsPair,
 }
 
-const PATHS: [Route; 4] = [Route::Direct, Route::Hop, Route::PlainPair, Route::TlsPair];
+const ROUTES: [Route; 4] = [Route::Direct, Route::Hop, Route::PlainPair, Route::TlsPair];
 
 impl Route {
     fn label(self) -> &'static str {
@@ -512,9 +511,9 @@ impl<'a> Raw<'a> {
         }
     }
 
-    /// The sidecars a path goes through (their CPU time is charged to it).
-    fn pids(&self, path: Route) -> Vec<u32> {
-        match path {
+    /// The sidecars a route goes through (their CPU time is charged to it).
+    fn pids(&self, route: Route) -> Vec<u32> {
+        match route {
             Route::Direct => vec![],
             Route::Hop => vec![self.sc.b.child.id()],
             Route::PlainPair => vec![self.sc.a.child.id(), self.sc.b.child.id()],
@@ -523,12 +522,16 @@ impl<'a> Raw<'a> {
     }
 
     /// A connection to the node with the handshake's first frames done.
-    fn connect(&self, path: Route, mode: Mode) -> TcpStream {
-        let port = match path {
+    fn connect(&self, route: Route, mode: Mode) -> TcpStream {
+        let port = match route {
             Route::Direct => self.node_port,
             Route::Hop => {
                 let port = lookup_port(self.sc.b.epmd, NODE);
-                assert_eq!(port, self.sc.b.dist.port(), "lookup answered the proxy port");
+                assert_eq!(
+                    port,
+                    self.sc.b.dist.port(),
+                    "lookup answered the proxy port"
+                );
                 port
             }
             Route::PlainPair => egress_port(self.sc.a.epmd, NODE_FULL),
@@ -565,7 +568,7 @@ impl<'a> Raw<'a> {
                 }
             }
             let n = s.read(&mut tmp).expect("handshake reply");
-            assert!(n > 0, "closed during the handshake ({path:?})");
+            assert!(n > 0, "closed during the handshake ({route:?})");
             buf.extend_from_slice(&tmp[..n]);
         }
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -573,8 +576,8 @@ impl<'a> Raw<'a> {
     }
 
     /// One-way bulk transfer; seconds from first write to the node's count.
-    fn bulk(&self, path: Route, bytes: u64) -> f64 {
-        let mut s = self.connect(path, Mode::Sink);
+    fn bulk(&self, route: Route, bytes: u64) -> f64 {
+        let mut s = self.connect(route, Mode::Sink);
         let data: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
         let t0 = Instant::now();
         let mut left = bytes;
@@ -587,16 +590,20 @@ impl<'a> Raw<'a> {
         let mut count = [0u8; 8];
         s.read_exact(&mut count).expect("count from the node");
         let secs = t0.elapsed().as_secs_f64();
-        assert_eq!(u64::from_be_bytes(count), bytes, "node got every byte ({path:?})");
+        assert_eq!(
+            u64::from_be_bytes(count),
+            bytes,
+            "node got every byte ({route:?})"
+        );
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty(), "EOF after the count ({path:?})");
+        assert!(rest.is_empty(), "EOF after the count ({route:?})");
         secs
     }
 
     /// Round-trip times in nanoseconds of `iters` 64-byte ping-pongs.
-    fn ping_pong(&self, path: Route, iters: usize, out: &mut Vec<u64>) {
-        let mut s = self.connect(path, Mode::Echo);
+    fn ping_pong(&self, route: Route, iters: usize, out: &mut Vec<u64>) {
+        let mut s = self.connect(route, Mode::Echo);
         let mut msg = [0u8; MSG];
         let mut back = [0u8; MSG];
         for i in 0..(iters / 10).max(100) {
@@ -611,11 +618,11 @@ impl<'a> Raw<'a> {
             s.read_exact(&mut back).unwrap();
             out.push(t0.elapsed().as_nanos() as u64);
         }
-        assert_eq!(msg, back, "echoed intact ({path:?})");
+        assert_eq!(msg, back, "echoed intact ({route:?})");
     }
 }
 
-/// Figures of one path.
+/// Figures of one route.
 #[derive(Default)]
 struct RawRow {
     mbs: Vec<f64>,
@@ -627,9 +634,9 @@ struct RawRow {
 
 fn run_raw(sc: &Sidecars, plan: &Plan) -> Vec<(Route, RawRow)> {
     let raw = Raw::new(sc);
-    let mut rows: Vec<(Route, RawRow)> = PATHS.iter().map(|&p| (p, RawRow::default())).collect();
-    // Warm-up: one connection per path (egress listeners, TLS setup, pipes).
-    for &p in &PATHS {
+    let mut rows: Vec<(Route, RawRow)> = ROUTES.iter().map(|&p| (p, RawRow::default())).collect();
+    // Warm-up: one connection per route (egress listeners, TLS setup, pipes).
+    for &p in &ROUTES {
         raw.bulk(p, 1 << 20);
     }
     for _ in 0..plan.bulk_runs {
@@ -676,19 +683,19 @@ fn print_raw(rows: &mut [(Route, RawRow)], plan: &Plan) -> Option<f64> {
     println!("{}", "-".repeat(113));
     let mut direct = (0.0, 0.0, 0.0);
     let mut tls_ratio = None;
-    for (path, row) in rows.iter_mut() {
+    for (route, row) in rows.iter_mut() {
         row.rtt_ns.sort_unstable();
         let mbs = median(&mut row.mbs);
         let p50 = percentile_us(&row.rtt_ns, 0.50);
         let p99 = percentile_us(&row.rtt_ns, 0.99);
-        if *path == Route::Direct {
+        if *route == Route::Direct {
             direct = (mbs, p50, p99);
         }
-        if *path == Route::TlsPair {
+        if *route == Route::TlsPair {
             tls_ratio = Some(mbs / direct.0);
         }
         let gib = plan.bulk_bytes as f64 * plan.bulk_runs as f64 / (1u64 << 30) as f64;
-        let (cpu_gib, cpu_rt) = if *path == Route::Direct {
+        let (cpu_gib, cpu_rt) = if *route == Route::Direct {
             ("-".to_string(), "-".to_string())
         } else {
             (
@@ -698,7 +705,7 @@ fn print_raw(rows: &mut [(Route, RawRow)], plan: &Plan) -> Option<f64> {
         };
         println!(
             "{:<26} {:>9.0} {:>5.2}x {:>13} {:>9.1} {:>5.2}x {:>9.1} {:>5.2}x {:>10} {:>9}",
-            path.label(),
+            route.label(),
             mbs,
             mbs / direct.0,
             spread(&row.mbs),
@@ -723,7 +730,17 @@ fn print_raw(rows: &mut [(Route, RawRow)], plan: &Plan) -> Option<f64> {
 /// the sending node (commands on stdin, one answer line each on stdout);
 /// both halt when stdin closes.
 const HELPER_ERL: &str = r#"-module(tunnel_bench).
--export([sink/0, control/0]).
+-export([sink/0, control/0, match_ip/2]).
+
+%% For inet_tls_dist's server name check: a node's IP host (checked as a
+%% DNS name) matches an equal IP SAN; anything else is checked as usual.
+match_ip({dns_id, Host}, {iPAddress, Bytes}) ->
+    case inet:parse_strict_address(Host) of
+        {ok, Ip} -> tuple_to_list(Ip) =:= Bytes;
+        _ -> default
+    end;
+match_ip(_, _) ->
+    default.
 
 sink() ->
     true = register(tunnel_bench_sink, spawn(fun() -> sink_loop(0, 0) end)),
@@ -849,7 +866,12 @@ fn compile_erlang() -> tempfile::TempDir {
 
 /// The `-ssl_dist_optfile` of one node: its pod's certificate, the CA,
 /// TLS 1.3 only, peers verified both ways.
-fn ssl_dist_optfile(dir: &Path, pki: &Pki, (cert, key): &(PathBuf, PathBuf), name: &str) -> PathBuf {
+fn ssl_dist_optfile(
+    dir: &Path,
+    pki: &Pki,
+    (cert, key): &(PathBuf, PathBuf),
+    name: &str,
+) -> PathBuf {
     let opts = format!(
         "[{{certfile, \"{c}\"}}, {{keyfile, \"{k}\"}}, {{cacertfile, \"{ca}\"}}, \
          {{verify, verify_peer}}, {{versions, ['tlsv1.3']}}",
@@ -857,8 +879,14 @@ fn ssl_dist_optfile(dir: &Path, pki: &Pki, (cert, key): &(PathBuf, PathBuf), nam
         k = key.display(),
         ca = pki.ca.display()
     );
+    // OTP 25's inet_tls_dist checks the host part of the node name (here
+    // "127.0.0.1", given as the server name) as a DNS name, which no IP SAN
+    // matches: `tunnel_bench:match_ip/2` matches it against the IP SANs,
+    // the check the sidecars make. (The file is evaluated, so a fun works.)
     let text = format!(
-        "[{{server, {opts}, {{fail_if_no_peer_cert, true}}]}},\n {{client, {opts}]}}].\n"
+        "[{{server, {opts}, {{fail_if_no_peer_cert, true}}]}},\n \
+         {{client, {opts}, {{customize_hostname_check, \
+         [{{match_fun, fun tunnel_bench:match_ip/2}}]}}]}}].\n"
     );
     let path = dir.join(format!("{name}.ssl_dist.conf"));
     std::fs::write(&path, text).unwrap();
@@ -886,8 +914,9 @@ impl Drop for Beam {
 const ANSWERS: [&str; 4] = ["ready", "connected ", "sent ", "error"];
 
 impl Beam {
-    /// Starts `erl` for node `name@127.0.0.1` with `args`, running
-    /// `tunnel_bench:Role()`, registered with the EPMD at `epmd_port`.
+    /// Starts `erl` for node `name@127.0.0.1` (listening on 127.0.0.1 only)
+    /// with `args`, running `tunnel_bench:Role()`, registered with the EPMD
+    /// at `epmd_port`.
     fn start(name: &str, role: &str, epmd_port: u16, ebin: &Path, args: &[&str]) -> Beam {
         let full = format!("{name}@127.0.0.1");
         let mut child = Command::new("erl")
@@ -936,7 +965,10 @@ impl Beam {
             Ok(line) => line,
             Err(e) => {
                 let status = self.child.try_wait();
-                panic!("node {}: no answer to {what} ({e}); process: {status:?}", self.name)
+                panic!(
+                    "node {}: no answer to {what} ({e}); process: {status:?}",
+                    self.name
+                )
             }
         }
     }
@@ -946,7 +978,11 @@ impl Beam {
         writeln!(stdin, "{cmd}").expect("write to erl");
         stdin.flush().unwrap();
         let line = self.answer(cmd, timeout);
-        assert!(!line.starts_with("error"), "node {}: {cmd}: {line}", self.name);
+        assert!(
+            !line.starts_with("error"),
+            "node {}: {cmd}: {line}",
+            self.name
+        );
         line
     }
 
@@ -978,6 +1014,10 @@ impl Dist {
             Dist::TlsTunnel => "(a) tcp via TLS sidecar pair",
             Dist::PlainTunnel => "(d) tcp via plain sidecar pair",
         }
+    }
+
+    fn rx_short(self) -> String {
+        format!("{}_rx", self.prefix())
     }
 
     fn prefix(self) -> &'static str {
@@ -1053,9 +1093,10 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
         pair.rx.answer("start-up", Duration::from_secs(60));
     }
     for pair in &mut pairs {
-        let line = pair
-            .tx
-            .command(&format!("connect {}", pair.rx.name), Duration::from_secs(30));
+        let line = pair.tx.command(
+            &format!("connect {}", pair.rx.name),
+            Duration::from_secs(30),
+        );
         let port: u16 = line["connected ".len()..].trim().parse().expect("port");
         // The path taken: the egress port of the sending pod's sidecar for
         // the tunnels, the receiving node's own port otherwise.
@@ -1074,12 +1115,6 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
     pairs
 }
 
-impl Dist {
-    fn rx_short(self) -> String {
-        format!("{}_rx", self.prefix())
-    }
-}
-
 /// One run: MB/s, checking the receiver's count.
 fn beam_run(pair: &mut Pair, run_ms: u64, msg_bytes: usize) -> f64 {
     let line = pair.tx.command(
@@ -1092,8 +1127,20 @@ fn beam_run(pair: &mut Pair, run_ms: u64, msg_bytes: usize) -> f64 {
         .map(|x| x.parse().expect("number"))
         .collect();
     let (sent, msgs, bytes, us) = (f[0], f[1], f[2], f[3]);
+    if std::env::var_os("TUNNEL_BENCH_VERBOSE").is_some() {
+        eprintln!(
+            "{}: {sent} messages in {:.2} s",
+            pair.dist.label(),
+            us as f64 / 1e6
+        );
+    }
     assert_eq!(msgs, sent, "{}: every message arrived", pair.dist.label());
-    assert_eq!(bytes, sent * msg_bytes as u64, "{}: every byte arrived", pair.dist.label());
+    assert_eq!(
+        bytes,
+        sent * msg_bytes as u64,
+        "{}: every byte arrived",
+        pair.dist.label()
+    );
     bytes as f64 / us as f64
 }
 
@@ -1208,11 +1255,20 @@ fn main() {
     let benching = args.iter().any(|a| a == "--bench");
     let quick = args.iter().any(|a| a == "--quick")
         || std::env::var("TUNNEL_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-    let plan = match (benching, quick) {
+    let mut plan = match (benching, quick) {
         (false, _) => SMOKE,
         (true, true) => QUICK,
         (true, false) => FULL,
     };
+    if let (Some(beam), Some(kib)) = (
+        plan.beam.as_mut(),
+        std::env::var("TUNNEL_BENCH_MSG_KIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&k| k > 0),
+    ) {
+        beam.msg_bytes = kib << 10;
+    }
     let only = std::env::var("TUNNEL_BENCH_ONLY").unwrap_or_default();
     let wanted = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
     let started = Instant::now();
@@ -1232,7 +1288,9 @@ fn main() {
         println!();
         if let Some(r) = print_raw(&mut rows, &plan) {
             let met = if r >= 0.2 { "met" } else { "MISSED" };
-            targets.push(format!("TLS pair >= 0.2x direct on raw bytes: {r:.2}x {met}"));
+            targets.push(format!(
+                "TLS pair >= 0.2x direct on raw bytes: {r:.2}x {met}"
+            ));
         }
     }
     if wanted("beam") {
@@ -1259,7 +1317,7 @@ fn main() {
     }
     drop(sc);
     println!();
-    if !targets.is_empty() {
+    if benching && !targets.is_empty() {
         println!("targets: {}", targets.join("; "));
     }
     println!(

@@ -87,8 +87,8 @@ fn pod_leaf(ca: &Ca, pod: &Pod, serial: u64) -> Leaf {
 // ---------------------------------------------------------------------------
 // Packet capture on the lab's bridge
 
-/// tcpdump on every interface of the lab's bridge namespace (the pods'
-/// veth ports), writing a pcap file; stopped with SIGINT so it flushes.
+/// tcpdump on the lab's bridge (every packet between the pods
+/// crosses it once), writing a pcap file; stopped with SIGINT so it flushes.
 struct Capture {
     proc: Proc,
     file: PathBuf,
@@ -106,7 +106,10 @@ impl Capture {
         let log = lab.dir().join("tcpdump.log");
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", bridge, "tcpdump", "-i", "any", "-n", "-U"])
+        cmd.args(["netns", "exec", bridge, "tcpdump", "-i", "br0", "-n", "-U"])
+            // One interface (every packet once) and a large buffer, so a
+            // loaded machine does not drop the bulk transfer's segments.
+            .args(["-B", "65536"])
             .args(["-s", "0", "-w"])
             .arg(&file)
             .arg("tcp")
