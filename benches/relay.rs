@@ -58,6 +58,7 @@ struct Plan {
     pingpong_iters: usize,
     pingpong_blocks: usize,
     idle_conns: usize,
+    burst_conns: usize,
 }
 
 const FULL: Plan = Plan {
@@ -69,6 +70,7 @@ const FULL: Plan = Plan {
     pingpong_iters: 50_000,
     pingpong_blocks: 5,
     idle_conns: 1000,
+    burst_conns: 100,
 };
 
 const QUICK: Plan = Plan {
@@ -80,6 +82,7 @@ const QUICK: Plan = Plan {
     pingpong_iters: 20_000,
     pingpong_blocks: 4,
     idle_conns: 200,
+    burst_conns: 50,
 };
 
 const SMOKE: Plan = Plan {
@@ -91,6 +94,7 @@ const SMOKE: Plan = Plan {
     pingpong_iters: 400,
     pingpong_blocks: 2,
     idle_conns: 10,
+    burst_conns: 4,
 };
 
 // ---------------------------------------------------------------- fake node
@@ -238,7 +242,7 @@ fn start_proxy() -> Proxy {
     write!(
         config,
         "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n\n\
-         [routing]\nloopback_lookups = \"proxy\"\n"
+         [routing]\nloopback_lookups = \"proxy\"\n\n[admin]\nlisten = \"\"\n"
     )
     .unwrap();
     config.flush().unwrap();
@@ -365,6 +369,23 @@ fn start_bare_relay(node_port: u16) -> BareRelay {
     BareRelay { child, port }
 }
 
+/// Registers the fake node with `proxy`; the registration lasts as long as
+/// the returned stream.
+fn register(rt: &tokio::runtime::Runtime, proxy: &Proxy, node_port: u16) -> tokio::net::TcpStream {
+    let spec = NodeSpec {
+        port: node_port,
+        node_type: 77,
+        protocol: 0,
+        highest_version: 6,
+        lowest_version: 5,
+        name: NODE.to_string(),
+        extra: Bytes::new(),
+    };
+    rt.block_on(client::register(proxy.epmd, spec))
+        .expect("register the fake node with distproxy")
+        .0
+}
+
 // ------------------------------------------------------------------ client
 
 /// How the client reaches the node.
@@ -397,18 +418,7 @@ impl Setup {
         let node_port = start_fake_node();
         let proxy = start_proxy();
         let bare = start_bare_relay(node_port);
-        let spec = NodeSpec {
-            port: node_port,
-            node_type: 77,
-            protocol: 0,
-            highest_version: 6,
-            lowest_version: 5,
-            name: NODE.to_string(),
-            extra: Bytes::new(),
-        };
-        let (registration, _) = rt
-            .block_on(client::register(proxy.epmd, spec))
-            .expect("register the fake node with distproxy");
+        let registration = register(&rt, &proxy, node_port);
         Setup {
             rt,
             node_port,
@@ -416,6 +426,16 @@ impl Setup {
             bare,
             _registration: registration,
         }
+    }
+
+    /// A connection through `proxy` (not necessarily the main one).
+    fn connect_through(&self, proxy: &Proxy, mode: Mode) -> TcpStream {
+        let port = match self.rt.block_on(client::port_please(proxy.epmd, NODE)) {
+            Ok(Port2Reply::Found(spec)) => spec.port,
+            other => panic!("lookup of {NODE} through distproxy: {other:?}"),
+        };
+        assert_eq!(port, proxy.dist.port(), "lookup answered the proxy port");
+        self.dial(([127, 0, 0, 1], port).into(), mode)
     }
 
     /// The relay process a path goes through.
@@ -429,22 +449,15 @@ impl Setup {
 
     /// A connection to the node with the handshake's first frames done.
     fn connect(&self, path: Path, mode: Mode) -> TcpStream {
-        let addr: SocketAddr = match path {
-            Path::Direct => ([127, 0, 0, 1], self.node_port).into(),
-            Path::Bare => ([127, 0, 0, 1], self.bare.port).into(),
-            Path::Proxy => {
-                let port = match self.rt.block_on(client::port_please(self.proxy.epmd, NODE)) {
-                    Ok(Port2Reply::Found(spec)) => spec.port,
-                    other => panic!("lookup of {NODE} through distproxy: {other:?}"),
-                };
-                assert_eq!(
-                    port,
-                    self.proxy.dist.port(),
-                    "lookup answered the proxy port"
-                );
-                ([127, 0, 0, 1], port).into()
-            }
-        };
+        match path {
+            Path::Direct => self.dial(([127, 0, 0, 1], self.node_port).into(), mode),
+            Path::Bare => self.dial(([127, 0, 0, 1], self.bare.port).into(), mode),
+            Path::Proxy => self.connect_through(&self.proxy, mode),
+        }
+    }
+
+    /// Connects to `addr` and does the handshake's first frames.
+    fn dial(&self, addr: SocketAddr, mode: Mode) -> TcpStream {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_nodelay(true).unwrap();
         let mut out = BytesMut::new();
@@ -476,7 +489,7 @@ impl Setup {
                 }
             }
             let n = s.read(&mut tmp).expect("handshake reply");
-            assert!(n > 0, "closed during the handshake ({path:?})");
+            assert!(n > 0, "closed during the handshake ({addr})");
             buf.extend_from_slice(&tmp[..n]);
         }
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -565,17 +578,32 @@ fn ping_pong(setup: &Setup, path: Path, iters: usize, out: &mut Vec<u64>) {
     assert_eq!(msg, back, "echoed intact ({path:?})");
 }
 
-/// Proxy RSS (bytes) and open files per idle relayed connection.
-fn idle_cost(setup: &Setup, conns: usize) -> (f64, f64) {
-    let pid = setup.proxy.child.id();
+/// RSS (bytes) and open files of `proxy` per idle relayed connection,
+/// over `conns` connections that each carried `burst` bytes each way (a
+/// 64-byte ping-pong when `burst` is 0) before going idle.
+fn idle_cost(setup: &Setup, proxy: &Proxy, conns: usize, burst: u64) -> (f64, f64) {
+    let pid = proxy.child.id();
     thread::sleep(Duration::from_millis(200));
     let (rss0, fds0) = (proc_status_kb(pid, "VmRSS:"), open_fds(pid));
     let mut held = Vec::with_capacity(conns);
     let mut msg = [7u8; MSG];
+    let mut buf = vec![0u8; CHUNK];
     for _ in 0..conns {
-        let mut s = setup.connect(Path::Proxy, Mode::Echo);
-        s.write_all(&msg).unwrap();
-        s.read_exact(&mut msg).unwrap();
+        let mut s = setup.connect_through(proxy, Mode::Echo);
+        if burst == 0 {
+            s.write_all(&msg).unwrap();
+            s.read_exact(&mut msg).unwrap();
+        } else {
+            let mut w = s.try_clone().unwrap();
+            let writer = thread::spawn(move || write_n(&mut w, burst, &pattern()));
+            let mut left = burst as usize;
+            while left > 0 {
+                let n = left.min(buf.len());
+                s.read_exact(&mut buf[..n]).unwrap();
+                left -= n;
+            }
+            writer.join().unwrap();
+        }
         held.push(s);
     }
     thread::sleep(Duration::from_millis(300));
@@ -617,7 +645,7 @@ struct Row {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<40} {:>9} {:>10} {:>9} {:>12}  {}",
+        "{:<42} {:>9} {:>10} {:>9} {:>12}  {}",
         "metric", "direct", "bare relay", "proxy", "proxy/direct", "notes"
     );
     println!("{}", "-".repeat(100));
@@ -628,7 +656,7 @@ fn print_table(rows: &[Row]) {
             _ => "-".to_string(),
         };
         println!(
-            "{:<40} {:>9} {:>10} {:>9} {:>12}  {}",
+            "{:<42} {:>9} {:>10} {:>9} {:>12}  {}",
             r.what,
             cell(r.values[0]),
             cell(r.values[1]),
@@ -791,7 +819,7 @@ fn run_ping_pong(setup: &Setup, plan: &Plan, res: &mut Results) {
 }
 
 fn run_idle(setup: &Setup, plan: &Plan, res: &mut Results) {
-    let (rss, fds) = idle_cost(setup, plan.idle_conns);
+    let (rss, fds) = idle_cost(setup, &setup.proxy, plan.idle_conns, 0);
     res.rows.push(Row {
         what: "proxy RSS per idle conn (KiB)".into(),
         values: [None, None, Some(rss / 1024.0)],
@@ -806,6 +834,22 @@ fn run_idle(setup: &Setup, plan: &Plan, res: &mut Results) {
         values: [None, None, Some(fds)],
         ratio: false,
         note: String::new(),
+    });
+    // In a fresh proxy, so that memory freed by the connections above is
+    // not reused and hidden.
+    let fresh = start_proxy();
+    let _registration = register(&setup.rt, &fresh, setup.node_port);
+    let burst = 1 << 20;
+    let (rss, _) = idle_cost(setup, &fresh, plan.burst_conns, burst);
+    res.rows.push(Row {
+        what: "proxy RSS per idle conn after 1 MiB (KiB)".into(),
+        values: [None, None, Some(rss / 1024.0)],
+        ratio: false,
+        note: format!(
+            "{} conns, each idle after echoing {} MiB; fresh proxy process",
+            plan.burst_conns,
+            burst >> 20
+        ),
     });
 }
 
