@@ -908,10 +908,7 @@ fn deploy_readme_covers_metrics_and_manifests() {
     }
     for r in RENDERS {
         let dir = r.dir.trim_start_matches("deploy/");
-        assert!(
-            readme.contains(dir),
-            "README.md does not mention {dir}"
-        );
+        assert!(readme.contains(dir), "README.md does not mention {dir}");
     }
     for flag in [
         "-start_epmd false",
@@ -919,10 +916,7 @@ fn deploy_readme_covers_metrics_and_manifests() {
         "-epmd_module distproxy_epmd",
         "-pa /opt/distproxy/ebin",
     ] {
-        assert!(
-            readme.contains(flag),
-            "README.md does not explain {flag}"
-        );
+        assert!(readme.contains(flag), "README.md does not explain {flag}");
     }
 }
 

@@ -227,7 +227,11 @@ pub async fn check_remote(shared: &Arc<Shared>, remote: &str) -> Result<(), Egre
     };
     let outcome = tokio::time::timeout(PROBE_TIMEOUT, probe)
         .await
-        .unwrap_or_else(|_| Err(format!("cannot resolve or connect within {PROBE_TIMEOUT:?}")));
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "cannot resolve or connect within {PROBE_TIMEOUT:?}"
+            ))
+        });
     let mut cache = lock(&shared.egress.no_sidecar);
     match outcome {
         Ok(()) => {
@@ -236,7 +240,10 @@ pub async fn check_remote(shared: &Arc<Shared>, remote: &str) -> Result<(), Egre
         }
         Err(why) => {
             cache.retain(|_, (until, _)| *until > Instant::now());
-            cache.insert(node.host.clone(), (Instant::now() + NO_SIDECAR_TTL, why.clone()));
+            cache.insert(
+                node.host.clone(),
+                (Instant::now() + NO_SIDECAR_TTL, why.clone()),
+            );
             Err(refused(why))
         }
     }
