@@ -35,4 +35,20 @@ fi
 
 # Benches must at least build; they are run by hand (see README).
 cargo build --release --benches
-cargo test --release --no-fail-fast
+# Library, binary and integration tests (no doc tests: the crate has none).
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --release --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite.
+read -r passed failed < <(awk '/^test result:/ {
+    for (i = 1; i < NF; i++) {
+      if ($(i + 1) ~ /^passed;/) p += $i
+      if ($(i + 1) ~ /^failed;/) f += $i
+    }
+  } END { print p + 0, f + 0 }' "$log")
+echo
+echo "total: $passed passed, $failed failed"
+exit "$status"
