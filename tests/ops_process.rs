@@ -362,6 +362,16 @@ async fn epmd_drop_in_names_matches_otp_epmd() {
     };
     let otp_text = names("epmd", otp_port);
     let our_text = names(BIN, our_port);
+    // Installed under the name `epmd`, the binary takes epmd's command line.
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("epmd");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let out = Command::new(&link)
+        .args(["-port", &our_port.to_string(), "-names"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), our_text);
     assert_eq!(
         our_text.replace(&our_port.to_string(), "PORT"),
         otp_text.replace(&otp_port.to_string(), "PORT")

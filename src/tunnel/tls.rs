@@ -149,15 +149,13 @@ impl PeerIdentity {
         for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
             match name {
                 GeneralName::DNSName(d) => id.dns_names.push(d.to_string()),
-                GeneralName::IPAddress(b) => match b.len() {
-                    4 => id
-                        .ip_addrs
-                        .push(IpAddr::from(<[u8; 4]>::try_from(*b).expect("4"))),
-                    16 => id
-                        .ip_addrs
-                        .push(IpAddr::from(<[u8; 16]>::try_from(*b).expect("16"))),
-                    _ => {}
-                },
+                GeneralName::IPAddress(b) => {
+                    if let Ok(v4) = <[u8; 4]>::try_from(*b) {
+                        id.ip_addrs.push(IpAddr::from(v4));
+                    } else if let Ok(v6) = <[u8; 16]>::try_from(*b) {
+                        id.ip_addrs.push(IpAddr::from(v6));
+                    }
+                }
                 _ => {}
             }
         }
