@@ -75,6 +75,17 @@ pub const PHASE_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Counts a connection closed by distproxy, by reason (see [`reason`]).
+pub fn record_closed(why: &'static str) {
+    metrics::counter!(CONNECTIONS_CLOSED, "reason" => why).increment(1);
+}
+
+/// Records how long a set-up phase took.
+pub fn record_phase(name: &'static str, since: std::time::Instant) {
+    metrics::histogram!(HANDSHAKE_PHASE_SECONDS, "phase" => name)
+        .record(since.elapsed().as_secs_f64());
+}
+
 /// A Prometheus builder with this crate's histogram buckets. Installing it
 /// is left to the binary (and to tests).
 pub fn prometheus_builder(

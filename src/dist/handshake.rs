@@ -231,7 +231,7 @@ pub fn looks_like_dist_handshake(first: &[u8]) -> bool {
         [hi, lo, rest @ ..] => {
             let len = usize::from(u16::from_be_bytes([*hi, *lo]));
             (MIN_SEND_NAME_LEN..=MAX_HANDSHAKE_FRAME).contains(&len)
-                && rest.first().map_or(true, |tag| matches!(tag, b'N' | b'n'))
+                && rest.first().is_none_or(|tag| matches!(tag, b'N' | b'n'))
         }
     }
 }

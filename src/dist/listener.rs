@@ -51,14 +51,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn closed(why: &'static str) {
-    metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => why).increment(1);
-}
-
-fn phase(name: &'static str, since: Instant) {
-    metrics::histogram!(m::HANDSHAKE_PHASE_SECONDS, "phase" => name)
-        .record(since.elapsed().as_secs_f64());
-}
+use crate::metrics::{record_closed as closed, record_phase as phase};
 
 /// Why the first frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +64,17 @@ pub enum FirstFrameError {
     Bad(#[from] HandshakeError),
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl FirstFrameError {
+    /// The `reason` label when this ends a connection.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FirstFrameError::Timeout => reason::TIMEOUT,
+            FirstFrameError::Bad(_) => reason::BAD_FRAME,
+            FirstFrameError::Closed(_) | FirstFrameError::Io(_) => reason::PEER_CLOSED,
+        }
+    }
 }
 
 /// Reads until the initiator's `send_name` frame is complete. Every byte
@@ -190,11 +194,7 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     {
         Ok(s) => s,
         Err(e) => {
-            let why = match e {
-                FirstFrameError::Timeout => reason::TIMEOUT,
-                FirstFrameError::Bad(_) => reason::BAD_FRAME,
-                FirstFrameError::Closed(_) | FirstFrameError::Io(_) => reason::PEER_CLOSED,
-            };
+            let why = e.reason();
             warn!(%peer, error = %e, "closing distribution connection before routing");
             closed(why);
             return;

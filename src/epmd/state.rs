@@ -90,7 +90,7 @@ impl StoredNode {
             return Err(format!("node {:?}: port 0", self.name));
         }
         let hex = self.extra_hex.as_bytes();
-        if hex.len() % 2 != 0 {
+        if !hex.len().is_multiple_of(2) {
             return Err(format!("node {:?}: odd-length extra_hex", self.name));
         }
         let extra = hex

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::preamble::Preamble;
 use super::resolve::Resolver;
-use crate::dist::listener::{self, short_name, FirstFrameError};
+use crate::dist::listener::{self, short_name};
 use crate::dist::relay::{self, RelayEnd};
 use crate::epmd::proto;
 use crate::metrics::{self as m, reason};
@@ -347,14 +347,7 @@ async fn serve_egress(listener: TcpListener, egress: Arc<Egress>, shared: Arc<Sh
     shared.egress.gauge(listeners.len());
 }
 
-fn closed(why: &'static str) {
-    metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => why).increment(1);
-}
-
-fn phase(name: &'static str, since: Instant) {
-    metrics::histogram!(m::HANDSHAKE_PHASE_SECONDS, "phase" => name)
-        .record(since.elapsed().as_secs_f64());
-}
+use crate::metrics::{record_closed as closed, record_phase as phase};
 
 /// Why no connection to the remote sidecar could be made.
 #[derive(Debug, thiserror::Error)]
@@ -423,11 +416,7 @@ async fn outbound(
     {
         Ok(s) => s,
         Err(e) => {
-            let why = match e {
-                FirstFrameError::Timeout => reason::TIMEOUT,
-                FirstFrameError::Bad(_) => reason::BAD_FRAME,
-                FirstFrameError::Closed(_) | FirstFrameError::Io(_) => reason::PEER_CLOSED,
-            };
+            let why = e.reason();
             warn!(%local_peer, %target, error = %e, "closing egress connection before its handshake");
             closed(why);
             return;

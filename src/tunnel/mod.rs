@@ -38,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::dist::listener::{self, FirstFrameError, RouteMethod};
+use crate::dist::listener::{self, RouteMethod};
 use crate::metrics::{self as m, reason, route};
 use crate::server::Shared;
 use preamble::{Preamble, PreambleError};
@@ -65,14 +65,7 @@ impl Transport {
     }
 }
 
-fn closed(why: &'static str) {
-    metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => why).increment(1);
-}
-
-fn phase(name: &'static str, since: Instant) {
-    metrics::histogram!(m::HANDSHAKE_PHASE_SECONDS, "phase" => name)
-        .record(since.elapsed().as_secs_f64());
-}
+use crate::metrics::{record_closed as closed, record_phase as phase};
 
 /// A connection whose first byte is [`TLS_HANDSHAKE_BYTE`]: the server side
 /// of mutual TLS (deadline `tls.handshake_timeout_ms`), then the preamble
@@ -234,11 +227,7 @@ pub async fn accept_preamble_with<S>(
     {
         Ok(s) => s,
         Err(e) => {
-            let why = match e {
-                FirstFrameError::Timeout => reason::TIMEOUT,
-                FirstFrameError::Bad(_) => reason::BAD_FRAME,
-                FirstFrameError::Closed(_) | FirstFrameError::Io(_) => reason::PEER_CLOSED,
-            };
+            let why = e.reason();
             warn!(%peer, transport = transport.label(), %target, %initiator, error = %e,
                 "closing tunnel connection before its handshake");
             closed(why);
