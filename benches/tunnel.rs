@@ -68,8 +68,11 @@
 #[path = "../tests/certs/mod.rs"]
 mod certs;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -78,16 +81,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use distproxy::client;
-use distproxy::dist::handshake::{self, Challenge, SendName, Status};
+use distproxy::dist::handshake::{self, SendName};
 use distproxy::epmd::proto::{self, NodeSpec, Port2Reply, Request};
 
-/// The fake node's name, registered with B and BT.
-const NODE: &str = "bench";
 /// Its full name as an egress request names it (the host part is what the
 /// sidecar resolves and dials, and what BT's certificate must name).
 const NODE_FULL: &str = "bench@127.0.0.1";
 const MSG: usize = 64;
-const CHUNK: usize = 256 * 1024;
 
 /// Sizes for one kind of run.
 #[derive(Debug, Clone, Copy)]
@@ -145,98 +145,6 @@ const SMOKE: Plan = Plan {
 
 // ---------------------------------------------------------------- fake node
 
-/// What the fake node does after the handshake, chosen by the initiator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Read to EOF, then answer with the byte count (u64, big-endian).
-    Sink,
-    /// Echo everything; half-close after EOF.
-    Echo,
-}
-
-impl Mode {
-    fn initiator(self) -> &'static str {
-        match self {
-            Mode::Sink => "sink@bench.client",
-            Mode::Echo => "echo@bench.client",
-        }
-    }
-}
-
-/// A fake BEAM node: answers the first two handshake frames with its name,
-/// then sinks or echoes. Threads live until the process exits.
-fn start_fake_node() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake node");
-    let port = listener.local_addr().unwrap().port();
-    thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(s) = s else { continue };
-            thread::Builder::new()
-                .stack_size(128 * 1024)
-                .spawn(move || {
-                    let _ = serve_node_conn(s);
-                })
-                .expect("spawn node thread");
-        }
-    });
-    port
-}
-
-fn serve_node_conn(mut s: TcpStream) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    let mut buf = BytesMut::with_capacity(512);
-    let mut tmp = [0u8; 512];
-    let send_name = loop {
-        if let Ok(Some((m, _))) = handshake::parse_send_name(&buf) {
-            break m;
-        }
-        let n = s.read(&mut tmp)?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let mode = if send_name.name.starts_with("sink@") {
-        Mode::Sink
-    } else {
-        Mode::Echo
-    };
-    let mut out = BytesMut::new();
-    handshake::encode_status(&mut out, &Status::Ok);
-    handshake::encode_challenge(
-        &mut out,
-        &Challenge {
-            name: format!("{NODE}@fake.host"),
-            flags: 0x000d_07df_7fbd,
-            challenge: 0x1234_5678,
-            creation: Some(77),
-        },
-    );
-    s.write_all(&out)?;
-    let mut data = vec![0u8; CHUNK];
-    match mode {
-        Mode::Sink => {
-            let mut total = 0u64;
-            loop {
-                let n = s.read(&mut data)?;
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-            }
-            s.write_all(&total.to_be_bytes())?;
-        }
-        Mode::Echo => loop {
-            let n = s.read(&mut data)?;
-            if n == 0 {
-                break;
-            }
-            s.write_all(&data[..n])?;
-        },
-    }
-    s.shutdown(Shutdown::Write)
-}
-
 // ----------------------------------------------------------------- sidecars
 
 /// A distproxy process, killed on drop.
@@ -253,28 +161,6 @@ impl Drop for Sidecar {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("pick a free port")
-            .port();
-        // Never 4369: a real EPMD may be running on this machine.
-        if port != 4369 {
-            return port;
-        }
-    }
-}
-
-/// The distproxy binary built with this bench, or TUNNEL_BENCH_PROXY_BIN
-/// (to compare builds, e.g. before and after a relay change).
-fn proxy_bin() -> String {
-    std::env::var("TUNNEL_BENCH_PROXY_BIN")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_distproxy").to_string())
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -305,7 +191,7 @@ fn start_sidecar(label: &'static str, extra: &str) -> Sidecar {
     )
     .unwrap();
     config.flush().unwrap();
-    let child = Command::new(proxy_bin())
+    let child = Command::new(proxy_bin("TUNNEL_BENCH_PROXY_BIN"))
         .arg("run")
         .arg("--config")
         .arg(config.path())
@@ -433,21 +319,6 @@ fn lookup_port(epmd: SocketAddr, name: &str) -> u16 {
         Ok(Port2Reply::Found(spec)) => spec.port,
         other => panic!("lookup of {name} at {epmd}: {other:?}"),
     }
-}
-
-/// User plus system CPU time of a process, in seconds (Linux only).
-fn cpu_secs(pid: u32) -> f64 {
-    // Fields 14 and 15 of /proc/<pid>/stat, in USER_HZ (100 on Linux),
-    // counted after the parenthesised command name.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            Some(ticks as f64 / 100.0)
-        })
-        .unwrap_or(0.0)
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
@@ -1220,38 +1091,6 @@ fn print_beam(rows: &mut [(Dist, BeamRow)], plan: &BeamPlan) -> (f64, f64) {
 
 // ------------------------------------------------------------------ figures
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
-    let idx = ((sorted_ns.len() as f64 - 1.0) * p).round() as usize;
-    sorted_ns[idx] as f64 / 1000.0
-}
-
-fn mb_per_s(bytes: u64, secs: f64) -> f64 {
-    bytes as f64 / 1e6 / secs
-}
-
-fn spread(v: &[f64]) -> String {
-    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().cloned().fold(0.0, f64::max);
-    format!("{lo:.0}..{hi:.0}")
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let benching = args.iter().any(|a| a == "--bench");
@@ -1279,7 +1118,7 @@ fn main() {
     println!(
         "tunnel bench, {} run: loopback, {cpus} CPUs, sidecars = {}",
         plan.label,
-        proxy_bin()
+        proxy_bin("TUNNEL_BENCH_PROXY_BIN")
     );
     let pki = make_pki();
     let sc = start_sidecars(&pki);
