@@ -52,9 +52,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use distproxy::client;
-use distproxy::dist::handshake::{self, SendName};
 use distproxy::epmd::proto::{NodeSpec, Port2Reply};
 
 const MSG: usize = 64;
@@ -360,39 +359,7 @@ impl Setup {
     /// Connects to `addr` and does the handshake's first frames.
     fn dial(&self, addr: SocketAddr, mode: Mode) -> TcpStream {
         let mut s = TcpStream::connect(addr).expect("connect");
-        s.set_nodelay(true).unwrap();
-        let mut out = BytesMut::new();
-        handshake::encode_send_name(
-            &mut out,
-            &SendName {
-                name: mode.initiator().to_string(),
-                flags: 0x000d_07df_7fbd,
-                creation: Some(1234),
-                version: None,
-            },
-        );
-        s.write_all(&out).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut buf = BytesMut::new();
-        let mut tmp = [0u8; 512];
-        let mut status_len = None;
-        loop {
-            if status_len.is_none() {
-                if let Ok(Some((_, n))) = handshake::parse_status(&buf) {
-                    status_len = Some(n);
-                }
-            }
-            if let Some(sl) = status_len {
-                if let Ok(Some((c, n))) = handshake::parse_challenge(&buf[sl..]) {
-                    assert_eq!(c.name, format!("{NODE}@fake.host"), "answered by the node");
-                    assert_eq!(sl + n, buf.len(), "no bytes after the challenge");
-                    break;
-                }
-            }
-            let n = s.read(&mut tmp).expect("handshake reply");
-            assert!(n > 0, "closed during the handshake ({addr})");
-            buf.extend_from_slice(&tmp[..n]);
-        }
+        complete_handshake(&mut s, mode, &addr.to_string());
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s
     }

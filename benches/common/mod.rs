@@ -174,3 +174,44 @@ pub fn proxy_bin(override_var: &str) -> String {
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_distproxy").to_string())
 }
+
+/// Sends the `send_name` frame of `mode`'s initiator on `s` and reads the
+/// node's status and challenge, checking it was answered by the fake node
+/// and that nothing followed. `what` names the path in failure messages.
+pub fn complete_handshake(s: &mut TcpStream, mode: Mode, what: &str) {
+    use distproxy::dist::handshake::SendName;
+    s.set_nodelay(true).unwrap();
+    let mut out = BytesMut::new();
+    handshake::encode_send_name(
+        &mut out,
+        &SendName {
+            name: mode.initiator().to_string(),
+            flags: 0x000d_07df_7fbd,
+            creation: Some(1234),
+            version: None,
+        },
+    );
+    s.write_all(&out).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = BytesMut::new();
+    let mut tmp = [0u8; 512];
+    let mut status_len = None;
+    loop {
+        if status_len.is_none() {
+            if let Ok(Some((_, n))) = handshake::parse_status(&buf) {
+                status_len = Some(n);
+            }
+        }
+        if let Some(sl) = status_len {
+            if let Ok(Some((c, n))) = handshake::parse_challenge(&buf[sl..]) {
+                assert_eq!(c.name, format!("{NODE}@fake.host"), "answered by the node");
+                assert_eq!(sl + n, buf.len(), "no bytes after the challenge");
+                return;
+            }
+        }
+        let n = s.read(&mut tmp).expect("handshake reply");
+        assert!(n > 0, "closed during the handshake ({what})");
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}

@@ -113,6 +113,17 @@ pub enum ReadPreambleError {
     Io(#[from] std::io::Error),
 }
 
+impl ReadPreambleError {
+    /// The `reason` label when this ends a connection.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReadPreambleError::Timeout => reason::TIMEOUT,
+            ReadPreambleError::Bad(_) => reason::BAD_FRAME,
+            ReadPreambleError::Closed(_) | ReadPreambleError::Io(_) => reason::PEER_CLOSED,
+        }
+    }
+}
+
 /// Reads a preamble from `stream` within `deadline`. On success `buf` holds
 /// the bytes read after the preamble (the start of the relayed stream).
 pub async fn read_preamble<S: AsyncRead + Unpin>(
@@ -178,11 +189,7 @@ pub async fn accept_preamble_with<S>(
     {
         Ok(p) => p,
         Err(e) => {
-            let why = match e {
-                ReadPreambleError::Timeout => reason::TIMEOUT,
-                ReadPreambleError::Bad(_) => reason::BAD_FRAME,
-                ReadPreambleError::Closed(_) | ReadPreambleError::Io(_) => reason::PEER_CLOSED,
-            };
+            let why = e.reason();
             warn!(%peer, transport = transport.label(), error = %e,
                     "closing tunnel connection: no valid preamble");
             closed(why);
