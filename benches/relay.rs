@@ -113,72 +113,16 @@ const SMOKE: Plan = Plan {
 // ------------------------------------------------------------------- proxy
 
 /// The distproxy binary, killed on drop.
-struct Proxy {
-    child: Child,
-    epmd: SocketAddr,
-    dist: SocketAddr,
-    _config: tempfile::NamedTempFile,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The distproxy under test.
+type Proxy = Sidecar;
 
 fn start_proxy() -> Proxy {
-    // Never 4369: a real EPMD may be running.
-    let (epmd_port, dist_port) = loop {
-        let (a, b) = (free_port(), free_port());
-        if a != b && a != 4369 && b != 4369 {
-            break (a, b);
-        }
-    };
-    let epmd: SocketAddr = ([127, 0, 0, 1], epmd_port).into();
-    let dist: SocketAddr = ([127, 0, 0, 1], dist_port).into();
-    let mut config = tempfile::NamedTempFile::new().expect("temp config");
-    write!(
-        config,
-        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n\n\
-         [routing]\nloopback_lookups = \"proxy\"\n\n[admin]\nlisten = \"\"\n"
+    start_sidecar(
+        "RELAY_BENCH_PROXY_BIN",
+        "proxy",
+        "warn",
+        "[routing]\nloopback_lookups = \"proxy\"\n",
     )
-    .unwrap();
-    config.flush().unwrap();
-    let child = Command::new(proxy_bin("RELAY_BENCH_PROXY_BIN"))
-        .arg("run")
-        .arg("--config")
-        .arg(config.path())
-        .env("DISTPROXY_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start distproxy");
-    let mut proxy = Proxy {
-        child,
-        epmd,
-        dist,
-        _config: config,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // Both listeners are bound before either serves: a NAMES_REQ answered
-    // means the dist port is ready too.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    while rt.block_on(client::names(epmd)).is_err() {
-        if let Ok(Some(status)) = proxy.child.try_wait() {
-            panic!("distproxy exited at start-up: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "distproxy did not start listening"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    proxy
 }
 
 /// A field of /proc/<pid>/status in kB (Linux only; 0 elsewhere).

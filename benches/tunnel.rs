@@ -146,83 +146,6 @@ const SMOKE: Plan = Plan {
 
 // ----------------------------------------------------------------- sidecars
 
-/// A distproxy process, killed on drop.
-struct Sidecar {
-    label: &'static str,
-    child: Child,
-    epmd: SocketAddr,
-    dist: SocketAddr,
-    _config: tempfile::NamedTempFile,
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("client runtime")
-        .block_on(f)
-}
-
-/// Starts a sidecar on 127.0.0.1 (EPMD and distribution port free ports,
-/// admin endpoint off) with `extra` appended to its configuration, and
-/// waits until it serves.
-fn start_sidecar(label: &'static str, extra: &str) -> Sidecar {
-    let (epmd_port, dist_port) = loop {
-        let (a, b) = (free_port(), free_port());
-        if a != b {
-            break (a, b);
-        }
-    };
-    let epmd: SocketAddr = ([127, 0, 0, 1], epmd_port).into();
-    let dist: SocketAddr = ([127, 0, 0, 1], dist_port).into();
-    let mut config = tempfile::NamedTempFile::new().expect("temp config");
-    write!(
-        config,
-        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n\n\
-         [admin]\nlisten = \"\"\n\n{extra}"
-    )
-    .unwrap();
-    config.flush().unwrap();
-    let child = Command::new(proxy_bin("TUNNEL_BENCH_PROXY_BIN"))
-        .arg("run")
-        .arg("--config")
-        .arg(config.path())
-        .env("DISTPROXY_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start distproxy");
-    let mut sidecar = Sidecar {
-        label,
-        child,
-        epmd,
-        dist,
-        _config: config,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // Both listeners are bound before either serves: a NAMES_REQ answered
-    // means the distribution port is ready too.
-    while block_on(client::names(epmd)).is_err() {
-        if let Ok(Some(status)) = sidecar.child.try_wait() {
-            panic!("sidecar {label} exited at start-up: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sidecar {label} did not start listening"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    sidecar
-}
-
 /// Certificates for the two "pods" (both sidecars and, for `inet_tls_dist`,
 /// both nodes): one CA, one leaf each with the IP SAN 127.0.0.1 and the DNS
 /// SAN localhost.
@@ -284,11 +207,28 @@ struct Sidecars {
 }
 
 fn start_sidecars(pki: &Pki) -> Sidecars {
-    let b = start_sidecar("B", "[routing]\nloopback_lookups = \"proxy\"\n");
-    let a = start_sidecar("A", &format!("[tunnel]\nremote_port = {}\n", b.dist.port()));
-    let bt = start_sidecar("BT", &tls_section(pki, &pki.b));
+    let b = start_sidecar(
+        "TUNNEL_BENCH_PROXY_BIN",
+        "B",
+        "error",
+        "[routing]\nloopback_lookups = \"proxy\"\n",
+    );
+    let a = start_sidecar(
+        "TUNNEL_BENCH_PROXY_BIN",
+        "A",
+        "error",
+        &format!("[tunnel]\nremote_port = {}\n", b.dist.port()),
+    );
+    let bt = start_sidecar(
+        "TUNNEL_BENCH_PROXY_BIN",
+        "BT",
+        "error",
+        &tls_section(pki, &pki.b),
+    );
     let at = start_sidecar(
+        "TUNNEL_BENCH_PROXY_BIN",
         "AT",
+        "error",
         &format!(
             "[tunnel]\nremote_port = {}\n\n{}",
             bt.dist.port(),

@@ -215,3 +215,84 @@ pub fn complete_handshake(s: &mut TcpStream, mode: Mode, what: &str) {
         buf.extend_from_slice(&tmp[..n]);
     }
 }
+
+/// A distproxy process, killed on drop.
+pub struct Sidecar {
+    pub label: &'static str,
+    pub child: std::process::Child,
+    pub epmd: std::net::SocketAddr,
+    pub dist: std::net::SocketAddr,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a future on a fresh current-thread runtime (for the few EPMD client
+/// calls the benches make).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime")
+        .block_on(f)
+}
+
+/// Starts the distproxy binary (`$bin_var` overrides it) on 127.0.0.1 with
+/// free EPMD and distribution ports (never 4369), the admin endpoint off and
+/// `extra` appended to its configuration; waits until it serves.
+pub fn start_sidecar(bin_var: &str, label: &'static str, log: &str, extra: &str) -> Sidecar {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let (epmd_port, dist_port) = loop {
+        let (a, b) = (free_port(), free_port());
+        if a != b {
+            break (a, b);
+        }
+    };
+    let epmd: std::net::SocketAddr = ([127, 0, 0, 1], epmd_port).into();
+    let dist: std::net::SocketAddr = ([127, 0, 0, 1], dist_port).into();
+    let mut config = tempfile::NamedTempFile::new().expect("temp config");
+    write!(
+        config,
+        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n\n\
+         [admin]\nlisten = \"\"\n\n{extra}"
+    )
+    .unwrap();
+    config.flush().unwrap();
+    let child = Command::new(proxy_bin(bin_var))
+        .arg("run")
+        .arg("--config")
+        .arg(config.path())
+        .env("DISTPROXY_LOG", log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start distproxy");
+    let mut sidecar = Sidecar {
+        label,
+        child,
+        epmd,
+        dist,
+        _config: config,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Both listeners are bound before either serves: a NAMES_REQ answered
+    // means the distribution port is ready too.
+    while block_on(distproxy::client::names(epmd)).is_err() {
+        if let Ok(Some(status)) = sidecar.child.try_wait() {
+            panic!("sidecar {label} exited at start-up: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sidecar {label} did not start listening"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    sidecar
+}
