@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::dist::router::Correlator;
+use crate::distribution::router::Correlator;
 use crate::epmd::registry::Registry;
 
 /// State shared by every task.
@@ -230,7 +230,7 @@ impl Sidecar {
         for l in listeners.dist {
             shared
                 .tracker
-                .spawn(crate::dist::listener::serve(l, Arc::clone(&shared)));
+                .spawn(crate::distribution::listener::serve(l, Arc::clone(&shared)));
         }
         // Expired correlation entries are purged lazily per peer; this sweep
         // bounds memory for peers that never come back.

@@ -157,9 +157,9 @@ async fn metrics_follow_the_traffic() {
     let _ = bad.read_to_end(&mut Vec::new()).await;
     let (mut lost, _) = (TcpStream::connect(dist).await.unwrap(), ());
     let mut frame = bytes::BytesMut::new();
-    distproxy::dist::handshake::encode_send_name(
+    distproxy::distribution::handshake::encode_send_name(
         &mut frame,
-        &distproxy::dist::handshake::SendName {
+        &distproxy::distribution::handshake::SendName {
             name: "lost@remote".into(),
             flags: 0x000d_07df_7fbd,
             creation: Some(1),

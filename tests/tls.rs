@@ -660,7 +660,7 @@ mod tunnel_tls {
     use bytes::BytesMut;
     use distproxy::client;
     use distproxy::config::Config;
-    use distproxy::dist::handshake::{self, SendName};
+    use distproxy::distribution::handshake::{self, SendName};
     use distproxy::epmd::proto::{self, Request};
     use distproxy::server::Sidecar;
     use std::net::SocketAddr;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use distproxy::client;
 use distproxy::config::Config;
-use distproxy::dist::handshake::{self, SendName};
+use distproxy::distribution::handshake::{self, SendName};
 use distproxy::epmd::proto::{self, EgressReply, Request};
 use distproxy::server::Sidecar;
 use distproxy::tunnel::preamble::Preamble;

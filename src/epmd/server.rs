@@ -18,7 +18,7 @@ use super::codec::{CodecError, RequestCodec};
 use super::proto::{self, NodeSpec, Request};
 use super::registry::RegisterError;
 use crate::config::LoopbackLookups;
-use crate::dist::router::LookupOutcome;
+use crate::distribution::router::LookupOutcome;
 use crate::metrics as m;
 use crate::server::Shared;
 

@@ -31,8 +31,8 @@ use tracing::{debug, info, warn};
 
 use super::preamble::Preamble;
 use super::resolve::Resolver;
-use crate::dist::listener::{self, short_name};
-use crate::dist::relay::{self, RelayEnd};
+use crate::distribution::listener::{self, short_name};
+use crate::distribution::relay::{self, RelayEnd};
 use crate::epmd::proto;
 use crate::metrics::{self as m, reason};
 use crate::server::Shared;

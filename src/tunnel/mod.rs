@@ -38,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::dist::listener::{self, RouteMethod};
+use crate::distribution::listener::{self, RouteMethod};
 use crate::metrics::{self as m, reason, route};
 use crate::server::Shared;
 use preamble::{Preamble, PreambleError};

@@ -33,7 +33,7 @@
 //! The distribution port tells three kinds of connection apart by their
 //! first byte: a TLS record (`0x16`, handshake), this magic (`0x44`), or a
 //! raw distribution handshake, whose 2-byte length starts with a byte of at
-//! most 8 (see [`crate::dist::handshake::looks_like_dist_handshake`]). `0x44`
+//! most 8 (see [`crate::distribution::handshake::looks_like_dist_handshake`]). `0x44`
 //! is neither a TLS content type (20..=24) nor a possible handshake length
 //! byte, so the three can never be confused.
 //!
@@ -258,10 +258,10 @@ mod tests {
         assert_ne!(MAGIC[0], 0x16);
         assert_ne!(MAGIC[0], 0x00);
         assert!(!(20..=24).contains(&MAGIC[0]), "a TLS content type");
-        assert!(!crate::dist::handshake::looks_like_dist_handshake(
+        assert!(!crate::distribution::handshake::looks_like_dist_handshake(
             &FIXTURE[..1]
         ));
-        assert!(!crate::dist::handshake::looks_like_dist_handshake(FIXTURE));
+        assert!(!crate::distribution::handshake::looks_like_dist_handshake(FIXTURE));
     }
 
     #[test]

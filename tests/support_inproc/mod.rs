@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use distproxy::config::{Config, LoopbackLookups};
-use distproxy::dist::handshake::{self, Challenge, SendName, Status};
+use distproxy::distribution::handshake::{self, Challenge, SendName, Status};
 use distproxy::epmd::proto::NodeSpec;
 use distproxy::server::{self, Sidecar};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
