@@ -23,5 +23,7 @@ pub mod config;
 pub mod distribution;
 pub mod epmd;
 pub mod metrics;
-pub mod server;
+pub mod net;
+pub mod node_name;
+pub mod sidecar;
 pub mod tunnel;

@@ -110,7 +110,7 @@ impl Preamble {
 
     /// The target's node name without the host (`b1`), as registered in EPMD.
     pub fn target_short_name(&self) -> &str {
-        self.target.split_once('@').map_or(&self.target, |(n, _)| n)
+        crate::node_name::short_name(&self.target)
     }
 
     /// Appends the encoded preamble to `dst`. Names longer than
@@ -142,10 +142,9 @@ pub fn check_target(target: &str) -> Result<(), PreambleError> {
         field: "target",
         error,
     })?;
-    match target.split_once('@') {
-        Some((name, host)) if !name.is_empty() && !host.is_empty() => Ok(()),
-        _ => Err(PreambleError::NotFullName(target.to_owned())),
-    }
+    crate::node_name::NodeName::parse(target)
+        .map(drop)
+        .map_err(|_| PreambleError::NotFullName(target.to_owned()))
 }
 
 /// Parses a preamble at the start of `buf`. `Ok(None)`: more bytes needed.
@@ -261,7 +260,9 @@ mod tests {
         assert!(!crate::distribution::handshake::looks_like_dist_handshake(
             &FIXTURE[..1]
         ));
-        assert!(!crate::distribution::handshake::looks_like_dist_handshake(FIXTURE));
+        assert!(!crate::distribution::handshake::looks_like_dist_handshake(
+            FIXTURE
+        ));
     }
 
     #[test]
