@@ -911,7 +911,10 @@ fn deploy_readme_covers_metrics_and_manifests() {
     }
     for r in RENDERS {
         let dir = r.dir.trim_start_matches("deploy/");
-        assert!(readme.contains(dir), "the deployment docs do not mention {dir}");
+        assert!(
+            readme.contains(dir),
+            "the deployment docs do not mention {dir}"
+        );
     }
     for flag in [
         "-start_epmd false",
@@ -919,7 +922,10 @@ fn deploy_readme_covers_metrics_and_manifests() {
         "-epmd_module distproxy_epmd",
         "-pa /opt/distproxy/ebin",
     ] {
-        assert!(readme.contains(flag), "the deployment docs do not explain {flag}");
+        assert!(
+            readme.contains(flag),
+            "the deployment docs do not explain {flag}"
+        );
     }
 }
 

@@ -21,8 +21,7 @@ fn repo() -> &'static Path {
 }
 
 fn read(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
 /// `section.key` for every key of every table in a TOML document.
@@ -79,9 +78,9 @@ fn documented_keys() -> Vec<(String, usize)> {
             let is_key = key.split_once('.').is_some_and(|(s, k)| {
                 !s.is_empty()
                     && !k.is_empty()
-                    && key
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+                    && key.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.'
+                    })
             });
             if is_key {
                 keys.push((key.to_string(), i + 1));
@@ -137,7 +136,10 @@ fn example_full_sets_every_documented_key() {
     let file = "config/example-full.toml";
     let set = toml_keys(&read(&repo().join(file)), file);
     let documented: BTreeSet<String> = documented_keys().into_iter().map(|(k, _)| k).collect();
-    assert!(!documented.is_empty(), "docs/configuration.md documents no key");
+    assert!(
+        !documented.is_empty(),
+        "docs/configuration.md documents no key"
+    );
     let missing: Vec<_> = documented.difference(&set).collect();
     assert!(
         missing.is_empty(),
@@ -205,7 +207,12 @@ fn cites_issue_number(line: &str) -> bool {
 
 #[test]
 fn issue_citation_detector() {
-    for yes in ["(issue 2, \"Benches\")", "Issue #12", "see issues 3 and 5", "issue#4"] {
+    for yes in [
+        "(issue 2, \"Benches\")",
+        "Issue #12",
+        "see issues 3 and 5",
+        "issue#4",
+    ] {
         assert!(cites_issue_number(yes), "{yes}");
     }
     for no in ["an issue with 3 nodes", "tissue 3", "issued 3", "no issue"] {
@@ -231,11 +238,19 @@ fn no_references_to_notes_outside_the_repository() {
             let lower = line.to_ascii_lowercase();
             for phrase in phrases {
                 if lower.contains(&phrase.to_ascii_lowercase()) {
-                    offending.push(format!("{shown}:{}: mentions {phrase:?}: {}", i + 1, line.trim()));
+                    offending.push(format!(
+                        "{shown}:{}: mentions {phrase:?}: {}",
+                        i + 1,
+                        line.trim()
+                    ));
                 }
             }
             if cites_issue_number(line) {
-                offending.push(format!("{shown}:{}: cites an issue number: {}", i + 1, line.trim()));
+                offending.push(format!(
+                    "{shown}:{}: cites an issue number: {}",
+                    i + 1,
+                    line.trim()
+                ));
             }
         }
     }
