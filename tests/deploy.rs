@@ -1,4 +1,4 @@
-//! The deployment artefacts under `deploy/` (issue 5): every kustomization
+//! The deployment artefacts under `deploy/`: every kustomization
 //! renders and validates offline, the Dockerfile passes hadolint and its build
 //! context holds what it copies, and the sidecar configuration in the
 //! ConfigMaps is the very file `distproxy check-config` accepts.
@@ -772,7 +772,7 @@ fn docker_build_context_holds_every_build_input() {
                 repo().join(source).exists(),
                 "{DOCKERFILE} copies {source}, which does not exist{}",
                 if source.starts_with("deploy/erlang") {
-                    " (deploy/erlang/distproxy_epmd.erl is the tunnel helper of issue 3)"
+                    " (deploy/erlang/distproxy_epmd.erl is the tunnel helper, see docs/tunnel-tls.md)"
                 } else {
                     ""
                 }

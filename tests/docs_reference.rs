@@ -222,13 +222,16 @@ fn issue_citation_detector() {
 
 #[test]
 fn no_references_to_notes_outside_the_repository() {
-    // Spelled in pieces so that this file does not match itself.
-    let phrases = [concat!("shared", " notes"), concat!("DESIGN", ".md")];
+    let phrases = ["shared notes", "DESIGN.md"];
     let mut files = Vec::new();
     walk(repo(), &mut files);
     files.sort();
     let mut offending = Vec::new();
     for path in &files {
+        // This file's own fixtures are citations on purpose.
+        if path.ends_with("tests/docs_reference.rs") {
+            continue;
+        }
         // Binary files (compiled modules, images) are not prose.
         let Ok(text) = std::fs::read_to_string(path) else {
             continue;
