@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,7 +17,7 @@ use tracing::debug;
 
 use crate::distribution::forward::OpenConnections;
 use crate::epmd::registry::Registry;
-use crate::net::{accept_loop, AdmitAll};
+use crate::net::{accept_loop, write_all_within, ConnectionLimit, Stop, WriteError};
 
 /// What the admin endpoint needs.
 pub struct AdminCtx {
@@ -31,6 +31,12 @@ pub struct AdminCtx {
     /// `admin.ready_nodes`.
     pub ready_nodes: Vec<String>,
     pub open_connections: Arc<OpenConnections>,
+    /// `limits.admin_max_connections` (requests served at once) and its
+    /// per-source cap.
+    pub limit: ConnectionLimit,
+    /// `limits.write_timeout_ms`: a scraper that does not read its response
+    /// is closed after this.
+    pub write_timeout: Duration,
 }
 
 const MAX_HEAD: usize = 8 * 1024;
@@ -39,16 +45,23 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accepts admin connections until the hard stop. Its connections are on
 /// a tracker of their own: an admin request must not hold up shutdown.
 pub async fn serve(listener: TcpListener, shared: Arc<AdminCtx>) {
-    let stop = shared.hard_stop.clone();
+    let stop = Stop {
+        accepting: shared.hard_stop.clone(),
+        connections: shared.hard_stop.clone(),
+    };
+    let limit = shared.limit.clone();
     accept_loop(
         "admin",
         listener,
         stop,
         TaskTracker::new(),
-        AdmitAll,
-        move |stream, _, ()| {
+        limit,
+        move |stream, _, permit| {
             let shared = Arc::clone(&shared);
-            async move { handle(stream, &shared).await }
+            async move {
+                handle(stream, &shared).await;
+                drop(permit);
+            }
         },
     )
     .await
@@ -132,10 +145,14 @@ async fn handle(mut stream: TcpStream, shared: &AdminCtx) {
     if !is_head {
         out.extend_from_slice(response.body.as_bytes());
     }
-    if let Err(e) = stream.write_all(&out).await {
-        debug!(error = %e, "admin response not delivered");
+    match write_all_within(&mut stream, &out, shared.write_timeout, "admin response").await {
+        Ok(()) => {}
+        Err(e @ WriteError::Timeout { .. }) => {
+            metrics::counter!(crate::metrics::WRITE_TIMEOUTS, "listener" => "admin").increment(1);
+            debug!(error = %e, "closing admin connection");
+        }
+        Err(e) => debug!(error = %e, "admin response not delivered"),
     }
-    let _ = stream.shutdown().await;
 }
 
 /// Answers one path.

@@ -43,6 +43,10 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub tunnel: TunnelConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub tcp: TcpConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -334,6 +338,8 @@ impl Config {
         }
         self.tls.validate()?;
         self.tunnel.validate()?;
+        self.limits.validate()?;
+        self.tcp.validate()?;
         Ok(())
     }
 
@@ -503,6 +509,16 @@ impl TlsConfig {
                 );
             }
         }
+        // A plaintext preamble carries a name nobody vouches for: binding
+        // names only on TLS connections would let plaintext claim any name.
+        if self.bind_node_names && !self.require_tls {
+            return invalid(
+                "tls.bind_node_names",
+                "needs tls.require_tls = true (plaintext from other hosts cannot be bound to a \
+                 certificate, so it must be refused)"
+                    .into(),
+            );
+        }
         for (key, value) in [
             ("tls.handshake_timeout_ms", self.handshake_timeout_ms),
             ("tls.reload_interval_ms", self.reload_interval_ms),
@@ -644,6 +660,215 @@ impl TunnelConfig {
             if value > 3_600_000 {
                 return invalid(key, "must be at most 3600000 (one hour)");
             }
+        }
+        Ok(())
+    }
+}
+
+/// Caps on what peers can make the sidecar hold (see docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// EPMD connections open at once (per listener), local peers excepted
+    /// up to `reserved_local_connections`.
+    #[serde(default = "default_epmd_max_connections")]
+    pub epmd_max_connections: usize,
+    /// EPMD connections open at once from one source address.
+    #[serde(default = "default_epmd_max_connections_per_source")]
+    pub epmd_max_connections_per_source: usize,
+    /// Admin requests served at once.
+    #[serde(default = "default_admin_max_connections")]
+    pub admin_max_connections: usize,
+    /// Admin requests served at once for one source address.
+    #[serde(default = "default_admin_max_connections_per_source")]
+    pub admin_max_connections_per_source: usize,
+    /// Distribution connections (inbound and egress) from one source
+    /// address, out of `dist.max_connections`.
+    #[serde(default = "default_dist_max_connections_per_source")]
+    pub dist_max_connections_per_source: usize,
+    /// Extra room on every listener, usable only by local peers (loopback
+    /// or the listener's own address) once the cap is reached.
+    #[serde(default = "default_reserved_local_connections")]
+    pub reserved_local_connections: usize,
+    /// Deadline for writing one reply (EPMD, admin) to a peer.
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Nodes registered at once.
+    #[serde(default = "default_max_registered_nodes")]
+    pub max_registered_nodes: usize,
+    /// TLS handshakes in flight at once (inbound and outbound).
+    #[serde(default = "default_max_tls_handshakes")]
+    pub max_tls_handshakes: usize,
+}
+
+fn default_epmd_max_connections() -> usize {
+    1024
+}
+fn default_epmd_max_connections_per_source() -> usize {
+    64
+}
+fn default_admin_max_connections() -> usize {
+    32
+}
+fn default_admin_max_connections_per_source() -> usize {
+    8
+}
+fn default_dist_max_connections_per_source() -> usize {
+    512
+}
+fn default_reserved_local_connections() -> usize {
+    64
+}
+fn default_write_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_registered_nodes() -> usize {
+    1024
+}
+fn default_max_tls_handshakes() -> usize {
+    64
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            epmd_max_connections: default_epmd_max_connections(),
+            epmd_max_connections_per_source: default_epmd_max_connections_per_source(),
+            admin_max_connections: default_admin_max_connections(),
+            admin_max_connections_per_source: default_admin_max_connections_per_source(),
+            dist_max_connections_per_source: default_dist_max_connections_per_source(),
+            reserved_local_connections: default_reserved_local_connections(),
+            write_timeout_ms: default_write_timeout_ms(),
+            max_registered_nodes: default_max_registered_nodes(),
+            max_tls_handshakes: default_max_tls_handshakes(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        for (key, value) in [
+            ("limits.epmd_max_connections", self.epmd_max_connections),
+            (
+                "limits.epmd_max_connections_per_source",
+                self.epmd_max_connections_per_source,
+            ),
+            ("limits.admin_max_connections", self.admin_max_connections),
+            (
+                "limits.admin_max_connections_per_source",
+                self.admin_max_connections_per_source,
+            ),
+            (
+                "limits.dist_max_connections_per_source",
+                self.dist_max_connections_per_source,
+            ),
+            ("limits.max_registered_nodes", self.max_registered_nodes),
+            ("limits.max_tls_handshakes", self.max_tls_handshakes),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than 0");
+            }
+            if value > 1_000_000 {
+                return invalid(key, "must be at most 1000000");
+            }
+        }
+        if self.reserved_local_connections > 1_000_000 {
+            return invalid(
+                "limits.reserved_local_connections",
+                "must be at most 1000000",
+            );
+        }
+        if self.write_timeout_ms == 0 {
+            return invalid("limits.write_timeout_ms", "must be greater than 0");
+        }
+        if self.write_timeout_ms > 3_600_000 {
+            return invalid(
+                "limits.write_timeout_ms",
+                "must be at most 3600000 (one hour)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Dead-peer detection on both legs of every relayed connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConfig {
+    /// Idle time before the first keepalive probe (0: keepalive off).
+    #[serde(default = "default_keepalive_idle_ms")]
+    pub keepalive_idle_ms: u64,
+    /// Time between keepalive probes.
+    #[serde(default = "default_keepalive_interval_ms")]
+    pub keepalive_interval_ms: u64,
+    /// Unanswered probes before the connection is dropped.
+    #[serde(default = "default_keepalive_count")]
+    pub keepalive_count: u32,
+    /// `TCP_USER_TIMEOUT`: sent data unacknowledged this long drops the
+    /// connection (0: the kernel default, about 15 minutes).
+    #[serde(default = "default_user_timeout_ms")]
+    pub user_timeout_ms: u64,
+}
+
+fn default_keepalive_idle_ms() -> u64 {
+    10_000
+}
+fn default_keepalive_interval_ms() -> u64 {
+    5_000
+}
+fn default_keepalive_count() -> u32 {
+    3
+}
+fn default_user_timeout_ms() -> u64 {
+    30_000
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            keepalive_idle_ms: default_keepalive_idle_ms(),
+            keepalive_interval_ms: default_keepalive_interval_ms(),
+            keepalive_count: default_keepalive_count(),
+            user_timeout_ms: default_user_timeout_ms(),
+        }
+    }
+}
+
+impl TcpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        for (key, value) in [
+            ("tcp.keepalive_idle_ms", self.keepalive_idle_ms),
+            ("tcp.user_timeout_ms", self.user_timeout_ms),
+        ] {
+            if value > 3_600_000 {
+                return invalid(key, "must be at most 3600000 (one hour)");
+            }
+            // The kernel counts keepalive time in whole seconds.
+            if value != 0 && value < 1_000 {
+                return invalid(key, "must be 0 (off) or at least 1000");
+            }
+        }
+        if !(1_000..=3_600_000).contains(&self.keepalive_interval_ms) {
+            return invalid("tcp.keepalive_interval_ms", "must be from 1000 to 3600000");
+        }
+        if !(1..=127).contains(&self.keepalive_count) {
+            return invalid("tcp.keepalive_count", "must be from 1 to 127");
         }
         Ok(())
     }

@@ -17,6 +17,11 @@ pub const RELAYED_BYTES: &str = "distproxy_relayed_bytes_total";
 pub const HANDSHAKE_PHASE_SECONDS: &str = "distproxy_handshake_phase_seconds";
 pub const CONNECTIONS_CLOSED: &str = "distproxy_connections_closed_total";
 pub const MISROUTES: &str = "distproxy_misroutes_total";
+/// Connections closed at accept by a limit (`listener`: epmd, admin,
+/// distribution, egress; `limit`: total or per_source).
+pub const CONNECTIONS_REFUSED: &str = "distproxy_connections_refused_total";
+/// Replies abandoned because the peer did not read them in time.
+pub const WRITE_TIMEOUTS: &str = "distproxy_write_timeouts_total";
 pub const BUILD_INFO: &str = "distproxy_build_info";
 /// Tunnel egress listeners open (one per remote node in use).
 pub const EGRESS_LISTENERS: &str = "distproxy_egress_listeners";
@@ -147,6 +152,14 @@ pub fn describe() {
     describe_counter!(
         MISROUTES,
         "Connections whose node answered with a name other than the chosen target (must stay 0)."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed at accept by a connection limit, by listener and limit (total, per_source)."
+    );
+    describe_counter!(
+        WRITE_TIMEOUTS,
+        "Replies abandoned because the peer did not read them within limits.write_timeout_ms, by listener."
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,

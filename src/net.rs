@@ -7,11 +7,13 @@
 //! service's task tracker, and logs accept errors at most once a second
 //! (an accept error such as `EMFILE` repeats as fast as the loop spins).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -43,8 +45,8 @@ pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub trait Admission: Send + Sync + 'static {
     type Permit: Send + 'static;
     /// `None`: the connection is closed at once (the implementation logs
-    /// and counts why).
-    fn admit(&self, peer: SocketAddr) -> Option<Self::Permit>;
+    /// and counts why). `local` is the listener's own address.
+    fn admit(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Option<Self::Permit>;
 }
 
 /// Takes every connection.
@@ -52,46 +54,268 @@ pub struct AdmitAll;
 
 impl Admission for AdmitAll {
     type Permit = ();
-    fn admit(&self, _peer: SocketAddr) -> Option<()> {
+    fn admit(&self, _peer: SocketAddr, _local: Option<SocketAddr>) -> Option<()> {
         Some(())
     }
 }
 
-/// A global cap on connections open at once, shared by every listener that
-/// holds a clone (`dist.max_connections`: inbound and egress connections).
+/// Whether `peer` is inside the pod: loopback, or the listener's own
+/// address (as `epmd` decides who may register).
+pub fn is_local_peer(peer: IpAddr, local: Option<SocketAddr>) -> bool {
+    let peer = peer.to_canonical();
+    peer.is_loopback() || local.is_some_and(|l| l.ip().to_canonical() == peer)
+}
+
+/// Caps on connections open at once: `max` in all, `per_source` from one
+/// address, and `reserved` more usable only by local peers once `max` is
+/// reached (so a flood from outside never keeps a local node from
+/// registering or a lookup from being answered). Every listener holding a
+/// clone shares the counts (`dist.max_connections` covers inbound and
+/// egress connections).
 #[derive(Clone)]
 pub struct ConnectionLimit {
+    listener: &'static str,
     permits: Arc<Semaphore>,
+    reserved: Arc<Semaphore>,
     max: usize,
+    per_source: usize,
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// A connection's place under a [`ConnectionLimit`]; dropping it frees it.
+pub struct ConnPermit {
+    _permit: Option<OwnedSemaphorePermit>,
+    _source: Option<SourceSlot>,
+}
+
+struct SourceSlot {
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut sources = lock(&self.sources);
+        if let Some(n) = sources.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                sources.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why [`ConnectionLimit::acquire`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LimitRefused {
+    #[error("connection limit reached")]
+    Total,
+    #[error("per-source connection limit reached")]
+    PerSource,
+}
+
+impl LimitRefused {
+    /// The `limit` label of `distproxy_connections_refused_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitRefused::Total => "total",
+            LimitRefused::PerSource => "per_source",
+        }
+    }
 }
 
 impl ConnectionLimit {
+    /// A global cap only (no per-source cap, no reserved room).
     pub fn new(max: usize) -> ConnectionLimit {
+        ConnectionLimit::with("distribution", max, max, 0)
+    }
+
+    /// `listener` names the listener in logs and metrics.
+    pub fn with(
+        listener: &'static str,
+        max: usize,
+        per_source: usize,
+        reserved: usize,
+    ) -> ConnectionLimit {
         ConnectionLimit {
+            listener,
             permits: Arc::new(Semaphore::new(max)),
+            reserved: Arc::new(Semaphore::new(reserved)),
             max,
+            per_source,
+            sources: Arc::default(),
         }
     }
 
-    /// A permit, if fewer than the maximum are out.
-    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
-        Arc::clone(&self.permits).try_acquire_owned().ok()
+    /// A permit for a connection from `peer` (`local`: inside the pod).
+    pub fn acquire(&self, peer: IpAddr, local: bool) -> Result<ConnPermit, LimitRefused> {
+        let ip = peer.to_canonical();
+        let mut sources = lock(&self.sources);
+        let held = sources.get(&ip).copied().unwrap_or(0);
+        if held >= self.per_source {
+            return Err(LimitRefused::PerSource);
+        }
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) if local => Arc::clone(&self.reserved)
+                .try_acquire_owned()
+                .map_err(|_| LimitRefused::Total)?,
+            Err(_) => return Err(LimitRefused::Total),
+        };
+        sources.insert(ip, held + 1);
+        Ok(ConnPermit {
+            _permit: Some(permit),
+            _source: Some(SourceSlot {
+                sources: Arc::clone(&self.sources),
+                ip,
+            }),
+        })
+    }
+
+    /// A permit counted against the total only (a local node's connection
+    /// on an egress listener, whose source is always loopback).
+    pub fn try_acquire(&self) -> Option<ConnPermit> {
+        let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+        Some(ConnPermit {
+            _permit: Some(permit),
+            _source: None,
+        })
     }
 
     pub fn max(&self) -> usize {
         self.max
     }
+
+    pub fn per_source(&self) -> usize {
+        self.per_source
+    }
 }
 
 impl Admission for ConnectionLimit {
-    type Permit = OwnedSemaphorePermit;
-    fn admit(&self, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
-        let permit = self.try_acquire();
+    type Permit = ConnPermit;
+    fn admit(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Option<ConnPermit> {
+        match self.acquire(peer.ip(), is_local_peer(peer.ip(), local)) {
+            Ok(p) => Some(p),
+            Err(why) => {
+                warn!(%peer, listener = self.listener, limit = self.max,
+                    per_source = self.per_source, "{why}; closing");
+                metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
+                    "listener" => self.listener, "limit" => why.label())
+                .increment(1);
+                if self.listener == "distribution" {
+                    crate::metrics::record_closed(crate::metrics::reason::OVER_LIMIT);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Admits against a [`ConnectionLimit`]'s total only: for listeners whose
+/// every peer is the same local address (egress listeners, where the local
+/// nodes connect from loopback).
+pub struct TotalOnly(pub ConnectionLimit);
+
+impl Admission for TotalOnly {
+    type Permit = ConnPermit;
+    fn admit(&self, peer: SocketAddr, _local: Option<SocketAddr>) -> Option<ConnPermit> {
+        let permit = self.0.try_acquire();
         if permit.is_none() {
-            warn!(%peer, limit = self.max, "connection limit reached; closing");
+            warn!(%peer, listener = "egress", limit = self.0.max, "connection limit reached; closing");
+            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
+                "listener" => "egress", "limit" => LimitRefused::Total.label())
+            .increment(1);
             crate::metrics::record_closed(crate::metrics::reason::OVER_LIMIT);
         }
         permit
+    }
+}
+
+/// Why a write to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("{what} not written within {} ms (peer not reading)", .timeout.as_millis())]
+    Timeout {
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("failed to write {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Writes `bytes` and shuts the write side down, within `timeout` in all:
+/// a peer that does not read cannot hold the connection (or its buffer).
+pub async fn write_all_within<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    bytes: &[u8],
+    timeout: Duration,
+    what: &'static str,
+) -> Result<(), WriteError> {
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Err(_) => Err(WriteError::Timeout { what, timeout }),
+        Ok(Err(source)) => Err(WriteError::Io { what, source }),
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
+/// Keepalive and `TCP_USER_TIMEOUT` for relayed connections (`[tcp]`), so
+/// a peer that vanished without FIN or RST is noticed in bounded time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpTuning {
+    /// `None`: keepalive off.
+    pub keepalive_idle: Option<Duration>,
+    pub keepalive_interval: Duration,
+    pub keepalive_count: u32,
+    /// `None`: the kernel default.
+    pub user_timeout: Option<Duration>,
+}
+
+impl TcpTuning {
+    pub fn from_config(c: &crate::config::TcpConfig) -> TcpTuning {
+        let ms = |v: u64| (v != 0).then(|| Duration::from_millis(v));
+        TcpTuning {
+            keepalive_idle: ms(c.keepalive_idle_ms),
+            keepalive_interval: Duration::from_millis(c.keepalive_interval_ms),
+            keepalive_count: c.keepalive_count,
+            user_timeout: ms(c.user_timeout_ms),
+        }
+    }
+
+    /// Applies the settings; a failure is logged, never fatal.
+    pub fn apply(&self, stream: &TcpStream) {
+        let sock = socket2::SockRef::from(stream);
+        if let Some(idle) = self.keepalive_idle {
+            let ka = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(self.keepalive_interval)
+                .with_retries(self.keepalive_count);
+            if let Err(e) = sock.set_tcp_keepalive(&ka) {
+                debug!(error = %e, "cannot set TCP keepalive");
+            }
+        }
+        if let Some(t) = self.user_timeout {
+            if let Err(e) = sock.set_tcp_user_timeout(Some(t)) {
+                debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+            }
+        }
+    }
+}
+
+impl Default for TcpTuning {
+    fn default() -> Self {
+        TcpTuning::from_config(&crate::config::TcpConfig::default())
     }
 }
 
@@ -126,13 +350,25 @@ impl RateLimitedLog {
     }
 }
 
-/// Accepts connections until `shutdown`, spawning `handler(stream, peer,
-/// permit)` on `tracker` for each one `admission` takes. Accept errors are
-/// logged (rate-limited) and the loop goes on after a short pause.
+/// When an accept loop and its connections stop.
+#[derive(Clone, Default)]
+pub struct Stop {
+    /// Stops accepting.
+    pub accepting: CancellationToken,
+    /// Ends every connection task the loop spawned, wherever it waits (the
+    /// grace period is over).
+    pub connections: CancellationToken,
+}
+
+/// Accepts connections until `stop.accepting`, spawning `handler(stream,
+/// peer, permit)` on `tracker` for each one `admission` takes; each
+/// handler is dropped when `stop.connections` is cancelled, so the hard
+/// stop reaches every task. Accept errors are logged (rate-limited) and
+/// the loop goes on after a short pause.
 pub async fn accept_loop<A, H, F>(
     what: &'static str,
     listener: TcpListener,
-    shutdown: CancellationToken,
+    stop: Stop,
     tracker: TaskTracker,
     admission: A,
     handler: H,
@@ -145,15 +381,22 @@ pub async fn accept_loop<A, H, F>(
     let mut errors = RateLimitedLog::new(Duration::from_secs(1));
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.accepting.cancelled() => break,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Some(permit) = admission.admit(peer) else {
+                let Some(permit) = admission.admit(peer, local) else {
                     continue;
                 };
-                tracker.spawn(handler(stream, peer, permit));
+                let task = handler(stream, peer, permit);
+                let hard_stop = stop.connections.clone();
+                tracker.spawn(async move {
+                    tokio::select! {
+                        _ = hard_stop.cancelled() => {}
+                        _ = task => {}
+                    }
+                });
             }
             Err(e) => {
                 errors.accept_failed(what, local, &e);
@@ -237,9 +480,96 @@ mod tests {
     async fn the_limit_refuses_beyond_its_maximum_and_frees_on_drop() {
         let limit = ConnectionLimit::new(1);
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let first = limit.admit(peer).expect("first admitted");
-        assert!(limit.admit(peer).is_none());
+        let first = limit.admit(peer, None).expect("first admitted");
+        assert!(limit.admit(peer, None).is_none());
         drop(first);
-        assert!(limit.admit(peer).is_some());
+        assert!(limit.admit(peer, None).is_some());
+    }
+
+    #[test]
+    fn one_source_cannot_take_every_slot_and_local_peers_have_reserved_room() {
+        let limit = ConnectionLimit::with("test", 4, 2, 1);
+        let own: SocketAddr = "10.0.0.9:4369".parse().unwrap();
+        let a: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:1000".parse().unwrap();
+        let c: SocketAddr = "10.0.0.3:1000".parse().unwrap();
+        let a1 = limit.admit(a, Some(own)).expect("a 1");
+        let a2 = limit.admit(a, Some(own)).expect("a 2");
+        assert_eq!(
+            limit.acquire(a.ip(), false).err(),
+            Some(LimitRefused::PerSource)
+        );
+        let _b1 = limit.admit(b, Some(own)).expect("b 1 (a is at its share)");
+        let _c1 = limit.admit(c, Some(own)).expect("c 1");
+        // The total is reached: another source is refused...
+        assert_eq!(
+            limit.acquire(b.ip(), false).err(),
+            Some(LimitRefused::Total)
+        );
+        // ...but a local peer (loopback, or the listener's own address) gets
+        // the reserved room, once.
+        let lo: SocketAddr = "127.0.0.1:5".parse().unwrap();
+        let own_peer: SocketAddr = "10.0.0.9:6".parse().unwrap();
+        let l1 = limit
+            .admit(lo, Some(own))
+            .expect("loopback uses the reserve");
+        assert!(
+            limit.admit(own_peer, Some(own)).is_none(),
+            "reserve used up"
+        );
+        drop(l1);
+        assert!(
+            limit.admit(own_peer, Some(own)).is_some(),
+            "own address is local"
+        );
+        // Dropping a permit frees both the total and the source's share.
+        drop(a1);
+        drop(a2);
+        let _a3 = limit.admit(a, Some(own)).expect("a again");
+        assert_eq!(lock(&limit.sources).get(&a.ip()).copied(), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_to_a_peer_that_does_not_read_ends_at_its_deadline() {
+        let (mut ours, theirs) = tokio::io::duplex(64);
+        let start = tokio::time::Instant::now();
+        let err = write_all_within(&mut ours, &[0u8; 4096], Duration::from_secs(5), "reply")
+            .await
+            .unwrap_err();
+        let took = start.elapsed();
+        assert!(matches!(err, WriteError::Timeout { .. }), "{err}");
+        assert!(took >= Duration::from_secs(5), "closed early: {took:?}");
+        assert!(took < Duration::from_millis(5_100), "closed late: {took:?}");
+        drop(theirs);
+        // A reader that reads gets everything.
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        let reader = tokio::spawn(async move {
+            let mut v = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut theirs, &mut v)
+                .await
+                .unwrap();
+            v.len()
+        });
+        write_all_within(&mut ours, &[1u8; 4096], Duration::from_secs(5), "reply")
+            .await
+            .unwrap();
+        drop(ours);
+        assert_eq!(reader.await.unwrap(), 4096);
+    }
+
+    #[tokio::test]
+    async fn tuning_sets_keepalive_and_user_timeout_on_the_socket() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        TcpTuning::default().apply(&s);
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(10));
+        assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(5));
+        assert_eq!(sock.keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(30))
+        );
     }
 }

@@ -23,7 +23,7 @@ use crate::distribution::listener::DistCtx;
 use crate::distribution::router::Correlator;
 use crate::epmd::registry::Registry;
 use crate::epmd::server::EpmdCtx;
-use crate::net::{bind_tcp, ConnectionLimit, DEFAULT_DIST_PORT};
+use crate::net::{bind_tcp, ConnectionLimit, TcpTuning, DEFAULT_DIST_PORT};
 use crate::tunnel::egress::{EgressManager, EgressSettings};
 use crate::tunnel::inbound::Inbound;
 use crate::tunnel::tls::Tls;
@@ -77,7 +77,10 @@ impl Listeners {
 /// listener named in the configuration.
 pub fn bind(config: &Config) -> Result<Listeners, BindError> {
     let tls = match crate::tunnel::tls::TlsSettings::from_config(&config.tls) {
-        Some(settings) => Some(crate::tunnel::tls::Tls::load(settings)?),
+        Some(mut settings) => {
+            settings.max_handshakes = config.limits.max_tls_handshakes;
+            Some(crate::tunnel::tls::Tls::load(settings)?)
+        }
         None => None,
     };
     let bind_all = |what: &'static str, addrs: &[SocketAddr]| {
@@ -137,7 +140,8 @@ impl Sidecar {
             .advertise_port
             .or_else(|| dist_addrs.first().map(|a| a.port()))
             .unwrap_or(DEFAULT_DIST_PORT);
-        let registry = Arc::new(Registry::new());
+        let limits = &config.limits;
+        let registry = Arc::new(Registry::with_max_nodes(limits.max_registered_nodes));
         let correlator = Arc::new(Correlator::new(
             config.routing.lookup_ttl(),
             config.routing.max_hold(),
@@ -145,13 +149,21 @@ impl Sidecar {
         let shutdown = CancellationToken::new();
         let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let limit = ConnectionLimit::new(config.dist.max_connections);
+        // One source gets at most its share of `dist.max_connections`, so a
+        // misbehaving pod cannot lock the others out.
+        let limit = ConnectionLimit::with(
+            "distribution",
+            config.dist.max_connections,
+            limits.dist_max_connections_per_source,
+            limits.reserved_local_connections,
+        );
         let open_connections = Arc::new(OpenConnections::default());
         let forward = Forwarder {
             connect_timeout: config.dist.connect_timeout(),
             handshake_timeout: config.dist.handshake_timeout(),
             open_connections: Arc::clone(&open_connections),
             hard_stop: hard_stop.clone(),
+            tcp: TcpTuning::from_config(&config.tcp),
         };
         let tls = listeners.tls;
         let egress = EgressManager::new(EgressSettings {
@@ -172,7 +184,15 @@ impl Sidecar {
             probe_interval: config.epmd.probe_interval(),
             loopback_lookups: config.routing.loopback_lookups,
             egress: Arc::clone(&egress) as _,
+            limit: ConnectionLimit::with(
+                "epmd",
+                limits.epmd_max_connections,
+                limits.epmd_max_connections_per_source,
+                limits.reserved_local_connections,
+            ),
+            write_timeout: limits.write_timeout(),
             shutdown: shutdown.clone(),
+            hard_stop: hard_stop.clone(),
             tracker: tracker.clone(),
         });
         let inbound = Inbound {
@@ -209,6 +229,15 @@ impl Sidecar {
                 hard_stop: hard_stop.clone(),
                 ready_nodes: config.admin.ready_nodes.clone(),
                 open_connections,
+                limit: ConnectionLimit::with(
+                    "admin",
+                    limits.admin_max_connections,
+                    limits.admin_max_connections_per_source,
+                    limits
+                        .reserved_local_connections
+                        .min(limits.admin_max_connections),
+                ),
+                write_timeout: limits.write_timeout(),
             });
             tokio::spawn(crate::admin::serve(l, admin));
         }

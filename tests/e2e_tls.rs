@@ -412,8 +412,10 @@ fn require_tls_refuses_a_pod_without_sidecar_that_a_permissive_pod_accepts() {
     let ca = Ca::new("dp-e2e-ca");
     let (mut sidecar_a, _sa) =
         spawn_tls_sidecar(&lab, a, &pod_leaf(&ca, a, 0xa1), &ca.pem, TlsPod::default());
+    // Binding names needs require_tls (check-config refuses it otherwise).
     let permissive = TlsPod {
         require_tls: false,
+        bind_node_names: false,
         ..TlsPod::default()
     };
     let (mut sidecar_d, _sd) =

@@ -37,6 +37,7 @@ fn settings(secret: &SecretDir, verify: ServerNameVerification) -> TlsSettings {
         bind_node_names: true,
         handshake_timeout: Duration::from_secs(5),
         reload_interval: Duration::from_millis(50),
+        max_handshakes: 2,
     }
 }
 
@@ -181,6 +182,55 @@ async fn mutual_handshake_over_loopback() {
         conn.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_3)
     );
+}
+
+/// Stalled handshakes never hold more than `max_handshakes` slots (2 here),
+/// and a slot frees when its handshake ends: a third peer completes once a
+/// stalled one is gone.
+#[tokio::test]
+async fn handshakes_in_flight_are_bounded() {
+    let ca = Ca::new("dp-test-ca");
+    let a = pod(&ca, &ca.leaf(&[POD_A], 1), ServerNameVerification::Hostname);
+    let b = pod(&ca, &ca.leaf(&[POD_B], 2), ServerNameVerification::Hostname);
+    // Three silent "clients": duplex pipes nobody writes to.
+    let mut stalled = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let tls = Arc::clone(&a.tls);
+        stalled.push(tokio::spawn(
+            async move { tls.accept(ours).await.map(|_| ()) },
+        ));
+        peers.push(theirs);
+    }
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        a.tls.handshakes_in_flight(),
+        2,
+        "the third waits for a slot"
+    );
+    // A real handshake now waits too; ending one stalled handshake frees a
+    // slot for the waiting ones.
+    let (addr, server) = serve_once(Arc::clone(&a.tls)).await;
+    let client = tokio::spawn({
+        let tls = Arc::clone(&b.tls);
+        async move { dial(&tls, addr, POD_A).await.map(|_| ()) }
+    });
+    stalled.remove(0).abort();
+    drop(peers.remove(0));
+    stalled.remove(0).abort();
+    drop(peers.remove(0));
+    client
+        .await
+        .unwrap()
+        .expect("client handshake once slots free");
+    server
+        .await
+        .unwrap()
+        .expect("server handshake once slots free");
+    assert!(a.tls.handshakes_in_flight() <= 2);
 }
 
 #[tokio::test]

@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::net::ConnPermit;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -217,7 +217,7 @@ impl Direction {
 /// One relayed connection, counted: holds the connection-limit permit, the
 /// open-connections gauge and the `/nodes` count until dropped.
 pub struct ConnectionGuard {
-    _permit: OwnedSemaphorePermit,
+    _permit: ConnPermit,
     open: metrics::Gauge,
     counts: Arc<OpenConnections>,
     node: String,
@@ -226,7 +226,7 @@ pub struct ConnectionGuard {
 impl ConnectionGuard {
     /// Starts counting a connection relayed for local node `node`.
     pub fn open(
-        permit: OwnedSemaphorePermit,
+        permit: ConnPermit,
         counts: &Arc<OpenConnections>,
         node: &str,
         direction: Direction,
@@ -278,6 +278,8 @@ pub struct Forwarder {
     pub open_connections: Arc<OpenConnections>,
     /// Ends relays (grace period over).
     pub hard_stop: CancellationToken,
+    /// Keepalive and `TCP_USER_TIMEOUT` for both legs (`[tcp]`).
+    pub tcp: crate::net::TcpTuning,
 }
 
 impl Forwarder {
@@ -330,7 +332,7 @@ pub struct ToNode {
     pub prefix: BytesMut,
     /// When the connection was accepted.
     pub started: Instant,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: ConnPermit,
 }
 
 /// Connects to the routed node, replays the prefix, checks the node's name
@@ -371,7 +373,12 @@ where
     };
     phase("connect_node", connect_start);
     let _ = node_stream.set_nodelay(true);
-    if let Err(e) = node_stream.write_all(&prefix).await {
+    fwd.tcp.apply(&node_stream);
+    let replay = tokio::time::timeout(fwd.handshake_timeout, node_stream.write_all(&prefix));
+    if let Err(e) = replay
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    {
         warn!(%peer, %initiator, %target, error = %e, "failed to replay handshake to node");
         closed(reason::NODE_GONE);
         return;
@@ -404,7 +411,11 @@ where
             peer_stream.write_all(&from_node).await?;
             peer_stream.flush().await
         };
-        if let Err(e) = replied.await {
+        let replied = tokio::time::timeout(fwd.handshake_timeout, replied);
+        if let Err(e) = replied
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        {
             debug!(%peer, error = %e, "peer gone before handshake reply");
             closed(reason::PEER_CLOSED);
             return;

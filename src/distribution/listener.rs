@@ -11,10 +11,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::net::ConnPermit;
 use bytes::BytesMut;
 use futures_util::future::BoxFuture;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -23,7 +23,7 @@ use super::forward::{self, Forwarder, RouteMethod, ToNode};
 use super::router::Correlator;
 use crate::epmd::registry::Registry;
 use crate::metrics::{self as m, reason, record_closed as closed, record_phase as phase, route};
-use crate::net::{accept_loop, ConnectionLimit};
+use crate::net::{accept_loop, ConnectionLimit, Stop};
 
 /// First byte of a TLS record carrying a handshake (the ClientHello).
 pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
@@ -40,7 +40,7 @@ pub trait TunnelInbound: Send + Sync {
         stream: TcpStream,
         peer: SocketAddr,
         started: Instant,
-        permit: OwnedSemaphorePermit,
+        permit: ConnPermit,
     ) -> BoxFuture<'a, ()>;
     /// A plain-text preamble (the first byte was peeked, not read).
     fn accept_preamble<'a>(
@@ -48,7 +48,7 @@ pub trait TunnelInbound: Send + Sync {
         stream: TcpStream,
         peer: SocketAddr,
         started: Instant,
-        permit: OwnedSemaphorePermit,
+        permit: ConnPermit,
     ) -> BoxFuture<'a, ()>;
 }
 
@@ -70,11 +70,15 @@ pub struct DistCtx {
 
 /// Accepts distribution connections until shutdown.
 pub async fn serve(listener: TcpListener, ctx: Arc<DistCtx>) {
-    let (shutdown, tracker, limit) = (ctx.shutdown.clone(), ctx.tracker.clone(), ctx.limit.clone());
+    let (tracker, limit) = (ctx.tracker.clone(), ctx.limit.clone());
+    let stop = Stop {
+        accepting: ctx.shutdown.clone(),
+        connections: ctx.forward.hard_stop.clone(),
+    };
     accept_loop(
         "distribution",
         listener,
-        shutdown,
+        stop,
         tracker,
         limit,
         move |stream, peer, permit| {
@@ -85,11 +89,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<DistCtx>) {
     .await
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit, ctx: &DistCtx) {
+async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &DistCtx) {
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started) + ctx.handshake_timeout;
     let peer_ip: IpAddr = peer.ip().to_canonical();
     let _ = stream.set_nodelay(true);
+    ctx.forward.tcp.apply(&stream);
 
     // First-byte dispatch: the byte is peeked, not read, so each path sees
     // the connection from its start.

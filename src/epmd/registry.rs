@@ -6,6 +6,11 @@
 //! follow OTP's `epmd_srv.c`: a per-name counter that starts at a
 //! pseudo-random value ≥ 4 and is bumped on every re-registration, so a
 //! restarted node never reuses the creation of its previous incarnation.
+//!
+//! Both maps are bounded: at most `limits.max_registered_nodes` live
+//! registrations (more are refused), and at most
+//! [`MAX_REMEMBERED_CREATIONS`] remembered creations, the oldest name not
+//! registered dropped first (OTP's `epmd` keeps 1,000 unused slots).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -44,10 +49,19 @@ impl NodeEntry {
     }
 }
 
+/// Creations remembered for names no longer registered, as `epmd`'s
+/// `MAX_UNREG_COUNT`.
+pub const MAX_REMEMBERED_CREATIONS: usize = 1000;
+
+/// The default of `limits.max_registered_nodes`.
+pub const DEFAULT_MAX_NODES: usize = 1024;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegisterError {
     #[error("node name {0:?} is already registered")]
     Duplicate(String),
+    #[error("registry full ({0} nodes registered)")]
+    Full(usize),
 }
 
 struct Slot {
@@ -60,14 +74,51 @@ struct Slot {
 #[derive(Default)]
 struct Inner {
     live: HashMap<String, Slot>,
-    /// Last creation counter per name, kept after unregistration.
-    creations: HashMap<String, u32>,
+    /// Last creation counter per name, kept after unregistration, with the
+    /// sequence number of its last update (the oldest is dropped first).
+    creations: HashMap<String, (u32, u64)>,
     next_id: u64,
+    next_seq: u64,
+}
+
+impl Inner {
+    /// Remembers `creation` for `name` (keeping the larger), then drops the
+    /// oldest names not registered beyond [`MAX_REMEMBERED_CREATIONS`].
+    fn remember(&mut self, name: &str, creation: u32, keep_max: bool) {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let slot = self
+            .creations
+            .entry(name.to_string())
+            .or_insert((creation, seq));
+        slot.0 = if keep_max {
+            slot.0.max(creation)
+        } else {
+            creation
+        };
+        slot.1 = seq;
+        while self.creations.len() > MAX_REMEMBERED_CREATIONS + self.live.len() {
+            let oldest = self
+                .creations
+                .iter()
+                .filter(|(n, _)| !self.live.contains_key(*n))
+                .min_by_key(|(_, (_, seq))| *seq)
+                .map(|(n, _)| n.clone());
+            match oldest {
+                Some(n) => {
+                    self.creations.remove(&n);
+                }
+                None => break,
+            }
+        }
+    }
 }
 
 /// Shared registry; cheap to clone through `Arc`.
 pub struct Registry {
     inner: Mutex<Inner>,
+    /// `limits.max_registered_nodes`.
+    max_nodes: usize,
     /// Bumped on every change (readiness, state file, tests).
     version: watch::Sender<u64>,
 }
@@ -80,8 +131,14 @@ impl Default for Registry {
 
 impl Registry {
     pub fn new() -> Self {
+        Self::with_max_nodes(DEFAULT_MAX_NODES)
+    }
+
+    /// A registry that refuses registrations beyond `max_nodes`.
+    pub fn with_max_nodes(max_nodes: usize) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
+            max_nodes,
             version: watch::channel(0).0,
         }
     }
@@ -114,11 +171,14 @@ impl Registry {
             existing.stop.cancel();
             inner.live.remove(&spec.name);
         }
+        if inner.live.len() >= self.max_nodes {
+            return Err(RegisterError::Full(self.max_nodes));
+        }
         let creation = match inner.creations.get(&spec.name) {
-            Some(&prev) => bump_creation(prev),
+            Some(&(prev, _)) => bump_creation(prev),
             None => initial_creation(),
         };
-        inner.creations.insert(spec.name.clone(), creation);
+        inner.remember(&spec.name, creation, false);
         inner.next_id += 1;
         let id = inner.next_id;
         let stop = CancellationToken::new();
@@ -164,9 +224,11 @@ impl Registry {
         if inner.live.contains_key(&entry.spec.name) {
             return Err(RegisterError::Duplicate(entry.spec.name));
         }
+        if inner.live.len() >= self.max_nodes {
+            return Err(RegisterError::Full(self.max_nodes));
+        }
         entry.adopted = true;
-        let remembered = inner.creations.entry(entry.spec.name.clone()).or_insert(0);
-        *remembered = (*remembered).max(entry.creation);
+        inner.remember(&entry.spec.name, entry.creation, true);
         inner.next_id += 1;
         let id = inner.next_id;
         Ok(self.insert(&mut inner, entry, id, CancellationToken::new()))
@@ -175,9 +237,7 @@ impl Registry {
     /// Remembers the last creation handed out for `name` (from the state
     /// file), so its next registration gets a different one.
     pub fn remember_creation(&self, name: &str, creation: u32) {
-        let mut inner = self.lock();
-        let slot = inner.creations.entry(name.to_string()).or_insert(creation);
-        *slot = (*slot).max(creation);
+        self.lock().remember(name, creation, true);
     }
 
     /// Live nodes and remembered creations, for the state file.
@@ -188,7 +248,7 @@ impl Registry {
         let mut creations: Vec<(String, u32)> = inner
             .creations
             .iter()
-            .map(|(k, v)| (k.clone(), *v))
+            .map(|(k, &(v, _))| (k.clone(), v))
             .collect();
         creations.sort();
         (nodes, creations)
@@ -334,6 +394,39 @@ mod tests {
     }
 
     const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn remembered_creations_are_capped_oldest_unregistered_first() {
+        let r = Arc::new(Registry::new());
+        let live = r.register(spec("keeper", 1, 6), LO).unwrap();
+        for i in 0..5000 {
+            drop(r.register(spec(&format!("n{i}"), 1000, 6), LO).unwrap());
+        }
+        let (_, creations) = r.snapshot();
+        assert_eq!(creations.len(), MAX_REMEMBERED_CREATIONS + 1);
+        let names: std::collections::HashSet<_> = creations.iter().map(|c| c.0.as_str()).collect();
+        assert!(names.contains("keeper"), "a live name's creation is kept");
+        assert!(names.contains("n4999") && names.contains("n4000"));
+        assert!(!names.contains("n3999") && !names.contains("n0"));
+        // A remembered name still gets a new creation.
+        let before = creations.iter().find(|c| c.0 == "n4999").unwrap().1;
+        let again = r.register(spec("n4999", 1000, 6), LO).unwrap();
+        assert_eq!(again.entry().creation, bump_creation(before));
+        drop(live);
+    }
+
+    #[test]
+    fn registrations_beyond_the_maximum_are_refused() {
+        let r = Arc::new(Registry::with_max_nodes(2));
+        let a = r.register(spec("a", 1, 6), LO).unwrap();
+        let _b = r.register(spec("b", 2, 6), LO).unwrap();
+        assert_eq!(
+            r.register(spec("c", 3, 6), LO).unwrap_err(),
+            RegisterError::Full(2)
+        );
+        drop(a);
+        assert!(r.register(spec("c", 3, 6), LO).is_ok());
+    }
 
     #[test]
     fn register_lookup_and_drop_unregisters() {

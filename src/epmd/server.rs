@@ -23,7 +23,7 @@ use super::registry::{RegisterError, Registry};
 use crate::config::LoopbackLookups;
 use crate::distribution::router::{Correlator, LookupOutcome};
 use crate::metrics as m;
-use crate::net::{accept_loop, AdmitAll, DEFAULT_EPMD_PORT};
+use crate::net::{accept_loop, write_all_within, ConnectionLimit, Stop, DEFAULT_EPMD_PORT};
 
 /// What the EPMD side needs from the tunnel: a loopback egress port per
 /// remote node (`distproxy_epmd:address_please/3`).
@@ -58,33 +58,45 @@ pub struct EpmdCtx {
     /// `routing.loopback_lookups`.
     pub loopback_lookups: LoopbackLookups,
     pub egress: Arc<dyn EgressPorts>,
+    /// `limits.epmd_max_connections` and its per-source cap, with room
+    /// reserved for local peers (registrations and local lookups).
+    pub limit: ConnectionLimit,
+    /// `limits.write_timeout_ms`: deadline for writing a reply.
+    pub write_timeout: Duration,
     /// Stops accepting; KILL_REQ cancels it.
     pub shutdown: CancellationToken,
+    /// Ends every EPMD connection (grace period over).
+    pub hard_stop: CancellationToken,
     pub tracker: TaskTracker,
 }
 
 /// Accepts EPMD connections until shutdown. Accept errors are logged and
 /// the loop goes on; a connection's error ends only that connection.
 pub async fn serve(listener: TcpListener, ctx: Arc<EpmdCtx>) {
-    let (shutdown, tracker) = (ctx.shutdown.clone(), ctx.tracker.clone());
+    let stop = Stop {
+        accepting: ctx.shutdown.clone(),
+        connections: ctx.hard_stop.clone(),
+    };
+    let (tracker, limit) = (ctx.tracker.clone(), ctx.limit.clone());
     accept_loop(
         "epmd",
         listener,
-        shutdown,
+        stop,
         tracker,
-        AdmitAll,
-        move |stream, peer, ()| handle_connection(stream, peer, Arc::clone(&ctx)),
+        limit,
+        move |stream, peer, permit| {
+            let ctx = Arc::clone(&ctx);
+            async move {
+                handle_connection(stream, peer, ctx).await;
+                drop(permit);
+            }
+        },
     )
     .await
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
-}
-
-/// `epmd` treats 127.0.0.0/8 and the server's own address as local.
-fn is_local_peer(peer: IpAddr, local: Option<IpAddr>) -> bool {
-    peer.is_loopback() || Some(peer) == local
 }
 
 fn request_type(req: &Request) -> &'static str {
@@ -106,7 +118,8 @@ fn count(req_type: &'static str, result: &'static str) {
 async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<EpmdCtx>) {
     let peer_ip = canonical(peer.ip());
     let local = stream.local_addr().ok();
-    let local_peer = is_local_peer(peer_ip, local.map(|a| canonical(a.ip())));
+    // `epmd` treats 127.0.0.0/8 and the server's own address as local.
+    let local_peer = crate::net::is_local_peer(peer_ip, local);
     let idle = shared.idle_timeout;
 
     let mut framed = FramedRead::new(stream, RequestCodec);
@@ -187,7 +200,8 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
                 out.extend_from_slice(b"OK");
                 count(req_type, "ok");
                 info!(%peer, "KILL_REQ accepted; shutting down");
-                let _ = stream.write_all(&out).await;
+                let _ =
+                    write_all_within(&mut stream, &out, shared.write_timeout, "epmd reply").await;
                 shared.shutdown.cancel();
                 return;
             }
@@ -223,11 +237,20 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
             }
         }
     }
-    if let Err(e) = stream.write_all(&out).await {
-        debug!(%peer, error = %e, "failed to write epmd reply");
+    // The OTP client reads until the socket closes (the write side is shut
+    // down once the reply is out).
+    write_reply(&mut stream, peer, &out, shared.write_timeout).await;
+}
+
+async fn write_reply(stream: &mut TcpStream, peer: SocketAddr, out: &[u8], timeout: Duration) {
+    match write_all_within(stream, out, timeout, "epmd reply").await {
+        Ok(()) => {}
+        Err(e @ crate::net::WriteError::Timeout { .. }) => {
+            metrics::counter!(m::WRITE_TIMEOUTS, "listener" => "epmd").increment(1);
+            debug!(%peer, error = %e, "closing epmd connection");
+        }
+        Err(e) => debug!(%peer, error = %e, "epmd reply not delivered"),
     }
-    // The OTP client reads until the socket closes.
-    let _ = stream.shutdown().await;
 }
 
 fn log_bad_request(peer: SocketAddr, e: &CodecError) {
@@ -301,14 +324,21 @@ async fn serve_alive2(
             warn!(%peer, node = %name, "ALIVE2_REQ for a name already registered; refused");
             count("alive2", "duplicate");
             proto::encode_alive2_resp(&mut out, 1, 99, extended);
-            let _ = stream.write_all(&out).await;
-            let _ = stream.shutdown().await;
+            write_reply(&mut stream, peer, &out, shared.write_timeout).await;
+            return;
+        }
+        Err(RegisterError::Full(max)) => {
+            warn!(%peer, node = %name, max, "ALIVE2_REQ refused: registry full (limits.max_registered_nodes)");
+            count("alive2", "registry_full");
+            proto::encode_alive2_resp(&mut out, 1, 99, extended);
+            write_reply(&mut stream, peer, &out, shared.write_timeout).await;
             return;
         }
     };
     let entry = registration.entry().clone();
     proto::encode_alive2_resp(&mut out, 0, entry.reply_creation(), extended);
-    if let Err(e) = stream.write_all(&out).await {
+    let sent = tokio::time::timeout(shared.write_timeout, stream.write_all(&out)).await;
+    if let Err(e) = sent.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
         // `registration` drops here: the node is unregistered at once.
         warn!(%peer, node = %name, error = %e, "failed to send ALIVE2 reply; unregistered");
         count("alive2", "write_failed");

@@ -1,7 +1,16 @@
 //! Registrations that survive a sidecar restart.
 //!
-//! OTP's EPMD client registers once and never retries, so when a stock EPMD
-//! restarts every node of the pod becomes unreachable. With
+//! Since OTP 24 a node whose EPMD connection drops registers again about
+//! 2 s later; OTP 23 and older (and other EPMD clients) never do. With
+//! `epmd.state_file` set, a restarted sidecar lists its nodes again within
+//! milliseconds instead of seconds, and keeps the nodes that never
+//! re-register.
+//!
+//! The file is trusted no further than it must be: it is read only up to
+//! [`MAX_STATE_BYTES`], every entry must validate, only nodes at a local
+//! address (loopback or an address of this host) are adopted, and it is
+//! written through a temporary file with a random name created exclusively
+//! (`O_EXCL`: an existing file or symlink there is never followed). With
 //! `epmd.state_file` set, the registry is written (atomically: temporary
 //! file, fsync, rename) on every change; on start, entries whose node still
 //! answers on its port are adopted and then probed every
@@ -26,6 +35,9 @@ use super::registry::{NodeEntry, Registration};
 use super::server::EpmdCtx;
 
 const FORMAT_VERSION: u32 = 1;
+/// Largest state file read: ample for the registry's bounds (1,024 nodes,
+/// 1,000 remembered creations, names of at most 255 bytes).
+pub const MAX_STATE_BYTES: u64 = 2 * 1024 * 1024;
 /// Deadline for one probe of an adopted node's port.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -121,14 +133,24 @@ impl StoredNode {
 
 /// Reads and checks a state file.
 pub fn load(path: &Path) -> Result<StateFile, StateError> {
-    let text = std::fs::read(path).map_err(|source| StateError::Read {
+    use std::io::Read;
+    let read_err = |source| StateError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
     let corrupt = |reason: String| StateError::Corrupt {
         path: path.to_path_buf(),
         reason,
     };
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .map_err(read_err)?
+        .take(MAX_STATE_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_STATE_BYTES {
+        return Err(corrupt(format!("larger than {MAX_STATE_BYTES} bytes")));
+    }
     let state: StateFile = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
     if state.version != FORMAT_VERSION {
         return Err(corrupt(format!(
@@ -138,6 +160,10 @@ pub fn load(path: &Path) -> Result<StateFile, StateError> {
     }
     for node in &state.nodes {
         node.to_entry().map_err(corrupt)?;
+    }
+    for name in state.creations.keys() {
+        validate_name(name.as_bytes())
+            .map_err(|e| corrupt(format!("creation of {name:?}: {e}")))?;
     }
     Ok(state)
 }
@@ -154,22 +180,67 @@ pub fn save(path: &Path, state: &StateFile) -> Result<(), StateError> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(err)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-        std::process::id()
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(&json).map_err(err)?;
-    f.write_all(b"\n").map_err(err)?;
-    f.sync_all().map_err(err)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(err)?;
+    let (tmp, mut f) = create_temporary(dir, path).map_err(err)?;
+    let written = (|| {
+        f.write_all(&json)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
     // Make the rename itself durable.
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// A new file next to `path` with an unpredictable name, created with
+/// `O_EXCL` (never an existing file, never through a symlink), mode 0600.
+fn create_temporary(dir: &Path, path: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    use std::hash::{BuildHasher, Hasher};
+    use std::os::unix::fs::OpenOptionsExt;
+    let base = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let mut last = None;
+    for attempt in 0..16u32 {
+        // RandomState is seeded from the OS's random source per process and
+        // varies per instance.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(attempt);
+        h.write_u32(std::process::id());
+        let tmp = dir.join(format!(".{base}.tmp.{:016x}", h.finish()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc_nofollow())
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no temporary name")))
+}
+
+/// `O_NOFOLLOW` on Linux (x86, arm): refuse a symlink as the final component.
+fn libc_nofollow() -> i32 {
+    if cfg!(any(target_arch = "aarch64", target_arch = "arm")) {
+        0o100000
+    } else {
+        0o400000
+    }
+}
+
+/// Whether `ip` belongs to this host (loopback, or an address a socket can
+/// be bound to here): only such nodes are adopted from the file.
+fn is_local_address(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::TcpListener::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 fn snapshot(shared: &EpmdCtx) -> StateFile {
@@ -212,6 +283,10 @@ async fn restore(shared: &Arc<EpmdCtx>, state: StateFile) {
             continue;
         };
         let addr = SocketAddr::new(entry.addr, entry.spec.port);
+        if !is_local_address(entry.addr) {
+            warn!(node = %entry.spec.name, %addr, "remembered node is not at a local address; not adopted");
+            continue;
+        }
         if !answers(addr).await {
             info!(node = %entry.spec.name, %addr, "remembered node does not answer; not adopted");
             continue;
@@ -310,6 +385,47 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("registry.json")]);
         let entry = sample().nodes[0].to_entry().unwrap();
         assert_eq!(&entry.spec.extra[..], &[0x00, 0xff, 0x10]);
+    }
+
+    #[test]
+    fn the_temporary_file_is_never_an_existing_file_or_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        // Symlinks at every name the old scheme would have used.
+        std::os::unix::fs::symlink(
+            &victim,
+            dir.path()
+                .join(format!(".registry.json.tmp.{}", std::process::id())),
+        )
+        .unwrap();
+        let (a, fa) = create_temporary(dir.path(), &path).unwrap();
+        let (b, _fb) = create_temporary(dir.path(), &path).unwrap();
+        assert_ne!(a, b, "names are random");
+        drop(fa);
+        save(&path, &sample()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(load(&path).unwrap(), sample());
+    }
+
+    #[test]
+    fn oversized_files_and_foreign_addresses_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        let mut big = sample();
+        for i in 0..200_000 {
+            big.creations.insert(format!("n{i:08}"), 4);
+        }
+        std::fs::write(&path, serde_json::to_vec(&big).unwrap()).unwrap();
+        assert!(matches!(load(&path), Err(StateError::Corrupt { .. })));
+        assert!(is_local_address("127.0.0.1".parse().unwrap()));
+        assert!(
+            is_local_address("::1".parse().unwrap())
+                || !std::net::TcpListener::bind("[::1]:0").is_ok()
+        );
+        // TEST-NET-2 is never an address of this host.
+        assert!(!is_local_address("198.51.100.7".parse().unwrap()));
     }
 
     #[test]

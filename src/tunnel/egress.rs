@@ -24,12 +24,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use crate::net::ConnPermit;
 use bytes::BytesMut;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -43,7 +43,7 @@ use crate::distribution::relay::RelayStats;
 use crate::epmd::proto;
 use crate::epmd::server::{EgressPorts, EgressRefused};
 use crate::metrics::{self as m, reason, record_closed as closed, record_phase as phase};
-use crate::net::{accept_loop, connect_any, ConnectError, ConnectionLimit};
+use crate::net::{accept_loop, connect_any, ConnectError, ConnectionLimit, Stop, TotalOnly};
 use crate::node_name::{short_name, NodeName};
 
 /// Why an egress request was not answered with a port; maps to the reply's
@@ -353,9 +353,12 @@ async fn serve_egress(listener: TcpListener, egress: Arc<Egress>, manager: Arc<E
         accept_loop(
             "egress",
             listener,
-            manager.shutdown.clone(),
+            Stop {
+                accepting: manager.shutdown.clone(),
+                connections: manager.forward.hard_stop.clone(),
+            },
             manager.tracker.clone(),
-            manager.limit.clone(),
+            TotalOnly(manager.limit.clone()),
             move |stream, peer, permit| {
                 egress.touch();
                 egress.open.fetch_add(1, Ordering::AcqRel);
@@ -426,10 +429,11 @@ impl EgressManager {
         mut local: TcpStream,
         local_peer: SocketAddr,
         remote: &RemoteNode,
-        permit: OwnedSemaphorePermit,
+        permit: ConnPermit,
     ) {
         let started = Instant::now();
         let _ = local.set_nodelay(true);
+        self.forward.tcp.apply(&local);
         let target = remote.full.as_str();
 
         let mut prefix = BytesMut::with_capacity(512);
@@ -490,6 +494,7 @@ impl EgressManager {
         };
         phase("connect_remote", connect_start);
         let _ = remote_stream.set_nodelay(true);
+        self.forward.tcp.apply(&remote_stream);
 
         // With `[tls]`: mutual TLS first (deadline `tls.handshake_timeout_ms`;
         // the server's certificate is checked against the host dialled, unless
@@ -539,7 +544,7 @@ struct Outbound<'a> {
     pub initiator: &'a str,
     pub started: Instant,
     pub transport: super::Transport,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: ConnPermit,
 }
 
 impl EgressManager {

@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::net::ConnPermit;
 use bytes::BytesMut;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
 
 use super::preamble::{self, Preamble};
@@ -44,7 +44,7 @@ impl TunnelInbound for Inbound {
         stream: TcpStream,
         peer: SocketAddr,
         started: Instant,
-        permit: OwnedSemaphorePermit,
+        permit: ConnPermit,
     ) -> BoxFuture<'a, ()> {
         self.tls_then_preamble(stream, peer, started, permit)
             .boxed()
@@ -55,7 +55,7 @@ impl TunnelInbound for Inbound {
         stream: TcpStream,
         peer: SocketAddr,
         started: Instant,
-        permit: OwnedSemaphorePermit,
+        permit: ConnPermit,
     ) -> BoxFuture<'a, ()> {
         let conn = Conn {
             peer,
@@ -75,7 +75,7 @@ pub struct Conn {
     /// The client certificate's identity, for `tls.bind_node_names`.
     pub identity: Option<PeerIdentity>,
     pub started: Instant,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: ConnPermit,
 }
 
 impl Inbound {
@@ -86,7 +86,7 @@ impl Inbound {
         stream: TcpStream,
         peer: SocketAddr,
         started: Instant,
-        permit: OwnedSemaphorePermit,
+        permit: ConnPermit,
     ) {
         let Some(tls) = self.tls.as_ref() else {
             warn!(%peer, "TLS connection on the distribution port, but [tls] is not configured; closing");

@@ -95,6 +95,10 @@ pub struct TlsSettings {
     pub bind_node_names: bool,
     pub handshake_timeout: Duration,
     pub reload_interval: Duration,
+    /// Handshakes in flight at once, both sides (`limits.max_tls_handshakes`):
+    /// each costs tens of KiB until it completes. Waiting for a slot counts
+    /// against the handshake's deadline.
+    pub max_handshakes: usize,
 }
 
 impl TlsSettings {
@@ -110,6 +114,7 @@ impl TlsSettings {
             bind_node_names: config.bind_node_names,
             handshake_timeout: config.handshake_timeout(),
             reload_interval: config.reload_interval(),
+            max_handshakes: crate::config::LimitsConfig::default().max_tls_handshakes,
         })
     }
 }
@@ -601,6 +606,8 @@ pub struct Tls {
     settings: TlsSettings,
     provider: Arc<CryptoProvider>,
     current: ArcSwap<Generation>,
+    /// Bounds the handshakes in flight (`TlsSettings::max_handshakes`).
+    handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl fmt::Debug for Tls {
@@ -623,6 +630,7 @@ impl Tls {
         info!(cert = %settings.cert_file.display(), identity = %generation.local,
             verify_server_name = ?settings.verify_server_name, "TLS certificate loaded");
         Ok(Arc::new(Tls {
+            handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
             settings,
             provider,
             current: ArcSwap::from_pointee(generation),
@@ -631,6 +639,11 @@ impl Tls {
 
     pub fn settings(&self) -> &TlsSettings {
         &self.settings
+    }
+
+    /// Handshakes holding a slot now (at most `max_handshakes`).
+    pub fn handshakes_in_flight(&self) -> usize {
+        self.settings.max_handshakes - self.handshakes.available_permits()
     }
 
     /// The certificate this sidecar presents now.
@@ -656,7 +669,11 @@ impl Tls {
     {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.current.load().server));
         let deadline = self.settings.handshake_timeout;
-        let result = match tokio::time::timeout(deadline, acceptor.accept(io)).await {
+        let handshake = async {
+            let _slot = self.handshakes.acquire().await;
+            acceptor.accept(io).await
+        };
+        let result = match tokio::time::timeout(deadline, handshake).await {
             Err(_) => Err(TlsError::Timeout(deadline)),
             Ok(Err(e)) => Err(TlsError::handshake(e)),
             Ok(Ok(stream)) => match PeerIdentity::of_peer(stream.get_ref().1) {
@@ -714,7 +731,11 @@ impl Tls {
         };
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.current.load().client));
         let deadline = self.settings.handshake_timeout;
-        match tokio::time::timeout(deadline, connector.connect(name, io)).await {
+        let handshake = async {
+            let _slot = self.handshakes.acquire().await;
+            connector.connect(name, io).await
+        };
+        match tokio::time::timeout(deadline, handshake).await {
             Err(_) => Err(TlsError::Timeout(deadline)),
             Ok(Err(e)) => Err(TlsError::handshake(e)),
             Ok(Ok(stream)) => Ok(stream),
