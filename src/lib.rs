@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod distribution;
 pub mod epmd;
+pub mod log_safe;
 pub mod metrics;
 pub mod net;
 pub mod node_name;

@@ -82,8 +82,10 @@ fn init_logging(format: LogFormat) {
         EnvFilter::try_from_env("DISTPROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        // No colours: every control character from the network is escaped
+        // (`log_safe`), and ANSI colours are control sequences too.
+        .with_ansi(false)
+        .with_writer(|| distproxy::log_safe::EscapingWriter(std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -389,3 +389,44 @@ async fn epmd_drop_in_names_matches_otp_epmd() {
         "Killing not allowed - living nodes in database.\n"
     );
 }
+
+/// SIGTERM with stalled EPMD peers (idle connections that never send a
+/// request, NAMES replies never read): once the grace period is over the
+/// hard stop ends every connection task and the process exits, long before
+/// the EPMD idle timeout (10 min here) would have closed them.
+#[tokio::test]
+async fn sigterm_with_stalled_epmd_peers_exits_when_the_grace_period_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports {
+        epmd: free_port(),
+        dist: free_port(),
+        admin: free_port(),
+    };
+    let config = write_config(dir.path(), &ports, "idle_timeout_ms = 600000");
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let mut p = spawn(&config, ports.epmd).await;
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let mut s = tokio::net::TcpStream::connect(epmd).await.unwrap();
+        if i % 2 == 0 {
+            // NAMES_REQ, reply never read.
+            s.write_all(&[0, 1, 110]).await.unwrap();
+        }
+        held.push(s);
+    }
+    let started = Instant::now();
+    p.signal("TERM");
+    // Not before the grace period (10 s): the idle connections hold it open.
+    assert!(
+        p.wait_exit(Duration::from_secs(2)).is_none(),
+        "exited before the grace period was over"
+    );
+    let code = p
+        .wait_exit(Duration::from_secs(12))
+        .expect("did not exit after the grace period: the hard stop missed a task");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(10), "exited early: {took:?}");
+    assert!(took < Duration::from_secs(14), "exited late: {took:?}");
+    assert_eq!(code, 0);
+    drop(held);
+}
