@@ -311,38 +311,10 @@ impl Setup {
     }
 }
 
-fn pattern() -> Vec<u8> {
-    (0..CHUNK).map(|i| (i % 251) as u8).collect()
-}
-
-fn write_n(s: &mut TcpStream, total: u64, data: &[u8]) {
-    let mut left = total;
-    while left > 0 {
-        let n = left.min(data.len() as u64) as usize;
-        s.write_all(&data[..n]).expect("bulk write");
-        left -= n as u64;
-    }
-}
-
 /// One-way bulk transfer; seconds from first write to the node's count.
 fn bulk_one_way(setup: &Setup, path: Path, bytes: u64) -> f64 {
     let mut s = setup.connect(path, Mode::Sink);
-    let data = pattern();
-    let t0 = Instant::now();
-    write_n(&mut s, bytes, &data);
-    s.shutdown(Shutdown::Write).unwrap();
-    let mut count = [0u8; 8];
-    s.read_exact(&mut count).expect("count from the node");
-    let secs = t0.elapsed().as_secs_f64();
-    assert_eq!(
-        u64::from_be_bytes(count),
-        bytes,
-        "node got every byte ({path:?})"
-    );
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty(), "EOF after the count ({path:?})");
-    secs
+    bulk_to_sink(&mut s, bytes, &format!("{path:?}"))
 }
 
 /// `bytes` each way at once through an echoing node; seconds until the

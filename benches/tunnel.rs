@@ -337,27 +337,7 @@ impl<'a> Raw<'a> {
     /// One-way bulk transfer; seconds from first write to the node's count.
     fn bulk(&self, route: Route, bytes: u64) -> f64 {
         let mut s = self.connect(route, Mode::Sink);
-        let data: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
-        let t0 = Instant::now();
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
-            s.write_all(&data[..n]).expect("bulk write");
-            left -= n as u64;
-        }
-        s.shutdown(Shutdown::Write).unwrap();
-        let mut count = [0u8; 8];
-        s.read_exact(&mut count).expect("count from the node");
-        let secs = t0.elapsed().as_secs_f64();
-        assert_eq!(
-            u64::from_be_bytes(count),
-            bytes,
-            "node got every byte ({route:?})"
-        );
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty(), "EOF after the count ({route:?})");
-        secs
+        bulk_to_sink(&mut s, bytes, &format!("{route:?}"))
     }
 
     /// Round-trip times in nanoseconds of `iters` 64-byte ping-pongs.

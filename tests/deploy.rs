@@ -820,6 +820,19 @@ fn docker_build_context_holds_every_build_input() {
             }
         }
     }
+    // Cargo loads every workspace member (manifest and targets), even to
+    // build one binary of another.
+    for member in manifest
+        .get("workspace")
+        .and_then(|w| w.get("members"))
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str())
+    {
+        inputs.push(format!("{member}/Cargo.toml"));
+        inputs.push(format!("{member}/src"));
+    }
     if let Some(build) = manifest["package"].get("build").and_then(|b| b.as_str()) {
         inputs.push(build.to_string());
     } else if repo().join("build.rs").exists() {

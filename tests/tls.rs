@@ -740,8 +740,7 @@ mod tunnel_tls {
         seen: Arc<Mutex<Vec<u8>>>,
         local_secret: SecretDir,
         _dirs: Vec<tempfile::TempDir>,
-        _nodes: Vec<FakeNode>,
-        _registrations: Vec<TcpStream>,
+        _nodes: FakePod,
     }
 
     /// Remote pod (nodes `b`, `c`) with `remote_leaf`; local pod with
@@ -766,17 +765,7 @@ mod tunnel_tls {
             ca_pem,
         );
         let remote = start(tls_config(&rsecret, tweak_remote));
-        let mut nodes = Vec::new();
-        let mut registrations = Vec::new();
-        for name in ["b", "c"] {
-            let node = FakeNode::start(name, "127.0.0.1:0").await;
-            let (conn, reply) = client::register(epmd_addr(&remote), spec(name, node.port))
-                .await
-                .unwrap();
-            assert_eq!(reply.result, 0);
-            registrations.push(conn);
-            nodes.push(node);
-        }
+        let nodes = FakePod::start(epmd_addr(&remote), &["b", "c"]).await;
         let (tap_addr, seen) = tap(dist_addr(&remote)).await;
         let local = start(tls_config(&lsecret, |c| {
             c.tunnel.remote_port = tap_addr.port();
@@ -788,7 +777,6 @@ mod tunnel_tls {
             local_secret: lsecret,
             _dirs: vec![rdir, ldir],
             _nodes: nodes,
-            _registrations: registrations,
         }
     }
 

@@ -36,23 +36,12 @@ fn config() -> Config {
 struct Pair {
     remote: Sidecar,
     local: Sidecar,
-    _nodes: Vec<FakeNode>,
-    _registrations: Vec<TcpStream>,
+    _nodes: FakePod,
 }
 
 async fn pair(names: &[&str], tweak: impl FnOnce(&mut Config)) -> Pair {
     let remote = start(config());
-    let mut nodes = Vec::new();
-    let mut registrations = Vec::new();
-    for name in names {
-        let node = FakeNode::start(name, "127.0.0.1:0").await;
-        let (conn, reply) = client::register(epmd_addr(&remote), spec(name, node.port))
-            .await
-            .unwrap();
-        assert_eq!(reply.result, 0);
-        registrations.push(conn);
-        nodes.push(node);
-    }
+    let nodes = FakePod::start(epmd_addr(&remote), names).await;
     let mut config = config();
     config.tunnel.remote_port = dist_addr(&remote).port();
     tweak(&mut config);
@@ -61,7 +50,6 @@ async fn pair(names: &[&str], tweak: impl FnOnce(&mut Config)) -> Pair {
         remote,
         local,
         _nodes: nodes,
-        _registrations: registrations,
     }
 }
 

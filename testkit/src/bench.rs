@@ -282,3 +282,36 @@ pub fn egress_port(epmd: SocketAddr, remote: &str) -> u16 {
 pub fn lookup_port(epmd: SocketAddr, name: &str) -> u16 {
     block_on(crate::peer::lookup_port(epmd, name))
 }
+
+/// The bytes the benches send: `CHUNK` bytes of a pattern.
+pub fn pattern() -> Vec<u8> {
+    (0..CHUNK).map(|i| (i % 251) as u8).collect()
+}
+
+/// Writes `total` bytes of `data`, repeated, on `s`.
+pub fn write_n(s: &mut TcpStream, total: u64, data: &[u8]) {
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(data.len() as u64) as usize;
+        s.write_all(&data[..n]).expect("bulk write");
+        left -= n as u64;
+    }
+}
+
+/// One-way bulk transfer of `bytes` to a [`Mode::Sink`] node on `s`:
+/// seconds from the first write to the node's count, which must be `bytes`,
+/// followed by EOF. `what` names the path in failure messages.
+pub fn bulk_to_sink(s: &mut TcpStream, bytes: u64, what: &str) -> f64 {
+    let data = pattern();
+    let t0 = Instant::now();
+    write_n(s, bytes, &data);
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).expect("count from the node");
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(u64::from_be_bytes(count), bytes, "node got every byte ({what})");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "EOF after the count ({what})");
+    secs
+}

@@ -47,7 +47,7 @@ macro_rules! distproxy_bin {
 /// `use distproxy_testkit::prelude::*;`.
 pub mod prelude {
     pub use crate::frames;
-    pub use crate::node::FakeNode;
+    pub use crate::node::{FakeNode, FakePod};
     pub use crate::peer::{
         closed_by_timeout, closed_without_reply, dial_as, egress, egress_port, granted_port,
         lookup_port, raw_exchange, read_node_answer,

@@ -51,3 +51,31 @@ impl FakeNode {
         }
     }
 }
+
+/// Fake nodes registered with a sidecar's EPMD, as a pod's nodes are; the
+/// registrations last as long as this value.
+pub struct FakePod {
+    pub nodes: Vec<FakeNode>,
+    pub registrations: Vec<tokio::net::TcpStream>,
+}
+
+impl FakePod {
+    /// Starts a [`FakeNode`] on 127.0.0.1 for each of `names` and registers
+    /// it with the EPMD at `epmd` (each registration must succeed).
+    pub async fn start(epmd: std::net::SocketAddr, names: &[&str]) -> FakePod {
+        let mut pod = FakePod {
+            nodes: Vec::new(),
+            registrations: Vec::new(),
+        };
+        for name in names {
+            let node = FakeNode::start(name, "127.0.0.1:0").await;
+            let (conn, reply) = crate::sut::client::register(epmd, crate::sidecar::spec(name, node.port))
+                .await
+                .unwrap_or_else(|e| panic!("register {name} at {epmd}: {e}"));
+            assert_eq!(reply.result, 0, "registration of {name} at {epmd}");
+            pod.registrations.push(conn);
+            pod.nodes.push(node);
+        }
+        pod
+    }
+}
