@@ -219,12 +219,7 @@ fn start_sidecars(pki: &Pki) -> Sidecars {
         "error",
         &format!("[tunnel]\nremote_port = {}\n", b.dist.port()),
     );
-    let bt = start_sidecar(
-        &bin,
-        "BT",
-        "error",
-        &tls_section(pki, &pki.b),
-    );
+    let bt = start_sidecar(&bin, "BT", "error", &tls_section(pki, &pki.b));
     let at = start_sidecar(
         &bin,
         "AT",
@@ -237,7 +232,6 @@ fn start_sidecars(pki: &Pki) -> Sidecars {
     );
     Sidecars { b, a, bt, at }
 }
-
 
 fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().map(|&p| cpu_secs(p)).sum()

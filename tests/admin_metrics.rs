@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use distproxy_testkit::prelude::*;
 use distproxy_testkit::sut::client;
 use distproxy_testkit::sut::server::{self, Sidecar};
 use metrics_exporter_prometheus::PrometheusHandle;
-use distproxy_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

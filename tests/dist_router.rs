@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
+use distproxy_testkit::prelude::*;
 use distproxy_testkit::sut::client;
 use distproxy_testkit::sut::handshake::{self, SendName};
 use distproxy_testkit::sut::proto::{Port2Reply, Request};
-use distproxy_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use distproxy_testkit::sut::client;
-use distproxy_testkit::sut::proto::Port2Reply;
 use distproxy_testkit::ports::free_ports;
 use distproxy_testkit::prelude::*;
 use distproxy_testkit::process::Proc;
+use distproxy_testkit::sut::client;
+use distproxy_testkit::sut::proto::Port2Reply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Ports {

@@ -668,9 +668,9 @@ fn serial_strings_match_the_certificates() {
 // behind the remote one, a tap between them that records what crosses.
 
 mod tunnel_tls {
-    use distproxy_testkit::prelude::*;
     use super::*;
     use bytes::BytesMut;
+    use distproxy_testkit::prelude::*;
     use distproxy_testkit::sut::client;
     use distproxy_testkit::sut::config::Config;
     use distproxy_testkit::sut::handshake::{self, SendName};
@@ -797,11 +797,8 @@ mod tunnel_tls {
         let local_epmd = epmd_addr(&p.local);
         for target in ["c", "b", "c"] {
             let port = egress_port(local_epmd, &format!("{target}@127.0.0.1")).await;
-            let (mut s, answered) = dial_as(
-                SocketAddr::from(([127, 0, 0, 1], port)),
-                "a1@pod-a.dp.test",
-            )
-            .await;
+            let (mut s, answered) =
+                dial_as(SocketAddr::from(([127, 0, 0, 1], port)), "a1@pod-a.dp.test").await;
             assert_eq!(answered, format!("{target}@fake.host"));
             let marker = b"MARKER-7f3a-payload-through-tls";
             s.write_all(marker).await.unwrap();
@@ -869,7 +866,9 @@ mod tunnel_tls {
         let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
             .await
             .unwrap();
-        s.write_all(&frames::send_name("x@127.0.0.1")).await.unwrap();
+        s.write_all(&frames::send_name("x@127.0.0.1"))
+            .await
+            .unwrap();
         assert!(closed_without_reply(&mut s).await);
     }
 
@@ -889,8 +888,7 @@ mod tunnel_tls {
         plain.tunnel.remote_port = dist_addr(&p.remote).port();
         let plain = start(plain);
         let port = egress_port(epmd_addr(&plain), "c@127.0.0.1").await;
-        let (_s, answered) =
-            dial_as(SocketAddr::from(([127, 0, 0, 1], port)), "x@127.0.0.1").await;
+        let (_s, answered) = dial_as(SocketAddr::from(([127, 0, 0, 1], port)), "x@127.0.0.1").await;
         assert_eq!(answered, "c@fake.host");
     }
 

@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use distproxy_testkit::prelude::*;
 use distproxy_testkit::sut::client;
 use distproxy_testkit::sut::config::Config;
 use distproxy_testkit::sut::handshake::{self, SendName};
+use distproxy_testkit::sut::preamble::Preamble;
 use distproxy_testkit::sut::proto::{self, EgressReply, Request};
 use distproxy_testkit::sut::server::Sidecar;
-use distproxy_testkit::sut::preamble::Preamble;
-use distproxy_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -309,7 +309,11 @@ pub fn bulk_to_sink(s: &mut TcpStream, bytes: u64, what: &str) -> f64 {
     let mut count = [0u8; 8];
     s.read_exact(&mut count).expect("count from the node");
     let secs = t0.elapsed().as_secs_f64();
-    assert_eq!(u64::from_be_bytes(count), bytes, "node got every byte ({what})");
+    assert_eq!(
+        u64::from_be_bytes(count),
+        bytes,
+        "node got every byte ({what})"
+    );
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "EOF after the count ({what})");

@@ -69,9 +69,10 @@ impl FakePod {
         };
         for name in names {
             let node = FakeNode::start(name, "127.0.0.1:0").await;
-            let (conn, reply) = crate::sut::client::register(epmd, crate::sidecar::spec(name, node.port))
-                .await
-                .unwrap_or_else(|e| panic!("register {name} at {epmd}: {e}"));
+            let (conn, reply) =
+                crate::sut::client::register(epmd, crate::sidecar::spec(name, node.port))
+                    .await
+                    .unwrap_or_else(|e| panic!("register {name} at {epmd}: {e}"));
             assert_eq!(reply.result, 0, "registration of {name} at {epmd}");
             pod.registrations.push(conn);
             pod.nodes.push(node);

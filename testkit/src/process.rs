@@ -93,7 +93,12 @@ impl Proc {
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        assert!(ok, "kill -s {signal} {} ({}) failed", self.child.id(), self.label);
+        assert!(
+            ok,
+            "kill -s {signal} {} ({}) failed",
+            self.child.id(),
+            self.label
+        );
     }
 
     /// Kills the whole process group with SIGKILL and reaps the leader.
