@@ -70,17 +70,17 @@ use distproxy_testkit::certs;
 use distproxy_testkit::bench::*;
 use distproxy_testkit::process::Proc;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use distproxy_testkit::sut::client;
-use distproxy_testkit::sut::proto::{self, NodeSpec, Port2Reply, Request};
+use distproxy_testkit::sut::proto::NodeSpec;
 
 /// Its full name as an egress request names it (the host part is what the
 /// sidecar resolves and dials, and what BT's certificate must name).
@@ -699,7 +699,7 @@ impl Beam {
     }
 
     fn pid(&self) -> u32 {
-        self.pid()
+        self.proc.pid()
     }
 }
 

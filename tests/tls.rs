@@ -669,12 +669,8 @@ fn serial_strings_match_the_certificates() {
 
 mod tunnel_tls {
     use super::*;
-    use bytes::BytesMut;
     use distproxy_testkit::prelude::*;
-    use distproxy_testkit::sut::client;
     use distproxy_testkit::sut::config::Config;
-    use distproxy_testkit::sut::handshake::{self, SendName};
-    use distproxy_testkit::sut::proto::{self, Request};
     use distproxy_testkit::sut::server::Sidecar;
     use std::net::SocketAddr;
     use std::sync::Mutex;
