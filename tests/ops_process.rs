@@ -168,18 +168,20 @@ async fn corrupt_state_file_is_ignored() {
     );
 }
 
-#[tokio::test]
-async fn sigterm_drains_in_flight_connections_then_exits_zero() {
+/// A distproxy process with one fake node registered: the process, its
+/// distribution address and what must live as long as it does.
+async fn running_with_node(name: &str) -> (tempfile::TempDir, Proc, SocketAddr, FakePod) {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
     let config = write_config(dir.path(), &ports, "");
-    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
-    let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
-    let mut p = spawn(&config, ports.epmd).await;
-    let node = FakeNode::start("busy", "127.0.0.1:0").await;
-    let (_reg, _) = client::register(epmd, spec("busy", node.port))
-        .await
-        .unwrap();
+    let p = spawn(&config, ports.epmd).await;
+    let pod = FakePod::start(loopback(ports.epmd), &[name]).await;
+    (dir, p, loopback(ports.dist), pod)
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_connections_then_exits_zero() {
+    let (_dir, mut p, dist, _pod) = running_with_node("busy").await;
     let (mut s, answered) = dial_as(dist, "x@remote").await;
     assert_eq!(answered, "busy@fake.host");
 
@@ -215,16 +217,7 @@ async fn sigterm_drains_in_flight_connections_then_exits_zero() {
 
 #[tokio::test]
 async fn second_signal_exits_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let ports = Ports::free();
-    let config = write_config(dir.path(), &ports, "");
-    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
-    let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
-    let mut p = spawn(&config, ports.epmd).await;
-    let node = FakeNode::start("idle", "127.0.0.1:0").await;
-    let (_reg, _) = client::register(epmd, spec("idle", node.port))
-        .await
-        .unwrap();
+    let (_dir, mut p, dist, _pod) = running_with_node("idle").await;
     let (_s, _) = dial_as(dist, "x@remote").await; // holds the grace period open
     p.signal("TERM");
     // Draining once its listeners are closed; still running for the
