@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use distproxy_testkit::prelude::*;
 use distproxy_testkit::sut::client;
-use distproxy_testkit::sut::server::{self, Sidecar};
+use distproxy_testkit::sut::sidecar::{self, Sidecar};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -33,7 +33,7 @@ fn prometheus() -> PrometheusHandle {
 
 fn start_with_admin(mut config: distproxy_testkit::sut::config::Config) -> Sidecar {
     config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
-    let listeners = server::bind(&config).unwrap();
+    let listeners = sidecar::bind(&config).unwrap();
     Sidecar::start_with(config, listeners, Some(prometheus()))
 }
 
@@ -288,7 +288,7 @@ async fn health_readiness_and_unknown_paths() {
     assert_eq!(http_get(admin, "/nope").await.0, 404);
 
     // Not ready once shutdown starts (Kubernetes stops routing to us).
-    sc.shared.shutdown.cancel();
+    sc.shutdown.cancel();
     assert_eq!(http_get(admin, "/readyz").await.0, 503);
 
     // Garbage is answered 400, not a hang or a crash.

@@ -671,7 +671,7 @@ mod tunnel_tls {
     use super::*;
     use distproxy_testkit::prelude::*;
     use distproxy_testkit::sut::config::Config;
-    use distproxy_testkit::sut::server::Sidecar;
+    use distproxy_testkit::sut::sidecar::Sidecar;
     use std::net::SocketAddr;
     use std::sync::Mutex;
 
@@ -905,7 +905,7 @@ mod tunnel_tls {
         // The local pod's certificate now names pod-z instead of pod-a.
         let next = ca.leaf(&["127.0.0.1", "pod-z.dp.test"], 0x9003);
         p.local_secret.write(&next.cert_pem, &next.key_pem, &ca.pem);
-        let tls = p.local.shared.tls.as_ref().unwrap();
+        let tls = p.local.tls.as_ref().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while tls.local_identity().serial != next.serial_string() {
             assert!(std::time::Instant::now() < deadline, "not reloaded");

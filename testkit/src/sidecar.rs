@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 
-use crate::sut::{server, Config, LoopbackLookups, NodeSpec, Sidecar};
+use crate::sut::{sidecar, Config, LoopbackLookups, NodeSpec, Sidecar};
 
 /// EPMD and distribution listeners on `127.0.0.1:0`, 2 s EPMD idle and
 /// handshake timeouts, no admin endpoint (several sidecars share a process).
@@ -28,7 +28,7 @@ pub fn proxy_config() -> Config {
 
 /// Binds `config`'s listeners and starts serving.
 pub fn start(config: Config) -> Sidecar {
-    let listeners = server::bind(&config).expect("bind test listeners");
+    let listeners = sidecar::bind(&config).expect("bind test listeners");
     Sidecar::start(config, listeners)
 }
 
