@@ -283,13 +283,19 @@ pub struct TcpTuning {
 }
 
 impl TcpTuning {
-    pub fn from_config(c: &crate::config::TcpConfig) -> TcpTuning {
+    /// From the `[tcp]` keys (milliseconds; 0 turns a setting off).
+    pub fn from_ms(
+        keepalive_idle_ms: u64,
+        keepalive_interval_ms: u64,
+        keepalive_count: u32,
+        user_timeout_ms: u64,
+    ) -> TcpTuning {
         let ms = |v: u64| (v != 0).then(|| Duration::from_millis(v));
         TcpTuning {
-            keepalive_idle: ms(c.keepalive_idle_ms),
-            keepalive_interval: Duration::from_millis(c.keepalive_interval_ms),
-            keepalive_count: c.keepalive_count,
-            user_timeout: ms(c.user_timeout_ms),
+            keepalive_idle: ms(keepalive_idle_ms),
+            keepalive_interval: Duration::from_millis(keepalive_interval_ms),
+            keepalive_count,
+            user_timeout: ms(user_timeout_ms),
         }
     }
 
@@ -315,7 +321,8 @@ impl TcpTuning {
 
 impl Default for TcpTuning {
     fn default() -> Self {
-        TcpTuning::from_config(&crate::config::TcpConfig::default())
+        // The `[tcp]` defaults.
+        TcpTuning::from_ms(10_000, 5_000, 3, 30_000)
     }
 }
 

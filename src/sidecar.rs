@@ -163,7 +163,12 @@ impl Sidecar {
             handshake_timeout: config.dist.handshake_timeout(),
             open_connections: Arc::clone(&open_connections),
             hard_stop: hard_stop.clone(),
-            tcp: TcpTuning::from_config(&config.tcp),
+            tcp: TcpTuning::from_ms(
+                config.tcp.keepalive_idle_ms,
+                config.tcp.keepalive_interval_ms,
+                config.tcp.keepalive_count,
+                config.tcp.user_timeout_ms,
+            ),
         };
         let tls = listeners.tls;
         let egress = EgressManager::new(EgressSettings {

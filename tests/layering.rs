@@ -38,6 +38,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("metrics", Layer::Core),
     ("node_name", Layer::Core),
     ("net", Layer::Core),
+    ("log_safe", Layer::Core),
     ("client", Layer::Core),
     ("epmd", Layer::Core),
     ("epmd::proto", Layer::Core),
@@ -57,6 +58,7 @@ const LAYERS: &[(&str, Layer)] = &[
 const LEAVES: &[(&str, &[&str])] = &[
     ("node_name", &[]),
     ("metrics", &[]),
+    ("log_safe", &[]),
     ("epmd::proto", &["node_name"]),
     ("distribution::handshake", &["node_name"]),
     ("config", &["node_name", "net"]),
