@@ -348,11 +348,7 @@ async fn epmd_drop_in_names_matches_otp_epmd() {
 #[tokio::test]
 async fn sigterm_with_stalled_epmd_peers_exits_when_the_grace_period_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        epmd: free_port(),
-        dist: free_port(),
-        admin: free_port(),
-    };
+    let ports = Ports::free();
     let config = write_config(dir.path(), &ports, "idle_timeout_ms = 600000");
     let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
     let mut p = spawn(&config, ports.epmd).await;
