@@ -40,6 +40,8 @@ pub struct Shared {
     pub egress: crate::tunnel::egress::EgressManager,
     /// Mutual TLS between sidecars; `None` when `[tls]` is not configured.
     pub tls: Option<Arc<crate::tunnel::tls::Tls>>,
+    /// Same-pod mirror listeners (`crate::dist::mirror`).
+    pub mirrors: crate::dist::mirror::Mirrors,
 }
 
 /// Relayed connections per local node, for `/nodes`.
@@ -195,9 +197,25 @@ impl Sidecar {
             .advertise_port
             .or_else(|| dist_addrs.first().map(|a| a.port()))
             .unwrap_or(43691);
+        // The advertised pool: the listeners' ports, unless one port is
+        // advertised (a Service in front maps it).
+        let mut pool = Vec::new();
+        if config.dist.advertise_port.is_some() {
+            pool.push(advertise_port);
+        } else {
+            for port in dist_addrs.iter().map(|a| a.port()) {
+                if !pool.contains(&port) {
+                    pool.push(port);
+                }
+            }
+        }
         let shared = Arc::new(Shared {
             registry: Arc::new(Registry::new()),
-            correlator: Correlator::new(config.routing.lookup_ttl(), config.routing.max_hold()),
+            correlator: Correlator::new(
+                config.routing.lookup_ttl(),
+                config.routing.max_hold(),
+                pool,
+            ),
             advertise_port,
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
@@ -207,6 +225,7 @@ impl Sidecar {
             open_connections: Arc::default(),
             egress: crate::tunnel::egress::EgressManager::new(),
             tls: listeners.tls,
+            mirrors: Default::default(),
             config,
         });
         if let Some(tls) = &shared.tls {

@@ -151,6 +151,8 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         Err(e) => {
             let why = match e {
                 FirstFrameError::Timeout => reason::TIMEOUT,
+                // Nothing sent at all: a reachability probe, not a failure.
+                FirstFrameError::Closed(0) => reason::EMPTY,
                 _ => reason::PEER_CLOSED,
             };
             debug!(%peer, error = %e, "closing distribution connection before its first byte");
@@ -182,7 +184,14 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         return;
     }
     // Otherwise a raw distribution handshake (first byte 0x00..=0x08, or
-    // garbage that read_send_name refuses): routed by correlation.
+    // garbage that read_send_name refuses): routed by correlation. The entry
+    // is taken now, before anything can fail: this connection is the one it
+    // announced even if it dies before its first frame.
+    let pool_port = stream
+        .local_addr()
+        .map(|a| shared.correlator.pool_port(a.port()))
+        .unwrap_or_else(|_| shared.correlator.ports()[0]);
+    let entry = shared.correlator.consume(peer_ip, pool_port);
 
     let mut buf = BytesMut::with_capacity(512);
     let send_name = match read_send_name(
@@ -195,7 +204,8 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         Ok(s) => s,
         Err(e) => {
             let why = e.reason();
-            warn!(%peer, error = %e, "closing distribution connection before routing");
+            warn!(%peer, error = %e, entry = ?entry.as_ref().map(|c| (c.id, &c.node)),
+                "closing distribution connection before routing");
             closed(why);
             return;
         }
@@ -204,8 +214,8 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let initiator = send_name.name.clone();
 
     // Choose the target: the peer's oldest pending lookup, else the only node.
-    let (target, method) = match shared.correlator.consume(peer_ip) {
-        Some(node) => (node, RouteMethod::Correlated),
+    let (target, method) = match entry.as_ref() {
+        Some(c) => (c.node.clone(), RouteMethod::Correlated),
         None => match shared.registry.single() {
             Some(only) => (only.spec.name, RouteMethod::SingleNode),
             None => {
@@ -223,11 +233,25 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         closed(reason::NODE_GONE);
         return;
     };
-    relay_to_node(stream, peer, &initiator, node, method, buf, started, shared).await;
+    relay_to_node(
+        stream,
+        peer,
+        &initiator,
+        node,
+        method,
+        entry.as_ref(),
+        buf,
+        started,
+        shared,
+    )
+    .await;
 }
 
 /// Connects to `node`, replays `prefix`, checks the node's name in its
-/// challenge, and relays until either side closes.
+/// challenge, and relays until either side closes. A challenge naming
+/// another node is a misroute: both connections are closed (the initiator
+/// would abort anyway), counted, and logged with the correlation `entry`
+/// that chose the node, if any.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay_to_node<P>(
     mut peer_stream: P,
@@ -235,6 +259,7 @@ pub async fn relay_to_node<P>(
     initiator: &str,
     node: NodeEntry,
     method: RouteMethod,
+    entry: Option<&super::router::Consumed>,
     prefix: BytesMut,
     started: Instant,
     shared: &Shared,
@@ -285,7 +310,11 @@ pub async fn relay_to_node<P>(
         NameCheck::Matches => {}
         NameCheck::Misrouted(actual) => {
             metrics::counter!(m::MISROUTES).increment(1);
-            warn!(%peer, %initiator, %target, node_answered = %actual, "MISROUTE: node answered with another name");
+            let (entry_id, entry_age_ms) = entry.map_or((0, 0), |c| (c.id, c.age.as_millis() as u64));
+            warn!(%peer, %initiator, %target, node_answered = %actual, route = method.label(),
+                entry_id, entry_age_ms, "MISROUTE: node answered with another name; closing");
+            closed(reason::MISROUTED);
+            return;
         }
         NameCheck::Unknown(why) => {
             debug!(%peer, %initiator, %target, why = %why, "node challenge not checked");

@@ -2,5 +2,6 @@
 
 pub mod handshake;
 pub mod listener;
+pub mod mirror;
 pub mod relay;
 pub mod router;

@@ -49,6 +49,8 @@ pub enum EgressError {
     TooMany(usize),
     #[error("failed to bind an egress listener on 127.0.0.1: {0}")]
     Bind(std::io::Error),
+    #[error("{0} is a node of this pod, but it is not registered here")]
+    LocalNotRegistered(String),
     #[error("no sidecar answers at {host} port {port}: {why}")]
     NoRemoteSidecar {
         host: String,
@@ -63,7 +65,9 @@ impl EgressError {
         match self {
             EgressError::Disabled => proto::EGRESS_REFUSED,
             EgressError::BadName(_) => proto::EGRESS_BAD_NAME,
-            EgressError::TooMany(_) | EgressError::Bind(_) => proto::EGRESS_UNAVAILABLE,
+            EgressError::TooMany(_)
+            | EgressError::Bind(_)
+            | EgressError::LocalNotRegistered(_) => proto::EGRESS_UNAVAILABLE,
             EgressError::NoRemoteSidecar { .. } => proto::EGRESS_NO_REMOTE_SIDECAR,
         }
     }
@@ -75,6 +79,7 @@ impl EgressError {
             EgressError::BadName(_) => "bad_name",
             EgressError::TooMany(_) => "limit_reached",
             EgressError::Bind(_) => "bind_failed",
+            EgressError::LocalNotRegistered(_) => "local_not_registered",
             EgressError::NoRemoteSidecar { .. } => "no_remote_sidecar",
         }
     }
@@ -144,10 +149,22 @@ pub struct EgressManager {
     resolver: Resolver,
     /// Hosts found without a sidecar, and until when that is believed.
     no_sidecar: Mutex<HashMap<String, (Instant, String)>>,
+    /// Hosts where a sidecar answered, and until when that is believed.
+    sidecar_seen: Mutex<HashMap<String, Instant>>,
+    /// One probe per host at a time; concurrent requests wait for it.
+    probing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Whether a host is this pod (resolves to a local, non-loopback
+    /// address), and until when that is believed.
+    local_hosts: Mutex<HashMap<String, (bool, Instant)>>,
 }
 
 /// How long a failed remote-sidecar probe is remembered.
 const NO_SIDECAR_TTL: Duration = Duration::from_secs(5);
+/// How long a successful probe is remembered: one probe per remote host in
+/// this period, not one per remote node.
+const SIDECAR_SEEN_TTL: Duration = Duration::from_secs(30);
+/// How long "this host is (not) this pod" is remembered.
+const LOCAL_HOST_TTL: Duration = Duration::from_secs(30);
 /// Upper bound for one probe (resolve and connect).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -165,6 +182,9 @@ impl EgressManager {
             listeners: Mutex::new(HashMap::new()),
             resolver: Resolver::from_system_conf(),
             no_sidecar: Mutex::new(HashMap::new()),
+            sidecar_seen: Mutex::new(HashMap::new()),
+            probing: Mutex::new(HashMap::new()),
+            local_hosts: Mutex::new(HashMap::new()),
         }
     }
 
@@ -187,6 +207,63 @@ impl EgressManager {
     }
 }
 
+/// Answers an egress request for `remote` (`Name@Host`): the port to
+/// connect to and the distribution version.
+///
+/// A node of this very pod (its host resolves to an address of this pod) is
+/// answered with its own loopback port: no egress listener, no sidecar hop.
+/// Otherwise the remote sidecar is probed if configured ([`check_remote`])
+/// and the egress listener's port is answered ([`egress_port`]).
+pub async fn answer(shared: &Arc<Shared>, remote: &str) -> Result<(u16, u16), EgressError> {
+    if !shared.config.tunnel.egress {
+        return Err(EgressError::Disabled);
+    }
+    if let Some(node) = RemoteNode::parse(remote) {
+        if is_this_pod(shared, &node.host).await {
+            let short = short_name(&node.full);
+            return match shared.registry.get(short) {
+                Some(local) if local.addr.is_loopback() => {
+                    Ok((local.spec.port, proto::EGRESS_DIST_VERSION))
+                }
+                _ => Err(EgressError::LocalNotRegistered(node.full)),
+            };
+        }
+    }
+    check_remote(shared, remote).await?;
+    Ok((egress_port(shared, remote)?, proto::EGRESS_DIST_VERSION))
+}
+
+/// Whether `host` names this pod: it resolves to an address bound here that
+/// is not loopback (sidecars sharing one host's loopback in tests stay
+/// apart). Remembered per host for [`LOCAL_HOST_TTL`].
+async fn is_this_pod(shared: &Shared, host: &str) -> bool {
+    let manager = &shared.egress;
+    if let Some(&(local, until)) = lock(&manager.local_hosts).get(host) {
+        if until > Instant::now() {
+            return local;
+        }
+    }
+    let local = match manager
+        .resolver
+        .resolve(host, shared.config.tunnel.resolve_timeout())
+        .await
+    {
+        Ok(addrs) => addrs.iter().any(|&ip| is_local_address(ip)),
+        Err(_) => false,
+    };
+    let mut hosts = lock(&manager.local_hosts);
+    hosts.retain(|_, (_, until)| *until > Instant::now());
+    hosts.insert(host.to_owned(), (local, Instant::now() + LOCAL_HOST_TTL));
+    local
+}
+
+/// A non-loopback, specified address that a socket can be bound to here.
+fn is_local_address(ip: IpAddr) -> bool {
+    !ip.is_loopback()
+        && !ip.is_unspecified()
+        && std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 /// With `tunnel.probe_remote`, checks before the first listener for
 /// `remote` opens that a sidecar (anything) answers on the remote host's
 /// tunnel port. A node whose egress request is refused falls back to stock
@@ -206,9 +283,23 @@ pub async fn check_remote(shared: &Arc<Shared>, remote: &str) -> Result<(), Egre
         port,
         why,
     };
+    // One probe per host at a time; whoever waited reads its result.
+    let gate = {
+        let mut probing = lock(&shared.egress.probing);
+        if probing.len() > 64 {
+            probing.retain(|_, g| Arc::strong_count(g) > 1);
+        }
+        Arc::clone(probing.entry(node.host.clone()).or_default())
+    };
+    let _turn = gate.lock().await;
     if let Some((until, why)) = lock(&shared.egress.no_sidecar).get(&node.host) {
         if *until > Instant::now() {
             return Err(refused(why.clone()));
+        }
+    }
+    if let Some(until) = lock(&shared.egress.sidecar_seen).get(&node.host) {
+        if *until > Instant::now() {
+            return Ok(());
         }
     }
     // The whole probe stays within PROBE_TIMEOUT: the Erlang module waits
@@ -236,6 +327,10 @@ pub async fn check_remote(shared: &Arc<Shared>, remote: &str) -> Result<(), Egre
     match outcome {
         Ok(()) => {
             cache.remove(&node.host);
+            drop(cache);
+            let mut seen = lock(&shared.egress.sidecar_seen);
+            seen.retain(|_, until| *until > Instant::now());
+            seen.insert(node.host.clone(), Instant::now() + SIDECAR_SEEN_TTL);
             Ok(())
         }
         Err(why) => {

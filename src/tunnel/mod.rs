@@ -256,6 +256,7 @@ pub async fn accept_preamble_with<S>(
         initiator,
         node,
         RouteMethod::Preamble,
+        None,
         buf,
         started,
         shared,
