@@ -65,8 +65,16 @@ fn main() {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--bench" => {}
-            "--pool" => pools.push(args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())),
-            "--ttl" => ttls.push(args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())),
+            "--pool" => pools.push(
+                args.next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage()),
+            ),
+            "--ttl" => ttls.push(
+                args.next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage()),
+            ),
             "--only" => only.push(args.next().unwrap_or_else(|| usage())),
             other if other.starts_with('-') => usage(),
             other => positional.push(other.parse::<usize>().unwrap_or_else(|_| usage())),
@@ -137,11 +145,12 @@ fn main() {
         let lookups_held = mesh.metric_total("distproxy_lookups_held_total", &[]);
         let total = report.first.elapsed + report.retry.elapsed;
         eprintln!(
-            "mesh: {}: {}s, {} pang, {} after retry, lookups held {lookups_held}",
+            "mesh: {}: {}s, {} pang, {} after retry, lookups held {}",
             v.label,
             secs(total),
             report.first.failed.len(),
-            report.retry.failed.len()
+            report.retry.failed.len(),
+            lookups_held as u64
         );
         rows.push((v.label, report, total, lookups_held));
         drop(mesh);
@@ -167,8 +176,8 @@ fn main() {
             secs(r.first.elapsed),
             r.first.failed.len(),
             r.retry.failed.len(),
-            r.misroutes,
-            held
+            r.misroutes as u64,
+            *held as u64
         );
     }
 }

@@ -7,8 +7,9 @@
 //!   (messages, no I/O), [`epmd::codec`] (framing), [`epmd::registry`]
 //!   (registrations owned by their ALIVE2 connections), [`epmd::server`].
 //! - [`dist`]: the distribution port — [`dist::handshake`] (first frames, no
-//!   I/O), [`dist::router`] (lookup correlation), [`dist::listener`] (accept,
-//!   route, verify), [`dist::relay`] (opaque byte copying).
+//!   I/O), [`dist::router`] (lookup correlation), [`dist::mirror`] (same-pod
+//!   lookups, exact by port), [`dist::listener`] (accept, route, verify),
+//!   [`dist::relay`] (opaque byte copying).
 //! - [`server`]: binding and wiring; [`config`]: configuration;
 //!   [`metrics`]: metric names; [`client`]: small EPMD client (`names`).
 //! - [`tunnel`]: sidecar-to-sidecar connections routed exactly by a

@@ -310,7 +310,8 @@ pub async fn relay_to_node<P>(
         NameCheck::Matches => {}
         NameCheck::Misrouted(actual) => {
             metrics::counter!(m::MISROUTES).increment(1);
-            let (entry_id, entry_age_ms) = entry.map_or((0, 0), |c| (c.id, c.age.as_millis() as u64));
+            let (entry_id, entry_age_ms) =
+                entry.map_or((0, 0), |c| (c.id, c.age.as_millis() as u64));
             warn!(%peer, %initiator, %target, node_answered = %actual, route = method.label(),
                 entry_id, entry_age_ms, "MISROUTE: node answered with another name; closing");
             closed(reason::MISROUTED);

@@ -76,7 +76,11 @@ pub fn same_pod_port(shared: &Arc<Shared>, node: &NodeEntry, pod_ip: IpAddr) -> 
     match crate::server::bind_tcp(at) {
         Ok(listener) => {
             let generation = {
-                let mut next = shared.mirrors.next.lock().unwrap_or_else(|p| p.into_inner());
+                let mut next = shared
+                    .mirrors
+                    .next
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 *next += 1;
                 *next
             };
@@ -148,7 +152,12 @@ async fn serve_mirror(
     info!(%at, "same-pod mirror listener closed");
 }
 
-async fn mirror_connection(stream: TcpStream, peer: SocketAddr, target: SocketAddr, shared: &Shared) {
+async fn mirror_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    shared: &Shared,
+) {
     let started = Instant::now();
     let _ = stream.set_nodelay(true);
     let node_stream = match tokio::time::timeout(

@@ -423,7 +423,11 @@ mod tests {
         let now = Instant::now();
         t.try_record(P, "a", ONE, now).unwrap();
         let later = now + TTL;
-        assert_eq!(t.consume(P, PORT, later), None, "expired entry must not route");
+        assert_eq!(
+            t.consume(P, PORT, later),
+            None,
+            "expired entry must not route"
+        );
         t.try_record(P, "b", ONE, later).unwrap();
         t.purge_all(later + TTL);
         assert_eq!(t.peer_count(), 0);

@@ -305,7 +305,11 @@ async fn serve_port_please(
 }
 
 /// Writes `out` within `deadline`.
-async fn write_reply(stream: &mut TcpStream, out: &[u8], deadline: Duration) -> std::io::Result<()> {
+async fn write_reply(
+    stream: &mut TcpStream,
+    out: &[u8],
+    deadline: Duration,
+) -> std::io::Result<()> {
     match tokio::time::timeout(deadline, stream.write_all(out)).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(

@@ -65,9 +65,9 @@ impl EgressError {
         match self {
             EgressError::Disabled => proto::EGRESS_REFUSED,
             EgressError::BadName(_) => proto::EGRESS_BAD_NAME,
-            EgressError::TooMany(_)
-            | EgressError::Bind(_)
-            | EgressError::LocalNotRegistered(_) => proto::EGRESS_UNAVAILABLE,
+            EgressError::TooMany(_) | EgressError::Bind(_) | EgressError::LocalNotRegistered(_) => {
+                proto::EGRESS_UNAVAILABLE
+            }
             EgressError::NoRemoteSidecar { .. } => proto::EGRESS_NO_REMOTE_SIDECAR,
         }
     }
@@ -698,6 +698,14 @@ mod tests {
         for bad in ["b1", "@h", "b1@", "", "b\0@h"] {
             assert!(RemoteNode::parse(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn only_bound_non_loopback_addresses_are_this_pod() {
+        assert!(!is_local_address("127.0.0.1".parse().unwrap()));
+        assert!(!is_local_address("0.0.0.0".parse().unwrap()));
+        // TEST-NET-2: never an address of this machine.
+        assert!(!is_local_address("198.51.100.7".parse().unwrap()));
     }
 
     #[test]

@@ -351,7 +351,8 @@ impl MeshLab {
         let mut last = Vec::new();
         let settled = poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
             last = self.open_connections();
-            last.iter().all(|&(gauge, sockets)| gauge == 0.0 && sockets == 0)
+            last.iter()
+                .all(|&(gauge, sockets)| gauge == 0.0 && sockets == 0)
         });
         assert!(
             settled,
