@@ -245,7 +245,10 @@ async fn is_this_pod(shared: &Shared, host: &str) -> bool {
     }
     let local = match manager
         .resolver
-        .resolve(host, shared.config.tunnel.resolve_timeout())
+        .resolve(
+            host,
+            shared.config.tunnel.resolve_timeout().min(PROBE_TIMEOUT),
+        )
         .await
     {
         Ok(addrs) => addrs.iter().any(|&ip| is_local_address(ip)),
