@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use distproxy::client;
-use distproxy::dist::handshake::{self, SendName};
+use distproxy::distribution::handshake::{self, SendName};
 use distproxy::epmd::proto::{Port2Reply, Request};
 use support_inproc::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -218,7 +218,7 @@ async fn a_held_lookup_whose_requester_closes_leaves_no_phantom_entry() {
     assert!(
         eventually(Duration::from_secs(2), || {
             let sc = &sc;
-            async move { sc.shared.correlator.pending(peer) == vec!["a".to_string()] }
+            async move { sc.correlator.pending(peer) == vec!["a".to_string()] }
         })
         .await
     );
@@ -228,9 +228,9 @@ async fn a_held_lookup_whose_requester_closes_leaves_no_phantom_entry() {
     let (_sa, answered) = dial_as(dist, "x@remote").await;
     assert_eq!(answered, "a@fake.host");
     assert!(
-        sc.shared.correlator.pending(peer).is_empty(),
+        sc.correlator.pending(peer).is_empty(),
         "phantom entry left by an abandoned lookup: {:?}",
-        sc.shared.correlator.pending(peer)
+        sc.correlator.pending(peer)
     );
     // So c is answered at once and routed exactly.
     let mut third = send_lookup(epmd, "c").await;
@@ -265,7 +265,7 @@ async fn a_connection_closed_before_its_handshake_consumes_its_entry() {
     assert!(
         eventually(Duration::from_secs(2), || {
             let sc = &sc;
-            async move { sc.shared.correlator.pending(peer).is_empty() }
+            async move { sc.correlator.pending(peer).is_empty() }
         })
         .await,
         "entry of a dead connection still pending"
