@@ -205,9 +205,11 @@ pub fn start_mesh(layout: &MeshLayout) -> MeshLab {
         daemons.push(match layout.mode {
             MeshMode::Reference => pod.spawn_stock_epmd(),
             MeshMode::StockPeers | MeshMode::ModulePeers => {
-                let mut options = SidecarOptions::default();
                 // Debug logs of 48 nodes would slow the sidecar down.
-                options.log_filter = "info".into();
+                let mut options = SidecarOptions {
+                    log_filter: "info".into(),
+                    ..Default::default()
+                };
                 if let Some(toml) = &layout.sidecar_config {
                     options = options.config(toml);
                 }
