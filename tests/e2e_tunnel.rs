@@ -357,6 +357,7 @@ fn tunnel_resolves_short_host_names_through_the_pod_search_domain() {
     // sidecar cannot resolve the host), logged, and the node falls back to
     // stock resolution, which fails too.
     assert_eq!(b2.ping("x1@pod-zz"), "pang");
+    sidecar_b.wait_log("cannot resolve", 1, std::time::Duration::from_secs(10));
     let failures = sidecar_b.log_lines_containing("cannot resolve");
     assert!(
         failures.iter().any(|l| l.contains("pod-zz")),

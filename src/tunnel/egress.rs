@@ -265,7 +265,25 @@ impl EgressManager {
             return Err(EgressError::Disabled);
         }
         if let Some(node) = RemoteNode::parse(remote) {
-            if self.is_this_pod(&node.host).await {
+            let this_pod = match self.is_this_pod(&node.host).await {
+                Ok(local) => local,
+                // The probe would resolve the same host again and fail the
+                // same way: answer now, within the module's reply timeout.
+                Err(why) if self.settings.probe_remote => {
+                    let why = format!("cannot resolve: {why}");
+                    lock(&self.no_sidecar).insert(
+                        node.host.clone(),
+                        (Instant::now() + NO_SIDECAR_TTL, why.clone()),
+                    );
+                    return Err(EgressError::NoRemoteSidecar {
+                        host: node.host,
+                        port: self.settings.remote_port,
+                        why,
+                    });
+                }
+                Err(_) => false,
+            };
+            if this_pod {
                 return match self.registry.get(short_name(&node.full)) {
                     Some(local) if local.addr.is_loopback() => Ok(local.spec.port),
                     _ => Err(EgressError::LocalNotRegistered(node.full)),
@@ -279,21 +297,21 @@ impl EgressManager {
     /// Whether `host` names this pod: it resolves to an address bound here
     /// that is not loopback (sidecars sharing one host's loopback in tests
     /// stay apart). Remembered per host for [`LOCAL_HOST_TTL`].
-    async fn is_this_pod(&self, host: &str) -> bool {
+    async fn is_this_pod(&self, host: &str) -> Result<bool, String> {
         if let Some(&(local, until)) = lock(&self.local_hosts).get(host) {
             if until > Instant::now() {
-                return local;
+                return Ok(local);
             }
         }
         let deadline = self.settings.resolve_timeout().min(PROBE_TIMEOUT);
         let local = match self.resolver.resolve(host, deadline).await {
             Ok(addrs) => addrs.iter().any(|&ip| is_local_address(ip)),
-            Err(_) => false,
+            Err(e) => return Err(e.to_string()),
         };
         let mut hosts = lock(&self.local_hosts);
         hosts.retain(|_, (_, until)| *until > Instant::now());
         hosts.insert(host.to_owned(), (local, Instant::now() + LOCAL_HOST_TTL));
-        local
+        Ok(local)
     }
 }
 
