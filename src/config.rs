@@ -130,6 +130,7 @@ pub struct RoutingConfig {
     #[serde(default = "default_lookup_ttl_ms")]
     pub lookup_ttl_ms: u64,
     /// Longest hold of a serialised lookup before it is answered "not found".
+    /// Keep it below OTP's setup timer (`net_setuptime`, 7,000 ms).
     #[serde(default = "default_max_hold_ms")]
     pub max_hold_ms: u64,
     #[serde(default)]
@@ -166,8 +167,11 @@ fn default_admin_listen() -> Option<SocketAddr> {
 fn default_lookup_ttl_ms() -> u64 {
     3_000
 }
+/// Below OTP's connection setup timer (`net_setuptime`, 7 s by default,
+/// started in `inet_tcp_dist:do_setup` before the lookup): a longer hold
+/// would answer requesters that have given up.
 fn default_max_hold_ms() -> u64 {
-    8_000
+    5_000
 }
 
 impl Default for EpmdConfig {

@@ -7,7 +7,8 @@
 //!   (messages, no I/O), [`epmd::codec`] (framing), [`epmd::registry`]
 //!   (registrations owned by their ALIVE2 connections), [`epmd::server`].
 //! - [`distribution`]: the distribution port — [`distribution::handshake`] (first frames, no
-//!   I/O), [`distribution::router`] (lookup correlation), [`distribution::listener`] (accept,
+//!   I/O), [`distribution::router`] (lookup correlation), [`distribution::mirror`]
+//!   (same-pod lookups, exact by port), [`distribution::listener`] (accept,
 //!   route, verify), [`distribution::relay`] (opaque byte copying).
 //! - [`server`]: binding and wiring; [`config`]: configuration;
 //!   [`metrics`]: metric names; [`client`]: small EPMD client (`names`).

@@ -10,6 +10,8 @@ pub const REGISTERED_NODES: &str = "distproxy_registered_nodes";
 pub const EPMD_REQUESTS: &str = "distproxy_epmd_requests_total";
 pub const LOOKUPS_HELD: &str = "distproxy_lookups_held_total";
 pub const LOOKUP_HOLD_SECONDS: &str = "distproxy_lookup_hold_seconds";
+/// Recorded lookups dropped because their requester went away, by reason.
+pub const LOOKUPS_DROPPED: &str = "distproxy_lookups_dropped_total";
 pub const ROUTES: &str = "distproxy_routes_total";
 pub const DIST_CONNECTIONS_OPEN: &str = "distproxy_dist_connections_open";
 pub const DIST_CONNECTIONS: &str = "distproxy_dist_connections_total";
@@ -35,6 +37,8 @@ pub mod route {
     pub const CORRELATED: &str = "correlated";
     pub const SINGLE_NODE: &str = "single_node";
     pub const PREAMBLE: &str = "preamble";
+    /// A same-pod connection on a mirror listener (exact by port).
+    pub const SAME_POD: &str = "same_pod";
     pub const UNROUTABLE: &str = "unroutable";
 }
 
@@ -48,6 +52,12 @@ pub mod reason {
     pub const OVER_LIMIT: &str = "over_limit";
     pub const CONNECT_FAILED: &str = "connect_failed";
     pub const PEER_CLOSED: &str = "peer_closed";
+    /// Closed before sending a byte, like a sidecar's reachability probe
+    /// (`tunnel.probe_remote`); kept apart from `peer_closed`.
+    pub const EMPTY: &str = "empty";
+    /// The node's challenge named another node than the one routed to: the
+    /// connection is closed, not relayed.
+    pub const MISROUTED: &str = "misrouted";
     /// A tunnel preamble named a node not registered here.
     pub const UNKNOWN_NODE: &str = "unknown_node";
     /// The egress side could not resolve the remote node's host.
@@ -117,6 +127,10 @@ pub fn describe() {
     describe_counter!(
         LOOKUPS_HELD,
         "Remote lookups held back by per-peer serialisation."
+    );
+    describe_counter!(
+        LOOKUPS_DROPPED,
+        "Lookups recorded or held and then dropped because the requester went away, by reason."
     );
     describe_histogram!(
         LOOKUP_HOLD_SECONDS,

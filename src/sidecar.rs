@@ -142,9 +142,22 @@ impl Sidecar {
             .unwrap_or(DEFAULT_DIST_PORT);
         let limits = &config.limits;
         let registry = Arc::new(Registry::with_max_nodes(limits.max_registered_nodes));
+        // The advertised pool: the listeners' ports, unless one port is
+        // advertised (a Service in front maps it).
+        let mut pool = Vec::new();
+        if config.dist.advertise_port.is_some() {
+            pool.push(advertise_port);
+        } else {
+            for port in dist_addrs.iter().map(|a| a.port()) {
+                if !pool.contains(&port) {
+                    pool.push(port);
+                }
+            }
+        }
         let correlator = Arc::new(Correlator::new(
             config.routing.lookup_ttl(),
             config.routing.max_hold(),
+            pool,
         ));
         let shutdown = CancellationToken::new();
         let hard_stop = CancellationToken::new();
@@ -172,6 +185,7 @@ impl Sidecar {
         };
         let tls = listeners.tls;
         let egress = EgressManager::new(EgressSettings {
+            registry: Arc::clone(&registry),
             tunnel: config.tunnel.clone(),
             handshake_timeout: config.dist.handshake_timeout(),
             tls: tls.clone(),
@@ -180,6 +194,13 @@ impl Sidecar {
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         });
+        let mirrors = Arc::new(crate::distribution::mirror::Mirrors::new(
+            Arc::clone(&registry),
+            forward.clone(),
+            limit.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
         let epmd = Arc::new(EpmdCtx {
             registry: Arc::clone(&registry),
             correlator: Arc::clone(&correlator),
@@ -196,6 +217,7 @@ impl Sidecar {
                 limits.reserved_local_connections,
             ),
             write_timeout: limits.write_timeout(),
+            mirrors,
             shutdown: shutdown.clone(),
             hard_stop: hard_stop.clone(),
             tracker: tracker.clone(),

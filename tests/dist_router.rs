@@ -188,3 +188,129 @@ async fn node_registered_over_ipv6_is_reached_over_ipv6() {
     let (_s, answered) = dial_as(dist, "x@remote").await;
     assert_eq!(answered, "seven@fake.host");
 }
+
+/// Sends a PORT_PLEASE2 for `name` and leaves the connection open.
+async fn send_lookup(epmd: std::net::SocketAddr, name: &str) -> TcpStream {
+    let mut s = TcpStream::connect(epmd).await.unwrap();
+    let mut out = BytesMut::new();
+    Request::PortPlease2 { name: name.into() }.encode(&mut out);
+    s.write_all(&out).await.unwrap();
+    s
+}
+
+/// OTP kills a connection setup that loses a simultaneous connect, often
+/// while its lookup is held: the abandoned lookup must record nothing, or
+/// it would block every other target from that peer for the TTL.
+#[tokio::test]
+async fn a_held_lookup_whose_requester_closes_leaves_no_phantom_entry() {
+    let mut cfg = proxy_config();
+    cfg.routing.lookup_ttl_ms = 60_000;
+    let sc = start(cfg);
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let a = FakeNode::start("a", "127.0.0.1:0").await;
+    let b = FakeNode::start("b", "127.0.0.1:0").await;
+    let c = FakeNode::start("c", "127.0.0.1:0").await;
+    let _ra = client::register(epmd, spec("a", a.port)).await.unwrap();
+    let _rb = client::register(epmd, spec("b", b.port)).await.unwrap();
+    let _rc = client::register(epmd, spec("c", c.port)).await.unwrap();
+    let peer: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+
+    let mut first = send_lookup(epmd, "a").await;
+    let mut reply = Vec::new();
+    first.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply[..2], [b'w', 0]);
+    // b is held behind a; its requester gives up.
+    let abandoned = send_lookup(epmd, "b").await;
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let sc = &sc;
+            async move { sc.correlator.pending(peer) == vec!["a".to_string()] }
+        })
+        .await
+    );
+    drop(abandoned);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // a's connection arrives; nothing may be left for b.
+    let (_sa, answered) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered, "a@fake.host");
+    assert!(
+        sc.correlator.pending(peer).is_empty(),
+        "phantom entry left by an abandoned lookup: {:?}",
+        sc.correlator.pending(peer)
+    );
+    // So c is answered at once and routed exactly.
+    let mut third = send_lookup(epmd, "c").await;
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), third.read_to_end(&mut reply))
+        .await
+        .expect("lookup for c held by a phantom entry")
+        .unwrap();
+    assert_eq!(reply[..2], [b'w', 0]);
+    let (_sc, answered) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered, "c@fake.host");
+}
+
+/// A connection that dies before its first frame still takes its entry.
+#[tokio::test]
+async fn a_connection_closed_before_its_handshake_consumes_its_entry() {
+    let mut cfg = proxy_config();
+    cfg.routing.lookup_ttl_ms = 60_000;
+    let sc = start(cfg);
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let a = FakeNode::start("a", "127.0.0.1:0").await;
+    let b = FakeNode::start("b", "127.0.0.1:0").await;
+    let _ra = client::register(epmd, spec("a", a.port)).await.unwrap();
+    let _rb = client::register(epmd, spec("b", b.port)).await.unwrap();
+    let peer: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+
+    lookup_port(epmd, "a").await;
+    // A first byte of a raw handshake, then the initiator is gone.
+    let mut s = TcpStream::connect(dist).await.unwrap();
+    s.write_all(&[0]).await.unwrap();
+    drop(s);
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let sc = &sc;
+            async move { sc.correlator.pending(peer).is_empty() }
+        })
+        .await,
+        "entry of a dead connection still pending"
+    );
+    lookup_port(epmd, "b").await;
+    let (_sb, answered) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered, "b@fake.host");
+}
+
+/// With several distribution ports, lookups of different nodes from one
+/// peer are answered at once on different ports, and each port routes to
+/// its own node whatever the order the connections arrive in.
+#[tokio::test]
+async fn a_port_pool_routes_concurrent_lookups_of_different_nodes_exactly() {
+    let mut cfg = proxy_config();
+    cfg.dist.listen = vec!["127.0.0.1:0".parse().unwrap(); 3];
+    cfg.routing.lookup_ttl_ms = 60_000;
+    let sc = start(cfg);
+    let epmd = epmd_addr(&sc);
+    let a = FakeNode::start("a", "127.0.0.1:0").await;
+    let b = FakeNode::start("b", "127.0.0.1:0").await;
+    let c = FakeNode::start("c", "127.0.0.1:0").await;
+    let _ra = client::register(epmd, spec("a", a.port)).await.unwrap();
+    let _rb = client::register(epmd, spec("b", b.port)).await.unwrap();
+    let _rc = client::register(epmd, spec("c", c.port)).await.unwrap();
+
+    let mut ports = Vec::new();
+    for name in ["a", "b", "c"] {
+        let port = tokio::time::timeout(Duration::from_secs(2), lookup_port(epmd, name))
+            .await
+            .expect("a lookup of another node was held despite a free port");
+        ports.push((name, port));
+    }
+    let mut distinct: Vec<u16> = ports.iter().map(|p| p.1).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "one port per node: {ports:?}");
+    for (name, port) in ports.iter().rev() {
+        let (_s, answered) = dial_as(([127, 0, 0, 1], *port).into(), "x@remote").await;
+        assert_eq!(answered, format!("{name}@fake.host"));
+    }
+}

@@ -30,6 +30,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("epmd::cli", Layer::Service),
     ("distribution::listener", Layer::Service),
     ("distribution::forward", Layer::Service),
+    ("distribution::mirror", Layer::Service),
     ("tunnel", Layer::Service),
     ("tunnel::inbound", Layer::Service),
     ("tunnel::egress", Layer::Service),

@@ -30,6 +30,14 @@
 %%     reply:   $e, Result:8, EgressPort:16, Version:16  (then close)
 %%
 %% Result 0 means success; anything else means "fall back".
+%%
+%% Successful answers are cached per remote node for ?CACHE_TTL_MS in a
+%% public ETS table (owned by a small process linked to erl_epmd's), so a
+%% burst of connection attempts asks the sidecar once. The TTL stays well
+%% below the sidecar's `tunnel.egress_idle_timeout_ms' (60 s by default), so
+%% a cached egress port is never one the sidecar has closed for idleness.
+%% For a node of the node's own pod the sidecar answers the node's own
+%% loopback port (no sidecar hop).
 -module(distproxy_epmd).
 
 %% The erl_epmd callback API (see the erl_epmd manual page, OTP 25).
@@ -51,9 +59,38 @@
 %% fallback.
 -define(CONNECT_TIMEOUT, 2000).
 -define(REPLY_TIMEOUT, 3000).
+-define(CACHE, distproxy_epmd_egress_cache).
+-define(CACHE_TTL_MS, 5000).
 
 start_link() ->
-    erl_epmd:start_link().
+    case erl_epmd:start_link() of
+        {ok, Pid} = Started ->
+            start_cache(Pid),
+            Started;
+        Other ->
+            Other
+    end.
+
+%% The cache table lives as long as the erl_epmd process: its owner is
+%% linked to it. Without the table, answers are simply not cached.
+start_cache(EpmdPid) ->
+    Parent = self(),
+    Holder = spawn(fun() ->
+                           try ets:new(?CACHE, [named_table, public, set,
+                                                {read_concurrency, true}]) of
+                               _ ->
+                                   link(EpmdPid),
+                                   Parent ! {self(), cache_ready},
+                                   receive after infinity -> ok end
+                           catch
+                               error:badarg ->
+                                   Parent ! {self(), cache_exists}
+                           end
+                   end),
+    receive
+        {Holder, _} -> ok
+    after 1000 -> ok
+    end.
 
 register_node(Name, Port) ->
     erl_epmd:register_node(Name, Port).
@@ -80,7 +117,7 @@ names(Host) ->
 %% 127.0.0.1, so only IPv4 distribution (`inet_tcp_dist', the default) is
 %% tunnelled; `inet6' falls back.
 address_please(Name, Host, inet = Family) ->
-    case egress_port(Name, Host) of
+    case cached_egress_port(Name, Host) of
         {ok, Port, Version} ->
             {ok, {127, 0, 0, 1}, Port, Version};
         {error, _Reason} ->
@@ -88,6 +125,41 @@ address_please(Name, Host, inet = Family) ->
     end;
 address_please(Name, Host, Family) ->
     erl_epmd:address_please(Name, Host, Family).
+
+cached_egress_port(Name, Host) ->
+    Now = erlang:monotonic_time(millisecond),
+    Key = try {to_string(Name), host_string(Host)} catch _:_ -> undefined end,
+    case cache_lookup(Key, Now) of
+        {ok, _, _} = Hit ->
+            Hit;
+        miss ->
+            case egress_port(Name, Host) of
+                {ok, Port, Version} = Answer ->
+                    cache_store(Key, Port, Version, Now + ?CACHE_TTL_MS),
+                    Answer;
+                Error ->
+                    Error
+            end
+    end.
+
+cache_lookup(undefined, _Now) ->
+    miss;
+cache_lookup(Key, Now) ->
+    try ets:lookup(?CACHE, Key) of
+        [{Key, Port, Version, Until}] when Until > Now -> {ok, Port, Version};
+        _ -> miss
+    catch
+        error:badarg -> miss
+    end.
+
+cache_store(undefined, _Port, _Version, _Until) ->
+    ok;
+cache_store(Key, Port, Version, Until) ->
+    try ets:insert(?CACHE, {Key, Port, Version, Until}) of
+        true -> ok
+    catch
+        error:badarg -> ok
+    end.
 
 %% @doc Asks the local sidecar for the egress port of `Name@Host'.
 -spec egress_port(Name, Host) -> {ok, Port, Version} | {error, term()} when

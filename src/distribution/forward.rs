@@ -82,6 +82,11 @@ impl fmt::Display for SetupError {
 }
 
 impl SetupError {
+    /// The peer closed without sending a single byte.
+    pub fn is_empty(&self) -> bool {
+        matches!(self.kind, SetupErrorKind::Closed(0))
+    }
+
     /// The `reason` label when this ends a connection (metrics and logs).
     pub fn reason(&self) -> &'static str {
         match self.kind {
@@ -203,6 +208,8 @@ pub enum Direction {
     Inbound,
     /// From a local node to a remote sidecar.
     Outbound,
+    /// From a node of this pod to another, through a mirror listener.
+    SamePod,
 }
 
 impl Direction {
@@ -210,6 +217,7 @@ impl Direction {
         match self {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
+            Direction::SamePod => "same_pod",
         }
     }
 }
@@ -328,6 +336,9 @@ pub struct ToNode {
     pub initiator: String,
     pub node: NodeEntry,
     pub method: RouteMethod,
+    /// The correlation entry that chose the node, if any (logged on a
+    /// misroute).
+    pub entry: Option<super::router::Consumed>,
     /// Bytes read from the peer so far, replayed to the node.
     pub prefix: BytesMut,
     /// When the connection was accepted.
@@ -336,7 +347,10 @@ pub struct ToNode {
 }
 
 /// Connects to the routed node, replays the prefix, checks the node's name
-/// in its challenge, and relays until either side closes.
+/// in its challenge, and relays until either side closes. A challenge
+/// naming another node is a misroute: both connections are closed (the
+/// initiator would abort anyway), counted, and logged with the correlation
+/// entry that chose the node.
 pub async fn relay_to_node<P>(mut peer_stream: P, to: ToNode, fwd: &Forwarder)
 where
     P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -346,6 +360,7 @@ where
         initiator,
         node,
         method,
+        entry,
         prefix,
         started,
         permit,
@@ -399,7 +414,13 @@ where
         NameCheck::Matches => {}
         NameCheck::Misrouted(actual) => {
             metrics::counter!(m::MISROUTES).increment(1);
-            warn!(%peer, %initiator, %target, node_answered = %actual, "MISROUTE: node answered with another name");
+            let (entry_id, entry_age_ms) = entry
+                .as_ref()
+                .map_or((0, 0), |c| (c.id, c.age.as_millis() as u64));
+            warn!(%peer, %initiator, %target, node_answered = %actual, route = method.label(),
+                entry_id, entry_age_ms, "MISROUTE: node answered with another name; closing");
+            closed(reason::MISROUTED);
+            return;
         }
         NameCheck::Unknown(why) => {
             debug!(%peer, %initiator, %target, why = %why, "node challenge not checked");

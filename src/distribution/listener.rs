@@ -102,7 +102,12 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
         Ok(byte) => byte,
         Err(e) => {
             debug!(%peer, error = %e, "closing distribution connection before its first byte");
-            closed(e.reason());
+            // Nothing sent at all: a reachability probe, not a failure.
+            closed(if e.is_empty() {
+                reason::EMPTY
+            } else {
+                e.reason()
+            });
             return;
         }
     };
@@ -125,13 +130,21 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
         return;
     }
     // Otherwise a raw distribution handshake (first byte 0x00..=0x08, or
-    // garbage that read_send_name refuses): routed by correlation.
+    // garbage that read_send_name refuses): routed by correlation. The entry
+    // is taken now, before anything can fail: this connection is the one it
+    // announced even if it dies before its first frame.
+    let pool_port = stream
+        .local_addr()
+        .map(|a| ctx.correlator.pool_port(a.port()))
+        .unwrap_or_else(|_| ctx.correlator.ports()[0]);
+    let entry = ctx.correlator.consume(peer_ip, pool_port);
     let mut stream = stream;
     let mut buf = BytesMut::with_capacity(512);
     let send_name = match forward::read_send_name(&mut stream, &mut buf, deadline).await {
         Ok(s) => s,
         Err(e) => {
-            warn!(%peer, error = %e, "closing distribution connection before routing");
+            warn!(%peer, error = %e, entry = ?entry.as_ref().map(|c| (c.id, &c.node)),
+                "closing distribution connection before routing");
             closed(e.reason());
             return;
         }
@@ -140,8 +153,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     let initiator = send_name.name;
 
     // Choose the target: the peer's oldest pending lookup, else the only node.
-    let (target, method) = match ctx.correlator.consume(peer_ip) {
-        Some(node) => (node, RouteMethod::Correlated),
+    let (target, method) = match entry.as_ref() {
+        Some(c) => (c.node.clone(), RouteMethod::Correlated),
         None => match ctx.registry.single() {
             Some(only) => (only.spec.name, RouteMethod::SingleNode),
             None => {
@@ -164,6 +177,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
         initiator,
         node,
         method,
+        entry,
         prefix: buf,
         started,
         permit,

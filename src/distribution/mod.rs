@@ -2,6 +2,7 @@
 //!
 //! - [`handshake`]: the handshake's first frames (no I/O).
 //! - [`router`]: lookup correlation.
+//! - [`mirror`]: same-pod lookups of stock nodes, exact by port.
 //! - [`forward`]: the connection-setup layer shared with the tunnel
 //!   (first-frame reads, setup errors, connecting to a node, counted relays).
 //! - [`listener`]: accept, first-byte dispatch, routing.
@@ -10,5 +11,6 @@
 pub mod forward;
 pub mod handshake;
 pub mod listener;
+pub mod mirror;
 pub mod relay;
 pub mod router;

@@ -2,19 +2,39 @@
 //!
 //! A distribution connection's first frame names only the initiator, so the
 //! router relies on the lookup (`PORT_PLEASE2_REQ`) a stock BEAM makes right
-//! before it connects (DESIGN.md, "Routing an incoming distribution
-//! connection"):
+//! before it connects:
 //!
-//! 1. A remote lookup from peer address P for node T is answered with the
-//!    proxy port and recorded as pending (P, T, deadline).
-//! 2. It is answered at once only if every pending entry of P names T;
-//!    otherwise it is held until P's entries are consumed or expire. So all
-//!    unconsumed answers to P point at one node at any moment.
-//! 3. A connection from P consumes P's oldest pending entry.
+//! 1. A remote lookup from peer address P for node T is answered with one
+//!    port of the advertised pool (the ports of `dist.listen`) and recorded
+//!    as pending (P, port, T, deadline).
+//! 2. A port is chosen whose pending entries for P all name T, else a port
+//!    with no pending entry for P. When there is none, the lookup is held
+//!    until an entry of P is consumed, cancelled or expires. So at any moment
+//!    all unconsumed answers to P on one port point at one node.
+//! 3. A raw connection from P on port X consumes P's oldest entry on X.
+//!
+//! An entry must never outlive the connection it announces, or it blocks
+//! every other target from P until it expires. So the EPMD server watches
+//! the requester while a lookup is held (a closed requester records
+//! nothing), checks it again right before answering, and [cancels]
+//! the entry when the requester is gone by then or the answer cannot be
+//! written; the listener consumes an entry as soon as a raw connection
+//! arrives, before anything else can fail. What is left (a setup killed
+//! between reading the answer and connecting) is bounded by
+//! `routing.lookup_ttl_ms`, and a late connection that then meets another
+//! node is caught by the challenge check and closed.
+//!
+//! With one port, a peer's lookups of different nodes are serialised, each
+//! costing one lookup→connect round trip. With a pool of K ports, up to K
+//! different nodes can be pending for one peer at once; the preferred port
+//! of a node is a stable hash of its name, so with K at least the number of
+//! local nodes a node usually keeps its own port.
 //!
 //! [`CorrelationTable`] is the pure core (time is passed in);
 //! [`Correlator`] adds waiting, with one FIFO gate per peer so a held lookup
 //! cannot be starved by a stream of lookups for another node.
+//!
+//! [cancels]: Correlator::cancel
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -26,15 +46,36 @@ use tokio::time::Instant;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Pending {
+    id: u64,
     node: String,
+    recorded: Instant,
     deadline: Instant,
 }
 
-/// Pending answered lookups, per peer address.
+/// A recorded lookup: the port it was answered with and its entry's id, to
+/// [cancel](CorrelationTable::cancel) it if the answer never reaches the
+/// requester.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: u64,
+    pub port: u16,
+}
+
+/// An entry taken by an arriving connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    pub id: u64,
+    pub node: String,
+    /// Time from the answer to the connection.
+    pub age: Duration,
+}
+
+/// Pending answered lookups, per (peer address, advertised port).
 #[derive(Debug)]
 pub struct CorrelationTable {
     ttl: Duration,
-    peers: HashMap<IpAddr, VecDeque<Pending>>,
+    next_id: u64,
+    slots: HashMap<(IpAddr, u16), VecDeque<Pending>>,
 }
 
 /// Why a lookup cannot be answered yet.
@@ -44,81 +85,152 @@ pub struct Blocked {
     pub until: Instant,
 }
 
+/// A stable (process-independent) hash of a node name: FNV-1a.
+fn name_hash(node: &str) -> u64 {
+    node.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 impl CorrelationTable {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
-            peers: HashMap::new(),
+            next_id: 1,
+            slots: HashMap::new(),
         }
     }
 
-    fn purge(&mut self, peer: IpAddr, now: Instant) {
-        if let Some(q) = self.peers.get_mut(&peer) {
+    fn purge(&mut self, key: (IpAddr, u16), now: Instant) {
+        if let Some(q) = self.slots.get_mut(&key) {
             q.retain(|p| p.deadline > now);
             if q.is_empty() {
-                self.peers.remove(&peer);
+                self.slots.remove(&key);
             }
         }
     }
 
-    /// Records a lookup of `node` by `peer` if every pending entry of the
-    /// peer names the same node; otherwise reports until when it is blocked.
-    pub fn try_record(&mut self, peer: IpAddr, node: &str, now: Instant) -> Result<(), Blocked> {
-        self.purge(peer, now);
-        let q = self.peers.entry(peer).or_default();
-        if let Some(conflict) = q
-            .iter()
-            .filter(|p| p.node != node)
-            .map(|p| p.deadline)
-            .min()
-        {
-            return Err(Blocked { until: conflict });
+    /// Records a lookup of `node` by `peer` on a port of `ports` (which must
+    /// not be empty) whose pending entries for the peer all name `node`, or
+    /// that has none; otherwise reports until when it is blocked.
+    pub fn try_record(
+        &mut self,
+        peer: IpAddr,
+        node: &str,
+        ports: &[u16],
+        now: Instant,
+    ) -> Result<Reservation, Blocked> {
+        let ports = if ports.is_empty() { &[0][..] } else { ports };
+        let start = (name_hash(node) % ports.len() as u64) as usize;
+        let order = || ports.iter().cycle().skip(start).take(ports.len()).copied();
+        for port in order() {
+            self.purge((peer, port), now);
         }
-        q.push_back(Pending {
-            node: node.to_string(),
-            deadline: now + self.ttl,
+        let joinable = order().find(|&port| {
+            self.slots
+                .get(&(peer, port))
+                .is_some_and(|q| q.iter().all(|p| p.node == node))
         });
-        Ok(())
+        let free = || order().find(|&port| !self.slots.contains_key(&(peer, port)));
+        let Some(port) = joinable.or_else(free) else {
+            let until = order()
+                .filter_map(|port| self.slots.get(&(peer, port)))
+                .filter_map(|q| q.iter().map(|p| p.deadline).min())
+                .min()
+                .unwrap_or(now);
+            return Err(Blocked { until });
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.slots
+            .entry((peer, port))
+            .or_default()
+            .push_back(Pending {
+                id,
+                node: node.to_string(),
+                recorded: now,
+                deadline: now + self.ttl,
+            });
+        Ok(Reservation { id, port })
     }
 
-    /// Consumes the peer's oldest live entry.
-    pub fn consume(&mut self, peer: IpAddr, now: Instant) -> Option<String> {
-        self.purge(peer, now);
-        let q = self.peers.get_mut(&peer)?;
-        let node = q.pop_front().map(|p| p.node);
+    /// Removes a recorded entry that no connection will follow; false if it
+    /// is gone already (consumed or expired).
+    pub fn cancel(&mut self, peer: IpAddr, reservation: Reservation) -> bool {
+        let key = (peer, reservation.port);
+        let Some(q) = self.slots.get_mut(&key) else {
+            return false;
+        };
+        let before = q.len();
+        q.retain(|p| p.id != reservation.id);
+        let removed = q.len() != before;
         if q.is_empty() {
-            self.peers.remove(&peer);
+            self.slots.remove(&key);
         }
-        node
+        removed
     }
 
-    /// Live entries of a peer, oldest first (for tests and diagnostics).
+    /// Consumes the peer's oldest live entry on `port`.
+    pub fn consume(&mut self, peer: IpAddr, port: u16, now: Instant) -> Option<Consumed> {
+        let key = (peer, port);
+        self.purge(key, now);
+        let q = self.slots.get_mut(&key)?;
+        let taken = q.pop_front().map(|p| Consumed {
+            id: p.id,
+            node: p.node,
+            age: now.saturating_duration_since(p.recorded),
+        });
+        if q.is_empty() {
+            self.slots.remove(&key);
+        }
+        taken
+    }
+
+    /// Live entries of a peer on every port, oldest first per port, ports in
+    /// ascending order (for tests and diagnostics).
     pub fn pending(&mut self, peer: IpAddr, now: Instant) -> Vec<String> {
-        self.purge(peer, now);
-        self.peers
-            .get(&peer)
-            .map(|q| q.iter().map(|p| p.node.clone()).collect())
-            .unwrap_or_default()
+        let mut keys: Vec<(IpAddr, u16)> = self
+            .slots
+            .keys()
+            .filter(|(p, _)| *p == peer)
+            .copied()
+            .collect();
+        keys.sort_unstable();
+        for &key in &keys {
+            self.purge(key, now);
+        }
+        keys.iter()
+            .filter_map(|k| self.slots.get(k))
+            .flat_map(|q| q.iter().map(|p| p.node.clone()))
+            .collect()
     }
 
     /// Drops expired entries of every peer (bounded memory under churn).
     pub fn purge_all(&mut self, now: Instant) {
-        self.peers.retain(|_, q| {
+        self.slots.retain(|_, q| {
             q.retain(|p| p.deadline > now);
             !q.is_empty()
         });
     }
 
+    /// Peers with at least one pending entry.
     pub fn peer_count(&self) -> usize {
-        self.peers.len()
+        let mut peers: Vec<IpAddr> = self.slots.keys().map(|(p, _)| *p).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        peers.len()
     }
 }
 
 /// How a lookup ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LookupOutcome {
-    /// Recorded; `held` is how long it waited (zero if answered at once).
-    Recorded { held: Duration },
+    /// Recorded. `held` is how long it was held back, `None` if it was
+    /// answered without waiting.
+    Recorded {
+        reservation: Reservation,
+        held: Option<Duration>,
+    },
     /// Waited longer than the maximum hold; answer "not found".
     GaveUp { held: Duration },
 }
@@ -126,20 +238,42 @@ pub enum LookupOutcome {
 /// Async front of the table: holds lookups until they may be answered.
 pub struct Correlator {
     table: Mutex<CorrelationTable>,
-    /// Woken whenever an entry is consumed.
-    consumed: Notify,
+    /// The advertised ports, in `dist.listen` order; never empty.
+    ports: Vec<u16>,
+    /// Woken whenever an entry is consumed or cancelled.
+    released: Notify,
     /// One FIFO gate per peer; only the gate holder may wait on the table.
     gates: Mutex<HashMap<IpAddr, Arc<tokio::sync::Mutex<()>>>>,
     max_hold: Duration,
 }
 
 impl Correlator {
-    pub fn new(ttl: Duration, max_hold: Duration) -> Self {
+    /// A correlator answering with `ports` (the advertised pool; an empty
+    /// list is taken as the single port 0, for tests).
+    pub fn new(ttl: Duration, max_hold: Duration, ports: Vec<u16>) -> Self {
+        let ports = if ports.is_empty() { vec![0] } else { ports };
         Self {
             table: Mutex::new(CorrelationTable::new(ttl)),
-            consumed: Notify::new(),
+            ports,
+            released: Notify::new(),
             gates: Mutex::new(HashMap::new()),
             max_hold,
+        }
+    }
+
+    /// The advertised ports.
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// The pool port a connection accepted on local port `local_port`
+    /// belongs to (the first pool port when the pool is one advertised port
+    /// that differs from the listener's, e.g. behind a Service).
+    pub fn pool_port(&self, local_port: u16) -> u16 {
+        if self.ports.contains(&local_port) {
+            local_port
+        } else {
+            self.ports[0]
         }
     }
 
@@ -156,31 +290,43 @@ impl Correlator {
         Arc::clone(gates.entry(peer).or_default())
     }
 
-    /// Waits until a lookup of `node` by `peer` may be answered with the
-    /// proxy port, and records it.
+    /// Waits until a lookup of `node` by `peer` may be answered, and records
+    /// it. Dropping the future before it completes records nothing (the
+    /// EPMD server does so when the requester closes).
     pub async fn record_lookup(&self, peer: IpAddr, node: &str) -> LookupOutcome {
         let start = Instant::now();
         let give_up = start + self.max_hold;
         let gate = self.gate(peer);
-        let Ok(_turn) = tokio::time::timeout_at(give_up, gate.lock()).await else {
-            return LookupOutcome::GaveUp {
-                held: start.elapsed(),
-            };
+        let (_turn, mut waited) = match gate.try_lock() {
+            Ok(turn) => (turn, false),
+            Err(_) => match tokio::time::timeout_at(give_up, gate.lock()).await {
+                Ok(turn) => (turn, true),
+                Err(_) => {
+                    return LookupOutcome::GaveUp {
+                        held: start.elapsed(),
+                    }
+                }
+            },
         };
         loop {
-            let notified = self.consumed.notified();
+            let notified = self.released.notified();
             tokio::pin!(notified);
-            // Register interest before checking, so a consumption between the
+            // Register interest before checking, so a release between the
             // check and the wait is not missed.
             notified.as_mut().enable();
-            let blocked = match self.table().try_record(peer, node, Instant::now()) {
-                Ok(()) => {
+            let blocked = match self
+                .table()
+                .try_record(peer, node, &self.ports, Instant::now())
+            {
+                Ok(reservation) => {
                     return LookupOutcome::Recorded {
-                        held: start.elapsed(),
+                        reservation,
+                        held: waited.then(|| start.elapsed()),
                     }
                 }
                 Err(b) => b,
             };
+            waited = true;
             if Instant::now() >= give_up {
                 return LookupOutcome::GaveUp {
                     held: start.elapsed(),
@@ -193,15 +339,26 @@ impl Correlator {
         }
     }
 
-    /// A connection from `peer` arrived: the node it is for, if correlated.
-    pub fn consume(&self, peer: IpAddr) -> Option<String> {
-        let node = self.table().consume(peer, Instant::now());
-        if node.is_some() {
-            self.consumed.notify_waiters();
+    /// Removes an entry whose answer never reached its requester.
+    pub fn cancel(&self, peer: IpAddr, reservation: Reservation) -> bool {
+        let removed = self.table().cancel(peer, reservation);
+        if removed {
+            self.released.notify_waiters();
         }
-        node
+        removed
     }
 
+    /// A raw connection from `peer` arrived on pool port `port`: the entry
+    /// it takes, if any.
+    pub fn consume(&self, peer: IpAddr, port: u16) -> Option<Consumed> {
+        let taken = self.table().consume(peer, port, Instant::now());
+        if taken.is_some() {
+            self.released.notify_waiters();
+        }
+        taken
+    }
+
+    /// Pending node names of `peer` on every port.
     pub fn pending(&self, peer: IpAddr) -> Vec<String> {
         self.table().pending(peer, Instant::now())
     }
@@ -219,17 +376,27 @@ mod tests {
     const P: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
     const Q: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 3));
     const TTL: Duration = Duration::from_secs(3);
+    const PORT: u16 = 43691;
+    const ONE: &[u16] = &[PORT];
+
+    fn correlator(ttl: Duration, max_hold: Duration) -> Arc<Correlator> {
+        Arc::new(Correlator::new(ttl, max_hold, vec![PORT]))
+    }
+
+    fn node_of(c: Option<Consumed>) -> Option<String> {
+        c.map(|c| c.node)
+    }
 
     #[tokio::test(start_paused = true)]
     async fn same_node_lookups_batch_and_are_consumed_in_order() {
         let mut t = CorrelationTable::new(TTL);
         let now = Instant::now();
-        t.try_record(P, "a", now).unwrap();
-        t.try_record(P, "a", now).unwrap();
+        t.try_record(P, "a", ONE, now).unwrap();
+        t.try_record(P, "a", ONE, now).unwrap();
         assert_eq!(t.pending(P, now), vec!["a", "a"]);
-        assert_eq!(t.consume(P, now).as_deref(), Some("a"));
-        assert_eq!(t.consume(P, now).as_deref(), Some("a"));
-        assert_eq!(t.consume(P, now), None);
+        assert_eq!(node_of(t.consume(P, PORT, now)).as_deref(), Some("a"));
+        assert_eq!(node_of(t.consume(P, PORT, now)).as_deref(), Some("a"));
+        assert_eq!(t.consume(P, PORT, now), None);
         assert_eq!(t.peer_count(), 0);
     }
 
@@ -237,66 +404,146 @@ mod tests {
     async fn a_different_node_is_blocked_until_consumption() {
         let mut t = CorrelationTable::new(TTL);
         let now = Instant::now();
-        t.try_record(P, "a", now).unwrap();
-        let b = t.try_record(P, "b", now).unwrap_err();
+        t.try_record(P, "a", ONE, now).unwrap();
+        let b = t.try_record(P, "b", ONE, now).unwrap_err();
         assert_eq!(b.until, now + TTL);
         // Another peer is independent.
-        t.try_record(Q, "b", now).unwrap();
-        assert_eq!(t.consume(P, now).as_deref(), Some("a"));
-        t.try_record(P, "b", now).unwrap();
-        assert_eq!(t.consume(P, now).as_deref(), Some("b"));
-        assert_eq!(t.consume(Q, now).as_deref(), Some("b"));
+        t.try_record(Q, "b", ONE, now).unwrap();
+        let later = now + Duration::from_millis(20);
+        let a = t.consume(P, PORT, later).unwrap();
+        assert_eq!((a.node.as_str(), a.age), ("a", Duration::from_millis(20)));
+        t.try_record(P, "b", ONE, now).unwrap();
+        assert_eq!(node_of(t.consume(P, PORT, now)).as_deref(), Some("b"));
+        assert_eq!(node_of(t.consume(Q, PORT, now)).as_deref(), Some("b"));
     }
 
     #[tokio::test(start_paused = true)]
     async fn entries_expire_after_the_ttl() {
         let mut t = CorrelationTable::new(TTL);
         let now = Instant::now();
-        t.try_record(P, "a", now).unwrap();
+        t.try_record(P, "a", ONE, now).unwrap();
         let later = now + TTL;
-        assert_eq!(t.consume(P, later), None, "expired entry must not route");
-        t.try_record(P, "b", later).unwrap();
+        assert_eq!(
+            t.consume(P, PORT, later),
+            None,
+            "expired entry must not route"
+        );
+        t.try_record(P, "b", ONE, later).unwrap();
         t.purge_all(later + TTL);
         assert_eq!(t.peer_count(), 0);
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_cancelled_entry_unblocks_other_nodes_at_once() {
+        let mut t = CorrelationTable::new(TTL);
+        let now = Instant::now();
+        let a1 = t.try_record(P, "a", ONE, now).unwrap();
+        let a2 = t.try_record(P, "a", ONE, now).unwrap();
+        assert!(t.cancel(P, a1));
+        assert!(!t.cancel(P, a1), "cancelled twice");
+        assert!(t.try_record(P, "b", ONE, now).is_err(), "a2 still pending");
+        assert!(t.cancel(P, a2));
+        t.try_record(P, "b", ONE, now).unwrap();
+        assert_eq!(t.pending(P, now), vec!["b"]);
+        // A consumed entry cannot be cancelled any more.
+        let c = t.try_record(Q, "c", ONE, now).unwrap();
+        t.consume(Q, PORT, now).unwrap();
+        assert!(!t.cancel(Q, c));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_port_pool_answers_different_nodes_on_different_ports() {
+        let ports = [5001, 5002, 5003];
+        let mut t = CorrelationTable::new(TTL);
+        let now = Instant::now();
+        let a = t.try_record(P, "a", &ports, now).unwrap();
+        let b = t.try_record(P, "b", &ports, now).unwrap();
+        let c = t.try_record(P, "c", &ports, now).unwrap();
+        let mut used = vec![a.port, b.port, c.port];
+        used.sort_unstable();
+        assert_eq!(used, ports, "each node got a port of its own");
+        // A second lookup of b joins b's port; a fourth node must wait.
+        assert_eq!(t.try_record(P, "b", &ports, now).unwrap().port, b.port);
+        assert!(t.try_record(P, "d", &ports, now).is_err());
+        // Each port routes to its own node, whatever the arrival order.
+        assert_eq!(node_of(t.consume(P, c.port, now)).as_deref(), Some("c"));
+        assert_eq!(node_of(t.consume(P, a.port, now)).as_deref(), Some("a"));
+        assert_eq!(node_of(t.consume(P, b.port, now)).as_deref(), Some("b"));
+        assert_eq!(node_of(t.consume(P, b.port, now)).as_deref(), Some("b"));
+        // A node's preferred port is stable.
+        assert_eq!(t.try_record(P, "a", &ports, now).unwrap().port, a.port);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn held_lookup_is_released_by_consumption() {
-        let c = Arc::new(Correlator::new(TTL, Duration::from_secs(8)));
-        assert_eq!(
+        let c = correlator(TTL, Duration::from_secs(5));
+        assert!(matches!(
             c.record_lookup(P, "a").await,
-            LookupOutcome::Recorded {
-                held: Duration::ZERO
-            }
-        );
+            LookupOutcome::Recorded { held: None, .. }
+        ));
         let c2 = Arc::clone(&c);
         let held = tokio::spawn(async move { c2.record_lookup(P, "b").await });
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!held.is_finished(), "lookup for b answered while a pending");
         assert_eq!(c.pending(P), vec!["a"]);
-        assert_eq!(c.consume(P).as_deref(), Some("a"));
+        assert_eq!(node_of(c.consume(P, PORT)).as_deref(), Some("a"));
         match held.await.unwrap() {
-            LookupOutcome::Recorded { held } => assert_eq!(held, Duration::from_millis(500)),
+            LookupOutcome::Recorded { held, .. } => {
+                assert_eq!(held, Some(Duration::from_millis(500)))
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(c.pending(P), vec!["b"]);
     }
 
     #[tokio::test(start_paused = true)]
+    async fn held_lookup_is_released_by_cancellation() {
+        let c = correlator(TTL, Duration::from_secs(5));
+        let LookupOutcome::Recorded { reservation, .. } = c.record_lookup(P, "a").await else {
+            panic!("not recorded");
+        };
+        let c2 = Arc::clone(&c);
+        let held = tokio::spawn(async move { c2.record_lookup(P, "b").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!held.is_finished());
+        assert!(c.cancel(P, reservation));
+        assert!(matches!(
+            held.await.unwrap(),
+            LookupOutcome::Recorded { held: Some(d), .. } if d == Duration::from_millis(100)
+        ));
+        assert_eq!(c.pending(P), vec!["b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_held_lookup_records_nothing() {
+        let c = correlator(TTL, Duration::from_secs(5));
+        c.record_lookup(P, "a").await;
+        let c2 = Arc::clone(&c);
+        let abandoned = tokio::spawn(async move { c2.record_lookup(P, "b").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        abandoned.abort();
+        let _ = abandoned.await;
+        c.consume(P, PORT).unwrap();
+        assert!(c.pending(P).is_empty(), "phantom entry: {:?}", c.pending(P));
+        // c is answered at once: nothing blocks it.
+        assert!(matches!(
+            c.record_lookup(P, "c").await,
+            LookupOutcome::Recorded { held: None, .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn held_lookup_is_released_by_expiry() {
-        let c = Arc::new(Correlator::new(TTL, Duration::from_secs(8)));
+        let c = correlator(TTL, Duration::from_secs(5));
         c.record_lookup(P, "a").await;
         let out = c.record_lookup(P, "b").await;
-        assert_eq!(out, LookupOutcome::Recorded { held: TTL });
+        assert!(matches!(out, LookupOutcome::Recorded { held: Some(h), .. } if h == TTL));
         assert_eq!(c.pending(P), vec!["b"]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn held_lookup_gives_up_after_max_hold() {
-        let c = Arc::new(Correlator::new(
-            Duration::from_secs(30),
-            Duration::from_secs(2),
-        ));
+        let c = correlator(Duration::from_secs(30), Duration::from_secs(2));
         c.record_lookup(P, "a").await;
         let out = c.record_lookup(P, "b").await;
         assert_eq!(
@@ -312,7 +559,7 @@ mod tests {
     async fn held_lookups_are_served_in_arrival_order() {
         // a pending; b waits; then a new lookup for a must queue behind b
         // instead of extending a's batch forever.
-        let c = Arc::new(Correlator::new(TTL, Duration::from_secs(8)));
+        let c = correlator(TTL, Duration::from_secs(5));
         c.record_lookup(P, "a").await;
         let cb = Arc::clone(&c);
         let b = tokio::spawn(async move { cb.record_lookup(P, "b").await });
@@ -321,39 +568,49 @@ mod tests {
         let a2 = tokio::spawn(async move { ca.record_lookup(P, "a").await });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!a2.is_finished());
-        assert_eq!(c.consume(P).as_deref(), Some("a"));
+        assert_eq!(node_of(c.consume(P, PORT)).as_deref(), Some("a"));
         b.await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!a2.is_finished(), "a answered while b pending");
-        assert_eq!(c.consume(P).as_deref(), Some("b"));
+        assert_eq!(node_of(c.consume(P, PORT)).as_deref(), Some("b"));
         a2.await.unwrap();
         assert_eq!(c.pending(P), vec!["a"]);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn never_two_nodes_pending_for_one_peer() {
+    async fn never_two_nodes_pending_for_one_peer_and_port() {
         // Many concurrent lookups for alternating nodes: at every step the
-        // peer's pending entries name a single node.
-        let c = Arc::new(Correlator::new(TTL, Duration::from_secs(60)));
+        // peer's pending entries on each port name a single node.
+        let ports = vec![1, 2];
+        let c = Arc::new(Correlator::new(TTL, Duration::from_secs(60), ports.clone()));
         let mut tasks = Vec::new();
-        for i in 0..10 {
+        for i in 0..12 {
             let c = Arc::clone(&c);
-            let node = if i % 2 == 0 { "a" } else { "b" };
+            let node = ["a", "b", "c"][i % 3];
             tasks.push(tokio::spawn(async move { c.record_lookup(P, node).await }));
         }
         let mut routed = Vec::new();
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            let mut p = c.pending(P);
-            p.dedup();
-            assert!(p.len() <= 1, "pending names two nodes: {p:?}");
-            if let Some(n) = c.consume(P) {
-                routed.push(n);
+            for &port in &ports {
+                let mut t = c.table();
+                let key = (P, port);
+                let mut names: Vec<String> = t
+                    .slots
+                    .get(&key)
+                    .map(|q| q.iter().map(|p| p.node.clone()).collect())
+                    .unwrap_or_default();
+                names.dedup();
+                assert!(names.len() <= 1, "port {port} names two nodes: {names:?}");
+                if let Some(n) = t.consume(P, port, Instant::now()) {
+                    routed.push(n.node);
+                }
             }
+            c.released.notify_waiters();
         }
         for t in tasks {
             assert!(matches!(t.await.unwrap(), LookupOutcome::Recorded { .. }));
         }
-        assert_eq!(routed.len(), 10);
+        assert_eq!(routed.len(), 12);
     }
 }

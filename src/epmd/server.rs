@@ -63,6 +63,8 @@ pub struct EpmdCtx {
     pub limit: ConnectionLimit,
     /// `limits.write_timeout_ms`: deadline for writing a reply.
     pub write_timeout: Duration,
+    /// Same-pod mirror listeners (`crate::distribution::mirror`).
+    pub mirrors: Arc<crate::distribution::mirror::Mirrors>,
     /// Stops accepting; KILL_REQ cancels it.
     pub shutdown: CancellationToken,
     /// Ends every EPMD connection (grace period over).
@@ -167,8 +169,9 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
             return;
         }
         Request::PortPlease2 { name } => {
-            let result = port_please(&shared, peer_ip, &name, &mut out).await;
-            count(req_type, result);
+            let local_ip = local.map(|a| canonical(a.ip()));
+            serve_port_please(stream, peer, peer_ip, local_ip, &name, &shared).await;
+            return;
         }
         Request::Names => {
             let epmd_port = local.map_or(DEFAULT_EPMD_PORT, |a| a.port());
@@ -176,7 +179,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
             let remote = advertise_to(&shared, peer_ip);
             for node in shared.registry.list() {
                 let port = if remote {
-                    shared.advertise_port
+                    shared.correlator.ports()[0]
                 } else {
                     node.spec.port
                 };
@@ -266,27 +269,67 @@ fn advertise_to(shared: &EpmdCtx, peer: IpAddr) -> bool {
     !peer.is_loopback() || shared.loopback_lookups == LoopbackLookups::Proxy
 }
 
-/// Answers a PORT_PLEASE2_REQ into `out`; returns the result label.
-async fn port_please(
-    shared: &EpmdCtx,
-    peer: IpAddr,
+/// Answers a PORT_PLEASE2_REQ on `stream` and closes it.
+///
+/// A remote lookup is recorded for correlation, and the entry must not
+/// outlive its requester: while the lookup is held the socket is watched (a
+/// requester that closes records nothing), it is checked again right before
+/// the answer, and the entry is cancelled when the requester is gone by then
+/// or the answer cannot be written.
+async fn serve_port_please(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    peer_ip: IpAddr,
+    local_ip: Option<IpAddr>,
     name: &str,
-    out: &mut BytesMut,
-) -> &'static str {
+    shared: &Arc<EpmdCtx>,
+) {
+    const REQ: &str = "port_please2";
+    let mut out = BytesMut::new();
     let Some(node) = shared.registry.get(name) else {
-        proto::encode_port2_err(out, 1);
-        return "not_found";
+        proto::encode_port2_err(&mut out, 1);
+        count(REQ, "not_found");
+        answer(stream, peer, &out).await;
+        return;
     };
-    if !advertise_to(shared, peer) {
-        proto::encode_port2_ok(out, &node.spec, node.spec.port);
-        return "direct";
+    if !advertise_to(shared, peer_ip) {
+        proto::encode_port2_ok(&mut out, &node.spec, node.spec.port);
+        count(REQ, "direct");
+        answer(stream, peer, &out).await;
+        return;
     }
-    match shared.correlator.record_lookup(peer, name).await {
-        LookupOutcome::Recorded { held } => {
-            if !held.is_zero() {
+    // A node of this pod asking through the pod address: no routing needed.
+    if Some(peer_ip) == local_ip {
+        if let Some(port) = shared.mirrors.same_pod_port(&node, peer_ip) {
+            proto::encode_port2_ok(&mut out, &node.spec, port);
+            count(REQ, "same_pod");
+            answer(stream, peer, &out).await;
+            return;
+        }
+    }
+    let outcome = tokio::select! {
+        o = shared.correlator.record_lookup(peer_ip, name) => o,
+        () = requester_closed(&stream) => {
+            // Dropping record_lookup's future recorded nothing.
+            metrics::counter!(m::LOOKUPS_DROPPED, "reason" => "requester_closed").increment(1);
+            debug!(%peer, node = name, "requester closed while its lookup was held; dropped");
+            count(REQ, "requester_closed");
+            return;
+        }
+    };
+    match outcome {
+        LookupOutcome::Recorded { reservation, held } => {
+            if let Some(held) = held {
                 metrics::counter!(m::LOOKUPS_HELD).increment(1);
                 metrics::histogram!(m::LOOKUP_HOLD_SECONDS).record(held.as_secs_f64());
                 debug!(%peer, node = name, held_ms = held.as_millis() as u64, "lookup held by serialisation");
+            }
+            if requester_gone_now(&stream) {
+                shared.correlator.cancel(peer_ip, reservation);
+                metrics::counter!(m::LOOKUPS_DROPPED, "reason" => "requester_closed").increment(1);
+                debug!(%peer, node = name, "requester closed as its lookup was answered; entry cancelled");
+                count(REQ, "requester_closed");
+                return;
             }
             // The node may have re-registered while we waited.
             let spec = shared
@@ -294,17 +337,70 @@ async fn port_please(
                 .get(name)
                 .map(|n| n.spec)
                 .unwrap_or(node.spec);
-            proto::encode_port2_ok(out, &spec, shared.advertise_port);
-            "proxied"
+            proto::encode_port2_ok(&mut out, &spec, reservation.port);
+            if let Err(e) = write_reply(&mut stream, &out, shared.idle_timeout).await {
+                shared.correlator.cancel(peer_ip, reservation);
+                metrics::counter!(m::LOOKUPS_DROPPED, "reason" => "write_failed").increment(1);
+                debug!(%peer, node = name, error = %e, "failed to answer a lookup; entry cancelled");
+                count(REQ, "write_failed");
+                return;
+            }
+            count(REQ, "proxied");
+            let _ = stream.shutdown().await;
         }
         LookupOutcome::GaveUp { held } => {
             metrics::counter!(m::LOOKUPS_HELD).increment(1);
             metrics::histogram!(m::LOOKUP_HOLD_SECONDS).record(held.as_secs_f64());
             warn!(%peer, node = name, held_ms = held.as_millis() as u64,
                 "lookup held too long behind lookups for another node; answering not found");
-            proto::encode_port2_err(out, 1);
-            "held_too_long"
+            proto::encode_port2_err(&mut out, 1);
+            count(REQ, "held_too_long");
+            answer(stream, peer, &out).await;
         }
+    }
+}
+
+/// Writes `out` within `deadline`.
+async fn write_reply(
+    stream: &mut TcpStream,
+    out: &[u8],
+    deadline: Duration,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(deadline, stream.write_all(out)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "timed out writing the epmd reply",
+        )),
+    }
+}
+
+/// Writes a reply and closes (the OTP client reads until the socket closes).
+async fn answer(mut stream: TcpStream, peer: SocketAddr, out: &[u8]) {
+    if let Err(e) = stream.write_all(out).await {
+        debug!(%peer, error = %e, "failed to write epmd reply");
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// Resolves when the client closes its side (EOF or an error). A client that
+/// sends more bytes is not closing: then this never resolves.
+async fn requester_closed(stream: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match stream.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Whether the client has closed, asked of the kernel right now (no wait).
+fn requester_gone_now(stream: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    // The socket is non-blocking (tokio), so this never waits.
+    match socket2::SockRef::from(stream).peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
     }
 }
 

@@ -19,7 +19,7 @@
 //! replayed `send_name`, `tunnel.preamble_timeout_ms`); then opaque relaying.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -41,6 +41,7 @@ use crate::config::TunnelConfig;
 use crate::distribution::forward::{self, ConnectionGuard, Direction, Forwarder};
 use crate::distribution::relay::RelayStats;
 use crate::epmd::proto;
+use crate::epmd::registry::Registry;
 use crate::epmd::server::{EgressPorts, EgressRefused};
 use crate::metrics::{self as m, reason, record_closed as closed, record_phase as phase};
 use crate::net::{accept_loop, connect_any, ConnectError, ConnectionLimit, Stop, TotalOnly};
@@ -58,6 +59,8 @@ pub enum EgressError {
     TooMany(usize),
     #[error("failed to bind an egress listener on 127.0.0.1: {0}")]
     Bind(std::io::Error),
+    #[error("{0} is a node of this pod, but it is not registered here")]
+    LocalNotRegistered(String),
     #[error("no sidecar answers at {host} port {port}: {why}")]
     NoRemoteSidecar {
         host: String,
@@ -72,7 +75,9 @@ impl EgressError {
         match self {
             EgressError::Disabled => proto::EGRESS_REFUSED,
             EgressError::BadName(_) => proto::EGRESS_BAD_NAME,
-            EgressError::TooMany(_) | EgressError::Bind(_) => proto::EGRESS_UNAVAILABLE,
+            EgressError::TooMany(_) | EgressError::Bind(_) | EgressError::LocalNotRegistered(_) => {
+                proto::EGRESS_UNAVAILABLE
+            }
             EgressError::NoRemoteSidecar { .. } => proto::EGRESS_NO_REMOTE_SIDECAR,
         }
     }
@@ -84,6 +89,7 @@ impl EgressError {
             EgressError::BadName(_) => "bad_name",
             EgressError::TooMany(_) => "limit_reached",
             EgressError::Bind(_) => "bind_failed",
+            EgressError::LocalNotRegistered(_) => "local_not_registered",
             EgressError::NoRemoteSidecar { .. } => "no_remote_sidecar",
         }
     }
@@ -173,10 +179,24 @@ pub struct EgressManager {
     resolver: Resolver,
     /// Hosts found without a sidecar, and until when that is believed.
     no_sidecar: Mutex<HashMap<String, (Instant, String)>>,
+    /// Hosts where a sidecar answered, and until when that is believed.
+    sidecar_seen: Mutex<HashMap<String, Instant>>,
+    /// One probe per host at a time; concurrent requests wait for it.
+    probing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Whether a host is this pod (resolves to a local, non-loopback
+    /// address), and until when that is believed.
+    local_hosts: Mutex<HashMap<String, (bool, Instant)>>,
+    /// This pod's nodes: a node of this pod is answered with its own port.
+    registry: Arc<Registry>,
 }
 
 /// How long a failed remote-sidecar probe is remembered.
 const NO_SIDECAR_TTL: Duration = Duration::from_secs(5);
+/// How long a successful probe is remembered: one probe per remote host in
+/// this period, not one per remote node.
+const SIDECAR_SEEN_TTL: Duration = Duration::from_secs(30);
+/// How long "this host is (not) this pod" is remembered.
+const LOCAL_HOST_TTL: Duration = Duration::from_secs(30);
 /// Upper bound for one probe (resolve and connect).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -190,6 +210,9 @@ pub struct EgressSettings {
     pub limit: ConnectionLimit,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// The registry: egress requests for this pod's own nodes are answered
+    /// with their loopback port.
+    pub registry: Arc<Registry>,
 }
 
 impl EgressManager {
@@ -208,6 +231,10 @@ impl EgressManager {
             listeners: Mutex::new(HashMap::new()),
             resolver: Resolver::from_system_conf(),
             no_sidecar: Mutex::new(HashMap::new()),
+            sidecar_seen: Mutex::new(HashMap::new()),
+            probing: Mutex::new(HashMap::new()),
+            local_hosts: Mutex::new(HashMap::new()),
+            registry: settings.registry,
         })
     }
 
@@ -229,12 +256,70 @@ impl EgressManager {
         metrics::gauge!(m::EGRESS_LISTENERS).set(n as f64);
     }
 
-    /// Answers an egress request: checks the remote (with
-    /// `tunnel.probe_remote`), then hands out its listener's port.
+    /// Answers an egress request. A node of this very pod (its host
+    /// resolves to an address of this pod) gets its own loopback port: no
+    /// egress listener, no sidecar hop. Otherwise the remote is checked
+    /// (with `tunnel.probe_remote`) and its listener's port handed out.
     pub async fn request(&self, remote: &str) -> Result<u16, EgressError> {
+        if !self.settings.egress {
+            return Err(EgressError::Disabled);
+        }
+        if let Some(node) = RemoteNode::parse(remote) {
+            let this_pod = match self.is_this_pod(&node.host).await {
+                Ok(local) => local,
+                // The probe would resolve the same host again and fail the
+                // same way: answer now, within the module's reply timeout.
+                Err(why) if self.settings.probe_remote => {
+                    let why = format!("cannot resolve: {why}");
+                    lock(&self.no_sidecar).insert(
+                        node.host.clone(),
+                        (Instant::now() + NO_SIDECAR_TTL, why.clone()),
+                    );
+                    return Err(EgressError::NoRemoteSidecar {
+                        host: node.host,
+                        port: self.settings.remote_port,
+                        why,
+                    });
+                }
+                Err(_) => false,
+            };
+            if this_pod {
+                return match self.registry.get(short_name(&node.full)) {
+                    Some(local) if local.addr.is_loopback() => Ok(local.spec.port),
+                    _ => Err(EgressError::LocalNotRegistered(node.full)),
+                };
+            }
+        }
         self.check_remote(remote).await?;
         self.egress_port(remote)
     }
+
+    /// Whether `host` names this pod: it resolves to an address bound here
+    /// that is not loopback (sidecars sharing one host's loopback in tests
+    /// stay apart). Remembered per host for [`LOCAL_HOST_TTL`].
+    async fn is_this_pod(&self, host: &str) -> Result<bool, String> {
+        if let Some(&(local, until)) = lock(&self.local_hosts).get(host) {
+            if until > Instant::now() {
+                return Ok(local);
+            }
+        }
+        let deadline = self.settings.resolve_timeout().min(PROBE_TIMEOUT);
+        let local = match self.resolver.resolve(host, deadline).await {
+            Ok(addrs) => addrs.iter().any(|&ip| is_local_address(ip)),
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut hosts = lock(&self.local_hosts);
+        hosts.retain(|_, (_, until)| *until > Instant::now());
+        hosts.insert(host.to_owned(), (local, Instant::now() + LOCAL_HOST_TTL));
+        Ok(local)
+    }
+}
+
+/// A non-loopback, specified address that a socket can be bound to here.
+fn is_local_address(ip: IpAddr) -> bool {
+    !ip.is_loopback()
+        && !ip.is_unspecified()
+        && std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 impl EgressPorts for EgressManager {
@@ -263,9 +348,23 @@ impl EgressManager {
             port,
             why,
         };
+        // One probe per host at a time; whoever waited reads its result.
+        let gate = {
+            let mut probing = lock(&self.probing);
+            if probing.len() > 64 {
+                probing.retain(|_, g| Arc::strong_count(g) > 1);
+            }
+            Arc::clone(probing.entry(node.host.clone()).or_default())
+        };
+        let _turn = gate.lock().await;
         if let Some((until, why)) = lock(&self.no_sidecar).get(&node.host) {
             if *until > Instant::now() {
                 return Err(refused(why.clone()));
+            }
+        }
+        if let Some(until) = lock(&self.sidecar_seen).get(&node.host) {
+            if *until > Instant::now() {
+                return Ok(());
             }
         }
         // The whole probe stays within PROBE_TIMEOUT: the Erlang module waits
@@ -292,6 +391,10 @@ impl EgressManager {
         match outcome {
             Ok(()) => {
                 cache.remove(&node.host);
+                drop(cache);
+                let mut seen = lock(&self.sidecar_seen);
+                seen.retain(|_, until| *until > Instant::now());
+                seen.insert(node.host.clone(), Instant::now() + SIDECAR_SEEN_TTL);
                 Ok(())
             }
             Err(why) => {
@@ -627,6 +730,14 @@ mod tests {
         for bad in ["b1", "@h", "b1@", "", "b\0@h"] {
             assert!(RemoteNode::parse(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn only_bound_non_loopback_addresses_are_this_pod() {
+        assert!(!is_local_address("127.0.0.1".parse().unwrap()));
+        assert!(!is_local_address("0.0.0.0".parse().unwrap()));
+        // TEST-NET-2: never an address of this machine.
+        assert!(!is_local_address("198.51.100.7".parse().unwrap()));
     }
 
     #[test]

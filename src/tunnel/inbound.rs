@@ -207,6 +207,7 @@ impl Inbound {
             initiator: initiator.clone(),
             node,
             method: RouteMethod::Preamble,
+            entry: None,
             prefix: buf,
             started,
             permit,

@@ -1,0 +1,183 @@
+//! Mesh formation at scale, against stock EPMD, in one run.
+//!
+//! P pods × N nodes (network-namespace pods, as in the e2e suite), all
+//! started at once; then every node pings every other at the same instant
+//! (`-connect_all false`, so only those pings connect) and the pairs that
+//! answered `pang` retry once, immediately. Layouts, one lab each, one after
+//! the other:
+//!
+//! - reference: stock `epmd` per pod, each node on its own port reachable
+//!   from everywhere (possible only because the lab opens every port);
+//! - distproxy, stock peers: lookup correlation (one advertised port, or a
+//!   pool of K with `--pool K`), same-pod pairs through mirror listeners;
+//! - distproxy, module peers: the `distproxy_epmd` tunnel.
+//!
+//! Prints, per layout: time to the full mesh (first round + retry), `pang`
+//! in the first round and after the retry, misroutes, and the ratio of the
+//! time to the reference's.
+//!
+//! Run as root, by hand (needs erlang-nox and iproute2):
+//!
+//! ```text
+//! cargo bench --bench mesh -- 3 8
+//! cargo bench --bench mesh -- 4 12 --pool 4
+//! cargo bench --bench mesh -- 4 12 --ttl 1000 --only stock
+//! ```
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use support::mesh::{secs, start_mesh, MeshLayout, MeshMode, MeshReport};
+
+struct Variant {
+    label: String,
+    mode: MeshMode,
+    config: Option<String>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: cargo bench --bench mesh -- PODS NODES [--pool K]... [--ttl MS]... \
+         [--only reference|stock|module]..."
+    );
+    std::process::exit(64);
+}
+
+fn pool_config(k: u16, ttl: Option<u64>) -> String {
+    let ports: Vec<String> = (0..k)
+        .map(|i| format!("\"0.0.0.0:{}\"", 43691 + i))
+        .collect();
+    let mut toml = format!("[dist]\nlisten = [{}]\n", ports.join(", "));
+    if let Some(ttl) = ttl {
+        toml.push_str(&format!("[routing]\nlookup_ttl_ms = {ttl}\n"));
+    }
+    toml
+}
+
+fn main() {
+    let mut positional = Vec::new();
+    let mut pools = Vec::new();
+    let mut ttls = Vec::new();
+    let mut only = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--bench" => {}
+            "--pool" => pools.push(
+                args.next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage()),
+            ),
+            "--ttl" => ttls.push(
+                args.next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage()),
+            ),
+            "--only" => only.push(args.next().unwrap_or_else(|| usage())),
+            other if other.starts_with('-') => usage(),
+            other => positional.push(other.parse::<usize>().unwrap_or_else(|_| usage())),
+        }
+    }
+    let (pods, nodes) = match positional[..] {
+        [p, n] => (p, n),
+        [] => (3, 8),
+        _ => usage(),
+    };
+    if !support::e2e_enabled("benches/mesh", &["ss"]) {
+        return;
+    }
+    let wanted = |what: &str| only.is_empty() || only.iter().any(|o| o == what);
+
+    let mut variants = Vec::new();
+    if wanted("reference") {
+        variants.push(Variant {
+            label: MeshMode::Reference.label().into(),
+            mode: MeshMode::Reference,
+            config: None,
+        });
+    }
+    if wanted("stock") {
+        variants.push(Variant {
+            label: MeshMode::StockPeers.label().into(),
+            mode: MeshMode::StockPeers,
+            config: None,
+        });
+        for &k in &pools {
+            variants.push(Variant {
+                label: format!("{}, pool of {k} ports", MeshMode::StockPeers.label()),
+                mode: MeshMode::StockPeers,
+                config: Some(pool_config(k, None)),
+            });
+        }
+        for &ttl in &ttls {
+            variants.push(Variant {
+                label: format!("{}, lookup_ttl_ms {ttl}", MeshMode::StockPeers.label()),
+                mode: MeshMode::StockPeers,
+                config: Some(pool_config(1, Some(ttl))),
+            });
+        }
+    }
+    if wanted("module") {
+        variants.push(Variant {
+            label: MeshMode::ModulePeers.label().into(),
+            mode: MeshMode::ModulePeers,
+            config: None,
+        });
+    }
+
+    let pairs = pods * nodes * (pods * nodes - 1);
+    println!(
+        "mesh formation: {pods} pods x {nodes} nodes, {pairs} pings, all at once (-connect_all false)"
+    );
+    let mut rows: Vec<(String, MeshReport, Duration, f64)> = Vec::new();
+    for v in variants {
+        eprintln!("mesh: {} ...", v.label);
+        let layout = MeshLayout {
+            pods,
+            nodes,
+            mode: v.mode,
+            sidecar_config: v.config,
+        };
+        let mut mesh = start_mesh(&layout);
+        let report = mesh.form();
+        let lookups_held = mesh.metric_total("distproxy_lookups_held_total", &[]);
+        let total = report.first.elapsed + report.retry.elapsed;
+        eprintln!(
+            "mesh: {}: {}s, {} pang, {} after retry, lookups held {}",
+            v.label,
+            secs(total),
+            report.first.failed.len(),
+            report.retry.failed.len(),
+            lookups_held as u64
+        );
+        rows.push((v.label, report, total, lookups_held));
+        drop(mesh);
+    }
+
+    let reference = rows
+        .iter()
+        .find(|(_, r, _, _)| r.mode == MeshMode::Reference)
+        .map(|(_, _, t, _)| *t);
+    println!();
+    println!("| layout | mode | full mesh (s) | first round (s) | pang first round | pang after retry | misroutes | lookups held | vs reference |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (label, r, total, held) in &rows {
+        let ratio = match reference {
+            Some(reference) if reference > Duration::ZERO => {
+                format!("{:.2}x", total.as_secs_f64() / reference.as_secs_f64())
+            }
+            _ => "-".into(),
+        };
+        println!(
+            "| {pods}x{nodes} | {label} | {} | {} | {} | {} | {} | {} | {ratio} |",
+            secs(*total),
+            secs(r.first.elapsed),
+            r.first.failed.len(),
+            r.retry.failed.len(),
+            r.misroutes as u64,
+            *held as u64
+        );
+    }
+}
