@@ -1,5 +1,5 @@
 //! The admin endpoint: `/metrics` (Prometheus text format), `/healthz`,
-//! `/readyz`, `/nodes` (JSON).
+//! `/readyz`, `/nodes` (JSON), `/members` (JSON, [`crate::discovery`]).
 //!
 //! A deliberately small HTTP/1.1 server: GET/HEAD only, one request per
 //! connection, a bounded request head and a deadline for it. Probes and
@@ -143,7 +143,17 @@ pub fn route(path: &str, shared: &Shared) -> Response {
             content_type: "application/json",
             body: nodes_json(shared),
         },
-        _ => Response::text(404, "not found; try /metrics /healthz /readyz /nodes\n"),
+        "/members" => Response {
+            status: 200,
+            content_type: "application/json",
+            body: serde_json::to_string_pretty(&shared.discovery.to_json())
+                .unwrap_or_else(|_| "{}".into())
+                + "\n",
+        },
+        _ => Response::text(
+            404,
+            "not found; try /metrics /healthz /readyz /nodes /members\n",
+        ),
     }
 }
 

@@ -15,11 +15,15 @@
 //!   preamble — [`tunnel::preamble`] (no I/O), [`tunnel::egress`] (loopback
 //!   egress listeners for local nodes), [`tunnel::resolve`] (hickory),
 //!   [`tunnel::tls`] (mutual TLS).
+//! - [`discovery`]: every node of every pod behind a headless Service —
+//!   [`discovery::wire`] (pod-info and members replies, no I/O),
+//!   [`discovery::naming`] (host parts), [`discovery::query`] (asking one pod).
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod discovery;
 pub mod dist;
 pub mod epmd;
 pub mod metrics;

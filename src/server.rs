@@ -40,6 +40,8 @@ pub struct Shared {
     pub egress: crate::tunnel::egress::EgressManager,
     /// Mutual TLS between sidecars; `None` when `[tls]` is not configured.
     pub tls: Option<Arc<crate::tunnel::tls::Tls>>,
+    /// Discovery of every node in every pod (`[discovery]`).
+    pub discovery: Arc<crate::discovery::Discovery>,
 }
 
 /// Relayed connections per local node, for `/nodes`.
@@ -92,13 +94,15 @@ pub enum BindError {
     },
     #[error("cannot load TLS files: {0}")]
     Tls(#[from] crate::tunnel::tls::TlsLoadError),
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::SettingsError),
 }
 
 impl BindError {
     pub fn is_addr_in_use(&self) -> bool {
         match self {
             BindError::Bind { source, .. } => source.kind() == std::io::ErrorKind::AddrInUse,
-            BindError::Tls(_) => false,
+            BindError::Tls(_) | BindError::Discovery(_) => false,
         }
     }
 }
@@ -110,6 +114,8 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
     /// The TLS files of `[tls]`, loaded (and checked) before binding.
     pub tls: Option<Arc<crate::tunnel::tls::Tls>>,
+    /// `[discovery]` with its environment variables expanded.
+    pub discovery: crate::discovery::Settings,
 }
 
 impl Listeners {
@@ -149,6 +155,7 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
         Some(settings) => Some(crate::tunnel::tls::Tls::load(settings)?),
         None => None,
     };
+    let discovery = crate::discovery::Settings::from_env(&config.discovery)?;
     let bind_all = |what: &'static str, addrs: &[SocketAddr]| {
         addrs
             .iter()
@@ -163,6 +170,7 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
             None => None,
         },
         tls,
+        discovery,
     })
 }
 
@@ -195,8 +203,11 @@ impl Sidecar {
             .advertise_port
             .or_else(|| dist_addrs.first().map(|a| a.port()))
             .unwrap_or(43691);
+        let registry = Arc::new(Registry::new());
+        let discovery = crate::discovery::Discovery::new(listeners.discovery, Arc::clone(&registry));
         let shared = Arc::new(Shared {
-            registry: Arc::new(Registry::new()),
+            discovery: Arc::clone(&discovery),
+            registry,
             correlator: Correlator::new(config.routing.lookup_ttl(), config.routing.max_hold()),
             advertise_port,
             shutdown: CancellationToken::new(),
@@ -214,6 +225,9 @@ impl Sidecar {
                 .tracker
                 .spawn(tls.reloader().run(shared.shutdown.clone()));
         }
+        shared
+            .tracker
+            .spawn(discovery.run(shared.shutdown.clone()));
         if let Some(path) = shared.config.epmd.state_file.clone() {
             shared
                 .tracker

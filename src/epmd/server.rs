@@ -64,6 +64,8 @@ fn request_type(req: &Request) -> &'static str {
         Request::Kill => "kill",
         Request::Stop { .. } => "stop",
         Request::Egress { .. } => "egress",
+        Request::PodInfo => "pod_info",
+        Request::Members { .. } => "members",
     }
 }
 
@@ -103,6 +105,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
             | Request::Kill
             | Request::Stop { .. }
             | Request::Egress { .. }
+            | Request::Members { .. }
     ) && !local_peer
     {
         warn!(%peer, request = req_type, "epmd request only allowed from local peers; closing");
@@ -178,6 +181,22 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
                     count(req_type, e.label());
                 }
             }
+        }
+        // Discovery (src/discovery/): pod info is for other pods' sidecars,
+        // members for local nodes.
+        Request::PodInfo => {
+            let result = shared.discovery.encode_pod_info_reply(&mut out);
+            count(req_type, result);
+        }
+        Request::Members {
+            known_version,
+            wait_ms,
+        } => {
+            let result = shared
+                .discovery
+                .encode_members_reply(known_version, wait_ms, &shared.shutdown, &mut out)
+                .await;
+            count(req_type, result);
         }
         Request::Stop { name } => {
             if !shared.config.epmd.relaxed_command_check {
