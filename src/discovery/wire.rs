@@ -28,7 +28,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::epmd::proto::{validate_name, ProtoError, MAX_NAME_BYTES};
+use crate::epmd::proto::{validate_name, ProtoError, MAX_NAME_BYTES, MAX_NAME_CHARS};
 
 /// Reply tag of the pod-info request.
 pub const POD_INFO_RESP: u8 = b'i';
@@ -123,9 +123,14 @@ fn put_entries(dst: &mut BytesMut, entries: &[Entry]) {
     }
 }
 
-/// A u16 length and the string, cut (at a character boundary) to `max` bytes.
+/// A u16 length and the string, cut (at a character boundary) to `max`
+/// bytes and [`MAX_NAME_CHARS`] characters, so the decoder accepts it.
 fn put_str16(dst: &mut BytesMut, s: &str, max: usize) {
-    let mut end = s.len().min(max);
+    let chars_end = s
+        .char_indices()
+        .nth(MAX_NAME_CHARS)
+        .map_or(s.len(), |(i, _)| i);
+    let mut end = chars_end.min(max);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
@@ -342,7 +347,7 @@ mod tests {
         let Ok(PodInfo::Known { host: got, nodes }) = decode_pod_info(&dst) else {
             panic!("not decoded");
         };
-        assert_eq!(got.len(), MAX_HOST_BYTES);
+        assert_eq!(got.chars().count(), MAX_NAME_CHARS);
         assert_eq!(nodes.len(), MAX_ENTRIES);
     }
 
