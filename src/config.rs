@@ -731,7 +731,7 @@ impl DiscoveryConfig {
                 || service
                     .split('.')
                     .any(|l| l.is_empty() || l.len() > 63 || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')))
-            && crate::tunnel::resolve::ip_literal(&self.service).is_none()
+            && self.service.parse::<std::net::IpAddr>().is_err()
         {
             return invalid(
                 "discovery.service",

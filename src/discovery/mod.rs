@@ -24,8 +24,10 @@
 //! in DNS that does not answer keeps its previous nodes until it leaves DNS.
 //! Each failure counts in `distproxy_discovery_refresh_errors_total`.
 //!
-//! This module knows the EPMD registry and wire format; it knows nothing of
-//! the distribution port, the tunnel or the admin endpoint.
+//! Layers: [`wire`] and [`naming`] are pure (core); the rest is a service
+//! that knows the EPMD registry and wire format, answers the EPMD server
+//! through [`DiscoveryAnswers`], and knows nothing of the distribution port,
+//! the tunnel or the admin endpoint.
 
 pub mod naming;
 pub mod query;
@@ -36,6 +38,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::BytesMut;
+use futures_util::future::{BoxFuture, FutureExt};
 use hickory_resolver::config::{ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::TokioResolver;
@@ -46,6 +50,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::DiscoveryConfig;
 use crate::epmd::registry::Registry;
+use crate::epmd::server::DiscoveryAnswers;
 use crate::metrics as m;
 use naming::{HostTemplate, NamingError};
 use query::{PodAnswer, Source};
@@ -207,7 +212,7 @@ impl Discovery {
     }
 
     /// Encodes the reply to a pod-info request (`'I'`) into `out`.
-    pub fn encode_pod_info_reply(&self, out: &mut bytes::BytesMut) -> &'static str {
+    pub fn encode_pod_info_reply(&self, out: &mut BytesMut) -> &'static str {
         match self.pod_info() {
             Some((host, nodes)) => {
                 wire::encode_pod_info(out, &host, &nodes);
@@ -228,7 +233,7 @@ impl Discovery {
         known_version: u32,
         wait_ms: u32,
         shutdown: &CancellationToken,
-        out: &mut bytes::BytesMut,
+        out: &mut BytesMut,
     ) -> &'static str {
         if !self.enabled() {
             wire::encode_members_err(out, wire::MEMBERS_DISABLED);
@@ -447,6 +452,23 @@ impl Discovery {
     }
 }
 
+impl DiscoveryAnswers for Discovery {
+    fn pod_info(&self, out: &mut BytesMut) -> &'static str {
+        self.encode_pod_info_reply(out)
+    }
+
+    fn members<'a>(
+        &'a self,
+        known_version: u32,
+        wait_ms: u32,
+        shutdown: &'a CancellationToken,
+        out: &'a mut BytesMut,
+    ) -> BoxFuture<'a, &'static str> {
+        self.encode_members_reply(known_version, wait_ms, shutdown, out)
+            .boxed()
+    }
+}
+
 /// This pod's registered nodes, sorted by name.
 fn local_entries(registry: &Registry) -> Vec<Entry> {
     let mut nodes: Vec<Entry> = registry
@@ -500,7 +522,7 @@ async fn resolve(
     service: &str,
     timeout: Duration,
 ) -> Result<Vec<IpAddr>, String> {
-    if let Some(ip) = crate::tunnel::resolve::ip_literal(service) {
+    if let Ok(ip) = service.parse::<IpAddr>() {
         return Ok(vec![ip]);
     }
     match tokio::time::timeout(timeout, resolver.lookup_ip(service)).await {
