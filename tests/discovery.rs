@@ -3,7 +3,7 @@
 //! (distproxy, stock EPMD, dead, silent) without DNS (the e2e test in
 //! `e2e_discovery.rs` covers the name server).
 
-mod support_inproc;
+
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use distproxy::discovery::wire::{Entry, MembersReply};
 use distproxy::discovery::{Discovery, Settings};
 use distproxy::epmd::registry::Registry;
 use distproxy::epmd::server::DiscoveryAnswers;
-use support_inproc::*;
+use distproxy_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
