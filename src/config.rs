@@ -728,9 +728,13 @@ impl DiscoveryConfig {
         if !self.service.is_empty()
             && (service.is_empty()
                 || service.len() > 253
-                || service
-                    .split('.')
-                    .any(|l| l.is_empty() || l.len() > 63 || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')))
+                || service.split('.').any(|l| {
+                    l.is_empty()
+                        || l.len() > 63
+                        || !l
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                }))
             && self.service.parse::<std::net::IpAddr>().is_err()
         {
             return invalid(
@@ -773,10 +777,16 @@ impl DiscoveryConfig {
             }
         }
         if self.epmd_port == 0 {
-            return invalid("discovery.epmd_port", "must be a port number from 1 to 65535".into());
+            return invalid(
+                "discovery.epmd_port",
+                "must be a port number from 1 to 65535".into(),
+            );
         }
         if self.max_concurrent_queries == 0 || self.max_concurrent_queries > 1024 {
-            return invalid("discovery.max_concurrent_queries", "must be from 1 to 1024".into());
+            return invalid(
+                "discovery.max_concurrent_queries",
+                "must be from 1 to 1024".into(),
+            );
         }
         Ok(())
     }
@@ -807,17 +817,29 @@ mod discovery_tests {
     fn discovery_bad_values_name_the_key() {
         for (toml, key) in [
             ("service = \"svc\"\n", "discovery.host"),
-            ("service = \"bad name\"\nhost = \"h\"\n", "discovery.service"),
+            (
+                "service = \"bad name\"\nhost = \"h\"\n",
+                "discovery.service",
+            ),
             ("service = \"a..b\"\nhost = \"h\"\n", "discovery.service"),
             ("host = \"${POD_IP\"\n", "discovery.host"),
             ("host = \"a@b\"\n", "discovery.host"),
             ("host_template = \"static\"\n", "discovery.host_template"),
             ("host_template = \"{pod}\"\n", "discovery.host_template"),
-            ("refresh_interval_ms = 10\n", "discovery.refresh_interval_ms"),
+            (
+                "refresh_interval_ms = 10\n",
+                "discovery.refresh_interval_ms",
+            ),
             ("query_timeout_ms = 0\n", "discovery.query_timeout_ms"),
-            ("resolve_timeout_ms = 3600001\n", "discovery.resolve_timeout_ms"),
+            (
+                "resolve_timeout_ms = 3600001\n",
+                "discovery.resolve_timeout_ms",
+            ),
             ("epmd_port = 0\n", "discovery.epmd_port"),
-            ("max_concurrent_queries = 0\n", "discovery.max_concurrent_queries"),
+            (
+                "max_concurrent_queries = 0\n",
+                "discovery.max_concurrent_queries",
+            ),
             ("servce = \"x\"\n", "servce"),
         ] {
             let err = Config::from_toml(&format!("[discovery]\n{toml}"), "t").unwrap_err();

@@ -306,7 +306,11 @@ fn names(host: &str, port: u16) -> ExitCode {
 /// `distproxy members`: the members request, printed one name a line.
 fn members(host: &str, port: u16, all: bool) -> ExitCode {
     use distproxy::discovery::wire::MembersReply;
-    let Some(addr) = (host, port).to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+    let Some(addr) = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
         eprintln!("distproxy: cannot resolve host {host}");
         return ExitCode::from(EX_USAGE);
     };

@@ -3,8 +3,6 @@
 //! (distproxy, stock EPMD, dead, silent) without DNS (the e2e test in
 //! `e2e_discovery.rs` covers the name server).
 
-
-
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -212,7 +210,9 @@ async fn a_members_request_waits_for_a_change_and_ends_at_shutdown() {
         let (discovery, shutdown) = (Arc::clone(&discovery), shutdown.clone());
         tokio::spawn(async move {
             let mut out = BytesMut::new();
-            discovery.members(version, 60_000, &shutdown, &mut out).await;
+            discovery
+                .members(version, 60_000, &shutdown, &mut out)
+                .await;
             out
         })
     };

@@ -217,7 +217,10 @@ fn nodes_of_every_pod_find_each_other_and_follow_scaling() {
     let me = nodes[0].name().to_string();
     let from_module = nodes[0].rpc(&me, "distproxy_epmd", "members", "[]");
     for name in &nine {
-        assert!(from_module.contains(name.as_str()), "members() of {me}: {from_module}");
+        assert!(
+            from_module.contains(name.as_str()),
+            "members() of {me}: {from_module}"
+        );
     }
     let cli = abc[1].run_ok(&support::distproxy_bin(), &["members"]);
     assert_eq!(
@@ -275,9 +278,11 @@ fn nodes_of_every_pod_find_each_other_and_follow_scaling() {
     sidecar_d.stop();
     dns.set_records(&abc);
     for pod in abc {
-        wait_until(FORM_TIMEOUT, "pod d gone from every sidecar's members", || {
-            member_names(&members_json(pod)) == nine
-        });
+        wait_until(
+            FORM_TIMEOUT,
+            "pod d gone from every sidecar's members",
+            || member_names(&members_json(pod)) == nine,
+        );
     }
     wait_full_mesh(&mut all, "after pod d went away");
     // Forgotten: once pod d has left the members, nobody asks for a tunnel

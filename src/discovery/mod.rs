@@ -94,9 +94,14 @@ impl Settings {
         let host = if config.host.is_empty() {
             None
         } else {
-            let host = naming::expand_env(&config.host, env)
-                .map_err(|source| SettingsError { key: "host", source })?;
-            naming::check_host(&host).map_err(|source| SettingsError { key: "host", source })?;
+            let host = naming::expand_env(&config.host, env).map_err(|source| SettingsError {
+                key: "host",
+                source,
+            })?;
+            naming::check_host(&host).map_err(|source| SettingsError {
+                key: "host",
+                source,
+            })?;
             Some(host)
         };
         let host_template = if config.host_template.is_empty() {
@@ -241,7 +246,8 @@ impl Discovery {
         }
         let wait = Duration::from_millis(wait_ms.into()).min(MAX_MEMBERS_WAIT);
         let snapshot = self.wait_for_change(known_version, wait, shutdown).await;
-        let refresh_ms = u32::try_from(self.settings.refresh_interval.as_millis()).unwrap_or(u32::MAX);
+        let refresh_ms =
+            u32::try_from(self.settings.refresh_interval.as_millis()).unwrap_or(u32::MAX);
         wire::encode_members(out, snapshot.version, refresh_ms, &snapshot.members);
         "ok"
     }
@@ -410,7 +416,13 @@ impl Discovery {
             let after: BTreeSet<&str> = members.iter().map(|e| e.name.as_str()).collect();
             let joined: Vec<&&str> = after.difference(&before).collect();
             let left: Vec<&&str> = before.difference(&after).collect();
-            info!(version, members = members.len(), ?joined, ?left, "discovery: members changed");
+            info!(
+                version,
+                members = members.len(),
+                ?joined,
+                ?left,
+                "discovery: members changed"
+            );
         }
         metrics::gauge!(m::DISCOVERY_MEMBERS).set(members.len() as f64);
         metrics::gauge!(m::DISCOVERY_PODS).set(pods.len() as f64);

@@ -77,7 +77,10 @@ pub fn check_host(host: &str) -> Result<(), NamingError> {
     if host.len() > 253 {
         return bad("longer than 253 characters");
     }
-    if host.chars().any(|c| c == '@' || c.is_whitespace() || c.is_control()) {
+    if host
+        .chars()
+        .any(|c| c == '@' || c.is_whitespace() || c.is_control())
+    {
         return bad("contains `@`, white space or a control character");
     }
     Ok(())

@@ -305,10 +305,7 @@ mod tests {
 
     #[test]
     fn members_round_trip() {
-        let members = vec![
-            entry("a1@pod-a.dp.test", 77),
-            entry("ñ@10.0.0.1", 72),
-        ];
+        let members = vec![entry("a1@pod-a.dp.test", 77), entry("ñ@10.0.0.1", 72)];
         let mut dst = BytesMut::new();
         encode_members(&mut dst, 9, 5000, &members);
         assert_eq!(&dst[..12], b"m\x00\x00\x00\x00\x09\x00\x00\x13\x88\x00\x02");

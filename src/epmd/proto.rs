@@ -155,7 +155,10 @@ pub enum Request {
     PodInfo,
     /// [`DISTPROXY_MEMBERS_REQ`]: answer when the member list's version
     /// differs from `known_version`, or after `wait_ms` at the latest.
-    Members { known_version: u32, wait_ms: u32 },
+    Members {
+        known_version: u32,
+        wait_ms: u32,
+    },
 }
 
 /// A request or reply that cannot be decoded.
