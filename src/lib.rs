@@ -1,7 +1,7 @@
 //! distproxy: a sidecar that is a pod's EPMD and owns one Erlang
 //! distribution port, so many BEAM nodes can share a pod behind two ports.
 //!
-//! Architecture (see `DESIGN.md` in the project's shared notes):
+//! Architecture (see `docs/ARCHITECTURE.md`):
 //!
 //! - [`epmd`]: the EPMD protocol as OTP's `epmd` speaks it — [`epmd::proto`]
 //!   (messages, no I/O), [`epmd::codec`] (framing), [`epmd::registry`]
