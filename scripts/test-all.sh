@@ -28,6 +28,7 @@ packages=(
   "python3 python3"
   "iptables iptables"
   "socat socat"
+  "dnsmasq dnsmasq-base"
 )
 need=()
 for pair in "${packages[@]}"; do

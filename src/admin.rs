@@ -1,5 +1,5 @@
 //! The admin endpoint: `/metrics` (Prometheus text format), `/healthz`,
-//! `/readyz`, `/nodes` (JSON).
+//! `/readyz`, `/nodes` (JSON), `/members` (JSON, [`crate::discovery`]).
 //!
 //! A deliberately small HTTP/1.1 server: GET/HEAD only, one request per
 //! connection, a bounded request head and a deadline for it. Probes and
@@ -37,6 +37,8 @@ pub struct AdminCtx {
     /// `limits.write_timeout_ms`: a scraper that does not read its response
     /// is closed after this.
     pub write_timeout: Duration,
+    /// `/members`: discovery's member list as JSON (`src/discovery/`).
+    pub members_json: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 const MAX_HEAD: usize = 8 * 1024;
@@ -176,7 +178,17 @@ pub fn route(path: &str, shared: &AdminCtx) -> Response {
             content_type: "application/json",
             body: nodes_json(shared),
         },
-        _ => Response::text(404, "not found; try /metrics /healthz /readyz /nodes\n"),
+        "/members" => Response {
+            status: 200,
+            content_type: "application/json",
+            body: serde_json::to_string_pretty(&(shared.members_json)())
+                .unwrap_or_else(|_| "{}".into())
+                + "\n",
+        },
+        _ => Response::text(
+            404,
+            "not found; try /metrics /healthz /readyz /nodes /members\n",
+        ),
     }
 }
 

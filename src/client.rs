@@ -122,3 +122,28 @@ pub async fn register(
         .map_err(|_| ClientError::Timeout { addr })??;
     Ok((s, reply))
 }
+
+/// The members request (`'M'`, [`crate::discovery`]): every node of every
+/// pod, as the local sidecar knows them. `wait_ms` 0 answers at once.
+pub async fn members(
+    addr: SocketAddr,
+    known_version: u32,
+    wait_ms: u32,
+) -> Result<crate::discovery::wire::MembersReply, ClientError> {
+    let reply = request_to_eof(
+        addr,
+        &Request::Members {
+            known_version,
+            wait_ms,
+        },
+    )
+    .await?;
+    crate::discovery::wire::decode_members(&reply).map_err(|e| ClientError::BadReply {
+        addr,
+        reason: if reply.is_empty() {
+            "connection closed without a reply (not a distproxy sidecar?)".into()
+        } else {
+            e.to_string()
+        },
+    })
+}

@@ -47,6 +47,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub tcp: TcpConfig,
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -344,6 +346,7 @@ impl Config {
         self.tunnel.validate()?;
         self.limits.validate()?;
         self.tcp.validate()?;
+        self.discovery.validate()?;
         Ok(())
     }
 
@@ -802,6 +805,202 @@ impl LimitsConfig {
             );
         }
         Ok(())
+    }
+}
+
+/// `[discovery]`: find every node of every pod behind a headless Service
+/// (`src/discovery/`). Off unless `service` is set; `host` alone makes this
+/// pod discoverable by others without discovering itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// DNS name whose A/AAAA records are the pods' addresses (a headless
+    /// Service, e.g. `myapp-headless.ns.svc.cluster.local`); empty: off.
+    #[serde(default)]
+    pub service: String,
+    /// The host part of this pod's node names (`a1@HOST`), told to other
+    /// pods; `${VAR}` is taken from the environment (e.g. `${POD_IP}` from
+    /// the downward API). Required with `service`.
+    #[serde(default)]
+    pub host: String,
+    /// Host part of the nodes of pods without distproxy (stock EPMD, asked
+    /// with NAMES): `{ip}` or `{ip_dashed}` filled in with the pod's address.
+    /// Empty: such pods are not discovered.
+    #[serde(default)]
+    pub host_template: String,
+    /// How often the service is resolved and every pod asked.
+    #[serde(default = "default_discovery_refresh_interval_ms")]
+    pub refresh_interval_ms: u64,
+    /// The EPMD port of the other pods.
+    #[serde(default = "default_discovery_epmd_port")]
+    pub epmd_port: u16,
+    /// Deadline for resolving the service name.
+    #[serde(default = "default_discovery_resolve_timeout_ms")]
+    pub resolve_timeout_ms: u64,
+    /// Deadline for asking one pod (connect, request, reply, any fallback).
+    #[serde(default = "default_discovery_query_timeout_ms")]
+    pub query_timeout_ms: u64,
+    /// Pods asked at once.
+    #[serde(default = "default_discovery_max_concurrent_queries")]
+    pub max_concurrent_queries: usize,
+}
+
+fn default_discovery_refresh_interval_ms() -> u64 {
+    5_000
+}
+fn default_discovery_epmd_port() -> u16 {
+    4369
+}
+fn default_discovery_resolve_timeout_ms() -> u64 {
+    2_000
+}
+fn default_discovery_query_timeout_ms() -> u64 {
+    2_000
+}
+fn default_discovery_max_concurrent_queries() -> usize {
+    32
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            service: String::new(),
+            host: String::new(),
+            host_template: String::new(),
+            refresh_interval_ms: default_discovery_refresh_interval_ms(),
+            epmd_port: default_discovery_epmd_port(),
+            resolve_timeout_ms: default_discovery_resolve_timeout_ms(),
+            query_timeout_ms: default_discovery_query_timeout_ms(),
+            max_concurrent_queries: default_discovery_max_concurrent_queries(),
+        }
+    }
+}
+
+impl DiscoveryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        use crate::discovery::naming;
+        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        let service = self.service.trim_end_matches('.');
+        if !self.service.is_empty()
+            && (service.is_empty()
+                || service.len() > 253
+                || service.split('.').any(|l| {
+                    l.is_empty()
+                        || l.len() > 63
+                        || !l
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                }))
+            && self.service.parse::<std::net::IpAddr>().is_err()
+        {
+            return invalid(
+                "discovery.service",
+                format!("{:?} is not a DNS name (letters, digits, `-`, `_` in labels of 1 to 63 characters)", self.service),
+            );
+        }
+        if !self.service.is_empty() && self.host.is_empty() {
+            return invalid(
+                "discovery.host",
+                "is required with discovery.service: the host part of this pod's node names, e.g. \"${POD_IP}\"".into(),
+            );
+        }
+        if !self.host.is_empty() {
+            if let Err(e) = naming::check_env_syntax(&self.host) {
+                return invalid("discovery.host", e.to_string());
+            }
+            let sample = naming::expand_env(&self.host, |_| Some("x".into())).unwrap_or_default();
+            if let Err(e) = naming::check_host(&sample) {
+                return invalid("discovery.host", e.to_string());
+            }
+        }
+        if !self.host_template.is_empty() {
+            if let Err(e) = naming::HostTemplate::parse(&self.host_template) {
+                return invalid("discovery.host_template", e.to_string());
+            }
+        }
+        if self.refresh_interval_ms < 100 || self.refresh_interval_ms > 3_600_000 {
+            return invalid(
+                "discovery.refresh_interval_ms",
+                "must be from 100 to 3600000 (one hour)".into(),
+            );
+        }
+        for (key, value) in [
+            ("discovery.resolve_timeout_ms", self.resolve_timeout_ms),
+            ("discovery.query_timeout_ms", self.query_timeout_ms),
+        ] {
+            if value == 0 || value > 3_600_000 {
+                return invalid(key, "must be from 1 to 3600000 (one hour)".into());
+            }
+        }
+        if self.epmd_port == 0 {
+            return invalid(
+                "discovery.epmd_port",
+                "must be a port number from 1 to 65535".into(),
+            );
+        }
+        if self.max_concurrent_queries == 0 || self.max_concurrent_queries > 1024 {
+            return invalid(
+                "discovery.max_concurrent_queries",
+                "must be from 1 to 1024".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod discovery_tests {
+    use super::*;
+
+    #[test]
+    fn discovery_defaults_and_values() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(c.discovery, DiscoveryConfig::default());
+        assert!(c.discovery.service.is_empty());
+        assert_eq!(c.discovery.refresh_interval_ms, 5000);
+        assert_eq!(c.discovery.epmd_port, 4369);
+        let c = Config::from_toml(
+            "[discovery]\nservice = \"myapp-headless.ns.svc.cluster.local\"\nhost = \"${POD_IP}\"\n\
+             host_template = \"{ip_dashed}.ns.pod.cluster.local\"\nrefresh_interval_ms = 1000\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.discovery.host, "${POD_IP}");
+        assert_eq!(Config::from_toml(&c.to_toml(), "rendered").unwrap(), c);
+    }
+
+    #[test]
+    fn discovery_bad_values_name_the_key() {
+        for (toml, key) in [
+            ("service = \"svc\"\n", "discovery.host"),
+            (
+                "service = \"bad name\"\nhost = \"h\"\n",
+                "discovery.service",
+            ),
+            ("service = \"a..b\"\nhost = \"h\"\n", "discovery.service"),
+            ("host = \"${POD_IP\"\n", "discovery.host"),
+            ("host = \"a@b\"\n", "discovery.host"),
+            ("host_template = \"static\"\n", "discovery.host_template"),
+            ("host_template = \"{pod}\"\n", "discovery.host_template"),
+            (
+                "refresh_interval_ms = 10\n",
+                "discovery.refresh_interval_ms",
+            ),
+            ("query_timeout_ms = 0\n", "discovery.query_timeout_ms"),
+            (
+                "resolve_timeout_ms = 3600001\n",
+                "discovery.resolve_timeout_ms",
+            ),
+            ("epmd_port = 0\n", "discovery.epmd_port"),
+            (
+                "max_concurrent_queries = 0\n",
+                "discovery.max_concurrent_queries",
+            ),
+            ("servce = \"x\"\n", "servce"),
+        ] {
+            let err = Config::from_toml(&format!("[discovery]\n{toml}"), "t").unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
     }
 }
 

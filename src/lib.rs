@@ -1,7 +1,7 @@
 //! distproxy: a sidecar that is a pod's EPMD and owns one Erlang
 //! distribution port, so many BEAM nodes can share a pod behind two ports.
 //!
-//! Architecture (see `DESIGN.md` in the project's shared notes):
+//! Architecture (see `docs/ARCHITECTURE.md`):
 //!
 //! - [`epmd`]: the EPMD protocol as OTP's `epmd` speaks it — [`epmd::proto`]
 //!   (messages, no I/O), [`epmd::codec`] (framing), [`epmd::registry`]
@@ -16,11 +16,15 @@
 //!   preamble — [`tunnel::preamble`] (no I/O), [`tunnel::egress`] (loopback
 //!   egress listeners for local nodes), [`tunnel::resolve`] (hickory),
 //!   [`tunnel::tls`] (mutual TLS).
+//! - [`discovery`]: every node of every pod behind a headless Service —
+//!   [`discovery::wire`] (pod-info and members replies, no I/O),
+//!   [`discovery::naming`] (host parts), [`discovery::query`] (asking one pod).
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod discovery;
 pub mod distribution;
 pub mod epmd;
 pub mod log_safe;

@@ -65,6 +65,19 @@ enum Command {
         #[arg(allow_hyphen_values = true, num_args = 0..)]
         args: Vec<String>,
     },
+    /// Print every node of every pod, as the local sidecar's discovery knows
+    /// them (`[discovery]`), one full name per line.
+    Members {
+        /// Host of the sidecar's EPMD (the request is answered to local peers only).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port of the sidecar's EPMD.
+        #[arg(long, default_value_t = 4369)]
+        port: u16,
+        /// Also list hidden nodes (marked `hidden`).
+        #[arg(long)]
+        all: bool,
+    },
     /// Print the nodes registered with an EPMD server, as `epmd -names` does.
     Names {
         /// Host of the EPMD server.
@@ -130,6 +143,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Names { host, port } => names(&host, port),
+        Command::Members { host, port, all } => members(&host, port, all),
         Command::Epmd { args } => epmd_main(&args),
         Command::Run {
             config,
@@ -286,6 +300,46 @@ fn names(host: &str, port: u16) -> ExitCode {
         }
         Err(e) => {
             eprintln!("epmd: Cannot connect to epmd at {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `distproxy members`: the members request, printed one name a line.
+fn members(host: &str, port: u16, all: bool) -> ExitCode {
+    use distproxy::discovery::wire::MembersReply;
+    let Some(addr) = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
+        eprintln!("distproxy: cannot resolve host {host}");
+        return ExitCode::from(EX_USAGE);
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("distproxy: failed to start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(distproxy::client::members(addr, 0, 0)) {
+        Ok(MembersReply::List { members, .. }) => {
+            for m in members {
+                if !m.hidden() {
+                    println!("{}", m.name);
+                } else if all {
+                    println!("{} hidden", m.name);
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(MembersReply::Disabled { .. }) => {
+            eprintln!("distproxy: discovery is not configured on the sidecar at {addr} (set discovery.service)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("distproxy: {e}");
             ExitCode::FAILURE
         }
     }

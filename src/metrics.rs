@@ -27,6 +27,12 @@ pub const WRITE_TIMEOUTS: &str = "distproxy_write_timeouts_total";
 pub const BUILD_INFO: &str = "distproxy_build_info";
 /// Tunnel egress listeners open (one per remote node in use).
 pub const EGRESS_LISTENERS: &str = "distproxy_egress_listeners";
+/// Nodes of every pod known to discovery (this pod's included).
+pub const DISCOVERY_MEMBERS: &str = "distproxy_discovery_members";
+/// Pods known to discovery (this pod's included).
+pub const DISCOVERY_PODS: &str = "distproxy_discovery_pods";
+/// Discovery failures, by `reason` (see [`discovery_reason`]).
+pub const DISCOVERY_REFRESH_ERRORS: &str = "distproxy_discovery_refresh_errors_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "distproxy_tls_handshake_failures_total";
 pub const TLS_RELOADS: &str = "distproxy_tls_reloads_total";
 pub const TLS_RELOAD_FAILURES: &str = "distproxy_tls_reload_failures_total";
@@ -65,6 +71,20 @@ pub mod reason {
     /// The TLS handshake between sidecars failed (why: the `reason` label
     /// of `distproxy_tls_handshake_failures_total`).
     pub const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
+}
+
+/// Discovery failure reasons (`reason` label of [`DISCOVERY_REFRESH_ERRORS`]).
+pub mod discovery_reason {
+    /// The service name could not be resolved (the previous list is kept).
+    pub const RESOLVE: &str = "resolve";
+    /// A pod did not answer within `discovery.query_timeout_ms`.
+    pub const QUERY_TIMEOUT: &str = "query_timeout";
+    /// A pod refused the connection or broke it.
+    pub const QUERY_FAILED: &str = "query_failed";
+    /// A pod's answer was malformed or too large.
+    pub const BAD_REPLY: &str = "bad_reply";
+    /// A pod without distproxy, and no `discovery.host_template`.
+    pub const NO_HOST_TEMPLATE: &str = "no_host_template";
 }
 
 /// TLS handshake failure reasons (`reason` label of [`TLS_HANDSHAKE_FAILURES`];
@@ -195,6 +215,18 @@ pub fn describe() {
     describe_gauge!(
         EGRESS_LISTENERS,
         "Tunnel egress listeners open on loopback, one per remote node in use."
+    );
+    describe_gauge!(
+        DISCOVERY_MEMBERS,
+        "Nodes of every pod known to discovery, this pod's included."
+    );
+    describe_gauge!(
+        DISCOVERY_PODS,
+        "Pods known to discovery, this pod included."
+    );
+    describe_counter!(
+        DISCOVERY_REFRESH_ERRORS,
+        "Discovery failures (service resolution, pod queries), by reason."
     );
     describe_gauge!(BUILD_INFO, "Build information; value is always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);

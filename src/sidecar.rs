@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::admin::AdminCtx;
 use crate::config::Config;
+use crate::discovery::Discovery;
 use crate::distribution::forward::{Forwarder, OpenConnections};
 use crate::distribution::listener::DistCtx;
 use crate::distribution::router::Correlator;
@@ -38,13 +39,15 @@ pub enum BindError {
     },
     #[error("cannot load TLS files: {0}")]
     Tls(#[from] crate::tunnel::tls::TlsLoadError),
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::SettingsError),
 }
 
 impl BindError {
     pub fn is_addr_in_use(&self) -> bool {
         match self {
             BindError::Bind { source, .. } => source.kind() == std::io::ErrorKind::AddrInUse,
-            BindError::Tls(_) => false,
+            BindError::Tls(_) | BindError::Discovery(_) => false,
         }
     }
 }
@@ -56,6 +59,8 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
     /// The TLS files of `[tls]`, loaded (and checked) before binding.
     pub tls: Option<Arc<crate::tunnel::tls::Tls>>,
+    /// `[discovery]` with its environment variables expanded.
+    pub discovery: crate::discovery::Settings,
 }
 
 impl Listeners {
@@ -83,6 +88,7 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
         }
         None => None,
     };
+    let discovery = crate::discovery::Settings::from_env(&config.discovery)?;
     let bind_all = |what: &'static str, addrs: &[SocketAddr]| {
         addrs
             .iter()
@@ -97,6 +103,7 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
             None => None,
         },
         tls,
+        discovery,
     })
 }
 
@@ -112,6 +119,8 @@ pub struct Sidecar {
     pub egress: Arc<EgressManager>,
     /// Mutual TLS between sidecars; `None` when `[tls]` is not configured.
     pub tls: Option<Arc<Tls>>,
+    /// Discovery of every node in every pod (`[discovery]`).
+    pub discovery: Arc<Discovery>,
     /// Stops accepting (graceful shutdown starts).
     pub shutdown: CancellationToken,
     /// Ends relays (grace period over).
@@ -154,6 +163,7 @@ impl Sidecar {
                 }
             }
         }
+        let discovery = Discovery::new(listeners.discovery, Arc::clone(&registry));
         let correlator = Arc::new(Correlator::new(
             config.routing.lookup_ttl(),
             config.routing.max_hold(),
@@ -218,6 +228,7 @@ impl Sidecar {
             ),
             write_timeout: limits.write_timeout(),
             mirrors,
+            discovery: Arc::clone(&discovery) as _,
             shutdown: shutdown.clone(),
             hard_stop: hard_stop.clone(),
             tracker: tracker.clone(),
@@ -245,6 +256,7 @@ impl Sidecar {
         if let Some(tls) = &tls {
             tracker.spawn(tls.reloader().run(shutdown.clone()));
         }
+        tracker.spawn(Arc::clone(&discovery).run(shutdown.clone()));
         if let Some(path) = config.epmd.state_file.clone() {
             tracker.spawn(crate::epmd::state::start(Arc::clone(&epmd), path));
         }
@@ -265,6 +277,10 @@ impl Sidecar {
                         .min(limits.admin_max_connections),
                 ),
                 write_timeout: limits.write_timeout(),
+                members_json: {
+                    let discovery = Arc::clone(&discovery);
+                    Arc::new(move || discovery.to_json())
+                },
             });
             tokio::spawn(crate::admin::serve(l, admin));
         }
@@ -296,6 +312,7 @@ impl Sidecar {
             correlator,
             egress,
             tls,
+            discovery,
             shutdown,
             hard_stop,
             tracker,

@@ -34,6 +34,8 @@ const LAYERS: &[(&str, Layer)] = &[
     ("tunnel", Layer::Service),
     ("tunnel::inbound", Layer::Service),
     ("tunnel::egress", Layer::Service),
+    ("discovery", Layer::Service),
+    ("discovery::query", Layer::Service),
     // Core: protocol codecs (no I/O), state, shared primitives.
     ("config", Layer::Core),
     ("metrics", Layer::Core),
@@ -53,6 +55,8 @@ const LAYERS: &[(&str, Layer)] = &[
     ("tunnel::preamble", Layer::Core),
     ("tunnel::resolve", Layer::Core),
     ("tunnel::tls", Layer::Core),
+    ("discovery::wire", Layer::Core),
+    ("discovery::naming", Layer::Core),
 ];
 
 /// Narrower rules than the layers: these modules import only what is listed.
@@ -62,7 +66,8 @@ const LEAVES: &[(&str, &[&str])] = &[
     ("log_safe", &[]),
     ("epmd::proto", &["node_name"]),
     ("distribution::handshake", &["node_name"]),
-    ("config", &["node_name", "net"]),
+    ("config", &["node_name", "net", "discovery::naming"]),
+    ("discovery::naming", &[]),
 ];
 
 fn src_dir() -> PathBuf {

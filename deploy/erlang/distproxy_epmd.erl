@@ -38,6 +38,20 @@
 %% a cached egress port is never one the sidecar has closed for idleness.
 %% For a node of the node's own pod the sidecar answers the node's own
 %% loopback port (no sidecar hop).
+%%
+%% Discovery (docs/discovery.md): `members()' returns every node of every
+%% pod as the sidecar's `[discovery]' knows them (the members request,
+%% `$M'). Started with `-distproxy_epmd connect true', the node keeps itself
+%% connected to every member: a process started next to `erl_epmd'
+%% long-polls the sidecar for the member list (answered at once when it
+%% changes, else after one refresh interval) and connects to each member it
+%% is not connected to, one attempt per member at a time. Members that
+%% leave the list are no longer tried; OTP notices dead connections itself.
+%%
+%%     request: Len:16, $M, KnownVersion:32, WaitMs:32
+%%     reply:   $m, 0, Version:32, RefreshMs:32, Count:16,
+%%              Count x (NodeType:8, NameLen:16, FullName/utf8)  (then close)
+%%     or:      $m, Result:8 (nonzero: discovery is off)
 -module(distproxy_epmd).
 
 %% The erl_epmd callback API (see the erl_epmd manual page, OTP 25).
@@ -51,6 +65,9 @@
 %% For tests and diagnostics: the raw answer of the sidecar.
 -export([egress_port/2]).
 
+%% Discovery.
+-export([members/0, members/2]).
+
 -define(EGRESS_REQ, $E).
 -define(EGRESS_RESP, $e).
 -define(DEFAULT_EPMD_PORT, 4369).
@@ -61,11 +78,21 @@
 -define(REPLY_TIMEOUT, 3000).
 -define(CACHE, distproxy_epmd_egress_cache).
 -define(CACHE_TTL_MS, 5000).
+-define(MEMBERS_REQ, $M).
+-define(MEMBERS_RESP, $m).
+-define(NODE_TYPE_HIDDEN, 72).
+%% Retry pace of the connector while the sidecar cannot answer.
+-define(RETRY_MS, 5000).
+-define(NOT_ALIVE_RETRY_MS, 200).
 
 start_link() ->
     case erl_epmd:start_link() of
         {ok, Pid} = Started ->
             start_cache(Pid),
+            case connect_option() of
+                true -> start_connector(Pid);
+                false -> ok
+            end,
             Started;
         Other ->
             Other
@@ -201,6 +228,140 @@ request(Node) when byte_size(Node) > 0, byte_size(Node) < 65535 ->
         {error, Reason} ->
             {error, Reason}
     end.
+
+%% @doc Every visible node of every pod (this node included), as the local
+%% sidecar's discovery knows them.
+-spec members() -> {ok, [node()]} | {error, term()}.
+members() ->
+    case members(0, 0) of
+        {ok, _Version, _RefreshMs, Members} ->
+            {ok, [Node || {Node, Type} <- Members, Type =/= ?NODE_TYPE_HIDDEN]};
+        {error, _} = Error ->
+            Error
+    end.
+
+%% @doc The raw members request: answered when the member list's version
+%% differs from `KnownVersion', or after `WaitMs'. Members come with their
+%% EPMD node type (77 normal, 72 hidden).
+-spec members(KnownVersion, WaitMs) ->
+          {ok, Version, RefreshMs, [{node(), NodeType}]} | {error, term()} when
+      KnownVersion :: non_neg_integer(),
+      WaitMs :: non_neg_integer(),
+      Version :: non_neg_integer(),
+      RefreshMs :: non_neg_integer(),
+      NodeType :: byte().
+members(KnownVersion, WaitMs) ->
+    Opts = [binary, {packet, 0}, {active, false}, {nodelay, true}],
+    case gen_tcp:connect({127, 0, 0, 1}, epmd_port(), Opts, ?CONNECT_TIMEOUT) of
+        {ok, Socket} ->
+            try
+                ok = gen_tcp:send(Socket, <<9:16, ?MEMBERS_REQ, KnownVersion:32, WaitMs:32>>),
+                case recv_all(Socket, WaitMs + ?REPLY_TIMEOUT, []) of
+                    {ok, Reply} -> decode_members(Reply);
+                    {error, _} = Error -> Error
+                end
+            catch
+                Class:Reason -> {error, {Class, Reason}}
+            after
+                gen_tcp:close(Socket)
+            end;
+        {error, Reason} ->
+            {error, Reason}
+    end.
+
+%% The reply ends when the sidecar closes the connection.
+recv_all(Socket, Timeout, Acc) ->
+    case gen_tcp:recv(Socket, 0, Timeout) of
+        {ok, Data} -> recv_all(Socket, Timeout, [Acc, Data]);
+        {error, closed} -> {ok, iolist_to_binary(Acc)};
+        {error, Reason} -> {error, Reason}
+    end.
+
+decode_members(<<?MEMBERS_RESP, 0, Version:32, RefreshMs:32, Count:16, Rest/binary>>) ->
+    case decode_entries(Count, Rest, []) of
+        {ok, Members} -> {ok, Version, RefreshMs, Members};
+        error -> {error, {garbage_from_epmd, Rest}}
+    end;
+decode_members(<<?MEMBERS_RESP, Result>>) when Result =/= 0 ->
+    {error, {refused, Result}};
+decode_members(<<>>) ->
+    %% A stock epmd (or an older sidecar) drops unknown requests.
+    {error, closed};
+decode_members(Other) ->
+    {error, {garbage_from_epmd, Other}}.
+
+decode_entries(0, <<>>, Acc) ->
+    {ok, lists:reverse(Acc)};
+decode_entries(N, <<Type, Len:16, Name:Len/binary, Rest/binary>>, Acc) when N > 0 ->
+    Node = binary_to_atom(Name, utf8),
+    decode_entries(N - 1, Rest, [{Node, Type} | Acc]);
+decode_entries(_, _, _) ->
+    error.
+
+%% `-distproxy_epmd connect true'
+connect_option() ->
+    case init:get_argument(distproxy_epmd) of
+        {ok, Args} -> lists:member(["connect", "true"], Args);
+        error -> false
+    end.
+
+%% The connector lives as long as `erl_epmd' (which lives as long as
+%% distribution): it monitors it rather than linking to the supervisor that
+%% called start_link/0.
+start_connector(EpmdPid) ->
+    spawn(fun() ->
+                  MRef = monitor(process, EpmdPid),
+                  connector(MRef, 0, #{})
+          end).
+
+%% Pending: member -> pid of its connection attempt.
+connector(MRef, Version, Pending0) ->
+    Pending = reap(Pending0),
+    case members(Version, wait_ms()) of
+        {ok, NewVersion, RefreshMs, Members} ->
+            put(refresh_ms, RefreshMs),
+            case is_alive() of
+                true ->
+                    continue(MRef, NewVersion, connect_all(Members, Pending), 0);
+                false ->
+                    %% Distribution is still starting: ask again shortly.
+                    continue(MRef, Version, Pending, ?NOT_ALIVE_RETRY_MS)
+            end;
+        {error, _Reason} ->
+            continue(MRef, Version, Pending, ?RETRY_MS)
+    end.
+
+continue(MRef, Version, Pending, Pause) ->
+    receive
+        {'DOWN', MRef, process, _, _} -> ok
+    after Pause ->
+            connector(MRef, Version, Pending)
+    end.
+
+%% First ask at once; then wait for a change for up to one refresh interval,
+%% so that members not connected are retried about once per refresh.
+wait_ms() ->
+    case get(refresh_ms) of
+        Ms when is_integer(Ms), Ms > 0 -> Ms;
+        _ -> 0
+    end.
+
+connect_all(Members, Pending) ->
+    Connected = [node() | nodes(connected)],
+    lists:foldl(
+      fun({Node, Type}, Acc) ->
+              Skip = Type =:= ?NODE_TYPE_HIDDEN
+                  orelse lists:member(Node, Connected)
+                  orelse maps:is_key(Node, Acc),
+              case Skip of
+                  true -> Acc;
+                  false -> Acc#{Node => spawn(net_kernel, connect_node, [Node])}
+              end
+      end, Pending, Members).
+
+%% Forgets finished connection attempts.
+reap(Pending) ->
+    maps:filter(fun(_Node, Pid) -> is_process_alive(Pid) end, Pending).
 
 epmd_port() ->
     case init:get_argument(epmd_port) of

@@ -75,6 +75,21 @@ pub const EGRESS_UNAVAILABLE: u8 = 3;
 /// Egress result: nothing answers on the remote host's tunnel port (a pod
 /// without distproxy); the node falls back to a direct connection.
 pub const EGRESS_NO_REMOTE_SIDECAR: u8 = 4;
+/// distproxy's own request (`'I'`, 0x49): "which pod are you?". Sent by
+/// another pod's sidecar during discovery (`src/discovery/`), so unlike the
+/// other distproxy requests it is answered for remote peers. No body (bytes
+/// after the tag are ignored, as for `NAMES_REQ`). Reply
+/// ([`crate::discovery::wire`]): this pod's host part and its registered
+/// nodes. Stock `epmd` closes the connection instead, which tells the asking
+/// sidecar to fall back to `NAMES_REQ` and its host template.
+pub const DISTPROXY_POD_INFO_REQ: u8 = b'I';
+/// distproxy's own request (`'M'`, 0x4d): "every node of every pod", from a
+/// local node (`distproxy_epmd:members/0`, `distproxy members`). Body: the
+/// member-list version the asker already has (u32) and how long it is
+/// willing to wait for a newer one (u32, milliseconds), or nothing (0, 0).
+/// Reply: [`crate::discovery::wire`].
+pub const DISTPROXY_MEMBERS_REQ: u8 = b'M';
+
 /// The distribution version an egress reply announces: 6, the only one OTP 25
 /// and later speak (the tunnel relays whatever the two nodes negotiate).
 pub const EGRESS_DIST_VERSION: u16 = 6;
@@ -135,6 +150,14 @@ pub enum Request {
     /// [`DISTPROXY_EGRESS_REQ`]: the full name of a node in another pod.
     Egress {
         node: String,
+    },
+    /// [`DISTPROXY_POD_INFO_REQ`].
+    PodInfo,
+    /// [`DISTPROXY_MEMBERS_REQ`]: answer when the member list's version
+    /// differs from `known_version`, or after `wait_ms` at the latest.
+    Members {
+        known_version: u32,
+        wait_ms: u32,
     },
 }
 
@@ -209,6 +232,19 @@ impl Request {
             DISTPROXY_EGRESS_REQ => Ok(Request::Egress {
                 node: validate_name(rest)?.to_owned(),
             }),
+            DISTPROXY_POD_INFO_REQ => Ok(Request::PodInfo),
+            DISTPROXY_MEMBERS_REQ => match rest {
+                [] => Ok(Request::Members {
+                    known_version: 0,
+                    wait_ms: 0,
+                }),
+                [v0, v1, v2, v3, w0, w1, w2, w3] => Ok(Request::Members {
+                    known_version: u32::from_be_bytes([*v0, *v1, *v2, *v3]),
+                    wait_ms: u32::from_be_bytes([*w0, *w1, *w2, *w3]),
+                }),
+                _ if rest.len() < 8 => Err(ProtoError::Truncated("members request")),
+                _ => Err(ProtoError::TrailingBytes("members request")),
+            },
             other => Err(ProtoError::UnknownTag(other)),
         }
     }
@@ -245,6 +281,15 @@ impl Request {
             Request::Egress { node } => {
                 dst.put_u8(DISTPROXY_EGRESS_REQ);
                 dst.put_slice(clamp(node.as_bytes(), MAX_NAME_BYTES));
+            }
+            Request::PodInfo => dst.put_u8(DISTPROXY_POD_INFO_REQ),
+            Request::Members {
+                known_version,
+                wait_ms,
+            } => {
+                dst.put_u8(DISTPROXY_MEMBERS_REQ);
+                dst.put_u32(*known_version);
+                dst.put_u32(*wait_ms);
             }
         }
         // The body is at most MAX_REQUEST_LEN bytes, so it fits.
@@ -766,6 +811,11 @@ mod tests {
             Request::Egress {
                 node: "b1@pod-b.dp.test".into(),
             },
+            Request::PodInfo,
+            Request::Members {
+                known_version: 7,
+                wait_ms: 30_000,
+            },
         ] {
             let mut dst = BytesMut::new();
             req.encode(&mut dst);
@@ -920,6 +970,44 @@ mod tests {
                 node: "no-host".into()
             })
         );
+    }
+
+    #[test]
+    fn discovery_requests() {
+        assert_eq!(Request::decode(b"I"), Ok(Request::PodInfo));
+        assert_eq!(Request::decode(b"Ijunk"), Ok(Request::PodInfo));
+        assert_eq!(
+            Request::decode(b"M"),
+            Ok(Request::Members {
+                known_version: 0,
+                wait_ms: 0
+            })
+        );
+        assert_eq!(
+            Request::decode(b"M\0\0\0\x05\0\0\x03\xe8"),
+            Ok(Request::Members {
+                known_version: 5,
+                wait_ms: 1000
+            })
+        );
+        for i in 2..9 {
+            assert_eq!(
+                Request::decode(&b"M\0\0\0\x05\0\0\x03\xe8"[..i]),
+                Err(ProtoError::Truncated("members request")),
+                "prefix {i}"
+            );
+        }
+        assert_eq!(
+            Request::decode(b"M\0\0\0\x05\0\0\x03\xe8\0"),
+            Err(ProtoError::TrailingBytes("members request"))
+        );
+        let mut dst = BytesMut::new();
+        Request::Members {
+            known_version: 5,
+            wait_ms: 1000,
+        }
+        .encode(&mut dst);
+        assert_eq!(&dst[..], b"\0\x09M\0\0\0\x05\0\0\x03\xe8");
     }
 
     #[test]

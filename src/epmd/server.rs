@@ -32,6 +32,24 @@ pub trait EgressPorts: Send + Sync {
     fn egress_port<'a>(&'a self, remote: &'a str) -> BoxFuture<'a, Result<u16, EgressRefused>>;
 }
 
+/// What the EPMD side needs from discovery (`src/discovery/`): the answers
+/// to its two requests, written as reply bytes into `out`; each returns the
+/// `result` label of the request counter.
+pub trait DiscoveryAnswers: Send + Sync {
+    /// Pod info (`'I'`, from other pods' sidecars): this pod's host part and
+    /// nodes.
+    fn pod_info(&self, out: &mut BytesMut) -> &'static str;
+    /// Members (`'M'`, from local nodes): every node of every pod, once the
+    /// list's version differs from `known_version` or after `wait_ms`.
+    fn members<'a>(
+        &'a self,
+        known_version: u32,
+        wait_ms: u32,
+        shutdown: &'a CancellationToken,
+        out: &'a mut BytesMut,
+    ) -> BoxFuture<'a, &'static str>;
+}
+
 /// An egress request answered without a port.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -65,6 +83,7 @@ pub struct EpmdCtx {
     pub write_timeout: Duration,
     /// Same-pod mirror listeners (`crate::distribution::mirror`).
     pub mirrors: Arc<crate::distribution::mirror::Mirrors>,
+    pub discovery: Arc<dyn DiscoveryAnswers>,
     /// Stops accepting; KILL_REQ cancels it.
     pub shutdown: CancellationToken,
     /// Ends every EPMD connection (grace period over).
@@ -110,6 +129,8 @@ fn request_type(req: &Request) -> &'static str {
         Request::Kill => "kill",
         Request::Stop { .. } => "stop",
         Request::Egress { .. } => "egress",
+        Request::PodInfo => "pod_info",
+        Request::Members { .. } => "members",
     }
 }
 
@@ -150,6 +171,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
             | Request::Kill
             | Request::Stop { .. }
             | Request::Egress { .. }
+            | Request::Members { .. }
     ) && !local_peer
     {
         warn!(%peer, request = req_type, "epmd request only allowed from local peers; closing");
@@ -223,6 +245,22 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
                     count(req_type, e.label);
                 }
             }
+        }
+        // Discovery (src/discovery/): pod info is for other pods' sidecars,
+        // members for local nodes.
+        Request::PodInfo => {
+            let result = shared.discovery.pod_info(&mut out);
+            count(req_type, result);
+        }
+        Request::Members {
+            known_version,
+            wait_ms,
+        } => {
+            let result = shared
+                .discovery
+                .members(known_version, wait_ms, &shared.shutdown, &mut out)
+                .await;
+            count(req_type, result);
         }
         Request::Stop { name } => {
             if !shared.relaxed_command_check {
