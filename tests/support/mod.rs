@@ -31,6 +31,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod beam;
+pub mod faults;
 pub mod lab;
 pub mod mesh;
 pub mod metrics;
