@@ -96,17 +96,33 @@ fn host_of(name: &str) -> &str {
     name.split_once('@').map_or("", |(_, h)| h)
 }
 
-/// Node pairs of `live` in different pods: the connections the sidecars
-/// relay once the mesh is full.
-fn cross_pod_pairs(live: &[String]) -> usize {
-    let mut pairs = 0;
-    for (i, x) in live.iter().enumerate() {
-        pairs += live[i + 1..]
-            .iter()
-            .filter(|y| host_of(y) != host_of(x))
-            .count();
+/// The distribution connections `nodes` have (each pair once, from both
+/// ends' `nodes()`), and what is wrong with them: a node connected to a node
+/// that is not live, or a connection only one end knows of. Every one of
+/// them passes through exactly one sidecar, the target pod's: nodes dial
+/// the pod address, within their own pod too.
+fn connections(nodes: &mut [&mut BeamNode]) -> (BTreeSet<(String, String)>, Vec<String>) {
+    let live: BTreeSet<String> = nodes.iter().map(|n| n.name().to_string()).collect();
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut problems = Vec::new();
+    for node in nodes.iter_mut() {
+        let me = node.name().to_string();
+        for other in node.nodes() {
+            if !live.contains(&other) {
+                problems.push(format!("{me} is still connected to {other}"));
+            }
+            seen.push((me.clone(), other));
+        }
     }
-    pairs
+    let mut pairs = BTreeSet::new();
+    for (x, y) in &seen {
+        if live.contains(y) && !seen.contains(&(y.clone(), x.clone())) {
+            problems.push(format!("{x} lists {y}, not the other way round"));
+        }
+        let pair = if x < y { (x.clone(), y.clone()) } else { (y.clone(), x.clone()) };
+        pairs.insert(pair);
+    }
+    (pairs, problems)
 }
 
 /// The mesh re-forms and carries the right data: everyone pings everyone,
@@ -237,21 +253,29 @@ fn sidecar_problems(pod: &Pod, daemon: &Daemon, live: &[String]) -> (usize, Vec<
 }
 
 /// Waits until every sidecar satisfies the invariants of the module docs
-/// and together they relay `links` connections; panics with what is still
-/// wrong after [`SETTLE_TIMEOUT`].
-fn assert_settled(sidecars: &mut [(&Pod, &mut Daemon)], live: &[String], links: usize, what: &str) {
+/// and together they relay exactly the connections the live `nodes` have;
+/// panics with what is still wrong after [`SETTLE_TIMEOUT`]. Returns the
+/// number of connections.
+fn assert_settled(
+    sidecars: &mut [(&Pod, &mut Daemon)],
+    nodes: &mut [&mut BeamNode],
+    what: &str,
+) -> usize {
+    let live: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
     let mut last = Vec::new();
+    let mut links = 0;
     let settled = poll_until(SETTLE_TIMEOUT, Duration::from_millis(300), || {
-        let mut problems = Vec::new();
+        let (pairs, mut problems) = connections(nodes);
+        links = pairs.len();
         let mut total = 0;
         for (pod, daemon) in sidecars.iter() {
-            let (open, mine) = sidecar_problems(pod, daemon, live);
+            let (open, mine) = sidecar_problems(pod, daemon, &live);
             total += open;
             problems.extend(mine.into_iter().map(|p| format!("pod {}: {p}", pod.name())));
         }
         if total != links {
             problems.push(format!(
-                "the sidecars relay {total} connections, {links} node pairs across pods are connected"
+                "the sidecars relay {total} connections, the nodes have {links}: {pairs:?}"
             ));
         }
         last = problems;
@@ -265,6 +289,12 @@ fn assert_settled(sidecars: &mut [(&Pod, &mut Daemon)], live: &[String], links: 
     for (_, daemon) in sidecars.iter_mut() {
         daemon.assert_no_misroute();
     }
+    links
+}
+
+/// `&mut` to each node of `nodes`.
+fn all(nodes: &mut [BeamNode]) -> Vec<&mut BeamNode> {
+    nodes.iter_mut().collect()
 }
 
 /// Sum of the bytes all `pods`' sidecars relayed so far.
@@ -297,20 +327,18 @@ fn lossy_delayed_links_carry_intact_data_and_leak_nothing() {
     let options = ErlangOptions::default();
     let mut nodes = start_nodes(a, &["a1", "a2"], &options);
     nodes.extend(start_nodes(b, &["b1", "b2"], &options));
-    let live = names(&nodes);
 
     let how = faults::impair(b, 3, 40);
     eprintln!("pod b impaired with {how:?}");
     assert_mesh_reformed(&mut nodes);
     faults::clear_impairment(b);
 
-    let links = cross_pod_pairs(&live);
-    assert_settled(
+    let links = assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &live,
-        links,
+        &mut all(&mut nodes),
         "after loss and delay",
     );
+    assert_eq!(links, 6, "a full mesh of 4 nodes");
     assert_mesh_reformed(&mut nodes);
 }
 
@@ -330,14 +358,13 @@ fn a_partition_heals_and_the_mesh_reforms() {
     let mut nodes = start_nodes(a, &["a1", "a2"], &options);
     nodes.extend(start_nodes(b, &["b1"], &options));
     let live = names(&nodes);
-    let links = cross_pod_pairs(&live);
     assert_mesh_reformed(&mut nodes);
-    assert_settled(
+    let links = assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &live,
-        links,
+        &mut all(&mut nodes),
         "before the partition",
     );
+    assert_eq!(links, 3, "a full mesh of 3 nodes");
 
     faults::partition(b, a.addr());
     let b1 = live[2].clone();
@@ -348,21 +375,22 @@ fn a_partition_heals_and_the_mesh_reforms() {
     );
     faults::heal_partition(b, a.addr());
 
-    // Nothing is left of the connections the partition broke...
-    assert_settled(
+    // Nothing is left of the connections the partition broke: only a1-a2
+    // (within pod A) remains...
+    let links = assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &live,
-        0,
+        &mut all(&mut nodes),
         "after the partition healed",
     );
+    assert_eq!(links, 1, "only a1-a2 survives the partition");
     // ...and the mesh forms again through the same sidecars.
     assert_mesh_reformed(&mut nodes);
-    assert_settled(
+    let links = assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &live,
-        links,
+        &mut all(&mut nodes),
         "after the mesh re-formed",
     );
+    assert_eq!(links, 3, "a full mesh of 3 nodes");
 }
 
 /// Pod B vanishes: its link drops everything, then its sidecar and node are
@@ -393,13 +421,12 @@ fn a_vanished_pod_is_noticed_and_its_connections_freed() {
     assert_eq!(b1.ping(&a1_name), "pong");
     assert_eq!(b1.ping(&c1_name), "pong");
     assert_eq!(a1.ping(&c1_name), "pong");
-    let all = vec![a1_name.clone(), b1_name.clone(), c1_name.clone()];
-    assert_settled(
+    let links = assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b), (c, &mut sidecar_c)],
-        &all,
-        3,
+        &mut [&mut a1, &mut b1, &mut c1],
         "before pod B vanished",
     );
+    assert_eq!(links, 3, "a full mesh of 3 nodes");
 
     faults::isolate(b);
     b1.kill();
@@ -427,13 +454,12 @@ fn a_vanished_pod_is_noticed_and_its_connections_freed() {
         c1.nodes()
     );
 
-    let live = vec![a1_name.clone(), c1_name.clone()];
-    assert_settled(
+    let links = assert_settled(
         &mut [(a, &mut sidecar_a), (c, &mut sidecar_c)],
-        &live,
-        1,
+        &mut [&mut a1, &mut c1],
         "after pod B vanished",
     );
+    assert_eq!(links, 1, "a1-c1 survives pod B");
     let result = blob(&mut a1, &c1_name, BLOB);
     assert_intact(&result, &a1_name, &c1_name);
     assert_eq!(c1.rpc_node(&a1_name), a1_name);
@@ -462,11 +488,9 @@ fn a_node_killed_mid_transfer_leaves_nothing_behind() {
     // a1 dials b1 and b2: pod B's sidecar carries the transfer.
     assert_eq!(a1.ping(&b1_name), "pong");
     assert_eq!(a1.ping(&b2_name), "pong");
-    let all = vec![a1_name.clone(), b1_name.clone(), b2_name.clone()];
     assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &all,
-        2,
+        &mut std::iter::once(&mut a1).chain(pod_b.iter_mut()).collect::<Vec<_>>(),
         "before the transfer",
     );
 
@@ -474,7 +498,9 @@ fn a_node_killed_mid_transfer_leaves_nothing_behind() {
     let before = relayed_bytes(&[b]);
     let transfer = start_blob(&mut a1, &b1_name, BIG_BLOB);
     wait_relayed(&[b], before, 2.0 * 1024.0 * 1024.0);
-    pod_b.remove(0).kill();
+    let b1 = pod_b.remove(0);
+    b1.kill();
+    let mut b2 = pod_b.remove(0);
     let outcome = finish_blob(&mut a1, transfer);
     assert!(
         outcome.is_err(),
@@ -482,13 +508,12 @@ fn a_node_killed_mid_transfer_leaves_nothing_behind() {
     );
     faults::unthrottle(a);
 
-    let live = vec![a1_name.clone(), b2_name.clone()];
-    assert_settled(
+    let links = assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &live,
-        1,
+        &mut [&mut a1, &mut b2],
         "after b1 was killed",
     );
+    assert_eq!(links, 1, "only a1-b2 is left");
     let result = blob(&mut a1, &b2_name, BLOB);
     assert_intact(&result, &a1_name, &b2_name);
 
@@ -498,8 +523,7 @@ fn a_node_killed_mid_transfer_leaves_nothing_behind() {
     assert_eq!(b1.rpc_node(&a1_name), a1_name);
     assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &all,
-        2,
+        &mut [&mut a1, &mut b1, &mut b2],
         "after b1 restarted",
     );
 }
@@ -535,11 +559,9 @@ fn the_sidecar_killed_under_load_recovers_from_its_state_file() {
             assert_eq!(nodes[i].ping(target), "pong", "{} -> {target}", live[i]);
         }
     }
-    let links = cross_pod_pairs(&live);
     assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &live,
-        links,
+        &mut all(&mut nodes),
         "before the kill",
     );
 
@@ -562,15 +584,14 @@ fn the_sidecar_killed_under_load_recovers_from_its_state_file() {
 
     assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &live,
-        0,
+        &mut all(&mut nodes),
         "after the sidecar restarted",
     );
     assert_mesh_reformed(&mut nodes);
-    assert_settled(
+    let links = assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &live,
-        links,
+        &mut all(&mut nodes),
         "after the mesh re-formed",
     );
+    assert_eq!(links, 6, "a full mesh of 4 nodes");
 }
