@@ -153,7 +153,10 @@ fn run_bench() {
 
     println!();
     println!("attack bench: sidecar of pod B, {attack_secs} s attack from pod X");
-    println!("{:<28} {:>9} {:>9} {:>9} {:>7} {:>6}", "ping a1 -> b1 (us)", "p50", "p99", "max", "n", "fail");
+    println!(
+        "{:<28} {:>9} {:>9} {:>9} {:>7} {:>6}",
+        "ping a1 -> b1 (us)", "p50", "p99", "max", "n", "fail"
+    );
     for (label, t) in [
         ("before the attack", &before),
         ("during the attack", &during),
@@ -166,13 +169,22 @@ fn run_bench() {
         );
     }
     println!();
-    println!("{:<28} {:>12} {:>12} {:>8}", "sidecar B", "RSS KiB", "peak KiB", "fds");
-    println!("{:<28} {:>12} {:>12} {:>8}", "idle", idle.rss_kib, idle.hwm_kib, idle.fds);
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "sidecar B", "RSS KiB", "peak KiB", "fds"
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "idle", idle.rss_kib, idle.hwm_kib, idle.fds
+    );
     println!(
         "{:<28} {:>12} {:>12} {:>8}",
         "peak during the attack", peak.rss_kib, peak.hwm_kib, peak.fds
     );
-    println!("{:<28} {:>12} {:>12} {:>8}", "after", after.rss_kib, after.hwm_kib, after.fds);
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "after", after.rss_kib, after.hwm_kib, after.fds
+    );
     println!("sidecar fd limit: {}", fd_limit(pid));
     println!();
     for (label, report) in reports {
@@ -219,7 +231,8 @@ fn ping_times(node: &mut BeamNode, target: &str, count: usize) -> Pings {
         "{{ping_times, {}, {count}, {PING_INTERVAL_MS}}}",
         atom(target)
     ));
-    let budget = Duration::from_millis(count as u64 * (PING_INTERVAL_MS + 100)) + Duration::from_secs(30);
+    let budget =
+        Duration::from_millis(count as u64 * (PING_INTERVAL_MS + 100)) + Duration::from_secs(30);
     let text = node.recv(id, budget);
     let mut pings = Pings {
         micros: Vec::new(),
@@ -407,7 +420,9 @@ fn slowloris(addr: SocketAddr, deadline: Instant) -> String {
             s.write_all(&[byte]).is_ok()
         });
         closed_by_peer += (before - conns.len()) as u64;
-        std::thread::sleep(Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())));
+        std::thread::sleep(
+            Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())),
+        );
     }
     format!(
         "{opened} opened, at most {max_open} open at once, {closed_by_peer} closed by the sidecar"

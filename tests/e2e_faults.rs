@@ -119,7 +119,11 @@ fn connections(nodes: &mut [&mut BeamNode]) -> (BTreeSet<(String, String)>, Vec<
         if live.contains(y) && !seen.contains(&(y.clone(), x.clone())) {
             problems.push(format!("{x} lists {y}, not the other way round"));
         }
-        let pair = if x < y { (x.clone(), y.clone()) } else { (y.clone(), x.clone()) };
+        let pair = if x < y {
+            (x.clone(), y.clone())
+        } else {
+            (y.clone(), x.clone())
+        };
         pairs.insert(pair);
     }
     (pairs, problems)
@@ -221,7 +225,10 @@ fn sidecar_problems(pod: &Pod, daemon: &Daemon, live: &[String]) -> (usize, Vec<
         ));
     }
     if sockets.peer_legs_not_established() > 0 {
-        problems.push(format!("peer legs not established: {:?}", sockets.peer_legs));
+        problems.push(format!(
+            "peer legs not established: {:?}",
+            sockets.peer_legs
+        ));
     }
     if !sockets.orphans.is_empty() {
         problems.push(format!("orphaned sockets: {:?}", sockets.orphans));
@@ -317,7 +324,10 @@ fn wait_relayed(pods: &[&Pod], since: f64, bytes: f64) {
 /// clean again the sidecars hold exactly the live connections.
 #[test]
 fn lossy_delayed_links_carry_intact_data_and_leak_nothing() {
-    if !e2e_enabled("lossy_delayed_links_carry_intact_data_and_leak_nothing", TOOLS) {
+    if !e2e_enabled(
+        "lossy_delayed_links_carry_intact_data_and_leak_nothing",
+        TOOLS,
+    ) {
         return;
     }
     let lab = support::Lab::new(&["a", "b"]);
@@ -422,7 +432,11 @@ fn a_vanished_pod_is_noticed_and_its_connections_freed() {
     assert_eq!(b1.ping(&c1_name), "pong");
     assert_eq!(a1.ping(&c1_name), "pong");
     let links = assert_settled(
-        &mut [(a, &mut sidecar_a), (b, &mut sidecar_b), (c, &mut sidecar_c)],
+        &mut [
+            (a, &mut sidecar_a),
+            (b, &mut sidecar_b),
+            (c, &mut sidecar_c),
+        ],
         &mut [&mut a1, &mut b1, &mut c1],
         "before pod B vanished",
     );
@@ -490,7 +504,9 @@ fn a_node_killed_mid_transfer_leaves_nothing_behind() {
     assert_eq!(a1.ping(&b2_name), "pong");
     assert_settled(
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
-        &mut std::iter::once(&mut a1).chain(pod_b.iter_mut()).collect::<Vec<_>>(),
+        &mut std::iter::once(&mut a1)
+            .chain(pod_b.iter_mut())
+            .collect::<Vec<_>>(),
         "before the transfer",
     );
 
