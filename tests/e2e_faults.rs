@@ -43,7 +43,10 @@ use support::{e2e_enabled, BeamNode, Daemon, Pod, SidecarOptions};
 
 /// Tools beyond the e2e basics.
 const TOOLS: &[&str] = &["iptables", "tc", "ss"];
-/// Sidecar configuration of every pod in this suite.
+/// Sidecar configuration of every pod in this suite. The vanished-pod test
+/// relies on the sidecar's defaults for keepalive and TCP_USER_TIMEOUT on
+/// relayed legs noticing a dead peer within [`DEAD_PEER_DEADLINE`]; setting
+/// those keys short here would make that test faster.
 const SIDECAR_CONFIG: &str = "[epmd]\nprobe_interval_ms = 500\n";
 /// How long the sidecars get to settle after a fault healed.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(40);
