@@ -70,6 +70,17 @@ handle({ping_all, Nodes, StartAtMs}) ->
     sleep_until(StartAtMs),
     Results = pmap(fun(N) -> net_adm:ping(N) end, Nodes),
     join([[atom_to_list(N), $=, atom_to_list(R)] || {N, R} <- Results]);
+handle({ping_times, Node, Count, IntervalMs}) ->
+    %% Round-trip times of Count pings to Node (microseconds; -1 for a pang),
+    %% IntervalMs apart: latency through the sidecar, measured inside the VM.
+    Times = [begin
+                 T0 = erlang:monotonic_time(microsecond),
+                 R = net_adm:ping(Node),
+                 T = erlang:monotonic_time(microsecond) - T0,
+                 timer:sleep(IntervalMs),
+                 case R of pong -> T; pang -> -1 end
+             end || _ <- lists:seq(1, Count)],
+    join([integer_to_list(T) || T <- Times]);
 handle({rpc_node, Node}) ->
     rpc_node(Node);
 handle({rpc_node_all, Nodes}) ->

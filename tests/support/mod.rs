@@ -20,6 +20,9 @@
 //!   rpc across pods); [`metrics`] reads a sidecar's Prometheus metrics;
 //!   [`module`] compiles the `distproxy_epmd` helper module and starts nodes
 //!   with it; [`wait`] polls a condition with a deadline.
+//! - [`faults`] injects network faults into a pod (loss and delay,
+//!   partitions, isolation) and sorts the TCP sockets a sidecar holds by
+//!   role, to compare with its metrics.
 //!
 //! On a failing test the lab prints the tail of every log it kept (sidecar
 //! stderr, node output) and leaves its directory in place.
@@ -33,6 +36,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod beam;
+pub mod faults;
 pub mod lab;
 pub mod mesh;
 pub mod metrics;
