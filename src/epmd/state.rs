@@ -125,21 +125,31 @@ pub fn load(path: &Path) -> Result<StateFile, StateError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let corrupt = |reason: String| StateError::Corrupt {
+    parse(&text).map_err(|reason| StateError::Corrupt {
         path: path.to_path_buf(),
         reason,
-    };
-    let state: StateFile = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
+    })
+}
+
+/// Parses and checks the bytes of a state file, with no I/O: the format
+/// version must be known and every node entry must validate. The error is
+/// the reason, for [`StateError::Corrupt`].
+pub fn parse(bytes: &[u8]) -> Result<StateFile, String> {
+    let state: StateFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if state.version != FORMAT_VERSION {
-        return Err(corrupt(format!(
-            "unsupported format version {}",
-            state.version
-        )));
+        return Err(format!("unsupported format version {}", state.version));
     }
     for node in &state.nodes {
-        node.to_entry().map_err(corrupt)?;
+        node.to_entry()?;
     }
     Ok(state)
+}
+
+/// The bytes [`save`] writes for `state`.
+pub fn render(state: &StateFile) -> Result<Vec<u8>, serde_json::Error> {
+    let mut json = serde_json::to_vec_pretty(state)?;
+    json.push(b'\n');
+    Ok(json)
 }
 
 /// Writes `state` atomically: a reader sees the old file or the new one.
@@ -148,7 +158,7 @@ pub fn save(path: &Path, state: &StateFile) -> Result<(), StateError> {
         path: path.to_path_buf(),
         source,
     };
-    let json = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
+    let json = render(state).map_err(|e| err(std::io::Error::other(e)))?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -161,7 +171,6 @@ pub fn save(path: &Path, state: &StateFile) -> Result<(), StateError> {
     ));
     let mut f = std::fs::File::create(&tmp).map_err(err)?;
     f.write_all(&json).map_err(err)?;
-    f.write_all(b"\n").map_err(err)?;
     f.sync_all().map_err(err)?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(err)?;
