@@ -220,3 +220,50 @@ fn nodes_json(shared: &Shared) -> String {
         .collect();
     serde_json::to_string_pretty(&nodes).unwrap_or_else(|_| "[]".into()) + "\n"
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(path: &str, head_only: bool) -> Option<HeadRequest> {
+        Some(HeadRequest::Get {
+            path: path.into(),
+            head_only,
+        })
+    }
+
+    #[test]
+    fn request_heads() {
+        let cases: [(&[u8], Option<HeadRequest>); 9] = [
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", get("/metrics", false)),
+            (b"HEAD /healthz HTTP/1.0\r\n\r\n", get("/healthz", true)),
+            (b"GET /readyz?x=1 HTTP/1.1\n\n", get("/readyz", false)),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", Some(HeadRequest::MethodNotAllowed)),
+            (b"GET\r\n\r\n", Some(HeadRequest::Malformed)),
+            (b"\r\n\r\n", Some(HeadRequest::Malformed)),
+            // Not yet complete: wait for more.
+            (b"GET /metrics HTTP/1.1\r\n", None),
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r", None),
+            (b"", None),
+        ];
+        for (head, want) in cases {
+            assert_eq!(
+                parse_request_head(head),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn a_head_without_its_end_is_refused_at_the_limit() {
+        let mut head = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        head.resize(MAX_HEAD - 1, b'a');
+        assert_eq!(parse_request_head(&head), None);
+        head.push(b'a');
+        assert_eq!(parse_request_head(&head), Some(HeadRequest::Oversized));
+        head.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(parse_request_head(&head), get("/metrics", false));
+    }
+}
