@@ -14,7 +14,7 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use distproxy::admin::{self, HeadRequest};
 use distproxy::config::Config;
-use distproxy::dist::handshake::{self, Status};
+use distproxy::distribution::handshake::{self, Status};
 use distproxy::epmd::codec::RequestCodec;
 use distproxy::epmd::proto::{self, Port2Reply, Request};
 use distproxy::epmd::state;
