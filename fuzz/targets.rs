@@ -20,8 +20,11 @@ use distproxy::epmd::proto::{self, Port2Reply, Request};
 use distproxy::epmd::state;
 use distproxy::tunnel::preamble::{self, Preamble};
 
+/// A target body.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("epmd_codec", epmd_codec),
     ("epmd_request", epmd_request),
     ("epmd_reply", epmd_reply),

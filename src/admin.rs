@@ -249,10 +249,16 @@ mod tests {
     #[test]
     fn request_heads() {
         let cases: [(&[u8], Option<HeadRequest>); 9] = [
-            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", get("/metrics", false)),
+            (
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+                get("/metrics", false),
+            ),
             (b"HEAD /healthz HTTP/1.0\r\n\r\n", get("/healthz", true)),
             (b"GET /readyz?x=1 HTTP/1.1\n\n", get("/readyz", false)),
-            (b"POST /metrics HTTP/1.1\r\n\r\n", Some(HeadRequest::MethodNotAllowed)),
+            (
+                b"POST /metrics HTTP/1.1\r\n\r\n",
+                Some(HeadRequest::MethodNotAllowed),
+            ),
             (b"GET\r\n\r\n", Some(HeadRequest::Malformed)),
             (b"\r\n\r\n", Some(HeadRequest::Malformed)),
             // Not yet complete: wait for more.

@@ -93,6 +93,10 @@ impl StoredNode {
         if !hex.len().is_multiple_of(2) {
             return Err(format!("node {:?}: odd-length extra_hex", self.name));
         }
+        // from_str_radix alone would accept a sign ("+f").
+        if !hex.iter().all(u8::is_ascii_hexdigit) {
+            return Err(format!("node {:?}: bad extra_hex", self.name));
+        }
         let extra = hex
             .chunks(2)
             .map(|pair| {
@@ -332,6 +336,8 @@ mod tests {
             "{\"version\":2,\"nodes\":[],\"creations\":{}}",
             "{\"version\":1,\"nodes\":[{\"name\":\"\",\"port\":1,\"node_type\":77,\"protocol\":0,\"highest_version\":6,\"lowest_version\":5,\"extra_hex\":\"\",\"creation\":1,\"addr\":\"127.0.0.1\"}],\"creations\":{}}",
             "{\"version\":1,\"nodes\":[{\"name\":\"a\",\"port\":1,\"node_type\":77,\"protocol\":0,\"highest_version\":6,\"lowest_version\":5,\"extra_hex\":\"zz\",\"creation\":1,\"addr\":\"127.0.0.1\"}],\"creations\":{}}",
+            // Found by the state_file fuzz target: a sign inside extra_hex.
+            "{\"version\":1,\"nodes\":[{\"name\":\"a\",\"port\":1,\"node_type\":77,\"protocol\":0,\"highest_version\":6,\"lowest_version\":5,\"extra_hex\":\"00+f\",\"creation\":1,\"addr\":\"127.0.0.1\"}],\"creations\":{}}",
         ] {
             std::fs::write(&path, bad).unwrap();
             assert!(matches!(load(&path), Err(StateError::Corrupt { .. })), "{bad:?}");
