@@ -41,7 +41,8 @@ pub struct AdminCtx {
     pub members_json: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
-const MAX_HEAD: usize = 8 * 1024;
+/// The longest request head read before answering 400.
+pub const MAX_HEAD: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Accepts admin connections until the hard stop. Its connections are on
@@ -103,38 +104,26 @@ async fn handle(mut stream: TcpStream, shared: &AdminCtx) {
     let read = async {
         let mut chunk = [0u8; 1024];
         loop {
-            if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-                return true;
-            }
-            if head.len() >= MAX_HEAD {
-                return false;
+            if let Some(request) = parse_request_head(&head) {
+                return request;
             }
             match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return false,
+                Ok(0) | Err(_) => return HeadRequest::Incomplete,
                 Ok(n) => head.extend_from_slice(&chunk[..n]),
             }
         }
     };
-    let complete = tokio::time::timeout(HEAD_TIMEOUT, read)
+    let request = tokio::time::timeout(HEAD_TIMEOUT, read)
         .await
-        .unwrap_or(false);
-    let (is_head, response) = if complete {
-        let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-        let line = String::from_utf8_lossy(line);
-        let mut parts = line.split_whitespace();
-        match (parts.next(), parts.next()) {
-            (Some(method @ ("GET" | "HEAD")), Some(target)) => {
-                let path = target.split('?').next().unwrap_or(target);
-                (method == "HEAD", route(path, shared))
-            }
-            (Some(_), Some(_)) => (false, Response::text(405, "only GET and HEAD\n")),
-            _ => (false, Response::text(400, "bad request\n")),
-        }
-    } else {
-        (
+        .unwrap_or(HeadRequest::Incomplete);
+    let (is_head, response) = match request {
+        HeadRequest::Get { path, head_only } => (head_only, route(&path, shared)),
+        HeadRequest::MethodNotAllowed => (false, Response::text(405, "only GET and HEAD\n")),
+        HeadRequest::Malformed => (false, Response::text(400, "bad request\n")),
+        HeadRequest::Incomplete | HeadRequest::Oversized => (
             false,
             Response::text(400, "incomplete or oversized request\n"),
-        )
+        ),
     };
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -155,6 +144,46 @@ async fn handle(mut stream: TcpStream, shared: &AdminCtx) {
         }
         Err(e) => debug!(error = %e, "admin response not delivered"),
     }
+}
+
+/// What a request head asks for, as far as this server cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadRequest {
+    /// `GET` or `HEAD` (`head_only`) of `path` (the target without its query).
+    Get { path: String, head_only: bool },
+    /// A well-formed request line with another method.
+    MethodNotAllowed,
+    /// A complete head whose request line has no method and target.
+    Malformed,
+    /// [`MAX_HEAD`] bytes without the blank line that ends a head.
+    Oversized,
+    /// The peer closed or timed out before the head was complete (never
+    /// returned by [`parse_request_head`]).
+    Incomplete,
+}
+
+/// Judges the bytes of a request head read so far: `None` while the blank
+/// line that ends it (`\r\n\r\n`, or `\n\n` from lax clients) has not
+/// arrived and there is room for more. Only the request line is looked at;
+/// headers are ignored. The caller stops reading at the first `Some`, so a
+/// head never grows much past [`MAX_HEAD`].
+pub fn parse_request_head(head: &[u8]) -> Option<HeadRequest> {
+    let complete =
+        head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n");
+    if !complete {
+        return (head.len() >= MAX_HEAD).then_some(HeadRequest::Oversized);
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    Some(match (parts.next(), parts.next()) {
+        (Some(method @ ("GET" | "HEAD")), Some(target)) => HeadRequest::Get {
+            path: target.split('?').next().unwrap_or(target).to_owned(),
+            head_only: method == "HEAD",
+        },
+        (Some(_), Some(_)) => HeadRequest::MethodNotAllowed,
+        _ => HeadRequest::Malformed,
+    })
 }
 
 /// Answers one path.
@@ -233,4 +262,57 @@ fn nodes_json(shared: &AdminCtx) -> String {
         })
         .collect();
     serde_json::to_string_pretty(&nodes).unwrap_or_else(|_| "[]".into()) + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(path: &str, head_only: bool) -> Option<HeadRequest> {
+        Some(HeadRequest::Get {
+            path: path.into(),
+            head_only,
+        })
+    }
+
+    #[test]
+    fn request_heads() {
+        let cases: [(&[u8], Option<HeadRequest>); 9] = [
+            (
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+                get("/metrics", false),
+            ),
+            (b"HEAD /healthz HTTP/1.0\r\n\r\n", get("/healthz", true)),
+            (b"GET /readyz?x=1 HTTP/1.1\n\n", get("/readyz", false)),
+            (
+                b"POST /metrics HTTP/1.1\r\n\r\n",
+                Some(HeadRequest::MethodNotAllowed),
+            ),
+            (b"GET\r\n\r\n", Some(HeadRequest::Malformed)),
+            (b"\r\n\r\n", Some(HeadRequest::Malformed)),
+            // Not yet complete: wait for more.
+            (b"GET /metrics HTTP/1.1\r\n", None),
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r", None),
+            (b"", None),
+        ];
+        for (head, want) in cases {
+            assert_eq!(
+                parse_request_head(head),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn a_head_without_its_end_is_refused_at_the_limit() {
+        let mut head = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        head.resize(MAX_HEAD - 1, b'a');
+        assert_eq!(parse_request_head(&head), None);
+        head.push(b'a');
+        assert_eq!(parse_request_head(&head), Some(HeadRequest::Oversized));
+        head.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(parse_request_head(&head), get("/metrics", false));
+    }
 }

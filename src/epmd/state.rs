@@ -105,6 +105,10 @@ impl StoredNode {
         if !hex.len().is_multiple_of(2) {
             return Err(format!("node {:?}: odd-length extra_hex", self.name));
         }
+        // from_str_radix alone would accept a sign ("+f").
+        if !hex.iter().all(u8::is_ascii_hexdigit) {
+            return Err(format!("node {:?}: bad extra_hex", self.name));
+        }
         let extra = hex
             .chunks(2)
             .map(|pair| {
@@ -151,21 +155,31 @@ pub fn load(path: &Path) -> Result<StateFile, StateError> {
     if text.len() as u64 > MAX_STATE_BYTES {
         return Err(corrupt(format!("larger than {MAX_STATE_BYTES} bytes")));
     }
-    let state: StateFile = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
+    parse(&text).map_err(corrupt)
+}
+
+/// Parses and checks the bytes of a state file, with no I/O: the format
+/// version must be known and every node entry and remembered name must
+/// validate. The error is the reason, for [`StateError::Corrupt`].
+pub fn parse(bytes: &[u8]) -> Result<StateFile, String> {
+    let state: StateFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if state.version != FORMAT_VERSION {
-        return Err(corrupt(format!(
-            "unsupported format version {}",
-            state.version
-        )));
+        return Err(format!("unsupported format version {}", state.version));
     }
     for node in &state.nodes {
-        node.to_entry().map_err(corrupt)?;
+        node.to_entry()?;
     }
     for name in state.creations.keys() {
-        validate_name(name.as_bytes())
-            .map_err(|e| corrupt(format!("creation of {name:?}: {e}")))?;
+        validate_name(name.as_bytes()).map_err(|e| format!("creation of {name:?}: {e}"))?;
     }
     Ok(state)
+}
+
+/// The bytes [`save`] writes for `state`.
+pub fn render(state: &StateFile) -> Result<Vec<u8>, serde_json::Error> {
+    let mut json = serde_json::to_vec_pretty(state)?;
+    json.push(b'\n');
+    Ok(json)
 }
 
 /// Writes `state` atomically: a reader sees the old file or the new one.
@@ -174,7 +188,7 @@ pub fn save(path: &Path, state: &StateFile) -> Result<(), StateError> {
         path: path.to_path_buf(),
         source,
     };
-    let json = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
+    let json = render(state).map_err(|e| err(std::io::Error::other(e)))?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -183,7 +197,6 @@ pub fn save(path: &Path, state: &StateFile) -> Result<(), StateError> {
     let (tmp, mut f) = create_temporary(dir, path).map_err(err)?;
     let written = (|| {
         f.write_all(&json)?;
-        f.write_all(b"\n")?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)
@@ -439,6 +452,8 @@ mod tests {
             "{\"version\":2,\"nodes\":[],\"creations\":{}}",
             "{\"version\":1,\"nodes\":[{\"name\":\"\",\"port\":1,\"node_type\":77,\"protocol\":0,\"highest_version\":6,\"lowest_version\":5,\"extra_hex\":\"\",\"creation\":1,\"addr\":\"127.0.0.1\"}],\"creations\":{}}",
             "{\"version\":1,\"nodes\":[{\"name\":\"a\",\"port\":1,\"node_type\":77,\"protocol\":0,\"highest_version\":6,\"lowest_version\":5,\"extra_hex\":\"zz\",\"creation\":1,\"addr\":\"127.0.0.1\"}],\"creations\":{}}",
+            // Found by the state_file fuzz target: a sign inside extra_hex.
+            "{\"version\":1,\"nodes\":[{\"name\":\"a\",\"port\":1,\"node_type\":77,\"protocol\":0,\"highest_version\":6,\"lowest_version\":5,\"extra_hex\":\"00+f\",\"creation\":1,\"addr\":\"127.0.0.1\"}],\"creations\":{}}",
         ] {
             std::fs::write(&path, bad).unwrap();
             assert!(matches!(load(&path), Err(StateError::Corrupt { .. })), "{bad:?}");
