@@ -3,7 +3,8 @@
 # OTP nodes in network-namespace pods) and deployment checks.
 #
 # Installs what the tests need when it is missing (Debian: erlang-nox,
-# elixir, iproute2, tcpdump; deployment linters into .tools/). Run as root:
+# elixir, iproute2, tcpdump, mmdebstrap; deployment linters into .tools/;
+# Debian root filesystems with OTP 27 and 29 into target/otp-rootfs/). Run as root:
 # the end-to-end tests create network namespaces. Set DISTPROXY_SKIP_E2E=1
 # to skip them explicitly (they fail, saying why, when they cannot run).
 set -euo pipefail
@@ -31,6 +32,13 @@ fi
 
 if [ -x scripts/install-deploy-tools.sh ] || [ -f scripts/install-deploy-tools.sh ]; then
   bash scripts/install-deploy-tools.sh
+fi
+
+# Root filesystems of the OTP release matrix (tests/e2e_otp_matrix.rs),
+# built once and cached under target/otp-rootfs/; installs mmdebstrap. If
+# this fails, the matrix tests fail saying why.
+if [ "${DISTPROXY_SKIP_E2E:-}" != 1 ] && [ "${DISTPROXY_SKIP_OTP_MATRIX:-}" != 1 ]; then
+  bash scripts/otp-rootfs.sh || echo "test-all: building the OTP root filesystems failed" >&2
 fi
 
 # Benches must at least build; they are run by hand (see README).

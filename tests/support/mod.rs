@@ -18,6 +18,9 @@
 //!   rpc across pods); [`metrics`] reads a sidecar's Prometheus metrics;
 //!   [`module`] compiles the `distproxy_epmd` helper module and starts nodes
 //!   with it; [`wait`] polls a condition with a deadline.
+//! - [`otp`]: the OTP release a node runs ([`Otp`], per pod or per node):
+//!   the host's, or another release from a Debian root filesystem built by
+//!   `scripts/otp-rootfs.sh`, entered with `chroot` inside the pod.
 //!
 //! On a failing test the lab prints the tail of every log it kept (sidecar
 //! stderr, node output) and leaves its directory in place.
@@ -36,6 +39,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod module;
 pub mod netstat;
+pub mod otp;
 pub mod prereq;
 pub mod process;
 pub mod sidecar;
@@ -43,6 +47,7 @@ pub mod wait;
 
 pub use beam::{BeamNode, BlobResult};
 pub use lab::{Lab, Pod};
+pub use otp::Otp;
 pub use prereq::e2e_enabled;
 pub use sidecar::{Daemon, SidecarOptions};
 
