@@ -178,7 +178,9 @@ fn every_path_on(otp: Otp) {
     );
     let tunnelled = sidecar_b.log_lines_containing("egress relaying");
     assert!(
-        tunnelled.iter().any(|l| l.contains("tls")),
+        tunnelled
+            .iter()
+            .any(|l| l.contains(&format!("target={am}")) && l.contains("transport=\"tls\"")),
         "pod B's sidecar relayed bm -> am over TLS: {tunnelled:#?}"
     );
 
@@ -197,23 +199,34 @@ fn every_path_on(otp: Otp) {
         .expect("net_adm:names of pod A");
     let expected: BTreeSet<&str> = ["a1", "a2", "am", "ae"].into();
     assert_eq!(
-        listed.iter().map(|(n, _)| n.as_str()).collect::<BTreeSet<_>>(),
+        listed
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<BTreeSet<_>>(),
         expected,
         "names of pod A: {listed:?}"
     );
-    assert!(listed.iter().all(|(_, port)| *port == DIST_PORT), "{listed:?}");
+    assert!(
+        listed.iter().all(|(_, port)| *port == DIST_PORT),
+        "{listed:?}"
+    );
 
     // Restart: a2 halts and starts again under the same name.
     let old_creation = node(&mut nodes, &a2).creation();
     let at = nodes.iter().position(|n| n.name() == a2).expect("a2");
     nodes.remove(at).halt();
-    wait_until(Duration::from_secs(10), "b1 to notice that a2 is down", || {
-        !node(&mut nodes, &b1).nodes().contains(&a2)
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "b1 to notice that a2 is down",
+        || !node(&mut nodes, &b1).nodes().contains(&a2),
+    );
     let mut new_a2 = a.start_erlang("a2");
     assert_release(&mut new_a2, otp);
     let new_creation = new_a2.creation();
-    assert_ne!(new_creation, old_creation, "a restarted node gets a new creation");
+    assert_ne!(
+        new_creation, old_creation,
+        "a restarted node gets a new creation"
+    );
     let b1_node = node(&mut nodes, &b1);
     assert_eq!(b1_node.ping(&a2), "pong", "b1 -> restarted a2");
     assert_eq!(
@@ -252,47 +265,69 @@ fn otp25_and_otp29_pods_talk_through_both_paths() {
     let ebin25 = compile_module_with(&lab, Otp::V25);
     let mut sidecar_a = a.spawn_sidecar(&[]);
     let mut sidecar_b = b.spawn_sidecar(&[]);
+    // One connection per ping (no transitive connections by global), so
+    // each ping below sets up the connection it checks.
+    let no_connect_all = |mut o: ErlangOptions| {
+        o.extra_args.extend(["-connect_all".into(), "false".into()]);
+        o
+    };
+    let plain = no_connect_all(ErlangOptions::default());
+    let module = no_connect_all(with_module(&ebin25));
     let mut nodes = vec![
-        a.spawn_erlang("a1"),
-        a.spawn_erlang_with("am", &with_module(&ebin25)),
-        b.spawn_erlang("b1"),
-        b.spawn_erlang_with("bm", &with_module(&ebin25)),
+        a.spawn_erlang_with("a1", &plain),
+        a.spawn_erlang_with("am", &module),
+        b.spawn_erlang_with("b1", &plain),
+        b.spawn_erlang_with("bm", &module),
     ];
     for node in &mut nodes {
         node.wait_ready();
     }
     let names: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
-    for (node, otp) in nodes.iter_mut().zip([Otp::V25, Otp::V25, Otp::V29, Otp::V29]) {
+    for (node, otp) in nodes
+        .iter_mut()
+        .zip([Otp::V25, Otp::V25, Otp::V29, Otp::V29])
+    {
         assert_release(node, otp);
     }
-    let bm_name = names[3].clone();
-    assert_eq!(
-        nodes[3].rpc(&bm_name, "code", "which", "[distproxy_epmd]"),
-        format!("\"{}\"", ebin25.join("distproxy_epmd.beam").display()),
-        "bm (OTP 29) loaded the module compiled on 25"
-    );
-
-    // Correlation both ways, each checked on the target's sidecar.
-    for (from, to, target_pod) in [(2, 0, a), (0, 2, b)] {
-        let before = correlated(target_pod);
-        assert_eq!(nodes[from].ping(&names[to]), "pong", "{} -> {}", names[from], names[to]);
-        assert!(
-            correlated(target_pod) > before,
-            "{} -> {} routed by correlation",
-            names[from],
-            names[to]
+    let beam25 = format!("\"{}\"", ebin25.join("distproxy_epmd.beam").display());
+    for i in [1, 3] {
+        let me = names[i].clone();
+        assert_eq!(
+            nodes[i].rpc(&me, "net_kernel", "epmd_module", "[]"),
+            "distproxy_epmd",
+            "{me} runs with the helper module"
+        );
+        assert_eq!(
+            nodes[i].rpc(&me, "code", "which", "[distproxy_epmd]"),
+            beam25,
+            "{me} loaded the module compiled on OTP 25"
         );
     }
-    // The tunnel both ways.
-    for (from, to, target_pod) in [(3, 1, a), (1, 3, b)] {
-        let before = by_preamble(target_pod);
-        assert_eq!(nodes[from].ping(&names[to]), "pong", "{} -> {}", names[from], names[to]);
-        assert!(
-            by_preamble(target_pod) > before,
-            "{} -> {} routed by preamble",
-            names[from],
-            names[to]
+
+    // Each path both ways, on four distinct pairs; the target's sidecar
+    // shows how it routed the new connection. A plain initiator is routed
+    // by correlation (whatever the target runs), a module initiator by
+    // preamble.
+    let (a1, am, b1, bm) = (0, 1, 2, 3);
+    for (from, to, target_pod, method) in [
+        (b1, a1, a, "correlated"),
+        (a1, bm, b, "correlated"),
+        (bm, am, a, "preamble"),
+        (am, b1, b, "preamble"),
+    ] {
+        let before = routes(target_pod, method);
+        let (from_name, to_name) = (names[from].clone(), names[to].clone());
+        assert_eq!(
+            nodes[from].ping(&to_name),
+            "pong",
+            "{from_name} -> {to_name}"
         );
+        assert!(
+            routes(target_pod, method) > before,
+            "{from_name} -> {to_name}: routed by {method} in pod {}",
+            target_pod.name()
+        );
+        assert_eq!(nodes[from].rpc_node(&to_name), to_name);
     }
 
     ping_everyone_at_once(&mut nodes);
@@ -386,9 +421,13 @@ fn rolling_upgrade_from_otp25_to_otp29_while_pinging() {
         );
     }
     assert_rpc_across_pods_answered_by_target(running.iter_mut().flatten());
-    for pod in &pods {
-        assert!(by_preamble(pod) >= 1.0 && correlated(pod) >= 1.0, "pod {}: both paths", pod.name());
-    }
+    let total = |method: &str| pods.iter().map(|p| routes(p, method)).sum::<f64>();
+    assert!(
+        total("correlated") >= 1.0 && total("preamble") >= 1.0,
+        "both paths used: {} by correlation, {} by preamble",
+        total("correlated"),
+        total("preamble")
+    );
     for sidecar in &mut sidecars {
         sidecar.assert_no_misroute();
     }
@@ -437,18 +476,21 @@ fn short(name: &str) -> &str {
     name.split_once('@').map_or(name, |(s, _)| s)
 }
 
-/// Connections the pod's sidecar routed by correlation so far.
-fn correlated(pod: &Pod) -> f64 {
-    metric_sum(&metrics(pod), "distproxy_routes_total", &[("method", "correlated")])
-}
-
-/// Connections the pod's sidecar routed by tunnel preamble so far.
-fn by_preamble(pod: &Pod) -> f64 {
-    metric_sum(&metrics(pod), "distproxy_routes_total", &[("method", "preamble")])
+/// Connections the pod's sidecar routed by `method` (`correlated`,
+/// `preamble`, ...) so far.
+fn routes(pod: &Pod, method: &str) -> f64 {
+    metric_sum(
+        &metrics(pod),
+        "distproxy_routes_total",
+        &[("method", method)],
+    )
 }
 
 fn assert_blob_intact(blob: &support::BlobResult, what: &str) {
     assert_eq!(blob.remote_size, blob.size, "{what}: size that arrived");
-    assert_eq!(blob.remote_md5, blob.local_md5, "{what}: MD5 of what arrived");
+    assert_eq!(
+        blob.remote_md5, blob.local_md5,
+        "{what}: MD5 of what arrived"
+    );
     eprintln!("{what}: {} bytes intact in {:?}", blob.size, blob.elapsed);
 }

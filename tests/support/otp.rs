@@ -162,6 +162,7 @@ pub fn erlc(otp: Otp, flags: &[&str], src: &Path, ebin: &Path) {
         .arg("-o")
         .arg(ebin)
         .arg(src)
+        .current_dir(ebin)
         .stdin(Stdio::null());
     let out = cmd
         .output()
