@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion};
-use distproxy::dist::handshake::{
+use distproxy::distribution::handshake::{
     encode_challenge, encode_send_name, parse_challenge, parse_send_name, Challenge, SendName,
     DFLAG_HANDSHAKE_23,
 };

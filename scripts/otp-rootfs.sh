@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 out=${DISTPROXY_OTP_ROOTFS:-target/otp-rootfs}
 mkdir -p "$out"
 
-if ! command -v mmdebstrap >/dev/null 2>&1; then
+if ! command -v mmdebstrap >/dev/null 2>&1 && [ "${DISTPROXY_SKIP_INSTALL:-}" != 1 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "otp-rootfs: installing mmdebstrap" >&2

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use distproxy::client;
-use distproxy::server::{self, Sidecar};
+use distproxy::sidecar::{self, Sidecar};
 use metrics_exporter_prometheus::PrometheusHandle;
 use support_inproc::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,7 +35,7 @@ fn prometheus() -> PrometheusHandle {
 
 fn start_with_admin(mut config: distproxy::config::Config) -> Sidecar {
     config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
-    let listeners = server::bind(&config).unwrap();
+    let listeners = sidecar::bind(&config).unwrap();
     Sidecar::start_with(config, listeners, Some(prometheus()))
 }
 
@@ -157,9 +157,9 @@ async fn metrics_follow_the_traffic() {
     let _ = bad.read_to_end(&mut Vec::new()).await;
     let (mut lost, _) = (TcpStream::connect(dist).await.unwrap(), ());
     let mut frame = bytes::BytesMut::new();
-    distproxy::dist::handshake::encode_send_name(
+    distproxy::distribution::handshake::encode_send_name(
         &mut frame,
-        &distproxy::dist::handshake::SendName {
+        &distproxy::distribution::handshake::SendName {
             name: "lost@remote".into(),
             flags: 0x000d_07df_7fbd,
             creation: Some(1),
@@ -290,7 +290,7 @@ async fn health_readiness_and_unknown_paths() {
     assert_eq!(http_get(admin, "/nope").await.0, 404);
 
     // Not ready once shutdown starts (Kubernetes stops routing to us).
-    sc.shared.shutdown.cancel();
+    sc.shutdown.cancel();
     assert_eq!(http_get(admin, "/readyz").await.0, 503);
 
     // Garbage is answered 400, not a hang or a crash.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use distproxy::client;
-use distproxy::dist::handshake::{self, SendName};
+use distproxy::distribution::handshake::{self, SendName};
 use distproxy::epmd::proto::{Port2Reply, Request};
 use support_inproc::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

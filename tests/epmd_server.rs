@@ -154,7 +154,7 @@ async fn dump_kill_and_stop_follow_epmd() {
         client::port_please(epmd, "a").await.unwrap(),
         Port2Reply::Found(_)
     ));
-    assert!(!sc.shared.shutdown.is_cancelled());
+    assert!(!sc.shutdown.is_cancelled());
 }
 
 #[tokio::test]

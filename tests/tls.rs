@@ -660,9 +660,9 @@ mod tunnel_tls {
     use bytes::BytesMut;
     use distproxy::client;
     use distproxy::config::Config;
-    use distproxy::dist::handshake::{self, SendName};
+    use distproxy::distribution::handshake::{self, SendName};
     use distproxy::epmd::proto::{self, Request};
-    use distproxy::server::Sidecar;
+    use distproxy::sidecar::Sidecar;
     use std::net::SocketAddr;
     use std::sync::Mutex;
 
@@ -945,7 +945,7 @@ mod tunnel_tls {
         // The local pod's certificate now names pod-z instead of pod-a.
         let next = ca.leaf(&["127.0.0.1", "pod-z.dp.test"], 0x9003);
         p.local_secret.write(&next.cert_pem, &next.key_pem, &ca.pem);
-        let tls = p.local.shared.tls.as_ref().unwrap();
+        let tls = p.local.tls.as_ref().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while tls.local_identity().serial != next.serial_string() {
             assert!(std::time::Instant::now() < deadline, "not reloaded");

@@ -13,9 +13,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use distproxy::client;
 use distproxy::config::Config;
-use distproxy::dist::handshake::{self, SendName};
+use distproxy::distribution::handshake::{self, SendName};
 use distproxy::epmd::proto::{self, EgressReply, Request};
-use distproxy::server::Sidecar;
+use distproxy::sidecar::Sidecar;
 use distproxy::tunnel::preamble::Preamble;
 use support_inproc::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -132,7 +132,6 @@ async fn egress_reaches_the_named_node_exactly_without_any_lookup() {
     }
     assert!(
         p.remote
-            .shared
             .correlator
             .pending("127.0.0.1".parse().unwrap())
             .is_empty(),
@@ -148,8 +147,8 @@ async fn one_egress_port_per_remote_node_reused_and_used_concurrently() {
     let pc = egress_port(local_epmd, "c@127.0.0.1").await;
     assert_ne!(pb, pc);
     assert_eq!(egress_port(local_epmd, "b@127.0.0.1").await, pb);
-    assert_eq!(p.local.shared.egress.len(), 2);
-    assert_eq!(p.local.shared.egress.port_of("c@127.0.0.1"), Some(pc));
+    assert_eq!(p.local.egress.len(), 2);
+    assert_eq!(p.local.egress.port_of("c@127.0.0.1"), Some(pc));
 
     // Twenty connections at once, alternating targets, from distinct
     // initiators.
@@ -260,14 +259,14 @@ async fn egress_listener_closes_when_idle_and_reopens_on_request() {
     // An open connection keeps the listener, however long it lasts.
     let (mut s, _) = dial_as(loopback(port), "a1@pod-a").await;
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(p.local.shared.egress.port_of("b@127.0.0.1"), Some(port));
+    assert_eq!(p.local.egress.port_of("b@127.0.0.1"), Some(port));
     s.write_all(b"still").await.unwrap();
     let mut back = [0u8; 5];
     s.read_exact(&mut back).await.unwrap();
     drop(s);
 
     // Idle: closed, and the port refuses connections.
-    let egress = &p.local.shared.egress;
+    let egress = &p.local.egress;
     assert!(
         eventually(Duration::from_secs(3), || async { egress.is_empty() }).await,
         "egress listener still open"
@@ -303,7 +302,7 @@ async fn egress_request_errors_have_result_codes() {
     let off = start(config);
     let r = egress(epmd_addr(&off), "b@127.0.0.1").await;
     assert_eq!(r.result, proto::EGRESS_REFUSED);
-    assert!(off.shared.egress.is_empty());
+    assert!(off.egress.is_empty());
 }
 
 #[tokio::test]
@@ -487,7 +486,6 @@ async fn erlang_module_asks_the_sidecar_and_falls_back_without_one() {
     .await;
     let port = p
         .local
-        .shared
         .egress
         .port_of("b@127.0.0.1")
         .expect("the module's request opened an egress listener");

@@ -7,7 +7,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread;
 
 use bytes::BytesMut;
-use distproxy::dist::handshake::{self, Challenge, Status};
+use distproxy::distribution::handshake::{self, Challenge, Status};
 
 /// What the fake node does after the handshake, chosen by the initiator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,7 +179,7 @@ pub fn proxy_bin(override_var: &str) -> String {
 /// node's status and challenge, checking it was answered by the fake node
 /// and that nothing followed. `what` names the path in failure messages.
 pub fn complete_handshake(s: &mut TcpStream, mode: Mode, what: &str) {
-    use distproxy::dist::handshake::SendName;
+    use distproxy::distribution::handshake::SendName;
     s.set_nodelay(true).unwrap();
     let mut out = BytesMut::new();
     handshake::encode_send_name(

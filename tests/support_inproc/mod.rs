@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use distproxy::config::{Config, LoopbackLookups};
-use distproxy::dist::handshake::{self, Challenge, SendName, Status};
+use distproxy::distribution::handshake::{self, Challenge, SendName, Status};
 use distproxy::epmd::proto::NodeSpec;
-use distproxy::server::{self, Sidecar};
+use distproxy::sidecar::{self, Sidecar};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -32,7 +32,7 @@ pub fn proxy_config() -> Config {
 }
 
 pub fn start(config: Config) -> Sidecar {
-    let listeners = server::bind(&config).expect("bind test listeners");
+    let listeners = sidecar::bind(&config).expect("bind test listeners");
     Sidecar::start(config, listeners)
 }
 
