@@ -22,14 +22,13 @@
 //! saying so otherwise, unless `DISTPROXY_SKIP_E2E=1` (all e2e tests) or
 //! `DISTPROXY_SKIP_OTP_MATRIX=1` (this file only) is set.
 
-mod certs;
 mod support;
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::time::{Duration, SystemTime};
 
-use certs::{Ca, SecretDir};
+use distproxy_testkit::certs::{Ca, SecretDir};
 use support::beam::ErlangOptions;
 use support::mesh::{
     assert_full_mesh, assert_rpc_across_pods_answered_by_target, others, ping_everyone_at_once,
