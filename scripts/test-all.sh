@@ -8,6 +8,10 @@
 # root: the end-to-end tests create network namespaces. Opt-outs, each
 # explicit (a suite that cannot run otherwise fails and says why):
 #   DISTPROXY_SKIP_E2E=1         end-to-end tests with real BEAM nodes
+#   DISTPROXY_SKIP_OTP_MATRIX=1  only the OTP 25/27/29 matrix, whose Debian
+#                                root filesystems (target/otp-rootfs/, built
+#                                once by scripts/otp-rootfs.sh) need
+#                                deb.debian.org
 #   DISTPROXY_SKIP_INSTALL=1     no apt-get (the machine is prepared already)
 # Extra suites register themselves in the "extra suites" section.
 set -euo pipefail
@@ -29,6 +33,7 @@ packages=(
   "iptables iptables"
   "socat socat"
   "dnsmasq dnsmasq-base"
+  "mmdebstrap mmdebstrap"
 )
 need=()
 for pair in "${packages[@]}"; do
@@ -106,6 +111,12 @@ run_suite() {
 
 # Build everything once (benches must at least build; they run by hand).
 run_suite build cargo build --release --benches --tests
+
+# Root filesystems of the OTP release matrix (tests/e2e_otp_matrix.rs),
+# cached under target/otp-rootfs/ after the first run.
+if [ "${DISTPROXY_SKIP_E2E:-}" != 1 ] && [ "${DISTPROXY_SKIP_OTP_MATRIX:-}" != 1 ]; then
+  run_suite otp-rootfs bash scripts/otp-rootfs.sh
+fi
 
 # Unit tests of the library and binary, then each integration test binary on
 # its own so that its time shows.

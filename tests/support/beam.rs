@@ -15,6 +15,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::lab::{EpmdKind, Pod};
+use super::otp::{self, Otp};
 use super::process::Proc;
 
 /// Source of the agent.
@@ -49,6 +50,22 @@ pub(crate) fn compile_agent(ebin: &Path) {
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Compiles the agent with release `otp`'s `erlc` into `ebin`, from a
+/// copy of its source in `dir` (the lab directory, which that release's
+/// tree sees).
+pub(crate) fn compile_agent_with(otp: Otp, dir: &Path, ebin: &Path) {
+    let src = dir.join("dp_test_agent.erl");
+    if !src.is_file() {
+        std::fs::copy(AGENT_SRC, &src).expect("copy the agent source into the lab");
+    }
+    otp::erlc(otp, &[], &src, ebin);
+    assert!(
+        ebin.join("dp_test_agent.beam").is_file(),
+        "erlc of {otp} wrote no dp_test_agent.beam into {}",
+        ebin.display()
     );
 }
 
@@ -87,8 +104,16 @@ pub struct ErlangOptions {
     pub name: Option<String>,
     /// Start with `-sname` instead of `-name`.
     pub short_names: bool,
-    /// Further `erl` arguments, e.g. `-pa DIR -epmd_module distproxy_epmd`.
+    /// Further `erl` arguments, e.g. `-pa DIR -epmd_module distproxy_epmd`
+    /// (for Elixir nodes: appended to `--erl`).
     pub extra_args: Vec<String>,
+    /// OTP release of the node instead of its pod's
+    /// ([`Pod::set_otp`](super::lab::Pod::set_otp)).
+    pub otp: Option<Otp>,
+    /// Environment of the node, e.g. `ERL_FLAGS` or `ELIXIR_ERL_OPTIONS`
+    /// the way a release's start script passes flags (the harness clears
+    /// the Erlang variables of its own environment).
+    pub env: Vec<(String, String)>,
 }
 
 impl BeamNode {
@@ -104,6 +129,8 @@ impl BeamNode {
         options: &ErlangOptions,
     ) -> BeamNode {
         let lab = pod.lab();
+        let otp = options.otp.unwrap_or_else(|| pod.otp());
+        let ebin = lab.agent_ebin(otp);
         let name = options.name.clone().unwrap_or_else(|| pod.node_name(short));
         let name_flag = if options.short_names {
             "-sname"
@@ -115,13 +142,13 @@ impl BeamNode {
         let loopback_only = epmd == EpmdKind::Sidecar;
         let mut cmd = match kind {
             NodeKind::Erlang => {
-                let mut cmd = pod.command("erl");
+                let mut cmd = pod.otp_command(otp, "erl");
                 cmd.args(["-noshell", name_flag, &name, "-setcookie", &lab.cookie]);
                 cmd.args(["-start_epmd", "false"]);
                 if loopback_only {
                     cmd.args(["-kernel", "inet_dist_use_interface", "{127,0,0,1}"]);
                 }
-                cmd.args(VM_FLAGS).arg("-pa").arg(&lab.ebin);
+                cmd.args(VM_FLAGS).arg("-pa").arg(&ebin);
                 cmd.args(&options.extra_args);
                 cmd.args(["-s", "dp_test_agent", "start"]);
                 cmd
@@ -131,24 +158,31 @@ impl BeamNode {
                 if loopback_only {
                     erl.push_str(" -kernel inet_dist_use_interface {127,0,0,1}");
                 }
-                for flag in VM_FLAGS {
+                let extra = options.extra_args.iter().map(String::as_str);
+                for flag in VM_FLAGS.iter().copied().chain(extra) {
                     erl.push(' ');
                     erl.push_str(flag);
                 }
-                let mut cmd = pod.command("elixir");
-                cmd.args(["--name", &name, "--cookie", &lab.cookie, "--erl", &erl]);
-                cmd.arg("-pa").arg(&lab.ebin);
+                let mut cmd = pod.otp_command(otp, "elixir");
+                let name_flag = if options.short_names {
+                    "--sname"
+                } else {
+                    "--name"
+                };
+                cmd.args([name_flag, &name, "--cookie", &lab.cookie, "--erl", &erl]);
+                cmd.arg("-pa").arg(&ebin);
                 cmd.args(["-e", ":dp_test_agent.start(); Process.sleep(:infinity)"]);
                 cmd
             }
         };
+        cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
         let err_log = lab.file(short, "stderr");
         let out_log = lab.file(short, "stdout");
         let err = std::fs::File::create(&err_log).expect("create node stderr log");
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(err));
-        let label = format!("{kind:?} node {name}");
+        let label = format!("{kind:?} node {name} ({otp})");
         let mut proc = Proc::spawn(&label, &mut cmd, &err_log);
         let stdin = proc.child_mut().stdin.take().expect("node stdin");
         let stdout = proc.child_mut().stdout.take().expect("node stdout");

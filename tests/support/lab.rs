@@ -19,7 +19,7 @@
 //! recognisable, so a later run can remove what a killed run left behind.
 
 use std::cell::Cell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use super::beam::{self, BeamNode, NodeKind};
 use super::netstat::{self, Listener};
+use super::otp::Otp;
 use super::process::Proc;
 use super::sidecar::{Daemon, SidecarOptions};
 use super::EPMD_PORT;
@@ -67,6 +68,9 @@ pub(crate) struct LabShared {
     pub ebin: PathBuf,
     pub cookie: String,
     seq: AtomicU32,
+    /// The agent compiled by each release other than the host's (see
+    /// [`agent_ebin`](Self::agent_ebin)).
+    release_ebins: Mutex<HashMap<Otp, PathBuf>>,
 }
 
 impl LabShared {
@@ -74,6 +78,27 @@ impl LabShared {
     pub fn file(&self, stem: &str, ext: &str) -> PathBuf {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         self.dir.join(format!("{stem}.{n:02}.{ext}"))
+    }
+
+    /// The directory of the agent `.beam` for nodes of release `otp`: the
+    /// host's [`ebin`](Self::ebin), or the agent compiled once per lab by
+    /// that release's `erlc`.
+    pub fn agent_ebin(&self, otp: Otp) -> PathBuf {
+        if otp.rootfs().is_none() {
+            return self.ebin.clone();
+        }
+        let mut ebins = self
+            .release_ebins
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        ebins
+            .entry(otp)
+            .or_insert_with(|| {
+                let ebin = self.dir.join(format!("ebin-{}", otp.release()));
+                beam::compile_agent_with(otp, &self.dir, &ebin);
+                ebin
+            })
+            .clone()
     }
 }
 
@@ -113,6 +138,7 @@ impl Lab {
             ebin,
             cookie: format!("dpcookie{pid}x{id}"),
             seq: AtomicU32::new(0),
+            release_ebins: Mutex::new(HashMap::new()),
         });
 
         let mut lab = Lab {
@@ -171,6 +197,7 @@ impl Lab {
                 host: format!("pod-{name}.{DOMAIN}"),
                 addr,
                 epmd: Cell::new(None),
+                otp: Cell::new(Otp::default()),
                 lab: shared.clone(),
             });
         }
@@ -287,6 +314,9 @@ pub struct Pod {
     host: String,
     addr: Ipv4Addr,
     epmd: Cell<Option<EpmdKind>>,
+    /// Release of the nodes started here unless a node's options say
+    /// otherwise.
+    otp: Cell<Otp>,
     lab: Arc<LabShared>,
 }
 
@@ -324,6 +354,29 @@ impl Pod {
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns, program]);
+        self.clean_command(cmd)
+    }
+
+    /// Like [`command`](Self::command), with `program` of OTP release `otp`
+    /// (`erl`, `elixir`, ...; see [`Otp::command`]).
+    pub fn otp_command(&self, otp: Otp, program: &str) -> Command {
+        self.clean_command(otp.command(Some(&self.ns), program))
+    }
+
+    /// The OTP release of the nodes started in this pod from now on (by
+    /// default [`Otp::V25`], the host's).
+    pub fn otp(&self) -> Otp {
+        self.otp.get()
+    }
+
+    /// Sets the release of the nodes started in this pod from now on (a
+    /// node's [`ErlangOptions::otp`](beam::ErlangOptions) overrides it).
+    /// Running nodes are not affected: restart them to change release.
+    pub fn set_otp(&self, otp: Otp) {
+        self.otp.set(otp);
+    }
+
+    fn clean_command(&self, mut cmd: Command) -> Command {
         for var in [
             "ERL_EPMD_ADDRESS",
             "ERL_EPMD_PORT",
@@ -455,6 +508,13 @@ impl Pod {
     /// same agent; does not wait for it.
     pub fn spawn_elixir(&self, short: &str) -> BeamNode {
         BeamNode::spawn(self, short, NodeKind::Elixir, self.epmd_kind())
+    }
+
+    /// Starts an Elixir node with non-default options (release, extra `erl`
+    /// arguments given to `--erl`, environment such as
+    /// `ELIXIR_ERL_OPTIONS`); does not wait for it.
+    pub fn spawn_elixir_with(&self, short: &str, options: &beam::ErlangOptions) -> BeamNode {
+        BeamNode::spawn_with(self, short, NodeKind::Elixir, self.epmd_kind(), options)
     }
 
     /// Starts an Elixir node and waits until it is ready.

@@ -23,6 +23,9 @@
 //! - [`faults`] injects network faults into a pod (loss and delay,
 //!   partitions, isolation) and sorts the TCP sockets a sidecar holds by
 //!   role, to compare with its metrics.
+//! - [`otp`]: the OTP release a node runs ([`Otp`], per pod or per node):
+//!   the host's, or another release from a Debian root filesystem built by
+//!   `scripts/otp-rootfs.sh`, entered with `chroot` inside the pod.
 //!
 //! On a failing test the lab prints the tail of every log it kept (sidecar
 //! stderr, node output) and leaves its directory in place.
@@ -42,6 +45,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod module;
 pub mod netstat;
+pub mod otp;
 pub mod prereq;
 pub mod process;
 pub mod sidecar;
@@ -49,6 +53,7 @@ pub mod wait;
 
 pub use beam::{BeamNode, BlobResult};
 pub use lab::{Lab, Pod};
+pub use otp::Otp;
 pub use prereq::e2e_enabled;
 pub use sidecar::{Daemon, SidecarOptions};
 

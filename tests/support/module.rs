@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 
 use super::beam::ErlangOptions;
 use super::lab::Lab;
+use super::otp::{erlc, Otp};
 
 /// Source of the helper module, as deployed.
 pub const MODULE_SRC: &str = concat!(
@@ -19,6 +20,23 @@ pub const MODULE_SRC: &str = concat!(
 pub fn compile_module(lab: &Lab) -> PathBuf {
     let ebin = lab.dir().join("tunnel-ebin");
     compile_erl(MODULE_SRC.as_ref(), &ebin);
+    ebin
+}
+
+/// Compiles `distproxy_epmd.erl` with warnings as errors with release
+/// `otp`'s `erlc` into the lab (`tunnel-ebin-<release>`); returns the ebin
+/// directory for [`with_module`]. A node of any release may load it.
+pub fn compile_module_with(lab: &Lab, otp: Otp) -> PathBuf {
+    let src = lab.dir().join("distproxy_epmd.erl");
+    if !src.is_file() {
+        std::fs::copy(MODULE_SRC, &src).expect("copy the helper module into the lab");
+    }
+    let ebin = lab.dir().join(format!("tunnel-ebin-{}", otp.release()));
+    erlc(otp, &["+warnings_as_errors"], &src, &ebin);
+    assert!(
+        ebin.join("distproxy_epmd.beam").is_file(),
+        "erlc of {otp} wrote no distproxy_epmd.beam"
+    );
     ebin
 }
 
