@@ -4,7 +4,7 @@
 # deploy/docker/Dockerfile names in its FROM lines, built from Debian's
 # packages because container registries may be out of reach.
 #
-#   1. apt-get install podman mmdebstrap runc iptables (when missing).
+#   1. apt-get install podman mmdebstrap runc iptables catatonit (when missing).
 #   2. /etc/containers/containers.conf: [containers] default_ulimits = []
 #      (root cannot raise rlimits on some CI kernels; podman would try to).
 #      The suite runs podman with --runtime runc --cgroup-manager cgroupfs
@@ -46,6 +46,8 @@ command -v podman >/dev/null 2>&1 || need+=(podman)
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 command -v runc >/dev/null 2>&1 || need+=(runc)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
+# The pause process of pods' infra containers.
+command -v catatonit >/dev/null 2>&1 || need+=(catatonit)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
