@@ -19,12 +19,14 @@ args, env, ports, probes, mounts, security context) is kept as rendered:
   only its own secret store, in its own format); `secret` volumes become
   hostPath volumes of DIR, a directory laid out like the kubelet's Secret
   mounts (podman 4.3 crashes on secret volumes).
+- --image NAME=LOCAL replaces an image name (the manifests' CHANGE-ME
+  registry is a placeholder, and not even a valid reference).
 - ConfigMaps are written to a separate file for `podman kube play
   --configmap` (podman mounts them natively).
 
 Usage:
   kube2podman.py pods RENDERED OUT_PODS OUT_CONFIGMAPS --pod NAME=IP ...
-                 [--namespace NS] [--secret NAME=DIR ...]
+                 [--namespace NS] [--secret NAME=DIR ...] [--image NAME=LOCAL ...]
   kube2podman.py probe RENDERED WORKLOAD   -> "<port> <path>" of the sidecar's
                                                startupProbe
   kube2podman.py service-ports RENDERED SERVICE -> "<port> ..." declared
@@ -97,6 +99,7 @@ def pods(args):
     docs = load(args.rendered)
     namespace = args.namespace
     secrets = dict(s.split("=", 1) for s in args.secret)
+    images = dict(s.split("=", 1) for s in args.image)
     w = workload(docs)
     template = w["spec"]["template"]
     out = []
@@ -114,6 +117,7 @@ def pods(args):
         spec["containers"] = native + spec["containers"]
         for c in spec["containers"]:
             fix_env(c, name, ip, namespace, secrets)
+            c["image"] = images.get(c["image"], c["image"])
         for v in spec.get("volumes", []):
             if "secret" in v:
                 secret = v.pop("secret")["secretName"]
@@ -164,6 +168,7 @@ def main():
     a.add_argument("--pod", action="append", required=True)
     a.add_argument("--namespace", default="default")
     a.add_argument("--secret", action="append", default=[])
+    a.add_argument("--image", action="append", default=[])
     a.set_defaults(run=pods)
     b = sub.add_parser("probe")
     b.add_argument("rendered")
