@@ -83,6 +83,8 @@ flock 9
 
 # Bump when a recipe below changes: cached tarballs are rebuilt.
 recipe=1
+# Bump when the image settings of `import` calls change: re-imported.
+import_rev=2
 
 distroless_hook='
 set -e
@@ -119,11 +121,11 @@ import() {
   shift 2
   local tar="$cache/$name-r$recipe.tar"
   local id
-  id="$(cat "$tar.id" 2>/dev/null || true)"
+  id="$(cat "$tar.id$import_rev" 2>/dev/null || true)"
   if [ -z "$id" ] || ! "${podman[@]}" image exists "$id"; then
     log "importing $name"
-    id="$("${podman[@]}" import --quiet "$@" "$tar" "localhost/distproxy-standin-$name:r$recipe")"
-    printf '%s\n' "$id" >"$tar.id"
+    id="$("${podman[@]}" import --quiet "$@" "$tar" "localhost/distproxy-standin-$name:r$recipe-$import_rev")"
+    printf '%s\n' "$id" >"$tar.id$import_rev"
   fi
   "${podman[@]}" tag "$id" "$tag"
 }
@@ -138,6 +140,7 @@ import distroless "gcr.io/distroless/cc-debian13:nonroot" \
   --change 'USER 65532' --change 'WORKDIR /home/nonroot' \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 import distroless "rust:${rust_version}-slim-trixie"
-import otp-bookworm "erlang:${otp_version}" --change 'CMD ["erl"]'
-import otp-trixie "erlang:${demo_otp_version}-slim" --change 'CMD ["erl"]'
+path='ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+import otp-bookworm "erlang:${otp_version}" --change "$path" --change 'CMD ["erl"]'
+import otp-trixie "erlang:${demo_otp_version}-slim" --change "$path" --change 'CMD ["erl"]'
 log "base images ready: gcr.io/distroless/cc-debian13:nonroot rust:${rust_version}-slim-trixie erlang:${otp_version} erlang:${demo_otp_version}-slim"

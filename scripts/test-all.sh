@@ -3,7 +3,8 @@
 # OTP nodes in network-namespace pods) and deployment checks.
 #
 # Installs what the tests need when it is missing (Debian: erlang-nox,
-# elixir, iproute2, tcpdump; deployment linters into .tools/). Run as root:
+# elixir, iproute2, tcpdump; deployment linters into .tools/; podman and
+# the container suite's base images). Run as root:
 # the end-to-end tests create network namespaces. Set DISTPROXY_SKIP_E2E=1
 # to skip them explicitly (they fail, saying why, when they cannot run).
 set -euo pipefail
@@ -31,6 +32,13 @@ fi
 
 if [ -x scripts/install-deploy-tools.sh ] || [ -f scripts/install-deploy-tools.sh ]; then
   bash scripts/install-deploy-tools.sh
+fi
+
+# The container suite (tests/containers.rs): podman, runc, mmdebstrap,
+# catatonit, iptables, containers.conf and the stand-in base images.
+# DISTPROXY_SKIP_CONTAINERS=1 skips it explicitly.
+if [ "${DISTPROXY_SKIP_CONTAINERS:-}" != 1 ]; then
+  bash scripts/containers-setup.sh
 fi
 
 # Benches must at least build; they are run by hand (see README).

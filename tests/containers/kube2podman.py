@@ -12,6 +12,10 @@ args, env, ports, probes, mounts, security context) is kept as rendered:
   completion before the application, so the test starts the containers in
   order itself and waits on the sidecar's startupProbe in between, as the
   kubelet does (`probe` prints the probe).
+- Container `ports` and probes are dropped: podman 4.3 publishes every
+  containerPort on the host (Kubernetes does not; the host's 4369 must stay
+  free) and turns probes into systemd-timer health checks; the test runs
+  the startupProbe itself (`probe` prints it, from the rendered YAML).
 - Downward API fields podman 4.3 does not fill (status.podIP,
   metadata.namespace) become literal values; `$(VAR)` references in later
   env values are expanded the way the kubelet expands them.
@@ -118,6 +122,8 @@ def pods(args):
         for c in spec["containers"]:
             fix_env(c, name, ip, namespace, secrets)
             c["image"] = images.get(c["image"], c["image"])
+            for key in ("ports", "startupProbe", "readinessProbe", "livenessProbe"):
+                c.pop(key, None)
         for v in spec.get("volumes", []):
             if "secret" in v:
                 secret = v.pop("secret")["secretName"]
