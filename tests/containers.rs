@@ -44,7 +44,13 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 const SKIP_VAR: &str = "DISTPROXY_SKIP_CONTAINERS";
-const PODMAN: &[&str] = &["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"];
+const PODMAN: &[&str] = &[
+    "podman",
+    "--runtime",
+    "runc",
+    "--cgroup-manager",
+    "cgroupfs",
+];
 const NET: &str = "dpc-net";
 const SUBNET: &str = "198.19.10.0/24";
 const GATEWAY: &str = "198.19.10.1";
@@ -166,7 +172,10 @@ fn wait_for<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<
         if let Some(v) = cond() {
             return v;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -211,7 +220,11 @@ fn enabled(test: &str) -> bool {
         let _ = writeln!(
             std::io::stderr(),
             "SKIPPED container test {test}: {SKIP_VAR}=1{}",
-            if missing.is_empty() { String::new() } else { format!(" (missing: {})", missing.join("; ")) }
+            if missing.is_empty() {
+                String::new()
+            } else {
+                format!(" (missing: {})", missing.join("; "))
+            }
         );
         return false;
     }
@@ -249,7 +262,10 @@ fn build_fixture() -> Fixture {
     must("bash", &[setup.to_str().unwrap()]);
     let tools = must(
         "bash",
-        &[repo().join("scripts/install-deploy-tools.sh").to_str().unwrap()],
+        &[repo()
+            .join("scripts/install-deploy-tools.sh")
+            .to_str()
+            .unwrap()],
     );
     let tools = PathBuf::from(tools.lines().last().expect("tools bin directory").trim());
 
@@ -257,7 +273,10 @@ fn build_fixture() -> Fixture {
     let ctx = cache().join("prebuilt");
     let _ = std::fs::remove_dir_all(&ctx);
     std::fs::create_dir_all(ctx.join("out/lib/distproxy")).unwrap();
-    must("chmod", &["0775", ctx.join("out/lib/distproxy").to_str().unwrap()]);
+    must(
+        "chmod",
+        &["0775", ctx.join("out/lib/distproxy").to_str().unwrap()],
+    );
     let bin = ctx.join("out/distproxy");
     std::fs::copy(env!("CARGO_BIN_EXE_distproxy"), &bin).unwrap();
     must("strip", &["--strip-debug", bin.to_str().unwrap()]);
@@ -289,11 +308,17 @@ fn build_fixture() -> Fixture {
             "-Werror",
             "-o",
             probe_dir.to_str().unwrap(),
-            repo().join("tests/containers/dp_container_probe.erl").to_str().unwrap(),
+            repo()
+                .join("tests/containers/dp_container_probe.erl")
+                .to_str()
+                .unwrap(),
         ],
     );
     let probe_beam = std::fs::read(probe_dir.join("dp_container_probe.beam")).unwrap();
-    eprintln!("container fixture (setup, images) ready in {:?}", started.elapsed());
+    eprintln!(
+        "container fixture (setup, images) ready in {:?}",
+        started.elapsed()
+    );
     Fixture { tools, probe_beam }
 }
 
@@ -322,7 +347,13 @@ impl Lab {
         remove_service();
         let _ = podman_out(&["network", "rm", "-f", NET]);
         podman(&[
-            "network", "create", "--subnet", SUBNET, "--gateway", GATEWAY, NET,
+            "network",
+            "create",
+            "--subnet",
+            SUBNET,
+            "--gateway",
+            GATEWAY,
+            NET,
         ]);
         let dir = tempfile::Builder::new().prefix("dpc-").tempdir().unwrap();
         must("chmod", &["0755", dir.path().to_str().unwrap()]);
@@ -362,9 +393,14 @@ impl Lab {
     fn service(&mut self, ports: &[u16], endpoint: &str) {
         self.service = true;
         for (table, hook, chain) in IPT_CHAINS {
-            assert!(ipt(&["-t", table, "-N", chain]).status.success(), "iptables -N {chain}");
             assert!(
-                ipt(&["-t", table, "-I", hook, "1", "-j", chain]).status.success(),
+                ipt(&["-t", table, "-N", chain]).status.success(),
+                "iptables -N {chain}"
+            );
+            assert!(
+                ipt(&["-t", table, "-I", hook, "1", "-j", chain])
+                    .status
+                    .success(),
                 "iptables jump to {chain}"
             );
         }
@@ -372,19 +408,51 @@ impl Lab {
             let p = port.to_string();
             let to = format!("{endpoint}:{port}");
             let out = ipt(&[
-                "-t", "nat", "-A", "DPC-SVC", "-d", VIP, "-p", "tcp", "--dport", &p, "-j", "DNAT",
-                "--to-destination", &to,
+                "-t",
+                "nat",
+                "-A",
+                "DPC-SVC",
+                "-d",
+                VIP,
+                "-p",
+                "tcp",
+                "--dport",
+                &p,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
             ]);
             assert!(out.status.success(), "DNAT rule: {}", text(&out.stderr));
         }
         let out = ipt(&[
-            "-t", "nat", "-A", "DPC-MASQ", "-s", endpoint, "-d", endpoint, "-p", "tcp", "-j",
+            "-t",
+            "nat",
+            "-A",
+            "DPC-MASQ",
+            "-s",
+            endpoint,
+            "-d",
+            endpoint,
+            "-p",
+            "tcp",
+            "-j",
             "MASQUERADE",
         ]);
         assert!(out.status.success(), "hairpin rule: {}", text(&out.stderr));
         let out = ipt(&[
-            "-t", "filter", "-A", "DPC-FWD", "-d", VIP, "-p", "tcp", "-j", "REJECT",
-            "--reject-with", "tcp-reset",
+            "-t",
+            "filter",
+            "-A",
+            "DPC-FWD",
+            "-d",
+            VIP,
+            "-p",
+            "tcp",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
         ]);
         assert!(out.status.success(), "reject rule: {}", text(&out.stderr));
         let out = ipt(&["-t", "filter", "-A", "DPC-FWD", "-d", VIP, "-j", "DROP"]);
@@ -396,7 +464,12 @@ impl Lab {
         let mut all = String::new();
         for pod in &self.pods {
             let names = podman_out(&[
-                "ps", "-a", "--filter", &format!("pod={pod}"), "--format", "{{.Names}}",
+                "ps",
+                "-a",
+                "--filter",
+                &format!("pod={pod}"),
+                "--format",
+                "{{.Names}}",
             ]);
             for c in text(&names.stdout).lines() {
                 let out = podman_out(&["logs", "--tail", "40", c]);
@@ -410,10 +483,22 @@ impl Lab {
 /// Removes `pod` with its containers and their volumes (`podman kube play`
 /// makes a named volume of every emptyDir; it would outlive the pod).
 fn remove_pod(pod: &str) {
-    let names = podman_out(&["ps", "-a", "--filter", &format!("pod={pod}"), "--format", "{{.Names}}"]);
+    let names = podman_out(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("pod={pod}"),
+        "--format",
+        "{{.Names}}",
+    ]);
     let mut volumes = Vec::new();
     for c in text(&names.stdout).lines() {
-        let out = podman_out(&["inspect", "--format", "{{range .Mounts}}{{.Name}} {{end}}", c]);
+        let out = podman_out(&[
+            "inspect",
+            "--format",
+            "{{range .Mounts}}{{.Name}} {{end}}",
+            c,
+        ]);
         volumes.extend(text(&out.stdout).split_whitespace().map(str::to_string));
     }
     let _ = podman_out(&["pod", "rm", "-f", "-t", "0", pod]);
@@ -424,7 +509,10 @@ fn remove_pod(pod: &str) {
 
 fn remove_service() {
     for (table, hook, chain) in IPT_CHAINS {
-        while ipt(&["-t", table, "-D", hook, "-j", chain]).status.success() {}
+        while ipt(&["-t", table, "-D", hook, "-j", chain])
+            .status
+            .success()
+        {}
         let _ = ipt(&["-t", table, "-F", chain]);
         let _ = ipt(&["-t", table, "-X", chain]);
     }
@@ -461,9 +549,22 @@ fn start_sidecar(pod: &str, config: &Path) {
     let name = format!("{pod}-distproxy");
     let mount = format!("{}:/etc/distproxy/distproxy.toml:ro", config.display());
     podman(&[
-        "run", "-d", "--pod", pod, "--name", &name, "--read-only", "--cap-drop", "ALL",
-        "--security-opt", "no-new-privileges", "-v", &mount, "--tmpfs",
-        "/var/lib/distproxy:mode=1777", IMAGE,
+        "run",
+        "-d",
+        "--pod",
+        pod,
+        "--name",
+        &name,
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "-v",
+        &mount,
+        "--tmpfs",
+        "/var/lib/distproxy:mode=1777",
+        IMAGE,
     ]);
 }
 
@@ -478,8 +579,21 @@ fn start_app(pod: &str, name: &str, nodes: &str, host: &str) {
         "HOME=/tmp".to_string(),
     ];
     let mut args = vec![
-        "run", "-d", "--pod", pod, "--name", &cname, "--read-only", "--tmpfs",
-        "/tmp:mode=1777", "--user", "65532:65532", "--cap-drop", "ALL", "-w", "/tmp",
+        "run",
+        "-d",
+        "--pod",
+        pod,
+        "--name",
+        &cname,
+        "--read-only",
+        "--tmpfs",
+        "/tmp:mode=1777",
+        "--user",
+        "65532:65532",
+        "--cap-drop",
+        "ALL",
+        "-w",
+        "/tmp",
     ];
     for e in &envs {
         args.extend(["-e", e.as_str()]);
@@ -491,19 +605,29 @@ fn start_app(pod: &str, name: &str, nodes: &str, host: &str) {
 /// What the kubelet does for a native sidecar before it starts the
 /// application containers: poll the startup probe until it passes.
 fn wait_startup_probe(ip: &str, port: u16, path: &str) {
-    wait_for(&format!("startup probe http://{ip}:{port}{path}"), START_TIMEOUT, || {
-        http_get(&format!("{ip}:{port}"), path).and_then(|(s, _)| (s == 200).then_some(()))
-    });
+    wait_for(
+        &format!("startup probe http://{ip}:{port}{path}"),
+        START_TIMEOUT,
+        || http_get(&format!("{ip}:{port}"), path).and_then(|(s, _)| (s == 200).then_some(())),
+    );
 }
 
 /// Waits until the sidecar at `ip` lists every one of `names` in /nodes.
 fn wait_registered(ip: &str, names: &[&str]) -> serde_json::Value {
-    wait_for(&format!("nodes {names:?} registered with {ip}"), START_TIMEOUT, || {
-        let (status, body) = http_get(&format!("{ip}:9369"), "/nodes")?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let have: Vec<&str> = v.as_array()?.iter().filter_map(|n| n["name"].as_str()).collect();
-        (status == 200 && names.iter().all(|n| have.contains(n))).then_some(v.clone())
-    })
+    wait_for(
+        &format!("nodes {names:?} registered with {ip}"),
+        START_TIMEOUT,
+        || {
+            let (status, body) = http_get(&format!("{ip}:9369"), "/nodes")?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let have: Vec<&str> = v
+                .as_array()?
+                .iter()
+                .filter_map(|n| n["name"].as_str())
+                .collect();
+            (status == 200 && names.iter().all(|n| have.contains(n))).then_some(v.clone())
+        },
+    )
 }
 
 /// Runs the probe node in `container` (named probe@`host`) with `args`;
@@ -514,16 +638,36 @@ fn probe(fx: &Fixture, lab: &Lab, container: &str, host: &str, args: &[&str]) ->
         &["bash", "-c", "cat > /tmp/dp_container_probe.beam"],
         &fx.probe_beam,
     );
-    assert!(out.status.success(), "copy probe into {container}: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "copy probe into {container}: {}",
+        text(&out.stderr)
+    );
     let name = format!("probe@{host}");
     let mut cmd = vec![
-        "exec", container, "timeout", PROBE_TIMEOUT_S, "erl", "-noinput", "-hidden", "-name",
-        &name, "-pa", "/tmp", "-s", "dp_container_probe", "main",
+        "exec",
+        container,
+        "timeout",
+        PROBE_TIMEOUT_S,
+        "erl",
+        "-noinput",
+        "-hidden",
+        "-name",
+        &name,
+        "-pa",
+        "/tmp",
+        "-s",
+        "dp_container_probe",
+        "main",
     ];
     cmd.extend_from_slice(args);
     let out = podman_out(&cmd);
     let stdout = text(&out.stdout);
-    let line = stdout.lines().find(|l| l.starts_with("DPC ")).unwrap_or("").to_string();
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("DPC "))
+        .unwrap_or("")
+        .to_string();
     assert!(
         out.status.success() && !line.is_empty(),
         "probe {args:?} in {container} failed ({}):\n{stdout}{}\n{}",
@@ -572,20 +716,26 @@ fn image_runs_as_users_rely_on() {
     if !enabled("image_runs_as_users_rely_on") {
         return;
     }
-    let (_serial, fx) = setup();
+    let (_serial, _fx) = setup();
 
     // Entrypoint, default command, user, ports.
     let inspect = podman(&["image", "inspect", IMAGE]);
     let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     let config = &v[0]["Config"];
-    assert_eq!(config["Entrypoint"], serde_json::json!(["/usr/local/bin/distproxy"]));
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/distproxy"])
+    );
     assert_eq!(
         config["Cmd"],
         serde_json::json!(["run", "--config", "/etc/distproxy/distproxy.toml"])
     );
     assert_eq!(config["User"], "65532:65532");
     for port in ["4369/tcp", "43691/tcp", "9369/tcp"] {
-        assert!(config["ExposedPorts"].get(port).is_some(), "port {port} not exposed");
+        assert!(
+            config["ExposedPorts"].get(port).is_some(),
+            "port {port} not exposed"
+        );
     }
     let size = v[0]["Size"].as_u64().unwrap();
     eprintln!("image {IMAGE}: {:.1} MB", size as f64 / 1e6);
@@ -609,8 +759,8 @@ fn image_runs_as_users_rely_on() {
     // own /var/lib/distproxy (no volume), a config file of ours: the admin
     // port moved to 9400 shows the file is the one read.
     let mut lab = Lab::new();
-    let base = std::fs::read_to_string(repo().join("deploy/kubernetes/base/distproxy.toml"))
-        .unwrap();
+    let base =
+        std::fs::read_to_string(repo().join("deploy/kubernetes/base/distproxy.toml")).unwrap();
     assert!(base.contains("listen = \"0.0.0.0:9369\""));
     let conf = lab.path("distproxy.toml");
     std::fs::write(&conf, base.replace("0.0.0.0:9369", "0.0.0.0:9400")).unwrap();
@@ -619,11 +769,23 @@ fn image_runs_as_users_rely_on() {
     lab.pod("dpc-img", ip);
     let mount = format!("{}:/etc/distproxy/distproxy.toml:ro", conf.display());
     podman(&[
-        "run", "-d", "--pod", "dpc-img", "--name", "dpc-img-distproxy", "--user",
-        "1000770000:0", "-v", &mount, IMAGE,
+        "run",
+        "-d",
+        "--pod",
+        "dpc-img",
+        "--name",
+        "dpc-img-distproxy",
+        "--user",
+        "1000770000:0",
+        "-v",
+        &mount,
+        IMAGE,
     ]);
     wait_startup_probe(ip, 9400, "/readyz");
-    assert!(http_get(&format!("{ip}:9369"), "/readyz").is_none(), "admin still on 9369");
+    assert!(
+        http_get(&format!("{ip}:9369"), "/readyz").is_none(),
+        "admin still on 9369"
+    );
 
     // A node registers; the state file lands in /var/lib/distproxy.
     start_app("dpc-img", "app", "x", ip);
@@ -632,27 +794,45 @@ fn image_runs_as_users_rely_on() {
         body.contains("\"x\"").then_some(())
     });
     let state = lab.path("registry.json");
-    wait_for("state file written by UID 1000770000", START_TIMEOUT, || {
-        let out = podman_out(&[
-            "cp",
-            "dpc-img-distproxy:/var/lib/distproxy/registry.json",
-            state.to_str().unwrap(),
-        ]);
-        (out.status.success() && std::fs::read_to_string(&state).ok()?.contains("\"x\""))
-            .then_some(())
-    });
+    wait_for(
+        "state file written by UID 1000770000",
+        START_TIMEOUT,
+        || {
+            let out = podman_out(&[
+                "cp",
+                "dpc-img-distproxy:/var/lib/distproxy/registry.json",
+                state.to_str().unwrap(),
+            ]);
+            (out.status.success() && std::fs::read_to_string(&state).ok()?.contains("\"x\""))
+                .then_some(())
+        },
+    );
 
     // The helper module: the demo application's OTP loads the .beam at
     // /opt/distproxy/ebin, and it is the distproxy image's own file (what
     // `COPY --from=<distproxy image> /opt/distproxy/ebin` gives an app).
     let out = podman_out(&[
-        "run", "--rm", DEMO_IMAGE, "erl", "-noinput", "-pa", "/opt/distproxy/ebin", "-eval",
+        "run",
+        "--rm",
+        DEMO_IMAGE,
+        "erl",
+        "-noinput",
+        "-pa",
+        "/opt/distproxy/ebin",
+        "-eval",
         "io:format(\"~p ~s~n\", [code:ensure_loaded(distproxy_epmd), \
          erlang:system_info(otp_release)]), halt().",
     ]);
     let loaded = text(&out.stdout);
-    assert!(loaded.starts_with("{module,distproxy_epmd}"), "{loaded}{}", text(&out.stderr));
-    eprintln!("distproxy_epmd loads in the demo image's OTP {}", loaded.split_whitespace().nth(1).unwrap_or("?"));
+    assert!(
+        loaded.starts_with("{module,distproxy_epmd}"),
+        "{loaded}{}",
+        text(&out.stderr)
+    );
+    eprintln!(
+        "distproxy_epmd loads in the demo image's OTP {}",
+        loaded.split_whitespace().nth(1).unwrap_or("?")
+    );
     let from_image = lab.path("from-image.beam");
     let from_demo = lab.path("from-demo.beam");
     podman(&["create", "--name", "dpc-img-beam", IMAGE]);
@@ -671,7 +851,10 @@ fn image_runs_as_users_rely_on() {
     ]);
     let _ = podman_out(&["rm", "-f", "dpc-img-beam"]);
     assert!(copied.status.success(), "{}", text(&copied.stderr));
-    assert_eq!(std::fs::read(&from_image).unwrap(), std::fs::read(&from_demo).unwrap());
+    assert_eq!(
+        std::fs::read(&from_image).unwrap(),
+        std::fs::read(&from_demo).unwrap()
+    );
 }
 
 #[test]
@@ -684,10 +867,17 @@ fn pods_mesh_transfer_and_service() {
     let rendered = lab.path("base.yaml");
     render(fx, "base", &rendered);
     let (probe_port, probe_path) = startup_probe(fx, &rendered);
-    let ports: Vec<u16> = kube2podman(fx, &["service-ports", rendered.to_str().unwrap(), "distproxy-demo"])
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
+    let ports: Vec<u16> = kube2podman(
+        fx,
+        &[
+            "service-ports",
+            rendered.to_str().unwrap(),
+            "distproxy-demo",
+        ],
+    )
+    .split_whitespace()
+    .map(|p| p.parse().unwrap())
+    .collect();
     let config = repo().join("deploy/kubernetes/base/distproxy.toml");
     let (ip1, ip2) = ("198.19.10.11", "198.19.10.12");
 
@@ -717,18 +907,36 @@ fn pods_mesh_transfer_and_service() {
     assert_eq!(probe(fx, &lab, "dpc-p1-app1", ip1, &mesh), "DPC mesh ok");
     let a1 = format!("a@{ip1}");
     let c2 = format!("c@{ip2}");
-    let line = probe(fx, &lab, "dpc-p1-app1", ip1, &["transfer", &a1, &c2, TRANSFER_MB]);
+    let line = probe(
+        fx,
+        &lab,
+        "dpc-p1-app1",
+        ip1,
+        &["transfer", &a1, &c2, TRANSFER_MB],
+    );
     assert_eq!(line, format!("DPC transfer ok {}", 64 * 1024 * 1024));
 
     // The Service, kube-proxy style, with pod 2 as its one endpoint.
     lab.service(&ports, ip2);
     let seed = format!("seed@{SEED_DNS}");
     // From pod 1 through the virtual IP: declared ports only.
-    assert!(connects_from("dpc-p1-app1", VIP, 43691), "declared port through the VIP");
-    assert!(!connects_from("dpc-p1-app1", VIP, 4370), "an undeclared port must not be forwarded");
-    assert_eq!(probe(fx, &lab, "dpc-p1-app1", ip1, &["ping", &seed]), "DPC ping pong");
+    assert!(
+        connects_from("dpc-p1-app1", VIP, 43691),
+        "declared port through the VIP"
+    );
+    assert!(
+        !connects_from("dpc-p1-app1", VIP, 4370),
+        "an undeclared port must not be forwarded"
+    );
+    assert_eq!(
+        probe(fx, &lab, "dpc-p1-app1", ip1, &["ping", &seed]),
+        "DPC ping pong"
+    );
     // Hairpin: pod 2 reaches its own node through its own Service.
-    assert_eq!(probe(fx, &lab, "dpc-p2-app1", ip2, &["ping", &seed]), "DPC ping pong");
+    assert_eq!(
+        probe(fx, &lab, "dpc-p2-app1", ip2, &["ping", &seed]),
+        "DPC ping pong"
+    );
     let b2 = format!("b@{ip2}");
     let line = probe(fx, &lab, "dpc-p2-app1", ip2, &["transfer", &b2, &seed, "8"]);
     assert_eq!(line, format!("DPC transfer ok {}", 8 * 1024 * 1024));
@@ -736,7 +944,11 @@ fn pods_mesh_transfer_and_service() {
 
 /// Renders `overlay`, plays its workload as two pods and checks the mesh of
 /// the manifest's nodes; returns the lab for overlay-specific checks.
-fn play_overlay(fx: &Fixture, overlay: &str, secrets: &[(&str, &Path)]) -> (Lab, [&'static str; 2]) {
+fn play_overlay(
+    fx: &Fixture,
+    overlay: &str,
+    secrets: &[(&str, &Path)],
+) -> (Lab, [&'static str; 2]) {
     let mut lab = Lab::new();
     let rendered = lab.path("rendered.yaml");
     render(fx, overlay, &rendered);
@@ -756,7 +968,10 @@ fn play_overlay(fx: &Fixture, overlay: &str, secrets: &[(&str, &Path)]) -> (Lab,
     for (i, ip) in ips.iter().enumerate() {
         args.push(format!("--pod=distproxy-demo-{i}={ip}"));
     }
-    args.push(format!("--secret=distproxy-demo-cookie={}", cookie_dir.display()));
+    args.push(format!(
+        "--secret=distproxy-demo-cookie={}",
+        cookie_dir.display()
+    ));
     args.push(format!("--image={MANIFEST_IMAGE}={IMAGE}"));
     args.push(format!("--image={MANIFEST_DEMO_IMAGE}={DEMO_IMAGE}"));
     for (name, dir) in secrets {
@@ -771,8 +986,16 @@ fn play_overlay(fx: &Fixture, overlay: &str, secrets: &[(&str, &Path)]) -> (Lab,
         let pod = format!("distproxy-demo-{i}");
         lab.pods.push(pod.clone());
         podman(&[
-            "kube", "play", "--start=false", "--network", NET, "--ip", ip, "--configmap",
-            cms_yaml.to_str().unwrap(), file.to_str().unwrap(),
+            "kube",
+            "play",
+            "--start=false",
+            "--network",
+            NET,
+            "--ip",
+            ip,
+            "--configmap",
+            cms_yaml.to_str().unwrap(),
+            file.to_str().unwrap(),
         ]);
         // The kubelet's order for a native sidecar: sidecar, startup probe,
         // then the application.
@@ -790,10 +1013,19 @@ fn play_overlay(fx: &Fixture, overlay: &str, secrets: &[(&str, &Path)]) -> (Lab,
         }
     }
     let refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
-    assert_eq!(probe(fx, &lab, "distproxy-demo-0-app", ips[0], &refs), "DPC mesh ok");
+    assert_eq!(
+        probe(fx, &lab, "distproxy-demo-0-app", ips[0], &refs),
+        "DPC mesh ok"
+    );
     let from = format!("a@{}", ips[0]);
     let to = format!("b@{}", ips[1]);
-    let line = probe(fx, &lab, "distproxy-demo-0-app", ips[0], &["transfer", &from, &to, "16"]);
+    let line = probe(
+        fx,
+        &lab,
+        "distproxy-demo-0-app",
+        ips[0],
+        &["transfer", &from, &to, "16"],
+    );
     assert_eq!(line, format!("DPC transfer ok {}", 16 * 1024 * 1024));
     (lab, ips)
 }
@@ -836,10 +1068,20 @@ fn every_overlay_renders_for_podman() {
             ],
         );
         let pods = std::fs::read_to_string(&out).unwrap();
-        assert!(pods.contains("name: distproxy\n"), "{overlay}: sidecar container kept");
-        assert!(!pods.contains("restartPolicy: Always"), "{overlay}: native sidecar transformed");
+        assert!(
+            pods.contains("name: distproxy\n"),
+            "{overlay}: sidecar container kept"
+        );
+        assert!(
+            !pods.contains("restartPolicy: Always"),
+            "{overlay}: native sidecar transformed"
+        );
         assert!(!pods.contains("valueFrom"), "{overlay}: env made literal");
-        assert_eq!(startup_probe(fx, &rendered), (9369, "/readyz".to_string()), "{overlay}");
+        assert_eq!(
+            startup_probe(fx, &rendered),
+            (9369, "/readyz".to_string()),
+            "{overlay}"
+        );
     }
 }
 
@@ -853,7 +1095,9 @@ fn kube_play_base_overlay() {
     // Plain distribution: the sidecars routed by correlation, no tunnel.
     let (_, metrics) = http_get(&format!("{}:9369", ips[1]), "/metrics").expect("metrics");
     assert!(
-        metrics.lines().any(|l| l.starts_with("distproxy_routes_total") && !l.contains("preamble")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("distproxy_routes_total") && !l.contains("preamble")),
         "{metrics}"
     );
     drop(lab);
@@ -869,7 +1113,10 @@ fn kube_play_mtls_overlay() {
     // way the kubelet mounts a Secret (..data symlinks).
     let ca = certs::Ca::new("distproxy-demo-ca");
     let leaf = ca.leaf(&["*.distproxy-demo-headless.default.svc.cluster.local"], 2);
-    let tls = tempfile::Builder::new().prefix("dpc-tls-").tempdir().unwrap();
+    let tls = tempfile::Builder::new()
+        .prefix("dpc-tls-")
+        .tempdir()
+        .unwrap();
     must("chmod", &["0755", tls.path().to_str().unwrap()]);
     certs::SecretDir::create(tls.path(), &leaf.cert_pem, &leaf.key_pem, &ca.pem);
     must("chmod", &["-R", "a+rX", tls.path().to_str().unwrap()]);
@@ -883,7 +1130,10 @@ fn kube_play_mtls_overlay() {
             .find(|l| l.starts_with("distproxy_routes_total") && l.contains("\"preamble\""))
             .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
             .unwrap_or(0.0);
-        assert!(preamble > 0.0, "{ip}: no tunnelled connection routed:\n{metrics}");
+        assert!(
+            preamble > 0.0,
+            "{ip}: no tunnelled connection routed:\n{metrics}"
+        );
     }
     drop(lab);
 }

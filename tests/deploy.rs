@@ -1,4 +1,4 @@
-//! The deployment artefacts under `deploy/` (issue 5): every kustomization
+//! The deployment artefacts under `deploy/`: every kustomization
 //! renders and validates offline, the Dockerfile passes hadolint and its build
 //! context holds what it copies, and the sidecar configuration in the
 //! ConfigMaps is the very file `distproxy check-config` accepts.
@@ -772,7 +772,7 @@ fn docker_build_context_holds_every_build_input() {
                 repo().join(source).exists(),
                 "{DOCKERFILE} copies {source}, which does not exist{}",
                 if source.starts_with("deploy/erlang") {
-                    " (deploy/erlang/distproxy_epmd.erl is the tunnel helper of issue 3)"
+                    " (deploy/erlang/distproxy_epmd.erl is the tunnel helper, see docs/tunnel-tls.md)"
                 } else {
                     ""
                 }
@@ -890,11 +890,14 @@ fn dockerfile_rust_version_builds_the_locked_dependencies() {
 
 // ----------------------------------------------------------------- docs ---
 
-/// The README's troubleshooting names every metric the dashboard may use,
-/// and walks through every kustomization.
+/// The deployment docs (README.md, deploy/README.md, docs/operations.md)
+/// name every metric the dashboard may use, walk through every
+/// kustomization and explain the BEAM flags.
 #[test]
 fn deploy_readme_covers_metrics_and_manifests() {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let readme = ["README.md", "deploy/README.md", "docs/operations.md"]
+        .map(|f| std::fs::read_to_string(repo().join(f)).unwrap())
+        .join("\n");
     let validator = std::fs::read_to_string(repo().join(VALIDATOR)).unwrap();
     let block = &validator[validator.find("KNOWN_METRICS = {").unwrap()..];
     let block = &block[..block.find('}').unwrap()];
@@ -903,12 +906,15 @@ fn deploy_readme_covers_metrics_and_manifests() {
     for metric in metrics {
         assert!(
             readme.contains(metric),
-            "README.md does not mention {metric}"
+            "the deployment docs do not mention {metric}"
         );
     }
     for r in RENDERS {
         let dir = r.dir.trim_start_matches("deploy/");
-        assert!(readme.contains(dir), "README.md does not mention {dir}");
+        assert!(
+            readme.contains(dir),
+            "the deployment docs do not mention {dir}"
+        );
     }
     for flag in [
         "-start_epmd false",
@@ -916,7 +922,10 @@ fn deploy_readme_covers_metrics_and_manifests() {
         "-epmd_module distproxy_epmd",
         "-pa /opt/distproxy/ebin",
     ] {
-        assert!(readme.contains(flag), "README.md does not explain {flag}");
+        assert!(
+            readme.contains(flag),
+            "the deployment docs do not explain {flag}"
+        );
     }
 }
 

@@ -509,7 +509,7 @@ def check_workload(docs: list[dict], workload: dict, config_source: str | None, 
         for flag in ("-start_epmd false", "-kernel inet_dist_use_interface {127,0,0,1}"):
             if flag not in flags:
                 problems.add(cwhere, f"BEAM flags lack `{flag}`")
-        # Step 1 of turning TLS on (README, "Upgrade order") has TLS without
+        # Step 1 of turning TLS on (deploy/README.md, "Upgrade order") has TLS without
         # the tunnel flags; once TLS is required, every pod must send it.
         if tls_on and tls.get("require_tls"):
             for flag in ("-pa /opt/distproxy/ebin", "-epmd_module distproxy_epmd"):
