@@ -23,7 +23,10 @@
 //! become Pods, native sidecars become the first containers (the test
 //! starts them in order and waits on the sidecar's startupProbe like the
 //! kubelet), unsupported downward API fields and Secrets become literals
-//! and hostPath directories laid out like the kubelet's Secret mounts.
+//! and hostPath directories laid out like the kubelet's Secret mounts, and
+//! a StatefulSet's pod DNS names become host aliases. The base, mTLS and
+//! production overlays are played; every overlay is rendered and
+//! transformed.
 //!
 //! Network: one podman network in 198.19.10.0/24; the emulated Service's
 //! virtual IP is 198.19.11.10. Everything the suite creates is named `dpc-*`
@@ -948,6 +951,7 @@ fn play_overlay(
     fx: &Fixture,
     overlay: &str,
     secrets: &[(&str, &Path)],
+    host: fn(usize, &str) -> String,
 ) -> (Lab, [&'static str; 2]) {
     let mut lab = Lab::new();
     let rendered = lab.path("rendered.yaml");
@@ -1006,28 +1010,39 @@ fn play_overlay(
     for ip in ips {
         wait_registered(ip, &["a", "b", "c"]);
     }
+    let hosts: Vec<String> = ips.iter().enumerate().map(|(i, ip)| host(i, ip)).collect();
     let mut nodes = vec!["mesh".to_string()];
-    for ip in ips {
+    for h in &hosts {
         for n in ["a", "b", "c"] {
-            nodes.push(format!("{n}@{ip}"));
+            nodes.push(format!("{n}@{h}"));
         }
     }
     let refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
     assert_eq!(
-        probe(fx, &lab, "distproxy-demo-0-app", ips[0], &refs),
+        probe(fx, &lab, "distproxy-demo-0-app", &hosts[0], &refs),
         "DPC mesh ok"
     );
-    let from = format!("a@{}", ips[0]);
-    let to = format!("b@{}", ips[1]);
+    let from = format!("a@{}", hosts[0]);
+    let to = format!("b@{}", hosts[1]);
     let line = probe(
         fx,
         &lab,
         "distproxy-demo-0-app",
-        ips[0],
+        &hosts[0],
         &["transfer", &from, &to, "16"],
     );
     assert_eq!(line, format!("DPC transfer ok {}", 16 * 1024 * 1024));
     (lab, ips)
+}
+
+/// Node host of a Deployment's pod: its IP.
+fn pod_ip_host(_: usize, ip: &str) -> String {
+    ip.to_string()
+}
+
+/// Node host of a StatefulSet's pod: its name under the headless Service.
+fn stateful_host(i: usize, _: &str) -> String {
+    format!("distproxy-demo-{i}.distproxy-demo-headless.default.svc.cluster.local")
 }
 
 #[test]
@@ -1091,7 +1106,7 @@ fn kube_play_base_overlay() {
         return;
     }
     let (_serial, fx) = setup();
-    let (lab, ips) = play_overlay(fx, "base", &[]);
+    let (lab, ips) = play_overlay(fx, "base", &[], pod_ip_host);
     // Plain distribution: the sidecars routed by correlation, no tunnel.
     let (_, metrics) = http_get(&format!("{}:9369", ips[1]), "/metrics").expect("metrics");
     assert!(
@@ -1120,7 +1135,12 @@ fn kube_play_mtls_overlay() {
     must("chmod", &["0755", tls.path().to_str().unwrap()]);
     certs::SecretDir::create(tls.path(), &leaf.cert_pem, &leaf.key_pem, &ca.pem);
     must("chmod", &["-R", "a+rX", tls.path().to_str().unwrap()]);
-    let (lab, ips) = play_overlay(fx, "overlays/mtls", &[("distproxy-demo-tls", tls.path())]);
+    let (lab, ips) = play_overlay(
+        fx,
+        "overlays/mtls",
+        &[("distproxy-demo-tls", tls.path())],
+        pod_ip_host,
+    );
     // require_tls is on: the mesh above only works through the TLS tunnel;
     // the receiving sidecars routed by preamble and loaded the certificate.
     for ip in ips {
@@ -1132,6 +1152,41 @@ fn kube_play_mtls_overlay() {
             .unwrap_or(0.0);
         assert!(
             preamble > 0.0,
+            "{ip}: no tunnelled connection routed:\n{metrics}"
+        );
+    }
+    drop(lab);
+}
+
+#[test]
+fn kube_play_production_overlay() {
+    if !enabled("kube_play_production_overlay") {
+        return;
+    }
+    let (_serial, fx) = setup();
+    // The StatefulSet with stable DNS node names, mutual TLS with host name
+    // checks and node names bound to the certificate: one wildcard
+    // certificate for the headless Service's names, as certificate.yaml asks.
+    let ca = certs::Ca::new("distproxy-demo-ca");
+    let leaf = ca.leaf(&["*.distproxy-demo-headless.default.svc.cluster.local"], 3);
+    let tls = tempfile::Builder::new()
+        .prefix("dpc-tls-")
+        .tempdir()
+        .unwrap();
+    certs::SecretDir::create(tls.path(), &leaf.cert_pem, &leaf.key_pem, &ca.pem);
+    must("chmod", &["-R", "a+rX", tls.path().to_str().unwrap()]);
+    let (lab, ips) = play_overlay(
+        fx,
+        "overlays/production",
+        &[("distproxy-demo-tls", tls.path())],
+        stateful_host,
+    );
+    for ip in ips {
+        let (_, metrics) = http_get(&format!("{ip}:9369"), "/metrics").expect("metrics");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("distproxy_routes_total") && l.contains("\"preamble\"")),
             "{ip}: no tunnelled connection routed:\n{metrics}"
         );
     }

@@ -25,6 +25,9 @@ args, env, ports, probes, mounts, security context) is kept as rendered:
   mounts (podman 4.3 crashes on secret volumes).
 - --image NAME=LOCAL replaces an image name (the manifests' CHANGE-ME
   registry is a placeholder, and not even a valid reference).
+- A StatefulSet's pods get hostAliases with every pod's DNS name under its
+  headless Service (<pod>.<serviceName>.<namespace>.svc.cluster.local),
+  standing in for cluster DNS.
 - ConfigMaps are written to a separate file for `podman kube play
   --configmap` (podman mounts them natively).
 
@@ -106,10 +109,19 @@ def pods(args):
     images = dict(s.split("=", 1) for s in args.image)
     w = workload(docs)
     template = w["spec"]["template"]
+    entries = [e.split("=", 1) for e in args.pod]
+    aliases = []
+    if w["kind"] == "StatefulSet":
+        service = w["spec"]["serviceName"]
+        aliases = [
+            {"ip": ip, "hostnames": [f"{name}.{service}.{namespace}.svc.cluster.local"]}
+            for name, ip in entries
+        ]
     out = []
-    for entry in args.pod:
-        name, ip = entry.split("=", 1)
+    for name, ip in entries:
         spec = copy.deepcopy(template["spec"])
+        if aliases:
+            spec["hostAliases"] = aliases
         native = sidecars(spec)
         rest = [c for c in spec.get("initContainers", []) if c not in native]
         for c in native:
