@@ -5,11 +5,11 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion};
-use distproxy::dist::handshake::{
+use distproxy_testkit::sut::handshake::{
     encode_challenge, encode_send_name, parse_challenge, parse_send_name, Challenge, SendName,
     DFLAG_HANDSHAKE_23,
 };
-use distproxy::epmd::proto::{encode_port2_ok, NodeSpec, Request};
+use distproxy_testkit::sut::proto::{encode_port2_ok, NodeSpec, Request};
 
 fn spec() -> NodeSpec {
     NodeSpec {

@@ -1,6 +1,6 @@
 //! Relay throughput and latency: a direct TCP connection to a (fake) node
 //! against the same traffic through distproxy's router, measured in one run
-//! on loopback and reported as ratios to direct (issue 2, "Benches").
+//! on loopback and reported as ratios to direct.
 //!
 //! The router runs as the real binary (`distproxy run --config <tmp>`, with
 //! `loopback_lookups = "proxy"`), so the client and the proxy do not share a
@@ -43,18 +43,18 @@
 //! (direct bulk throughput alone can double from one run to the next); the
 //! run prints the load average, and the bare-relay column is the anchor.
 
-mod common;
-use common::*;
+use distproxy_testkit::bench::*;
+use distproxy_testkit::process::Proc;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use distproxy::client;
-use distproxy::epmd::proto::{NodeSpec, Port2Reply};
+use distproxy_testkit::sut::client;
+use distproxy_testkit::sut::proto::{NodeSpec, Port2Reply};
 
 const MSG: usize = 64;
 
@@ -112,13 +112,15 @@ const SMOKE: Plan = Plan {
 
 // ------------------------------------------------------------------- proxy
 
-/// The distproxy binary, killed on drop.
-/// The distproxy under test.
+/// Overrides the distproxy binary under test.
+const BIN_VAR: &str = "RELAY_BENCH_PROXY_BIN";
+
+/// The distproxy under test, killed on drop.
 type Proxy = Sidecar;
 
 fn start_proxy() -> Proxy {
     start_sidecar(
-        "RELAY_BENCH_PROXY_BIN",
+        &distproxy_testkit::distproxy_bin!(BIN_VAR),
         "proxy",
         "warn",
         "[routing]\nloopback_lookups = \"proxy\"\n",
@@ -183,34 +185,34 @@ fn bare_relay_main(node_port: u16) {
 
 /// The reference relay process, killed on drop.
 struct BareRelay {
-    child: Child,
+    proc: Proc,
     port: u16,
 }
 
-impl Drop for BareRelay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl BareRelay {
+    fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 }
 
 fn start_bare_relay(node_port: u16) -> BareRelay {
-    let mut child = Command::new(std::env::current_exe().expect("bench executable"))
-        .arg("--bare-relay")
-        .arg(node_port.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the reference relay");
+    let mut proc = Proc::spawn_unlogged(
+        "reference relay",
+        Command::new(std::env::current_exe().expect("bench executable"))
+            .arg("--bare-relay")
+            .arg(node_port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    );
     let mut line = String::new();
     io::BufRead::read_line(
-        &mut io::BufReader::new(child.stdout.take().unwrap()),
+        &mut io::BufReader::new(proc.child_mut().stdout.take().unwrap()),
         &mut line,
     )
     .expect("reference relay port");
     let port = line.trim().parse().expect("reference relay port");
-    BareRelay { child, port }
+    BareRelay { proc, port }
 }
 
 /// Registers the fake node with `proxy`; the registration lasts as long as
@@ -286,8 +288,8 @@ impl Setup {
     fn relay_pid(&self, path: Path) -> Option<u32> {
         match path {
             Path::Direct => None,
-            Path::Bare => Some(self.bare.child.id()),
-            Path::Proxy => Some(self.proxy.child.id()),
+            Path::Bare => Some(self.bare.pid()),
+            Path::Proxy => Some(self.proxy.pid()),
         }
     }
 
@@ -309,38 +311,10 @@ impl Setup {
     }
 }
 
-fn pattern() -> Vec<u8> {
-    (0..CHUNK).map(|i| (i % 251) as u8).collect()
-}
-
-fn write_n(s: &mut TcpStream, total: u64, data: &[u8]) {
-    let mut left = total;
-    while left > 0 {
-        let n = left.min(data.len() as u64) as usize;
-        s.write_all(&data[..n]).expect("bulk write");
-        left -= n as u64;
-    }
-}
-
 /// One-way bulk transfer; seconds from first write to the node's count.
 fn bulk_one_way(setup: &Setup, path: Path, bytes: u64) -> f64 {
     let mut s = setup.connect(path, Mode::Sink);
-    let data = pattern();
-    let t0 = Instant::now();
-    write_n(&mut s, bytes, &data);
-    s.shutdown(Shutdown::Write).unwrap();
-    let mut count = [0u8; 8];
-    s.read_exact(&mut count).expect("count from the node");
-    let secs = t0.elapsed().as_secs_f64();
-    assert_eq!(
-        u64::from_be_bytes(count),
-        bytes,
-        "node got every byte ({path:?})"
-    );
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty(), "EOF after the count ({path:?})");
-    secs
+    bulk_to_sink(&mut s, bytes, &format!("{path:?}"))
 }
 
 /// `bytes` each way at once through an echoing node; seconds until the
@@ -372,29 +346,14 @@ fn bulk_both_ways(setup: &Setup, path: Path, bytes: u64) -> f64 {
 /// Round-trip times in nanoseconds of `iters` 64-byte ping-pongs.
 fn ping_pong(setup: &Setup, path: Path, iters: usize, out: &mut Vec<u64>) {
     let mut s = setup.connect(path, Mode::Echo);
-    let mut msg = [0u8; MSG];
-    let mut back = [0u8; MSG];
-    for i in 0..(iters / 10).max(100) {
-        msg[0] = i as u8;
-        s.write_all(&msg).unwrap();
-        s.read_exact(&mut back).unwrap();
-    }
-    for i in 0..iters {
-        msg[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        let t0 = Instant::now();
-        s.write_all(&msg).unwrap();
-        s.read_exact(&mut back).unwrap();
-        out.push(t0.elapsed().as_nanos() as u64);
-        debug_assert_eq!(msg, back);
-    }
-    assert_eq!(msg, back, "echoed intact ({path:?})");
+    distproxy_testkit::bench::ping_pong(&mut s, &mut [0u8; MSG], iters, out, &format!("{path:?}"));
 }
 
 /// RSS (bytes) and open files of `proxy` per idle relayed connection,
 /// over `conns` connections that each carried `burst` bytes each way (a
 /// 64-byte ping-pong when `burst` is 0) before going idle.
 fn idle_cost(setup: &Setup, proxy: &Proxy, conns: usize, burst: u64) -> (f64, f64) {
-    let pid = proxy.child.id();
+    let pid = proxy.pid();
     thread::sleep(Duration::from_millis(200));
     let (rss0, fds0) = (proc_status_kb(pid, "VmRSS:"), open_fds(pid));
     let mut held = Vec::with_capacity(conns);
@@ -642,8 +601,8 @@ fn main() {
     println!(
         "relay bench, {} run: loopback, {cpus} CPUs, proxy = {} (pid {})",
         plan.label,
-        proxy_bin("RELAY_BENCH_PROXY_BIN"),
-        setup.proxy.child.id()
+        distproxy_testkit::distproxy_bin!(BIN_VAR),
+        setup.proxy.pid()
     );
     println!(
         "direct: client to node; bare relay: through a minimal read/write relay in another \

@@ -1,5 +1,5 @@
-//! The sidecar ↔ sidecar tunnel, measured in one run on loopback (issue 3,
-//! "bench"): raw bytes through every path, and real BEAM-to-BEAM
+//! The sidecar ↔ sidecar tunnel, measured in one run on loopback: raw
+//! bytes through every path, and real BEAM-to-BEAM
 //! distribution through the TLS sidecar pair against OTP's own
 //! `inet_tls_dist` between the same kind of nodes, with the same
 //! certificates.
@@ -65,23 +65,22 @@
 //! size of the BEAM messages; TUNNEL_BENCH_VERBOSE=1 prints every BEAM run.
 //! Without `erl`/`erlc`, part 2 is skipped with the reason printed.
 
-#[path = "../tests/certs/mod.rs"]
-mod certs;
+use distproxy_testkit::certs;
 
-mod common;
-use common::*;
+use distproxy_testkit::bench::*;
+use distproxy_testkit::process::Proc;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use distproxy::client;
-use distproxy::epmd::proto::{self, NodeSpec, Port2Reply, Request};
+use distproxy_testkit::sut::client;
+use distproxy_testkit::sut::proto::NodeSpec;
 
 /// Its full name as an egress request names it (the host part is what the
 /// sidecar resolves and dials, and what BT's certificate must name).
@@ -207,26 +206,22 @@ struct Sidecars {
 }
 
 fn start_sidecars(pki: &Pki) -> Sidecars {
+    let bin = distproxy_testkit::distproxy_bin!("TUNNEL_BENCH_PROXY_BIN");
     let b = start_sidecar(
-        "TUNNEL_BENCH_PROXY_BIN",
+        &bin,
         "B",
         "error",
         "[routing]\nloopback_lookups = \"proxy\"\n",
     );
     let a = start_sidecar(
-        "TUNNEL_BENCH_PROXY_BIN",
+        &bin,
         "A",
         "error",
         &format!("[tunnel]\nremote_port = {}\n", b.dist.port()),
     );
-    let bt = start_sidecar(
-        "TUNNEL_BENCH_PROXY_BIN",
-        "BT",
-        "error",
-        &tls_section(pki, &pki.b),
-    );
+    let bt = start_sidecar(&bin, "BT", "error", &tls_section(pki, &pki.b));
     let at = start_sidecar(
-        "TUNNEL_BENCH_PROXY_BIN",
+        &bin,
         "AT",
         "error",
         &format!(
@@ -236,28 +231,6 @@ fn start_sidecars(pki: &Pki) -> Sidecars {
         ),
     );
     Sidecars { b, a, bt, at }
-}
-
-/// Asks `epmd` for the egress port of `remote`, as `distproxy_epmd` does.
-fn egress_port(epmd: SocketAddr, remote: &str) -> u16 {
-    let reply = block_on(client::request_to_eof(
-        epmd,
-        &Request::Egress {
-            node: remote.to_string(),
-        },
-    ))
-    .unwrap_or_else(|e| panic!("egress request for {remote} to {epmd}: {e}"));
-    match proto::decode_egress_resp(&reply) {
-        Ok(Some((r, _))) if r.result == 0 && r.port != 0 => r.port,
-        other => panic!("egress request for {remote} to {epmd}: {other:?}"),
-    }
-}
-
-fn lookup_port(epmd: SocketAddr, name: &str) -> u16 {
-    match block_on(client::port_please(epmd, name)) {
-        Ok(Port2Reply::Found(spec)) => spec.port,
-        other => panic!("lookup of {name} at {epmd}: {other:?}"),
-    }
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
@@ -327,9 +300,9 @@ impl<'a> Raw<'a> {
     fn pids(&self, route: Route) -> Vec<u32> {
         match route {
             Route::Direct => vec![],
-            Route::Hop => vec![self.sc.b.child.id()],
-            Route::PlainPair => vec![self.sc.a.child.id(), self.sc.b.child.id()],
-            Route::TlsPair => vec![self.sc.at.child.id(), self.sc.bt.child.id()],
+            Route::Hop => vec![self.sc.b.pid()],
+            Route::PlainPair => vec![self.sc.a.pid(), self.sc.b.pid()],
+            Route::TlsPair => vec![self.sc.at.pid(), self.sc.bt.pid()],
         }
     }
 
@@ -358,47 +331,14 @@ impl<'a> Raw<'a> {
     /// One-way bulk transfer; seconds from first write to the node's count.
     fn bulk(&self, route: Route, bytes: u64) -> f64 {
         let mut s = self.connect(route, Mode::Sink);
-        let data: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
-        let t0 = Instant::now();
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
-            s.write_all(&data[..n]).expect("bulk write");
-            left -= n as u64;
-        }
-        s.shutdown(Shutdown::Write).unwrap();
-        let mut count = [0u8; 8];
-        s.read_exact(&mut count).expect("count from the node");
-        let secs = t0.elapsed().as_secs_f64();
-        assert_eq!(
-            u64::from_be_bytes(count),
-            bytes,
-            "node got every byte ({route:?})"
-        );
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty(), "EOF after the count ({route:?})");
-        secs
+        bulk_to_sink(&mut s, bytes, &format!("{route:?}"))
     }
 
     /// Round-trip times in nanoseconds of `iters` 64-byte ping-pongs.
     fn ping_pong(&self, route: Route, iters: usize, out: &mut Vec<u64>) {
         let mut s = self.connect(route, Mode::Echo);
-        let mut msg = [0u8; MSG];
-        let mut back = [0u8; MSG];
-        for i in 0..(iters / 10).max(100) {
-            msg[0] = i as u8;
-            s.write_all(&msg).unwrap();
-            s.read_exact(&mut back).unwrap();
-        }
-        for i in 0..iters {
-            msg[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            let t0 = Instant::now();
-            s.write_all(&msg).unwrap();
-            s.read_exact(&mut back).unwrap();
-            out.push(t0.elapsed().as_nanos() as u64);
-        }
-        assert_eq!(msg, back, "echoed intact ({route:?})");
+        let what = format!("{route:?}");
+        distproxy_testkit::bench::ping_pong(&mut s, &mut [0u8; MSG], iters, out, &what);
     }
 }
 
@@ -673,20 +613,13 @@ fn ssl_dist_optfile(
     path
 }
 
-/// A running node, killed on drop (after closing its stdin, which halts it).
+/// A running node, killed on drop (after closing its stdin, which halts
+/// it: fields drop in declaration order).
 struct Beam {
     name: String,
-    child: Child,
     stdin: Option<ChildStdin>,
+    proc: Proc,
     lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Beam {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The answers of the helper start with one of these; anything else the
@@ -699,8 +632,8 @@ impl Beam {
     /// at `epmd_port`.
     fn start(name: &str, role: &str, epmd_port: u16, ebin: &Path, args: &[&str]) -> Beam {
         let full = format!("{name}@127.0.0.1");
-        let mut child = Command::new("erl")
-            .args(["-noshell", "-name", &full, "-setcookie", COOKIE])
+        let mut cmd = Command::new("erl");
+        cmd.args(["-noshell", "-name", &full, "-setcookie", COOKIE])
             .args(["-start_epmd", "false"])
             .args(["-kernel", "inet_dist_use_interface", "{127,0,0,1}"])
             .arg("-pa")
@@ -713,11 +646,10 @@ impl Beam {
             .env_remove("ERL_ZFLAGS")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start erl");
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().unwrap();
+            .stderr(Stdio::inherit());
+        let mut proc = Proc::spawn_unlogged(&full, &mut cmd);
+        let stdin = proc.child_mut().stdin.take();
+        let stdout = proc.child_mut().stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         let tag = full.clone();
         thread::spawn(move || {
@@ -734,7 +666,7 @@ impl Beam {
         });
         Beam {
             name: full,
-            child,
+            proc,
             stdin,
             lines,
         }
@@ -744,7 +676,7 @@ impl Beam {
         match self.lines.recv_timeout(timeout) {
             Ok(line) => line,
             Err(e) => {
-                let status = self.child.try_wait();
+                let status = self.proc.exited();
                 panic!(
                     "node {}: no answer to {what} ({e}); process: {status:?}",
                     self.name
@@ -767,7 +699,7 @@ impl Beam {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 }
 
@@ -853,12 +785,12 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
             Dist::TlsTunnel => (
                 Beam::start(&tx_name, "control", sc.at.epmd.port(), ebin, &module),
                 Beam::start(&rx_name, "sink", sc.bt.epmd.port(), ebin, &module),
-                vec![sc.at.child.id(), sc.bt.child.id()],
+                vec![sc.at.pid(), sc.bt.pid()],
             ),
             Dist::PlainTunnel => (
                 Beam::start(&tx_name, "control", sc.a.epmd.port(), ebin, &module),
                 Beam::start(&rx_name, "sink", sc.b.epmd.port(), ebin, &module),
-                vec![sc.a.child.id(), sc.b.child.id()],
+                vec![sc.a.pid(), sc.b.pid()],
             ),
         };
         pairs.push(Pair {
@@ -1025,7 +957,7 @@ fn main() {
     println!(
         "tunnel bench, {} run: loopback, {cpus} CPUs, sidecars = {}",
         plan.label,
-        proxy_bin("TUNNEL_BENCH_PROXY_BIN")
+        distproxy_testkit::distproxy_bin!("TUNNEL_BENCH_PROXY_BIN")
     );
     let pki = make_pki();
     let sc = start_sidecars(&pki);

@@ -16,7 +16,10 @@
 # Only PyPI is used (and Debian's packages, for python3-venv on a machine that
 # lacks it). Works as root on a fresh Debian.
 #
-# Usage: scripts/install-deploy-tools.sh        (prints the bin directory last)
+# Usage: scripts/install-deploy-tools.sh          (prints the bin directory last)
+#        scripts/install-deploy-tools.sh --check  (installs nothing: prints the
+#                                                  bin directory, or fails when
+#                                                  the tools are not installed)
 # Environment:
 #   DISTPROXY_DEPLOY_TOOLS_DIR  where to install (default: <repo>/target/deploy-tools)
 #   PYTHON                      the Python 3.11+ interpreter to build the venv with
@@ -60,6 +63,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && tools_work; then
   log "already installed in $venv"
   echo "$venv/bin"
   exit 0
+fi
+if [ "${1:-}" = "--check" ]; then
+  log "not installed (or not these versions) in $venv; run scripts/install-deploy-tools.sh"
+  exit 1
 fi
 
 python_ok() {

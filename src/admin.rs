@@ -8,34 +8,50 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
 
-use crate::server::Shared;
+use crate::distribution::forward::OpenConnections;
+use crate::epmd::registry::Registry;
+use crate::net::{accept_loop, AdmitAll};
+
+/// What the admin endpoint needs.
+pub struct AdminCtx {
+    pub registry: Arc<Registry>,
+    /// Renders `/metrics`; `None` when no Prometheus recorder is installed.
+    pub prometheus: Option<PrometheusHandle>,
+    /// `/readyz` fails once this is cancelled.
+    pub shutdown: CancellationToken,
+    /// Ends the endpoint (after the grace period, so probes see shutdown).
+    pub hard_stop: CancellationToken,
+    /// `admin.ready_nodes`.
+    pub ready_nodes: Vec<String>,
+    pub open_connections: Arc<OpenConnections>,
+}
 
 const MAX_HEAD: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Accepts admin connections until shutdown.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.hard_stop.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let shared = Arc::clone(&shared);
-                // Not tracked: an admin request must not hold up shutdown.
-                tokio::spawn(async move { handle(stream, &shared).await });
-            }
-            Err(e) => {
-                warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+/// Accepts admin connections until the hard stop. Its connections are on
+/// a tracker of their own: an admin request must not hold up shutdown.
+pub async fn serve(listener: TcpListener, shared: Arc<AdminCtx>) {
+    let stop = shared.hard_stop.clone();
+    accept_loop(
+        "admin",
+        listener,
+        stop,
+        TaskTracker::new(),
+        AdmitAll,
+        move |stream, _, ()| {
+            let shared = Arc::clone(&shared);
+            async move { handle(stream, &shared).await }
+        },
+    )
+    .await
 }
 
 /// A response: status line, content type, body.
@@ -67,7 +83,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn handle(mut stream: TcpStream, shared: &Shared) {
+async fn handle(mut stream: TcpStream, shared: &AdminCtx) {
     let mut head = Vec::with_capacity(512);
     let read = async {
         let mut chunk = [0u8; 1024];
@@ -123,7 +139,7 @@ async fn handle(mut stream: TcpStream, shared: &Shared) {
 }
 
 /// Answers one path.
-pub fn route(path: &str, shared: &Shared) -> Response {
+pub fn route(path: &str, shared: &AdminCtx) -> Response {
     match path {
         "/healthz" => Response::text(200, "ok\n"),
         "/readyz" => match readiness(shared) {
@@ -149,13 +165,11 @@ pub fn route(path: &str, shared: &Shared) -> Response {
 
 /// Ready when serving (listeners are bound before serving starts), not
 /// shutting down, and every `admin.ready_nodes` name is registered.
-pub fn readiness(shared: &Shared) -> Result<(), String> {
+pub fn readiness(shared: &AdminCtx) -> Result<(), String> {
     if shared.shutdown.is_cancelled() {
         return Err("shutting down".into());
     }
     let missing: Vec<&str> = shared
-        .config
-        .admin
         .ready_nodes
         .iter()
         .filter(|n| shared.registry.get(n).is_none())
@@ -168,7 +182,7 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
     }
 }
 
-fn nodes_json(shared: &Shared) -> String {
+fn nodes_json(shared: &AdminCtx) -> String {
     let nodes: Vec<serde_json::Value> = shared
         .registry
         .list()

@@ -6,9 +6,9 @@
 //! - [`epmd`]: the EPMD protocol as OTP's `epmd` speaks it — [`epmd::proto`]
 //!   (messages, no I/O), [`epmd::codec`] (framing), [`epmd::registry`]
 //!   (registrations owned by their ALIVE2 connections), [`epmd::server`].
-//! - [`dist`]: the distribution port — [`dist::handshake`] (first frames, no
-//!   I/O), [`dist::router`] (lookup correlation), [`dist::listener`] (accept,
-//!   route, verify), [`dist::relay`] (opaque byte copying).
+//! - [`distribution`]: the distribution port — [`distribution::handshake`] (first frames, no
+//!   I/O), [`distribution::router`] (lookup correlation), [`distribution::listener`] (accept,
+//!   route, verify), [`distribution::relay`] (opaque byte copying).
 //! - [`server`]: binding and wiring; [`config`]: configuration;
 //!   [`metrics`]: metric names; [`client`]: small EPMD client (`names`).
 //! - [`tunnel`]: sidecar-to-sidecar connections routed exactly by a
@@ -20,8 +20,10 @@
 pub mod admin;
 pub mod client;
 pub mod config;
-pub mod dist;
+pub mod distribution;
 pub mod epmd;
 pub mod metrics;
-pub mod server;
+pub mod net;
+pub mod node_name;
+pub mod sidecar;
 pub mod tunnel;

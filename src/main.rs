@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use distproxy::config::Config;
-use distproxy::server::{self, Sidecar};
+use distproxy::sidecar::{self, Sidecar};
 use tracing::{error, info};
 
 const EX_USAGE: u8 = 64;
@@ -195,7 +195,7 @@ fn run(config: Config, in_use_is_ok: bool) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let listeners = match server::bind(&config) {
+        let listeners = match sidecar::bind(&config) {
             Ok(l) => l,
             Err(e) => {
                 // Like `epmd`: a second instance on the same port is not an error.

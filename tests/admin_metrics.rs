@@ -1,17 +1,15 @@
 //! The admin endpoint over real HTTP, with `/metrics` parsed as Prometheus
 //! text by a parser crate and checked against the traffic the test made.
 
-mod support_inproc;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use distproxy::client;
-use distproxy::server::{self, Sidecar};
+use distproxy_testkit::prelude::*;
+use distproxy_testkit::sut::client;
+use distproxy_testkit::sut::sidecar::{self, Sidecar};
 use metrics_exporter_prometheus::PrometheusHandle;
-use support_inproc::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -23,19 +21,19 @@ fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let h = distproxy::metrics::prometheus_builder()
+            let h = distproxy_testkit::sut::metrics::prometheus_builder()
                 .unwrap()
                 .install_recorder()
                 .unwrap();
-            distproxy::metrics::describe();
+            distproxy_testkit::sut::metrics::describe();
             h
         })
         .clone()
 }
 
-fn start_with_admin(mut config: distproxy::config::Config) -> Sidecar {
+fn start_with_admin(mut config: distproxy_testkit::sut::config::Config) -> Sidecar {
     config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
-    let listeners = server::bind(&config).unwrap();
+    let listeners = sidecar::bind(&config).unwrap();
     Sidecar::start_with(config, listeners, Some(prometheus()))
 }
 
@@ -157,9 +155,9 @@ async fn metrics_follow_the_traffic() {
     let _ = bad.read_to_end(&mut Vec::new()).await;
     let (mut lost, _) = (TcpStream::connect(dist).await.unwrap(), ());
     let mut frame = bytes::BytesMut::new();
-    distproxy::dist::handshake::encode_send_name(
+    distproxy_testkit::sut::handshake::encode_send_name(
         &mut frame,
-        &distproxy::dist::handshake::SendName {
+        &distproxy_testkit::sut::handshake::SendName {
             name: "lost@remote".into(),
             flags: 0x000d_07df_7fbd,
             creation: Some(1),
@@ -290,7 +288,7 @@ async fn health_readiness_and_unknown_paths() {
     assert_eq!(http_get(admin, "/nope").await.0, 404);
 
     // Not ready once shutdown starts (Kubernetes stops routing to us).
-    sc.shared.shutdown.cancel();
+    sc.shutdown.cancel();
     assert_eq!(http_get(admin, "/readyz").await.0, 503);
 
     // Garbage is answered 400, not a hang or a crash.

@@ -18,10 +18,10 @@ fn check_config_prints_the_effective_configuration() {
     let file = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example-full.toml");
     let (code, stdout, stderr) = run(&["check-config", file]);
     assert_eq!(code, 0, "{stderr}");
-    let printed: distproxy::config::Config = toml::from_str(&stdout).unwrap();
+    let printed: distproxy_testkit::sut::config::Config = toml::from_str(&stdout).unwrap();
     assert_eq!(
         printed,
-        distproxy::config::Config::load(file.as_ref()).unwrap()
+        distproxy_testkit::sut::config::Config::load(file.as_ref()).unwrap()
     );
     assert_eq!(printed.dist.advertise_port, Some(443));
 }

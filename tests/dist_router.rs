@@ -1,15 +1,13 @@
 //! The distribution router against real sockets: correlation, fallback,
 //! rejection of bad first frames, relaying, IPv6 nodes.
 
-mod support_inproc;
-
 use std::time::Duration;
 
 use bytes::BytesMut;
-use distproxy::client;
-use distproxy::dist::handshake::{self, SendName};
-use distproxy::epmd::proto::{Port2Reply, Request};
-use support_inproc::*;
+use distproxy_testkit::prelude::*;
+use distproxy_testkit::sut::client;
+use distproxy_testkit::sut::handshake::{self, SendName};
+use distproxy_testkit::sut::proto::{Port2Reply, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -99,8 +97,14 @@ async fn non_dist_oversized_and_silent_first_frames_are_closed() {
         ("wrong tag", vec![0, 5, b'Z', 1, 2, 3, 4]),
         ("silence", vec![0, 30, b'N']),
     ] {
+        let since = std::time::Instant::now();
         let mut s = TcpStream::connect(dist).await.unwrap();
         s.write_all(&bytes).await.unwrap();
+        if what == "silence" {
+            // Closed by the handshake deadline, not before it.
+            closed_by_timeout(&mut s, since, Duration::from_millis(300), what).await;
+            continue;
+        }
         let mut rest = Vec::new();
         let r = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
             .await
@@ -133,13 +137,15 @@ async fn two_concurrent_lookups_for_different_nodes_are_never_both_answered_befo
         s.write_all(&out).await.unwrap();
         s
     };
+    // The answer to "a" means its lookup is recorded; only then ask for "b".
     let mut first = send("a").await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let mut second = send("b").await;
-
     let mut reply = Vec::new();
-    first.read_to_end(&mut reply).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut reply))
+        .await
+        .expect("lookup for a not answered")
+        .unwrap();
     assert_eq!(reply[..2], [b'w', 0]);
+    let mut second = send("b").await;
 
     // The second lookup stays unanswered while "a" is pending.
     let mut buf = [0u8; 64];

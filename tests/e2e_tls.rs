@@ -10,7 +10,6 @@
 //! Needs root, iproute2, erlang-nox and tcpdump; fails saying so otherwise,
 //! unless `DISTPROXY_SKIP_E2E=1`.
 
-mod certs;
 mod support;
 
 use std::collections::BTreeMap;
@@ -18,13 +17,13 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use certs::{Ca, Leaf, SecretDir};
+use distproxy_testkit::certs::{Ca, Leaf, SecretDir};
 use support::beam::ErlangOptions;
 use support::mesh::ping_everyone_at_once;
 use support::metrics::{metric_sum, metrics};
 use support::module::{compile_module, with_module};
 use support::process::Proc;
-use support::wait::poll_until;
+use support::wait::{poll_until, wait_until};
 use support::{e2e_enabled, Daemon, Lab, Pod, SidecarOptions, DIST_PORT};
 
 /// A string sent as message payload; it must never cross in clear text.
@@ -614,19 +613,29 @@ fn certificate_rotation_during_traffic() {
 
     // Bulk transfers back to back (8 MiB each) on the a1-b1 connection
     // while both pods rotate to CA 2, and until after both have reloaded.
+    // Synchronised on the transfers themselves: two have started before the
+    // rotation, and one started after both sidecars reloaded.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started_count = || started.load(std::sync::atomic::Ordering::SeqCst);
     let traffic = {
         let stop = std::sync::Arc::clone(&stop);
+        let started = std::sync::Arc::clone(&started);
         let b1_name = b1_name.clone();
         std::thread::spawn(move || {
             let mut blobs = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                blobs.push((Instant::now(), a1.send_blob(&b1_name, 8 * 1024 * 1024)));
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = Instant::now();
+                started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                blobs.push((at, a1.send_blob(&b1_name, 8 * 1024 * 1024)));
             }
             (a1, blobs)
         })
     };
-    std::thread::sleep(Duration::from_millis(500));
+    let transfers = Duration::from_secs(120);
+    wait_until(transfers, "two transfers before the rotation", || {
+        started_count() >= 2 || traffic.is_finished()
+    });
     let a_new = pod_leaf(&ca2, a, 0xa2);
     let b_new = pod_leaf(&ca2, b, 0xb2);
     secret_a.write(&a_new.cert_pem, &a_new.key_pem, &ca2.pem);
@@ -635,8 +644,13 @@ fn certificate_rotation_during_traffic() {
     sidecar_a.wait_log(reloaded, 1, Duration::from_secs(10));
     sidecar_b.wait_log(reloaded, 1, Duration::from_secs(10));
     let reloaded_at = Instant::now();
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The transfer running now may have started before `reloaded_at`; the
+    // one after it cannot have.
+    let running = started_count();
+    wait_until(transfers, "a transfer after the reload", || {
+        started_count() >= running + 2 || traffic.is_finished()
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (mut a1, blobs) = traffic.join().expect("traffic thread");
 
     // The established connection carried every transfer, across the reload.

@@ -1,13 +1,11 @@
 //! The EPMD server against real sockets, speaking raw protocol bytes.
 
-mod support_inproc;
-
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use distproxy::client;
-use distproxy::epmd::proto::{Port2Reply, Request};
-use support_inproc::*;
+use distproxy_testkit::prelude::*;
+use distproxy_testkit::sut::client;
+use distproxy_testkit::sut::proto::{Port2Reply, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -154,7 +152,7 @@ async fn dump_kill_and_stop_follow_epmd() {
         client::port_please(epmd, "a").await.unwrap(),
         Port2Reply::Found(_)
     ));
-    assert!(!sc.shared.shutdown.is_cancelled());
+    assert!(!sc.shutdown.is_cancelled());
 }
 
 #[tokio::test]
@@ -227,14 +225,10 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     let mut c = test_config();
     c.epmd.idle_timeout_ms = 200;
     let sc = start(c);
+    let since = std::time::Instant::now();
     let mut s = TcpStream::connect(epmd_addr(&sc)).await.unwrap();
     s.write_all(&[0]).await.unwrap(); // half a length prefix, then silence
-    let mut b = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b))
-        .await
-        .expect("idle connection was not closed")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+    closed_by_timeout(&mut s, since, Duration::from_millis(200), "idle").await;
 }
 
 #[tokio::test]

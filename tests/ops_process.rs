@@ -1,58 +1,17 @@
 //! The binary as operators run it: state file across `kill -9`, graceful
 //! shutdown on SIGTERM, the `epmd` drop-in compared with OTP's `epmd`.
 
-mod support_inproc;
-
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use distproxy::client;
-use distproxy::epmd::proto::Port2Reply;
-use support_inproc::*;
+use distproxy_testkit::ports::free_ports;
+use distproxy_testkit::prelude::*;
+use distproxy_testkit::process::Proc;
+use distproxy_testkit::sut::client;
+use distproxy_testkit::sut::proto::Port2Reply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const BIN: &str = env!("CARGO_BIN_EXE_distproxy");
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([format!("-{sig}"), self.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return Some(status.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
 
 struct Ports {
     epmd: u16,
@@ -73,15 +32,22 @@ fn write_config(dir: &Path, ports: &Ports, extra: &str) -> std::path::PathBuf {
     path
 }
 
+impl Ports {
+    fn free() -> Ports {
+        let [epmd, dist, admin] = free_ports();
+        Ports { epmd, dist, admin }
+    }
+}
+
 async fn spawn(config: &Path, epmd: u16) -> Proc {
-    let child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let p = Proc(child);
+    let p = Proc::spawn_unlogged(
+        "distproxy",
+        Command::new(distproxy_testkit::distproxy_bin!())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    );
     let addr = SocketAddr::from(([127, 0, 0, 1], epmd));
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -97,11 +63,7 @@ async fn spawn(config: &Path, epmd: u16) -> Proc {
 async fn registrations_survive_kill_9_through_the_state_file() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state/registry.json");
-    let ports = Ports {
-        epmd: free_port(),
-        dist: free_port(),
-        admin: free_port(),
-    };
+    let ports = Ports::free();
     let config = write_config(
         dir.path(),
         &ports,
@@ -184,11 +146,7 @@ async fn corrupt_state_file_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("registry.json");
     std::fs::write(&state, "{ this is not json").unwrap();
-    let ports = Ports {
-        epmd: free_port(),
-        dist: free_port(),
-        admin: free_port(),
-    };
+    let ports = Ports::free();
     let config = write_config(
         dir.path(),
         &ports,
@@ -210,31 +168,31 @@ async fn corrupt_state_file_is_ignored() {
     );
 }
 
+/// A distproxy process with one fake node registered: the process, its
+/// distribution address and what must live as long as it does.
+async fn running_with_node(name: &str) -> (tempfile::TempDir, Proc, SocketAddr, FakePod) {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = write_config(dir.path(), &ports, "");
+    let p = spawn(&config, ports.epmd).await;
+    let pod = FakePod::start(loopback(ports.epmd), &[name]).await;
+    (dir, p, loopback(ports.dist), pod)
+}
+
 #[tokio::test]
 async fn sigterm_drains_in_flight_connections_then_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        epmd: free_port(),
-        dist: free_port(),
-        admin: free_port(),
-    };
-    let config = write_config(dir.path(), &ports, "");
-    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
-    let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
-    let mut p = spawn(&config, ports.epmd).await;
-    let node = FakeNode::start("busy", "127.0.0.1:0").await;
-    let (_reg, _) = client::register(epmd, spec("busy", node.port))
-        .await
-        .unwrap();
+    let (_dir, mut p, dist, _pod) = running_with_node("busy").await;
     let (mut s, answered) = dial_as(dist, "x@remote").await;
     assert_eq!(answered, "busy@fake.host");
 
     let started = Instant::now();
     p.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(200)).await;
     // New connections are no longer accepted...
     assert!(
-        tokio::net::TcpStream::connect(dist).await.is_err(),
+        eventually(Duration::from_secs(5), || async {
+            tokio::net::TcpStream::connect(dist).await.is_err()
+        })
+        .await,
         "dist port still accepting after SIGTERM"
     );
     // ...but the established one keeps relaying: 8 MiB there and back.
@@ -250,41 +208,36 @@ async fn sigterm_drains_in_flight_connections_then_exits_zero() {
     got.unwrap();
     assert!(echoed == payload, "payload corrupted during drain");
     drop(s);
-    let code = p
+    let status = p
         .wait_exit(Duration::from_secs(9))
         .expect("did not exit within the grace period");
-    assert_eq!(code, 0);
+    assert_eq!(status.code(), Some(0), "{status}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 #[tokio::test]
 async fn second_signal_exits_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        epmd: free_port(),
-        dist: free_port(),
-        admin: free_port(),
-    };
-    let config = write_config(dir.path(), &ports, "");
-    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
-    let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
-    let mut p = spawn(&config, ports.epmd).await;
-    let node = FakeNode::start("idle", "127.0.0.1:0").await;
-    let (_reg, _) = client::register(epmd, spec("idle", node.port))
-        .await
-        .unwrap();
+    let (_dir, mut p, dist, _pod) = running_with_node("idle").await;
     let (_s, _) = dial_as(dist, "x@remote").await; // holds the grace period open
     p.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Draining once its listeners are closed; still running for the
+    // connection it holds.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            tokio::net::TcpStream::connect(dist).await.is_err()
+        })
+        .await,
+        "dist port still accepting after SIGTERM"
+    );
     assert!(
         p.wait_exit(Duration::from_millis(100)).is_none(),
         "exited while a connection was open"
     );
     p.signal("TERM");
-    let code = p
+    let status = p
         .wait_exit(Duration::from_secs(2))
         .expect("second signal did not exit");
-    assert_ne!(code, 0);
+    assert!(!status.success(), "{status}");
 }
 
 /// `distproxy epmd -names` prints what OTP's `epmd -names` prints for the
@@ -298,18 +251,18 @@ async fn epmd_drop_in_names_matches_otp_epmd() {
         }
         panic!("OTP's `epmd` is not installed (apt-get install erlang-base); set DISTPROXY_SKIP_E2E=1 to skip");
     }
-    let (otp_port, our_port) = (free_port(), free_port());
-    let _otp = Proc(
+    let bin = distproxy_testkit::distproxy_bin!();
+    let [otp_port, our_port, dist_port] = free_ports();
+    let _otp = Proc::spawn_unlogged(
+        "epmd",
         Command::new("epmd")
             .args(["-port", &otp_port.to_string(), "-address", "127.0.0.1"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::null()),
     );
-    let dist_port = free_port();
-    let _ours = Proc(
-        Command::new(BIN)
+    let _ours = Proc::spawn_unlogged(
+        "distproxy epmd",
+        Command::new(&bin)
             .args([
                 "epmd",
                 "-port",
@@ -329,9 +282,7 @@ async fn epmd_drop_in_names_matches_otp_epmd() {
                 p
             })
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::null()),
     );
     let otp = SocketAddr::from(([127, 0, 0, 1], otp_port));
     let ours = SocketAddr::from(([127, 0, 0, 1], our_port));
@@ -353,7 +304,7 @@ async fn epmd_drop_in_names_matches_otp_epmd() {
     }
     let names = |cmd: &str, port: u16| {
         let out = Command::new(cmd)
-            .args(if cmd == BIN { vec!["epmd"] } else { vec![] })
+            .args(if cmd == bin { vec!["epmd"] } else { vec![] })
             .args(["-port", &port.to_string(), "-names"])
             .output()
             .unwrap();
@@ -361,11 +312,11 @@ async fn epmd_drop_in_names_matches_otp_epmd() {
         String::from_utf8(out.stdout).unwrap()
     };
     let otp_text = names("epmd", otp_port);
-    let our_text = names(BIN, our_port);
+    let our_text = names(&bin, our_port);
     // Installed under the name `epmd`, the binary takes epmd's command line.
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("epmd");
-    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    std::os::unix::fs::symlink(&bin, &link).unwrap();
     let out = Command::new(&link)
         .args(["-port", &our_port.to_string(), "-names"])
         .output()
@@ -379,7 +330,7 @@ async fn epmd_drop_in_names_matches_otp_epmd() {
     assert!(our_text.contains("name first at port 41001"));
 
     // -kill is refused while nodes live, like epmd.
-    let out = Command::new(BIN)
+    let out = Command::new(&bin)
         .args(["epmd", "-port", &our_port.to_string(), "-kill"])
         .output()
         .unwrap();

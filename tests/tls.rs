@@ -2,14 +2,12 @@
 //! sockets, with certificates made here (rcgen) and written like a mounted
 //! Kubernetes Secret (symlinks through `..data`).
 
-mod certs;
-
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use certs::{Ca, Leaf, SecretDir};
-use distproxy::metrics::tls_reason;
-use distproxy::tunnel::tls::{
+use distproxy_testkit::certs::{Ca, Leaf, SecretDir};
+use distproxy_testkit::sut::metrics::tls_reason;
+use distproxy_testkit::sut::tls::{
     check_node_binding, classify_io_error, BindingError, PeerIdentity, ReloadOutcome,
     ServerNameVerification, Tls, TlsError, TlsSettings,
 };
@@ -384,11 +382,19 @@ async fn handshake_has_a_deadline() {
 
     // A client that connects and says nothing.
     let (addr, server) = serve_once(Arc::clone(&tls)).await;
-    let _silent = TcpStream::connect(addr).await.unwrap();
     let started = std::time::Instant::now();
-    let err = server.await.unwrap().unwrap_err();
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(3), server)
+        .await
+        .expect("server handshake without a deadline")
+        .unwrap()
+        .unwrap_err();
     assert_eq!(err.reason(), tls_reason::TIMEOUT, "{err}");
-    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "server gave up after {:?}, before its deadline",
+        started.elapsed()
+    );
 
     // A server that accepts TCP and never answers the ClientHello.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -398,8 +404,17 @@ async fn handshake_has_a_deadline() {
         tokio::time::sleep(Duration::from_secs(10)).await;
         drop(tcp);
     });
-    let err = dial(&tls, addr, POD_A).await.unwrap_err();
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(3), dial(&tls, addr, POD_A))
+        .await
+        .expect("client handshake without a deadline")
+        .unwrap_err();
     assert_eq!(err.reason(), tls_reason::TIMEOUT, "{err}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "client gave up after {:?}, before its deadline",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -652,46 +667,13 @@ fn serial_strings_match_the_certificates() {
 // The tunnel with TLS, in process: two sidecars on 127.0.0.1, fake nodes
 // behind the remote one, a tap between them that records what crosses.
 
-mod support_inproc;
-
 mod tunnel_tls {
-    use super::support_inproc::*;
     use super::*;
-    use bytes::BytesMut;
-    use distproxy::client;
-    use distproxy::config::Config;
-    use distproxy::dist::handshake::{self, SendName};
-    use distproxy::epmd::proto::{self, Request};
-    use distproxy::server::Sidecar;
+    use distproxy_testkit::prelude::*;
+    use distproxy_testkit::sut::config::Config;
+    use distproxy_testkit::sut::sidecar::Sidecar;
     use std::net::SocketAddr;
     use std::sync::Mutex;
-
-    /// Asks `epmd` for an egress port to `remote`.
-    async fn egress_port(epmd: SocketAddr, remote: &str) -> u16 {
-        let mut req = BytesMut::new();
-        Request::Egress {
-            node: remote.to_string(),
-        }
-        .encode(&mut req);
-        let reply = raw_exchange(epmd, &req).await;
-        let (r, _) = proto::decode_egress_resp(&reply).unwrap().unwrap();
-        assert_eq!(r.result, 0, "egress for {remote}: {r:?}");
-        r.port
-    }
-
-    fn send_name_frame(initiator: &str) -> BytesMut {
-        let mut out = BytesMut::new();
-        handshake::encode_send_name(
-            &mut out,
-            &SendName {
-                name: initiator.to_string(),
-                flags: 0x000d_07df_7fbd,
-                creation: Some(42),
-                version: None,
-            },
-        );
-        out
-    }
 
     fn tls_config(secret: &SecretDir, tweak: impl FnOnce(&mut Config)) -> Config {
         let mut c = test_config();
@@ -754,8 +736,7 @@ mod tunnel_tls {
         seen: Arc<Mutex<Vec<u8>>>,
         local_secret: SecretDir,
         _dirs: Vec<tempfile::TempDir>,
-        _nodes: Vec<FakeNode>,
-        _registrations: Vec<TcpStream>,
+        _nodes: FakePod,
     }
 
     /// Remote pod (nodes `b`, `c`) with `remote_leaf`; local pod with
@@ -780,17 +761,7 @@ mod tunnel_tls {
             ca_pem,
         );
         let remote = start(tls_config(&rsecret, tweak_remote));
-        let mut nodes = Vec::new();
-        let mut registrations = Vec::new();
-        for name in ["b", "c"] {
-            let node = FakeNode::start(name, "127.0.0.1:0").await;
-            let (conn, reply) = client::register(epmd_addr(&remote), spec(name, node.port))
-                .await
-                .unwrap();
-            assert_eq!(reply.result, 0);
-            registrations.push(conn);
-            nodes.push(node);
-        }
+        let nodes = FakePod::start(epmd_addr(&remote), &["b", "c"]).await;
         let (tap_addr, seen) = tap(dist_addr(&remote)).await;
         let local = start(tls_config(&lsecret, |c| {
             c.tunnel.remote_port = tap_addr.port();
@@ -802,15 +773,6 @@ mod tunnel_tls {
             local_secret: lsecret,
             _dirs: vec![rdir, ldir],
             _nodes: nodes,
-            _registrations: registrations,
-        }
-    }
-
-    async fn closed_without_reply(s: &mut TcpStream) -> bool {
-        let mut got = Vec::new();
-        match tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await {
-            Ok(_) => got.is_empty(),
-            Err(_) => panic!("connection not closed within 5 s"),
         }
     }
 
@@ -831,11 +793,8 @@ mod tunnel_tls {
         let local_epmd = epmd_addr(&p.local);
         for target in ["c", "b", "c"] {
             let port = egress_port(local_epmd, &format!("{target}@127.0.0.1")).await;
-            let (mut s, answered) = support_inproc::dial_as(
-                SocketAddr::from(([127, 0, 0, 1], port)),
-                "a1@pod-a.dp.test",
-            )
-            .await;
+            let (mut s, answered) =
+                dial_as(SocketAddr::from(([127, 0, 0, 1], port)), "a1@pod-a.dp.test").await;
             assert_eq!(answered, format!("{target}@fake.host"));
             let marker = b"MARKER-7f3a-payload-through-tls";
             s.write_all(marker).await.unwrap();
@@ -879,12 +838,12 @@ mod tunnel_tls {
         let egress = SocketAddr::from(([127, 0, 0, 1], port));
         // Pod A's certificate carrying a node of pod B: refused.
         let mut s = TcpStream::connect(egress).await.unwrap();
-        s.write_all(&send_name_frame("x@pod-b.dp.test"))
+        s.write_all(&frames::send_name("x@pod-b.dp.test"))
             .await
             .unwrap();
         assert!(closed_without_reply(&mut s).await);
         // Its own node: routed.
-        let (_s, answered) = support_inproc::dial_as(egress, "x@pod-a.dp.test").await;
+        let (_s, answered) = dial_as(egress, "x@pod-a.dp.test").await;
         assert_eq!(answered, "b@fake.host");
     }
 
@@ -903,7 +862,9 @@ mod tunnel_tls {
         let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
             .await
             .unwrap();
-        s.write_all(&send_name_frame("x@127.0.0.1")).await.unwrap();
+        s.write_all(&frames::send_name("x@127.0.0.1"))
+            .await
+            .unwrap();
         assert!(closed_without_reply(&mut s).await);
     }
 
@@ -923,8 +884,7 @@ mod tunnel_tls {
         plain.tunnel.remote_port = dist_addr(&p.remote).port();
         let plain = start(plain);
         let port = egress_port(epmd_addr(&plain), "c@127.0.0.1").await;
-        let (_s, answered) =
-            support_inproc::dial_as(SocketAddr::from(([127, 0, 0, 1], port)), "x@127.0.0.1").await;
+        let (_s, answered) = dial_as(SocketAddr::from(([127, 0, 0, 1], port)), "x@127.0.0.1").await;
         assert_eq!(answered, "c@fake.host");
     }
 
@@ -940,12 +900,12 @@ mod tunnel_tls {
         .await;
         let port = egress_port(epmd_addr(&p.local), "b@127.0.0.1").await;
         let egress = SocketAddr::from(([127, 0, 0, 1], port));
-        let (mut old, _) = support_inproc::dial_as(egress, "x@pod-a.dp.test").await;
+        let (mut old, _) = dial_as(egress, "x@pod-a.dp.test").await;
 
         // The local pod's certificate now names pod-z instead of pod-a.
         let next = ca.leaf(&["127.0.0.1", "pod-z.dp.test"], 0x9003);
         p.local_secret.write(&next.cert_pem, &next.key_pem, &ca.pem);
-        let tls = p.local.shared.tls.as_ref().unwrap();
+        let tls = p.local.tls.as_ref().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while tls.local_identity().serial != next.serial_string() {
             assert!(std::time::Instant::now() < deadline, "not reloaded");
@@ -959,11 +919,11 @@ mod tunnel_tls {
         // ... new tunnels present the new certificate: pod-a is no longer
         // bound to it, pod-z is.
         let mut s = TcpStream::connect(egress).await.unwrap();
-        s.write_all(&send_name_frame("x@pod-a.dp.test"))
+        s.write_all(&frames::send_name("x@pod-a.dp.test"))
             .await
             .unwrap();
         assert!(closed_without_reply(&mut s).await);
-        let (_s, answered) = support_inproc::dial_as(egress, "x@pod-z.dp.test").await;
+        let (_s, answered) = dial_as(egress, "x@pod-z.dp.test").await;
         assert_eq!(answered, "b@fake.host");
     }
 }

@@ -4,46 +4,22 @@
 //! Erlang helper module, compiled with `erlc +warnings_as_errors` and run
 //! against a sidecar.
 
-mod support_inproc;
-
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use distproxy::client;
-use distproxy::config::Config;
-use distproxy::dist::handshake::{self, SendName};
-use distproxy::epmd::proto::{self, EgressReply, Request};
-use distproxy::server::Sidecar;
-use distproxy::tunnel::preamble::Preamble;
-use support_inproc::*;
+use distproxy_testkit::prelude::*;
+use distproxy_testkit::sut::config::Config;
+use distproxy_testkit::sut::handshake;
+use distproxy_testkit::sut::preamble::Preamble;
+use distproxy_testkit::sut::proto;
+use distproxy_testkit::sut::sidecar::Sidecar;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Sends an egress request for `remote` to `epmd`; the decoded reply.
-async fn egress(epmd: SocketAddr, remote: &str) -> EgressReply {
-    let mut req = BytesMut::new();
-    Request::Egress {
-        node: remote.to_string(),
-    }
-    .encode(&mut req);
-    let reply = raw_exchange(epmd, &req).await;
-    match proto::decode_egress_resp(&reply) {
-        Ok(Some((r, used))) => {
-            assert_eq!(used, reply.len(), "bytes after the egress reply");
-            r
-        }
-        other => panic!("egress reply for {remote}: {other:?} ({reply:?})"),
-    }
-}
-
-async fn egress_port(epmd: SocketAddr, remote: &str) -> u16 {
-    let r = egress(epmd, remote).await;
-    assert_eq!((r.result, r.version), (0, 6), "egress for {remote}: {r:?}");
-    assert_ne!(r.port, 0);
-    r.port
-}
+/// How long a sidecar remembers that no sidecar answered on a host (fixed
+/// in the sidecar).
+const NO_SIDECAR_TTL: Duration = Duration::from_secs(5);
 
 /// The in-process test configuration, without the admin endpoint (several
 /// sidecars run in one process).
@@ -53,32 +29,17 @@ fn config() -> Config {
     c
 }
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// A remote pod (sidecar and fake nodes `names`, all registered) and a local
 /// sidecar whose tunnel dials the remote one.
 struct Pair {
     remote: Sidecar,
     local: Sidecar,
-    _nodes: Vec<FakeNode>,
-    _registrations: Vec<TcpStream>,
+    _nodes: FakePod,
 }
 
 async fn pair(names: &[&str], tweak: impl FnOnce(&mut Config)) -> Pair {
     let remote = start(config());
-    let mut nodes = Vec::new();
-    let mut registrations = Vec::new();
-    for name in names {
-        let node = FakeNode::start(name, "127.0.0.1:0").await;
-        let (conn, reply) = client::register(epmd_addr(&remote), spec(name, node.port))
-            .await
-            .unwrap();
-        assert_eq!(reply.result, 0);
-        registrations.push(conn);
-        nodes.push(node);
-    }
+    let nodes = FakePod::start(epmd_addr(&remote), names).await;
     let mut config = config();
     config.tunnel.remote_port = dist_addr(&remote).port();
     tweak(&mut config);
@@ -87,31 +48,7 @@ async fn pair(names: &[&str], tweak: impl FnOnce(&mut Config)) -> Pair {
         remote,
         local,
         _nodes: nodes,
-        _registrations: registrations,
     }
-}
-
-/// Reads until EOF (or 5 s); true if the peer closed without sending bytes.
-async fn closed_without_reply(s: &mut TcpStream) -> bool {
-    let mut got = Vec::new();
-    match tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await {
-        Ok(_) => got.is_empty(),
-        Err(_) => panic!("connection not closed within 5 s"),
-    }
-}
-
-fn send_name_frame(initiator: &str) -> BytesMut {
-    let mut out = BytesMut::new();
-    handshake::encode_send_name(
-        &mut out,
-        &SendName {
-            name: initiator.to_string(),
-            flags: 0x000d_07df_7fbd,
-            creation: Some(42),
-            version: None,
-        },
-    );
-    out
 }
 
 #[tokio::test]
@@ -132,7 +69,6 @@ async fn egress_reaches_the_named_node_exactly_without_any_lookup() {
     }
     assert!(
         p.remote
-            .shared
             .correlator
             .pending("127.0.0.1".parse().unwrap())
             .is_empty(),
@@ -148,8 +84,8 @@ async fn one_egress_port_per_remote_node_reused_and_used_concurrently() {
     let pc = egress_port(local_epmd, "c@127.0.0.1").await;
     assert_ne!(pb, pc);
     assert_eq!(egress_port(local_epmd, "b@127.0.0.1").await, pb);
-    assert_eq!(p.local.shared.egress.len(), 2);
-    assert_eq!(p.local.shared.egress.port_of("c@127.0.0.1"), Some(pc));
+    assert_eq!(p.local.egress.len(), 2);
+    assert_eq!(p.local.egress.port_of("c@127.0.0.1"), Some(pc));
 
     // Twenty connections at once, alternating targets, from distinct
     // initiators.
@@ -176,7 +112,7 @@ async fn unknown_target_is_closed_cleanly() {
     let p = pair(&["b", "c"], |_| {}).await;
     let port = egress_port(epmd_addr(&p.local), "zz@127.0.0.1").await;
     let mut s = TcpStream::connect(loopback(port)).await.unwrap();
-    s.write_all(&send_name_frame("a1@pod-a")).await.unwrap();
+    s.write_all(&frames::send_name("a1@pod-a")).await.unwrap();
     assert!(closed_without_reply(&mut s).await);
     // The other nodes are still reachable.
     let port = egress_port(epmd_addr(&p.local), "b@127.0.0.1").await;
@@ -198,7 +134,7 @@ async fn inbound_preamble_routes_by_name_and_checks_the_initiator() {
     s.write_all(&out).await.unwrap();
     // The send_name may come in a later segment.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    s.write_all(&send_name_frame("x@pod-a")).await.unwrap();
+    s.write_all(&frames::send_name("x@pod-a")).await.unwrap();
     let mut buf = BytesMut::new();
     let challenge = loop {
         assert!(s.read_buf(&mut buf).await.unwrap() > 0, "closed");
@@ -216,7 +152,7 @@ async fn inbound_preamble_routes_by_name_and_checks_the_initiator() {
     Preamble::new("c@pod-r", "x@pod-a")
         .unwrap()
         .encode(&mut out);
-    out.extend_from_slice(&send_name_frame("y@pod-a"));
+    out.extend_from_slice(&frames::send_name("y@pod-a"));
     s.write_all(&out).await.unwrap();
     assert!(closed_without_reply(&mut s).await);
 
@@ -228,7 +164,7 @@ async fn inbound_preamble_routes_by_name_and_checks_the_initiator() {
     // A raw handshake still goes through correlation: with two nodes and no
     // lookup it is unroutable.
     let mut s = TcpStream::connect(dist).await.unwrap();
-    s.write_all(&send_name_frame("x@pod-a")).await.unwrap();
+    s.write_all(&frames::send_name("x@pod-a")).await.unwrap();
     assert!(closed_without_reply(&mut s).await);
 
     // TLS is not wired in yet: a ClientHello is closed.
@@ -244,11 +180,10 @@ async fn a_silent_preamble_connection_times_out() {
     let mut config = config();
     config.tunnel.preamble_timeout_ms = 200;
     let sc = start(config);
+    let since = std::time::Instant::now();
     let mut s = TcpStream::connect(dist_addr(&sc)).await.unwrap();
     s.write_all(b"DPX\x01").await.unwrap();
-    let started = std::time::Instant::now();
-    assert!(closed_without_reply(&mut s).await);
-    assert!(started.elapsed() < Duration::from_secs(3));
+    closed_by_timeout(&mut s, since, Duration::from_millis(200), "silent preamble").await;
 }
 
 #[tokio::test]
@@ -260,14 +195,14 @@ async fn egress_listener_closes_when_idle_and_reopens_on_request() {
     // An open connection keeps the listener, however long it lasts.
     let (mut s, _) = dial_as(loopback(port), "a1@pod-a").await;
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(p.local.shared.egress.port_of("b@127.0.0.1"), Some(port));
+    assert_eq!(p.local.egress.port_of("b@127.0.0.1"), Some(port));
     s.write_all(b"still").await.unwrap();
     let mut back = [0u8; 5];
     s.read_exact(&mut back).await.unwrap();
     drop(s);
 
     // Idle: closed, and the port refuses connections.
-    let egress = &p.local.shared.egress;
+    let egress = &p.local.egress;
     assert!(
         eventually(Duration::from_secs(3), || async { egress.is_empty() }).await,
         "egress listener still open"
@@ -303,7 +238,7 @@ async fn egress_request_errors_have_result_codes() {
     let off = start(config);
     let r = egress(epmd_addr(&off), "b@127.0.0.1").await;
     assert_eq!(r.result, proto::EGRESS_REFUSED);
-    assert!(off.shared.egress.is_empty());
+    assert!(off.egress.is_empty());
 }
 
 #[tokio::test]
@@ -320,7 +255,7 @@ async fn unreachable_remote_closes_the_local_connection() {
     // no reachable name server: a test here must not query this machine's.)
     let port = egress_port(epmd_addr(&sc), "b@127.0.0.1").await;
     let mut s = TcpStream::connect(loopback(port)).await.unwrap();
-    s.write_all(&send_name_frame("a1@pod-a")).await.unwrap();
+    s.write_all(&frames::send_name("a1@pod-a")).await.unwrap();
     assert!(closed_without_reply(&mut s).await);
 }
 
@@ -336,15 +271,33 @@ async fn egress_is_refused_for_a_host_without_sidecar_so_the_node_falls_back() {
     let mut config = config();
     config.tunnel.remote_port = remote_port;
     let sc = start(config);
+    let since = std::time::Instant::now();
     let r = egress(epmd_addr(&sc), "b@127.0.0.1").await;
     assert_eq!(r.result, proto::EGRESS_NO_REMOTE_SIDECAR, "{r:?}");
     assert_eq!(r.port, 0);
-    // Remembered for a few seconds: no new probe, same answer.
+    // Remembered for a while: no new probe, same answer, until the answer
+    // expires (5 s, fixed in the sidecar): polled, and not sooner.
     let remote = TcpListener::bind(("127.0.0.1", remote_port)).await.unwrap();
     let r = egress(epmd_addr(&sc), "b@127.0.0.1").await;
     assert_eq!(r.result, proto::EGRESS_NO_REMOTE_SIDECAR, "{r:?}");
-    tokio::time::sleep(std::time::Duration::from_millis(5200)).await;
-    let port = egress_port(epmd_addr(&sc), "b@127.0.0.1").await;
+    let deadline = since + 3 * NO_SIDECAR_TTL;
+    let granted = loop {
+        let r = egress(epmd_addr(&sc), "b@127.0.0.1").await;
+        if r.result != proto::EGRESS_NO_REMOTE_SIDECAR {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the negative answer never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        since.elapsed() >= NO_SIDECAR_TTL,
+        "the negative answer expired after {:?}, before {NO_SIDECAR_TTL:?}",
+        since.elapsed()
+    );
+    let port = granted_port("b@127.0.0.1", &granted);
     assert_ne!(port, remote_port);
     // The probe connected and closed without sending a byte.
     let (mut probe, _) = remote.accept().await.unwrap();
@@ -487,7 +440,6 @@ async fn erlang_module_asks_the_sidecar_and_falls_back_without_one() {
     .await;
     let port = p
         .local
-        .shared
         .egress
         .port_of("b@127.0.0.1")
         .expect("the module's request opened an egress listener");

@@ -8,42 +8,74 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::codec::{CodecError, RequestCodec};
 use super::proto::{self, NodeSpec, Request};
-use super::registry::RegisterError;
+use super::registry::{RegisterError, Registry};
 use crate::config::LoopbackLookups;
-use crate::dist::router::LookupOutcome;
+use crate::distribution::router::{Correlator, LookupOutcome};
 use crate::metrics as m;
-use crate::server::Shared;
+use crate::net::{accept_loop, AdmitAll, DEFAULT_EPMD_PORT};
+
+/// What the EPMD side needs from the tunnel: a loopback egress port per
+/// remote node (`distproxy_epmd:address_please/3`).
+pub trait EgressPorts: Send + Sync {
+    /// The egress port for `remote` (`Name@Host`), opening it if needed.
+    fn egress_port<'a>(&'a self, remote: &'a str) -> BoxFuture<'a, Result<u16, EgressRefused>>;
+}
+
+/// An egress request answered without a port.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct EgressRefused {
+    /// The reply's result code (`proto::EGRESS_*`).
+    pub code: u8,
+    /// The `result` label of the request counter.
+    pub label: &'static str,
+    pub message: String,
+}
+
+/// What the EPMD server needs.
+pub struct EpmdCtx {
+    pub registry: Arc<Registry>,
+    pub correlator: Arc<Correlator>,
+    /// Port announced to remote lookups.
+    pub advertise_port: u16,
+    /// `epmd.idle_timeout_ms`.
+    pub idle_timeout: Duration,
+    /// `epmd.relaxed_command_check`.
+    pub relaxed_command_check: bool,
+    /// `epmd.probe_interval_ms` (adopted registrations, see `state`).
+    pub probe_interval: Duration,
+    /// `routing.loopback_lookups`.
+    pub loopback_lookups: LoopbackLookups,
+    pub egress: Arc<dyn EgressPorts>,
+    /// Stops accepting; KILL_REQ cancels it.
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
 
 /// Accepts EPMD connections until shutdown. Accept errors are logged and
 /// the loop goes on; a connection's error ends only that connection.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let local = listener.local_addr().ok();
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let shared2 = Arc::clone(&shared);
-                shared.tracker.spawn(async move {
-                    handle_connection(stream, peer, shared2).await;
-                });
-            }
-            Err(e) => {
-                warn!(listener = ?local, error = %e, "epmd accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+pub async fn serve(listener: TcpListener, ctx: Arc<EpmdCtx>) {
+    let (shutdown, tracker) = (ctx.shutdown.clone(), ctx.tracker.clone());
+    accept_loop(
+        "epmd",
+        listener,
+        shutdown,
+        tracker,
+        AdmitAll,
+        move |stream, peer, ()| handle_connection(stream, peer, Arc::clone(&ctx)),
+    )
+    .await
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {
@@ -71,11 +103,11 @@ fn count(req_type: &'static str, result: &'static str) {
     metrics::counter!(m::EPMD_REQUESTS, "type" => req_type, "result" => result).increment(1);
 }
 
-async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<EpmdCtx>) {
     let peer_ip = canonical(peer.ip());
     let local = stream.local_addr().ok();
     let local_peer = is_local_peer(peer_ip, local.map(|a| canonical(a.ip())));
-    let idle = shared.config.epmd.idle_timeout();
+    let idle = shared.idle_timeout;
 
     let mut framed = FramedRead::new(stream, RequestCodec);
     let request = match tokio::time::timeout(idle, framed.next()).await {
@@ -126,7 +158,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
             count(req_type, result);
         }
         Request::Names => {
-            let epmd_port = local.map(|a| a.port()).unwrap_or(4369);
+            let epmd_port = local.map_or(DEFAULT_EPMD_PORT, |a| a.port());
             proto::encode_names_header(&mut out, u32::from(epmd_port));
             let remote = advertise_to(&shared, peer_ip);
             for node in shared.registry.list() {
@@ -140,7 +172,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
             count(req_type, "ok");
         }
         Request::Dump => {
-            let epmd_port = local.map(|a| a.port()).unwrap_or(4369);
+            let epmd_port = local.map_or(DEFAULT_EPMD_PORT, |a| a.port());
             proto::encode_names_header(&mut out, u32::from(epmd_port));
             for node in shared.registry.list() {
                 proto::encode_dump_line(&mut out, &node.spec.name, node.spec.port, -1);
@@ -148,7 +180,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
             count(req_type, "ok");
         }
         Request::Kill => {
-            if !shared.registry.is_empty() && !shared.config.epmd.relaxed_command_check {
+            if !shared.registry.is_empty() && !shared.relaxed_command_check {
                 out.extend_from_slice(b"NO");
                 count(req_type, "refused");
             } else {
@@ -162,11 +194,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
         }
         Request::Egress { node } => {
             // distproxy's own request, from `distproxy_epmd:address_please/3`.
-            let answer = match crate::tunnel::egress::check_remote(&shared, &node).await {
-                Ok(()) => crate::tunnel::egress::egress_port(&shared, &node),
-                Err(e) => Err(e),
-            };
-            match answer {
+            match shared.egress.egress_port(&node).await {
                 Ok(port) => {
                     debug!(%peer, remote = %node, port, "egress port handed out");
                     proto::encode_egress_resp(&mut out, 0, port);
@@ -174,13 +202,13 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
                 }
                 Err(e) => {
                     warn!(%peer, remote = %node, error = %e, "egress request refused");
-                    proto::encode_egress_resp(&mut out, e.result(), 0);
-                    count(req_type, e.label());
+                    proto::encode_egress_resp(&mut out, e.code, 0);
+                    count(req_type, e.label);
                 }
             }
         }
         Request::Stop { name } => {
-            if !shared.config.epmd.relaxed_command_check {
+            if !shared.relaxed_command_check {
                 warn!(%peer, node = %name, "STOP_REQ refused: relaxed_command_check is off");
                 count(req_type, "refused");
                 return;
@@ -211,13 +239,13 @@ fn log_bad_request(peer: SocketAddr, e: &CodecError) {
 
 /// Whether `peer` is answered with the advertised port (remote peers, and
 /// loopback peers in `proxy` mode).
-fn advertise_to(shared: &Shared, peer: IpAddr) -> bool {
-    !peer.is_loopback() || shared.config.routing.loopback_lookups == LoopbackLookups::Proxy
+fn advertise_to(shared: &EpmdCtx, peer: IpAddr) -> bool {
+    !peer.is_loopback() || shared.loopback_lookups == LoopbackLookups::Proxy
 }
 
 /// Answers a PORT_PLEASE2_REQ into `out`; returns the result label.
 async fn port_please(
-    shared: &Shared,
+    shared: &EpmdCtx,
     peer: IpAddr,
     name: &str,
     out: &mut BytesMut,
@@ -262,7 +290,7 @@ async fn serve_alive2(
     peer: SocketAddr,
     peer_ip: IpAddr,
     spec: NodeSpec,
-    shared: &Shared,
+    shared: &EpmdCtx,
 ) {
     let extended = spec.highest_version >= 6;
     let name = spec.name.clone();

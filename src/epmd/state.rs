@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use super::proto::{validate_name, NodeSpec};
 use super::registry::{NodeEntry, Registration};
-use crate::server::Shared;
+use super::server::EpmdCtx;
 
 const FORMAT_VERSION: u32 = 1;
 /// Deadline for one probe of an adopted node's port.
@@ -172,7 +172,7 @@ pub fn save(path: &Path, state: &StateFile) -> Result<(), StateError> {
     Ok(())
 }
 
-fn snapshot(shared: &Shared) -> StateFile {
+fn snapshot(shared: &EpmdCtx) -> StateFile {
     let (nodes, creations) = shared.registry.snapshot();
     StateFile {
         version: FORMAT_VERSION,
@@ -191,7 +191,7 @@ async fn answers(addr: SocketAddr) -> bool {
 /// Restores the registry from `path` (adopting nodes that still answer) and
 /// starts the writer that keeps the file up to date. Never fails: problems
 /// with the file are logged.
-pub async fn start(shared: Arc<Shared>, path: PathBuf) {
+pub async fn start(shared: Arc<EpmdCtx>, path: PathBuf) {
     match load(&path) {
         Ok(state) => restore(&shared, state).await,
         Err(StateError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -203,7 +203,7 @@ pub async fn start(shared: Arc<Shared>, path: PathBuf) {
     shared.tracker.spawn(write_on_change(writer, path));
 }
 
-async fn restore(shared: &Arc<Shared>, state: StateFile) {
+async fn restore(shared: &Arc<EpmdCtx>, state: StateFile) {
     for (name, creation) in &state.creations {
         shared.registry.remember_creation(name, *creation);
     }
@@ -228,9 +228,9 @@ async fn restore(shared: &Arc<Shared>, state: StateFile) {
 }
 
 /// Keeps an adopted registration while its port answers.
-async fn probe(shared: Arc<Shared>, registration: Registration, addr: SocketAddr) {
+async fn probe(shared: Arc<EpmdCtx>, registration: Registration, addr: SocketAddr) {
     let name = registration.entry().spec.name.clone();
-    let mut tick = tokio::time::interval(shared.config.epmd.probe_interval());
+    let mut tick = tokio::time::interval(shared.probe_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate; the node just answered
     loop {
@@ -252,7 +252,7 @@ async fn probe(shared: Arc<Shared>, registration: Registration, addr: SocketAddr
 
 /// Writes the state file after every registry change until shutdown
 /// (unregistrations caused by shutdown itself are not persisted).
-async fn write_on_change(shared: Arc<Shared>, path: PathBuf) {
+async fn write_on_change(shared: Arc<EpmdCtx>, path: PathBuf) {
     let mut changes = shared.registry.subscribe();
     changes.mark_changed(); // write once at start
     loop {

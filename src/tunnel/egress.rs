@@ -19,23 +19,32 @@
 //! replayed `send_name`, `tunnel.preamble_timeout_ms`); then opaque relaying.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::preamble::Preamble;
 use super::resolve::Resolver;
-use crate::dist::listener::{self, short_name};
-use crate::dist::relay::{self, RelayEnd};
+use super::tls::Tls;
+use crate::config::TunnelConfig;
+use crate::distribution::forward::{self, ConnectionGuard, Direction, Forwarder};
+use crate::distribution::relay::RelayStats;
 use crate::epmd::proto;
-use crate::metrics::{self as m, reason};
-use crate::server::Shared;
+use crate::epmd::server::{EgressPorts, EgressRefused};
+use crate::metrics::{self as m, reason, record_closed as closed, record_phase as phase};
+use crate::net::{accept_loop, connect_any, ConnectError, ConnectionLimit};
+use crate::node_name::{short_name, NodeName};
 
 /// Why an egress request was not answered with a port; maps to the reply's
 /// result code.
@@ -80,6 +89,16 @@ impl EgressError {
     }
 }
 
+impl From<EgressError> for EgressRefused {
+    fn from(e: EgressError) -> EgressRefused {
+        EgressRefused {
+            code: e.result(),
+            label: e.label(),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// The remote node an egress listener leads to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteNode {
@@ -93,10 +112,10 @@ impl RemoteNode {
     /// Splits `Name@Host` at the first `@`; both parts must be non-empty.
     pub fn parse(full: &str) -> Option<RemoteNode> {
         super::preamble::check_target(full).ok()?;
-        let (_, host) = full.split_once('@')?;
+        let name = NodeName::parse(full).ok()?;
         Some(RemoteNode {
             full: full.to_owned(),
-            host: host.to_owned(),
+            host: name.host,
         })
     }
 }
@@ -138,8 +157,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The egress listeners, by remote node name, and the resolver they share.
+/// The egress listeners, by remote node name, with everything they need:
+/// settings, resolver, TLS, the connection limit and the relay context.
 pub struct EgressManager {
+    me: Weak<EgressManager>,
+    settings: TunnelConfig,
+    /// Deadline for the local node's `send_name` (`dist.handshake_timeout_ms`).
+    handshake_timeout: Duration,
+    tls: Option<Arc<Tls>>,
+    forward: Forwarder,
+    limit: ConnectionLimit,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
     listeners: Mutex<HashMap<String, Arc<Egress>>>,
     resolver: Resolver,
     /// Hosts found without a sidecar, and until when that is believed.
@@ -151,21 +180,35 @@ const NO_SIDECAR_TTL: Duration = Duration::from_secs(5);
 /// Upper bound for one probe (resolve and connect).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-impl Default for EgressManager {
-    fn default() -> Self {
-        Self::new()
-    }
+/// What an [`EgressManager`] is built from.
+pub struct EgressSettings {
+    pub tunnel: TunnelConfig,
+    pub handshake_timeout: Duration,
+    pub tls: Option<Arc<Tls>>,
+    pub forward: Forwarder,
+    /// Egress connections count against `dist.max_connections` too.
+    pub limit: ConnectionLimit,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
 }
 
 impl EgressManager {
     /// A manager with no listeners and a resolver from the system
     /// configuration.
-    pub fn new() -> EgressManager {
-        EgressManager {
+    pub fn new(settings: EgressSettings) -> Arc<EgressManager> {
+        Arc::new_cyclic(|me| EgressManager {
+            me: me.clone(),
+            settings: settings.tunnel,
+            handshake_timeout: settings.handshake_timeout,
+            tls: settings.tls,
+            forward: settings.forward,
+            limit: settings.limit,
+            shutdown: settings.shutdown,
+            tracker: settings.tracker,
             listeners: Mutex::new(HashMap::new()),
             resolver: Resolver::from_system_conf(),
             no_sidecar: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// Egress listeners open.
@@ -185,112 +228,168 @@ impl EgressManager {
     fn gauge(&self, n: usize) {
         metrics::gauge!(m::EGRESS_LISTENERS).set(n as f64);
     }
+
+    /// Answers an egress request: checks the remote (with
+    /// `tunnel.probe_remote`), then hands out its listener's port.
+    pub async fn request(&self, remote: &str) -> Result<u16, EgressError> {
+        self.check_remote(remote).await?;
+        self.egress_port(remote)
+    }
 }
 
-/// With `tunnel.probe_remote`, checks before the first listener for
-/// `remote` opens that a sidecar (anything) answers on the remote host's
-/// tunnel port. A node whose egress request is refused falls back to stock
-/// behaviour, so a pod without distproxy stays reachable from nodes that use
-/// the tunnel module. The probe connection is closed without a byte.
-pub async fn check_remote(shared: &Arc<Shared>, remote: &str) -> Result<(), EgressError> {
-    let config = &shared.config.tunnel;
-    if !config.egress || !config.probe_remote || shared.egress.port_of(remote).is_some() {
-        return Ok(());
+impl EgressPorts for EgressManager {
+    fn egress_port<'a>(&'a self, remote: &'a str) -> BoxFuture<'a, Result<u16, EgressRefused>> {
+        async move { self.request(remote).await.map_err(EgressRefused::from) }.boxed()
     }
-    let Some(node) = RemoteNode::parse(remote) else {
-        return Ok(()); // egress_port reports the bad name
-    };
-    let port = config.remote_port;
-    let refused = |why: String| EgressError::NoRemoteSidecar {
-        host: node.host.clone(),
-        port,
-        why,
-    };
-    if let Some((until, why)) = lock(&shared.egress.no_sidecar).get(&node.host) {
-        if *until > Instant::now() {
-            return Err(refused(why.clone()));
+}
+
+impl EgressManager {
+    /// With `tunnel.probe_remote`, checks before the first listener for
+    /// `remote` opens that a sidecar (anything) answers on the remote host's
+    /// tunnel port. A node whose egress request is refused falls back to stock
+    /// behaviour, so a pod without distproxy stays reachable from nodes that use
+    /// the tunnel module. The probe connection is closed without a byte.
+    async fn check_remote(&self, remote: &str) -> Result<(), EgressError> {
+        let config = &self.settings;
+        if !config.egress || !config.probe_remote || self.port_of(remote).is_some() {
+            return Ok(());
+        }
+        let Some(node) = RemoteNode::parse(remote) else {
+            return Ok(()); // egress_port reports the bad name
+        };
+        let port = config.remote_port;
+        let refused = |why: String| EgressError::NoRemoteSidecar {
+            host: node.host.clone(),
+            port,
+            why,
+        };
+        if let Some((until, why)) = lock(&self.no_sidecar).get(&node.host) {
+            if *until > Instant::now() {
+                return Err(refused(why.clone()));
+            }
+        }
+        // The whole probe stays within PROBE_TIMEOUT: the Erlang module waits
+        // 3 s for the reply before it falls back on its own.
+        let probe = async {
+            let addrs = self
+                .resolver
+                .resolve(&node.host, config.resolve_timeout())
+                .await
+                .map_err(|e| format!("cannot resolve: {e}"))?;
+            connect_any(&addrs, port, config.connect_timeout())
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        let outcome = tokio::time::timeout(PROBE_TIMEOUT, probe)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "cannot resolve or connect within {PROBE_TIMEOUT:?}"
+                ))
+            });
+        let mut cache = lock(&self.no_sidecar);
+        match outcome {
+            Ok(()) => {
+                cache.remove(&node.host);
+                Ok(())
+            }
+            Err(why) => {
+                cache.retain(|_, (until, _)| *until > Instant::now());
+                cache.insert(
+                    node.host.clone(),
+                    (Instant::now() + NO_SIDECAR_TTL, why.clone()),
+                );
+                Err(refused(why))
+            }
         }
     }
-    // The whole probe stays within PROBE_TIMEOUT: the Erlang module waits
-    // 3 s for the reply before it falls back on its own.
-    let probe = async {
-        let addrs = shared
-            .egress
-            .resolver
-            .resolve(&node.host, config.resolve_timeout())
-            .await
-            .map_err(|e| format!("cannot resolve: {e}"))?;
-        connect_any(&addrs, port, config.connect_timeout())
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
-    };
-    let outcome = tokio::time::timeout(PROBE_TIMEOUT, probe)
-        .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "cannot resolve or connect within {PROBE_TIMEOUT:?}"
-            ))
+
+    /// Answers an egress request: the port of the listener for `remote`,
+    /// creating it (and its task) if needed.
+    fn egress_port(&self, remote: &str) -> Result<u16, EgressError> {
+        let config = &self.settings;
+        if !config.egress {
+            return Err(EgressError::Disabled);
+        }
+        let node =
+            RemoteNode::parse(remote).ok_or_else(|| EgressError::BadName(remote.to_owned()))?;
+        let manager = self;
+        let mut listeners = lock(&manager.listeners);
+        if let Some(existing) = listeners.get(remote) {
+            existing.touch();
+            return Ok(existing.port);
+        }
+        if listeners.len() >= config.max_egress_listeners {
+            return Err(EgressError::TooMany(config.max_egress_listeners));
+        }
+        // Bound synchronously, under the lock, so two requests for the same
+        // node can never open two listeners.
+        let listener = crate::net::bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .map_err(EgressError::Bind)?;
+        let port = listener.local_addr().map_err(EgressError::Bind)?.port();
+        let egress = Arc::new(Egress {
+            port,
+            remote: node,
+            last_used: Mutex::new(Instant::now()),
+            open: AtomicUsize::new(0),
         });
-    let mut cache = lock(&shared.egress.no_sidecar);
-    match outcome {
-        Ok(()) => {
-            cache.remove(&node.host);
-            Ok(())
+        listeners.insert(remote.to_owned(), Arc::clone(&egress));
+        manager.gauge(listeners.len());
+        drop(listeners);
+        info!(remote = %remote, port, "egress listener opened");
+        if let Some(me) = self.me.upgrade() {
+            self.tracker.spawn(serve_egress(listener, egress, me));
         }
-        Err(why) => {
-            cache.retain(|_, (until, _)| *until > Instant::now());
-            cache.insert(
-                node.host.clone(),
-                (Instant::now() + NO_SIDECAR_TTL, why.clone()),
-            );
-            Err(refused(why))
-        }
+        Ok(port)
     }
-}
-
-/// Answers an egress request: the port of the listener for `remote`,
-/// creating it (and its task) if needed.
-pub fn egress_port(shared: &Arc<Shared>, remote: &str) -> Result<u16, EgressError> {
-    let config = &shared.config.tunnel;
-    if !config.egress {
-        return Err(EgressError::Disabled);
-    }
-    let node = RemoteNode::parse(remote).ok_or_else(|| EgressError::BadName(remote.to_owned()))?;
-    let manager = &shared.egress;
-    let mut listeners = lock(&manager.listeners);
-    if let Some(existing) = listeners.get(remote) {
-        existing.touch();
-        return Ok(existing.port);
-    }
-    if listeners.len() >= config.max_egress_listeners {
-        return Err(EgressError::TooMany(config.max_egress_listeners));
-    }
-    // Bound synchronously, under the lock, so two requests for the same
-    // node can never open two listeners.
-    let listener = crate::server::bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .map_err(EgressError::Bind)?;
-    let port = listener.local_addr().map_err(EgressError::Bind)?.port();
-    let egress = Arc::new(Egress {
-        port,
-        remote: node,
-        last_used: Mutex::new(Instant::now()),
-        open: AtomicUsize::new(0),
-    });
-    listeners.insert(remote.to_owned(), Arc::clone(&egress));
-    manager.gauge(listeners.len());
-    drop(listeners);
-    info!(remote = %remote, port, "egress listener opened");
-    shared
-        .tracker
-        .spawn(serve_egress(listener, egress, Arc::clone(shared)));
-    Ok(port)
 }
 
 /// Accepts local connections for one remote node until idle or shutdown.
-async fn serve_egress(listener: TcpListener, egress: Arc<Egress>, shared: Arc<Shared>) {
-    let idle = shared.config.tunnel.egress_idle_timeout();
+async fn serve_egress(listener: TcpListener, egress: Arc<Egress>, manager: Arc<EgressManager>) {
     let remote = egress.remote.full.clone();
+    let accepting = {
+        let (egress, manager2) = (Arc::clone(&egress), Arc::clone(&manager));
+        accept_loop(
+            "egress",
+            listener,
+            manager.shutdown.clone(),
+            manager.tracker.clone(),
+            manager.limit.clone(),
+            move |stream, peer, permit| {
+                egress.touch();
+                egress.open.fetch_add(1, Ordering::AcqRel);
+                let guard = OpenGuard(Arc::clone(&egress));
+                let manager = Arc::clone(&manager2);
+                let remote = egress.remote.clone();
+                async move {
+                    manager.outbound(stream, peer, &remote, permit).await;
+                    drop(guard);
+                }
+            },
+        )
+    };
+    // The listener closes when either ends: shutdown, or the idle period.
+    tokio::select! {
+        _ = accepting => {}
+        _ = idle(&egress, &manager) => return,
+    }
+    // Shutdown: forget the listener so no request is answered with it.
+    let mut listeners = lock(&manager.listeners);
+    if listeners
+        .get(&remote)
+        .is_some_and(|e| Arc::ptr_eq(e, &egress))
+    {
+        listeners.remove(&remote);
+    }
+    manager.gauge(listeners.len());
+}
+
+/// Resolves once the listener has had no open connection and no request
+/// for `tunnel.egress_idle_timeout_ms`, after removing it from the map.
+async fn idle(egress: &Arc<Egress>, manager: &EgressManager) {
+    let idle = manager.settings.egress_idle_timeout();
+    let remote = &egress.remote.full;
     loop {
         // While connections are open the clock is not running: look again
         // one idle period from now (a connection's end restarts the clock).
@@ -299,295 +398,215 @@ async fn serve_egress(listener: TcpListener, egress: Arc<Egress>, shared: Arc<Sh
         } else {
             egress.idle_since()
         };
-        let idle_at = tokio::time::Instant::from_std(since + idle);
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    egress.touch();
-                    egress.open.fetch_add(1, Ordering::AcqRel);
-                    let guard = OpenGuard(Arc::clone(&egress));
-                    let shared2 = Arc::clone(&shared);
-                    let egress2 = Arc::clone(&egress);
-                    shared.tracker.spawn(async move {
-                        outbound(stream, peer, &egress2.remote, &shared2).await;
-                        drop(guard);
-                    });
+        tokio::time::sleep_until(tokio::time::Instant::from_std(since + idle)).await;
+        // Re-checked under the map lock, which egress_port holds while it
+        // hands out (and touches) this port: once removed, the port is
+        // never handed out again.
+        let mut listeners = lock(&manager.listeners);
+        if egress.open.load(Ordering::Acquire) == 0 && egress.idle_since().elapsed() >= idle {
+            if listeners
+                .get(remote)
+                .is_some_and(|e| Arc::ptr_eq(e, egress))
+            {
+                listeners.remove(remote);
+            }
+            manager.gauge(listeners.len());
+            drop(listeners);
+            info!(%remote, port = egress.port, idle_ms = idle.as_millis() as u64, "egress listener closed after idle period");
+            return;
+        }
+    }
+}
+
+impl EgressManager {
+    /// One local connection to an egress listener: read the local node's
+    /// `send_name`, reach the remote sidecar, send the preamble, relay.
+    async fn outbound(
+        &self,
+        mut local: TcpStream,
+        local_peer: SocketAddr,
+        remote: &RemoteNode,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let started = Instant::now();
+        let _ = local.set_nodelay(true);
+        let target = remote.full.as_str();
+
+        let mut prefix = BytesMut::with_capacity(512);
+        let deadline = tokio::time::Instant::from_std(started) + self.handshake_timeout;
+        let send_name = match forward::read_send_name(&mut local, &mut prefix, deadline).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%local_peer, %target, error = %e, "closing egress connection before its handshake");
+                closed(e.reason());
+                return;
+            }
+        };
+        phase("egress_first_frame", started);
+        let initiator = send_name.name;
+        let preamble = match Preamble::new(target, &initiator) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(%local_peer, %target, %initiator, error = %e, "cannot build a tunnel preamble; closing");
+                closed(reason::BAD_FRAME);
+                return;
+            }
+        };
+
+        let resolve_start = Instant::now();
+        let addrs = match self
+            .resolver
+            .resolve(&remote.host, self.settings.resolve_timeout())
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(%initiator, %target, error = %e, "egress: cannot resolve the remote host; closing");
+                closed(reason::RESOLVE_FAILED);
+                return;
+            }
+        };
+        phase("resolve", resolve_start);
+
+        let connect_start = Instant::now();
+        let port = self.settings.remote_port;
+        let (remote_stream, remote_addr) = match connect_any(
+            &addrs,
+            port,
+            self.settings.connect_timeout(),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let why = match e {
+                    ConnectError::Timeout { .. } => reason::TIMEOUT,
+                    ConnectError::Failed { .. } => reason::CONNECT_FAILED,
+                };
+                warn!(%initiator, %target, error = %e, "egress: cannot reach the remote sidecar; closing");
+                closed(why);
+                return;
+            }
+        };
+        phase("connect_remote", connect_start);
+        let _ = remote_stream.set_nodelay(true);
+
+        // With `[tls]`: mutual TLS first (deadline `tls.handshake_timeout_ms`;
+        // the server's certificate is checked against the host dialled, unless
+        // `verify_server_name = "ca_only"`), then the preamble inside it.
+        let mut ctx = Outbound {
+            local_peer,
+            remote_addr,
+            target,
+            initiator: &initiator,
+            started,
+            transport: super::Transport::Plain,
+            permit,
+        };
+        if let Some(tls) = self.tls.as_ref() {
+            let tls_start = Instant::now();
+            match tls.connect(remote_stream, &remote.host).await {
+                Ok(remote_tls) => {
+                    phase("tls_handshake", tls_start);
+                    if let Some(Ok(server)) =
+                        super::tls::PeerIdentity::of_peer(remote_tls.get_ref().1)
+                    {
+                        debug!(%target, %remote_addr, %server, "TLS to the remote sidecar established");
+                    }
+                    ctx.transport = super::Transport::Tls;
+                    self.send_and_relay(remote_tls, local, preamble, prefix, ctx)
+                        .await;
                 }
                 Err(e) => {
-                    warn!(%remote, port = egress.port, error = %e, "egress accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = tokio::time::sleep_until(idle_at) => {
-                // Re-checked under the map lock, which egress_port holds
-                // while it hands out (and touches) this port: once removed,
-                // the port is never handed out again.
-                let mut listeners = lock(&shared.egress.listeners);
-                if egress.open.load(Ordering::Acquire) == 0 && egress.idle_since().elapsed() >= idle {
-                    if listeners.get(&remote).is_some_and(|e| Arc::ptr_eq(e, &egress)) {
-                        listeners.remove(&remote);
-                    }
-                    shared.egress.gauge(listeners.len());
-                    drop(listeners);
-                    info!(%remote, port = egress.port, idle_ms = idle.as_millis() as u64, "egress listener closed after idle period");
-                    return;
-                }
-            }
-        }
-    }
-    // Shutdown: forget the listener so no request is answered with it.
-    let mut listeners = lock(&shared.egress.listeners);
-    if listeners
-        .get(&remote)
-        .is_some_and(|e| Arc::ptr_eq(e, &egress))
-    {
-        listeners.remove(&remote);
-    }
-    shared.egress.gauge(listeners.len());
-}
-
-use crate::metrics::{record_closed as closed, record_phase as phase};
-
-/// Why no connection to the remote sidecar could be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("timed out connecting to {port} on {addrs:?}")]
-    Timeout { addrs: Vec<IpAddr>, port: u16 },
-    #[error("failed to connect to {addr}: {source}")]
-    Failed {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
-
-/// Connects to `port` on each address in turn, within `deadline` in all.
-pub async fn connect_any(
-    addrs: &[IpAddr],
-    port: u16,
-    deadline: Duration,
-) -> Result<(TcpStream, SocketAddr), ConnectError> {
-    let attempt = async {
-        let mut last = None;
-        for &ip in addrs {
-            let addr = SocketAddr::new(ip, port);
-            match TcpStream::connect(addr).await {
-                Ok(s) => return Ok((s, addr)),
-                Err(source) => {
-                    debug!(%addr, error = %source, "egress connect attempt failed");
-                    last = Some(ConnectError::Failed { addr, source });
-                }
-            }
-        }
-        Err(last.unwrap_or(ConnectError::Timeout {
-            addrs: Vec::new(),
-            port,
-        }))
-    };
-    tokio::time::timeout(deadline, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ConnectError::Timeout {
-                addrs: addrs.to_vec(),
-                port,
-            })
-        })
-}
-
-/// One local connection to an egress listener: read the local node's
-/// `send_name`, reach the remote sidecar, send the preamble, relay.
-async fn outbound(
-    mut local: TcpStream,
-    local_peer: SocketAddr,
-    remote: &RemoteNode,
-    shared: &Shared,
-) {
-    let started = Instant::now();
-    let _ = local.set_nodelay(true);
-    let target = remote.full.as_str();
-
-    let mut prefix = BytesMut::with_capacity(512);
-    let send_name = match listener::read_send_name(
-        &mut local,
-        &mut prefix,
-        shared.config.dist.handshake_timeout(),
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            let why = e.reason();
-            warn!(%local_peer, %target, error = %e, "closing egress connection before its handshake");
-            closed(why);
-            return;
-        }
-    };
-    phase("egress_first_frame", started);
-    let initiator = send_name.name;
-    let preamble = match Preamble::new(target, &initiator) {
-        Ok(p) => p,
-        Err(e) => {
-            warn!(%local_peer, %target, %initiator, error = %e, "cannot build a tunnel preamble; closing");
-            closed(reason::BAD_FRAME);
-            return;
-        }
-    };
-
-    let resolve_start = Instant::now();
-    let addrs = match shared
-        .egress
-        .resolver
-        .resolve(&remote.host, shared.config.tunnel.resolve_timeout())
-        .await
-    {
-        Ok(a) => a,
-        Err(e) => {
-            warn!(%initiator, %target, error = %e, "egress: cannot resolve the remote host; closing");
-            closed(reason::RESOLVE_FAILED);
-            return;
-        }
-    };
-    phase("resolve", resolve_start);
-
-    let connect_start = Instant::now();
-    let port = shared.config.tunnel.remote_port;
-    let (remote_stream, remote_addr) = match connect_any(
-        &addrs,
-        port,
-        shared.config.tunnel.connect_timeout(),
-    )
-    .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            let why = match e {
-                ConnectError::Timeout { .. } => reason::TIMEOUT,
-                ConnectError::Failed { .. } => reason::CONNECT_FAILED,
-            };
-            warn!(%initiator, %target, error = %e, "egress: cannot reach the remote sidecar; closing");
-            closed(why);
-            return;
-        }
-    };
-    phase("connect_remote", connect_start);
-    let _ = remote_stream.set_nodelay(true);
-
-    // With `[tls]`: mutual TLS first (deadline `tls.handshake_timeout_ms`;
-    // the server's certificate is checked against the host dialled, unless
-    // `verify_server_name = "ca_only"`), then the preamble inside it.
-    let mut ctx = Outbound {
-        local_peer,
-        remote_addr,
-        target,
-        initiator: &initiator,
-        started,
-        transport: super::Transport::Plain,
-    };
-    if let Some(tls) = shared.tls.as_ref() {
-        let tls_start = Instant::now();
-        match tls.connect(remote_stream, &remote.host).await {
-            Ok(remote_tls) => {
-                phase("tls_handshake", tls_start);
-                if let Some(Ok(server)) = super::tls::PeerIdentity::of_peer(remote_tls.get_ref().1)
-                {
-                    debug!(%target, %remote_addr, %server, "TLS to the remote sidecar established");
-                }
-                ctx.transport = super::Transport::Tls;
-                send_and_relay(remote_tls, local, preamble, prefix, ctx, shared).await;
-            }
-            Err(e) => {
-                // Counted by reason in distproxy_tls_handshake_failures_total.
-                warn!(%initiator, %target, %remote_addr, reason = e.reason(), error = %e,
+                    // Counted by reason in distproxy_tls_handshake_failures_total.
+                    warn!(%initiator, %target, %remote_addr, reason = e.reason(), error = %e,
                     "egress: TLS handshake with the remote sidecar failed; closing");
-                closed(reason::TLS_HANDSHAKE_FAILED);
+                    closed(reason::TLS_HANDSHAKE_FAILED);
+                }
             }
+            return;
         }
-        return;
+        self.send_and_relay(remote_stream, local, preamble, prefix, ctx)
+            .await;
     }
-    send_and_relay(remote_stream, local, preamble, prefix, ctx, shared).await;
 }
 
-/// What [`send_and_relay`] logs and labels.
-pub struct Outbound<'a> {
+/// What [`EgressManager::send_and_relay`] logs and labels.
+struct Outbound<'a> {
     pub local_peer: SocketAddr,
     pub remote_addr: SocketAddr,
     pub target: &'a str,
     pub initiator: &'a str,
     pub started: Instant,
     pub transport: super::Transport,
+    pub permit: OwnedSemaphorePermit,
 }
 
-/// Sends the preamble and the replayed `send_name` to the remote sidecar,
-/// then relays until either side closes. Generic over the remote stream so
-/// that plain TCP and TLS share it.
-pub async fn send_and_relay<R>(
-    mut remote: R,
-    local: TcpStream,
-    preamble: Preamble,
-    prefix: BytesMut,
-    ctx: Outbound<'_>,
-    shared: &Shared,
-) where
-    R: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let Outbound {
-        local_peer,
-        remote_addr,
-        target,
-        initiator,
-        started,
-        transport,
-    } = ctx;
-    let send_start = Instant::now();
-    let mut head = BytesMut::with_capacity(super::preamble::HEADER_LEN + 64 + prefix.len());
-    preamble.encode(&mut head);
-    head.extend_from_slice(&prefix);
-    let sent = async {
-        remote.write_all(&head).await?;
-        remote.flush().await
-    };
-    match tokio::time::timeout(shared.config.tunnel.preamble_timeout(), sent).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            warn!(%initiator, %target, %remote_addr, error = %e, "egress: failed to send the preamble; closing");
-            closed(reason::PEER_CLOSED);
-            return;
+impl EgressManager {
+    /// Sends the preamble and the replayed `send_name` to the remote sidecar,
+    /// then relays until either side closes. Generic over the remote stream so
+    /// that plain TCP and TLS share it.
+    async fn send_and_relay<R>(
+        &self,
+        mut remote: R,
+        local: TcpStream,
+        preamble: Preamble,
+        prefix: BytesMut,
+        ctx: Outbound<'_>,
+    ) where
+        R: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Outbound {
+            local_peer,
+            remote_addr,
+            target,
+            initiator,
+            started,
+            transport,
+            permit,
+        } = ctx;
+        let send_start = Instant::now();
+        let mut head = BytesMut::with_capacity(super::preamble::HEADER_LEN + 64 + prefix.len());
+        preamble.encode(&mut head);
+        head.extend_from_slice(&prefix);
+        let sent = async {
+            remote.write_all(&head).await?;
+            remote.flush().await
+        };
+        match tokio::time::timeout(self.settings.preamble_timeout(), sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(%initiator, %target, %remote_addr, error = %e, "egress: failed to send the preamble; closing");
+                closed(reason::PEER_CLOSED);
+                return;
+            }
+            Err(_) => {
+                warn!(%initiator, %target, %remote_addr, "egress: timed out sending the preamble; closing");
+                closed(reason::TIMEOUT);
+                return;
+            }
         }
-        Err(_) => {
-            warn!(%initiator, %target, %remote_addr, "egress: timed out sending the preamble; closing");
-            closed(reason::TIMEOUT);
-            return;
-        }
-    }
-    phase("send_preamble", send_start);
+        phase("send_preamble", send_start);
 
-    let local_node = short_name(initiator).to_owned();
-    let labels = [
-        ("node", local_node.clone()),
-        ("direction", "outbound".to_string()),
-    ];
-    metrics::counter!(m::DIST_CONNECTIONS, &labels).increment(1);
-    // For the admin endpoint's /nodes: connections relayed for this node.
-    let _counted = shared.open_connections.open(&local_node);
-    let open = metrics::gauge!(m::DIST_CONNECTIONS_OPEN, &labels);
-    open.increment(1.0);
-    // rx: towards the local node; tx: from it (as on the inbound side).
-    let rx = metrics::counter!(m::RELAYED_BYTES, "node" => local_node.clone(), "direction" => "rx");
-    let tx = metrics::counter!(m::RELAYED_BYTES, "node" => local_node, "direction" => "tx");
-    tx.increment(prefix.len() as u64);
-    debug!(%local_peer, %initiator, %target, %remote_addr, transport = transport.label(), "egress relaying");
-    let end = relay::relay(remote, local, rx, tx, &shared.hard_stop).await;
-    open.decrement(1.0);
-    let stats = end.stats();
-    let outcome = match &end {
-        RelayEnd::Closed(_) => "closed".to_string(),
-        RelayEnd::Failed(_, e) => format!("error: {e}"),
-        RelayEnd::Stopped(_) => "stopped at shutdown".to_string(),
-    };
-    info!(%initiator, %target, %remote_addr, transport = transport.label(),
-        rx_bytes = stats.rx, tx_bytes = stats.tx + prefix.len() as u64,
+        let local_node = short_name(initiator);
+        let guard = ConnectionGuard::open(
+            permit,
+            &self.forward.open_connections,
+            local_node,
+            Direction::Outbound,
+        );
+        debug!(%local_peer, %initiator, %target, %remote_addr, transport = transport.label(), "egress relaying");
+        // rx: towards the local node; tx: from it (as on the inbound side).
+        let pre = RelayStats {
+            rx: 0,
+            tx: prefix.len() as u64,
+        };
+        let (stats, outcome) = self.forward.relay(guard, remote, local, pre).await;
+        info!(%initiator, %target, %remote_addr, transport = transport.label(),
+        rx_bytes = stats.rx, tx_bytes = stats.tx,
         duration_ms = started.elapsed().as_millis() as u64, %outcome,
         "tunnel connection ended");
+    }
 }
 
 #[cfg(test)]
@@ -613,26 +632,5 @@ mod tests {
             proto::EGRESS_BAD_NAME
         );
         assert_eq!(EgressError::TooMany(1).result(), proto::EGRESS_UNAVAILABLE);
-    }
-
-    #[tokio::test]
-    async fn connect_any_tries_every_address_and_reports_the_last_failure() {
-        let open = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = open.local_addr().unwrap().port();
-        // 127.0.0.2 is loopback on Linux but nothing listens there on `port`.
-        let addrs: Vec<IpAddr> = vec!["127.0.0.2".parse().unwrap(), "127.0.0.1".parse().unwrap()];
-        let (_s, addr) = connect_any(&addrs, port, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], port)));
-        drop(open);
-        let err = connect_any(&addrs[..1], port, Duration::from_secs(5))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, ConnectError::Failed { .. }), "{err}");
-        let err = connect_any(&[], port, Duration::from_secs(5))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, ConnectError::Timeout { .. }), "{err}");
     }
 }

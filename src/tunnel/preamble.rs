@@ -33,7 +33,7 @@
 //! The distribution port tells three kinds of connection apart by their
 //! first byte: a TLS record (`0x16`, handshake), this magic (`0x44`), or a
 //! raw distribution handshake, whose 2-byte length starts with a byte of at
-//! most 8 (see [`crate::dist::handshake::looks_like_dist_handshake`]). `0x44`
+//! most 8 (see [`crate::distribution::handshake::looks_like_dist_handshake`]). `0x44`
 //! is neither a TLS content type (20..=24) nor a possible handshake length
 //! byte, so the three can never be confused.
 //!
@@ -110,7 +110,7 @@ impl Preamble {
 
     /// The target's node name without the host (`b1`), as registered in EPMD.
     pub fn target_short_name(&self) -> &str {
-        self.target.split_once('@').map_or(&self.target, |(n, _)| n)
+        crate::node_name::short_name(&self.target)
     }
 
     /// Appends the encoded preamble to `dst`. Names longer than
@@ -142,10 +142,9 @@ pub fn check_target(target: &str) -> Result<(), PreambleError> {
         field: "target",
         error,
     })?;
-    match target.split_once('@') {
-        Some((name, host)) if !name.is_empty() && !host.is_empty() => Ok(()),
-        _ => Err(PreambleError::NotFullName(target.to_owned())),
-    }
+    crate::node_name::NodeName::parse(target)
+        .map(drop)
+        .map_err(|_| PreambleError::NotFullName(target.to_owned()))
 }
 
 /// Parses a preamble at the start of `buf`. `Ok(None)`: more bytes needed.
@@ -258,10 +257,12 @@ mod tests {
         assert_ne!(MAGIC[0], 0x16);
         assert_ne!(MAGIC[0], 0x00);
         assert!(!(20..=24).contains(&MAGIC[0]), "a TLS content type");
-        assert!(!crate::dist::handshake::looks_like_dist_handshake(
+        assert!(!crate::distribution::handshake::looks_like_dist_handshake(
             &FIXTURE[..1]
         ));
-        assert!(!crate::dist::handshake::looks_like_dist_handshake(FIXTURE));
+        assert!(!crate::distribution::handshake::looks_like_dist_handshake(
+            FIXTURE
+        ));
     }
 
     #[test]

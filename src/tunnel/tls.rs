@@ -234,9 +234,9 @@ pub enum BindingError {
 /// With `bind_node_names`: the host part of `node_name` (`name@host`) must be
 /// a DNS or IP SAN of the certificate the peer presented.
 pub fn check_node_binding(identity: &PeerIdentity, node_name: &str) -> Result<(), BindingError> {
-    let host = match node_name.split_once('@') {
-        Some((_, host)) if !host.is_empty() => host,
-        _ => {
+    let host = match crate::node_name::host_of(node_name) {
+        Some(host) => host,
+        None => {
             return Err(BindingError::NoHost {
                 node: node_name.to_string(),
             })

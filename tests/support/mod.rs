@@ -6,6 +6,8 @@
 //! - [`prereq::e2e_enabled`] decides whether an e2e test runs: it fails with
 //!   the reason when the machine cannot run it, unless the person running the
 //!   tests opted out with `DISTPROXY_SKIP_E2E=1`.
+//! - The process guard, waiting with a deadline and certificates come from
+//!   the shared test kit (`testkit/`, crate `distproxy_testkit`).
 //! - [`Lab`] builds the isolated network and owns everything started in it;
 //!   dropping it (also while a test panics) kills every process and deletes
 //!   every namespace; namespaces left by a killed run are removed by the next
@@ -57,5 +59,5 @@ pub const BIN_VAR: &str = "DISTPROXY_E2E_BIN";
 /// Path of the distproxy binary under test: the one Cargo built for this
 /// test run, or `$DISTPROXY_E2E_BIN`.
 pub fn distproxy_bin() -> String {
-    std::env::var(BIN_VAR).unwrap_or_else(|_| env!("CARGO_BIN_EXE_distproxy").to_string())
+    distproxy_testkit::distproxy_bin!(BIN_VAR)
 }

@@ -11,7 +11,6 @@
 //! and [`SecretDir::write`] updates it the same way: a new timestamped
 //! directory, a temporary symlink, an atomic `rename` over `..data`, then
 //! the old directory is removed. The configured paths never change.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

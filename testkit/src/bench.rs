@@ -1,13 +1,17 @@
-//! What the relay and tunnel benches share: a fake BEAM node, the binary
-//! under test, and the arithmetic of the tables.
-#![allow(dead_code)]
+//! What the relay and tunnel benches share: a threaded fake BEAM node, the
+//! binary under test, ping-pong, and the arithmetic of the tables.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use distproxy::dist::handshake::{self, Challenge, Status};
+
+use crate::frames;
+use crate::process::Proc;
+use crate::sut::{client, handshake};
 
 /// What the fake node does after the handshake, chosen by the initiator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,17 +69,7 @@ pub fn serve_node_conn(mut s: TcpStream) -> io::Result<()> {
     } else {
         Mode::Echo
     };
-    let mut out = BytesMut::new();
-    handshake::encode_status(&mut out, &Status::Ok);
-    handshake::encode_challenge(
-        &mut out,
-        &Challenge {
-            name: format!("{NODE}@fake.host"),
-            flags: 0x000d_07df_7fbd,
-            challenge: 0x1234_5678,
-            creation: Some(77),
-        },
-    );
+    let out = frames::node_answer(&format!("{NODE}@fake.host"));
     s.write_all(&out)?;
     let mut data = vec![0u8; CHUNK];
     match mode {
@@ -101,18 +95,7 @@ pub fn serve_node_conn(mut s: TcpStream) -> io::Result<()> {
     s.shutdown(Shutdown::Write)
 }
 
-pub fn free_port() -> u16 {
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("pick a free port")
-            .port();
-        // Never 4369: a real EPMD may be running on this machine.
-        if port != 4369 {
-            return port;
-        }
-    }
-}
+pub use crate::ports::free_port;
 
 /// User plus system CPU time of a process, in seconds (Linux only).
 pub fn cpu_secs(pid: u32) -> f64 {
@@ -166,49 +149,20 @@ pub const NODE: &str = "bench";
 
 pub const CHUNK: usize = 256 * 1024;
 
-/// The distproxy binary built with this bench, or `$override_var` (to
-/// compare builds, e.g. before and after a relay change).
-pub fn proxy_bin(override_var: &str) -> String {
-    std::env::var(override_var)
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_distproxy").to_string())
-}
-
 /// Sends the `send_name` frame of `mode`'s initiator on `s` and reads the
 /// node's status and challenge, checking it was answered by the fake node
 /// and that nothing followed. `what` names the path in failure messages.
 pub fn complete_handshake(s: &mut TcpStream, mode: Mode, what: &str) {
-    use distproxy::dist::handshake::SendName;
     s.set_nodelay(true).unwrap();
-    let mut out = BytesMut::new();
-    handshake::encode_send_name(
-        &mut out,
-        &SendName {
-            name: mode.initiator().to_string(),
-            flags: 0x000d_07df_7fbd,
-            creation: Some(1234),
-            version: None,
-        },
-    );
-    s.write_all(&out).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
+    s.write_all(&frames::send_name(mode.initiator())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = BytesMut::new();
     let mut tmp = [0u8; 512];
-    let mut status_len = None;
     loop {
-        if status_len.is_none() {
-            if let Ok(Some((_, n))) = handshake::parse_status(&buf) {
-                status_len = Some(n);
-            }
-        }
-        if let Some(sl) = status_len {
-            if let Ok(Some((c, n))) = handshake::parse_challenge(&buf[sl..]) {
-                assert_eq!(c.name, format!("{NODE}@fake.host"), "answered by the node");
-                assert_eq!(sl + n, buf.len(), "no bytes after the challenge");
-                return;
-            }
+        if let Some((name, n)) = frames::parse_node_answer(&buf) {
+            assert_eq!(name, format!("{NODE}@fake.host"), "answered by the node");
+            assert_eq!(n, buf.len(), "no bytes after the challenge");
+            return;
         }
         let n = s.read(&mut tmp).expect("handshake reply");
         assert!(n > 0, "closed during the handshake ({what})");
@@ -219,16 +173,15 @@ pub fn complete_handshake(s: &mut TcpStream, mode: Mode, what: &str) {
 /// A distproxy process, killed on drop.
 pub struct Sidecar {
     pub label: &'static str,
-    pub child: std::process::Child,
-    pub epmd: std::net::SocketAddr,
-    pub dist: std::net::SocketAddr,
+    pub proc: Proc,
+    pub epmd: SocketAddr,
+    pub dist: SocketAddr,
     _config: tempfile::NamedTempFile,
 }
 
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Sidecar {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 }
 
@@ -242,20 +195,13 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-/// Starts the distproxy binary (`$bin_var` overrides it) on 127.0.0.1 with
-/// free EPMD and distribution ports (never 4369), the admin endpoint off and
-/// `extra` appended to its configuration; waits until it serves.
-pub fn start_sidecar(bin_var: &str, label: &'static str, log: &str, extra: &str) -> Sidecar {
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
-    let (epmd_port, dist_port) = loop {
-        let (a, b) = (free_port(), free_port());
-        if a != b {
-            break (a, b);
-        }
-    };
-    let epmd: std::net::SocketAddr = ([127, 0, 0, 1], epmd_port).into();
-    let dist: std::net::SocketAddr = ([127, 0, 0, 1], dist_port).into();
+/// Starts the distproxy binary `bin` (see `distproxy_bin!`) on 127.0.0.1
+/// with free EPMD and distribution ports (never 4369), the admin endpoint off
+/// and `extra` appended to its configuration; waits until it serves.
+pub fn start_sidecar(bin: &str, label: &'static str, log: &str, extra: &str) -> Sidecar {
+    let [epmd_port, dist_port] = crate::ports::free_ports();
+    let epmd = SocketAddr::from(([127, 0, 0, 1], epmd_port));
+    let dist = SocketAddr::from(([127, 0, 0, 1], dist_port));
     let mut config = tempfile::NamedTempFile::new().expect("temp config");
     write!(
         config,
@@ -264,19 +210,20 @@ pub fn start_sidecar(bin_var: &str, label: &'static str, log: &str, extra: &str)
     )
     .unwrap();
     config.flush().unwrap();
-    let child = Command::new(proxy_bin(bin_var))
-        .arg("run")
-        .arg("--config")
-        .arg(config.path())
-        .env("DISTPROXY_LOG", log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start distproxy");
+    let proc = Proc::spawn_unlogged(
+        label,
+        Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(config.path())
+            .env("DISTPROXY_LOG", log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    );
     let mut sidecar = Sidecar {
         label,
-        child,
+        proc,
         epmd,
         dist,
         _config: config,
@@ -284,8 +231,8 @@ pub fn start_sidecar(bin_var: &str, label: &'static str, log: &str, extra: &str)
     let deadline = Instant::now() + Duration::from_secs(10);
     // Both listeners are bound before either serves: a NAMES_REQ answered
     // means the distribution port is ready too.
-    while block_on(distproxy::client::names(epmd)).is_err() {
-        if let Ok(Some(status)) = sidecar.child.try_wait() {
+    while block_on(client::names(epmd)).is_err() {
+        if let Some(status) = sidecar.proc.exited() {
             panic!("sidecar {label} exited at start-up: {status}");
         }
         assert!(
@@ -295,4 +242,80 @@ pub fn start_sidecar(bin_var: &str, label: &'static str, log: &str, extra: &str)
         thread::sleep(Duration::from_millis(20));
     }
     sidecar
+}
+
+/// Round-trip times in nanoseconds of `iters` ping-pongs of `msg.len()`
+/// bytes on `s` (an echoing peer), after a warm-up of a tenth as many (at
+/// least 100). `what` names the path in failure messages.
+pub fn ping_pong(s: &mut TcpStream, msg: &mut [u8], iters: usize, out: &mut Vec<u64>, what: &str) {
+    let mut back = vec![0u8; msg.len()];
+    for i in 0..(iters / 10).max(100) {
+        msg[0] = i as u8;
+        s.write_all(msg).unwrap();
+        s.read_exact(&mut back).unwrap();
+    }
+    for i in 0..iters {
+        msg[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let t0 = Instant::now();
+        s.write_all(msg).unwrap();
+        s.read_exact(&mut back).unwrap();
+        out.push(t0.elapsed().as_nanos() as u64);
+    }
+    assert_eq!(*msg, back[..], "echoed intact ({what})");
+}
+
+/// Asks `epmd` for the egress port of `remote`, as `distproxy_epmd` does
+/// (blocking).
+pub fn egress_port(epmd: SocketAddr, remote: &str) -> u16 {
+    let reply = block_on(client::request_to_eof(
+        epmd,
+        &crate::sut::Request::Egress {
+            node: remote.to_string(),
+        },
+    ))
+    .unwrap_or_else(|e| panic!("egress request for {remote} to {epmd}: {e}"));
+    let r = crate::peer::decode_egress_reply(remote, &reply);
+    crate::peer::granted_port(remote, &r)
+}
+
+/// The port `epmd` answers for `name` (blocking).
+pub fn lookup_port(epmd: SocketAddr, name: &str) -> u16 {
+    block_on(crate::peer::lookup_port(epmd, name))
+}
+
+/// The bytes the benches send: `CHUNK` bytes of a pattern.
+pub fn pattern() -> Vec<u8> {
+    (0..CHUNK).map(|i| (i % 251) as u8).collect()
+}
+
+/// Writes `total` bytes of `data`, repeated, on `s`.
+pub fn write_n(s: &mut TcpStream, total: u64, data: &[u8]) {
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(data.len() as u64) as usize;
+        s.write_all(&data[..n]).expect("bulk write");
+        left -= n as u64;
+    }
+}
+
+/// One-way bulk transfer of `bytes` to a [`Mode::Sink`] node on `s`:
+/// seconds from the first write to the node's count, which must be `bytes`,
+/// followed by EOF. `what` names the path in failure messages.
+pub fn bulk_to_sink(s: &mut TcpStream, bytes: u64, what: &str) -> f64 {
+    let data = pattern();
+    let t0 = Instant::now();
+    write_n(s, bytes, &data);
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).expect("count from the node");
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(
+        u64::from_be_bytes(count),
+        bytes,
+        "node got every byte ({what})"
+    );
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "EOF after the count ({what})");
+    secs
 }

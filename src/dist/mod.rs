@@ -1,6 +1,0 @@
-//! The distribution port: routing incoming connections to local nodes.
-
-pub mod handshake;
-pub mod listener;
-pub mod relay;
-pub mod router;

@@ -1,0 +1,547 @@
+//! The connection-setup layer under the distribution listener and the
+//! tunnel: reading first frames within a deadline, the one setup error
+//! type, connecting to a local node, and relaying with every open
+//! connection counted by one [`ConnectionGuard`].
+//!
+//! Nothing here knows how a connection was routed; callers (the listener,
+//! the tunnel's inbound and outbound paths) pass what they decided.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::handshake::{self, SendName};
+use super::relay::{self, RelayEnd, RelayStats};
+use crate::epmd::registry::NodeEntry;
+use crate::metrics::{self as m, reason, record_closed as closed, record_phase as phase, route};
+use crate::node_name::short_name;
+
+/// The most bytes any setup phase buffers before giving up: a maximal
+/// handshake frame plus room for a tunnel preamble (whose parser bounds it
+/// to a few KiB). The parsers refuse oversize lengths long before; this is
+/// a backstop.
+const MAX_SETUP_BYTES: usize = 2 + handshake::MAX_HANDSHAKE_FRAME + 8 * 1024;
+
+/// The setup phase a connection was in when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The initiator's `send_name` (and, before it, the first byte).
+    FirstFrame,
+    /// The tunnel preamble.
+    Preamble,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::FirstFrame => "first handshake frame",
+            Phase::Preamble => "tunnel preamble",
+        })
+    }
+}
+
+/// What went wrong in a setup phase.
+#[derive(Debug)]
+pub enum SetupErrorKind {
+    Timeout,
+    /// The peer closed after this many bytes.
+    Closed(usize),
+    /// The bytes are not what the phase expects.
+    Bad(String),
+    Io(std::io::Error),
+}
+
+/// A connection that could not be set up, by phase and kind.
+#[derive(Debug, thiserror::Error)]
+pub struct SetupError {
+    pub phase: Phase,
+    pub kind: SetupErrorKind,
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let phase = self.phase;
+        match &self.kind {
+            SetupErrorKind::Timeout => write!(f, "timed out waiting for the {phase}"),
+            SetupErrorKind::Closed(n) => {
+                write!(f, "connection closed inside the {phase} ({n} bytes read)")
+            }
+            SetupErrorKind::Bad(e) => write!(f, "invalid {phase}: {e}"),
+            SetupErrorKind::Io(e) => write!(f, "read failed in the {phase}: {e}"),
+        }
+    }
+}
+
+impl SetupError {
+    /// The `reason` label when this ends a connection (metrics and logs).
+    pub fn reason(&self) -> &'static str {
+        match self.kind {
+            SetupErrorKind::Timeout => reason::TIMEOUT,
+            SetupErrorKind::Bad(_) => reason::BAD_FRAME,
+            SetupErrorKind::Closed(_) | SetupErrorKind::Io(_) => reason::PEER_CLOSED,
+        }
+    }
+}
+
+/// Reads into `buf` until `parse` returns a value, an error, or `deadline`
+/// passes. `parse` sees everything read so far (it may split off what it
+/// consumed); bytes it leaves stay in `buf`, to be replayed.
+pub async fn read_until<S, T, E, P>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    phase: Phase,
+    deadline: tokio::time::Instant,
+    mut parse: P,
+) -> Result<T, SetupError>
+where
+    S: AsyncRead + Unpin,
+    E: fmt::Display,
+    P: FnMut(&mut BytesMut) -> Result<Option<T>, E>,
+{
+    let err = |kind| SetupError { phase, kind };
+    let read = async {
+        loop {
+            match parse(buf) {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => return Err(err(SetupErrorKind::Bad(e.to_string()))),
+            }
+            if buf.len() >= MAX_SETUP_BYTES {
+                return Err(err(SetupErrorKind::Closed(buf.len())));
+            }
+            buf.reserve(512);
+            match stream.read_buf(buf).await {
+                Ok(0) => return Err(err(SetupErrorKind::Closed(buf.len()))),
+                Ok(_) => {}
+                Err(e) => return Err(err(SetupErrorKind::Io(e))),
+            }
+        }
+    };
+    tokio::time::timeout_at(deadline, read)
+        .await
+        .unwrap_or_else(|_| Err(err(SetupErrorKind::Timeout)))
+}
+
+/// Reads until the initiator's `send_name` frame is complete, by
+/// `deadline`. Every byte read stays in `buf`, to be replayed to the node.
+pub async fn read_send_name<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+) -> Result<SendName, SetupError> {
+    read_until(stream, buf, Phase::FirstFrame, deadline, |b| {
+        handshake::parse_send_name(b).map(|o| o.map(|(msg, _)| msg))
+    })
+    .await
+}
+
+/// Waits for the connection's first byte without consuming it.
+pub async fn peek_first_byte(
+    stream: &TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<u8, SetupError> {
+    let err = |kind| SetupError {
+        phase: Phase::FirstFrame,
+        kind,
+    };
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut byte)).await {
+        Err(_) => Err(err(SetupErrorKind::Timeout)),
+        Ok(Ok(0)) => Err(err(SetupErrorKind::Closed(0))),
+        Ok(Ok(_)) => Ok(byte[0]),
+        Ok(Err(e)) => Err(err(SetupErrorKind::Io(e))),
+    }
+}
+
+/// How the target node was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteMethod {
+    Correlated,
+    SingleNode,
+    /// Named by a sidecar's tunnel preamble.
+    Preamble,
+}
+
+impl RouteMethod {
+    pub fn label(self) -> &'static str {
+        match self {
+            RouteMethod::Correlated => route::CORRELATED,
+            RouteMethod::SingleNode => route::SINGLE_NODE,
+            RouteMethod::Preamble => route::PREAMBLE,
+        }
+    }
+}
+
+/// Relayed connections per local node, for `/nodes`.
+#[derive(Default)]
+pub struct OpenConnections(Mutex<HashMap<String, u64>>);
+
+impl OpenConnections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connections relayed for `node` now.
+    pub fn get(&self, node: &str) -> u64 {
+        self.lock().get(node).copied().unwrap_or(0)
+    }
+}
+
+/// Direction of a relayed connection, as labelled in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From a peer to a local node.
+    Inbound,
+    /// From a local node to a remote sidecar.
+    Outbound,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// One relayed connection, counted: holds the connection-limit permit, the
+/// open-connections gauge and the `/nodes` count until dropped.
+pub struct ConnectionGuard {
+    _permit: OwnedSemaphorePermit,
+    open: metrics::Gauge,
+    counts: Arc<OpenConnections>,
+    node: String,
+}
+
+impl ConnectionGuard {
+    /// Starts counting a connection relayed for local node `node`.
+    pub fn open(
+        permit: OwnedSemaphorePermit,
+        counts: &Arc<OpenConnections>,
+        node: &str,
+        direction: Direction,
+    ) -> ConnectionGuard {
+        let labels = [
+            ("node", node.to_string()),
+            ("direction", direction.label().to_string()),
+        ];
+        metrics::counter!(m::DIST_CONNECTIONS, &labels).increment(1);
+        let open = metrics::gauge!(m::DIST_CONNECTIONS_OPEN, &labels);
+        open.increment(1.0);
+        *counts.lock().entry(node.to_string()).or_default() += 1;
+        ConnectionGuard {
+            _permit: permit,
+            open,
+            counts: Arc::clone(counts),
+            node: node.to_string(),
+        }
+    }
+
+    /// The local node this connection is relayed for.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+        let mut map = self.counts.lock();
+        if let Some(n) = map.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.node);
+            }
+        }
+    }
+}
+
+/// What relaying needs from the sidecar: deadlines, the `/nodes` counts and
+/// the hard-stop signal. Cheap to clone.
+#[derive(Clone)]
+pub struct Forwarder {
+    /// Deadline for connecting to a local node (`dist.connect_timeout_ms`).
+    pub connect_timeout: Duration,
+    /// Deadline for the node's status and challenge
+    /// (`dist.handshake_timeout_ms`).
+    pub handshake_timeout: Duration,
+    pub open_connections: Arc<OpenConnections>,
+    /// Ends relays (grace period over).
+    pub hard_stop: CancellationToken,
+}
+
+impl Forwarder {
+    /// Relays `a` (the remote side) and `b` (the local node's side) until
+    /// either closes or the hard stop, counting the bytes in `pre` that were
+    /// forwarded during setup; `rx` is towards the local node. Drops the
+    /// guard when the relay ends; returns the totals and how it ended.
+    pub async fn relay<A, B>(
+        &self,
+        guard: ConnectionGuard,
+        a: A,
+        b: B,
+        pre: RelayStats,
+    ) -> (RelayStats, String)
+    where
+        A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let node = guard.node().to_owned();
+        let rx = metrics::counter!(m::RELAYED_BYTES, "node" => node.clone(), "direction" => "rx");
+        let tx = metrics::counter!(m::RELAYED_BYTES, "node" => node, "direction" => "tx");
+        rx.increment(pre.rx);
+        tx.increment(pre.tx);
+        let end = relay::relay(a, b, rx, tx, &self.hard_stop).await;
+        drop(guard);
+        let stats = end.stats();
+        let outcome = match &end {
+            RelayEnd::Closed(_) => "closed".to_string(),
+            RelayEnd::Failed(_, e) => format!("error: {e}"),
+            RelayEnd::Stopped(_) => "stopped at shutdown".to_string(),
+        };
+        (
+            RelayStats {
+                rx: stats.rx + pre.rx,
+                tx: stats.tx + pre.tx,
+            },
+            outcome,
+        )
+    }
+}
+
+/// A routed connection on its way to a local node.
+pub struct ToNode {
+    pub peer: SocketAddr,
+    /// The initiator's full node name, from its `send_name`.
+    pub initiator: String,
+    pub node: NodeEntry,
+    pub method: RouteMethod,
+    /// Bytes read from the peer so far, replayed to the node.
+    pub prefix: BytesMut,
+    /// When the connection was accepted.
+    pub started: Instant,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Connects to the routed node, replays the prefix, checks the node's name
+/// in its challenge, and relays until either side closes.
+pub async fn relay_to_node<P>(mut peer_stream: P, to: ToNode, fwd: &Forwarder)
+where
+    P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ToNode {
+        peer,
+        initiator,
+        node,
+        method,
+        prefix,
+        started,
+        permit,
+    } = to;
+    let target = node.spec.name.clone();
+    let node_addr = SocketAddr::new(node.addr, node.spec.port);
+    let connect_start = Instant::now();
+    let mut node_stream = match tokio::time::timeout(
+        fwd.connect_timeout,
+        TcpStream::connect(node_addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(%peer, %initiator, %target, %node_addr, error = %e, "failed to connect to node");
+            closed(reason::CONNECT_FAILED);
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, %initiator, %target, %node_addr, "timed out connecting to node");
+            closed(reason::TIMEOUT);
+            return;
+        }
+    };
+    phase("connect_node", connect_start);
+    let _ = node_stream.set_nodelay(true);
+    if let Err(e) = node_stream.write_all(&prefix).await {
+        warn!(%peer, %initiator, %target, error = %e, "failed to replay handshake to node");
+        closed(reason::NODE_GONE);
+        return;
+    }
+
+    // Read the node's status and challenge as they pass, to verify the name.
+    let challenge_start = Instant::now();
+    let mut from_node = BytesMut::with_capacity(512);
+    let answered = check_node_name(
+        &mut node_stream,
+        &mut from_node,
+        &target,
+        fwd.handshake_timeout,
+    )
+    .await;
+    phase("node_challenge", challenge_start);
+    match &answered {
+        NameCheck::Matches => {}
+        NameCheck::Misrouted(actual) => {
+            metrics::counter!(m::MISROUTES).increment(1);
+            warn!(%peer, %initiator, %target, node_answered = %actual, "MISROUTE: node answered with another name");
+        }
+        NameCheck::Unknown(why) => {
+            debug!(%peer, %initiator, %target, why = %why, "node challenge not checked");
+        }
+    }
+    if !from_node.is_empty() {
+        // Flushed: on a TLS stream the records may otherwise stay buffered.
+        let replied = async {
+            peer_stream.write_all(&from_node).await?;
+            peer_stream.flush().await
+        };
+        if let Err(e) = replied.await {
+            debug!(%peer, error = %e, "peer gone before handshake reply");
+            closed(reason::PEER_CLOSED);
+            return;
+        }
+    }
+
+    let guard = ConnectionGuard::open(permit, &fwd.open_connections, &target, Direction::Inbound);
+    debug!(%peer, %initiator, %target, method = method.label(), "relaying");
+    let pre = RelayStats {
+        rx: prefix.len() as u64,
+        tx: from_node.len() as u64,
+    };
+    let (stats, outcome) = fwd.relay(guard, peer_stream, node_stream, pre).await;
+    info!(%peer, %initiator, %target, route = method.label(),
+        rx_bytes = stats.rx, tx_bytes = stats.tx,
+        duration_ms = started.elapsed().as_millis() as u64, %outcome, "distribution connection ended");
+}
+
+/// Result of watching the node's first handshake frames.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NameCheck {
+    Matches,
+    Misrouted(String),
+    Unknown(String),
+}
+
+/// Reads the node's `recv_status` and `recv_challenge` frames into `buf`
+/// (everything read stays there, to be forwarded) and compares the name in
+/// the challenge with `target`.
+pub async fn check_node_name<S: AsyncRead + Unpin>(
+    node: &mut S,
+    buf: &mut BytesMut,
+    target: &str,
+    timeout: Duration,
+) -> NameCheck {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let unknown = |e: SetupError| match e.kind {
+        SetupErrorKind::Timeout => "timed out waiting for the node's challenge".to_string(),
+        SetupErrorKind::Closed(_) => "node closed during handshake".to_string(),
+        SetupErrorKind::Bad(why) => why,
+        SetupErrorKind::Io(e) => format!("read error: {e}"),
+    };
+    let status = read_until(node, buf, Phase::FirstFrame, deadline, |b| {
+        handshake::parse_status(b).map_err(|e| format!("unexpected status frame: {e}"))
+    })
+    .await;
+    let status_len = match status {
+        Ok((
+            handshake::Status::Ok
+            | handshake::Status::OkSimultaneous
+            | handshake::Status::Named { .. },
+            len,
+        )) => len,
+        Ok((status, _)) => return NameCheck::Unknown(format!("node answered status {status:?}")),
+        Err(e) => return NameCheck::Unknown(unknown(e)),
+    };
+    let challenge = read_until(node, buf, Phase::FirstFrame, deadline, |b| {
+        handshake::parse_challenge(&b[status_len..])
+            .map_err(|e| format!("unexpected challenge frame: {e}"))
+    })
+    .await;
+    match challenge {
+        Ok((challenge, _)) if short_name(&challenge.name) == target => NameCheck::Matches,
+        Ok((challenge, _)) => NameCheck::Misrouted(challenge.name),
+        Err(e) => NameCheck::Unknown(unknown(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node_reply(name: &str) -> BytesMut {
+        let mut out = BytesMut::new();
+        handshake::encode_status(&mut out, &handshake::Status::Ok);
+        handshake::encode_challenge(
+            &mut out,
+            &handshake::Challenge {
+                name: name.to_string(),
+                flags: 0x000d_07df_7fbd,
+                challenge: 42,
+                creation: Some(7),
+            },
+        );
+        out
+    }
+
+    #[tokio::test]
+    async fn name_check_detects_a_misroute_and_keeps_every_byte() {
+        for (answered, want) in [
+            ("a1@pod", NameCheck::Matches),
+            ("a2@pod", NameCheck::Misrouted("a2@pod".into())),
+        ] {
+            let mut reply = node_reply(answered).to_vec();
+            reply.extend_from_slice(b"trailing bytes after the challenge");
+            let (mut node_side, mut ours) = tokio::io::duplex(4096);
+            node_side.write_all(&reply).await.unwrap();
+            let mut buf = BytesMut::new();
+            let got = check_node_name(&mut ours, &mut buf, "a1", Duration::from_secs(1)).await;
+            assert_eq!(got, want);
+            // Everything read so far is kept for forwarding.
+            assert!(reply.starts_with(&buf), "bytes lost");
+            assert!(buf.len() >= node_reply(answered).len());
+        }
+    }
+
+    #[tokio::test]
+    async fn name_check_gives_up_on_a_refusing_or_silent_node() {
+        let (mut node_side, mut ours) = tokio::io::duplex(4096);
+        let mut out = BytesMut::new();
+        handshake::encode_status(&mut out, &handshake::Status::NotAllowed);
+        node_side.write_all(&out).await.unwrap();
+        let mut buf = BytesMut::new();
+        let got = check_node_name(&mut ours, &mut buf, "a1", Duration::from_secs(1)).await;
+        assert!(matches!(got, NameCheck::Unknown(_)), "{got:?}");
+        assert_eq!(&buf[..], &out[..]);
+
+        let (_silent, mut ours) = tokio::io::duplex(64);
+        let mut buf = BytesMut::new();
+        let got = check_node_name(&mut ours, &mut buf, "a1", Duration::from_millis(50)).await;
+        assert!(matches!(got, NameCheck::Unknown(_)), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn read_until_keeps_one_deadline_and_maps_errors_to_reasons() {
+        let (_silent, mut ours) = tokio::io::duplex(64);
+        let mut buf = BytesMut::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(30);
+        let e = read_send_name(&mut ours, &mut buf, deadline)
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), reason::TIMEOUT);
+        let (mut peer, mut ours) = tokio::io::duplex(64);
+        peer.write_all(b"\x00\x03xyz").await.unwrap();
+        let e = read_send_name(&mut ours, &mut buf, deadline + Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), reason::BAD_FRAME, "{e}");
+    }
+}

@@ -1,0 +1,271 @@
+//! Wiring: bind the listeners, build one narrow context per service
+//! ([`EpmdCtx`], [`DistCtx`], [`AdminCtx`], the [`EgressManager`]), serve
+//! until shutdown. Nothing but `main.rs` and tests imports this module.
+//!
+//! Binding is separate from serving (`bind` then `serve`), so tests bind
+//! port 0 and the binary reports bind errors before anything runs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::admin::AdminCtx;
+use crate::config::Config;
+use crate::distribution::forward::{Forwarder, OpenConnections};
+use crate::distribution::listener::DistCtx;
+use crate::distribution::router::Correlator;
+use crate::epmd::registry::Registry;
+use crate::epmd::server::EpmdCtx;
+use crate::net::{bind_tcp, ConnectionLimit, DEFAULT_DIST_PORT};
+use crate::tunnel::egress::{EgressManager, EgressSettings};
+use crate::tunnel::inbound::Inbound;
+use crate::tunnel::tls::Tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("failed to bind {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot load TLS files: {0}")]
+    Tls(#[from] crate::tunnel::tls::TlsLoadError),
+}
+
+impl BindError {
+    pub fn is_addr_in_use(&self) -> bool {
+        match self {
+            BindError::Bind { source, .. } => source.kind() == std::io::ErrorKind::AddrInUse,
+            BindError::Tls(_) => false,
+        }
+    }
+}
+
+/// Bound listeners, ready to serve.
+pub struct Listeners {
+    pub epmd: Vec<TcpListener>,
+    pub dist: Vec<TcpListener>,
+    pub admin: Option<TcpListener>,
+    /// The TLS files of `[tls]`, loaded (and checked) before binding.
+    pub tls: Option<Arc<crate::tunnel::tls::Tls>>,
+}
+
+impl Listeners {
+    pub fn epmd_addrs(&self) -> Vec<SocketAddr> {
+        self.epmd
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+    pub fn dist_addrs(&self) -> Vec<SocketAddr> {
+        self.dist
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+}
+
+/// Loads the TLS files of `[tls]` (if configured), then binds every
+/// listener named in the configuration.
+pub fn bind(config: &Config) -> Result<Listeners, BindError> {
+    let tls = match crate::tunnel::tls::TlsSettings::from_config(&config.tls) {
+        Some(settings) => Some(crate::tunnel::tls::Tls::load(settings)?),
+        None => None,
+    };
+    let bind_all = |what: &'static str, addrs: &[SocketAddr]| {
+        addrs
+            .iter()
+            .map(|&addr| bind_tcp(addr).map_err(|source| BindError::Bind { what, addr, source }))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(Listeners {
+        epmd: bind_all("EPMD", &config.epmd.listen)?,
+        dist: bind_all("distribution", &config.dist.listen)?,
+        admin: match config.admin.listen {
+            Some(addr) => Some(bind_all("admin", &[addr])?.remove(0)),
+            None => None,
+        },
+        tls,
+    })
+}
+
+/// A running sidecar, with handles on its parts for the binary and tests.
+pub struct Sidecar {
+    pub epmd_addrs: Vec<SocketAddr>,
+    pub dist_addrs: Vec<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    /// Port announced to remote lookups.
+    pub advertise_port: u16,
+    pub registry: Arc<Registry>,
+    pub correlator: Arc<Correlator>,
+    pub egress: Arc<EgressManager>,
+    /// Mutual TLS between sidecars; `None` when `[tls]` is not configured.
+    pub tls: Option<Arc<Tls>>,
+    /// Stops accepting (graceful shutdown starts).
+    pub shutdown: CancellationToken,
+    /// Ends relays (grace period over).
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Sidecar {
+    /// Starts serving on already-bound listeners. Call [`Sidecar::shutdown`]
+    /// (or cancel `shutdown`) to stop.
+    pub fn start(config: Config, listeners: Listeners) -> Sidecar {
+        Sidecar::start_with(config, listeners, None)
+    }
+
+    /// Like [`Sidecar::start`], with a Prometheus handle for `/metrics`.
+    pub fn start_with(
+        config: Config,
+        listeners: Listeners,
+        prometheus: Option<PrometheusHandle>,
+    ) -> Sidecar {
+        let epmd_addrs = listeners.epmd_addrs();
+        let dist_addrs = listeners.dist_addrs();
+        let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
+        let advertise_port = config
+            .dist
+            .advertise_port
+            .or_else(|| dist_addrs.first().map(|a| a.port()))
+            .unwrap_or(DEFAULT_DIST_PORT);
+        let registry = Arc::new(Registry::new());
+        let correlator = Arc::new(Correlator::new(
+            config.routing.lookup_ttl(),
+            config.routing.max_hold(),
+        ));
+        let shutdown = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let limit = ConnectionLimit::new(config.dist.max_connections);
+        let open_connections = Arc::new(OpenConnections::default());
+        let forward = Forwarder {
+            connect_timeout: config.dist.connect_timeout(),
+            handshake_timeout: config.dist.handshake_timeout(),
+            open_connections: Arc::clone(&open_connections),
+            hard_stop: hard_stop.clone(),
+        };
+        let tls = listeners.tls;
+        let egress = EgressManager::new(EgressSettings {
+            tunnel: config.tunnel.clone(),
+            handshake_timeout: config.dist.handshake_timeout(),
+            tls: tls.clone(),
+            forward: forward.clone(),
+            limit: limit.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        });
+        let epmd = Arc::new(EpmdCtx {
+            registry: Arc::clone(&registry),
+            correlator: Arc::clone(&correlator),
+            advertise_port,
+            idle_timeout: config.epmd.idle_timeout(),
+            relaxed_command_check: config.epmd.relaxed_command_check,
+            probe_interval: config.epmd.probe_interval(),
+            loopback_lookups: config.routing.loopback_lookups,
+            egress: Arc::clone(&egress) as _,
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        });
+        let inbound = Inbound {
+            registry: Arc::clone(&registry),
+            tls: tls.clone(),
+            bind_node_names: config.tls.bind_node_names,
+            preamble_timeout: config.tunnel.preamble_timeout(),
+            handshake_timeout: config.dist.handshake_timeout(),
+            forward: forward.clone(),
+        };
+        let dist = Arc::new(DistCtx {
+            registry: Arc::clone(&registry),
+            correlator: Arc::clone(&correlator),
+            handshake_timeout: config.dist.handshake_timeout(),
+            require_tls: config.tls.require_tls,
+            forward,
+            limit,
+            tunnel: Arc::new(inbound),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        });
+
+        if let Some(tls) = &tls {
+            tracker.spawn(tls.reloader().run(shutdown.clone()));
+        }
+        if let Some(path) = config.epmd.state_file.clone() {
+            tracker.spawn(crate::epmd::state::start(Arc::clone(&epmd), path));
+        }
+        if let Some(l) = listeners.admin {
+            let admin = Arc::new(AdminCtx {
+                registry: Arc::clone(&registry),
+                prometheus,
+                shutdown: shutdown.clone(),
+                hard_stop: hard_stop.clone(),
+                ready_nodes: config.admin.ready_nodes.clone(),
+                open_connections,
+            });
+            tokio::spawn(crate::admin::serve(l, admin));
+        }
+        for l in listeners.epmd {
+            tracker.spawn(crate::epmd::server::serve(l, Arc::clone(&epmd)));
+        }
+        for l in listeners.dist {
+            tracker.spawn(crate::distribution::listener::serve(l, Arc::clone(&dist)));
+        }
+        // Expired correlation entries are purged lazily per peer; this sweep
+        // bounds memory for peers that never come back.
+        let (sweeper, stop) = (Arc::clone(&correlator), shutdown.clone());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => sweeper.purge_expired(),
+                }
+            }
+        });
+        info!(epmd = ?epmd_addrs, dist = ?dist_addrs, admin = ?admin_addr, advertise_port, "distproxy serving");
+        Sidecar {
+            epmd_addrs,
+            dist_addrs,
+            admin_addr,
+            advertise_port,
+            registry,
+            correlator,
+            egress,
+            tls,
+            shutdown,
+            hard_stop,
+            tracker,
+        }
+    }
+
+    /// Stops accepting, lets relays run for up to `grace`, then ends them
+    /// and waits for every task.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                "grace period over; closing remaining connections"
+            );
+            self.hard_stop.cancel();
+            self.tracker.wait().await;
+        }
+    }
+
+    /// Resolves when shutdown has been requested (signal, KILL_REQ).
+    pub async fn shutdown_requested(&self) {
+        self.shutdown.cancelled().await
+    }
+}
