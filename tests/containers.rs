@@ -36,8 +36,7 @@
 //! Fails saying why when the machine cannot run it, unless
 //! `DISTPROXY_SKIP_CONTAINERS=1`.
 
-#[path = "certs/mod.rs"]
-mod certs;
+use distproxy_testkit::certs;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
