@@ -13,6 +13,7 @@
 #                                once by scripts/otp-rootfs.sh) need
 #                                deb.debian.org
 #   DISTPROXY_SKIP_INSTALL=1     no apt-get (the machine is prepared already)
+#   DISTPROXY_SKIP_CONTAINERS=1  the podman container suite
 # Extra suites register themselves in the "extra suites" section.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,10 @@ packages=(
   "socat socat"
   "dnsmasq dnsmasq-base"
   "mmdebstrap mmdebstrap"
+  "podman podman"
+  "runc runc"
+  "catatonit catatonit"
+  "strip binutils"
 )
 need=()
 for pair in "${packages[@]}"; do
@@ -55,6 +60,12 @@ fi
 # why and the rest of the suite still runs.
 if ! bash scripts/install-deploy-tools.sh; then
   echo "test-all: deployment tools not installed; tests/deploy.rs will fail saying why" >&2
+fi
+# The container suite (tests/containers.rs): containers.conf and the
+# stand-in base images (cached under target/containers).
+# DISTPROXY_SKIP_CONTAINERS=1 skips that suite explicitly.
+if [ "${DISTPROXY_SKIP_CONTAINERS:-}" != 1 ] && ! bash scripts/containers-setup.sh; then
+  echo "test-all: container setup failed; tests/containers.rs will fail saying why" >&2
 fi
 
 # --- Suites -----------------------------------------------------------------
