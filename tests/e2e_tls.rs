@@ -415,7 +415,6 @@ fn require_tls_refuses_a_pod_without_sidecar_that_a_permissive_pod_accepts() {
     let permissive = TlsPod {
         require_tls: false,
         bind_node_names: false,
-        ..TlsPod::default()
     };
     let (mut sidecar_d, _sd) =
         spawn_tls_sidecar(&lab, d, &pod_leaf(&ca, d, 0xd1), &ca.pem, permissive);

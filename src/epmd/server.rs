@@ -280,17 +280,28 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
     }
     // The OTP client reads until the socket closes (the write side is shut
     // down once the reply is out).
-    write_reply(&mut stream, peer, &out, shared.write_timeout).await;
+    let _ = write_reply(&mut stream, peer, &out, shared.write_timeout).await;
 }
 
-async fn write_reply(stream: &mut TcpStream, peer: SocketAddr, out: &[u8], timeout: Duration) {
+/// Writes `out` within `timeout`; false (logged, a timeout counted) when the
+/// peer did not take it.
+async fn write_reply(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    out: &[u8],
+    timeout: Duration,
+) -> bool {
     match write_all_within(stream, out, timeout, "epmd reply").await {
-        Ok(()) => {}
+        Ok(()) => true,
         Err(e @ crate::net::WriteError::Timeout { .. }) => {
             metrics::counter!(m::WRITE_TIMEOUTS, "listener" => "epmd").increment(1);
             debug!(%peer, error = %e, "closing epmd connection");
+            false
         }
-        Err(e) => debug!(%peer, error = %e, "epmd reply not delivered"),
+        Err(e) => {
+            debug!(%peer, error = %e, "epmd reply not delivered");
+            false
+        }
     }
 }
 
@@ -327,13 +338,13 @@ async fn serve_port_please(
     let Some(node) = shared.registry.get(name) else {
         proto::encode_port2_err(&mut out, 1);
         count(REQ, "not_found");
-        answer(stream, peer, &out).await;
+        answer(shared, stream, peer, &out).await;
         return;
     };
     if !advertise_to(shared, peer_ip) {
         proto::encode_port2_ok(&mut out, &node.spec, node.spec.port);
         count(REQ, "direct");
-        answer(stream, peer, &out).await;
+        answer(shared, stream, peer, &out).await;
         return;
     }
     // A node of this pod asking through the pod address: no routing needed.
@@ -341,7 +352,7 @@ async fn serve_port_please(
         if let Some(port) = shared.mirrors.same_pod_port(&node, peer_ip) {
             proto::encode_port2_ok(&mut out, &node.spec, port);
             count(REQ, "same_pod");
-            answer(stream, peer, &out).await;
+            answer(shared, stream, peer, &out).await;
             return;
         }
     }
@@ -376,10 +387,10 @@ async fn serve_port_please(
                 .map(|n| n.spec)
                 .unwrap_or(node.spec);
             proto::encode_port2_ok(&mut out, &spec, reservation.port);
-            if let Err(e) = write_reply(&mut stream, &out, shared.idle_timeout).await {
+            if !write_reply(&mut stream, peer, &out, shared.write_timeout).await {
                 shared.correlator.cancel(peer_ip, reservation);
                 metrics::counter!(m::LOOKUPS_DROPPED, "reason" => "write_failed").increment(1);
-                debug!(%peer, node = name, error = %e, "failed to answer a lookup; entry cancelled");
+                debug!(%peer, node = name, "failed to answer a lookup; entry cancelled");
                 count(REQ, "write_failed");
                 return;
             }
@@ -393,31 +404,15 @@ async fn serve_port_please(
                 "lookup held too long behind lookups for another node; answering not found");
             proto::encode_port2_err(&mut out, 1);
             count(REQ, "held_too_long");
-            answer(stream, peer, &out).await;
+            answer(shared, stream, peer, &out).await;
         }
     }
 }
 
-/// Writes `out` within `deadline`.
-async fn write_reply(
-    stream: &mut TcpStream,
-    out: &[u8],
-    deadline: Duration,
-) -> std::io::Result<()> {
-    match tokio::time::timeout(deadline, stream.write_all(out)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "timed out writing the epmd reply",
-        )),
-    }
-}
-
-/// Writes a reply and closes (the OTP client reads until the socket closes).
-async fn answer(mut stream: TcpStream, peer: SocketAddr, out: &[u8]) {
-    if let Err(e) = stream.write_all(out).await {
-        debug!(%peer, error = %e, "failed to write epmd reply");
-    }
+/// Writes a reply within `shared.write_timeout` and closes (the OTP client
+/// reads until the socket closes).
+async fn answer(shared: &EpmdCtx, mut stream: TcpStream, peer: SocketAddr, out: &[u8]) {
+    write_reply(&mut stream, peer, out, shared.write_timeout).await;
     let _ = stream.shutdown().await;
 }
 
@@ -458,14 +453,14 @@ async fn serve_alive2(
             warn!(%peer, node = %name, "ALIVE2_REQ for a name already registered; refused");
             count("alive2", "duplicate");
             proto::encode_alive2_resp(&mut out, 1, 99, extended);
-            write_reply(&mut stream, peer, &out, shared.write_timeout).await;
+            let _ = write_reply(&mut stream, peer, &out, shared.write_timeout).await;
             return;
         }
         Err(RegisterError::Full(max)) => {
             warn!(%peer, node = %name, max, "ALIVE2_REQ refused: registry full (limits.max_registered_nodes)");
             count("alive2", "registry_full");
             proto::encode_alive2_resp(&mut out, 1, 99, extended);
-            write_reply(&mut stream, peer, &out, shared.write_timeout).await;
+            let _ = write_reply(&mut stream, peer, &out, shared.write_timeout).await;
             return;
         }
     };
