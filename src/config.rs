@@ -330,7 +330,7 @@ impl Config {
             );
         }
         for name in &self.admin.ready_nodes {
-            if crate::epmd::proto::validate_name(name.as_bytes()).is_err() {
+            if crate::node_name::validate_name(name.as_bytes()).is_err() {
                 return invalid(
                     "admin.ready_nodes",
                     &format!("{name:?} is not a valid node name"),

@@ -2,6 +2,40 @@
 //! (`Host`). A leaf module: every other module that needs the parts of a
 //! node name asks this one instead of splitting strings itself.
 
+/// A node name is an atom: at most 255 characters.
+pub const MAX_NAME_CHARS: usize = 255;
+
+/// Why a node name was refused (the rules of `epmd_srv.c`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("name is empty")]
+    Empty,
+    #[error("name has {chars} characters, more than {max}", max = MAX_NAME_CHARS)]
+    TooLong { chars: usize },
+    #[error("name contains a NUL byte")]
+    NulByte,
+    #[error("name is not valid UTF-8")]
+    NotUtf8,
+}
+
+/// Checks a node name as `epmd` does: not empty, no NUL, valid UTF-8
+/// (Rust's check refuses the same overlong forms and surrogates as
+/// `verify_utf8`), at most [`MAX_NAME_CHARS`] characters.
+pub fn validate_name(bytes: &[u8]) -> Result<&str, NameError> {
+    if bytes.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if bytes.contains(&0) {
+        return Err(NameError::NulByte);
+    }
+    let name = std::str::from_utf8(bytes).map_err(|_| NameError::NotUtf8)?;
+    let chars = name.chars().count();
+    if chars > MAX_NAME_CHARS {
+        return Err(NameError::TooLong { chars });
+    }
+    Ok(name)
+}
+
 /// A full node name split at its first `@`; both parts are non-empty.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NodeName {

@@ -837,7 +837,10 @@ mod tunnel_tls {
             &ca.pem,
             &ca.leaf(&["127.0.0.1"], 0x5001),
             &ca.leaf(&["127.0.0.1", "pod-a.dp.test"], 0x5002),
-            |c| c.tls.bind_node_names = true,
+            |c| {
+                c.tls.bind_node_names = true;
+                c.tls.require_tls = true;
+            },
         )
         .await;
         let local_epmd = epmd_addr(&p.local);
@@ -881,7 +884,10 @@ mod tunnel_tls {
             &ca.pem,
             &ca.leaf(&["127.0.0.1"], 0x6001),
             &ca.leaf(&["127.0.0.1", "pod-a.dp.test"], 0x6002),
-            |c| c.tls.bind_node_names = true,
+            |c| {
+                c.tls.bind_node_names = true;
+                c.tls.require_tls = true;
+            },
         )
         .await;
         let port = egress_port(epmd_addr(&p.local), "b@127.0.0.1").await;
@@ -945,7 +951,10 @@ mod tunnel_tls {
             &ca.pem,
             &ca.leaf(&["127.0.0.1"], 0x9001),
             &ca.leaf(&["127.0.0.1", "pod-a.dp.test"], 0x9002),
-            |c| c.tls.bind_node_names = true,
+            |c| {
+                c.tls.bind_node_names = true;
+                c.tls.require_tls = true;
+            },
         )
         .await;
         let port = egress_port(epmd_addr(&p.local), "b@127.0.0.1").await;

@@ -103,8 +103,7 @@ pub const NODE_TYPE_HIDDEN: u8 = 72;
 /// `Protocol` 0: TCP/IPv4 (the only value OTP sends, also for IPv6).
 pub const PROTOCOL_TCP: u8 = 0;
 
-/// A node name is an atom: at most 255 characters.
-pub const MAX_NAME_CHARS: usize = 255;
+pub use crate::node_name::{validate_name, NameError, MAX_NAME_CHARS};
 /// 255 characters of UTF-8: `MAXSYMLEN` in `epmd_int.h`.
 pub const MAX_NAME_BYTES: usize = 4 * MAX_NAME_CHARS;
 /// `epmd`'s `node_reg2` refuses an `Extra` longer than `MAXSYMLEN`.
@@ -178,37 +177,6 @@ pub enum ProtoError {
     InvalidName(#[from] NameError),
     #[error("extra field of {0} bytes exceeds limit of {max}", max = MAX_EXTRA_LEN)]
     ExtraTooLong(usize),
-}
-
-/// Why a node name was refused (the rules of `epmd_srv.c`).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum NameError {
-    #[error("name is empty")]
-    Empty,
-    #[error("name has {chars} characters, more than {max}", max = MAX_NAME_CHARS)]
-    TooLong { chars: usize },
-    #[error("name contains a NUL byte")]
-    NulByte,
-    #[error("name is not valid UTF-8")]
-    NotUtf8,
-}
-
-/// Checks a node name as `epmd` does: not empty, no NUL, valid UTF-8
-/// (Rust's check refuses the same overlong forms and surrogates as
-/// `verify_utf8`), at most [`MAX_NAME_CHARS`] characters.
-pub fn validate_name(bytes: &[u8]) -> Result<&str, NameError> {
-    if bytes.is_empty() {
-        return Err(NameError::Empty);
-    }
-    if bytes.contains(&0) {
-        return Err(NameError::NulByte);
-    }
-    let name = std::str::from_utf8(bytes).map_err(|_| NameError::NotUtf8)?;
-    let chars = name.chars().count();
-    if chars > MAX_NAME_CHARS {
-        return Err(NameError::TooLong { chars });
-    }
-    Ok(name)
 }
 
 impl Request {
