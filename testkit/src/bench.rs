@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -318,4 +319,51 @@ pub fn bulk_to_sink(s: &mut TcpStream, bytes: u64, what: &str) -> f64 {
     s.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "EOF after the count ({what})");
     secs
+}
+
+/// Certificates for the two "pods" (both sidecars and, for `inet_tls_dist`,
+/// both nodes): one CA, one leaf each with the IP SAN 127.0.0.1 and the DNS
+/// SAN localhost.
+pub struct Pki {
+    _dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    /// (certificate, key) of pod A and pod B.
+    pub a: (PathBuf, PathBuf),
+    pub b: (PathBuf, PathBuf),
+}
+
+pub fn make_pki() -> Pki {
+    let dir = tempfile::tempdir().expect("temp dir for certificates");
+    let ca = crate::certs::Ca::new("distproxy bench CA");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write PEM");
+        p
+    };
+    let ca_file = write("ca.crt", &ca.pem);
+    let leaf = |pod: &str, serial| {
+        let l = ca.leaf(&["127.0.0.1", "localhost"], serial);
+        (
+            write(&format!("{pod}.crt"), &l.cert_pem),
+            write(&format!("{pod}.key"), &l.key_pem),
+        )
+    };
+    let a = leaf("pod-a", 1);
+    let b = leaf("pod-b", 2);
+    Pki {
+        ca: ca_file,
+        a,
+        b,
+        _dir: dir,
+    }
+}
+
+pub fn tls_section(pki: &Pki, (cert, key): &(PathBuf, PathBuf)) -> String {
+    format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n\
+         verify_server_name = \"hostname\"\nrequire_tls = true\n",
+        cert.display(),
+        key.display(),
+        pki.ca.display()
+    )
 }
