@@ -464,10 +464,15 @@ struct Row {
     bulk_cpu: f64,
     msgs: f64,
     msg_cpu: f64,
+    msg_switches: f64,
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().map(|&p| cpu_secs(p)).sum()
+}
+
+fn switches_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|&p| ctx_switches(p) as f64).sum()
 }
 
 fn main() {
@@ -626,7 +631,7 @@ fn main() {
                 &format!("send {} {} {}", r.target, plan.bulk_ms, plan.msg_bytes),
                 long,
             );
-            let c1 = cpu_of(&r.pids);
+            let (c1, w1) = (cpu_of(&r.pids), switches_of(&r.pids));
             let f = Beam::numbers(&line);
             let (sent, msgs, bytes, us) = (f[0], f[1], f[2], f[3]);
             assert_eq!(msgs, sent, "{}: every message arrived", r.path.label());
@@ -639,7 +644,8 @@ fn main() {
                 &format!("echo {} {} {}", r.target, plan.echo_iters, plan.echo_bytes),
                 long,
             );
-            let c2 = cpu_of(&r.pids);
+            let (c2, w2) = (cpu_of(&r.pids), switches_of(&r.pids));
+            row.msg_switches += w2 - w1;
             let f = Beam::numbers(&line);
             row.p50.push(f[1] as f64 / 1000.0);
             row.p99.push(f[2] as f64 / 1000.0);
@@ -667,10 +673,10 @@ fn main() {
         plan.rounds
     );
     println!(
-        "{:<24} {:>7} {:>11} {:>6} {:>8} {:>8} {:>8} {:>9} {:>12}",
-        "path", "MB/s", "runs", "vs dir", "p50 us", "+p50 us", "p99 us", "CPU s/GB", "CPU s/100k"
+        "{:<24} {:>7} {:>11} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10} {:>8}",
+        "path", "MB/s", "runs", "vs dir", "p50 us", "+p50 us", "p99 us", "CPU s/GB", "CPU s/100k", "cs/msg"
     );
-    println!("{}", "-".repeat(102));
+    println!("{}", "-".repeat(109));
     let med: Vec<(f64, f64, f64)> = rows
         .iter_mut()
         .map(|r| (median(&mut r.mbs), median(&mut r.p50), median(&mut r.p99)))
@@ -686,7 +692,7 @@ fn main() {
             }
         };
         println!(
-            "{:<24} {:>7.0} {:>11} {:>5.2}x {:>8.1} {:>8.1} {:>8.1} {:>9} {:>12}",
+            "{:<24} {:>7.0} {:>11} {:>5.2}x {:>8.1} {:>8.1} {:>8.1} {:>9} {:>10} {:>8}",
             r.path.label(),
             mbs,
             spread(&row.mbs),
@@ -695,12 +701,14 @@ fn main() {
             p50 - d_p50,
             p99,
             cpu(row.bulk_cpu, gb),
-            cpu(row.msg_cpu, k)
+            cpu(row.msg_cpu, k),
+            cpu(row.msg_switches, row.msgs),
         );
     }
     println!(
         "(CPU: user+system seconds of the proxies on the path (both sidecars for the pair) \
-         per GB relayed and per 100k echo messages; /proc ticks are 10 ms)"
+         per GB relayed and per 100k echo messages, /proc ticks are 10 ms; cs/msg: their \
+         context switches per echo message)"
     );
     drop(registrations);
     println!(

@@ -367,3 +367,21 @@ pub fn tls_section(pki: &Pki, (cert, key): &(PathBuf, PathBuf)) -> String {
         pki.ca.display()
     )
 }
+
+/// Context switches (voluntary and not) of every thread of a process so
+/// far (Linux only): each one is a wake-up or a preemption.
+pub fn ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
