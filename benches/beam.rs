@@ -674,7 +674,16 @@ fn main() {
     );
     println!(
         "{:<24} {:>7} {:>11} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10} {:>8}",
-        "path", "MB/s", "runs", "vs dir", "p50 us", "+p50 us", "p99 us", "CPU s/GB", "CPU s/100k", "cs/msg"
+        "path",
+        "MB/s",
+        "runs",
+        "vs dir",
+        "p50 us",
+        "+p50 us",
+        "p99 us",
+        "CPU s/GB",
+        "CPU s/100k",
+        "cs/msg"
     );
     println!("{}", "-".repeat(109));
     let med: Vec<(f64, f64, f64)> = rows

@@ -19,7 +19,7 @@
 //! - [`discovery`]: every node of every pod behind a headless Service —
 //!   [`discovery::wire`] (pod-info and members replies, no I/O),
 //!   [`discovery::naming`] (host parts), [`discovery::query`] (asking one pod).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod client;
