@@ -45,6 +45,7 @@ use distproxy_testkit::process::Proc;
 use distproxy_testkit::sut::client;
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -559,7 +560,7 @@ fn main() {
         registrations.push(conn);
     };
     register(s.epmd);
-    if let Ok(f) = &fast {
+    if let Ok((f, _)) = &fast {
         register(f.epmd);
     }
     let haproxy = if wanted(Hop::Haproxy) {
@@ -585,7 +586,7 @@ fn main() {
         });
     }
     match &fast {
-        Ok(f) => routes.push(Route {
+        Ok((f, _)) => routes.push(Route {
             path: Hop::Sockmap,
             target: rx.name.clone(),
             via: f.dist.port().to_string(),
@@ -662,6 +663,11 @@ fn main() {
         }
     }
     drop(tx);
+    if let Ok((_, admin)) = &fast {
+        let text = scrape(*admin).expect("metrics of F");
+        let n = sample(&text, "distproxy_relay_connections_total{path=\"sockmap\"}").unwrap_or(0.0);
+        assert!(n >= 1.0, "F relayed through the sockmap:\n{text}");
+    }
 
     println!();
     println!(
@@ -743,22 +749,26 @@ fn connect(tx: &mut Beam, r: &Route) {
 }
 
 /// Sidecar F with the kernel fast path, when this binary and machine can.
-fn start_sockmap_sidecar(bin: &str) -> Result<Sidecar, String> {
+fn start_sockmap_sidecar(bin: &str) -> Result<(Sidecar, SocketAddr), String> {
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let extra = format!("[admin]\nlisten = \"{admin}\"\n\n[relay]\nfast_path = \"sockmap\"\n");
+    let probe = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
+    std::fs::write(probe.path(), &extra).map_err(|e| e.to_string())?;
     let out = Command::new(bin)
-        .args(["fast-path-probe"])
+        .arg("check-config")
+        .arg(probe.path())
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
+            "this build has no fast path: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    Ok(start_sidecar(
-        bin,
-        "F",
-        "error",
-        "[relay]\nfast_path = \"sockmap\"\n",
-    ))
+    let f = start_sidecar(bin, "F", "error", &extra);
+    let text = scrape(admin).map_err(|e| format!("metrics of F: {e}"))?;
+    match sample(&text, "distproxy_relay_fast_path_available") {
+        Some(v) if v == 1.0 => Ok((f, admin)),
+        _ => Err("the kernel or the privileges refused it (see F's log)".into()),
+    }
 }

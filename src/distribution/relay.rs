@@ -140,8 +140,8 @@ pub async fn relay<P, N>(
     fast: Option<&FastPath>,
 ) -> RelayEnd
 where
-    P: AsyncRead + AsyncWrite + Unpin + 'static,
-    N: AsyncRead + AsyncWrite + Unpin + 'static,
+    P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    N: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rx, mut tx) = (0u64, 0u64);
     let result = {
@@ -166,8 +166,8 @@ fn path_taken(path: &'static str) {
 }
 
 async fn copy_both_ways<P, N>(
-    mut peer: P,
-    mut node: N,
+    peer: P,
+    node: N,
     rx_bytes: &Counter,
     tx_bytes: &Counter,
     rx: &mut u64,
@@ -175,50 +175,85 @@ async fn copy_both_ways<P, N>(
     fast: Option<&FastPath>,
 ) -> io::Result<()>
 where
-    P: AsyncRead + AsyncWrite + Unpin + 'static,
-    N: AsyncRead + AsyncWrite + Unpin + 'static,
+    P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    N: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let tcp = (
-        (&mut peer as &mut dyn Any).downcast_mut::<TcpStream>(),
-        (&mut node as &mut dyn Any).downcast_mut::<TcpStream>(),
-    );
-    if let (Some(p), Some(n)) = tcp {
-        let _ = p.set_nodelay(true);
-        let _ = n.set_nodelay(true);
-        #[cfg(target_os = "linux")]
-        {
-            if let Some(fp) = fast {
-                match sockmap::relay(fp, p, n, (rx_bytes, tx_bytes), rx, tx).await {
-                    Ok(end) => {
-                        path_taken(m::relay_path::SOCKMAP);
-                        return end;
-                    }
-                    Err(why) => {
-                        let reason = match why {
-                            sockmap::NotTaken::Full => m::relay_path::FULL,
-                            sockmap::NotTaken::Refused => m::relay_path::REFUSED,
-                        };
-                        debug!(reason, "connection not handed to the kernel; splicing");
-                        metrics::counter!(m::RELAY_FAST_PATH_FALLBACKS, "reason" => reason)
-                            .increment(1);
-                    }
-                }
-            }
-            path_taken(m::relay_path::SPLICE);
-            let ((peer_r, peer_w), (node_r, node_w)) = (p.split(), n.split());
-            let to_node = splice::copy_one_way(peer_r, node_w, rx_bytes, rx);
-            let to_peer = splice::copy_one_way(node_r, peer_w, tx_bytes, tx);
-            return tokio::try_join!(to_node, to_peer).map(|_| ());
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = fast;
+    // Owned, as the fast path takes the sockets out of tokio's reactor.
+    type Owned = Box<dyn Any + Send>;
+    let (peer, node): (Owned, Owned) = (Box::new(peer), Box::new(node));
+    let (peer, node) = match (peer.downcast::<TcpStream>(), node.downcast::<TcpStream>()) {
+        (Ok(p), Ok(n)) => return tcp_both_ways(*p, *n, (rx_bytes, tx_bytes), rx, tx, fast).await,
+        (p, n) => (unbox::<P>(p), unbox::<N>(n)),
+    };
     path_taken(m::relay_path::BUFFERED);
     let (peer_r, peer_w) = tokio::io::split(peer);
     let (node_r, node_w) = tokio::io::split(node);
     let to_node = copy_one_way(peer_r, node_w, rx_bytes, rx);
     let to_peer = copy_one_way(node_r, peer_w, tx_bytes, tx);
     tokio::try_join!(to_node, to_peer).map(|_| ())
+}
+
+/// The stream a downcast left: `T` itself, whichever way it went.
+fn unbox<T: 'static>(r: Result<Box<TcpStream>, Box<dyn Any + Send>>) -> T {
+    let any: Box<dyn Any + Send> = match r {
+        Ok(tcp) => tcp,
+        Err(other) => other,
+    };
+    *any.downcast::<T>()
+        .unwrap_or_else(|_| unreachable!("a box holds the type it was made from"))
+}
+
+/// Two plaintext TCP streams: the kernel fast path when on and it takes
+/// them, else splice (Linux) or buffers.
+async fn tcp_both_ways(
+    p: TcpStream,
+    n: TcpStream,
+    (rx_bytes, tx_bytes): (&Counter, &Counter),
+    rx: &mut u64,
+    tx: &mut u64,
+    fast: Option<&FastPath>,
+) -> io::Result<()> {
+    let _ = p.set_nodelay(true);
+    let _ = n.set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    {
+        let (mut p, mut n) = (p, n);
+        if let Some(fp) = fast {
+            let (ps, ns) = (p.into_std()?, n.into_std()?);
+            match sockmap::relay(fp, &ps, &ns, (rx_bytes, tx_bytes), rx, tx).await {
+                Ok(end) => {
+                    path_taken(m::relay_path::SOCKMAP);
+                    return end;
+                }
+                Err(why) => {
+                    let reason = match why {
+                        sockmap::NotTaken::Full => m::relay_path::FULL,
+                        sockmap::NotTaken::Refused => m::relay_path::REFUSED,
+                    };
+                    debug!(reason, "connection not handed to the kernel; splicing");
+                    metrics::counter!(m::RELAY_FAST_PATH_FALLBACKS, "reason" => reason)
+                        .increment(1);
+                }
+            }
+            (p, n) = (TcpStream::from_std(ps)?, TcpStream::from_std(ns)?);
+        }
+        path_taken(m::relay_path::SPLICE);
+        let ((peer_r, peer_w), (node_r, node_w)) = (p.split(), n.split());
+        let to_node = splice::copy_one_way(peer_r, node_w, rx_bytes, rx);
+        let to_peer = splice::copy_one_way(node_r, peer_w, tx_bytes, tx);
+        tokio::try_join!(to_node, to_peer).map(|_| ())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fast;
+        path_taken(m::relay_path::BUFFERED);
+        let (mut p, mut n) = (p, n);
+        let (peer_r, peer_w) = p.split();
+        let (node_r, node_w) = n.split();
+        let to_node = copy_one_way(peer_r, node_w, rx_bytes, rx);
+        let to_peer = copy_one_way(node_r, peer_w, tx_bytes, tx);
+        tokio::try_join!(to_node, to_peer).map(|_| ())
+    }
 }
 
 #[cfg(test)]
@@ -493,6 +528,22 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_relay_reports_a_reset() {
+        reports_a_reset(None).await;
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn sockmap_relay_reports_a_reset() {
+        match FastPath::open(4) {
+            Ok(fp) => reports_a_reset(Some(std::sync::Arc::new(fp))).await,
+            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
+                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
+            }
+            Err(e) => panic!("the fast path needs root and sockmap: {e}"),
+        }
+    }
+
+    async fn reports_a_reset(fast: Option<std::sync::Arc<FastPath>>) {
         let (client, peer_side) = tcp_pair().await;
         let (node_side, server) = tcp_pair().await;
         let stop = CancellationToken::new();
@@ -503,7 +554,7 @@ mod tests {
                 Counter::noop(),
                 Counter::noop(),
                 &stop,
-                None,
+                fast.as_deref(),
             )
             .await
         });

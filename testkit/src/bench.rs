@@ -198,16 +198,21 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 /// Starts the distproxy binary `bin` (see `distproxy_bin!`) on 127.0.0.1
 /// with free EPMD and distribution ports (never 4369), the admin endpoint off
-/// and `extra` appended to its configuration; waits until it serves.
+/// (unless `extra` has an `[admin]` section) and `extra` appended to its configuration; waits until it serves.
 pub fn start_sidecar(bin: &str, label: &'static str, log: &str, extra: &str) -> Sidecar {
     let [epmd_port, dist_port] = crate::ports::free_ports();
     let epmd = SocketAddr::from(([127, 0, 0, 1], epmd_port));
     let dist = SocketAddr::from(([127, 0, 0, 1], dist_port));
     let mut config = tempfile::NamedTempFile::new().expect("temp config");
+    // The admin endpoint is off unless `extra` sets it.
+    let admin = if extra.contains("[admin]") {
+        ""
+    } else {
+        "[admin]\nlisten = \"\"\n\n"
+    };
     write!(
         config,
-        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n\n\
-         [admin]\nlisten = \"\"\n\n{extra}"
+        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n\n{admin}{extra}"
     )
     .unwrap();
     config.flush().unwrap();
@@ -384,4 +389,21 @@ pub fn ctx_switches(pid: u32) -> u64 {
                 .collect::<Vec<_>>()
         })
         .sum()
+}
+
+/// The text of `GET /metrics` from an admin endpoint (blocking).
+pub fn scrape(admin: SocketAddr) -> io::Result<String> {
+    let mut s = TcpStream::connect(admin)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// The value of the sample `series` (name with labels, as printed) in
+/// Prometheus text, if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }

@@ -4,7 +4,7 @@
 //! one-byte peek). This is the crate's only `unsafe` code: `bpf(2)` has no
 //! safe wrapper in `nix` or `socket2`.
 //!
-//! The verdict program is twelve instructions, emitted here as raw BPF
+//! The verdict program is seventeen instructions, emitted here as raw BPF
 //! bytecode (see [`verdict_program`]), so the build needs neither clang nor
 //! a BPF linker nor nightly Rust, and what runs in the kernel is visible in
 //! this file. The kernel's verifier checks it when it is loaded.
@@ -26,6 +26,7 @@ const BPF_NOEXIST: u64 = 1;
 
 const BPF_FUNC_GET_SOCKET_COOKIE: i32 = 46;
 const BPF_FUNC_SK_REDIRECT_HASH: i32 = 72;
+const SK_DROP: i32 = 0;
 const SK_PASS: i32 = 1;
 
 const SO_COOKIE: libc::c_int = 57;
@@ -98,6 +99,8 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
 /// `BPF_LD | BPF_IMM | BPF_DW` with `BPF_PSEUDO_MAP_FD`: a map's address,
 /// two instruction slots.
 const LD_MAP_FD: u8 = 0x18;
+/// `BPF_LDX | BPF_MEM | BPF_W`: `skb->len` is the first field.
+const LDX_W: u8 = 0x61;
 const MOV64_REG: u8 = 0xbf;
 const MOV64_IMM: u8 = 0xb7;
 const ADD64_IMM: u8 = 0x07;
@@ -107,9 +110,10 @@ const JNE_IMM: u8 = 0x55;
 const EXIT: u8 = 0x95;
 
 /// The stream-verdict program, for a sockhash `map_fd` keyed by socket
-/// cookie whose value is the partner socket:
+/// cookie whose value is that socket's partner:
 ///
 /// ```text
+/// if skb->len == 0: return SK_DROP         ; a bare FIN: nothing to move
 /// r6 = r1                                  ; the skb
 /// r0 = bpf_get_socket_cookie(r1)           ; the receiving socket
 /// *(u64 *)(r10 - 8) = r0                   ; key on the stack
@@ -118,11 +122,19 @@ const EXIT: u8 = 0x95;
 /// exit
 /// ```
 ///
+/// A bare FIN is not redirected: the sidecar sees the end itself and
+/// shuts the partner down once its bytes are out, and a FIN redirected
+/// after that would fail the partner with `EPIPE`.
+///
 /// A socket without a partner in the map (its partner has been removed)
 /// keeps its bytes in its own receive queue, where the sidecar reads them,
 /// instead of dropping them.
 pub(super) fn verdict_program(map_fd: i32) -> Vec<Insn> {
     vec![
+        insn(LDX_W, 2, 1, 0, 0),
+        insn(JNE_IMM, 2, 0, 2, 0),
+        insn(MOV64_IMM, 0, 0, 0, SK_DROP),
+        insn(EXIT, 0, 0, 0, 0),
         insn(MOV64_REG, 6, 1, 0, 0),
         insn(CALL, 0, 0, 0, BPF_FUNC_GET_SOCKET_COOKIE),
         insn(STX_DW, 10, 0, -8, 0),
@@ -355,6 +367,25 @@ pub(super) fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
     }
 }
 
+/// An epoll instance registered with tokio's reactor.
+pub(super) struct Ends(pub nix::sys::epoll::Epoll);
+
+impl std::os::fd::AsRawFd for Ends {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0 .0.as_raw_fd()
+    }
+}
+
+/// Registers `ep` with tokio, to wait until it has events.
+pub(super) fn register(ep: nix::sys::epoll::Epoll) -> io::Result<tokio::io::unix::AsyncFd<Ends>> {
+    // SAFETY: the file descriptor is owned by `Ends`, which the `AsyncFd`
+    // owns, so it stays open for as long as it is registered.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(Ends(ep), tokio::io::Interest::READABLE)
+            .map_err(|e| e.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,12 +396,12 @@ mod tests {
         assert_eq!(std::mem::size_of::<MapElem>(), 32);
         assert_eq!(std::mem::size_of::<ProgLoad>(), 72);
         let p = verdict_program(7);
-        assert_eq!(p.len(), 13);
+        assert_eq!(p.len(), 17);
         // r3 = r10: dst 3, src 10.
-        assert_eq!(p[6].regs, 0xa3);
+        assert_eq!(p[10].regs, 0xa3);
         // The map load carries the fd, with src = BPF_PSEUDO_MAP_FD (1).
-        assert_eq!((p[4].code, p[4].regs, p[4].imm), (0x18, 0x12, 7));
-        assert_eq!(p[5], insn(0, 0, 0, 0, 0));
+        assert_eq!((p[8].code, p[8].regs, p[8].imm), (0x18, 0x12, 7));
+        assert_eq!(p[9], insn(0, 0, 0, 0, 0));
         assert_eq!(p.last().unwrap().code, EXIT);
     }
 }

@@ -35,11 +35,13 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use metrics::Counter;
-use tokio::io::Interest;
-use tokio::net::TcpStream;
+use std::net::TcpStream;
 
-use super::bpf;
+use metrics::Counter;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use tokio::io::unix::AsyncFd;
+
+use super::bpf::{self, Ends};
 
 /// How often bytes moved by the kernel are added to the counters.
 pub const COUNT_EVERY: Duration = Duration::from_secs(5);
@@ -49,7 +51,12 @@ const DRAIN_STALL: Duration = Duration::from_secs(30);
 
 /// The sockhash and its attached program, shared by every connection.
 pub struct FastPath {
-    map: OwnedFd,
+    /// The sockets whose bytes are redirected, each under its own cookie;
+    /// the verdict program is attached to this map.
+    verdict: OwnedFd,
+    /// Each socket's partner, under the socket's cookie: where the program
+    /// looks up the target (no program attached).
+    partners: OwnedFd,
     _prog: OwnedFd,
     in_use: AtomicU32,
     max_connections: u32,
@@ -68,14 +75,18 @@ impl FastPath {
     /// Creates the map, loads and attaches the program. Fails without
     /// CAP_BPF and CAP_NET_ADMIN, or on a kernel without sockmap.
     pub fn open(max_connections: u32) -> io::Result<FastPath> {
-        let map = bpf::create_sockhash(max_connections.saturating_mul(2))
-            .map_err(|e| annotate(e, "failed to create the sockhash"))?;
-        let prog = bpf::load_verdict(map.as_fd())
+        let entries = max_connections.saturating_mul(2);
+        let create = || {
+            bpf::create_sockhash(entries).map_err(|e| annotate(e, "failed to create a sockhash"))
+        };
+        let (verdict, partners) = (create()?, create()?);
+        let prog = bpf::load_verdict(partners.as_fd())
             .map_err(|e| annotate(e, "failed to load the verdict program"))?;
-        bpf::attach_verdict(map.as_fd(), prog.as_fd())
+        bpf::attach_verdict(verdict.as_fd(), prog.as_fd())
             .map_err(|e| annotate(e, "failed to attach the verdict program"))?;
         Ok(FastPath {
-            map,
+            verdict,
+            partners,
             _prog: prog,
             in_use: AtomicU32::new(0),
             max_connections,
@@ -142,13 +153,14 @@ fn mark(fd: BorrowedFd<'_>) -> io::Result<Mark> {
 /// ends (including when its task is dropped at shutdown).
 struct Entries<'a> {
     fp: &'a FastPath,
-    keys: Vec<u64>,
+    /// (map, key) in insertion order; removed in the reverse order.
+    keys: Vec<(BorrowedFd<'a>, u64)>,
 }
 
 impl Drop for Entries<'_> {
     fn drop(&mut self) {
-        for &k in &self.keys {
-            let _ = bpf::map_remove(self.fp.map.as_fd(), k);
+        for &(map, k) in self.keys.iter().rev() {
+            let _ = bpf::map_remove(map, k);
         }
         self.fp.in_use.fetch_sub(1, Ordering::Relaxed);
     }
@@ -165,8 +177,8 @@ struct Way<'a> {
     total: &'a mut u64,
     /// Bytes counted before the handover.
     base: u64,
-    /// `src` reached EOF and `dst` was shut down (its FIN counts as one
-    /// acknowledged byte).
+    /// Until `src` reached EOF and `dst` was shut down (after which `dst`'s
+    /// FIN counts as one acknowledged byte).
     open: bool,
 }
 
@@ -183,48 +195,42 @@ impl Way<'_> {
         }
     }
 
-    /// Bytes received on `src` since the handover, and whether a FIN is
-    /// among them.
-    fn received(&self, fin: bool) -> io::Result<u64> {
+    /// Bytes received on `src` since the handover (a FIN not counted).
+    fn received(&self) -> io::Result<u64> {
         let r = bpf::tcp_counts(self.src.as_fd())?.received;
-        Ok(r.saturating_sub(self.src_mark.consumed + u64::from(fin)))
+        Ok(r.saturating_sub(self.src_mark.consumed + 1))
     }
 
-    /// `src` is readable: EOF, bytes the kernel left to the sidecar, or an
-    /// error.
-    async fn on_readable(&mut self) -> io::Result<()> {
-        match self
-            .src
-            .try_io(Interest::READABLE, || bpf::peek(self.src.as_fd()))
-        {
+    /// Something happened on `src` (or it is the first look): EOF, an
+    /// error, or nothing.
+    async fn check(&mut self) -> io::Result<()> {
+        if !self.open {
+            return Ok(());
+        }
+        if let Some(e) = self.src.take_error()? {
+            return Err(e);
+        }
+        match bpf::peek(self.src.as_fd()) {
             Ok(0) => {
                 self.drain().await?;
                 self.count();
                 self.open = false;
-                shutdown_write(self.dst)
+                self.dst.shutdown(std::net::Shutdown::Write)
             }
-            Ok(_) => self.forward_left().await,
+            // The program left bytes to the sidecar: the partner has left
+            // the map, which only a failing socket does.
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the partner socket left the sockmap",
+            )),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(e),
         }
     }
 
-    /// Writes on what the kernel left in `src`'s queue.
-    async fn forward_left(&mut self) -> io::Result<()> {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match self.src.try_read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => write_all(self.dst, &buf[..n]).await?,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
     /// Waits until every byte `src` received has been written to `dst`.
     async fn drain(&mut self) -> io::Result<()> {
-        let target = self.received(true)?;
+        let target = self.received()?;
         let mut last = 0;
         let mut since = tokio::time::Instant::now();
         loop {
@@ -248,29 +254,26 @@ impl Way<'_> {
     }
 }
 
-async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
+/// An epoll set that wakes for the ends of both sockets only (peer closed
+/// its side, error, hang-up), never for data: the kernel wakes readers
+/// after each redirected message, which is what the fast path avoids.
+fn watch_ends(socks: [&TcpStream; 2]) -> io::Result<AsyncFd<Ends>> {
+    let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    for (i, s) in socks.into_iter().enumerate() {
+        let flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        ep.add(s, EpollEvent::new(flags, i as u64))?;
     }
-    Ok(())
+    bpf::register(ep)
 }
 
-fn shutdown_write(s: &TcpStream) -> io::Result<()> {
-    socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write)
-}
-
-/// Relays `peer` ↔ `node` through the kernel. `Err(NotTaken)` when the
-/// connection was not handed over (nothing changed: splice it); otherwise
-/// how the relay ended, with the bytes counted as on the splice path.
+/// Relays `peer` ↔ `node` through the kernel (both non-blocking, out of
+/// tokio's reactor). `Err(NotTaken)` when the connection was not handed
+/// over (nothing changed: splice it); otherwise how the relay ended, with
+/// the bytes counted as on the splice path.
 pub async fn relay(
     fp: &FastPath,
-    peer: &mut TcpStream,
-    node: &mut TcpStream,
+    peer: &TcpStream,
+    node: &TcpStream,
     (rx_bytes, tx_bytes): (&Counter, &Counter),
     rx: &mut u64,
     tx: &mut u64,
@@ -283,23 +286,32 @@ pub async fn relay(
         fp,
         keys: Vec::with_capacity(2),
     };
-    let marks = (|| {
+    let ready = (|| {
         let (p, n) = (peer.as_fd(), node.as_fd());
-        Ok::<_, io::Error>((mark(p)?, mark(n)?, bpf::cookie(p)?, bpf::cookie(n)?))
+        let ends = watch_ends([peer, node])?;
+        Ok::<_, io::Error>((mark(p)?, mark(n)?, bpf::cookie(p)?, bpf::cookie(n)?, ends))
     })();
-    let Ok((peer_mark, node_mark, peer_cookie, node_cookie)) = marks else {
+    let Ok((peer_mark, node_mark, peer_cookie, node_cookie, ends)) = ready else {
         return Err(NotTaken::Refused);
     };
-    // Bytes arriving on the node go to the peer, and the other way round.
-    for (key, partner) in [(node_cookie, peer.as_fd()), (peer_cookie, node.as_fd())] {
-        if bpf::map_insert(fp.map.as_fd(), key, partner).is_err() {
+    // Partners first (no program there), then the sockets themselves into
+    // the map with the program: a socket's bytes are redirected from the
+    // moment they are, and its partner is already there to be found.
+    let (p, n) = (peer.as_fd(), node.as_fd());
+    let (partners, verdict) = (fp.partners.as_fd(), fp.verdict.as_fd());
+    for (map, key, sock) in [
+        (partners, peer_cookie, n),
+        (partners, node_cookie, p),
+        (verdict, peer_cookie, p),
+        (verdict, node_cookie, n),
+    ] {
+        if bpf::map_insert(map, key, sock).is_err() {
             return Err(NotTaken::Refused);
         }
-        entries.keys.push(key);
+        entries.keys.push((map, key));
     }
     #[cfg(test)]
     HANDED_OVER.fetch_add(1, Ordering::Relaxed);
-    let (peer, node) = (&*peer, &*node);
     let mut to_node = Way {
         src: peer,
         dst: node,
@@ -320,29 +332,43 @@ pub async fn relay(
         total: tx,
         open: true,
     };
-    let result = watch(&mut to_node, &mut to_peer).await;
+    let result = watch(&ends, &mut to_node, &mut to_peer).await;
     to_node.count();
     to_peer.count();
     drop(entries);
     Ok(result)
 }
 
-async fn watch(to_node: &mut Way<'_>, to_peer: &mut Way<'_>) -> io::Result<()> {
+async fn watch(
+    ends: &AsyncFd<Ends>,
+    to_node: &mut Way<'_>,
+    to_peer: &mut Way<'_>,
+) -> io::Result<()> {
     // The first look at each socket also makes the kernel pass what arrived
-    // before the handover through the program.
-    to_node.on_readable().await?;
-    to_peer.on_readable().await?;
+    // before the handover through the program (a read on a socket in a
+    // sockmap runs its receive queue through the verdict first).
+    to_node.check().await?;
+    to_peer.check().await?;
     let mut tick = tokio::time::interval(COUNT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events = [EpollEvent::empty(); 4];
     while to_node.open || to_peer.open {
         tokio::select! {
-            r = to_node.src.readable(), if to_node.open => {
-                r?;
-                to_node.on_readable().await?;
-            }
-            r = to_peer.src.readable(), if to_peer.open => {
-                r?;
-                to_peer.on_readable().await?;
+            guard = ends.readable() => {
+                let mut guard = guard?;
+                let n = match ends.get_ref().0.wait(&mut events, EpollTimeout::ZERO) {
+                    Ok(n) => n,
+                    Err(e) => return Err(e.into()),
+                };
+                if n == 0 {
+                    guard.clear_ready();
+                }
+                for ev in &events[..n] {
+                    match ev.data() {
+                        0 => to_node.check().await?,
+                        _ => to_peer.check().await?,
+                    }
+                }
             }
             _ = tick.tick() => {
                 to_node.count();
