@@ -768,7 +768,7 @@ fn start_sockmap_sidecar(bin: &str) -> Result<(Sidecar, SocketAddr), String> {
     let f = start_sidecar(bin, "F", "error", &extra);
     let text = scrape(admin).map_err(|e| format!("metrics of F: {e}"))?;
     match sample(&text, "distproxy_relay_fast_path_available") {
-        Some(v) if v == 1.0 => Ok((f, admin)),
+        Some(1.0) => Ok((f, admin)),
         _ => Err("the kernel or the privileges refused it (see F's log)".into()),
     }
 }
