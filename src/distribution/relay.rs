@@ -220,11 +220,9 @@ async fn tcp_both_ways(
         let (mut p, mut n) = (p, n);
         if let Some(fp) = fast {
             let (ps, ns) = (p.into_std()?, n.into_std()?);
-            match sockmap::relay(fp, &ps, &ns, (rx_bytes, tx_bytes), rx, tx).await {
-                Ok(end) => {
-                    path_taken(m::relay_path::SOCKMAP);
-                    return end;
-                }
+            let taken = || path_taken(m::relay_path::SOCKMAP);
+            match sockmap::relay(fp, &ps, &ns, (rx_bytes, tx_bytes), rx, tx, taken).await {
+                Ok(end) => return end,
                 Err(why) => {
                     let reason = match why {
                         sockmap::NotTaken::Full => m::relay_path::FULL,

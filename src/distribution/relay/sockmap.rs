@@ -269,7 +269,8 @@ fn watch_ends(socks: [&TcpStream; 2]) -> io::Result<AsyncFd<Ends>> {
 /// Relays `peer` ↔ `node` through the kernel (both non-blocking, out of
 /// tokio's reactor). `Err(NotTaken)` when the connection was not handed
 /// over (nothing changed: splice it); otherwise how the relay ended, with
-/// the bytes counted as on the splice path.
+/// the bytes counted as on the splice path. `on_handover` runs once the
+/// kernel has the connection.
 pub async fn relay(
     fp: &FastPath,
     peer: &TcpStream,
@@ -277,6 +278,7 @@ pub async fn relay(
     (rx_bytes, tx_bytes): (&Counter, &Counter),
     rx: &mut u64,
     tx: &mut u64,
+    on_handover: impl FnOnce(),
 ) -> Result<io::Result<()>, NotTaken> {
     if fp.in_use.fetch_add(1, Ordering::Relaxed) >= fp.max_connections {
         fp.in_use.fetch_sub(1, Ordering::Relaxed);
@@ -312,6 +314,7 @@ pub async fn relay(
     }
     #[cfg(test)]
     HANDED_OVER.fetch_add(1, Ordering::Relaxed);
+    on_handover();
     let mut to_node = Way {
         src: peer,
         dst: node,
