@@ -72,6 +72,9 @@ KNOWN_METRICS = {
     "distproxy_tls_reloads_total",
     "distproxy_tls_reload_failures_total",
     "distproxy_tls_certificate_not_after_timestamp_seconds",
+    "distproxy_relay_connections_total",
+    "distproxy_relay_fast_path_available",
+    "distproxy_relay_fast_path_fallbacks_total",
 }
 HISTOGRAMS = {"distproxy_lookup_hold_seconds", "distproxy_handshake_phase_seconds"}
 
