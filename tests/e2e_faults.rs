@@ -218,12 +218,15 @@ fn sidecar_problems(pod: &Pod, daemon: &Daemon, live: &[String]) -> (usize, Vec<
     if open != open_n as f64 {
         problems.push(format!("gauge {OPEN} = {open}"));
     }
-    if sockets.peer_legs.len() != open_n || sockets.node_legs.len() != open_n {
+    if sockets.accepted_legs() != open_n || sockets.node_legs.len() != open_n {
         problems.push(format!(
-            "gauge says {open_n} open, ss shows {} peer legs and {} node legs: {:?} {:?}",
+            "gauge says {open_n} open, ss shows {} peer legs, {} mirror legs and {} node legs: \
+             {:?} {:?} {:?}",
             sockets.peer_legs.len(),
+            sockets.mirror_legs.len(),
             sockets.node_legs.len(),
             sockets.peer_legs,
+            sockets.mirror_legs,
             sockets.node_legs
         ));
     }

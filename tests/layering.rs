@@ -55,6 +55,9 @@ const LAYERS: &[(&str, Layer)] = &[
     ("tunnel::preamble", Layer::Core),
     ("tunnel::resolve", Layer::Core),
     ("tunnel::tls", Layer::Core),
+    ("tunnel::tls::identity", Layer::Core),
+    ("tunnel::tls::load", Layer::Core),
+    ("tunnel::tls::reload", Layer::Core),
     ("discovery::wire", Layer::Core),
     ("discovery::naming", Layer::Core),
 ];
