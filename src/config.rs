@@ -582,8 +582,26 @@ pub struct TunnelConfig {
     /// a few seconds.
     #[serde(default = "default_probe_remote")]
     pub probe_remote: bool,
+    /// Upper bound for one probe of a remote host (resolve and connect).
+    #[serde(default = "default_probe_timeout_ms")]
+    pub probe_timeout_ms: u64,
+    /// How long a host where a sidecar answered is remembered.
+    #[serde(default = "default_probe_success_ttl_ms")]
+    pub probe_success_ttl_ms: u64,
+    /// How long a host without a reachable sidecar is remembered.
+    #[serde(default = "default_probe_failure_ttl_ms")]
+    pub probe_failure_ttl_ms: u64,
 }
 
+fn default_probe_timeout_ms() -> u64 {
+    2_000
+}
+fn default_probe_success_ttl_ms() -> u64 {
+    30_000
+}
+fn default_probe_failure_ttl_ms() -> u64 {
+    5_000
+}
 fn default_probe_remote() -> bool {
     true
 }
@@ -621,6 +639,9 @@ impl Default for TunnelConfig {
             connect_timeout_ms: default_tunnel_connect_timeout_ms(),
             preamble_timeout_ms: default_preamble_timeout_ms(),
             probe_remote: default_probe_remote(),
+            probe_timeout_ms: default_probe_timeout_ms(),
+            probe_success_ttl_ms: default_probe_success_ttl_ms(),
+            probe_failure_ttl_ms: default_probe_failure_ttl_ms(),
         }
     }
 }
@@ -637,6 +658,15 @@ impl TunnelConfig {
     }
     pub fn preamble_timeout(&self) -> Duration {
         Duration::from_millis(self.preamble_timeout_ms)
+    }
+    pub fn probe_timeout(&self) -> Duration {
+        Duration::from_millis(self.probe_timeout_ms)
+    }
+    pub fn probe_success_ttl(&self) -> Duration {
+        Duration::from_millis(self.probe_success_ttl_ms)
+    }
+    pub fn probe_failure_ttl(&self) -> Duration {
+        Duration::from_millis(self.probe_failure_ttl_ms)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -660,10 +690,20 @@ impl TunnelConfig {
             ("tunnel.resolve_timeout_ms", self.resolve_timeout_ms),
             ("tunnel.connect_timeout_ms", self.connect_timeout_ms),
             ("tunnel.preamble_timeout_ms", self.preamble_timeout_ms),
+            ("tunnel.probe_timeout_ms", self.probe_timeout_ms),
         ] {
             if value == 0 {
                 return invalid(key, "must be greater than 0");
             }
+            if value > 3_600_000 {
+                return invalid(key, "must be at most 3600000 (one hour)");
+            }
+        }
+        // 0 remembers nothing: every first request for a node probes.
+        for (key, value) in [
+            ("tunnel.probe_success_ttl_ms", self.probe_success_ttl_ms),
+            ("tunnel.probe_failure_ttl_ms", self.probe_failure_ttl_ms),
+        ] {
             if value > 3_600_000 {
                 return invalid(key, "must be at most 3600000 (one hour)");
             }

@@ -34,6 +34,9 @@ const LAYERS: &[(&str, Layer)] = &[
     ("tunnel", Layer::Service),
     ("tunnel::inbound", Layer::Service),
     ("tunnel::egress", Layer::Service),
+    ("tunnel::egress::manager", Layer::Service),
+    ("tunnel::egress::probe", Layer::Service),
+    ("tunnel::egress::outbound", Layer::Service),
     ("discovery", Layer::Service),
     ("discovery::query", Layer::Service),
     // Core: protocol codecs (no I/O), state, shared primitives.
