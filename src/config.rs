@@ -30,6 +30,53 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// `Duration` getters for `_ms` keys, one per key:
+/// `durations!(Type { getter: field_ms, ... })`.
+macro_rules! durations {
+    ($($ty:ty { $($name:ident: $field:ident),* $(,)? })*) => {
+        $(impl $ty {
+            $(
+                #[doc = concat!("`", stringify!($field), "` as a [`Duration`].")]
+                pub fn $name(&self) -> Duration {
+                    Duration::from_millis(self.$field)
+                }
+            )*
+        })*
+    };
+}
+
+durations! {
+    EpmdConfig {
+        idle_timeout: idle_timeout_ms,
+        probe_interval: probe_interval_ms,
+    }
+    DistConfig {
+        handshake_timeout: handshake_timeout_ms,
+        connect_timeout: connect_timeout_ms,
+        shutdown_grace: shutdown_grace_ms,
+    }
+    RoutingConfig {
+        lookup_ttl: lookup_ttl_ms,
+        max_hold: max_hold_ms,
+    }
+    TlsConfig {
+        handshake_timeout: handshake_timeout_ms,
+        reload_interval: reload_interval_ms,
+    }
+    TunnelConfig {
+        egress_idle_timeout: egress_idle_timeout_ms,
+        resolve_timeout: resolve_timeout_ms,
+        connect_timeout: connect_timeout_ms,
+        preamble_timeout: preamble_timeout_ms,
+        probe_timeout: probe_timeout_ms,
+        probe_success_ttl: probe_success_ttl_ms,
+        probe_failure_ttl: probe_failure_ttl_ms,
+    }
+    LimitsConfig {
+        write_timeout: write_timeout_ms,
+    }
+}
+
 /// The longest duration a `_ms` key takes: one hour.
 const MAX_MS: u64 = 3_600_000;
 /// The largest count a `[limits]` key takes.
@@ -376,36 +423,6 @@ impl Config {
     }
 }
 
-impl EpmdConfig {
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.idle_timeout_ms)
-    }
-    pub fn probe_interval(&self) -> Duration {
-        Duration::from_millis(self.probe_interval_ms)
-    }
-}
-
-impl DistConfig {
-    pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_millis(self.handshake_timeout_ms)
-    }
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_millis(self.shutdown_grace_ms)
-    }
-}
-
-impl RoutingConfig {
-    pub fn lookup_ttl(&self) -> Duration {
-        Duration::from_millis(self.lookup_ttl_ms)
-    }
-    pub fn max_hold(&self) -> Duration {
-        Duration::from_millis(self.max_hold_ms)
-    }
-}
-
 /// How the sidecar that dials checks the certificate of the sidecar it
 /// reached (`tls.verify_server_name`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -487,12 +504,6 @@ impl TlsConfig {
     /// Whether TLS is configured (the three files are set; see `validate`).
     pub fn enabled(&self) -> bool {
         self.cert_file.is_some() && self.key_file.is_some() && self.ca_file.is_some()
-    }
-    pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_millis(self.handshake_timeout_ms)
-    }
-    pub fn reload_interval(&self) -> Duration {
-        Duration::from_millis(self.reload_interval_ms)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -658,28 +669,6 @@ impl Default for TunnelConfig {
 }
 
 impl TunnelConfig {
-    pub fn egress_idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.egress_idle_timeout_ms)
-    }
-    pub fn resolve_timeout(&self) -> Duration {
-        Duration::from_millis(self.resolve_timeout_ms)
-    }
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
-    pub fn preamble_timeout(&self) -> Duration {
-        Duration::from_millis(self.preamble_timeout_ms)
-    }
-    pub fn probe_timeout(&self) -> Duration {
-        Duration::from_millis(self.probe_timeout_ms)
-    }
-    pub fn probe_success_ttl(&self) -> Duration {
-        Duration::from_millis(self.probe_success_ttl_ms)
-    }
-    pub fn probe_failure_ttl(&self) -> Duration {
-        Duration::from_millis(self.probe_failure_ttl_ms)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         check_range("tunnel.remote_port", self.remote_port, 1..=u16::MAX)?;
         check_range(
@@ -783,10 +772,6 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
-    pub fn write_timeout(&self) -> Duration {
-        Duration::from_millis(self.write_timeout_ms)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         for (key, value) in [
             ("limits.epmd_max_connections", self.epmd_max_connections),
