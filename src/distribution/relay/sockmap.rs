@@ -45,6 +45,12 @@ use super::bpf::{self, Ends};
 
 /// How often bytes moved by the kernel are added to the counters.
 pub const COUNT_EVERY: Duration = Duration::from_secs(5);
+/// `SO_SNDBUF` of both sockets on the fast path (the kernel doubles it).
+/// The kernel sends redirected bytes from a work queue that backs off when
+/// the partner's send buffer is full; with the autotuned default the
+/// BEAM bench measured 0.35x direct for bulk, with this 0.41x (16 MiB:
+/// 0.46x). Memory is only used while a slow reader lets bytes queue.
+const SEND_BUFFER: usize = 4 << 20;
 /// A shutdown waits for the partner's queue at most this long without
 /// progress.
 const DRAIN_STALL: Duration = Duration::from_secs(30);
@@ -296,6 +302,9 @@ pub async fn relay(
     let Ok((peer_mark, node_mark, peer_cookie, node_cookie, ends)) = ready else {
         return Err(NotTaken::Refused);
     };
+    for s in [peer, node] {
+        let _ = socket2::SockRef::from(s).set_send_buffer_size(SEND_BUFFER);
+    }
     // Partners first (no program there), then the sockets themselves into
     // the map with the program: a socket's bytes are redirected from the
     // moment they are, and its partner is already there to be found.
