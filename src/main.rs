@@ -151,6 +151,7 @@ fn main() -> ExitCode {
             dist_listen,
             advertise_port,
         } => {
+            let config_file = config.clone();
             let mut config = match config {
                 Some(path) => match Config::load(&path) {
                     Ok(c) => c,
@@ -174,7 +175,7 @@ fn main() -> ExitCode {
                 eprintln!("distproxy: {e}");
                 return ExitCode::from(EX_USAGE);
             }
-            run(config, false)
+            run(config, config_file, false)
         }
     }
 }
@@ -202,7 +203,7 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
 
 /// Serves until a signal or KILL_REQ, then shuts down gracefully.
 /// `in_use_is_ok`: like `epmd`, exit 0 when the port is already taken.
-fn run(config: Config, in_use_is_ok: bool) -> ExitCode {
+fn run(config: Config, config_file: Option<PathBuf>, in_use_is_ok: bool) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -226,6 +227,9 @@ fn run(config: Config, in_use_is_ok: bool) -> ExitCode {
         let prometheus = install_metrics();
         let grace = config.dist.shutdown_grace();
         let sidecar = Sidecar::start_with(config, listeners, prometheus);
+        if let Some(path) = &config_file {
+            sidecar.watch_config(path);
+        }
         let mut signals = match Signals::new() {
             Ok(s) => s,
             Err(e) => {
@@ -233,9 +237,23 @@ fn run(config: Config, in_use_is_ok: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tokio::select! {
-            _ = signals.next() => info!(grace_ms = grace.as_millis() as u64, "signal received; draining connections"),
-            _ = sidecar.shutdown_requested() => info!("shutdown requested"),
+        loop {
+            tokio::select! {
+                hangup = signals.next_or_hangup() => {
+                    if !hangup {
+                        info!(grace_ms = grace.as_millis() as u64, "signal received; draining connections");
+                        break;
+                    }
+                    if config_file.is_none() {
+                        info!("SIGHUP: no configuration file to reload (embedded defaults)");
+                    }
+                    sidecar.reload().await;
+                }
+                _ = sidecar.shutdown_requested() => {
+                    info!("shutdown requested");
+                    break;
+                }
+            }
         }
         tokio::select! {
             _ = sidecar.shutdown(grace) => {
@@ -254,6 +272,7 @@ fn run(config: Config, in_use_is_ok: bool) -> ExitCode {
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -262,7 +281,17 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
+    }
+
+    /// SIGTERM/SIGINT (`false`) or SIGHUP (`true`: reload).
+    async fn next_or_hangup(&mut self) -> bool {
+        tokio::select! {
+            _ = self.term.recv() => false,
+            _ = self.int.recv() => false,
+            _ = self.hup.recv() => true,
+        }
     }
 
     async fn next(&mut self) {
@@ -371,5 +400,5 @@ fn epmd_main(args: &[String]) -> ExitCode {
     };
     config.epmd.listen = cli::drop_unavailable_ipv6(listen);
     config.epmd.relaxed_command_check |= relaxed_command_check;
-    run(config, true)
+    run(config, None, true)
 }

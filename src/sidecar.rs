@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::acl::{Acl, AclHandle};
 use crate::admin::AdminCtx;
 use crate::config::Config;
 use crate::discovery::Discovery;
@@ -121,6 +122,10 @@ pub struct Sidecar {
     pub tls: Option<Arc<Tls>>,
     /// Discovery of every node in every pod (`[discovery]`).
     pub discovery: Arc<Discovery>,
+    /// The `[[acl]]` rules in force (reloaded by [`Sidecar::watch_config`]
+    /// and SIGHUP).
+    pub acl: Arc<AclHandle>,
+    acl_reload_interval: Duration,
     /// Stops accepting (graceful shutdown starts).
     pub shutdown: CancellationToken,
     /// Ends relays (grace period over).
@@ -181,6 +186,11 @@ impl Sidecar {
             limits.reserved_local_connections,
         );
         let open_connections = Arc::new(OpenConnections::default());
+        // Validated with the rest of the configuration; compiling cannot fail.
+        let acl = AclHandle::new(Acl::from_config(&config).unwrap_or_else(|e| {
+            warn!(error = %e, "invalid [[acl]] rules; refusing every connection");
+            Acl::deny_all()
+        }));
         let forward = Forwarder {
             connect_timeout: config.dist.connect_timeout(),
             handshake_timeout: config.dist.handshake_timeout(),
@@ -240,6 +250,7 @@ impl Sidecar {
             preamble_timeout: config.tunnel.preamble_timeout(),
             handshake_timeout: config.dist.handshake_timeout(),
             forward: forward.clone(),
+            acl: Arc::clone(&acl),
         };
         let dist = Arc::new(DistCtx {
             registry: Arc::clone(&registry),
@@ -249,6 +260,7 @@ impl Sidecar {
             forward,
             limit,
             tunnel: Arc::new(inbound),
+            acl: Arc::clone(&acl),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         });
@@ -313,9 +325,28 @@ impl Sidecar {
             egress,
             tls,
             discovery,
+            acl,
+            acl_reload_interval: config.dist.acl_reload_interval(),
             shutdown,
             hard_stop,
             tracker,
+        }
+    }
+
+    /// Reads `[[acl]]` and `dist.acl_default` again from `path` (the file
+    /// the configuration came from) whenever its content changes, and on
+    /// [`Sidecar::reload`].
+    pub fn watch_config(&self, path: &std::path::Path) {
+        self.acl.set_source(path);
+        self.tracker
+            .spawn(Arc::clone(&self.acl).watch(self.acl_reload_interval, self.shutdown.clone()));
+    }
+
+    /// SIGHUP: reload what can be reloaded (the ACL rules) now.
+    pub async fn reload(&self) {
+        let acl = Arc::clone(&self.acl);
+        if let Err(e) = tokio::task::spawn_blocking(move || acl.reload("SIGHUP")).await {
+            warn!(error = %e, "ACL reload task failed");
         }
     }
 

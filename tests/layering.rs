@@ -38,6 +38,8 @@ const LAYERS: &[(&str, Layer)] = &[
     ("discovery::query", Layer::Service),
     // Core: protocol codecs (no I/O), state, shared primitives.
     ("config", Layer::Core),
+    ("acl", Layer::Core),
+    ("acl::pattern", Layer::Core),
     ("metrics", Layer::Core),
     ("node_name", Layer::Core),
     ("net", Layer::Core),
@@ -66,7 +68,11 @@ const LEAVES: &[(&str, &[&str])] = &[
     ("log_safe", &[]),
     ("epmd::proto", &["node_name"]),
     ("distribution::handshake", &["node_name"]),
-    ("config", &["node_name", "net", "discovery::naming"]),
+    (
+        "config",
+        &["node_name", "net", "discovery::naming", "acl::pattern"],
+    ),
+    ("acl::pattern", &[]),
     ("discovery::naming", &[]),
 ];
 
