@@ -35,5 +35,6 @@ pub mod log_safe;
 pub mod metrics;
 pub mod net;
 pub mod node_name;
+pub mod remsh;
 pub mod sidecar;
 pub mod tunnel;

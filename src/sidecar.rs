@@ -62,6 +62,9 @@ pub struct Listeners {
     pub tls: Option<Arc<crate::tunnel::tls::Tls>>,
     /// `[discovery]` with its environment variables expanded.
     pub discovery: crate::discovery::Settings,
+    /// `distproxy remsh`: the only host egress connections may reach, and
+    /// its address (`None` for a sidecar: the system resolver).
+    pub pinned_host: Option<(String, std::net::IpAddr)>,
 }
 
 impl Listeners {
@@ -105,6 +108,7 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
         },
         tls,
         discovery,
+        pinned_host: None,
     })
 }
 
@@ -213,6 +217,7 @@ impl Sidecar {
             limit: limit.clone(),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
+            pinned_host: listeners.pinned_host.clone(),
         });
         let mirrors = Arc::new(crate::distribution::mirror::Mirrors::new(
             Arc::clone(&registry),

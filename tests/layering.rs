@@ -23,6 +23,7 @@ const LAYERS: &[(&str, Layer)] = &[
     // Wiring: reads configuration, binds, builds the services' contexts.
     ("main", Layer::Wiring),
     ("sidecar", Layer::Wiring),
+    ("remsh", Layer::Wiring),
     // Services: one per listener or background job.
     ("admin", Layer::Service),
     ("epmd::server", Layer::Service),
@@ -40,6 +41,9 @@ const LAYERS: &[(&str, Layer)] = &[
     ("config", Layer::Core),
     ("acl", Layer::Core),
     ("acl::pattern", Layer::Core),
+    ("remsh::plan", Layer::Core),
+    ("remsh::probe", Layer::Core),
+    ("remsh::kubectl", Layer::Core),
     ("metrics", Layer::Core),
     ("node_name", Layer::Core),
     ("net", Layer::Core),

@@ -213,6 +213,9 @@ pub struct EgressSettings {
     /// The registry: egress requests for this pod's own nodes are answered
     /// with their loopback port.
     pub registry: Arc<Registry>,
+    /// `distproxy remsh`: the one host every egress connection may reach,
+    /// and the address it resolves to (see [`Resolver::pinned_only`]).
+    pub pinned_host: Option<(String, std::net::IpAddr)>,
 }
 
 impl EgressManager {
@@ -229,7 +232,10 @@ impl EgressManager {
             shutdown: settings.shutdown,
             tracker: settings.tracker,
             listeners: Mutex::new(HashMap::new()),
-            resolver: Resolver::from_system_conf(),
+            resolver: match &settings.pinned_host {
+                Some((host, ip)) => Resolver::pinned_only(host, *ip),
+                None => Resolver::from_system_conf(),
+            },
             no_sidecar: Mutex::new(HashMap::new()),
             sidecar_seen: Mutex::new(HashMap::new()),
             probing: Mutex::new(HashMap::new()),
