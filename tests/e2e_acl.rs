@@ -88,11 +88,15 @@ fn denied_pairs_get_pang_allowed_pairs_pong_and_a_reload_flips_them() {
     sidecar_a.wait_log("rule=c-not-to-a2", 1, Duration::from_secs(5));
     let refused = sidecar_a.log_lines_containing("refused by ACL rule");
     assert!(
-        refused.iter().any(|l| l.contains("path=\"raw\"") && l.contains("b1-not-to-a1")),
+        refused
+            .iter()
+            .any(|l| l.contains("path=\"raw\"") && l.contains("b1-not-to-a1")),
         "{refused:#?}"
     );
     assert!(
-        refused.iter().any(|l| l.contains("path=\"preamble\"") && l.contains("c-not-to-a2")),
+        refused
+            .iter()
+            .any(|l| l.contains("path=\"preamble\"") && l.contains("c-not-to-a2")),
         "{refused:#?}"
     );
     let text = metrics(a);
@@ -112,19 +116,39 @@ fn denied_pairs_get_pang_allowed_pairs_pong_and_a_reload_flips_them() {
     assert!(!a2.nodes().contains(&c.node_name("c1")));
 
     // Reload on SIGHUP: now only b2 -> a1 is refused.
-    let config = sidecar_a.config_path().expect("a config file").to_path_buf();
+    let config = sidecar_a
+        .config_path()
+        .expect("a config file")
+        .to_path_buf();
     std::fs::write(&config, second_rules()).unwrap();
     sidecar_a.signal("HUP");
     sidecar_a.wait_log("ACL rules reloaded", 1, Duration::from_secs(10));
     assert!(sidecar_a.log_lines_containing("trigger=\"SIGHUP\"").len() == 1);
-    assert_eq!(b1.ping(&a1n), "pong", "b1 -> a1 is allowed after the reload");
-    assert_eq!(c1.ping(&a2n), "pong", "c1 -> a2 is allowed after the reload");
+    assert_eq!(
+        b1.ping(&a1n),
+        "pong",
+        "b1 -> a1 is allowed after the reload"
+    );
+    assert_eq!(
+        c1.ping(&a2n),
+        "pong",
+        "c1 -> a2 is allowed after the reload"
+    );
     // b2 <-> a1 was established before: the reload does not drop it.
     assert!(b2.nodes().contains(&a1n), "b2 still connected to a1");
-    assert_eq!(b2.rpc_node(&a1n), a1n, "the established connection still works");
+    assert_eq!(
+        b2.rpc_node(&a1n),
+        a1n,
+        "the established connection still works"
+    );
     // A new connection of that pair is refused.
     assert_eq!(
-        b2.rpc(&b2.name().to_string(), "erlang", "disconnect_node", &format!("['{a1n}']")),
+        b2.rpc(
+            &b2.name().to_string(),
+            "erlang",
+            "disconnect_node",
+            &format!("['{a1n}']")
+        ),
         "true"
     );
     assert_eq!(b2.ping(&a1n), "pang", "b2 -> a1 is denied after the reload");

@@ -2,6 +2,7 @@
 //! benches use, in one place. When a module of the library moves, this file
 //! changes and the tests do not.
 
+pub use distproxy::acl;
 pub use distproxy::client;
 pub use distproxy::config::{self, Config, LoopbackLookups};
 pub use distproxy::distribution::handshake::{self, Challenge, SendName, Status};
