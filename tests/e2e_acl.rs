@@ -142,13 +142,9 @@ fn denied_pairs_get_pang_allowed_pairs_pong_and_a_reload_flips_them() {
         "the established connection still works"
     );
     // A new connection of that pair is refused.
+    let b2n = b.node_name("b2");
     assert_eq!(
-        b2.rpc(
-            &b2.name().to_string(),
-            "erlang",
-            "disconnect_node",
-            &format!("['{a1n}']")
-        ),
+        b2.rpc(&b2n, "erlang", "disconnect_node", &format!("['{a1n}']")),
         "true"
     );
     assert_eq!(b2.ping(&a1n), "pang", "b2 -> a1 is denied after the reload");
