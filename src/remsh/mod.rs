@@ -231,17 +231,19 @@ impl Drop for TempDir {
 /// Runs the session: checks, ephemeral sidecar, the shell; returns the
 /// shell's exit status.
 pub async fn run(opts: RemshOptions) -> Result<ExitStatus, RemshError> {
+    let target = plan::parse_target(&opts.node)?;
+    let cookie = cookie(&opts)?;
+    let pod = kubectl::PodRef::parse(&opts.via)
+        .transpose()
+        .map_err(RemshError::Usage)?;
     let shell = if opts.iex { "iex" } else { "erl" };
     if !kubectl::on_path(shell) {
         return Err(RemshError::NoShell(shell));
     }
-    let target = plan::parse_target(&opts.node)?;
-    let cookie = cookie(&opts)?;
 
     // Where the pod is: a forward we start, or an address given.
-    let (_forward, via) = match kubectl::PodRef::parse(&opts.via) {
+    let (_forward, via) = match pod {
         Some(pod) => {
-            let pod = pod.map_err(RemshError::Usage)?;
             let remote_port = if opts.remote_port == 0 {
                 crate::net::DEFAULT_DIST_PORT
             } else {
