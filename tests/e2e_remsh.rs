@@ -146,16 +146,29 @@ impl Shell {
 
     /// Evaluates an expression that prints the evaluating node's name
     /// reversed (so the typed line and the prompt cannot match it), and
-    /// returns that node's name.
+    /// returns that node's name. `iex`: in Elixir syntax.
     fn evaluating_node(&mut self, tag: &str) -> String {
-        self.type_line(&format!(
-            "io:format(\"{tag}=~s=~n\", [lists:reverse(atom_to_list(node()))])."
-        ));
+        self.evaluate_node(tag, false)
+    }
+
+    fn evaluate_node(&mut self, tag: &str, iex: bool) -> String {
+        let (line, typed) = if iex {
+            (
+                format!("IO.puts(\"{tag}=\" <> String.reverse(Atom.to_string(node())) <> \"=\")"),
+                "IO.puts",
+            )
+        } else {
+            (
+                format!("io:format(\"{tag}=~s=~n\", [lists:reverse(atom_to_list(node()))])."),
+                "io:format",
+            )
+        };
+        self.type_line(&line);
         let marker = format!("{tag}=");
         // The answer line, not the typed one (which holds `io:format`).
         let answer = |screen: &str| -> Option<String> {
             screen.lines().find_map(|l| {
-                if l.contains("io:format") {
+                if l.contains(typed) {
                     return None;
                 }
                 let rest = &l[l.find(&marker)? + marker.len()..];
@@ -204,7 +217,7 @@ impl Shell {
 fn two_shells_into_two_nodes_through_one_forwarded_port() {
     if !e2e_enabled(
         "two_shells_into_two_nodes_through_one_forwarded_port",
-        &["socat", "script"],
+        &["socat", "script", "elixir"],
     ) {
         return;
     }
@@ -214,8 +227,10 @@ fn two_shells_into_two_nodes_through_one_forwarded_port() {
     let sidecar = pod.spawn_sidecar(&[]);
     let mut a1 = pod.spawn_erlang("a1");
     let mut a2 = pod.spawn_erlang("a2");
+    let mut e3 = pod.spawn_elixir("e3");
     a1.wait_ready();
     a2.wait_ready();
+    e3.wait_ready();
     // The laptop cannot reach the pod but through the forward.
     let route = Command::new("ip")
         .args(["-n", laptop.ns(), "route", "get", &pod.addr().to_string()])
@@ -272,6 +287,18 @@ fn two_shells_into_two_nodes_through_one_forwarded_port() {
     assert!(s1.quit().success());
     // The other shell is not disturbed by the first one leaving.
     assert_eq!(s2.evaluating_node("AGAIN"), n2);
+    // An Elixir shell into the pod's Elixir node, while s2 stays open.
+    let n3 = pod.node_name("e3");
+    let mut s3 = Shell::start(
+        &lab,
+        laptop,
+        "e3",
+        &[&n3, "--via", &via, "--cookie-file", &cookie, "--iex"],
+        None,
+    );
+    s3.wait_for(&format!("iex({n3})1>"));
+    assert_eq!(s3.evaluate_node("IEX", true), n3);
+    assert!(s3.quit().success());
     assert!(s2.quit().success());
     // The remote nodes live on.
     assert_eq!(a1.rpc_node(&n2), n2);
