@@ -333,9 +333,6 @@ fn run(config: Config, config_file: Option<PathBuf>, in_use_is_ok: bool) -> Exit
                         info!(grace_ms = grace.as_millis() as u64, "signal received; draining connections");
                         break;
                     }
-                    if config_file.is_none() {
-                        info!("SIGHUP: no configuration file to reload (embedded defaults)");
-                    }
                     sidecar.reload().await;
                 }
                 _ = sidecar.shutdown_requested() => {

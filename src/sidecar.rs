@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::acl::{Acl, AclHandle};
+use crate::acl::{Acl, AclHandle, ReloadOutcome};
 use crate::admin::AdminCtx;
 use crate::config::Config;
 use crate::discovery::Discovery;
@@ -350,8 +350,13 @@ impl Sidecar {
     /// SIGHUP: reload what can be reloaded (the ACL rules) now.
     pub async fn reload(&self) {
         let acl = Arc::clone(&self.acl);
-        if let Err(e) = tokio::task::spawn_blocking(move || acl.reload("SIGHUP")).await {
-            warn!(error = %e, "ACL reload task failed");
+        match tokio::task::spawn_blocking(move || acl.reload("SIGHUP")).await {
+            Ok(ReloadOutcome::Unchanged) => {
+                info!("SIGHUP: the ACL rules in the file are the ones in force")
+            }
+            Ok(ReloadOutcome::NoSource) => info!("SIGHUP: no configuration file to reload"),
+            Ok(ReloadOutcome::Reloaded { .. } | ReloadOutcome::Failed(_)) => {} // logged by reload
+            Err(e) => warn!(error = %e, "ACL reload task failed"),
         }
     }
 

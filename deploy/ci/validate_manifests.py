@@ -72,6 +72,16 @@ KNOWN_METRICS = {
     "distproxy_tls_reloads_total",
     "distproxy_tls_reload_failures_total",
     "distproxy_tls_certificate_not_after_timestamp_seconds",
+    "distproxy_lookups_dropped_total",
+    "distproxy_connections_refused_total",
+    "distproxy_write_timeouts_total",
+    "distproxy_discovery_members",
+    "distproxy_discovery_pods",
+    "distproxy_discovery_refresh_errors_total",
+    "distproxy_acl_denied_total",
+    "distproxy_acl_rules",
+    "distproxy_acl_reloads_total",
+    "distproxy_acl_reload_failures_total",
 }
 HISTOGRAMS = {"distproxy_lookup_hold_seconds", "distproxy_handshake_phase_seconds"}
 
