@@ -75,17 +75,32 @@ impl fmt::Display for Pattern {
     }
 }
 
+/// Glob match: on bytes when both sides are ASCII (node names nearly
+/// always are; no allocation), else on characters.
+fn glob(pattern: &[char], s: &str, fold: bool) -> bool {
+    if s.is_ascii() && pattern.iter().all(char::is_ascii) {
+        return glob_slices(pattern, s.as_bytes(), |pc: &char, b: &u8| {
+            let c = *b as char;
+            if fold {
+                pc.eq_ignore_ascii_case(&c)
+            } else {
+                *pc == c
+            }
+        });
+    }
+    let chars: Vec<char> = s.chars().collect();
+    glob_slices(pattern, &chars, |pc: &char, c: &char| {
+        if fold {
+            pc.eq_ignore_ascii_case(c)
+        } else {
+            pc == c
+        }
+    })
+}
+
 /// Iterative glob match with one backtrack point (the last `*`): linear in
 /// practice, `O(p·s)` at worst, no recursion.
-fn glob(pattern: &[char], s: &str, fold: bool) -> bool {
-    let s: Vec<char> = s.chars().collect();
-    let eq = |a: char, b: char| {
-        if fold {
-            a.eq_ignore_ascii_case(&b)
-        } else {
-            a == b
-        }
-    };
+fn glob_slices<T>(pattern: &[char], s: &[T], eq: impl Fn(&char, &T) -> bool) -> bool {
     let (mut p, mut i) = (0usize, 0usize);
     // Position after the last `*`, and where in `s` it resumed.
     let mut star: Option<(usize, usize)> = None;
@@ -95,7 +110,7 @@ fn glob(pattern: &[char], s: &str, fold: bool) -> bool {
                 star = Some((p + 1, i));
                 p += 1;
             }
-            Some(&c) if c == '?' || eq(c, s[i]) => {
+            Some(c) if *c == '?' || eq(c, &s[i]) => {
                 p += 1;
                 i += 1;
             }
@@ -156,6 +171,8 @@ mod tests {
         assert!(!m("a?", "a"));
         assert!(!m("a?", "a12"));
         assert!(m("?", "é"), "one character, not one byte");
+        assert!(m("a?c*", "aéc-x"), "non-ASCII input: matched by characters");
+        assert!(m("a*é", "abcé") && !m("a*é", "abce"));
     }
 
     #[test]
