@@ -199,3 +199,69 @@ fn default_deny_lets_only_allowed_pairs_through() {
     );
     assert_eq!(a1.nodes(), vec![b.node_name("b1")]);
 }
+
+/// Between sidecars over mutual TLS, rules by certificate identity: pod a
+/// admits pod b's certificate and refuses everyone else by default, so
+/// b1 gets `pong` and c1 (same CA, pod c's certificate) `pang`; the
+/// refusal is on the TLS path, counted against `default`.
+#[test]
+fn identity_rules_judge_the_peer_sidecars_certificate() {
+    if !e2e_enabled("identity_rules_judge_the_peer_sidecars_certificate", &[]) {
+        return;
+    }
+    use distproxy_testkit::certs::{Ca, SecretDir};
+    let lab = support::Lab::new(&["a", "b", "c"]);
+    let ebin = compile_module(&lab);
+    let ca = Ca::new("dp-acl-ca");
+    let tls_config = |pod: &support::Pod, serial: u64, extra: &str| {
+        let leaf = ca.leaf(&[pod.host(), &pod.addr().to_string()], serial);
+        let dir = lab.dir().join(format!("tls-{}", pod.name()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = SecretDir::create(&dir, &leaf.cert_pem, &leaf.key_pem, &ca.pem);
+        format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n\
+             require_tls = true\nbind_node_names = true\n{extra}",
+            secret.cert_file().display(),
+            secret.key_file().display(),
+            secret.ca_file().display(),
+        )
+    };
+    let (a, b, c) = (lab.pod("a"), lab.pod("b"), lab.pod("c"));
+    let rules = format!(
+        "\n[dist]\nacl_default = \"deny\"\n\n\
+         [[acl]]\nname = \"pod-b-cert\"\naction = \"allow\"\nidentity = \"{}\"\n",
+        b.host()
+    );
+    let sidecar_a =
+        a.spawn_sidecar_with(SidecarOptions::default().config(&tls_config(a, 1, &rules)));
+    let _sidecar_b = b.spawn_sidecar_with(SidecarOptions::default().config(&tls_config(b, 2, "")));
+    let _sidecar_c = c.spawn_sidecar_with(SidecarOptions::default().config(&tls_config(c, 3, "")));
+    let opts = alone_with_module(&ebin);
+    let mut a1 = a.spawn_erlang_with("a1", &opts);
+    let mut b1 = b.spawn_erlang_with("b1", &opts);
+    let mut c1 = c.spawn_erlang_with("c1", &opts);
+    for n in [&mut a1, &mut b1, &mut c1] {
+        n.wait_ready();
+    }
+    let a1n = a.node_name("a1");
+    assert_eq!(b1.ping(&a1n), "pong", "pod b's certificate is admitted");
+    assert_eq!(c1.ping(&a1n), "pang", "pod c's certificate is not");
+    sidecar_a.wait_log("rule=default", 1, Duration::from_secs(5));
+    let refused = sidecar_a.log_lines_containing("refused by ACL rule");
+    assert!(
+        refused.iter().any(|l| l.contains("path=\"tls\"")
+            && l.contains(c.host())
+            && l.contains("rule=default")),
+        "{refused:#?}"
+    );
+    let routed = sidecar_a.log_lines_containing("tunnel connection routed by preamble");
+    assert!(
+        routed
+            .iter()
+            .any(|l| l.contains("transport=\"tls\"") && l.contains(&b.node_name("b1"))),
+        "{routed:#?}"
+    );
+    let text = metrics(a);
+    assert!(metric_sum(&text, "distproxy_acl_denied_total", &[("rule", "default")]) >= 1.0);
+    assert_eq!(a1.nodes(), vec![b.node_name("b1")]);
+}
