@@ -80,52 +80,7 @@ enum Command {
     },
     /// A remote shell into NODE of a pod through one forwarded distribution
     /// port (`kubectl port-forward`), no root, no local DNS: see docs/remsh.md.
-    Remsh {
-        /// The node, e.g. a2@myapp-0.myapp-headless.ns.svc.cluster.local.
-        node: String,
-        /// The forwarded distribution port (HOST:PORT), or pod/NAME[.NAMESPACE]
-        /// to run `kubectl port-forward` to it.
-        #[arg(long, value_name = "HOST:PORT|pod/NAME[.NS]")]
-        via: String,
-        /// The pods' distribution port, for --via pod/… .
-        #[arg(long, value_name = "N", default_value_t = 43691)]
-        remote_port: u16,
-        /// The nodes' cookie.
-        #[arg(long, conflicts_with = "cookie_file")]
-        cookie: Option<String>,
-        /// A file whose first line is the nodes' cookie.
-        #[arg(long, value_name = "FILE")]
-        cookie_file: Option<PathBuf>,
-        /// A distproxy configuration file; its [tls] section is used.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Client certificate (PEM) for a pod that requires TLS.
-        #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
-        tls_cert: Option<PathBuf>,
-        /// Its private key (PEM).
-        #[arg(long, value_name = "FILE")]
-        tls_key: Option<PathBuf>,
-        /// CA (PEM) the pod's certificate must chain to.
-        #[arg(long, value_name = "FILE")]
-        tls_ca: Option<PathBuf>,
-        /// This side's node name (default remsh-<pid>@<first SAN of the
-        /// TLS certificate, or 127.0.0.1>).
-        #[arg(long, value_name = "NAME@HOST")]
-        name: Option<String>,
-        /// Directory holding distproxy_epmd.beam (default: the image's
-        /// /opt/distproxy/ebin, else compiled with erlc).
-        #[arg(long, value_name = "DIR")]
-        ebin: Option<PathBuf>,
-        /// `iex --remsh` instead of `erl -remsh`.
-        #[arg(long)]
-        iex: bool,
-        /// Start this side as a hidden node (observer, diagnostics).
-        #[arg(long)]
-        hidden: bool,
-        /// Further arguments for erl (or iex), after `--`.
-        #[arg(last = true)]
-        extra: Vec<String>,
-    },
+    Remsh(distproxy::remsh::RemshOptions),
     /// Print the nodes registered with an EPMD server, as `epmd -names` does.
     Names {
         /// Host of the EPMD server.
@@ -182,44 +137,14 @@ fn main() -> ExitCode {
             };
         }
     };
-    if let Command::Remsh { .. } = cli.command {
+    if let Command::Remsh(_) = cli.command {
         // The shell owns the terminal: only warnings and errors.
         init_logging_at(cli.log_format, "warn");
     } else {
         init_logging(cli.log_format);
     }
     match cli.command {
-        Command::Remsh {
-            node,
-            via,
-            remote_port,
-            cookie,
-            cookie_file,
-            config,
-            tls_cert,
-            tls_key,
-            tls_ca,
-            name,
-            ebin,
-            iex,
-            hidden,
-            extra,
-        } => remsh(distproxy::remsh::RemshOptions {
-            node,
-            via,
-            remote_port,
-            cookie,
-            cookie_file,
-            config,
-            tls_cert,
-            tls_key,
-            tls_ca,
-            name,
-            ebin,
-            iex,
-            hidden,
-            extra,
-        }),
+        Command::Remsh(opts) => remsh(opts),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
                 print!("{}", config.to_toml());

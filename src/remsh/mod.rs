@@ -39,29 +39,53 @@ const INSTALLED_EBIN: &str = "/opt/distproxy/ebin";
 /// Deadline for each step of the check and for the port forward to start.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the command line asked for.
-#[derive(Debug, Clone, Default)]
+/// What the command line asked for (`distproxy remsh …`).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct RemshOptions {
-    /// The node to open a shell on (`name@host`).
+    /// The node, e.g. a2@myapp-0.myapp-headless.ns.svc.cluster.local.
     pub node: String,
-    /// `HOST:PORT` of the forwarded distribution port, or `pod/NAME[.NS]`.
+    /// The forwarded distribution port (HOST:PORT), or pod/NAME[.NAMESPACE]
+    /// to run `kubectl port-forward` to it.
+    #[arg(long, value_name = "HOST:PORT|pod/NAME[.NS]")]
     pub via: String,
-    /// The pods' distribution port, for `pod/…` (default 43691).
+    /// The pods' distribution port, for --via pod/… .
+    #[arg(long, value_name = "N", default_value_t = crate::net::DEFAULT_DIST_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub remote_port: u16,
+    /// The nodes' cookie.
+    #[arg(long, conflicts_with = "cookie_file")]
     pub cookie: Option<String>,
+    /// A file whose first line is the nodes' cookie.
+    #[arg(long, value_name = "FILE")]
     pub cookie_file: Option<PathBuf>,
-    /// A distproxy configuration file whose `[tls]` section is used.
+    /// A distproxy configuration file; its [tls] section is used.
+    #[arg(long, short)]
     pub config: Option<PathBuf>,
+    /// Client certificate (PEM) for a pod that requires TLS.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
     pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// CA (PEM) the pod's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
-    /// This side's node name (default `remsh-<pid>@<host>`).
+    /// This side's node name (default remsh-<pid>@<first SAN of the TLS
+    /// certificate, or 127.0.0.1>).
+    #[arg(long, value_name = "NAME@HOST")]
     pub name: Option<String>,
-    /// A directory with `distproxy_epmd.beam` (else installed, else compiled).
+    /// Directory holding distproxy_epmd.beam (default: the image's
+    /// /opt/distproxy/ebin, else compiled with erlc).
+    #[arg(long, value_name = "DIR")]
     pub ebin: Option<PathBuf>,
+    /// `iex --remsh` instead of `erl -remsh`.
+    #[arg(long)]
     pub iex: bool,
+    /// Start this side as a hidden node (observer, diagnostics).
+    #[arg(long)]
     pub hidden: bool,
-    /// Passed to `erl`/`iex` as they are.
+    /// Further arguments for erl (or iex), after `--`.
+    #[arg(last = true)]
     pub extra: Vec<String>,
 }
 
@@ -244,12 +268,7 @@ pub async fn run(opts: RemshOptions) -> Result<ExitStatus, RemshError> {
     // Where the pod is: a forward we start, or an address given.
     let (_forward, via) = match pod {
         Some(pod) => {
-            let remote_port = if opts.remote_port == 0 {
-                crate::net::DEFAULT_DIST_PORT
-            } else {
-                opts.remote_port
-            };
-            let fwd = kubectl::port_forward(&pod, remote_port, STEP_TIMEOUT).await?;
+            let fwd = kubectl::port_forward(&pod, opts.remote_port, STEP_TIMEOUT).await?;
             let via = SocketAddr::from(([127, 0, 0, 1], fwd.local_port));
             info!(pod = %pod.name, %via, "kubectl port-forward running");
             (Some(fwd), via)
