@@ -126,6 +126,17 @@ where
     );
     let node = preamble.target.clone();
     let local = preamble.initiator.clone();
+    /// What came back before the deadline.
+    enum Answer {
+        /// Status ok and a challenge naming this node.
+        Node(String),
+        /// Another status (`nok`, `not_allowed`, `alive`, …).
+        Status(String),
+        /// Closed without a byte: the sidecar would not route.
+        Closed,
+        /// Anything else.
+        Bad(String),
+    }
     let io = async {
         stream.write_all(&out).await?;
         stream.flush().await?;
@@ -135,48 +146,41 @@ where
             match handshake::parse_status(&buf) {
                 Ok(Some((Status::Ok | Status::OkSimultaneous, used))) => {
                     match handshake::parse_challenge(&buf[used..]) {
-                        Ok(Some((c, _))) => return Ok(Ok(c.name)),
+                        Ok(Some((c, _))) => return Ok(Answer::Node(c.name)),
                         Ok(None) => {}
-                        Err(e) => return Ok(Err(e.to_string())),
+                        Err(e) => return Ok(Answer::Bad(e.to_string())),
                     }
                 }
-                Ok(Some((status, _))) => return Ok(Err(format!("status:{status:?}"))),
+                Ok(Some((status, _))) => return Ok(Answer::Status(format!("{status:?}"))),
                 Ok(None) => {}
-                Err(e) => return Ok(Err(e.to_string())),
+                Err(e) => return Ok(Answer::Bad(e.to_string())),
             }
             if buf.len() > 4096 {
-                return Ok(Err("oversize answer".into()));
+                return Ok(Answer::Bad("oversize answer".into()));
             }
             if stream.read_buf(&mut buf).await? == 0 {
-                return Ok(Err(if buf.is_empty() {
-                    "closed".into()
+                return Ok(if buf.is_empty() {
+                    Answer::Closed
                 } else {
-                    "closed mid-frame".into()
-                }));
+                    Answer::Bad("closed mid-frame".into())
+                });
             }
         }
     };
-    let answer: std::io::Result<Result<String, String>> =
-        match tokio::time::timeout(timeout, io).await {
-            Ok(r) => r,
-            Err(_) => return Err(ProbeError::Timeout { via, node, timeout }),
-        };
+    let answer: std::io::Result<Answer> = match tokio::time::timeout(timeout, io).await {
+        Ok(r) => r,
+        Err(_) => return Err(ProbeError::Timeout { via, node, timeout }),
+    };
     match answer {
-        Ok(Ok(answered)) if answered == node => Ok(()),
-        Ok(Ok(answered)) => Err(ProbeError::WrongNode {
+        Ok(Answer::Node(answered)) if answered == node => Ok(()),
+        Ok(Answer::Node(answered)) => Err(ProbeError::WrongNode {
             via,
             node,
             answered,
         }),
-        Ok(Err(why)) if why == "closed" => Err(ProbeError::Refused { via, node, local }),
-        Ok(Err(why)) => match why.strip_prefix("status:") {
-            Some(status) => Err(ProbeError::NodeRefused {
-                via,
-                local,
-                status: status.to_string(),
-            }),
-            None => Err(ProbeError::Protocol { via, reason: why }),
-        },
+        Ok(Answer::Closed) => Err(ProbeError::Refused { via, node, local }),
+        Ok(Answer::Status(status)) => Err(ProbeError::NodeRefused { via, local, status }),
+        Ok(Answer::Bad(reason)) => Err(ProbeError::Protocol { via, reason }),
         // A reset before any answer is a refusal as well.
         Err(e)
             if matches!(
