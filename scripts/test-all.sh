@@ -33,6 +33,7 @@ packages=(
   "python3 python3"
   "iptables iptables"
   "socat socat"
+  "script util-linux"
   "dnsmasq dnsmasq-base"
   "mmdebstrap mmdebstrap"
   "podman podman"

@@ -68,3 +68,53 @@ fn names_reports_an_unreachable_epmd() {
     assert_eq!(code, 1);
     assert!(stderr.contains("Cannot connect"), "{stderr}");
 }
+
+/// `remsh` refuses what it cannot use before starting anything: a name
+/// without a host (64), no cookie (1), an unknown `--via` form (64).
+#[test]
+fn remsh_errors_are_clear_and_early() {
+    let remsh = |args: &[&str], home: &str| {
+        let out = Command::new(BIN)
+            .arg("remsh")
+            .args(args)
+            .env("HOME", home)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = remsh(
+        &["a1", "--via", "127.0.0.1:1", "--cookie", "c"],
+        "/nonexistent",
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("not a full node name"), "{err}");
+
+    let (code, err) = remsh(&["a1@pod-0.svc", "--via", "127.0.0.1:1"], "/nonexistent");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no cookie"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("cookie");
+    let (code, err) = remsh(
+        &[
+            "a1@pod-0.svc",
+            "--via",
+            "127.0.0.1:1",
+            "--cookie-file",
+            missing.to_str().unwrap(),
+        ],
+        "/nonexistent",
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot read the cookie file"), "{err}");
+
+    let (code, err) = remsh(
+        &["a1@pod-0.svc", "--via", "pod/My_Pod", "--cookie", "c"],
+        "/nonexistent",
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("pod/NAME"), "{err}");
+}

@@ -78,6 +78,10 @@ KNOWN_METRICS = {
     "distproxy_discovery_members",
     "distproxy_discovery_pods",
     "distproxy_discovery_refresh_errors_total",
+    "distproxy_acl_denied_total",
+    "distproxy_acl_rules",
+    "distproxy_acl_reloads_total",
+    "distproxy_acl_reload_failures_total",
 }
 HISTOGRAMS = {"distproxy_lookup_hold_seconds", "distproxy_handshake_phase_seconds"}
 
