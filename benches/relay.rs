@@ -127,25 +127,6 @@ fn start_proxy() -> Proxy {
     )
 }
 
-/// A field of /proc/<pid>/status in kB (Linux only; 0 elsewhere).
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 // ------------------------------------------------------- reference relay
 
 /// Runs as the reference relay: `relay-bench --bare-relay PORT` accepts on

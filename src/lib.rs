@@ -19,9 +19,12 @@
 //! - [`discovery`]: every node of every pod behind a headless Service —
 //!   [`discovery::wire`] (pod-info and members replies, no I/O),
 //!   [`discovery::naming`] (host parts), [`discovery::query`] (asking one pod).
+//! - [`beam`]: the compiled `distproxy_epmd` module, embedded, and
+//!   `install-module`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod beam;
 pub mod client;
 pub mod config;
 pub mod discovery;

@@ -78,6 +78,13 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Write the BEAM helper module `distproxy_epmd.beam` (embedded in this
+    /// binary) into DIR, for nodes started with `-pa DIR -epmd_module
+    /// distproxy_epmd` (e.g. from an init container into a shared volume).
+    InstallModule {
+        /// Directory to write `distproxy_epmd.beam` into (created if missing).
+        dir: PathBuf,
+    },
     /// Print the nodes registered with an EPMD server, as `epmd -names` does.
     Names {
         /// Host of the EPMD server.
@@ -140,6 +147,16 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("distproxy: {e}");
                 ExitCode::from(EX_USAGE)
+            }
+        },
+        Command::InstallModule { dir } => match distproxy::beam::install(&dir) {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("distproxy: {e}");
+                ExitCode::FAILURE
             }
         },
         Command::Names { host, port } => names(&host, port),
