@@ -123,7 +123,10 @@ fn start_proxy() -> Proxy {
         &distproxy_testkit::distproxy_bin!(BIN_VAR),
         "proxy",
         "warn",
-        "[routing]\nloopback_lookups = \"proxy\"\n",
+        // Every connection comes from 127.0.0.1: the idle section holds
+        // more than the default per-source limit.
+        "[routing]\nloopback_lookups = \"proxy\"\n\n\
+         [limits]\ndist_max_connections_per_source = 4096\n",
     )
 }
 
