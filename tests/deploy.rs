@@ -467,8 +467,8 @@ fn manifest_validator_rejects_broken_manifests() {
         (
             "deploy/kubernetes/base",
             "Deployment",
-            "-pa /distproxy -epmd_module",
-            "-pa /tmp -epmd_module",
+            "            /distproxy -epmd_module",
+            "            /tmp -epmd_module",
             "no `-pa DIR` holds distproxy_epmd.beam",
         ),
         // TLS on, tunnel egress off: outgoing traffic would bypass TLS.
