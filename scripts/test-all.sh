@@ -121,7 +121,7 @@ run_suite() {
 }
 
 # Build everything once (benches must at least build; they run by hand).
-run_suite build cargo build --release --benches --tests
+run_suite build cargo build --profile ci --benches --tests
 
 # Root filesystems of the OTP release matrix (tests/e2e_otp_matrix.rs),
 # cached under target/otp-rootfs/ after the first run.
@@ -131,10 +131,10 @@ fi
 
 # Unit tests of the library and binary, then each integration test binary on
 # its own so that its time shows.
-run_suite unit cargo test --release --lib --bins
+run_suite unit cargo test --profile ci --lib --bins
 for file in tests/*.rs; do
   name=$(basename "$file" .rs)
-  run_suite "$name" cargo test --release --no-fail-fast --test "$name"
+  run_suite "$name" cargo test --profile ci --no-fail-fast --test "$name"
 done
 
 # --- Extra suites (scripts that print "N passed, N failed") ------------------

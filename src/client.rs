@@ -1,5 +1,6 @@
-//! A small EPMD client: what `distproxy names` and the tests use to talk to
-//! an EPMD server (ours or OTP's).
+//! A small EPMD client: what `distproxy names`, `distproxy members`, the
+//! `epmd` drop-in's `-names`/`-dump`/`-kill`/`-stop` and the tests use to
+//! talk to an EPMD server (ours or OTP's).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,14 +59,79 @@ pub async fn request_to_eof(addr: SocketAddr, req: &Request) -> Result<Vec<u8>, 
 /// NAMES_REQ: the server's port and the text listing.
 pub async fn names(addr: SocketAddr) -> Result<(u32, String), ClientError> {
     let reply = request_to_eof(addr, &Request::Names).await?;
-    if reply.len() < 4 {
+    port_and_text(addr, &reply, "names")
+}
+
+/// DUMP_REQ (local peers only): the server's port and its dump text.
+pub async fn dump(addr: SocketAddr) -> Result<(u32, String), ClientError> {
+    let reply = request_to_eof(addr, &Request::Dump).await?;
+    let (port, text) = port_and_text(addr, &reply, "dump")?;
+    // `epmd` NUL-terminates each entry of the dump.
+    Ok((port, text.replace('\0', "")))
+}
+
+/// The answer to KILL_REQ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KillReply {
+    /// `OK`: the server stops.
+    Killed,
+    /// `NO`: refused (nodes are still registered; see
+    /// `relaxed_command_check`).
+    Refused,
+}
+
+/// KILL_REQ (local peers only).
+pub async fn kill(addr: SocketAddr) -> Result<KillReply, ClientError> {
+    match request_to_eof(addr, &Request::Kill).await?.as_slice() {
+        b"OK" => Ok(KillReply::Killed),
+        b"NO" => Ok(KillReply::Refused),
+        other => Err(unexpected(addr, other)),
+    }
+}
+
+/// The answer to STOP_REQ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReply {
+    Stopped,
+    /// No such node, or not allowed.
+    NoExist,
+}
+
+/// STOP_REQ (local peers only): unregisters `name`.
+pub async fn stop(addr: SocketAddr, name: &str) -> Result<StopReply, ClientError> {
+    let reply = request_to_eof(
+        addr,
+        &Request::Stop {
+            name: name.to_string(),
+        },
+    )
+    .await?;
+    match reply.as_slice() {
+        b"STOPPED" => Ok(StopReply::Stopped),
+        b"NOEXIST" => Ok(StopReply::NoExist),
+        other => Err(unexpected(addr, other)),
+    }
+}
+
+/// A reply that starts with the server's port (4 bytes) and goes on with text.
+fn port_and_text(addr: SocketAddr, reply: &[u8], what: &str) -> Result<(u32, String), ClientError> {
+    let Some((port, text)) = reply.split_first_chunk::<4>() else {
         return Err(ClientError::BadReply {
             addr,
-            reason: format!("names reply of {} bytes", reply.len()),
+            reason: format!("{what} reply of {} bytes", reply.len()),
         });
+    };
+    Ok((
+        u32::from_be_bytes(*port),
+        String::from_utf8_lossy(text).into_owned(),
+    ))
+}
+
+fn unexpected(addr: SocketAddr, reply: &[u8]) -> ClientError {
+    ClientError::BadReply {
+        addr,
+        reason: format!("unexpected reply <{}>", String::from_utf8_lossy(reply)),
     }
-    let port = u32::from_be_bytes([reply[0], reply[1], reply[2], reply[3]]);
-    Ok((port, String::from_utf8_lossy(&reply[4..]).into_owned()))
 }
 
 /// PORT_PLEASE2_REQ.

@@ -5,7 +5,9 @@
 //! are part of the key names (`*_ms`). Loading never binds a socket; the
 //! binary reads the configuration, then binds, then serves.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,6 +28,82 @@ pub enum ConfigError {
     Parse { origin: String, message: String },
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+}
+
+/// `Duration` getters for `_ms` keys, one per key:
+/// `durations!(Type { getter: field_ms, ... })`.
+macro_rules! durations {
+    ($($ty:ty { $($name:ident: $field:ident),* $(,)? })*) => {
+        $(impl $ty {
+            $(
+                #[doc = concat!("`", stringify!($field), "` as a [`Duration`].")]
+                pub fn $name(&self) -> Duration {
+                    Duration::from_millis(self.$field)
+                }
+            )*
+        })*
+    };
+}
+
+durations! {
+    EpmdConfig {
+        idle_timeout: idle_timeout_ms,
+        probe_interval: probe_interval_ms,
+    }
+    DistConfig {
+        handshake_timeout: handshake_timeout_ms,
+        connect_timeout: connect_timeout_ms,
+        shutdown_grace: shutdown_grace_ms,
+    }
+    RoutingConfig {
+        lookup_ttl: lookup_ttl_ms,
+        max_hold: max_hold_ms,
+    }
+    TlsConfig {
+        handshake_timeout: handshake_timeout_ms,
+        reload_interval: reload_interval_ms,
+    }
+    TunnelConfig {
+        egress_idle_timeout: egress_idle_timeout_ms,
+        resolve_timeout: resolve_timeout_ms,
+        connect_timeout: connect_timeout_ms,
+        preamble_timeout: preamble_timeout_ms,
+        probe_timeout: probe_timeout_ms,
+        probe_success_ttl: probe_success_ttl_ms,
+        probe_failure_ttl: probe_failure_ttl_ms,
+    }
+    LimitsConfig {
+        write_timeout: write_timeout_ms,
+    }
+}
+
+/// The longest duration a `_ms` key takes: one hour.
+const MAX_MS: u64 = 3_600_000;
+/// The largest count a `[limits]` key takes.
+const MAX_COUNT: usize = 1_000_000;
+
+/// The one range check of the configuration: every bounded key goes
+/// through it, so its errors read the same everywhere.
+fn check_range<T>(key: &'static str, value: T, range: RangeInclusive<T>) -> Result<(), ConfigError>
+where
+    T: PartialOrd + fmt::Display,
+{
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        key,
+        reason: format!(
+            "is {value}; must be from {} to {}",
+            range.start(),
+            range.end()
+        ),
+    })
+}
+
+/// A duration in milliseconds: from `min` to [`MAX_MS`] (one hour).
+fn check_ms(key: &'static str, value: u64, min: u64) -> Result<(), ConfigError> {
+    check_range(key, value, min..=MAX_MS)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -307,28 +385,17 @@ impl Config {
             ("routing.max_hold_ms", self.routing.max_hold_ms),
             ("epmd.probe_interval_ms", self.epmd.probe_interval_ms),
         ] {
-            if value == 0 {
-                return invalid(key, "must be greater than 0");
-            }
-            if value > 3_600_000 {
-                return invalid(key, "must be at most 3600000 (one hour)");
-            }
+            check_ms(key, value, 1)?;
         }
-        if self.dist.max_connections == 0 {
-            return invalid("dist.max_connections", "must be greater than 0");
+        check_range(
+            "dist.max_connections",
+            self.dist.max_connections,
+            1..=usize::MAX,
+        )?;
+        if let Some(port) = self.dist.advertise_port {
+            check_range("dist.advertise_port", port, 1..=u16::MAX)?;
         }
-        if self.dist.advertise_port == Some(0) {
-            return invalid(
-                "dist.advertise_port",
-                "must be a port number from 1 to 65535",
-            );
-        }
-        if self.dist.shutdown_grace_ms > 3_600_000 {
-            return invalid(
-                "dist.shutdown_grace_ms",
-                "must be at most 3600000 (one hour)",
-            );
-        }
+        check_ms("dist.shutdown_grace_ms", self.dist.shutdown_grace_ms, 0)?;
         for name in &self.admin.ready_nodes {
             if crate::node_name::validate_name(name.as_bytes()).is_err() {
                 return invalid(
@@ -353,36 +420,6 @@ impl Config {
     /// The configuration as TOML, for `check-config`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
-    }
-}
-
-impl EpmdConfig {
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.idle_timeout_ms)
-    }
-    pub fn probe_interval(&self) -> Duration {
-        Duration::from_millis(self.probe_interval_ms)
-    }
-}
-
-impl DistConfig {
-    pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_millis(self.handshake_timeout_ms)
-    }
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_millis(self.shutdown_grace_ms)
-    }
-}
-
-impl RoutingConfig {
-    pub fn lookup_ttl(&self) -> Duration {
-        Duration::from_millis(self.lookup_ttl_ms)
-    }
-    pub fn max_hold(&self) -> Duration {
-        Duration::from_millis(self.max_hold_ms)
     }
 }
 
@@ -468,12 +505,6 @@ impl TlsConfig {
     pub fn enabled(&self) -> bool {
         self.cert_file.is_some() && self.key_file.is_some() && self.ca_file.is_some()
     }
-    pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_millis(self.handshake_timeout_ms)
-    }
-    pub fn reload_interval(&self) -> Duration {
-        Duration::from_millis(self.reload_interval_ms)
-    }
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
@@ -526,17 +557,8 @@ impl TlsConfig {
                     .into(),
             );
         }
-        for (key, value) in [
-            ("tls.handshake_timeout_ms", self.handshake_timeout_ms),
-            ("tls.reload_interval_ms", self.reload_interval_ms),
-        ] {
-            if value == 0 {
-                return invalid(key, "must be greater than 0".into());
-            }
-            if value > 3_600_000 {
-                return invalid(key, "must be at most 3600000 (one hour)".into());
-            }
-        }
+        check_ms("tls.handshake_timeout_ms", self.handshake_timeout_ms, 1)?;
+        check_ms("tls.reload_interval_ms", self.reload_interval_ms, 1)?;
         Ok(())
     }
 }
@@ -582,8 +604,26 @@ pub struct TunnelConfig {
     /// a few seconds.
     #[serde(default = "default_probe_remote")]
     pub probe_remote: bool,
+    /// Upper bound for one probe of a remote host (resolve and connect).
+    #[serde(default = "default_probe_timeout_ms")]
+    pub probe_timeout_ms: u64,
+    /// How long a host where a sidecar answered is remembered.
+    #[serde(default = "default_probe_success_ttl_ms")]
+    pub probe_success_ttl_ms: u64,
+    /// How long a host without a reachable sidecar is remembered.
+    #[serde(default = "default_probe_failure_ttl_ms")]
+    pub probe_failure_ttl_ms: u64,
 }
 
+fn default_probe_timeout_ms() -> u64 {
+    2_000
+}
+fn default_probe_success_ttl_ms() -> u64 {
+    30_000
+}
+fn default_probe_failure_ttl_ms() -> u64 {
+    5_000
+}
 fn default_probe_remote() -> bool {
     true
 }
@@ -621,54 +661,33 @@ impl Default for TunnelConfig {
             connect_timeout_ms: default_tunnel_connect_timeout_ms(),
             preamble_timeout_ms: default_preamble_timeout_ms(),
             probe_remote: default_probe_remote(),
+            probe_timeout_ms: default_probe_timeout_ms(),
+            probe_success_ttl_ms: default_probe_success_ttl_ms(),
+            probe_failure_ttl_ms: default_probe_failure_ttl_ms(),
         }
     }
 }
 
 impl TunnelConfig {
-    pub fn egress_idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.egress_idle_timeout_ms)
-    }
-    pub fn resolve_timeout(&self) -> Duration {
-        Duration::from_millis(self.resolve_timeout_ms)
-    }
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
-    pub fn preamble_timeout(&self) -> Duration {
-        Duration::from_millis(self.preamble_timeout_ms)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                reason: reason.to_string(),
-            })
-        };
-        if self.remote_port == 0 {
-            return invalid(
-                "tunnel.remote_port",
-                "must be a port number from 1 to 65535",
-            );
-        }
-        if self.max_egress_listeners == 0 {
-            return invalid("tunnel.max_egress_listeners", "must be greater than 0");
-        }
+        check_range("tunnel.remote_port", self.remote_port, 1..=u16::MAX)?;
+        check_range(
+            "tunnel.max_egress_listeners",
+            self.max_egress_listeners,
+            1..=usize::MAX,
+        )?;
         for (key, value) in [
             ("tunnel.egress_idle_timeout_ms", self.egress_idle_timeout_ms),
             ("tunnel.resolve_timeout_ms", self.resolve_timeout_ms),
             ("tunnel.connect_timeout_ms", self.connect_timeout_ms),
             ("tunnel.preamble_timeout_ms", self.preamble_timeout_ms),
+            ("tunnel.probe_timeout_ms", self.probe_timeout_ms),
         ] {
-            if value == 0 {
-                return invalid(key, "must be greater than 0");
-            }
-            if value > 3_600_000 {
-                return invalid(key, "must be at most 3600000 (one hour)");
-            }
+            check_ms(key, value, 1)?;
         }
-        Ok(())
+        // 0 remembers nothing: every first request for a node probes.
+        check_ms("tunnel.probe_success_ttl_ms", self.probe_success_ttl_ms, 0)?;
+        check_ms("tunnel.probe_failure_ttl_ms", self.probe_failure_ttl_ms, 0)
     }
 }
 
@@ -753,17 +772,7 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
-    pub fn write_timeout(&self) -> Duration {
-        Duration::from_millis(self.write_timeout_ms)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                reason: reason.to_string(),
-            })
-        };
         for (key, value) in [
             ("limits.epmd_max_connections", self.epmd_max_connections),
             (
@@ -782,29 +791,14 @@ impl LimitsConfig {
             ("limits.max_registered_nodes", self.max_registered_nodes),
             ("limits.max_tls_handshakes", self.max_tls_handshakes),
         ] {
-            if value == 0 {
-                return invalid(key, "must be greater than 0");
-            }
-            if value > 1_000_000 {
-                return invalid(key, "must be at most 1000000");
-            }
+            check_range(key, value, 1..=MAX_COUNT)?;
         }
-        if self.reserved_local_connections > 1_000_000 {
-            return invalid(
-                "limits.reserved_local_connections",
-                "must be at most 1000000",
-            );
-        }
-        if self.write_timeout_ms == 0 {
-            return invalid("limits.write_timeout_ms", "must be greater than 0");
-        }
-        if self.write_timeout_ms > 3_600_000 {
-            return invalid(
-                "limits.write_timeout_ms",
-                "must be at most 3600000 (one hour)",
-            );
-        }
-        Ok(())
+        check_range(
+            "limits.reserved_local_connections",
+            self.reserved_local_connections,
+            0..=MAX_COUNT,
+        )?;
+        check_ms("limits.write_timeout_ms", self.write_timeout_ms, 1)
     }
 }
 
@@ -918,33 +912,19 @@ impl DiscoveryConfig {
                 return invalid("discovery.host_template", e.to_string());
             }
         }
-        if self.refresh_interval_ms < 100 || self.refresh_interval_ms > 3_600_000 {
-            return invalid(
-                "discovery.refresh_interval_ms",
-                "must be from 100 to 3600000 (one hour)".into(),
-            );
-        }
-        for (key, value) in [
-            ("discovery.resolve_timeout_ms", self.resolve_timeout_ms),
-            ("discovery.query_timeout_ms", self.query_timeout_ms),
-        ] {
-            if value == 0 || value > 3_600_000 {
-                return invalid(key, "must be from 1 to 3600000 (one hour)".into());
-            }
-        }
-        if self.epmd_port == 0 {
-            return invalid(
-                "discovery.epmd_port",
-                "must be a port number from 1 to 65535".into(),
-            );
-        }
-        if self.max_concurrent_queries == 0 || self.max_concurrent_queries > 1024 {
-            return invalid(
-                "discovery.max_concurrent_queries",
-                "must be from 1 to 1024".into(),
-            );
-        }
-        Ok(())
+        check_ms(
+            "discovery.refresh_interval_ms",
+            self.refresh_interval_ms,
+            100,
+        )?;
+        check_ms("discovery.resolve_timeout_ms", self.resolve_timeout_ms, 1)?;
+        check_ms("discovery.query_timeout_ms", self.query_timeout_ms, 1)?;
+        check_range("discovery.epmd_port", self.epmd_port, 1..=u16::MAX)?;
+        check_range(
+            "discovery.max_concurrent_queries",
+            self.max_concurrent_queries,
+            1..=1024,
+        )
     }
 }
 
@@ -1049,31 +1029,22 @@ impl Default for TcpConfig {
 
 impl TcpConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                reason: reason.to_string(),
-            })
-        };
         for (key, value) in [
             ("tcp.keepalive_idle_ms", self.keepalive_idle_ms),
             ("tcp.user_timeout_ms", self.user_timeout_ms),
         ] {
-            if value > 3_600_000 {
-                return invalid(key, "must be at most 3600000 (one hour)");
-            }
-            // The kernel counts keepalive time in whole seconds.
-            if value != 0 && value < 1_000 {
-                return invalid(key, "must be 0 (off) or at least 1000");
+            // 0 is off; else whole seconds (the kernel counts keepalive
+            // time in seconds).
+            if value != 0 {
+                check_ms(key, value, 1_000)?;
             }
         }
-        if !(1_000..=3_600_000).contains(&self.keepalive_interval_ms) {
-            return invalid("tcp.keepalive_interval_ms", "must be from 1000 to 3600000");
-        }
-        if !(1..=127).contains(&self.keepalive_count) {
-            return invalid("tcp.keepalive_count", "must be from 1 to 127");
-        }
-        Ok(())
+        check_ms(
+            "tcp.keepalive_interval_ms",
+            self.keepalive_interval_ms,
+            1_000,
+        )?;
+        check_range("tcp.keepalive_count", self.keepalive_count, 1..=127)
     }
 }
 

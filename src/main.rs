@@ -291,32 +291,30 @@ impl Signals {
 }
 
 fn names(host: &str, port: u16) -> ExitCode {
-    let addr = match (host, port)
+    let Some(addr) = resolve(host, port) else {
+        return ExitCode::from(EX_USAGE);
+    };
+    block_on(distproxy::epmd::cli::print_names(addr))
+}
+
+/// The first address of `host`, or `None` (said on stderr).
+fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    let addr = (host, port)
         .to_socket_addrs()
         .ok()
-        .and_then(|mut a| a.next())
-    {
-        Some(a) => a,
-        None => {
-            eprintln!("distproxy: cannot resolve host {host}");
-            return ExitCode::from(EX_USAGE);
-        }
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
+        .and_then(|mut a| a.next());
+    if addr.is_none() {
+        eprintln!("distproxy: cannot resolve host {host}");
+    }
+    addr
+}
+
+/// Runs a client command on a fresh runtime.
+fn block_on(command: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match runtime() {
+        Ok(rt) => rt.block_on(command),
         Err(e) => {
             eprintln!("distproxy: failed to start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(distproxy::client::names(addr)) {
-        Ok((epmd_port, text)) => {
-            println!("epmd: up and running on port {epmd_port} with data:");
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("epmd: Cannot connect to epmd at {addr}: {e}");
             ExitCode::FAILURE
         }
     }
@@ -325,196 +323,70 @@ fn names(host: &str, port: u16) -> ExitCode {
 /// `distproxy members`: the members request, printed one name a line.
 fn members(host: &str, port: u16, all: bool) -> ExitCode {
     use distproxy::discovery::wire::MembersReply;
-    let Some(addr) = (host, port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-    else {
-        eprintln!("distproxy: cannot resolve host {host}");
+    let Some(addr) = resolve(host, port) else {
         return ExitCode::from(EX_USAGE);
     };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("distproxy: failed to start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(distproxy::client::members(addr, 0, 0)) {
-        Ok(MembersReply::List { members, .. }) => {
-            for m in members {
-                if !m.hidden() {
-                    println!("{}", m.name);
-                } else if all {
-                    println!("{} hidden", m.name);
+    block_on(async move {
+        match distproxy::client::members(addr, 0, 0).await {
+            Ok(MembersReply::List { members, .. }) => {
+                for m in members {
+                    if !m.hidden() {
+                        println!("{}", m.name);
+                    } else if all {
+                        println!("{} hidden", m.name);
+                    }
                 }
+                ExitCode::SUCCESS
             }
-            ExitCode::SUCCESS
+            Ok(MembersReply::Disabled { .. }) => {
+                eprintln!(
+                    "distproxy: discovery is not configured on the sidecar at {addr} (set discovery.service)"
+                );
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("distproxy: {e}");
+                ExitCode::FAILURE
+            }
         }
-        Ok(MembersReply::Disabled { .. }) => {
-            eprintln!("distproxy: discovery is not configured on the sidecar at {addr} (set discovery.service)");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("distproxy: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
-/// `distproxy epmd …` / invoked as `epmd`.
+/// `distproxy epmd …` / invoked as `epmd`: serves, or runs one of `epmd`'s
+/// client commands (`distproxy::epmd::cli`).
 fn epmd_main(args: &[String]) -> ExitCode {
     use distproxy::epmd::cli::{self, EpmdAction};
     let action = match cli::parse(args, |k| std::env::var(k).ok()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("epmd: {e}");
-            eprintln!("usage: epmd [-port No] [-address List] [-daemon] [-relaxed_command_check] [-names | -dump | -kill | -stop Name]");
+            eprintln!("{}", cli::USAGE);
             return ExitCode::from(EX_USAGE);
         }
     };
-    let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    match action {
-        EpmdAction::Serve {
-            listen,
-            daemon,
-            relaxed_command_check,
-        } => {
-            if daemon {
-                return daemonize(args);
-            }
-            init_logging(LogFormat::Text);
-            let mut config = match std::env::var_os("DISTPROXY_CONFIG") {
-                Some(path) => match Config::load(std::path::Path::new(&path)) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("distproxy: {e}");
-                        return ExitCode::from(EX_USAGE);
-                    }
-                },
-                None => Config::embedded_default(),
-            };
-            config.epmd.listen = drop_unavailable_ipv6(listen);
-            config.epmd.relaxed_command_check |= relaxed_command_check;
-            run(config, true)
-        }
-        EpmdAction::Names { port } => names("127.0.0.1", port),
-        EpmdAction::Dump { port } => epmd_command(
-            local(port),
-            distproxy::epmd::proto::Request::Dump,
-            |reply| {
-                if reply.len() < 4 {
-                    return Err("epmd: no response from local epmd".into());
-                }
-                let p = u32::from_be_bytes([reply[0], reply[1], reply[2], reply[3]]);
-                let text: String = String::from_utf8_lossy(&reply[4..]).replace('\0', "");
-                Ok(format!(
-                    "epmd: up and running on port {p} with data:\n{text}"
-                ))
-            },
-        ),
-        EpmdAction::Kill { port } => epmd_command(
-            local(port),
-            distproxy::epmd::proto::Request::Kill,
-            |reply| match reply {
-                b"OK" => Ok("Killed\n".into()),
-                b"NO" => Err("Killing not allowed - living nodes in database.".into()),
-                other => Err(format!(
-                    "epmd: local epmd responded with <{}>",
-                    String::from_utf8_lossy(other)
-                )),
-            },
-        ),
-        EpmdAction::Stop { port, name } => epmd_command(
-            local(port),
-            distproxy::epmd::proto::Request::Stop { name },
-            |reply| {
-                if reply.len() == 7 {
-                    Ok(format!("{}\n", String::from_utf8_lossy(reply)))
-                } else {
-                    Err(format!(
-                        "epmd: local epmd responded with <{}>",
-                        String::from_utf8_lossy(reply)
-                    ))
-                }
-            },
-        ),
-    }
-}
-
-/// Sends one request to a local EPMD and prints the formatted reply.
-fn epmd_command(
-    addr: SocketAddr,
-    req: distproxy::epmd::proto::Request,
-    format: impl FnOnce(&[u8]) -> Result<String, String>,
-) -> ExitCode {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("distproxy: failed to start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let EpmdAction::Serve {
+        listen,
+        daemon,
+        relaxed_command_check,
+    } = action
+    else {
+        return block_on(async move { cli::run_client(&action).await });
     };
-    match rt.block_on(distproxy::client::request_to_eof(addr, &req)) {
-        Ok(reply) => match format(&reply) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(text) => {
-                println!("{text}");
-                ExitCode::FAILURE
+    if daemon {
+        return cli::daemonize(args);
+    }
+    init_logging(LogFormat::Text);
+    let mut config = match std::env::var_os("DISTPROXY_CONFIG") {
+        Some(path) => match Config::load(std::path::Path::new(&path)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("distproxy: {e}");
+                return ExitCode::from(EX_USAGE);
             }
         },
-        Err(_) => {
-            eprintln!("epmd: Cannot connect to local epmd");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// `-daemon`: start a detached copy of ourselves without `-daemon`, in its
-/// own process group, and return at once (as `epmd -daemon` does).
-fn daemonize(args: &[String]) -> ExitCode {
-    use std::os::unix::process::CommandExt;
-    let rest: Vec<&String> = args
-        .iter()
-        .filter(|a| *a != "-daemon" && *a != "-detached")
-        .collect();
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("epmd: cannot find own executable: {e}");
-            return ExitCode::FAILURE;
-        }
+        None => Config::embedded_default(),
     };
-    let spawned = std::process::Command::new(exe)
-        .arg("epmd")
-        .args(rest)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn();
-    match spawned {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("epmd: cannot start daemon: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Hosts without IPv6 cannot bind `[::]`; keep IPv4-only there, like epmd.
-fn drop_unavailable_ipv6(listen: Vec<SocketAddr>) -> Vec<SocketAddr> {
-    let ipv6_ok = std::net::TcpListener::bind("[::1]:0").is_ok();
-    if ipv6_ok {
-        return listen;
-    }
-    let v4: Vec<SocketAddr> = listen.iter().copied().filter(SocketAddr::is_ipv4).collect();
-    if v4.is_empty() {
-        listen
-    } else {
-        v4
-    }
+    config.epmd.listen = cli::drop_unavailable_ipv6(listen);
+    config.epmd.relaxed_command_check |= relaxed_command_check;
+    run(config, true)
 }

@@ -81,11 +81,8 @@ impl Listeners {
 /// Loads the TLS files of `[tls]` (if configured), then binds every
 /// listener named in the configuration.
 pub fn bind(config: &Config) -> Result<Listeners, BindError> {
-    let tls = match crate::tunnel::tls::TlsSettings::from_config(&config.tls) {
-        Some(mut settings) => {
-            settings.max_handshakes = config.limits.max_tls_handshakes;
-            Some(crate::tunnel::tls::Tls::load(settings)?)
-        }
+    let tls = match crate::tunnel::tls::TlsSettings::from_config(&config.tls, &config.limits) {
+        Some(settings) => Some(crate::tunnel::tls::Tls::load(settings)?),
         None => None,
     };
     let discovery = crate::discovery::Settings::from_env(&config.discovery)?;

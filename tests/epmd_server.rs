@@ -264,3 +264,45 @@ async fn ipv6_listener_serves_epmd() {
         Port2Reply::Found(_)
     ));
 }
+
+/// The client side of `distproxy epmd -dump/-kill/-stop`: the typed
+/// replies of `client::{dump, kill, stop}` against the server.
+#[tokio::test]
+async fn the_epmd_commands_client_reads_every_reply() {
+    let strict = start(test_config());
+    let epmd = epmd_addr(&strict);
+    let (_conn, _) = client::register(epmd, spec("d1", 40040)).await.unwrap();
+    let (port, text) = client::dump(epmd).await.unwrap();
+    assert_eq!(port, u32::from(epmd.port()));
+    assert!(
+        text.contains("active name     <d1> at port 40040"),
+        "{text:?}"
+    );
+    assert!(!text.contains('\0'), "{text:?}");
+    assert_eq!(
+        client::kill(epmd).await.unwrap(),
+        client::KillReply::Refused
+    );
+    // Without relaxed_command_check STOP gets no reply at all.
+    assert!(matches!(
+        client::stop(epmd, "d1").await,
+        Err(client::ClientError::BadReply { .. })
+    ));
+    assert!(!strict.shutdown.is_cancelled());
+
+    let mut c = test_config();
+    c.epmd.relaxed_command_check = true;
+    let relaxed = start(c);
+    let epmd = epmd_addr(&relaxed);
+    let (_conn, _) = client::register(epmd, spec("d2", 40041)).await.unwrap();
+    assert_eq!(
+        client::stop(epmd, "d2").await.unwrap(),
+        client::StopReply::Stopped
+    );
+    assert_eq!(
+        client::stop(epmd, "d2").await.unwrap(),
+        client::StopReply::NoExist
+    );
+    assert_eq!(client::kill(epmd).await.unwrap(), client::KillReply::Killed);
+    assert!(relaxed.shutdown.is_cancelled());
+}

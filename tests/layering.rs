@@ -34,6 +34,9 @@ const LAYERS: &[(&str, Layer)] = &[
     ("tunnel", Layer::Service),
     ("tunnel::inbound", Layer::Service),
     ("tunnel::egress", Layer::Service),
+    ("tunnel::egress::manager", Layer::Service),
+    ("tunnel::egress::probe", Layer::Service),
+    ("tunnel::egress::outbound", Layer::Service),
     ("discovery", Layer::Service),
     ("discovery::query", Layer::Service),
     // Core: protocol codecs (no I/O), state, shared primitives.
@@ -57,6 +60,9 @@ const LAYERS: &[(&str, Layer)] = &[
     ("tunnel::preamble", Layer::Core),
     ("tunnel::resolve", Layer::Core),
     ("tunnel::tls", Layer::Core),
+    ("tunnel::tls::identity", Layer::Core),
+    ("tunnel::tls::load", Layer::Core),
+    ("tunnel::tls::reload", Layer::Core),
     ("discovery::wire", Layer::Core),
     ("discovery::naming", Layer::Core),
 ];

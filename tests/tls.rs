@@ -31,8 +31,6 @@ fn settings(secret: &SecretDir, verify: ServerNameVerification) -> TlsSettings {
         key_file: secret.key_file(),
         ca_file: secret.ca_file(),
         verify_server_name: verify,
-        require_tls: true,
-        bind_node_names: true,
         handshake_timeout: Duration::from_secs(5),
         reload_interval: Duration::from_millis(50),
         max_handshakes: 2,

@@ -8,6 +8,9 @@
 //! `ERL_EPMD_RELAXED_COMMAND_CHECK`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
+
+use crate::client::{self, ClientError, KillReply, StopReply};
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +141,129 @@ fn listen_addrs(list: Option<&str>, port: u16) -> Result<Vec<SocketAddr>, EpmdUs
         .into_iter()
         .map(|ip| SocketAddr::new(ip, port))
         .collect())
+}
+
+/// `epmd`'s usage line, printed on a usage error.
+pub const USAGE: &str = "usage: epmd [-port No] [-address List] [-daemon] \
+     [-relaxed_command_check] [-names | -dump | -kill | -stop Name]";
+
+/// Runs a client action (`-names`, `-dump`, `-kill`, `-stop`) against the
+/// EPMD on the local host and prints what `epmd` prints. `Serve` is not a
+/// client action (the caller serves): it fails.
+pub async fn run_client(action: &EpmdAction) -> ExitCode {
+    let local = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let cannot_connect = |e: ClientError| {
+        eprintln!("epmd: Cannot connect to local epmd ({e})");
+        ExitCode::FAILURE
+    };
+    match action {
+        EpmdAction::Serve { .. } => {
+            eprintln!("epmd: serving is not a client action");
+            ExitCode::FAILURE
+        }
+        EpmdAction::Names { port } => print_names(local(*port)).await,
+        EpmdAction::Dump { port } => match client::dump(local(*port)).await {
+            Ok((port, text)) => {
+                print!("epmd: up and running on port {port} with data:\n{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e @ ClientError::BadReply { .. }) => {
+                println!("epmd: no response from local epmd ({e})");
+                ExitCode::FAILURE
+            }
+            Err(e) => cannot_connect(e),
+        },
+        EpmdAction::Kill { port } => match client::kill(local(*port)).await {
+            Ok(KillReply::Killed) => {
+                println!("Killed");
+                ExitCode::SUCCESS
+            }
+            Ok(KillReply::Refused) => {
+                println!("Killing not allowed - living nodes in database.");
+                ExitCode::FAILURE
+            }
+            Err(e @ ClientError::BadReply { .. }) => {
+                println!("epmd: {e}");
+                ExitCode::FAILURE
+            }
+            Err(e) => cannot_connect(e),
+        },
+        EpmdAction::Stop { port, name } => match client::stop(local(*port), name).await {
+            // Like `epmd`, both answers are printed and exit 0.
+            Ok(StopReply::Stopped) => {
+                println!("STOPPED");
+                ExitCode::SUCCESS
+            }
+            Ok(StopReply::NoExist) => {
+                println!("NOEXIST");
+                ExitCode::SUCCESS
+            }
+            Err(e @ ClientError::BadReply { .. }) => {
+                println!("epmd: {e}");
+                ExitCode::FAILURE
+            }
+            Err(e) => cannot_connect(e),
+        },
+    }
+}
+
+/// Prints an EPMD's `NAMES` listing as `epmd -names` does (also
+/// `distproxy names`).
+pub async fn print_names(addr: SocketAddr) -> ExitCode {
+    match client::names(addr).await {
+        Ok((epmd_port, text)) => {
+            println!("epmd: up and running on port {epmd_port} with data:");
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("epmd: Cannot connect to epmd at {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `-daemon`: starts a detached copy of this program without `-daemon`, in
+/// its own process group, and returns at once (as `epmd -daemon` does).
+/// `args` are the `epmd` arguments.
+pub fn daemonize(args: &[String]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let rest = args.iter().filter(|a| *a != "-daemon" && *a != "-detached");
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("epmd: cannot find own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let spawned = std::process::Command::new(exe)
+        .arg("epmd")
+        .args(rest)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
+    match spawned {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("epmd: cannot start daemon: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Hosts without IPv6 cannot bind `[::]`; keep IPv4 only there, like `epmd`.
+pub fn drop_unavailable_ipv6(listen: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    if std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok() {
+        return listen;
+    }
+    let v4: Vec<SocketAddr> = listen.iter().copied().filter(SocketAddr::is_ipv4).collect();
+    if v4.is_empty() {
+        listen
+    } else {
+        v4
+    }
 }
 
 #[cfg(test)]

@@ -166,8 +166,9 @@ impl Registry {
                 return Err(RegisterError::Duplicate(spec.name));
             }
             // A live registration supersedes one restored from the state
-            // file: the adopted node cannot re-register by itself, so this is
-            // its restart (or its replacement).
+            // file: it is the node registering again (OTP 24 and later
+            // reconnect about 2 s after losing their EPMD), its restart, or
+            // its replacement.
             existing.stop.cancel();
             inner.live.remove(&spec.name);
         }

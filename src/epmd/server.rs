@@ -161,7 +161,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
         Ok(Some(Ok(req))) => req,
     };
     let leftover = !framed.read_buffer().is_empty();
-    let mut stream = framed.into_inner();
+    let stream = framed.into_inner();
     let req_type = request_type(&request);
 
     if matches!(
@@ -179,7 +179,6 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
         return;
     }
 
-    let mut out = BytesMut::new();
     match request {
         Request::Alive2(spec) => {
             if leftover {
@@ -188,17 +187,53 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
                 return;
             }
             serve_alive2(stream, peer, peer_ip, spec, &shared).await;
-            return;
         }
         Request::PortPlease2 { name } => {
             let local_ip = local.map(|a| canonical(a.ip()));
             serve_port_please(stream, peer, peer_ip, local_ip, &name, &shared).await;
-            return;
         }
-        Request::Names => {
+        request => {
             let epmd_port = local.map_or(DEFAULT_EPMD_PORT, |a| a.port());
+            let response = respond(request, peer, peer_ip, epmd_port, &shared).await;
+            send(stream, peer, req_type, response, &shared).await;
+        }
+    }
+}
+
+/// The answer to a one-shot request (everything but ALIVE2, which holds
+/// its connection, and PORT_PLEASE2, which may be held): the reply bytes,
+/// the `result` label, and what follows.
+struct Response {
+    /// `None`: close without a reply (as `epmd` does for a refused STOP).
+    reply: Option<BytesMut>,
+    result: &'static str,
+    /// KILL_REQ accepted: stop serving once the reply is out.
+    then_shutdown: bool,
+}
+
+impl Response {
+    fn reply(reply: BytesMut, result: &'static str) -> Response {
+        Response {
+            reply: Some(reply),
+            result,
+            then_shutdown: false,
+        }
+    }
+}
+
+/// Answers a one-shot request; no I/O on the requester's connection.
+async fn respond(
+    request: Request,
+    peer: SocketAddr,
+    peer_ip: IpAddr,
+    epmd_port: u16,
+    shared: &EpmdCtx,
+) -> Response {
+    let mut out = BytesMut::new();
+    match request {
+        Request::Names => {
             proto::encode_names_header(&mut out, u32::from(epmd_port));
-            let remote = advertise_to(&shared, peer_ip);
+            let remote = advertise_to(shared, peer_ip);
             for node in shared.registry.list() {
                 let port = if remote {
                     shared.correlator.ports()[0]
@@ -207,28 +242,26 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
                 };
                 proto::encode_names_line(&mut out, &node.spec.name, port);
             }
-            count(req_type, "ok");
+            Response::reply(out, "ok")
         }
         Request::Dump => {
-            let epmd_port = local.map_or(DEFAULT_EPMD_PORT, |a| a.port());
             proto::encode_names_header(&mut out, u32::from(epmd_port));
             for node in shared.registry.list() {
                 proto::encode_dump_line(&mut out, &node.spec.name, node.spec.port, -1);
             }
-            count(req_type, "ok");
+            Response::reply(out, "ok")
         }
         Request::Kill => {
             if !shared.registry.is_empty() && !shared.relaxed_command_check {
                 out.extend_from_slice(b"NO");
-                count(req_type, "refused");
-            } else {
-                out.extend_from_slice(b"OK");
-                count(req_type, "ok");
-                info!(%peer, "KILL_REQ accepted; shutting down");
-                let _ =
-                    write_all_within(&mut stream, &out, shared.write_timeout, "epmd reply").await;
-                shared.shutdown.cancel();
-                return;
+                return Response::reply(out, "refused");
+            }
+            info!(%peer, "KILL_REQ accepted; shutting down");
+            out.extend_from_slice(b"OK");
+            Response {
+                reply: Some(out),
+                result: "ok",
+                then_shutdown: true,
             }
         }
         Request::Egress { node } => {
@@ -237,12 +270,12 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
                 Ok(port) => {
                     debug!(%peer, remote = %node, port, "egress port handed out");
                     proto::encode_egress_resp(&mut out, 0, port);
-                    count(req_type, "ok");
+                    Response::reply(out, "ok")
                 }
                 Err(e) => {
                     warn!(%peer, remote = %node, error = %e, "egress request refused");
                     proto::encode_egress_resp(&mut out, e.code, 0);
-                    count(req_type, e.label);
+                    Response::reply(out, e.label)
                 }
             }
         }
@@ -250,7 +283,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
         // members for local nodes.
         Request::PodInfo => {
             let result = shared.discovery.pod_info(&mut out);
-            count(req_type, result);
+            Response::reply(out, result)
         }
         Request::Members {
             known_version,
@@ -260,27 +293,51 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
                 .discovery
                 .members(known_version, wait_ms, &shared.shutdown, &mut out)
                 .await;
-            count(req_type, result);
+            Response::reply(out, result)
         }
         Request::Stop { name } => {
             if !shared.relaxed_command_check {
                 warn!(%peer, node = %name, "STOP_REQ refused: relaxed_command_check is off");
-                count(req_type, "refused");
-                return;
+                return Response {
+                    reply: None,
+                    result: "refused",
+                    then_shutdown: false,
+                };
             }
             if shared.registry.stop(&name) {
                 info!(%peer, node = %name, "node stopped by STOP_REQ");
                 out.extend_from_slice(b"STOPPED");
-                count(req_type, "ok");
+                Response::reply(out, "ok")
             } else {
                 out.extend_from_slice(b"NOEXIST");
-                count(req_type, "not_found");
+                Response::reply(out, "not_found")
             }
         }
+        // Served on their own (they hold the connection); never sent here.
+        Request::Alive2(_) | Request::PortPlease2 { .. } => Response {
+            reply: None,
+            result: "bad_request",
+            then_shutdown: false,
+        },
     }
-    // The OTP client reads until the socket closes (the write side is shut
-    // down once the reply is out).
-    let _ = write_reply(&mut stream, peer, &out, shared.write_timeout).await;
+}
+
+/// Counts `response`, writes its reply within the write deadline and closes
+/// (the OTP client reads until the socket closes).
+async fn send(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    req_type: &'static str,
+    response: Response,
+    shared: &EpmdCtx,
+) {
+    count(req_type, response.result);
+    if let Some(reply) = &response.reply {
+        let _ = write_reply(&mut stream, peer, reply, shared.write_timeout).await;
+    }
+    if response.then_shutdown {
+        shared.shutdown.cancel();
+    }
 }
 
 /// Writes `out` within `timeout`; false (logged, a timeout counted) when the

@@ -223,6 +223,9 @@ pub fn parse_ss(text: &str) -> Vec<TcpSocket> {
 pub struct SidecarSockets {
     /// Accepted on the distribution port, by state (`ESTAB`, `FIN-WAIT-1`...).
     pub peer_legs: Vec<TcpSocket>,
+    /// Accepted on a same-pod mirror listener (a node's port on the pod
+    /// address, `distribution::mirror`): from the pod's own address.
+    pub mirror_legs: Vec<TcpSocket>,
     /// Dialled to a local node (127.0.0.1, not EPMD).
     pub node_legs: Vec<TcpSocket>,
     /// Accepted on the EPMD port (a local node's registration, a lookup).
@@ -235,6 +238,12 @@ pub struct SidecarSockets {
 }
 
 impl SidecarSockets {
+    /// Relayed connections as the sidecar accepted them: on the
+    /// distribution port and on mirror listeners.
+    pub fn accepted_legs(&self) -> usize {
+        self.peer_legs.len() + self.mirror_legs.len()
+    }
+
     /// Peer legs in a state other than ESTAB.
     pub fn peer_legs_not_established(&self) -> usize {
         self.peer_legs.iter().filter(|s| s.state != "ESTAB").count()
@@ -263,6 +272,8 @@ pub fn sidecar_sockets(pod: &Pod, pid: u32) -> SidecarSockets {
             out.epmd.push(socket);
         } else if socket.peer.ip().is_loopback() && socket.peer.port() != EPMD_PORT {
             out.node_legs.push(socket);
+        } else if !socket.local.ip().is_loopback() && socket.peer.ip() == socket.local.ip() {
+            out.mirror_legs.push(socket);
         } else {
             out.other.push(socket);
         }

@@ -1,0 +1,215 @@
+//! One egress connection: read the local node's `send_name`, resolve the
+//! remote host, dial its sidecar (TLS when configured), send the preamble
+//! and the replayed `send_name`, then relay.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::net::ConnPermit;
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::distribution::forward::{self, ConnectionGuard, Direction};
+use crate::distribution::relay::RelayStats;
+use crate::metrics::{reason, record_closed as closed, record_phase as phase};
+use crate::net::{connect_any, ConnectError};
+use crate::node_name::short_name;
+use crate::tunnel::preamble::Preamble;
+
+use super::{EgressManager, RemoteNode};
+
+impl EgressManager {
+    /// One local connection to an egress listener: read the local node's
+    /// `send_name`, reach the remote sidecar, send the preamble, relay.
+    pub(super) async fn outbound(
+        &self,
+        mut local: TcpStream,
+        local_peer: SocketAddr,
+        remote: &RemoteNode,
+        permit: ConnPermit,
+    ) {
+        let started = Instant::now();
+        let _ = local.set_nodelay(true);
+        self.forward.tcp.apply(&local);
+        let target = remote.full.as_str();
+
+        let mut prefix = BytesMut::with_capacity(512);
+        let deadline = tokio::time::Instant::from_std(started) + self.handshake_timeout;
+        let send_name = match forward::read_send_name(&mut local, &mut prefix, deadline).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%local_peer, %target, error = %e, "closing egress connection before its handshake");
+                closed(e.reason());
+                return;
+            }
+        };
+        phase("egress_first_frame", started);
+        let initiator = send_name.name;
+        let preamble = match Preamble::new(target, &initiator) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(%local_peer, %target, %initiator, error = %e, "cannot build a tunnel preamble; closing");
+                closed(reason::BAD_FRAME);
+                return;
+            }
+        };
+
+        let resolve_start = Instant::now();
+        let addrs = match self
+            .resolver
+            .resolve(&remote.host, self.settings.resolve_timeout())
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(%initiator, %target, error = %e, "egress: cannot resolve the remote host; closing");
+                closed(reason::RESOLVE_FAILED);
+                return;
+            }
+        };
+        phase("resolve", resolve_start);
+
+        let connect_start = Instant::now();
+        let port = self.settings.remote_port;
+        let (remote_stream, remote_addr) = match connect_any(
+            &addrs,
+            port,
+            self.settings.connect_timeout(),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let why = match e {
+                    ConnectError::Timeout { .. } => reason::TIMEOUT,
+                    ConnectError::Failed { .. } => reason::CONNECT_FAILED,
+                };
+                warn!(%initiator, %target, error = %e, "egress: cannot reach the remote sidecar; closing");
+                closed(why);
+                return;
+            }
+        };
+        phase("connect_remote", connect_start);
+        let _ = remote_stream.set_nodelay(true);
+        self.forward.tcp.apply(&remote_stream);
+
+        // With `[tls]`: mutual TLS first (deadline `tls.handshake_timeout_ms`;
+        // the server's certificate is checked against the host dialled, unless
+        // `verify_server_name = "ca_only"`), then the preamble inside it.
+        let mut ctx = Outbound {
+            local_peer,
+            remote_addr,
+            target,
+            initiator: &initiator,
+            started,
+            transport: crate::tunnel::Transport::Plain,
+            permit,
+        };
+        if let Some(tls) = self.tls.as_ref() {
+            let tls_start = Instant::now();
+            match tls.connect(remote_stream, &remote.host).await {
+                Ok(remote_tls) => {
+                    phase("tls_handshake", tls_start);
+                    if let Some(Ok(server)) =
+                        crate::tunnel::tls::PeerIdentity::of_peer(remote_tls.get_ref().1)
+                    {
+                        debug!(%target, %remote_addr, %server, "TLS to the remote sidecar established");
+                    }
+                    ctx.transport = crate::tunnel::Transport::Tls;
+                    self.send_and_relay(remote_tls, local, preamble, prefix, ctx)
+                        .await;
+                }
+                Err(e) => {
+                    // Counted by reason in distproxy_tls_handshake_failures_total.
+                    warn!(%initiator, %target, %remote_addr, reason = e.reason(), error = %e,
+                    "egress: TLS handshake with the remote sidecar failed; closing");
+                    closed(reason::TLS_HANDSHAKE_FAILED);
+                }
+            }
+            return;
+        }
+        self.send_and_relay(remote_stream, local, preamble, prefix, ctx)
+            .await;
+    }
+}
+
+/// What [`EgressManager::send_and_relay`] logs and labels.
+struct Outbound<'a> {
+    pub local_peer: SocketAddr,
+    pub remote_addr: SocketAddr,
+    pub target: &'a str,
+    pub initiator: &'a str,
+    pub started: Instant,
+    pub transport: crate::tunnel::Transport,
+    pub permit: ConnPermit,
+}
+
+impl EgressManager {
+    /// Sends the preamble and the replayed `send_name` to the remote sidecar,
+    /// then relays until either side closes. Generic over the remote stream so
+    /// that plain TCP and TLS share it.
+    async fn send_and_relay<R>(
+        &self,
+        mut remote: R,
+        local: TcpStream,
+        preamble: Preamble,
+        prefix: BytesMut,
+        ctx: Outbound<'_>,
+    ) where
+        R: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Outbound {
+            local_peer,
+            remote_addr,
+            target,
+            initiator,
+            started,
+            transport,
+            permit,
+        } = ctx;
+        let send_start = Instant::now();
+        let mut head =
+            BytesMut::with_capacity(crate::tunnel::preamble::HEADER_LEN + 64 + prefix.len());
+        preamble.encode(&mut head);
+        head.extend_from_slice(&prefix);
+        let sent = async {
+            remote.write_all(&head).await?;
+            remote.flush().await
+        };
+        match tokio::time::timeout(self.settings.preamble_timeout(), sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(%initiator, %target, %remote_addr, error = %e, "egress: failed to send the preamble; closing");
+                closed(reason::PEER_CLOSED);
+                return;
+            }
+            Err(_) => {
+                warn!(%initiator, %target, %remote_addr, "egress: timed out sending the preamble; closing");
+                closed(reason::TIMEOUT);
+                return;
+            }
+        }
+        phase("send_preamble", send_start);
+
+        let local_node = short_name(initiator);
+        let guard = ConnectionGuard::open(
+            permit,
+            &self.forward.open_connections,
+            local_node,
+            Direction::Outbound,
+        );
+        debug!(%local_peer, %initiator, %target, %remote_addr, transport = transport.label(), "egress relaying");
+        // rx: towards the local node; tx: from it (as on the inbound side).
+        let pre = RelayStats {
+            rx: 0,
+            tx: prefix.len() as u64,
+        };
+        let (stats, outcome) = self.forward.relay(guard, remote, local, pre).await;
+        info!(%initiator, %target, %remote_addr, transport = transport.label(),
+        rx_bytes = stats.rx, tx_bytes = stats.tx,
+        duration_ms = started.elapsed().as_millis() as u64, %outcome,
+        "tunnel connection ended");
+    }
+}

@@ -1,0 +1,112 @@
+//! Watching the PEM files and swapping in new configurations.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::{self as m};
+
+use super::load::{build, PemFiles};
+use super::{PeerIdentity, Tls, TlsLoadError};
+
+/// What one look at the files found.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// Same contents as loaded (or the same bad contents as last time).
+    Unchanged,
+    /// New contents loaded; new handshakes use them.
+    Reloaded(PeerIdentity),
+    /// New contents that cannot be used; the previous ones stay.
+    Failed(TlsLoadError),
+}
+
+/// Watches the three files and swaps in new configurations when their
+/// contents change (see the module documentation).
+pub struct TlsReloader {
+    tls: Arc<Tls>,
+    /// Digest of the last state that failed, so it is reported once.
+    last_failed: Option<u64>,
+}
+
+impl TlsReloader {
+    pub(super) fn new(tls: Arc<Tls>) -> TlsReloader {
+        TlsReloader {
+            tls,
+            last_failed: None,
+        }
+    }
+
+    /// One look at the files (blocking file I/O: small reads).
+    pub fn poll(&mut self) -> ReloadOutcome {
+        let settings = &self.tls.settings;
+        let files = PemFiles::read(settings);
+        let digest = match &files {
+            Ok(f) => f.digest(),
+            Err(e) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                e.to_string().hash(&mut h);
+                h.finish()
+            }
+        };
+        if digest == self.tls.current.load().digest {
+            self.last_failed = None;
+            return ReloadOutcome::Unchanged;
+        }
+        if self.last_failed == Some(digest) {
+            return ReloadOutcome::Unchanged;
+        }
+        match files.and_then(|f| build(settings, &self.tls.provider, &f)) {
+            Ok(generation) => {
+                let identity = generation.local.clone();
+                info!(cert = %settings.cert_file.display(),
+                    resolved = %resolved(&settings.cert_file).display(),
+                    identity = %identity, "TLS files changed; new connections use the new certificate");
+                metrics::gauge!(m::TLS_CERT_NOT_AFTER).set(identity.not_after as f64);
+                metrics::counter!(m::TLS_RELOADS).increment(1);
+                self.tls.current.store(Arc::new(generation));
+                self.last_failed = None;
+                ReloadOutcome::Reloaded(identity)
+            }
+            Err(e) => {
+                warn!(error = %e, current = %self.tls.current.load().local,
+                    "TLS files changed but cannot be loaded; keeping the current certificate");
+                metrics::counter!(m::TLS_RELOAD_FAILURES).increment(1);
+                self.last_failed = Some(digest);
+                ReloadOutcome::Failed(e)
+            }
+        }
+    }
+
+    /// Polls every `reload_interval` until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.tls.settings.reload_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; the files were just loaded
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            self = match tokio::task::spawn_blocking(move || {
+                self.poll();
+                self
+            })
+            .await
+            {
+                Ok(me) => me,
+                Err(e) => {
+                    warn!(error = %e, "TLS reload task failed; reloading stops");
+                    break;
+                }
+            };
+        }
+    }
+}
+
+/// The file a path finally points at (for logs), or the path itself.
+fn resolved(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
