@@ -72,6 +72,12 @@ KNOWN_METRICS = {
     "distproxy_tls_reloads_total",
     "distproxy_tls_reload_failures_total",
     "distproxy_tls_certificate_not_after_timestamp_seconds",
+    "distproxy_connections_refused_total",
+    "distproxy_lookups_dropped_total",
+    "distproxy_write_timeouts_total",
+    "distproxy_discovery_members",
+    "distproxy_discovery_pods",
+    "distproxy_discovery_refresh_errors_total",
 }
 HISTOGRAMS = {"distproxy_lookup_hold_seconds", "distproxy_handshake_phase_seconds"}
 
