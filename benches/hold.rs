@@ -19,7 +19,8 @@
 //! `--old PATH` or `HOLD_BENCH_OLD_BIN`, to measure a change before and
 //! after in one run) and `proxy` (the build under test, or
 //! `HOLD_BENCH_PROXY_BIN`). Each column gets a fresh node and sidecar
-//! process. Rows, for the sidecar process (from `/proc/<pid>/status` and
+//! process in each round; rounds interleave the columns and the table shows
+//! medians. Rows, for the sidecar process (from `/proc/<pid>/status` and
 //! `/proc/<pid>/fd`):
 //! - setups/s: N connections (lookup, connect, handshake, one message) over
 //!   the time to set them all up;
@@ -37,6 +38,7 @@
 //!   cargo bench --bench hold                   10,000 connections
 //!   cargo bench --bench hold -- 2000           another count
 //!   cargo bench --bench hold -- --old /tmp/distproxy-before
+//!   cargo bench --bench hold -- --rounds 5     rounds (3 by default)
 //! Without `--bench` (as `cargo test --benches` runs it): a smoke run of
 //! 200 connections, to check that it works.
 
@@ -241,6 +243,23 @@ struct Figures {
     rss_held_mib: Option<f64>,
 }
 
+/// The median of each figure over rounds.
+fn median_figures(runs: &[Figures]) -> Figures {
+    let med = |get: &dyn Fn(&Figures) -> Option<f64>| {
+        let mut v: Vec<f64> = runs.iter().filter_map(get).collect();
+        (!v.is_empty()).then(|| median(&mut v))
+    };
+    Figures {
+        setups_per_s: med(&|f| Some(f.setups_per_s)).unwrap_or(0.0),
+        rss_idle_kib: med(&|f| f.rss_idle_kib),
+        rss_after_msg_kib: med(&|f| f.rss_after_msg_kib),
+        fds: med(&|f| f.fds),
+        release_s: med(&|f| f.release_s),
+        rss_before_mib: med(&|f| f.rss_before_mib),
+        rss_held_mib: med(&|f| f.rss_held_mib),
+    }
+}
+
 fn rss_kb(pid: u32) -> u64 {
     proc_status_kb(pid, "VmRSS:")
 }
@@ -282,7 +301,9 @@ fn run_proxy(rt: &tokio::runtime::Runtime, bin: &str, label: &'static str, n: us
         bin,
         label,
         "warn",
-        &format!("max_connections = {limit}\n"),
+        // A generous connect deadline: a load spike from other processes
+        // slows the setup rate, it does not fail the run.
+        &format!("max_connections = {limit}\nconnect_timeout_ms = 10000\n"),
         &format!(
             "[routing]\nloopback_lookups = \"proxy\"\n\n\
              [limits]\ndist_max_connections_per_source = {limit}\n\
@@ -401,6 +422,10 @@ fn print_table(n: usize, columns: &[(&str, Figures)]) {
             new.rss_idle_kib.unwrap_or(0.0) / old.rss_idle_kib.unwrap_or(1.0)
         );
     }
+}
+
+/// The goal, for a run at the full size.
+fn print_target(columns: &[(&str, Figures)]) {
     if let Some(v) = columns.last().and_then(|c| c.1.rss_idle_kib) {
         let met = if v <= 8.0 { "met" } else { "MISSED" };
         println!("target: <= 8 KiB RSS per idle relayed connection: {v:.2} KiB {met}");
@@ -415,8 +440,16 @@ fn main() {
     let benching = args.iter().any(|a| a == "--bench");
     let n = args
         .iter()
-        .find_map(|a| a.parse::<usize>().ok())
+        .enumerate()
+        .filter(|(i, _)| *i == 0 || args[i - 1] != "--rounds")
+        .find_map(|(_, a)| a.parse::<usize>().ok())
         .unwrap_or(if benching { FULL_CONNS } else { SMOKE_CONNS });
+    let rounds = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
+        .unwrap_or(if benching { 3 } else { 1 })
+        .max(1);
     let old = args
         .iter()
         .position(|a| a == "--old")
@@ -455,14 +488,35 @@ fn main() {
              be raised here (root without CAP_SYS_RESOURCE?)"
         );
     }
-    let mut columns = vec![("direct", run_direct(&rt, n))];
-    if let Some(old) = &old {
-        columns.push(("old proxy", run_proxy(&rt, old, "old proxy", n)));
+    // Rounds interleave the columns, so that load from other processes
+    // falls on each; every figure is the median over the rounds.
+    let mut runs: Vec<(&str, Vec<Figures>)> = vec![("direct", Vec::new())];
+    if old.is_some() {
+        runs.push(("old proxy", Vec::new()));
     }
-    columns.push(("proxy", run_proxy(&rt, &bin, "proxy", n)));
+    runs.push(("proxy", Vec::new()));
+    for round in 0..rounds {
+        eprintln!("hold bench: round {} of {rounds}", round + 1);
+        for (label, figures) in runs.iter_mut() {
+            figures.push(match *label {
+                "direct" => run_direct(&rt, n),
+                "old proxy" => run_proxy(&rt, old.as_deref().unwrap(), "old proxy", n),
+                _ => run_proxy(&rt, &bin, "proxy", n),
+            });
+        }
+    }
+    let columns: Vec<(&str, Figures)> = runs
+        .iter()
+        .map(|(label, figures)| (*label, median_figures(figures)))
+        .collect();
     println!();
+    if rounds > 1 {
+        println!("medians of {rounds} rounds (columns interleaved)");
+    }
     print_table(n, &columns);
-    if !benching {
+    if benching {
+        print_target(&columns);
+    } else {
         println!("smoke run: {n} connections, too few for the figures to mean much");
     }
     println!(
