@@ -95,6 +95,37 @@ pub fn is_local_peer(peer: IpAddr, local: Option<SocketAddr>) -> bool {
     peer.is_loopback() || local.is_some_and(|l| l.ip().to_canonical() == peer)
 }
 
+/// Whether the connection was redirected to this socket by NAT (a
+/// kube-proxy-style Service DNAT): the destination the peer dialled, as
+/// conntrack remembers it, is not the socket's local address. False when
+/// that cannot be told (no conntrack entry, IPVS, not Linux).
+pub fn redirected(stream: &TcpStream) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let socket = socket2::SockRef::from(stream);
+        let Ok(local) = stream.local_addr() else {
+            return false;
+        };
+        let original = if local.is_ipv4() || local.ip().to_canonical().is_ipv4() {
+            socket.original_dst()
+        } else {
+            socket.original_dst_ipv6()
+        };
+        match original.ok().and_then(|a| a.as_socket()) {
+            Some(dialled) => {
+                dialled.ip().to_canonical() != local.ip().to_canonical()
+                    || dialled.port() != local.port()
+            }
+            None => false,
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = stream;
+        false
+    }
+}
+
 /// Caps on connections open at once: `max` in all, `per_source` from one
 /// address, and `reserved` more usable only by local peers once `max` is
 /// reached (so a flood from outside never keeps a local node from

@@ -1180,14 +1180,26 @@ fn kube_play_production_overlay() {
         &[("distproxy-demo-tls", tls.path())],
         stateful_host,
     );
+    // Nodes of one pod reach each other on loopback (no sidecar hop), so a
+    // pod whose nodes dialled every connection routes no inbound tunnel:
+    // every pod must carry tunnelled connections one way or the other, and
+    // together they must have routed some inbound.
+    let mut routed_inbound = false;
     for ip in ips {
         let (_, metrics) = http_get(&format!("{ip}:9369"), "/metrics").expect("metrics");
+        let inbound = metrics
+            .lines()
+            .any(|l| l.starts_with("distproxy_routes_total") && l.contains("\"preamble\""));
+        let outbound = metrics.lines().any(|l| {
+            l.starts_with("distproxy_dist_connections_total")
+                && l.contains("direction=\"outbound\"")
+        });
         assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("distproxy_routes_total") && l.contains("\"preamble\"")),
-            "{ip}: no tunnelled connection routed:\n{metrics}"
+            inbound || outbound,
+            "{ip}: no tunnelled connection either way:\n{metrics}"
         );
+        routed_inbound |= inbound;
     }
+    assert!(routed_inbound, "no pod routed a tunnelled connection in");
     drop(lab);
 }

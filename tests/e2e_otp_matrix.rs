@@ -439,7 +439,8 @@ fn rolling_upgrade_from_otp25_to_otp29_while_pinging() {
 /// Starts pod `pod`'s sidecar with mutual TLS for the tunnel (certificate
 /// for its host name and address from `ca`); plain distribution
 /// connections from other pods stay allowed, so plain nodes are routed by
-/// correlation next to module nodes.
+/// correlation next to module nodes (and names are not bound to
+/// certificates: `check-config` allows that only with `require_tls`).
 fn spawn_tls_sidecar(lab: &Lab, pod: &Pod, ca: &Ca, serial: u64) -> (Daemon, SecretDir) {
     let leaf = ca.leaf(&[pod.host(), &pod.addr().to_string()], serial);
     let dir = lab.dir().join(format!("tls-{}", pod.name()));
@@ -447,7 +448,7 @@ fn spawn_tls_sidecar(lab: &Lab, pod: &Pod, ca: &Ca, serial: u64) -> (Daemon, Sec
     let secret = SecretDir::create(&dir, &leaf.cert_pem, &leaf.key_pem, &ca.pem);
     let toml = format!(
         "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n\
-         require_tls = false\nverify_server_name = \"hostname\"\nbind_node_names = true\n",
+         require_tls = false\nverify_server_name = \"hostname\"\n",
         secret.cert_file().display(),
         secret.key_file().display(),
         secret.ca_file().display(),
