@@ -22,10 +22,13 @@
 //! - [`acl`]: distribution ACLs — [`acl::pattern`] (globs, no I/O), the
 //!   rules in force and their reload.
 //! - [`remsh`]: `distproxy remsh`, a remote shell through one forwarded port.
+//! - [`beam`]: the compiled `distproxy_epmd` module, embedded, and
+//!   `install-module`.
 #![forbid(unsafe_code)]
 
 pub mod acl;
 pub mod admin;
+pub mod beam;
 pub mod client;
 pub mod config;
 pub mod discovery;

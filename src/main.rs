@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use distproxy::config::Config;
 use distproxy::sidecar::{self, Sidecar};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 const EX_USAGE: u8 = 64;
 
@@ -81,6 +81,13 @@ enum Command {
     /// A remote shell into NODE of a pod through one forwarded distribution
     /// port (`kubectl port-forward`), no root, no local DNS: see docs/remsh.md.
     Remsh(distproxy::remsh::RemshOptions),
+    /// Write the BEAM helper module `distproxy_epmd.beam` (embedded in this
+    /// binary) into DIR, for nodes started with `-pa DIR -epmd_module
+    /// distproxy_epmd` (e.g. from an init container into a shared volume).
+    InstallModule {
+        /// Directory to write `distproxy_epmd.beam` into (created if missing).
+        dir: PathBuf,
+    },
     /// Print the nodes registered with an EPMD server, as `epmd -names` does.
     Names {
         /// Host of the EPMD server.
@@ -156,6 +163,16 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_USAGE)
             }
         },
+        Command::InstallModule { dir } => match distproxy::beam::install(&dir) {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("distproxy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Names { host, port } => names(&host, port),
         Command::Members { host, port, all } => members(&host, port, all),
         Command::Epmd { args } => epmd_main(&args),
@@ -215,9 +232,30 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, and warns when even
+/// that is below what the configured connection limits need.
+fn raise_open_files(config: &Config) {
+    let need = distproxy::net::open_files_needed(
+        config.dist.max_connections,
+        config.limits.epmd_max_connections,
+    );
+    match distproxy::net::raise_open_files_limit() {
+        Ok(limit) if limit < need => warn!(
+            limit,
+            need,
+            "the limit on open files is below what dist.max_connections needs \
+             (two per relayed connection): connections beyond it fail; raise the \
+             hard limit (nofile) or lower dist.max_connections"
+        ),
+        Ok(limit) => info!(limit, "open files limit"),
+        Err(e) => warn!(error = %e, "cannot raise the limit on open files"),
+    }
+}
+
 /// Serves until a signal or KILL_REQ, then shuts down gracefully.
 /// `in_use_is_ok`: like `epmd`, exit 0 when the port is already taken.
 fn run(config: Config, config_file: Option<PathBuf>, in_use_is_ok: bool) -> ExitCode {
+    raise_open_files(&config);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {

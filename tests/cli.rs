@@ -1,4 +1,4 @@
-//! The command line: check-config output and exit codes.
+//! The command line: check-config output, install-module, exit codes.
 
 use std::process::Command;
 
@@ -117,4 +117,36 @@ fn remsh_errors_are_clear_and_early() {
     );
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("pod/NAME"), "{err}");
+}
+
+/// `install-module DIR` writes the embedded module, byte for byte the
+/// committed `deploy/erlang/distproxy_epmd.beam`, and prints its path; it
+/// creates DIR, replaces a stale file, and fails with exit 1 naming DIR
+/// when it cannot write there.
+#[test]
+fn install_module_writes_the_committed_beam() {
+    let committed = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/erlang/distproxy_epmd.beam"
+    ))
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("distproxy");
+    let path = dir.join("distproxy_epmd.beam");
+    for round in 0..2 {
+        let (code, stdout, stderr) = run(&["install-module", dir.to_str().unwrap()]);
+        assert_eq!(code, 0, "round {round}: {stderr}");
+        assert_eq!(stdout.trim(), path.display().to_string());
+        assert!(std::fs::read(&path).unwrap() == committed, "round {round}");
+        std::fs::write(&path, b"stale").unwrap();
+    }
+    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(entries.len(), 1, "only the module in {}", dir.display());
+
+    let file = tmp.path().join("not-a-dir");
+    std::fs::write(&file, b"").unwrap();
+    let (code, _, stderr) = run(&["install-module", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains(file.to_str().unwrap()), "{stderr}");
+    assert_eq!(run(&["install-module"]).0, 64, "DIR is required");
 }
