@@ -65,8 +65,6 @@
 //! size of the BEAM messages; TUNNEL_BENCH_VERBOSE=1 prints every BEAM run.
 //! Without `erl`/`erlc`, part 2 is skipped with the reason printed.
 
-use distproxy_testkit::certs;
-
 use distproxy_testkit::bench::*;
 use distproxy_testkit::process::Proc;
 
@@ -144,53 +142,6 @@ const SMOKE: Plan = Plan {
 // ---------------------------------------------------------------- fake node
 
 // ----------------------------------------------------------------- sidecars
-
-/// Certificates for the two "pods" (both sidecars and, for `inet_tls_dist`,
-/// both nodes): one CA, one leaf each with the IP SAN 127.0.0.1 and the DNS
-/// SAN localhost.
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca: PathBuf,
-    /// (certificate, key) of pod A and pod B.
-    a: (PathBuf, PathBuf),
-    b: (PathBuf, PathBuf),
-}
-
-fn make_pki() -> Pki {
-    let dir = tempfile::tempdir().expect("temp dir for certificates");
-    let ca = certs::Ca::new("distproxy tunnel bench CA");
-    let write = |name: &str, text: &str| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).expect("write PEM");
-        p
-    };
-    let ca_file = write("ca.crt", &ca.pem);
-    let leaf = |pod: &str, serial| {
-        let l = ca.leaf(&["127.0.0.1", "localhost"], serial);
-        (
-            write(&format!("{pod}.crt"), &l.cert_pem),
-            write(&format!("{pod}.key"), &l.key_pem),
-        )
-    };
-    let a = leaf("pod-a", 1);
-    let b = leaf("pod-b", 2);
-    Pki {
-        ca: ca_file,
-        a,
-        b,
-        _dir: dir,
-    }
-}
-
-fn tls_section(pki: &Pki, (cert, key): &(PathBuf, PathBuf)) -> String {
-    format!(
-        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n\
-         verify_server_name = \"hostname\"\nrequire_tls = true\n",
-        cert.display(),
-        key.display(),
-        pki.ca.display()
-    )
-}
 
 /// Every sidecar of the bench.
 struct Sidecars {

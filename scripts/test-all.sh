@@ -31,6 +31,7 @@ packages=(
   "ip iproute2"
   "tcpdump tcpdump"
   "python3 python3"
+  "setpriv util-linux"
   "iptables iptables"
   "socat socat"
   "script util-linux"

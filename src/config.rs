@@ -128,6 +128,8 @@ pub struct Config {
     pub tcp: TcpConfig,
     #[serde(default)]
     pub discovery: DiscoveryConfig,
+    #[serde(default)]
+    pub relay: RelayConfig,
     /// Distribution ACL rules (`[[acl]]`), first match wins; no match:
     /// `dist.acl_default`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -482,6 +484,7 @@ impl Config {
         self.tunnel.validate()?;
         self.limits.validate()?;
         self.tcp.validate()?;
+        self.relay.validate()?;
         self.discovery.validate()?;
         validate_acl(&self.acl)?;
         Ok(())
@@ -1166,6 +1169,54 @@ impl TcpConfig {
     }
 }
 
+/// How relayed bytes move once a connection is routed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// The kernel fast path for plain relayed connections.
+    #[serde(default)]
+    pub fast_path: FastPath,
+    /// Most connections on the fast path at once (two sockmap entries
+    /// each); more are spliced.
+    #[serde(default = "default_fast_path_max_connections")]
+    pub fast_path_max_connections: u32,
+}
+
+/// The data path of plain relayed connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPath {
+    /// `splice(2)` through a pipe (small messages copied), in the sidecar.
+    #[default]
+    Off,
+    /// A sockmap with an `sk_skb` verdict program: the kernel redirects
+    /// each socket's bytes to its partner (CAP_BPF and CAP_NET_ADMIN).
+    Sockmap,
+}
+
+fn default_fast_path_max_connections() -> u32 {
+    4096
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            fast_path: FastPath::Off,
+            fast_path_max_connections: default_fast_path_max_connections(),
+        }
+    }
+}
+
+impl RelayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_range(
+            "relay.fast_path_max_connections",
+            self.fast_path_max_connections,
+            1..=1_000_000,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1391,5 +1442,19 @@ mod tls_tests {
         let back = Config::from_toml(&c.to_toml(), "rendered").unwrap();
         assert_eq!(back, c);
         assert!(c.to_toml().contains("verify_server_name = \"ca_only\""));
+    }
+
+    #[test]
+    fn relay_fast_path_is_off_by_default_and_checked() {
+        let c = Config::from_toml("", "t").unwrap();
+        assert_eq!(c.relay.fast_path, FastPath::Off);
+        let c = Config::from_toml("[relay]\nfast_path = \"sockmap\"\n", "t").unwrap();
+        assert_eq!(c.relay.fast_path, FastPath::Sockmap);
+        assert!(Config::from_toml("[relay]\nfast_path = \"ebpf\"\n", "t").is_err());
+        let err = Config::from_toml("[relay]\nfast_path_max_connections = 0\n", "t").unwrap_err();
+        assert!(
+            err.to_string().contains("relay.fast_path_max_connections"),
+            "{err}"
+        );
     }
 }

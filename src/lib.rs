@@ -24,7 +24,7 @@
 //! - [`remsh`]: `distproxy remsh`, a remote shell through one forwarded port.
 //! - [`beam`]: the compiled `distproxy_epmd` module, embedded, and
 //!   `install-module`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod acl;
 pub mod admin;

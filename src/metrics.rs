@@ -24,6 +24,12 @@ pub const MISROUTES: &str = "distproxy_misroutes_total";
 pub const CONNECTIONS_REFUSED: &str = "distproxy_connections_refused_total";
 /// Replies abandoned because the peer did not read them in time.
 pub const WRITE_TIMEOUTS: &str = "distproxy_write_timeouts_total";
+/// Relayed connections by data path (`path`, see [`relay_path`]).
+pub const RELAY_CONNECTIONS: &str = "distproxy_relay_connections_total";
+/// 1 when the kernel fast path was asked for and works, else 0.
+pub const RELAY_FAST_PATH_AVAILABLE: &str = "distproxy_relay_fast_path_available";
+/// Connections the fast path did not take, by `reason`.
+pub const RELAY_FAST_PATH_FALLBACKS: &str = "distproxy_relay_fast_path_fallbacks_total";
 pub const BUILD_INFO: &str = "distproxy_build_info";
 /// Tunnel egress listeners open (one per remote node in use).
 pub const EGRESS_LISTENERS: &str = "distproxy_egress_listeners";
@@ -44,6 +50,21 @@ pub const ACL_RULES: &str = "distproxy_acl_rules";
 pub const ACL_RELOADS: &str = "distproxy_acl_reloads_total";
 pub const ACL_RELOAD_FAILURES: &str = "distproxy_acl_reload_failures_total";
 pub const TLS_CERT_NOT_AFTER: &str = "distproxy_tls_certificate_not_after_timestamp_seconds";
+
+/// Data paths (`path` label of [`RELAY_CONNECTIONS`]) and fast-path
+/// fallback reasons (`reason` label of [`RELAY_FAST_PATH_FALLBACKS`]).
+pub mod relay_path {
+    /// Plain TCP, in the kernel (sockmap).
+    pub const SOCKMAP: &str = "sockmap";
+    /// Plain TCP, spliced by the sidecar.
+    pub const SPLICE: &str = "splice";
+    /// TLS on a leg: read and written through buffers.
+    pub const BUFFERED: &str = "buffered";
+    /// `relay.fast_path_max_connections` reached.
+    pub const FULL: &str = "full";
+    /// The kernel or a socket's state refused the handover.
+    pub const REFUSED: &str = "refused";
+}
 
 /// Route methods (`method` label of [`ROUTES`]).
 pub mod route {
@@ -143,6 +164,18 @@ pub fn prometheus_builder(
 
 /// Registers descriptions with whatever recorder is installed.
 pub fn describe() {
+    describe_counter!(
+        RELAY_CONNECTIONS,
+        "Relayed connections by data path: sockmap, splice or buffered."
+    );
+    describe_gauge!(
+        RELAY_FAST_PATH_AVAILABLE,
+        "1 when relay.fast_path is sockmap and the kernel accepted the program, else 0."
+    );
+    describe_counter!(
+        RELAY_FAST_PATH_FALLBACKS,
+        "Plain connections spliced although the fast path is on, by reason."
+    );
     describe_gauge!(
         REGISTERED_NODES,
         "Nodes currently registered with the EPMD server."

@@ -203,6 +203,7 @@ impl Sidecar {
                 config.tcp.keepalive_count,
                 config.tcp.user_timeout_ms,
             ),
+            fast_path: open_fast_path(&config.relay),
         };
         let tls = listeners.tls;
         let egress = EgressManager::new(EgressSettings {
@@ -378,5 +379,43 @@ impl Sidecar {
     /// Resolves when shutdown has been requested (signal, KILL_REQ).
     pub async fn shutdown_requested(&self) {
         self.shutdown.cancelled().await
+    }
+}
+
+/// The kernel fast path when `relay.fast_path` asks for it and the kernel
+/// and privileges allow it; else the splice path, said once in the log.
+fn open_fast_path(
+    relay: &crate::config::RelayConfig,
+) -> Option<Arc<crate::distribution::relay::FastPath>> {
+    use crate::config::FastPath as Wanted;
+    let available = metrics::gauge!(crate::metrics::RELAY_FAST_PATH_AVAILABLE);
+    if relay.fast_path == Wanted::Off {
+        available.set(0.0);
+        return None;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        match crate::distribution::relay::FastPath::open(relay.fast_path_max_connections) {
+            Ok(fp) => {
+                tracing::info!(
+                    max_connections = relay.fast_path_max_connections,
+                    "kernel fast path on: plain relayed connections go through a sockmap"
+                );
+                available.set(1.0);
+                Some(Arc::new(fp))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "kernel fast path unavailable (needs CAP_BPF and CAP_NET_ADMIN and sockmap); splicing");
+                available.set(0.0);
+                None
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        tracing::warn!("kernel fast path is Linux only; splicing");
+        available.set(0.0);
+        None
     }
 }

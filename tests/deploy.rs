@@ -166,6 +166,7 @@ const BASE_TOML: &str = "deploy/kubernetes/base/distproxy.toml";
 const MTLS_TOML: &str = "deploy/kubernetes/components/mtls/distproxy.toml";
 const MTLS_DNS_TOML: &str = "deploy/kubernetes/components/mtls-dns-names/distproxy.toml";
 const OPENSHIFT_TOML: &str = "deploy/openshift/distproxy.toml";
+const FAST_PATH_TOML: &str = "deploy/kubernetes/overlays/fast-path/distproxy.toml";
 
 const RENDERS: &[Render] = &[
     Render {
@@ -203,6 +204,12 @@ const RENDERS: &[Render] = &[
             "ServiceMonitor",
             "--expect-dashboard",
         ],
+    },
+    Render {
+        dir: "deploy/kubernetes/overlays/fast-path",
+        workload: "Deployment",
+        config: FAST_PATH_TOML,
+        extra: &[],
     },
     Render {
         dir: "deploy/openshift",
@@ -269,6 +276,14 @@ fn kustomize_production_overlay_renders_and_validates() {
     check_render(
         "kustomize_production_overlay_renders_and_validates",
         "deploy/kubernetes/overlays/production",
+    );
+}
+
+#[test]
+fn kustomize_fast_path_overlay_renders_and_validates() {
+    check_render(
+        "kustomize_fast_path_overlay_renders_and_validates",
+        "deploy/kubernetes/overlays/fast-path",
     );
 }
 
@@ -548,7 +563,13 @@ fn sidecar_configs() -> Vec<PathBuf> {
         p.extension().is_some_and(|e| e == "toml") && !p.starts_with(repo().join("deploy/erlang"))
     });
     let names: BTreeSet<String> = found.iter().map(|p| relative(p)).collect();
-    for expected in [BASE_TOML, MTLS_TOML, MTLS_DNS_TOML, OPENSHIFT_TOML] {
+    for expected in [
+        BASE_TOML,
+        MTLS_TOML,
+        MTLS_DNS_TOML,
+        OPENSHIFT_TOML,
+        FAST_PATH_TOML,
+    ] {
         assert!(
             names.contains(expected),
             "{expected} is missing (found {names:?})"

@@ -63,6 +63,8 @@ const LAYERS: &[(&str, Layer)] = &[
     ("distribution::relay", Layer::Core),
     ("distribution::relay::pool", Layer::Core),
     ("distribution::relay::splice", Layer::Core),
+    ("distribution::relay::sockmap", Layer::Core),
+    ("distribution::relay::bpf", Layer::Core),
     ("tunnel::preamble", Layer::Core),
     ("tunnel::resolve", Layer::Core),
     ("tunnel::tls", Layer::Core),

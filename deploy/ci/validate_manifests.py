@@ -82,6 +82,9 @@ KNOWN_METRICS = {
     "distproxy_acl_rules",
     "distproxy_acl_reloads_total",
     "distproxy_acl_reload_failures_total",
+    "distproxy_relay_connections_total",
+    "distproxy_relay_fast_path_available",
+    "distproxy_relay_fast_path_fallbacks_total",
 }
 HISTOGRAMS = {"distproxy_lookup_hold_seconds", "distproxy_handshake_phase_seconds"}
 

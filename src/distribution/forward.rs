@@ -288,6 +288,8 @@ pub struct Forwarder {
     pub hard_stop: CancellationToken,
     /// Keepalive and `TCP_USER_TIMEOUT` for both legs (`[tcp]`).
     pub tcp: crate::net::TcpTuning,
+    /// The kernel fast path, when on and available (`[relay]`).
+    pub fast_path: Option<Arc<relay::FastPath>>,
 }
 
 impl Forwarder {
@@ -311,7 +313,7 @@ impl Forwarder {
         let tx = metrics::counter!(m::RELAYED_BYTES, "node" => node, "direction" => "tx");
         rx.increment(pre.rx);
         tx.increment(pre.tx);
-        let end = relay::relay(a, b, rx, tx, &self.hard_stop).await;
+        let end = relay::relay(a, b, rx, tx, &self.hard_stop, self.fast_path.as_deref()).await;
         drop(guard);
         let stats = end.stats();
         let outcome = match &end {

@@ -31,10 +31,26 @@ use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 mod pool;
+use crate::metrics as m;
+
+// The raw system calls of the kernel fast path: the crate's only unsafe code.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+mod bpf;
+#[cfg(target_os = "linux")]
+pub mod sockmap;
 #[cfg(target_os = "linux")]
 mod splice;
+
+#[cfg(target_os = "linux")]
+pub use sockmap::FastPath;
+/// The kernel fast path (Linux only).
+#[cfg(not(target_os = "linux"))]
+#[derive(Debug)]
+pub enum FastPath {}
 
 pub const INITIAL_BUF: usize = 4 * 1024;
 pub const MAX_BUF: usize = 256 * 1024;
@@ -121,23 +137,25 @@ fn next_buf_len(len: usize, n: usize) -> usize {
 /// Relays between `peer` (remote side) and `node` (local node) until both
 /// directions close, one fails, or `stop` fires.
 ///
-/// Two [`TcpStream`]s are spliced on Linux; other streams are copied
-/// through buffers. (`'static` is what lets the stream types be inspected;
-/// streams owned by a spawned task are `'static` anyway.)
+/// Two [`TcpStream`]s are handed to the kernel when `fast` is given and
+/// takes them, else spliced on Linux; other streams are copied through
+/// buffers. (`'static` is what lets the stream types be inspected; streams
+/// owned by a spawned task are `'static` anyway.)
 pub async fn relay<P, N>(
     peer: P,
     node: N,
     rx_bytes: Counter,
     tx_bytes: Counter,
     stop: &CancellationToken,
+    fast: Option<&FastPath>,
 ) -> RelayEnd
 where
-    P: AsyncRead + AsyncWrite + Unpin + 'static,
-    N: AsyncRead + AsyncWrite + Unpin + 'static,
+    P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    N: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rx, mut tx) = (0u64, 0u64);
     let result = {
-        let both = copy_both_ways(peer, node, &rx_bytes, &tx_bytes, &mut rx, &mut tx);
+        let both = copy_both_ways(peer, node, &rx_bytes, &tx_bytes, &mut rx, &mut tx, fast);
         tokio::select! {
             r = both => Some(r),
             _ = stop.cancelled() => None,
@@ -151,38 +169,99 @@ where
     }
 }
 
+/// Counts and logs the data path a connection takes.
+fn path_taken(path: &'static str) {
+    debug!(path, "relay data path");
+    metrics::counter!(m::RELAY_CONNECTIONS, "path" => path).increment(1);
+}
+
 async fn copy_both_ways<P, N>(
-    mut peer: P,
-    mut node: N,
+    peer: P,
+    node: N,
     rx_bytes: &Counter,
     tx_bytes: &Counter,
     rx: &mut u64,
     tx: &mut u64,
+    fast: Option<&FastPath>,
 ) -> io::Result<()>
 where
-    P: AsyncRead + AsyncWrite + Unpin + 'static,
-    N: AsyncRead + AsyncWrite + Unpin + 'static,
+    P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    N: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let tcp = (
-        (&mut peer as &mut dyn Any).downcast_mut::<TcpStream>(),
-        (&mut node as &mut dyn Any).downcast_mut::<TcpStream>(),
-    );
-    if let (Some(p), Some(n)) = tcp {
-        let _ = p.set_nodelay(true);
-        let _ = n.set_nodelay(true);
-        #[cfg(target_os = "linux")]
-        {
-            let ((peer_r, peer_w), (node_r, node_w)) = (p.split(), n.split());
-            let to_node = splice::copy_one_way(peer_r, node_w, rx_bytes, rx);
-            let to_peer = splice::copy_one_way(node_r, peer_w, tx_bytes, tx);
-            return tokio::try_join!(to_node, to_peer).map(|_| ());
-        }
-    }
+    // Owned, as the fast path takes the sockets out of tokio's reactor.
+    type Owned = Box<dyn Any + Send>;
+    let (peer, node): (Owned, Owned) = (Box::new(peer), Box::new(node));
+    let (peer, node) = match (peer.downcast::<TcpStream>(), node.downcast::<TcpStream>()) {
+        (Ok(p), Ok(n)) => return tcp_both_ways(*p, *n, (rx_bytes, tx_bytes), rx, tx, fast).await,
+        (p, n) => (unbox::<P>(p), unbox::<N>(n)),
+    };
+    path_taken(m::relay_path::BUFFERED);
     let (peer_r, peer_w) = tokio::io::split(peer);
     let (node_r, node_w) = tokio::io::split(node);
     let to_node = copy_one_way(peer_r, node_w, rx_bytes, rx);
     let to_peer = copy_one_way(node_r, peer_w, tx_bytes, tx);
     tokio::try_join!(to_node, to_peer).map(|_| ())
+}
+
+/// The stream a downcast left: `T` itself, whichever way it went.
+fn unbox<T: 'static>(r: Result<Box<TcpStream>, Box<dyn Any + Send>>) -> T {
+    let any: Box<dyn Any + Send> = match r {
+        Ok(tcp) => tcp,
+        Err(other) => other,
+    };
+    *any.downcast::<T>()
+        .unwrap_or_else(|_| unreachable!("a box holds the type it was made from"))
+}
+
+/// Two plaintext TCP streams: the kernel fast path when on and it takes
+/// them, else splice (Linux) or buffers.
+async fn tcp_both_ways(
+    p: TcpStream,
+    n: TcpStream,
+    (rx_bytes, tx_bytes): (&Counter, &Counter),
+    rx: &mut u64,
+    tx: &mut u64,
+    fast: Option<&FastPath>,
+) -> io::Result<()> {
+    let _ = p.set_nodelay(true);
+    let _ = n.set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    {
+        let (mut p, mut n) = (p, n);
+        if let Some(fp) = fast {
+            let (ps, ns) = (p.into_std()?, n.into_std()?);
+            let taken = || path_taken(m::relay_path::SOCKMAP);
+            match sockmap::relay(fp, &ps, &ns, (rx_bytes, tx_bytes), rx, tx, taken).await {
+                Ok(end) => return end,
+                Err(why) => {
+                    let reason = match why {
+                        sockmap::NotTaken::Full => m::relay_path::FULL,
+                        sockmap::NotTaken::Refused => m::relay_path::REFUSED,
+                    };
+                    debug!(reason, "connection not handed to the kernel; splicing");
+                    metrics::counter!(m::RELAY_FAST_PATH_FALLBACKS, "reason" => reason)
+                        .increment(1);
+                }
+            }
+            (p, n) = (TcpStream::from_std(ps)?, TcpStream::from_std(ns)?);
+        }
+        path_taken(m::relay_path::SPLICE);
+        let ((peer_r, peer_w), (node_r, node_w)) = (p.split(), n.split());
+        let to_node = splice::copy_one_way(peer_r, node_w, rx_bytes, rx);
+        let to_peer = splice::copy_one_way(node_r, peer_w, tx_bytes, tx);
+        tokio::try_join!(to_node, to_peer).map(|_| ())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fast;
+        path_taken(m::relay_path::BUFFERED);
+        let (mut p, mut n) = (p, n);
+        let (peer_r, peer_w) = p.split();
+        let (node_r, node_w) = n.split();
+        let to_node = copy_one_way(peer_r, node_w, rx_bytes, rx);
+        let to_peer = copy_one_way(node_r, peer_w, tx_bytes, tx);
+        tokio::try_join!(to_node, to_peer).map(|_| ())
+    }
 }
 
 #[cfg(test)]
@@ -203,6 +282,7 @@ mod tests {
                 Counter::noop(),
                 Counter::noop(),
                 &stop,
+                None,
             )
             .await
         });
@@ -235,7 +315,15 @@ mod tests {
         let stop = CancellationToken::new();
         let s2 = stop.clone();
         let h = tokio::spawn(async move {
-            relay(peer_side, node_side, Counter::noop(), Counter::noop(), &s2).await
+            relay(
+                peer_side,
+                node_side,
+                Counter::noop(),
+                Counter::noop(),
+                &s2,
+                None,
+            )
+            .await
         });
         stop.cancel();
         assert!(matches!(h.await.unwrap(), RelayEnd::Stopped(_)));
@@ -266,6 +354,66 @@ mod tests {
     /// socket and pipe buffers hold, then half-close each way in turn.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tcp_relay_moves_both_ways_with_half_close_and_counts() {
+        both_ways_with_half_close(None).await;
+    }
+
+    /// The same over the kernel fast path (root, a kernel with sockmap):
+    /// every byte, half-close each way, and the counts from the kernel.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sockmap_relay_moves_both_ways_with_half_close_and_counts() {
+        let fp = match FastPath::open(16) {
+            Ok(fp) => std::sync::Arc::new(fp),
+            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
+                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
+                return;
+            }
+            Err(e) => panic!(
+                "the fast path needs root (CAP_BPF, CAP_NET_ADMIN) and sockmap: {e}; \
+                 DISTPROXY_SKIP_E2E=1 skips this test"
+            ),
+        };
+        let before = sockmap::HANDED_OVER.load(std::sync::atomic::Ordering::Relaxed);
+        both_ways_with_half_close(Some(fp.clone())).await;
+        let after = sockmap::HANDED_OVER.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(after > before, "handed to the kernel");
+        bytes_queued_before_the_handover_are_relayed(fp).await;
+    }
+
+    /// Bytes already in a socket's receive queue when it is handed over
+    /// are relayed although nothing more arrives after them.
+    #[cfg(target_os = "linux")]
+    async fn bytes_queued_before_the_handover_are_relayed(fp: std::sync::Arc<FastPath>) {
+        let (mut client, peer_side) = tcp_pair().await;
+        let (node_side, mut server) = tcp_pair().await;
+        client.write_all(&[7u8; 1000]).await.unwrap();
+        server.write_all(&[9u8; 500]).await.unwrap();
+        // Both queued on the relay's sockets before it starts.
+        for s in [&peer_side, &node_side] {
+            let mut b = [0u8; 1];
+            assert_eq!(s.peek(&mut b).await.unwrap(), 1);
+        }
+        let stop = CancellationToken::new();
+        let h = tokio::spawn(async move {
+            let (rx, tx) = (Counter::noop(), Counter::noop());
+            relay(peer_side, node_side, rx, tx, &stop, Some(&fp)).await
+        });
+        let mut got = [0u8; 1000];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [7u8; 1000]);
+        let mut back = [0u8; 500];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [9u8; 500]);
+        drop(client);
+        drop(server);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), h)
+            .await
+            .expect("relay ends when both close")
+            .unwrap();
+        assert_eq!(end.stats(), RelayStats { rx: 1000, tx: 500 }, "{end:?}");
+    }
+
+    async fn both_ways_with_half_close(fast: Option<std::sync::Arc<FastPath>>) {
         let (mut client, peer_side) = tcp_pair().await;
         let (node_side, mut server) = tcp_pair().await;
         let (rx_c, rx_n) = counter();
@@ -273,7 +421,10 @@ mod tests {
         #[cfg(target_os = "linux")]
         let spliced_before = splice::SPLICED.load(std::sync::atomic::Ordering::Relaxed);
         let stop = CancellationToken::new();
-        let h = tokio::spawn(async move { relay(peer_side, node_side, rx_c, tx_c, &stop).await });
+        let on_fast_path = fast.is_some();
+        let h = tokio::spawn(async move {
+            relay(peer_side, node_side, rx_c, tx_c, &stop, fast.as_deref()).await
+        });
 
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
@@ -320,7 +471,7 @@ mod tests {
         // Bulk goes through splice (only the first bytes of each burst are
         // copied; other tests may splice at the same time, hence no upper bound).
         #[cfg(target_os = "linux")]
-        {
+        if !on_fast_path {
             let spliced =
                 splice::SPLICED.load(std::sync::atomic::Ordering::Relaxed) - spliced_before;
             assert!(
@@ -343,7 +494,15 @@ mod tests {
         let stop = CancellationToken::new();
         let s2 = stop.clone();
         let h = tokio::spawn(async move {
-            relay(peer_side, node_side, Counter::noop(), Counter::noop(), &s2).await
+            relay(
+                peer_side,
+                node_side,
+                Counter::noop(),
+                Counter::noop(),
+                &s2,
+                None,
+            )
+            .await
         });
         let echo = tokio::spawn(async move {
             let (mut r, mut w) = server.split();
@@ -378,6 +537,22 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_relay_reports_a_reset() {
+        reports_a_reset(None).await;
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn sockmap_relay_reports_a_reset() {
+        match FastPath::open(4) {
+            Ok(fp) => reports_a_reset(Some(std::sync::Arc::new(fp))).await,
+            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
+                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
+            }
+            Err(e) => panic!("the fast path needs root and sockmap: {e}"),
+        }
+    }
+
+    async fn reports_a_reset(fast: Option<std::sync::Arc<FastPath>>) {
         let (client, peer_side) = tcp_pair().await;
         let (node_side, server) = tcp_pair().await;
         let stop = CancellationToken::new();
@@ -388,6 +563,7 @@ mod tests {
                 Counter::noop(),
                 Counter::noop(),
                 &stop,
+                fast.as_deref(),
             )
             .await
         });

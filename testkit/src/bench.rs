@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -197,7 +198,7 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 /// Starts the distproxy binary `bin` (see `distproxy_bin!`) on 127.0.0.1
 /// with free EPMD and distribution ports (never 4369), the admin endpoint off
-/// and `extra` appended to its configuration; waits until it serves.
+/// (unless `extra` has an `[admin]` section) and `extra` appended to its configuration; waits until it serves.
 pub fn start_sidecar(bin: &str, label: &'static str, log: &str, extra: &str) -> Sidecar {
     start_sidecar_with(bin, label, log, "", extra)
 }
@@ -215,10 +216,16 @@ pub fn start_sidecar_with(
     let epmd = SocketAddr::from(([127, 0, 0, 1], epmd_port));
     let dist = SocketAddr::from(([127, 0, 0, 1], dist_port));
     let mut config = tempfile::NamedTempFile::new().expect("temp config");
+    // The admin endpoint is off unless `extra` sets it.
+    let admin = if extra.contains("[admin]") {
+        ""
+    } else {
+        "[admin]\nlisten = \"\"\n\n"
+    };
     write!(
         config,
         "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n{dist_extra}\n\
-         [admin]\nlisten = \"\"\n\n{extra}"
+         {admin}{extra}"
     )
     .unwrap();
     config.flush().unwrap();
@@ -376,4 +383,86 @@ pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// Certificates for the two "pods" (both sidecars and, for `inet_tls_dist`,
+/// both nodes): one CA, one leaf each with the IP SAN 127.0.0.1 and the DNS
+/// SAN localhost.
+pub struct Pki {
+    _dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    /// (certificate, key) of pod A and pod B.
+    pub a: (PathBuf, PathBuf),
+    pub b: (PathBuf, PathBuf),
+}
+
+pub fn make_pki() -> Pki {
+    let dir = tempfile::tempdir().expect("temp dir for certificates");
+    let ca = crate::certs::Ca::new("distproxy bench CA");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write PEM");
+        p
+    };
+    let ca_file = write("ca.crt", &ca.pem);
+    let leaf = |pod: &str, serial| {
+        let l = ca.leaf(&["127.0.0.1", "localhost"], serial);
+        (
+            write(&format!("{pod}.crt"), &l.cert_pem),
+            write(&format!("{pod}.key"), &l.key_pem),
+        )
+    };
+    let a = leaf("pod-a", 1);
+    let b = leaf("pod-b", 2);
+    Pki {
+        ca: ca_file,
+        a,
+        b,
+        _dir: dir,
+    }
+}
+
+pub fn tls_section(pki: &Pki, (cert, key): &(PathBuf, PathBuf)) -> String {
+    format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n\
+         verify_server_name = \"hostname\"\nrequire_tls = true\n",
+        cert.display(),
+        key.display(),
+        pki.ca.display()
+    )
+}
+
+/// Context switches (voluntary and not) of every thread of a process so
+/// far (Linux only): each one is a wake-up or a preemption.
+pub fn ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// The text of `GET /metrics` from an admin endpoint (blocking).
+pub fn scrape(admin: SocketAddr) -> io::Result<String> {
+    let mut s = TcpStream::connect(admin)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// The value of the sample `series` (name with labels, as printed) in
+/// Prometheus text, if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }

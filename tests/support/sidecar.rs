@@ -26,6 +26,8 @@ pub struct SidecarOptions {
     pub wait_ports: Vec<u16>,
     /// Log filter for the sidecar (`DISTPROXY_LOG`; an outer one wins).
     pub log_filter: String,
+    /// A program (and its arguments) that runs the sidecar, e.g. `setpriv`.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for SidecarOptions {
@@ -35,6 +37,7 @@ impl Default for SidecarOptions {
             config: None,
             wait_ports: vec![EPMD_PORT, DIST_PORT],
             log_filter: "info,distproxy=debug".into(),
+            wrapper: Vec::new(),
         }
     }
 }
@@ -49,6 +52,12 @@ impl SidecarOptions {
 
     pub fn config(mut self, toml: &str) -> Self {
         self.config = Some(toml.to_string());
+        self
+    }
+
+    /// Runs the sidecar through `wrapper` (program and arguments).
+    pub fn wrapped(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|a| a.to_string()).collect();
         self
     }
 
@@ -70,7 +79,14 @@ impl Daemon {
     pub(crate) fn sidecar(pod: &Pod, options: SidecarOptions) -> Daemon {
         let lab = pod.lab();
         let log = lab.file(&format!("{}-sidecar", pod.name()), "log");
-        let mut cmd = pod.command(&distproxy_bin());
+        let mut cmd = match options.wrapper.split_first() {
+            None => pod.command(&distproxy_bin()),
+            Some((program, args)) => {
+                let mut cmd = pod.command(program);
+                cmd.args(args).arg(distproxy_bin());
+                cmd
+            }
+        };
         cmd.arg("run");
         let mut config = None;
         if let Some(toml) = &options.config {

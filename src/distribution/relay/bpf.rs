@@ -1,0 +1,407 @@
+//! The system calls of the kernel fast path, and nothing else: `bpf(2)`
+//! (a sockhash map, the verdict program, attaching it), and the socket
+//! queries the fast path needs (`SO_COOKIE`, `TCP_INFO`, queue sizes, a
+//! one-byte peek). This is the crate's only `unsafe` code: `bpf(2)` has no
+//! safe wrapper in `nix` or `socket2`.
+//!
+//! The verdict program is seventeen instructions, emitted here as raw BPF
+//! bytecode (see [`verdict_program`]), so the build needs neither clang nor
+//! a BPF linker nor nightly Rust, and what runs in the kernel is visible in
+//! this file. The kernel's verifier checks it when it is loaded.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+
+const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
+const BPF_PROG_TYPE_SK_SKB: u32 = 14;
+const BPF_SK_SKB_STREAM_VERDICT: u32 = 5;
+/// Update flag: fail if the key exists.
+const BPF_NOEXIST: u64 = 1;
+
+const BPF_FUNC_GET_SOCKET_COOKIE: i32 = 46;
+const BPF_FUNC_SK_REDIRECT_HASH: i32 = 72;
+const SK_DROP: i32 = 0;
+const SK_PASS: i32 = 1;
+
+const SO_COOKIE: libc::c_int = 57;
+const SIOCINQ: libc::c_ulong = 0x541B;
+const SIOCOUTQ: libc::c_ulong = 0x5411;
+
+#[repr(C)]
+struct MapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+#[repr(C)]
+struct MapElem {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+struct ProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+#[repr(C)]
+struct ProgAttach {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+}
+
+/// One BPF instruction (`struct bpf_insn`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Insn {
+    code: u8,
+    /// dst in the low nibble, src in the high one.
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    Insn {
+        code,
+        regs: (src << 4) | dst,
+        off,
+        imm,
+    }
+}
+
+/// `BPF_LD | BPF_IMM | BPF_DW` with `BPF_PSEUDO_MAP_FD`: a map's address,
+/// two instruction slots.
+const LD_MAP_FD: u8 = 0x18;
+/// `BPF_LDX | BPF_MEM | BPF_W`: `skb->len` is the first field.
+const LDX_W: u8 = 0x61;
+const MOV64_REG: u8 = 0xbf;
+const MOV64_IMM: u8 = 0xb7;
+const ADD64_IMM: u8 = 0x07;
+const STX_DW: u8 = 0x7b;
+const CALL: u8 = 0x85;
+const JNE_IMM: u8 = 0x55;
+const EXIT: u8 = 0x95;
+
+/// The stream-verdict program, for a sockhash `map_fd` keyed by socket
+/// cookie whose value is that socket's partner:
+///
+/// ```text
+/// if skb->len == 0: return SK_DROP         ; a bare FIN: nothing to move
+/// r6 = r1                                  ; the skb
+/// r0 = bpf_get_socket_cookie(r1)           ; the receiving socket
+/// *(u64 *)(r10 - 8) = r0                   ; key on the stack
+/// r0 = bpf_sk_redirect_hash(r6, map, r10 - 8, 0)  ; to the partner's egress
+/// if r0 == SK_DROP: r0 = SK_PASS           ; no partner: keep the bytes
+/// exit
+/// ```
+///
+/// A bare FIN is not redirected: the sidecar sees the end itself and
+/// shuts the partner down once its bytes are out, and a FIN redirected
+/// after that would fail the partner with `EPIPE`.
+///
+/// A socket without a partner in the map (its partner has been removed)
+/// keeps its bytes in its own receive queue, where the sidecar reads them,
+/// instead of dropping them.
+pub(super) fn verdict_program(map_fd: i32) -> Vec<Insn> {
+    vec![
+        insn(LDX_W, 2, 1, 0, 0),
+        insn(JNE_IMM, 2, 0, 2, 0),
+        insn(MOV64_IMM, 0, 0, 0, SK_DROP),
+        insn(EXIT, 0, 0, 0, 0),
+        insn(MOV64_REG, 6, 1, 0, 0),
+        insn(CALL, 0, 0, 0, BPF_FUNC_GET_SOCKET_COOKIE),
+        insn(STX_DW, 10, 0, -8, 0),
+        insn(MOV64_REG, 1, 6, 0, 0),
+        insn(LD_MAP_FD, 2, 1, 0, map_fd),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_REG, 3, 10, 0, 0),
+        insn(ADD64_IMM, 3, 0, 0, -8),
+        insn(MOV64_IMM, 4, 0, 0, 0),
+        insn(CALL, 0, 0, 0, BPF_FUNC_SK_REDIRECT_HASH),
+        insn(JNE_IMM, 0, 0, 1, 0),
+        insn(MOV64_IMM, 0, 0, 0, SK_PASS),
+        insn(EXIT, 0, 0, 0, 0),
+    ]
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for
+    // `cmd`, valid for `size_of::<T>()` bytes; the kernel reads no more
+    // than that size, and every pointer inside it points to memory that
+    // outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn owned(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: `fd` is a new file descriptor the kernel just returned to us.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// A sockhash map: 8-byte keys (socket cookies), sockets as values.
+pub(super) fn create_sockhash(max_entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = MapCreate {
+        map_type: BPF_MAP_TYPE_SOCKHASH,
+        key_size: 8,
+        value_size: 4,
+        max_entries,
+        map_flags: 0,
+    };
+    bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
+/// Loads the verdict program for `map`; a refusal carries the verifier's
+/// log.
+pub(super) fn load_verdict(map: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let insns = verdict_program(map.as_raw_fd());
+    let license = c"Dual MIT/GPL";
+    let mut log = vec![0u8; 16 * 1024];
+    let mut name = [0u8; 16];
+    name[..15].copy_from_slice(b"distproxy_relay");
+    let mut attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SK_SKB,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: name,
+        prog_ifindex: 0,
+        expected_attach_type: 0,
+    };
+    bpf(BPF_PROG_LOAD, &mut attr).map(owned).map_err(|e| {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        let text = String::from_utf8_lossy(&log[..end]);
+        let last = text.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
+        if last.is_empty() {
+            e
+        } else {
+            io::Error::new(e.kind(), format!("{e} (verifier: {last})"))
+        }
+    })
+}
+
+/// Attaches `prog` as the stream verdict of every socket in `map`.
+pub(super) fn attach_verdict(map: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = ProgAttach {
+        target_fd: map.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_SK_SKB_STREAM_VERDICT,
+        attach_flags: 0,
+        replace_bpf_fd: 0,
+    };
+    bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
+}
+
+/// Puts `sock` into `map` under `key` (which must be new).
+pub(super) fn map_insert(map: BorrowedFd<'_>, key: u64, sock: BorrowedFd<'_>) -> io::Result<()> {
+    let value: u32 = sock.as_raw_fd() as u32;
+    let mut attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: &key as *const u64 as u64,
+        value: &value as *const u32 as u64,
+        flags: BPF_NOEXIST,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+/// Removes `key` from `map` (absent is fine: a closed socket leaves the
+/// map by itself).
+pub(super) fn map_remove(map: BorrowedFd<'_>, key: u64) -> io::Result<()> {
+    let mut attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: &key as *const u64 as u64,
+        value: 0,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r.map(|_| ()),
+    }
+}
+
+fn getsockopt_bytes(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is valid for `len` bytes and the kernel writes at most
+    // `len` bytes, returning the length written in `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(len as usize)
+    }
+}
+
+/// The socket's cookie: a number the kernel never reuses while it runs.
+pub(super) fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut buf = [0u8; 8];
+    getsockopt_bytes(fd, libc::SOL_SOCKET, SO_COOKIE, &mut buf)?;
+    Ok(u64::from_ne_bytes(buf))
+}
+
+/// What `TCP_INFO` tells the fast path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TcpCounts {
+    /// `tcpi_state` (1: established).
+    pub state: u8,
+    /// Bytes sent and acknowledged (`tcpi_bytes_acked`).
+    pub acked: u64,
+    /// Bytes received in order, a FIN counting one (`tcpi_bytes_received`).
+    pub received: u64,
+}
+
+pub(super) const TCP_ESTABLISHED: u8 = 1;
+
+pub(super) fn tcp_counts(fd: BorrowedFd<'_>) -> io::Result<TcpCounts> {
+    let mut buf = [0u8; 256];
+    let n = getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut buf)?;
+    // struct tcp_info: 8 one-byte fields, 24 u32, then u64 pacing rates,
+    // bytes_acked at 120 and bytes_received at 128 (Linux 4.1+).
+    if n < 136 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "TCP_INFO without byte counters",
+        ));
+    }
+    let u64_at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap());
+    Ok(TcpCounts {
+        state: buf[0],
+        acked: u64_at(120),
+        received: u64_at(128),
+    })
+}
+
+fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<u64> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: SIOCINQ and SIOCOUTQ write one int to the pointer given.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, &mut v) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(v.max(0) as u64)
+    }
+}
+
+/// Bytes received and not yet read.
+pub(super) fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    ioctl_int(fd, SIOCINQ)
+}
+
+/// Bytes written and not yet acknowledged (sent or not).
+pub(super) fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    ioctl_int(fd, SIOCOUTQ)
+}
+
+/// Peeks at one byte without waiting: `Ok(0)` is EOF, `WouldBlock` none.
+pub(super) fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut b = [0u8; 1];
+    // SAFETY: `b` is valid for one byte.
+    let r = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// An epoll instance registered with tokio's reactor.
+pub(super) struct Ends(pub nix::sys::epoll::Epoll);
+
+impl std::os::fd::AsRawFd for Ends {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0 .0.as_raw_fd()
+    }
+}
+
+/// Registers `ep` with tokio, to wait until it has events.
+pub(super) fn register(ep: nix::sys::epoll::Epoll) -> io::Result<tokio::io::unix::AsyncFd<Ends>> {
+    // SAFETY: the file descriptor is owned by `Ends`, which the `AsyncFd`
+    // owns, so it stays open for as long as it is registered.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(Ends(ep), tokio::io::Interest::READABLE)
+            .map_err(|e| e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instructions_encode_as_the_kernel_expects() {
+        assert_eq!(std::mem::size_of::<Insn>(), 8);
+        assert_eq!(std::mem::size_of::<MapElem>(), 32);
+        assert_eq!(std::mem::size_of::<ProgLoad>(), 72);
+        let p = verdict_program(7);
+        assert_eq!(p.len(), 17);
+        // r3 = r10: dst 3, src 10.
+        assert_eq!(p[10].regs, 0xa3);
+        // The map load carries the fd, with src = BPF_PSEUDO_MAP_FD (1).
+        assert_eq!((p[8].code, p[8].regs, p[8].imm), (0x18, 0x12, 7));
+        assert_eq!(p[9], insn(0, 0, 0, 0, 0));
+        assert_eq!(p.last().unwrap().code, EXIT);
+    }
+}
