@@ -1,5 +1,7 @@
 //! Parsing cost per connection: the EPMD requests and replies every lookup
-//! goes through, and the handshake frames the router reads before relaying.
+//! goes through, and the handshake frames the router reads before relaying;
+//! and the ACL decision every incoming connection gets (`[[acl]]`), with
+//! one rule and with 64 rules none of which matches (the worst case).
 
 use std::hint::black_box;
 
@@ -101,5 +103,41 @@ fn handshake(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, epmd, handshake);
+/// `rules` deny rules whose initiator pattern (two `*`) matches the
+/// request and whose target does not, one identity rule, then the default:
+/// every pattern of every rule is tried.
+fn acl_of(rules: usize) -> distproxy_testkit::sut::acl::Acl {
+    use std::fmt::Write;
+    let mut toml = String::from("[dist]\nacl_default = \"allow\"\n");
+    for i in 0..rules {
+        let _ = write!(
+            toml,
+            "[[acl]]\naction = \"deny\"\ninitiator = \"*@*.myapp-headless.prod.svc.cluster.local\"\ntarget = \"billing-{i}\"\n"
+        );
+    }
+    toml.push_str(
+        "[[acl]]\naction = \"allow\"\ninitiator = \"remsh-*\"\nidentity = \"*.ops.example.com\"\n",
+    );
+    let config = distproxy_testkit::sut::Config::from_toml(&toml, "bench").unwrap();
+    distproxy_testkit::sut::acl::Acl::from_config(&config).unwrap()
+}
+
+fn acl(c: &mut Criterion) {
+    use distproxy_testkit::sut::acl::AclRequest;
+    let mut g = c.benchmark_group("acl");
+    let request = AclRequest {
+        initiator: "a17@myapp-3.myapp-headless.prod.svc.cluster.local",
+        target: "payments2",
+        identity: None,
+    };
+    for rules in [1, 64] {
+        let acl = acl_of(rules);
+        g.bench_function(format!("decide, {rules} rules + 1, no match"), |b| {
+            b.iter(|| acl.decide(black_box(&request)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, epmd, handshake, acl);
 criterion_main!(benches);

@@ -123,27 +123,11 @@ fn start_proxy() -> Proxy {
         &distproxy_testkit::distproxy_bin!(BIN_VAR),
         "proxy",
         "warn",
-        "[routing]\nloopback_lookups = \"proxy\"\n",
+        // Every connection comes from 127.0.0.1: the idle section holds
+        // more than the default per-source limit.
+        "[routing]\nloopback_lookups = \"proxy\"\n\n\
+         [limits]\ndist_max_connections_per_source = 4096\n",
     )
-}
-
-/// A field of /proc/<pid>/status in kB (Linux only; 0 elsewhere).
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 // ------------------------------------------------------- reference relay

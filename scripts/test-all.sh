@@ -34,6 +34,7 @@ packages=(
   "setpriv util-linux"
   "iptables iptables"
   "socat socat"
+  "script util-linux"
   "dnsmasq dnsmasq-base"
   "mmdebstrap mmdebstrap"
   "podman podman"

@@ -51,6 +51,7 @@ durations! {
         probe_interval: probe_interval_ms,
     }
     DistConfig {
+        acl_reload_interval: acl_reload_interval_ms,
         handshake_timeout: handshake_timeout_ms,
         connect_timeout: connect_timeout_ms,
         shutdown_grace: shutdown_grace_ms,
@@ -129,7 +130,59 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     #[serde(default)]
     pub relay: RelayConfig,
+    /// Distribution ACL rules (`[[acl]]`), first match wins; no match:
+    /// `dist.acl_default`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acl: Vec<AclRuleConfig>,
 }
+
+/// What an ACL rule (or the default) does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AclAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// One `[[acl]]` rule: which initiators may (not) reach which local nodes.
+/// Patterns are globs (`*`, `?`; see `acl::pattern`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRuleConfig {
+    /// Label of the rule in logs and metrics; `acl-N` (1-based) if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `allow` or `deny`.
+    pub action: AclAction,
+    /// The initiator's node name: a pattern with `@` is matched against the
+    /// full name, one without against the part before `@`.
+    #[serde(default = "default_acl_pattern")]
+    pub initiator: String,
+    /// The local node's name (the part before `@`).
+    #[serde(default = "default_acl_pattern")]
+    pub target: String,
+    /// A DNS or IP SAN of the peer's client certificate; a rule with an
+    /// identity only matches TLS connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+fn default_acl_pattern() -> String {
+    "*".into()
+}
+
+impl AclRuleConfig {
+    /// The rule's label: its `name`, or `acl-N` for the N-th rule (1-based).
+    pub fn label(&self, index: usize) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("acl-{}", index + 1))
+    }
+}
+
+/// The label of decisions no rule matched (`dist.acl_default`).
+pub const ACL_DEFAULT_LABEL: &str = "default";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,6 +229,13 @@ pub struct DistConfig {
     /// long before they are closed.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// What connections no `[[acl]]` rule matches get.
+    #[serde(default)]
+    pub acl_default: AclAction,
+    /// How often the configuration file is re-read for `[[acl]]` and
+    /// `acl_default` changes (also on SIGHUP).
+    #[serde(default = "default_acl_reload_interval_ms")]
+    pub acl_reload_interval_ms: u64,
 }
 
 /// The admin HTTP endpoint: /metrics, /healthz, /readyz, /nodes.
@@ -243,6 +303,9 @@ fn default_probe_interval_ms() -> u64 {
 fn default_shutdown_grace_ms() -> u64 {
     20_000
 }
+fn default_acl_reload_interval_ms() -> u64 {
+    5_000
+}
 fn default_admin_listen() -> Option<SocketAddr> {
     Some(SocketAddr::from(([0, 0, 0, 0], 9369)))
 }
@@ -277,6 +340,8 @@ impl Default for DistConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             max_connections: default_max_connections(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            acl_default: AclAction::Allow,
+            acl_reload_interval_ms: default_acl_reload_interval_ms(),
         }
     }
 }
@@ -386,6 +451,10 @@ impl Config {
             ("routing.lookup_ttl_ms", self.routing.lookup_ttl_ms),
             ("routing.max_hold_ms", self.routing.max_hold_ms),
             ("epmd.probe_interval_ms", self.epmd.probe_interval_ms),
+            (
+                "dist.acl_reload_interval_ms",
+                self.dist.acl_reload_interval_ms,
+            ),
         ] {
             check_ms(key, value, 1)?;
         }
@@ -417,6 +486,7 @@ impl Config {
         self.tcp.validate()?;
         self.relay.validate()?;
         self.discovery.validate()?;
+        validate_acl(&self.acl)?;
         Ok(())
     }
 
@@ -424,6 +494,54 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// `[[acl]]`: patterns parse, labels are unique and usable as metric
+/// labels, targets name local nodes (no `@`).
+fn validate_acl(rules: &[AclRuleConfig]) -> Result<(), ConfigError> {
+    use crate::acl::pattern::Pattern;
+    let mut labels = std::collections::HashSet::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let label = rule.label(i);
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            key,
+            reason: format!("rule {} ({label:?}): {reason}", i + 1),
+        };
+        if let Some(name) = &rule.name {
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+            if !ok {
+                return Err(invalid(
+                    "acl.name",
+                    "use 1 to 64 letters, digits, '-', '_', '.' or ':'".into(),
+                ));
+            }
+            if name == ACL_DEFAULT_LABEL {
+                return Err(invalid(
+                    "acl.name",
+                    format!("{ACL_DEFAULT_LABEL:?} is the label of dist.acl_default"),
+                ));
+            }
+        }
+        if !labels.insert(label.clone()) {
+            return Err(invalid("acl.name", "another rule has the same name".into()));
+        }
+        Pattern::parse(&rule.initiator).map_err(|e| invalid("acl.initiator", e.to_string()))?;
+        Pattern::parse(&rule.target).map_err(|e| invalid("acl.target", e.to_string()))?;
+        if rule.target.contains('@') {
+            return Err(invalid(
+                "acl.target",
+                "the target is a local node's name without '@host'".into(),
+            ));
+        }
+        if let Some(identity) = &rule.identity {
+            Pattern::parse(identity).map_err(|e| invalid("acl.identity", e.to_string()))?;
+        }
+    }
+    Ok(())
 }
 
 /// How the sidecar that dials checks the certificate of the sidecar it

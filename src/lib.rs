@@ -19,9 +19,16 @@
 //! - [`discovery`]: every node of every pod behind a headless Service —
 //!   [`discovery::wire`] (pod-info and members replies, no I/O),
 //!   [`discovery::naming`] (host parts), [`discovery::query`] (asking one pod).
+//! - [`acl`]: distribution ACLs — [`acl::pattern`] (globs, no I/O), the
+//!   rules in force and their reload.
+//! - [`remsh`]: `distproxy remsh`, a remote shell through one forwarded port.
+//! - [`beam`]: the compiled `distproxy_epmd` module, embedded, and
+//!   `install-module`.
 #![deny(unsafe_code)]
 
+pub mod acl;
 pub mod admin;
+pub mod beam;
 pub mod client;
 pub mod config;
 pub mod discovery;
@@ -31,5 +38,6 @@ pub mod log_safe;
 pub mod metrics;
 pub mod net;
 pub mod node_name;
+pub mod remsh;
 pub mod sidecar;
 pub mod tunnel;

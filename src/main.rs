@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use distproxy::config::Config;
 use distproxy::sidecar::{self, Sidecar};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 const EX_USAGE: u8 = 64;
 
@@ -78,6 +78,16 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// A remote shell into NODE of a pod through one forwarded distribution
+    /// port (`kubectl port-forward`), no root, no local DNS: see docs/remsh.md.
+    Remsh(distproxy::remsh::RemshOptions),
+    /// Write the BEAM helper module `distproxy_epmd.beam` (embedded in this
+    /// binary) into DIR, for nodes started with `-pa DIR -epmd_module
+    /// distproxy_epmd` (e.g. from an init container into a shared volume).
+    InstallModule {
+        /// Directory to write `distproxy_epmd.beam` into (created if missing).
+        dir: PathBuf,
+    },
     /// Print the nodes registered with an EPMD server, as `epmd -names` does.
     Names {
         /// Host of the EPMD server.
@@ -90,9 +100,14 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
+    init_logging_at(format, "info")
+}
+
+/// Logging with `default` as the filter unless `DISTPROXY_LOG` is set.
+fn init_logging_at(format: LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter =
-        EnvFilter::try_from_env("DISTPROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        EnvFilter::try_from_env("DISTPROXY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // No colours: every control character from the network is escaped
@@ -129,8 +144,14 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_logging(cli.log_format);
+    if let Command::Remsh(_) = cli.command {
+        // The shell owns the terminal: only warnings and errors.
+        init_logging_at(cli.log_format, "warn");
+    } else {
+        init_logging(cli.log_format);
+    }
     match cli.command {
+        Command::Remsh(opts) => remsh(opts),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
                 print!("{}", config.to_toml());
@@ -142,6 +163,16 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_USAGE)
             }
         },
+        Command::InstallModule { dir } => match distproxy::beam::install(&dir) {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("distproxy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Names { host, port } => names(&host, port),
         Command::Members { host, port, all } => members(&host, port, all),
         Command::Epmd { args } => epmd_main(&args),
@@ -151,6 +182,7 @@ fn main() -> ExitCode {
             dist_listen,
             advertise_port,
         } => {
+            let config_file = config.clone();
             let mut config = match config {
                 Some(path) => match Config::load(&path) {
                     Ok(c) => c,
@@ -174,7 +206,7 @@ fn main() -> ExitCode {
                 eprintln!("distproxy: {e}");
                 return ExitCode::from(EX_USAGE);
             }
-            run(config, false)
+            run(config, config_file, false)
         }
     }
 }
@@ -200,9 +232,30 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, and warns when even
+/// that is below what the configured connection limits need.
+fn raise_open_files(config: &Config) {
+    let need = distproxy::net::open_files_needed(
+        config.dist.max_connections,
+        config.limits.epmd_max_connections,
+    );
+    match distproxy::net::raise_open_files_limit() {
+        Ok(limit) if limit < need => warn!(
+            limit,
+            need,
+            "the limit on open files is below what dist.max_connections needs \
+             (two per relayed connection): connections beyond it fail; raise the \
+             hard limit (nofile) or lower dist.max_connections"
+        ),
+        Ok(limit) => info!(limit, "open files limit"),
+        Err(e) => warn!(error = %e, "cannot raise the limit on open files"),
+    }
+}
+
 /// Serves until a signal or KILL_REQ, then shuts down gracefully.
 /// `in_use_is_ok`: like `epmd`, exit 0 when the port is already taken.
-fn run(config: Config, in_use_is_ok: bool) -> ExitCode {
+fn run(config: Config, config_file: Option<PathBuf>, in_use_is_ok: bool) -> ExitCode {
+    raise_open_files(&config);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -226,6 +279,9 @@ fn run(config: Config, in_use_is_ok: bool) -> ExitCode {
         let prometheus = install_metrics();
         let grace = config.dist.shutdown_grace();
         let sidecar = Sidecar::start_with(config, listeners, prometheus);
+        if let Some(path) = &config_file {
+            sidecar.watch_config(path);
+        }
         let mut signals = match Signals::new() {
             Ok(s) => s,
             Err(e) => {
@@ -233,9 +289,20 @@ fn run(config: Config, in_use_is_ok: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tokio::select! {
-            _ = signals.next() => info!(grace_ms = grace.as_millis() as u64, "signal received; draining connections"),
-            _ = sidecar.shutdown_requested() => info!("shutdown requested"),
+        loop {
+            tokio::select! {
+                hangup = signals.next_or_hangup() => {
+                    if !hangup {
+                        info!(grace_ms = grace.as_millis() as u64, "signal received; draining connections");
+                        break;
+                    }
+                    sidecar.reload().await;
+                }
+                _ = sidecar.shutdown_requested() => {
+                    info!("shutdown requested");
+                    break;
+                }
+            }
         }
         tokio::select! {
             _ = sidecar.shutdown(grace) => {
@@ -254,6 +321,7 @@ fn run(config: Config, in_use_is_ok: bool) -> ExitCode {
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -262,7 +330,17 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
+    }
+
+    /// SIGTERM/SIGINT (`false`) or SIGHUP (`true`: reload).
+    async fn next_or_hangup(&mut self) -> bool {
+        tokio::select! {
+            _ = self.term.recv() => false,
+            _ = self.int.recv() => false,
+            _ = self.hup.recv() => true,
+        }
     }
 
     async fn next(&mut self) {
@@ -299,6 +377,24 @@ fn block_on(command: impl std::future::Future<Output = ExitCode>) -> ExitCode {
         Err(e) => {
             eprintln!("distproxy: failed to start runtime: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `distproxy remsh`: the shell's exit code, or 64/1 with the reason.
+fn remsh(opts: distproxy::remsh::RemshOptions) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("distproxy: failed to start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(distproxy::remsh::run(opts)) {
+        Ok(status) => ExitCode::from(status.code().map_or(1, |c| c.clamp(0, 255) as u8)),
+        Err(e) => {
+            eprintln!("distproxy remsh: {e}");
+            ExitCode::from(if e.is_usage() { EX_USAGE } else { 1 })
         }
     }
 }
@@ -371,5 +467,5 @@ fn epmd_main(args: &[String]) -> ExitCode {
     };
     config.epmd.listen = cli::drop_unavailable_ipv6(listen);
     config.epmd.relaxed_command_check |= relaxed_command_check;
-    run(config, true)
+    run(config, None, true)
 }

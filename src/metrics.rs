@@ -42,6 +42,13 @@ pub const DISCOVERY_REFRESH_ERRORS: &str = "distproxy_discovery_refresh_errors_t
 pub const TLS_HANDSHAKE_FAILURES: &str = "distproxy_tls_handshake_failures_total";
 pub const TLS_RELOADS: &str = "distproxy_tls_reloads_total";
 pub const TLS_RELOAD_FAILURES: &str = "distproxy_tls_reload_failures_total";
+/// Distribution connections refused by an ACL rule, by `rule` (the rule's
+/// name, or `default` for `dist.acl_default`).
+pub const ACL_DENIED: &str = "distproxy_acl_denied_total";
+/// `[[acl]]` rules in force.
+pub const ACL_RULES: &str = "distproxy_acl_rules";
+pub const ACL_RELOADS: &str = "distproxy_acl_reloads_total";
+pub const ACL_RELOAD_FAILURES: &str = "distproxy_acl_reload_failures_total";
 pub const TLS_CERT_NOT_AFTER: &str = "distproxy_tls_certificate_not_after_timestamp_seconds";
 
 /// Data paths (`path` label of [`RELAY_CONNECTIONS`]) and fast-path
@@ -235,6 +242,19 @@ pub fn describe() {
     describe_counter!(
         TLS_RELOADS,
         "Certificate, key or CA files changed and were loaded for new connections."
+    );
+    describe_counter!(
+        ACL_DENIED,
+        "Distribution connections refused by the ACL, by the rule that refused them (`default`: dist.acl_default)."
+    );
+    describe_gauge!(ACL_RULES, "ACL rules ([[acl]]) in force.");
+    describe_counter!(
+        ACL_RELOADS,
+        "ACL rules reloaded from the configuration file (SIGHUP or a content change)."
+    );
+    describe_counter!(
+        ACL_RELOAD_FAILURES,
+        "ACL reloads refused because the configuration file could not be read or validated (the rules in force stay)."
     );
     describe_counter!(
         TLS_RELOAD_FAILURES,

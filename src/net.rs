@@ -25,6 +25,35 @@ pub const DEFAULT_EPMD_PORT: u16 = 4369;
 /// The distribution port distproxy owns unless configured otherwise.
 pub const DEFAULT_DIST_PORT: u16 = 43691;
 
+/// Raises this process's soft limit on open files to its hard limit (Linux;
+/// elsewhere nothing changes) and returns the soft limit now in force.
+/// Every relayed connection holds two descriptors (the peer's socket and
+/// the node's); container runtimes may start processes with a soft limit of
+/// 1,024 (containerd 2 does), far below what `dist.max_connections` needs,
+/// while the hard limit is much higher.
+#[cfg(target_os = "linux")]
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(soft.max(hard))
+}
+
+/// See the Linux version: elsewhere the limit is left as it is.
+#[cfg(not(target_os = "linux"))]
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    Ok(u64::MAX)
+}
+
+/// Descriptors a sidecar may need at once: two per relayed connection, one
+/// per EPMD connection, and a margin for listeners, the registry's ALIVE2
+/// connections (counted as EPMD connections), logs and the runtime.
+pub fn open_files_needed(max_dist_connections: usize, max_epmd_connections: usize) -> u64 {
+    2 * max_dist_connections as u64 + max_epmd_connections as u64 + 64
+}
+
 /// Binds a TCP listener; IPv6 sockets are IPv6-only so that `0.0.0.0:P`
 /// and `[::]:P` can both be listed.
 pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -492,6 +521,11 @@ pub async fn connect_any(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_files_needed_counts_two_per_relayed_connection() {
+        assert_eq!(open_files_needed(4096, 1024), 8192 + 1024 + 64);
+    }
 
     #[tokio::test]
     async fn connect_any_tries_every_address_and_reports_the_last_failure() {

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::acl::{Acl, AclHandle, ReloadOutcome};
 use crate::admin::AdminCtx;
 use crate::config::Config;
 use crate::discovery::Discovery;
@@ -61,6 +62,9 @@ pub struct Listeners {
     pub tls: Option<Arc<crate::tunnel::tls::Tls>>,
     /// `[discovery]` with its environment variables expanded.
     pub discovery: crate::discovery::Settings,
+    /// `distproxy remsh`: the only host egress connections may reach, and
+    /// its address (`None` for a sidecar: the system resolver).
+    pub pinned_host: Option<(String, std::net::IpAddr)>,
 }
 
 impl Listeners {
@@ -101,6 +105,7 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
         },
         tls,
         discovery,
+        pinned_host: None,
     })
 }
 
@@ -118,6 +123,10 @@ pub struct Sidecar {
     pub tls: Option<Arc<Tls>>,
     /// Discovery of every node in every pod (`[discovery]`).
     pub discovery: Arc<Discovery>,
+    /// The `[[acl]]` rules in force (reloaded by [`Sidecar::watch_config`]
+    /// and SIGHUP).
+    pub acl: Arc<AclHandle>,
+    acl_reload_interval: Duration,
     /// Stops accepting (graceful shutdown starts).
     pub shutdown: CancellationToken,
     /// Ends relays (grace period over).
@@ -178,6 +187,11 @@ impl Sidecar {
             limits.reserved_local_connections,
         );
         let open_connections = Arc::new(OpenConnections::default());
+        // Validated with the rest of the configuration; compiling cannot fail.
+        let acl = AclHandle::new(Acl::from_config(&config).unwrap_or_else(|e| {
+            warn!(error = %e, "invalid [[acl]] rules; refusing every connection");
+            Acl::deny_all()
+        }));
         let forward = Forwarder {
             connect_timeout: config.dist.connect_timeout(),
             handshake_timeout: config.dist.handshake_timeout(),
@@ -201,6 +215,7 @@ impl Sidecar {
             limit: limit.clone(),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
+            pinned_host: listeners.pinned_host.clone(),
         });
         let mirrors = Arc::new(crate::distribution::mirror::Mirrors::new(
             Arc::clone(&registry),
@@ -238,6 +253,7 @@ impl Sidecar {
             preamble_timeout: config.tunnel.preamble_timeout(),
             handshake_timeout: config.dist.handshake_timeout(),
             forward: forward.clone(),
+            acl: Arc::clone(&acl),
         };
         let dist = Arc::new(DistCtx {
             registry: Arc::clone(&registry),
@@ -247,6 +263,7 @@ impl Sidecar {
             forward,
             limit,
             tunnel: Arc::new(inbound),
+            acl: Arc::clone(&acl),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         });
@@ -311,9 +328,33 @@ impl Sidecar {
             egress,
             tls,
             discovery,
+            acl,
+            acl_reload_interval: config.dist.acl_reload_interval(),
             shutdown,
             hard_stop,
             tracker,
+        }
+    }
+
+    /// Reads `[[acl]]` and `dist.acl_default` again from `path` (the file
+    /// the configuration came from) whenever its content changes, and on
+    /// [`Sidecar::reload`].
+    pub fn watch_config(&self, path: &std::path::Path) {
+        self.acl.set_source(path);
+        self.tracker
+            .spawn(Arc::clone(&self.acl).watch(self.acl_reload_interval, self.shutdown.clone()));
+    }
+
+    /// SIGHUP: reload what can be reloaded (the ACL rules) now.
+    pub async fn reload(&self) {
+        let acl = Arc::clone(&self.acl);
+        match tokio::task::spawn_blocking(move || acl.reload("SIGHUP")).await {
+            Ok(ReloadOutcome::Unchanged) => {
+                info!("SIGHUP: the ACL rules in the file are the ones in force")
+            }
+            Ok(ReloadOutcome::NoSource) => info!("SIGHUP: no configuration file to reload"),
+            Ok(ReloadOutcome::Reloaded { .. } | ReloadOutcome::Failed(_)) => {} // logged by reload
+            Err(e) => warn!(error = %e, "ACL reload task failed"),
         }
     }
 

@@ -1,4 +1,4 @@
-//! The command line: check-config output and exit codes.
+//! The command line: check-config output, install-module, exit codes.
 
 use std::process::Command;
 
@@ -67,4 +67,86 @@ fn names_reports_an_unreachable_epmd() {
     let (code, _, stderr) = run(&["names", "--port", &port.to_string()]);
     assert_eq!(code, 1);
     assert!(stderr.contains("Cannot connect"), "{stderr}");
+}
+
+/// `remsh` refuses what it cannot use before starting anything: a name
+/// without a host (64), no cookie (1), an unknown `--via` form (64).
+#[test]
+fn remsh_errors_are_clear_and_early() {
+    let remsh = |args: &[&str], home: &str| {
+        let out = Command::new(BIN)
+            .arg("remsh")
+            .args(args)
+            .env("HOME", home)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = remsh(
+        &["a1", "--via", "127.0.0.1:1", "--cookie", "c"],
+        "/nonexistent",
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("not a full node name"), "{err}");
+
+    let (code, err) = remsh(&["a1@pod-0.svc", "--via", "127.0.0.1:1"], "/nonexistent");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no cookie"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("cookie");
+    let (code, err) = remsh(
+        &[
+            "a1@pod-0.svc",
+            "--via",
+            "127.0.0.1:1",
+            "--cookie-file",
+            missing.to_str().unwrap(),
+        ],
+        "/nonexistent",
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot read the cookie file"), "{err}");
+
+    let (code, err) = remsh(
+        &["a1@pod-0.svc", "--via", "pod/My_Pod", "--cookie", "c"],
+        "/nonexistent",
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("pod/NAME"), "{err}");
+}
+
+/// `install-module DIR` writes the embedded module, byte for byte the
+/// committed `deploy/erlang/distproxy_epmd.beam`, and prints its path; it
+/// creates DIR, replaces a stale file, and fails with exit 1 naming DIR
+/// when it cannot write there.
+#[test]
+fn install_module_writes_the_committed_beam() {
+    let committed = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/erlang/distproxy_epmd.beam"
+    ))
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("distproxy");
+    let path = dir.join("distproxy_epmd.beam");
+    for round in 0..2 {
+        let (code, stdout, stderr) = run(&["install-module", dir.to_str().unwrap()]);
+        assert_eq!(code, 0, "round {round}: {stderr}");
+        assert_eq!(stdout.trim(), path.display().to_string());
+        assert!(std::fs::read(&path).unwrap() == committed, "round {round}");
+        std::fs::write(&path, b"stale").unwrap();
+    }
+    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(entries.len(), 1, "only the module in {}", dir.display());
+
+    let file = tmp.path().join("not-a-dir");
+    std::fs::write(&file, b"").unwrap();
+    let (code, _, stderr) = run(&["install-module", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains(file.to_str().unwrap()), "{stderr}");
+    assert_eq!(run(&["install-module"]).0, 64, "DIR is required");
 }

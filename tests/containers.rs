@@ -394,6 +394,30 @@ impl Lab {
     /// sent to the virtual IP is rejected here, so it never leaves the host.
     fn service(&mut self, ports: &[u16], endpoint: &str) {
         self.service = true;
+        // The kubelet's `--hairpin-mode=hairpin-veth`: a pod's bridge port
+        // may send a frame back where it came from. With br_netfilter loaded
+        // the DNAT of a pod's own Service address keeps the frame bridged,
+        // and without hairpin mode the bridge drops it.
+        let bridge = text(
+            &podman_out(&[
+                "network",
+                "inspect",
+                NET,
+                "--format",
+                "{{.NetworkInterface}}",
+            ])
+            .stdout,
+        )
+        .trim()
+        .to_string();
+        let ports_dir = format!("/sys/class/net/{bridge}/brif");
+        let brif = std::fs::read_dir(&ports_dir)
+            .unwrap_or_else(|e| panic!("bridge ports of {NET} ({ports_dir}): {e}"));
+        for port in brif.flatten() {
+            let knob = port.path().join("hairpin_mode");
+            std::fs::write(&knob, "1")
+                .unwrap_or_else(|e| panic!("hairpin mode on {}: {e}", knob.display()));
+        }
         for (table, hook, chain) in IPT_CHAINS {
             assert!(
                 ipt(&["-t", table, "-N", chain]).status.success(),
@@ -564,8 +588,12 @@ fn start_sidecar(pod: &str, config: &Path) {
         "no-new-privileges",
         "-v",
         &mount,
+        // Like an emptyDir: world-writable, not a copy of the image's
+        // directory (podman copies its owner and mode up by default).
         "--tmpfs",
-        "/var/lib/distproxy:mode=1777",
+        "/var/lib/distproxy:mode=1777,notmpcopyup",
+        "-e",
+        "DISTPROXY_LOG=info,distproxy=debug",
         IMAGE,
     ]);
 }

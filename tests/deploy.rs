@@ -467,9 +467,24 @@ fn manifest_validator_rejects_broken_manifests() {
         (
             "deploy/kubernetes/overlays/mtls",
             "Deployment",
-            "ebin -epmd_module distproxy_epmd",
-            "ebin",
+            "/distproxy -epmd_module distproxy_epmd",
+            "/distproxy",
             "-epmd_module distproxy_epmd",
+        ),
+        // The module is loaded from a directory nothing fills.
+        (
+            "deploy/kubernetes/base",
+            "Deployment",
+            "- install-module\n",
+            "- check-config\n",
+            "no `-pa DIR` holds distproxy_epmd.beam",
+        ),
+        (
+            "deploy/kubernetes/base",
+            "Deployment",
+            "            /distproxy -epmd_module",
+            "            /tmp -epmd_module",
+            "no `-pa DIR` holds distproxy_epmd.beam",
         ),
         // TLS on, tunnel egress off: outgoing traffic would bypass TLS.
         (
@@ -958,7 +973,9 @@ fn deploy_readme_covers_metrics_and_manifests() {
         "-start_epmd false",
         "inet_dist_use_interface",
         "-epmd_module distproxy_epmd",
+        "-pa /distproxy",
         "-pa /opt/distproxy/ebin",
+        "install-module",
     ] {
         assert!(
             readme.contains(flag),

@@ -314,3 +314,90 @@ async fn a_port_pool_routes_concurrent_lookups_of_different_nodes_exactly() {
         assert_eq!(answered, format!("{name}@fake.host"));
     }
 }
+
+/// Connects to `dist` as a remote initiator: the challenge's name, or None
+/// when the sidecar closes the connection first (over its limit).
+async fn try_dial(dist: std::net::SocketAddr) -> Option<(TcpStream, String)> {
+    let mut s = TcpStream::connect(dist).await.ok()?;
+    s.write_all(&frames::send_name("many@remote")).await.ok()?;
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some((name, _)) = frames::parse_node_answer(&buf) {
+            return Some((s, name));
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
+            .await
+            .expect("no answer and no close within 5 s")
+            .unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+    }
+}
+
+/// One more message through `s`, echoed by the node.
+async fn echo_once(s: &mut TcpStream, i: usize) {
+    let msg = (i as u64).to_be_bytes();
+    s.write_all(&msg).await.unwrap();
+    let mut back = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .expect("echo within 5 s")
+        .unwrap();
+    assert_eq!(back, msg, "connection {i} relays");
+}
+
+/// A short version of `benches/hold.rs`: with `dist.max_connections` = N,
+/// N connections set up by lookup are all relayed and stay relayed while
+/// idle (one more is refused: every one holds its place), and when the
+/// client closes them all, every place is given back (N new connections
+/// are relayed again). A relay that leaked its task, its permit or a
+/// socket would fail the second round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_idle_connections_are_all_relayed_and_all_released() {
+    const N: usize = 200;
+    // Four descriptors per connection in this process (client, both legs
+    // in the sidecar, the fake node's side).
+    distproxy_testkit::bench::raise_nofile(8 * N as u64 + 256);
+    let mut config = proxy_config();
+    config.dist.max_connections = N;
+    config.limits.dist_max_connections_per_source = N;
+    let sc = start(config);
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let node = FakeNode::start("a", "127.0.0.1:0").await;
+    let _reg = client::register(epmd, spec("a", node.port)).await.unwrap();
+
+    for round in 0..2 {
+        let mut held = Vec::with_capacity(N);
+        for i in 0..N {
+            assert_eq!(lookup_port(epmd, "a").await, dist.port());
+            // In the second round, places are given back as the sidecar
+            // sees the first round's connections close.
+            let mut got = None;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while got.is_none() {
+                got = try_dial(dist).await;
+                if got.is_none() {
+                    assert!(
+                        round == 1 && tokio::time::Instant::now() < deadline,
+                        "round {round}: connection {i} refused: places not given back"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let (mut s, answered) = got.unwrap();
+            assert_eq!(answered, "a@fake.host", "round {round}: connection {i}");
+            echo_once(&mut s, i).await;
+            held.push(s);
+        }
+        // Every place is taken by a relayed connection: one more is refused.
+        assert!(
+            try_dial(dist).await.is_none(),
+            "round {round}: connection {N} + 1 accepted over dist.max_connections = {N}"
+        );
+        for (i, s) in held.iter_mut().enumerate() {
+            echo_once(s, i).await;
+        }
+        drop(held);
+    }
+}

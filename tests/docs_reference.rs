@@ -31,9 +31,15 @@ fn toml_keys(text: &str, origin: &str) -> BTreeSet<String> {
         .unwrap_or_else(|e| panic!("{origin} is not valid TOML: {e}"));
     let mut keys = BTreeSet::new();
     for (section, body) in &value {
-        match body.as_table() {
-            Some(table) => keys.extend(table.keys().map(|k| format!("{section}.{k}"))),
-            None => panic!("{origin}: top-level key {section:?} is not a [section]"),
+        match (body.as_table(), body.as_array()) {
+            (Some(table), _) => keys.extend(table.keys().map(|k| format!("{section}.{k}"))),
+            // An array of tables (`[[acl]]`): the keys of every entry.
+            (None, Some(entries)) if entries.iter().all(|e| e.is_table()) => {
+                for entry in entries.iter().filter_map(|e| e.as_table()) {
+                    keys.extend(entry.keys().map(|k| format!("{section}.{k}")));
+                }
+            }
+            _ => panic!("{origin}: top-level key {section:?} is not a [section] or [[section]]"),
         }
     }
     keys

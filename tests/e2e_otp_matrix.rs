@@ -14,7 +14,8 @@
 //!   and `ELIXIR_ERL_OPTIONS`), an all-at-once mesh, rpc, bulk transfer,
 //!   remote NAMES, a restart.
 //! - [`otp25_and_otp29_pods_talk_through_both_paths`]: pods of different
-//!   releases; the module compiled on 25 loaded by 29.
+//!   releases; the module `distproxy install-module` writes (compiled on
+//!   25) loaded by 25 and 29.
 //! - [`rolling_upgrade_from_otp25_to_otp29_while_pinging`]: pods change
 //!   release one by one while the others keep talking.
 //!
@@ -34,7 +35,7 @@ use support::mesh::{
     assert_full_mesh, assert_rpc_across_pods_answered_by_target, others, ping_everyone_at_once,
 };
 use support::metrics::{metric_sum, metrics};
-use support::module::{compile_module_with, with_module};
+use support::module::{compile_module_with, install_module, with_module};
 use support::wait::wait_until;
 use support::{e2e_enabled, BeamNode, Daemon, Lab, Otp, Pod, SidecarOptions, DIST_PORT};
 
@@ -247,8 +248,8 @@ fn every_path_on(otp: Otp) {
 // Releases side by side
 
 /// Pod A runs OTP 25, pod B OTP 29 (plain sidecars). a1, b1 are plain;
-/// am runs the module compiled on 25, bm the same `.beam` (compiled on 25,
-/// loaded by 29). Both ways, each path: 25 → 29 and 29 → 25 by
+/// am and bm run the `.beam` that `distproxy install-module` writes (the
+/// one the binary carries, compiled on 25; loaded by 25 and by 29). Both ways, each path: 25 → 29 and 29 → 25 by
 /// correlation, and through the tunnel; then everyone at once, rpc, and
 /// 8 MiB each way across the releases.
 #[test]
@@ -261,7 +262,7 @@ fn otp25_and_otp29_pods_talk_through_both_paths() {
     let (a, b) = (lab.pod("a"), lab.pod("b"));
     a.set_otp(Otp::V25);
     b.set_otp(Otp::V29);
-    let ebin25 = compile_module_with(&lab, Otp::V25);
+    let ebin25 = install_module(&lab);
     let mut sidecar_a = a.spawn_sidecar(&[]);
     let mut sidecar_b = b.spawn_sidecar(&[]);
     // One connection per ping (no transitive connections by global), so

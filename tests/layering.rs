@@ -23,6 +23,7 @@ const LAYERS: &[(&str, Layer)] = &[
     // Wiring: reads configuration, binds, builds the services' contexts.
     ("main", Layer::Wiring),
     ("sidecar", Layer::Wiring),
+    ("remsh", Layer::Wiring),
     // Services: one per listener or background job.
     ("admin", Layer::Service),
     ("epmd::server", Layer::Service),
@@ -41,10 +42,16 @@ const LAYERS: &[(&str, Layer)] = &[
     ("discovery::query", Layer::Service),
     // Core: protocol codecs (no I/O), state, shared primitives.
     ("config", Layer::Core),
+    ("acl", Layer::Core),
+    ("acl::pattern", Layer::Core),
+    ("remsh::plan", Layer::Core),
+    ("remsh::probe", Layer::Core),
+    ("remsh::kubectl", Layer::Core),
     ("metrics", Layer::Core),
     ("node_name", Layer::Core),
     ("net", Layer::Core),
     ("log_safe", Layer::Core),
+    ("beam", Layer::Core),
     ("client", Layer::Core),
     ("epmd", Layer::Core),
     ("epmd::proto", Layer::Core),
@@ -54,6 +61,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("distribution::handshake", Layer::Core),
     ("distribution::router", Layer::Core),
     ("distribution::relay", Layer::Core),
+    ("distribution::relay::pool", Layer::Core),
     ("distribution::relay::splice", Layer::Core),
     ("distribution::relay::sockmap", Layer::Core),
     ("distribution::relay::bpf", Layer::Core),
@@ -74,7 +82,11 @@ const LEAVES: &[(&str, &[&str])] = &[
     ("log_safe", &[]),
     ("epmd::proto", &["node_name"]),
     ("distribution::handshake", &["node_name"]),
-    ("config", &["node_name", "net", "discovery::naming"]),
+    (
+        "config",
+        &["node_name", "net", "discovery::naming", "acl::pattern"],
+    ),
+    ("acl::pattern", &[]),
     ("discovery::naming", &[]),
 ];
 

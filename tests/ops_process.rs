@@ -377,3 +377,47 @@ async fn sigterm_with_stalled_epmd_peers_exits_when_the_grace_period_ends() {
     assert_eq!(code.code(), Some(0));
     drop(held);
 }
+
+/// Started with a soft limit on open files of 256 (container runtimes may
+/// start processes with 1,024: containerd 2 does), the sidecar raises it to
+/// the hard limit: 10,000 relayed connections need 20,000 descriptors.
+#[tokio::test]
+async fn the_soft_limit_on_open_files_is_raised_to_the_hard_limit() {
+    assert!(
+        Command::new("prlimit").arg("--version").output().is_ok(),
+        "this test needs prlimit (Debian package util-linux)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = write_config(dir.path(), &ports, "");
+    let p = Proc::spawn_unlogged(
+        "distproxy",
+        Command::new("prlimit")
+            .arg("--nofile=256:4096")
+            .arg(distproxy_testkit::distproxy_bin!())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await,
+        "sidecar did not start"
+    );
+    // prlimit execs the sidecar: same process.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files in /proc/PID/limits");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        &fields[3..5],
+        &["4096", "4096"],
+        "soft limit raised to the hard one: {line}"
+    );
+}

@@ -17,9 +17,10 @@ use distproxy_testkit::sut::sidecar::Sidecar;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// How long a sidecar remembers that no sidecar answered on a host (fixed
-/// in the sidecar).
-const NO_SIDECAR_TTL: Duration = Duration::from_secs(5);
+/// How long the test's sidecar remembers that no sidecar answered on a host
+/// (`tunnel.probe_failure_ttl_ms`, 5 s by default): short, so the test
+/// waits it out quickly, and long enough to see it hold.
+const NO_SIDECAR_TTL: Duration = Duration::from_millis(800);
 
 /// The in-process test configuration, without the admin endpoint (several
 /// sidecars run in one process).
@@ -270,13 +271,14 @@ async fn egress_is_refused_for_a_host_without_sidecar_so_the_node_falls_back() {
     drop(spare);
     let mut config = config();
     config.tunnel.remote_port = remote_port;
+    config.tunnel.probe_failure_ttl_ms = NO_SIDECAR_TTL.as_millis() as u64;
     let sc = start(config);
     let since = std::time::Instant::now();
     let r = egress(epmd_addr(&sc), "b@127.0.0.1").await;
     assert_eq!(r.result, proto::EGRESS_NO_REMOTE_SIDECAR, "{r:?}");
     assert_eq!(r.port, 0);
     // Remembered for a while: no new probe, same answer, until the answer
-    // expires (5 s, fixed in the sidecar): polled, and not sooner.
+    // expires (`tunnel.probe_failure_ttl_ms`): polled, and not sooner.
     let remote = TcpListener::bind(("127.0.0.1", remote_port)).await.unwrap();
     let r = egress(epmd_addr(&sc), "b@127.0.0.1").await;
     assert_eq!(r.result, proto::EGRESS_NO_REMOTE_SIDECAR, "{r:?}");

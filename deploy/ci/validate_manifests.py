@@ -78,6 +78,10 @@ KNOWN_METRICS = {
     "distproxy_discovery_members",
     "distproxy_discovery_pods",
     "distproxy_discovery_refresh_errors_total",
+    "distproxy_acl_denied_total",
+    "distproxy_acl_rules",
+    "distproxy_acl_reloads_total",
+    "distproxy_acl_reload_failures_total",
     "distproxy_relay_connections_total",
     "distproxy_relay_fast_path_available",
     "distproxy_relay_fast_path_fallbacks_total",
@@ -363,6 +367,38 @@ def env_value(container: dict, name: str) -> str | None:
     return None
 
 
+def module_dirs(spec: dict, container: dict) -> set[str]:
+    """Where `container` can load distproxy_epmd.beam from: /opt/distproxy/ebin
+    (an application image with the module built in), and its mounts of volumes
+    that an init container fills with `distproxy install-module DIR`."""
+    filled: set[str] = set()
+    for ic in spec.get("initContainers") or []:
+        words = (ic.get("command") or []) + (ic.get("args") or [])
+        if "install-module" not in words or words.index("install-module") + 1 >= len(words):
+            continue
+        target = words[words.index("install-module") + 1].rstrip("/")
+        for m in ic.get("volumeMounts") or []:
+            if m["mountPath"].rstrip("/") == target and not m.get("readOnly"):
+                filled.add(m["name"])
+    dirs = {"/opt/distproxy/ebin"}
+    for m in container.get("volumeMounts") or []:
+        if m["name"] in filled:
+            dirs.add(m["mountPath"].rstrip("/"))
+    return dirs
+
+
+def code_paths(flags: str) -> set[str]:
+    """The directories `-pa DIR ...` adds to a node's code path."""
+    words, dirs = flags.split(), set()
+    for i, w in enumerate(words):
+        if w == "-pa":
+            for d in words[i + 1:]:
+                if d.startswith("-"):
+                    break
+                dirs.add(d.rstrip("/"))
+    return dirs
+
+
 def check_env_references(container: dict, where: str, problems: Problems) -> None:
     """$(VAR) in an env value expands only if VAR is defined earlier."""
     defined: set[str] = set()
@@ -520,12 +556,15 @@ def check_workload(docs: list[dict], workload: dict, config_source: str | None, 
                 problems.add(cwhere, f"BEAM flags lack `{flag}`")
         # Step 1 of turning TLS on (deploy/README.md, "Upgrade order") has TLS without
         # the tunnel flags; once TLS is required, every pod must send it.
-        if tls_on and tls.get("require_tls"):
-            for flag in ("-pa /opt/distproxy/ebin", "-epmd_module distproxy_epmd"):
-                if flag not in flags:
-                    problems.add(cwhere, f"[tls] require_tls is on but the BEAM flags lack `{flag}`: "
-                                 "outgoing traffic would bypass the TLS tunnel and be refused by the other pods")
-        if "-epmd_module distproxy_epmd" in flags and not egress:
+        uses_module = "-epmd_module distproxy_epmd" in flags
+        if tls_on and tls.get("require_tls") and not uses_module:
+            problems.add(cwhere, "[tls] require_tls is on but the BEAM flags lack `-epmd_module distproxy_epmd`: "
+                         "outgoing traffic would bypass the TLS tunnel and be refused by the other pods")
+        if uses_module and not code_paths(flags) & module_dirs(spec, c):
+            problems.add(cwhere, "-epmd_module distproxy_epmd but no `-pa DIR` holds distproxy_epmd.beam "
+                         "(a mount of a volume an init container fills with `distproxy install-module DIR`, "
+                         "or /opt/distproxy/ebin in the application image): the nodes would not start")
+        if uses_module and not egress:
             problems.add(cwhere, "-epmd_module distproxy_epmd but [tunnel] egress is off")
         if workload["kind"] == "StatefulSet":
             host = env_value(c, "NODE_HOST") or ""

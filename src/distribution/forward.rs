@@ -368,6 +368,66 @@ where
         permit,
     } = to;
     let target = node.spec.name.clone();
+    let who = Who {
+        peer,
+        initiator: &initiator,
+        target: &target,
+        method,
+    };
+    // The setup's state (connect, deadlines, the node's frames) is boxed:
+    // it is freed once the relay starts instead of sizing the connection's
+    // task, which lives as long as the connection (benches/hold.rs).
+    let setup = Box::pin(connect_and_verify(
+        &mut peer_stream,
+        &who,
+        &node,
+        entry,
+        &prefix,
+        fwd,
+    ));
+    let Some((node_stream, pre)) = setup.await else {
+        return;
+    };
+    // What setup needed is freed before relaying: an idle relayed
+    // connection holds only its sockets and counts.
+    drop((prefix, node));
+    let guard = ConnectionGuard::open(permit, &fwd.open_connections, &target, Direction::Inbound);
+    debug!(%peer, %initiator, %target, method = method.label(), "relaying");
+    let (stats, outcome) = fwd.relay(guard, peer_stream, node_stream, pre).await;
+    info!(%peer, %initiator, %target, route = method.label(),
+        rx_bytes = stats.rx, tx_bytes = stats.tx,
+        duration_ms = started.elapsed().as_millis() as u64, %outcome, "distribution connection ended");
+}
+
+/// Who a connection being set up is, for logs.
+struct Who<'a> {
+    peer: SocketAddr,
+    initiator: &'a str,
+    target: &'a str,
+    method: RouteMethod,
+}
+
+/// Connects to `node`, replays `prefix`, checks the node's name in its
+/// challenge and passes its frames on to the peer. Returns the node's
+/// stream and the bytes forwarded each way, or None when the connection
+/// was closed (logged and counted here).
+async fn connect_and_verify<P>(
+    peer_stream: &mut P,
+    who: &Who<'_>,
+    node: &NodeEntry,
+    entry: Option<super::router::Consumed>,
+    prefix: &[u8],
+    fwd: &Forwarder,
+) -> Option<(TcpStream, RelayStats)>
+where
+    P: AsyncWrite + Unpin,
+{
+    let Who {
+        peer,
+        initiator,
+        target,
+        method,
+    } = *who;
     let node_addr = SocketAddr::new(node.addr, node.spec.port);
     let connect_start = Instant::now();
     let mut node_stream = match tokio::time::timeout(
@@ -380,25 +440,25 @@ where
         Ok(Err(e)) => {
             warn!(%peer, %initiator, %target, %node_addr, error = %e, "failed to connect to node");
             closed(reason::CONNECT_FAILED);
-            return;
+            return None;
         }
         Err(_) => {
             warn!(%peer, %initiator, %target, %node_addr, "timed out connecting to node");
             closed(reason::TIMEOUT);
-            return;
+            return None;
         }
     };
     phase("connect_node", connect_start);
     let _ = node_stream.set_nodelay(true);
     fwd.tcp.apply(&node_stream);
-    let replay = tokio::time::timeout(fwd.handshake_timeout, node_stream.write_all(&prefix));
+    let replay = tokio::time::timeout(fwd.handshake_timeout, node_stream.write_all(prefix));
     if let Err(e) = replay
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
     {
         warn!(%peer, %initiator, %target, error = %e, "failed to replay handshake to node");
         closed(reason::NODE_GONE);
-        return;
+        return None;
     }
 
     // Read the node's status and challenge as they pass, to verify the name.
@@ -407,7 +467,7 @@ where
     let answered = check_node_name(
         &mut node_stream,
         &mut from_node,
-        &target,
+        target,
         fwd.handshake_timeout,
     )
     .await;
@@ -422,7 +482,7 @@ where
             warn!(%peer, %initiator, %target, node_answered = %actual, route = method.label(),
                 entry_id, entry_age_ms, "MISROUTE: node answered with another name; closing");
             closed(reason::MISROUTED);
-            return;
+            return None;
         }
         NameCheck::Unknown(why) => {
             debug!(%peer, %initiator, %target, why = %why, "node challenge not checked");
@@ -441,20 +501,14 @@ where
         {
             debug!(%peer, error = %e, "peer gone before handshake reply");
             closed(reason::PEER_CLOSED);
-            return;
+            return None;
         }
     }
-
-    let guard = ConnectionGuard::open(permit, &fwd.open_connections, &target, Direction::Inbound);
-    debug!(%peer, %initiator, %target, method = method.label(), "relaying");
     let pre = RelayStats {
         rx: prefix.len() as u64,
         tx: from_node.len() as u64,
     };
-    let (stats, outcome) = fwd.relay(guard, peer_stream, node_stream, pre).await;
-    info!(%peer, %initiator, %target, route = method.label(),
-        rx_bytes = stats.rx, tx_bytes = stats.tx,
-        duration_ms = started.elapsed().as_millis() as u64, %outcome, "distribution connection ended");
+    Some((node_stream, pre))
 }
 
 /// Result of watching the node's first handshake frames.

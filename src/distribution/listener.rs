@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use super::forward::{self, Forwarder, RouteMethod, ToNode};
 use super::router::Correlator;
+use crate::acl::{AclHandle, AclPath, AclRequest};
 use crate::epmd::registry::Registry;
 use crate::metrics::{self as m, reason, record_closed as closed, record_phase as phase, route};
 use crate::net::{accept_loop, ConnectionLimit, Stop};
@@ -64,6 +65,9 @@ pub struct DistCtx {
     /// `dist.max_connections`, shared with the egress listeners.
     pub limit: ConnectionLimit,
     pub tunnel: Arc<dyn TunnelInbound>,
+    /// `[[acl]]`: judged once the target is chosen, before the node is
+    /// contacted.
+    pub acl: Arc<AclHandle>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -166,6 +170,15 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
             }
         },
     };
+    let request = AclRequest {
+        initiator: &initiator,
+        target: &target,
+        identity: None,
+    };
+    if !ctx.acl.admit(&request, peer, AclPath::Raw) {
+        closed(reason::REFUSED_BY_POLICY);
+        return;
+    }
     metrics::counter!(m::ROUTES, "method" => method.label()).increment(1);
     let Some(node) = ctx.registry.get(&target) else {
         warn!(%peer, %initiator, %target, "target node is no longer registered; closing");

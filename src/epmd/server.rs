@@ -405,9 +405,10 @@ async fn serve_port_please(
         return;
     }
     // A node of this pod asking through the pod address: no routing needed.
-    // Not when the lookup came through a Service address (hairpin DNAT
-    // without masquerade): the node will dial that address, where only the
-    // Service's ports are forwarded, so it gets the advertised port.
+    // Not when NAT inside the pod redirected the lookup (conntrack knows
+    // another original destination): the node will dial that address, where
+    // the node's own port need not be forwarded. (A Service's hairpin is
+    // masqueraded by kube-proxy, so it arrives from another address.)
     if Some(peer_ip) == local_ip && !crate::net::redirected(&stream) {
         if let Some(port) = shared.mirrors.same_pod_port(&node, peer_ip) {
             proto::encode_port2_ok(&mut out, &node.spec, port);

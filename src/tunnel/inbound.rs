@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use super::preamble::{self, Preamble};
 use super::tls::{self, PeerIdentity, Tls};
 use super::Transport;
+use crate::acl::{AclHandle, AclPath, AclRequest};
 use crate::distribution::forward::{self, Forwarder, Phase, RouteMethod, ToNode};
 use crate::distribution::listener::{TunnelInbound, PREAMBLE_FIRST_BYTE};
 use crate::epmd::registry::Registry;
@@ -36,6 +37,8 @@ pub struct Inbound {
     /// Deadline for the `send_name` after it (`dist.handshake_timeout_ms`).
     pub handshake_timeout: Duration,
     pub forward: Forwarder,
+    /// `[[acl]]`: judged after the preamble, before the node is contacted.
+    pub acl: Arc<AclHandle>,
 }
 
 impl TunnelInbound for Inbound {
@@ -172,6 +175,26 @@ impl Inbound {
         }
 
         let short = preamble.target_short_name();
+        let sans: Option<Vec<String>> = identity.as_ref().map(|id| {
+            id.dns_names
+                .iter()
+                .cloned()
+                .chain(id.ip_addrs.iter().map(|ip| ip.to_string()))
+                .collect()
+        });
+        let request = AclRequest {
+            initiator,
+            target: short,
+            identity: sans.as_deref(),
+        };
+        let path = match transport {
+            Transport::Tls => AclPath::Tls,
+            Transport::Plain => AclPath::Preamble,
+        };
+        if !self.acl.admit(&request, peer, path) {
+            closed(reason::REFUSED_BY_POLICY);
+            return;
+        }
         let Some(node) = self.registry.get(short) else {
             warn!(%peer, transport = transport.label(), %target, %initiator,
                 registered = self.registry.len(),

@@ -47,6 +47,9 @@ pub enum ResolveError {
 /// Resolves remote hosts; cheap to share (the cache is inside).
 pub struct Resolver {
     inner: TokioResolver,
+    /// `distproxy remsh`: this one host resolves to this address, every
+    /// other host to nothing (connections go through one forwarded port).
+    pinned: Option<(String, IpAddr)>,
 }
 
 impl Resolver {
@@ -67,7 +70,22 @@ impl Resolver {
                 .build()
             }
         };
-        Resolver { inner }
+        Resolver {
+            inner,
+            pinned: None,
+        }
+    }
+
+    /// A resolver that knows one host only: `host` (ASCII case-insensitive,
+    /// trailing dot ignored) is `ip`; anything else, IP literals included,
+    /// resolves to no address. Used by `distproxy remsh`, where every
+    /// connection must go through the forwarded port.
+    pub fn pinned_only(host: &str, ip: IpAddr) -> Resolver {
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        Resolver {
+            pinned: Some((host, ip)),
+            ..Resolver::from_system_conf()
+        }
     }
 
     /// Addresses of `host`, in the resolver's preference order (IPv4 first by
@@ -77,6 +95,16 @@ impl Resolver {
         host: &str,
         timeout: Duration,
     ) -> Result<Vec<IpAddr>, ResolveError> {
+        if let Some((pinned, ip)) = &self.pinned {
+            let bare = host.strip_suffix('.').unwrap_or(host);
+            return if bare.eq_ignore_ascii_case(pinned) {
+                Ok(vec![*ip])
+            } else {
+                Err(ResolveError::NoAddress {
+                    host: host.to_owned(),
+                })
+            };
+        }
         if let Some(ip) = ip_literal(host) {
             return Ok(vec![ip]);
         }
@@ -131,6 +159,17 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got, vec![IpAddr::from([127, 0, 0, 1])]);
+    }
+
+    #[tokio::test]
+    async fn a_pinned_resolver_knows_one_host_only() {
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let r = Resolver::pinned_only("Pod-0.svc.test.", ip);
+        let t = Duration::from_millis(1);
+        assert_eq!(r.resolve("pod-0.svc.test", t).await.unwrap(), vec![ip]);
+        assert_eq!(r.resolve("POD-0.svc.test.", t).await.unwrap(), vec![ip]);
+        assert!(r.resolve("pod-1.svc.test", t).await.is_err());
+        assert!(r.resolve("10.1.2.3", t).await.is_err(), "not even literals");
     }
 
     #[tokio::test]

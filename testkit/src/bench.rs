@@ -200,6 +200,18 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// with free EPMD and distribution ports (never 4369), the admin endpoint off
 /// (unless `extra` has an `[admin]` section) and `extra` appended to its configuration; waits until it serves.
 pub fn start_sidecar(bin: &str, label: &'static str, log: &str, extra: &str) -> Sidecar {
+    start_sidecar_with(bin, label, log, "", extra)
+}
+
+/// [`start_sidecar`] with `dist_extra` added to the `[dist]` section (e.g.
+/// `max_connections = 12000\n`).
+pub fn start_sidecar_with(
+    bin: &str,
+    label: &'static str,
+    log: &str,
+    dist_extra: &str,
+    extra: &str,
+) -> Sidecar {
     let [epmd_port, dist_port] = crate::ports::free_ports();
     let epmd = SocketAddr::from(([127, 0, 0, 1], epmd_port));
     let dist = SocketAddr::from(([127, 0, 0, 1], dist_port));
@@ -212,7 +224,8 @@ pub fn start_sidecar(bin: &str, label: &'static str, log: &str, extra: &str) -> 
     };
     write!(
         config,
-        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n\n{admin}{extra}"
+        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n{dist_extra}\n\
+         {admin}{extra}"
     )
     .unwrap();
     config.flush().unwrap();
@@ -324,6 +337,52 @@ pub fn bulk_to_sink(s: &mut TcpStream, bytes: u64, what: &str) -> f64 {
     s.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "EOF after the count ({what})");
     secs
+}
+
+/// Raises this process's limit on open files (soft and, as root, hard) to
+/// at least `want`, so that children started afterwards inherit it. Returns
+/// the soft limit now in force (lower than `want` when the hard limit could
+/// not be raised).
+#[cfg(target_os = "linux")]
+pub fn raise_nofile(want: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft >= want {
+        return soft;
+    }
+    if hard < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return want;
+    }
+    let soft = want.min(hard);
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, soft, hard);
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(s, _)| s)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn raise_nofile(_want: u64) -> u64 {
+    0
+}
+
+/// A field of `/proc/<pid>/status` in kB (Linux only; 0 elsewhere).
+pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of a process (Linux only; 0 elsewhere).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Certificates for the two "pods" (both sidecars and, for `inet_tls_dist`,

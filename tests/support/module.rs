@@ -1,6 +1,7 @@
 //! The Erlang helper module `distproxy_epmd` (`deploy/erlang/`), which
 //! sends a node's connections through the sidecar's tunnel: compiled per
-//! lab, and the documented `erl` flags that load it.
+//! lab or installed by `distproxy install-module` (the `.beam` the binary
+//! carries), and the documented `erl` flags that load it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,6 +39,27 @@ pub fn compile_module_with(lab: &Lab, otp: Otp) -> PathBuf {
         "erlc of {otp} wrote no distproxy_epmd.beam"
     );
     ebin
+}
+
+/// Runs `distproxy install-module DIR` (the binary under test) with DIR in
+/// the lab, as the manifests' init container does; returns DIR.
+pub fn install_module(lab: &Lab) -> PathBuf {
+    let dir = lab.dir().join("installed-module");
+    let out = Command::new(super::distproxy_bin())
+        .arg("install-module")
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run distproxy install-module");
+    assert!(
+        out.status.success(),
+        "distproxy install-module {} failed:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("distproxy_epmd.beam").is_file());
+    dir
 }
 
 /// Compiles the Erlang source `src` into `ebin` (created if missing) with

@@ -71,6 +71,8 @@ impl SidecarOptions {
 /// Its stderr and stdout go to a log file, printed when the test fails.
 pub struct Daemon {
     proc: Proc,
+    /// The sidecar's `--config` file, if it was given one.
+    config: Option<std::path::PathBuf>,
 }
 
 impl Daemon {
@@ -86,10 +88,12 @@ impl Daemon {
             }
         };
         cmd.arg("run");
+        let mut config = None;
         if let Some(toml) = &options.config {
             let path = lab.file(&format!("{}-sidecar", pod.name()), "toml");
             std::fs::write(&path, toml).expect("write sidecar config");
             cmd.arg("--config").arg(&path);
+            config = Some(path);
         }
         cmd.args(&options.args);
         if std::env::var_os(LOG_VAR).is_none() {
@@ -103,7 +107,7 @@ impl Daemon {
         for port in &options.wait_ports {
             pod.wait_listening(*port, START_TIMEOUT, Some(&mut proc));
         }
-        Daemon { proc }
+        Daemon { proc, config }
     }
 
     pub(crate) fn stock_epmd(pod: &Pod) -> Daemon {
@@ -112,7 +116,7 @@ impl Daemon {
         let cmd = pod.command("epmd");
         let mut proc = spawn_logged(&format!("stock epmd in pod {}", pod.name()), cmd, &log);
         pod.wait_epmd(&mut proc, START_TIMEOUT);
-        Daemon { proc }
+        Daemon { proc, config: None }
     }
 
     /// What the daemon wrote so far (stderr and stdout).
@@ -137,6 +141,17 @@ impl Daemon {
     }
 
     /// Process id.
+    /// The `--config` file the sidecar was started with (rewrite it, then
+    /// SIGHUP, to reload).
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+
+    /// Sends `signal` (`"HUP"`, `"TERM"`, …) to the daemon.
+    pub fn signal(&self, signal: &str) {
+        self.proc.signal(signal)
+    }
+
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }

@@ -7,7 +7,8 @@
 //!
 //! Small messages, the usual distribution traffic, are cheaper to copy: a
 //! burst (what a socket has when it becomes readable) starts with an
-//! ordinary read into a [`SMALL`]-byte buffer. A short read means the socket
+//! ordinary read into a [`SMALL`]-byte buffer, taken from a per-thread pool
+//! for the read and given back while the socket has nothing to read. A short read means the socket
 //! is drained (tokio then clears its readiness, so there is no extra probe
 //! for `EAGAIN`), and the bytes are written on: the same three system calls
 //! per message as a read/write relay. Only a full read, which means more is
@@ -25,8 +26,8 @@
 //!
 //! Pipes come from a small process-wide pool: a direction takes one for a
 //! burst and gives it back, empty, at the burst's end. An idle relayed
-//! connection therefore holds no pipe (its cost is its two sockets and two
-//! small buffers), and the pipes open at once are about the number of
+//! connection therefore holds no pipe and no buffer (its cost is its two
+//! sockets and its task), and the pipes open at once are about the number of
 //! directions moving bulk bytes at that moment. A pipe that may still hold
 //! bytes (an error, or the relay dropped at shutdown) is closed, never
 //! pooled. When no pipe can be had (file-descriptor limit) or the kernel
@@ -44,7 +45,9 @@ use std::sync::{Mutex, MutexGuard};
 use metrics::Counter;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncWriteExt, Interest};
+
+use super::pool::Slot;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
@@ -63,8 +66,8 @@ const SPLICE_LEN: usize = 1 << 20;
 /// the user's pipe pages.
 const POOL_MAX: usize = 16;
 /// The first read of each burst: messages up to this size are copied, not
-/// spliced. Part of each relayed connection's idle cost (twice).
-const SMALL: usize = 2 * 1024;
+/// spliced. The buffer is taken only for the read ([`super::pool`]).
+const SMALL: usize = super::SMALL_READ;
 
 fn flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE
@@ -143,23 +146,34 @@ async fn copy_with(
     total: &mut u64,
     mut can_splice: bool,
 ) -> io::Result<()> {
-    let mut small = [0u8; SMALL];
+    let mut small = Slot::default();
     loop {
-        let n = src.read(&mut small).await?;
+        let n = small.read(&mut src, SMALL).await?;
         if n == 0 {
             return dst.shutdown().await;
         }
-        dst.write_all(&small[..n]).await?;
+        dst.write_all(small.filled(n)).await?;
         *total += n as u64;
         counted.increment(n as u64);
         if n < SMALL || !can_splice {
             continue;
         }
         // A full read: more is waiting. Splice the rest of the burst.
+        small.release();
         let Ok(pipe) = Pipe::take() else {
             continue;
         };
-        match splice_burst(src.as_ref(), dst.as_ref(), pipe, counted, total).await? {
+        // Boxed: the burst's state exists only while it runs, instead of
+        // enlarging every relayed connection's task for its whole life.
+        match Box::pin(splice_burst(
+            src.as_ref(),
+            dst.as_ref(),
+            pipe,
+            counted,
+            total,
+        ))
+        .await?
+        {
             Burst::Drained => {}
             Burst::Unsupported => can_splice = false,
             Burst::Eof => return dst.shutdown().await,
@@ -237,6 +251,7 @@ pub(super) static SPLICED: std::sync::atomic::AtomicU64 = std::sync::atomic::Ato
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     /// A connected pair of loopback sockets.

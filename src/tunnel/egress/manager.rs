@@ -90,13 +90,19 @@ pub struct EgressSettings {
     /// The registry: egress requests for this pod's own nodes are answered
     /// with their loopback port.
     pub registry: Arc<Registry>,
+    /// `distproxy remsh`: the one host every egress connection may reach,
+    /// and the address it resolves to (see [`Resolver::pinned_only`]).
+    pub pinned_host: Option<(String, std::net::IpAddr)>,
 }
 
 impl EgressManager {
     /// A manager with no listeners and a resolver from the system
     /// configuration.
     pub fn new(settings: EgressSettings) -> Arc<EgressManager> {
-        let resolver = Arc::new(Resolver::from_system_conf());
+        let resolver = Arc::new(match &settings.pinned_host {
+            Some((host, ip)) => Resolver::pinned_only(host, *ip),
+            None => Resolver::from_system_conf(),
+        });
         let probe = RemoteProbe::new(
             ProbeSettings::from_config(&settings.tunnel),
             Arc::clone(&resolver),

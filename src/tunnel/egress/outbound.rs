@@ -206,6 +206,8 @@ impl EgressManager {
             rx: 0,
             tx: prefix.len() as u64,
         };
+        // Freed before relaying: an idle connection holds no setup buffer.
+        drop((head, prefix, preamble));
         let (stats, outcome) = self.forward.relay(guard, remote, local, pre).await;
         info!(%initiator, %target, %remote_addr, transport = transport.label(),
         rx_bytes = stats.rx, tx_bytes = stats.tx,

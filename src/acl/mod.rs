@@ -1,0 +1,514 @@
+//! Distribution ACLs: who may connect to which local node (`[[acl]]`,
+//! `dist.acl_default`; user guide `docs/acl.md`).
+//!
+//! A connection is judged once, after its initiator and target are known
+//! and before the node is contacted: on the distribution port (correlated
+//! and single-node routes) and on the tunnel's inbound side (preamble
+//! routes, plain or TLS). Rules are tried in order; the first one whose
+//! patterns all match decides; no match takes `dist.acl_default`.
+//!
+//! The rules in force live in an [`AclHandle`]: connections read the current
+//! [`Acl`] without locking; a reload (SIGHUP, or the configuration file's
+//! content changing, polled every `dist.acl_reload_interval_ms`) swaps in
+//! new rules for the connections that arrive next. Established connections
+//! were judged when they started and are never dropped by a reload. A file
+//! that no longer parses or validates keeps the current rules (logged and
+//! counted).
+
+pub mod pattern;
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{AclAction, Config, ConfigError, ACL_DEFAULT_LABEL};
+use crate::metrics as m;
+use pattern::Pattern;
+
+/// One compiled rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    label: Arc<str>,
+    action: AclAction,
+    initiator: Pattern,
+    /// Whether `initiator` is matched against the full name (it has `@`).
+    initiator_full: bool,
+    target: Pattern,
+    identity: Option<Pattern>,
+}
+
+/// A set of rules and the default: a pure decision function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acl {
+    rules: Vec<Rule>,
+    default: AclAction,
+    default_label: Arc<str>,
+}
+
+/// What a connection is judged on.
+#[derive(Debug, Clone, Copy)]
+pub struct AclRequest<'a> {
+    /// The initiator's node name as it sent it (`name@host`).
+    pub initiator: &'a str,
+    /// The local node's name (without `@host`).
+    pub target: &'a str,
+    /// The client certificate's DNS and IP SANs; `None` without TLS.
+    pub identity: Option<&'a [String]>,
+}
+
+/// The outcome, with the label of the rule that decided (`default` when
+/// none matched).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allow: bool,
+    pub rule: Arc<str>,
+}
+
+impl Acl {
+    /// Everything allowed, no rules (the behaviour without `[[acl]]`).
+    pub fn allow_all() -> Acl {
+        Acl {
+            rules: Vec::new(),
+            default: AclAction::Allow,
+            default_label: ACL_DEFAULT_LABEL.into(),
+        }
+    }
+
+    /// Everything refused (what invalid rules fall back to).
+    pub fn deny_all() -> Acl {
+        Acl {
+            default: AclAction::Deny,
+            ..Acl::allow_all()
+        }
+    }
+
+    /// Compiles the rules of a validated configuration.
+    pub fn from_config(config: &Config) -> Result<Acl, ConfigError> {
+        let invalid = |key, i: usize, e: pattern::PatternError| ConfigError::Invalid {
+            key,
+            reason: format!("rule {}: {e}", i + 1),
+        };
+        let mut rules = Vec::with_capacity(config.acl.len());
+        for (i, r) in config.acl.iter().enumerate() {
+            rules.push(Rule {
+                label: r.label(i).into(),
+                action: r.action,
+                initiator: Pattern::parse(&r.initiator)
+                    .map_err(|e| invalid("acl.initiator", i, e))?,
+                initiator_full: r.initiator.contains('@'),
+                target: Pattern::parse(&r.target).map_err(|e| invalid("acl.target", i, e))?,
+                identity: match &r.identity {
+                    Some(p) => Some(Pattern::parse(p).map_err(|e| invalid("acl.identity", i, e))?),
+                    None => None,
+                },
+            });
+        }
+        Ok(Acl {
+            rules,
+            default: config.dist.acl_default,
+            default_label: ACL_DEFAULT_LABEL.into(),
+        })
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The first matching rule decides; else the default.
+    pub fn decide(&self, req: &AclRequest<'_>) -> Decision {
+        let short = req.initiator.split('@').next().unwrap_or(req.initiator);
+        for rule in &self.rules {
+            let initiator = if rule.initiator_full {
+                req.initiator
+            } else {
+                short
+            };
+            if !rule.initiator.matches(initiator) || !rule.target.matches(req.target) {
+                continue;
+            }
+            if let Some(identity) = &rule.identity {
+                let Some(sans) = req.identity else { continue };
+                if !sans.iter().any(|s| identity.matches_ignore_ascii_case(s)) {
+                    continue;
+                }
+            }
+            return Decision {
+                allow: rule.action == AclAction::Allow,
+                rule: Arc::clone(&rule.label),
+            };
+        }
+        Decision {
+            allow: self.default == AclAction::Allow,
+            rule: Arc::clone(&self.default_label),
+        }
+    }
+}
+
+/// Where a connection was judged (the `path` field of the refusal log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclPath {
+    /// A raw handshake on the distribution port (correlated or single node).
+    Raw,
+    /// A tunnel preamble, plain text.
+    Preamble,
+    /// A tunnel preamble inside mutual TLS.
+    Tls,
+}
+
+impl AclPath {
+    fn label(self) -> &'static str {
+        match self {
+            AclPath::Raw => "raw",
+            AclPath::Preamble => "preamble",
+            AclPath::Tls => "tls",
+        }
+    }
+}
+
+/// The result of a reload.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// New rules are in force.
+    Reloaded { rules: usize },
+    /// The file's rules are the ones in force.
+    Unchanged,
+    /// The file cannot be read, parsed or validated; the rules in force stay.
+    Failed(ConfigError),
+    /// No configuration file to reload from.
+    NoSource,
+}
+
+struct Source {
+    path: PathBuf,
+    /// Digest of the file content last looked at.
+    digest: Option<u64>,
+}
+
+/// The rules in force, shared by every service that judges connections.
+pub struct AclHandle {
+    current: ArcSwap<Acl>,
+    source: Mutex<Option<Source>>,
+}
+
+impl AclHandle {
+    pub fn new(acl: Acl) -> Arc<AclHandle> {
+        metrics::gauge!(m::ACL_RULES).set(acl.len() as f64);
+        Arc::new(AclHandle {
+            current: ArcSwap::from_pointee(acl),
+            source: Mutex::new(None),
+        })
+    }
+
+    /// The rules in force now.
+    pub fn current(&self) -> Arc<Acl> {
+        self.current.load_full()
+    }
+
+    /// Puts `acl` in force for the connections that arrive next.
+    pub fn set(&self, acl: Acl) {
+        metrics::gauge!(m::ACL_RULES).set(acl.len() as f64);
+        self.current.store(Arc::new(acl));
+    }
+
+    /// Judges a connection: `true` lets it through. A refusal is logged
+    /// with the rule that decided and counted
+    /// (`distproxy_acl_denied_total{rule}`); the caller closes the
+    /// connection and counts it as `refused_by_policy`.
+    pub fn admit(&self, req: &AclRequest<'_>, peer: SocketAddr, path: AclPath) -> bool {
+        let decision = self.current.load().decide(req);
+        if !decision.allow {
+            warn!(%peer, path = path.label(), initiator = req.initiator, target = req.target,
+                identity = ?req.identity, rule = %decision.rule,
+                "distribution connection refused by ACL rule; closing");
+            metrics::counter!(m::ACL_DENIED, "rule" => decision.rule.to_string()).increment(1);
+        }
+        decision.allow
+    }
+
+    /// Remembers the file the configuration came from: [`AclHandle::reload`]
+    /// and [`AclHandle::watch`] read the rules from it.
+    pub fn set_source(&self, path: &Path) {
+        let digest = std::fs::read(path).ok().map(|b| digest(&b));
+        *lock(&self.source) = Some(Source {
+            path: path.to_path_buf(),
+            digest,
+        });
+    }
+
+    /// Re-reads the configuration file and puts its `[[acl]]` rules and
+    /// `dist.acl_default` in force (blocking file I/O: one small read).
+    /// Other sections are not applied (they need a restart). `why` names
+    /// the trigger in the log (`SIGHUP`, `file changed`).
+    pub fn reload(&self, why: &str) -> ReloadOutcome {
+        let Some(path) = lock(&self.source).as_ref().map(|s| s.path.clone()) else {
+            return ReloadOutcome::NoSource;
+        };
+        let bytes = std::fs::read(&path);
+        if let Some(source) = lock(&self.source).as_mut() {
+            source.digest = bytes.as_ref().ok().map(|b| digest(b));
+        }
+        let origin = path.display().to_string();
+        let parsed = bytes
+            .map_err(|source| ConfigError::Read {
+                path: origin.clone(),
+                source,
+            })
+            .and_then(|b| Config::from_toml(&String::from_utf8_lossy(&b), &origin))
+            .and_then(|c| Acl::from_config(&c));
+        match parsed {
+            Ok(acl) if *self.current.load_full() == acl => ReloadOutcome::Unchanged,
+            Ok(acl) => {
+                let rules = acl.len();
+                info!(file = %origin, trigger = why, rules, default = ?acl.default,
+                    "ACL rules reloaded; new connections are judged by them, established ones stay");
+                metrics::counter!(m::ACL_RELOADS).increment(1);
+                self.set(acl);
+                ReloadOutcome::Reloaded { rules }
+            }
+            Err(e) => {
+                warn!(file = %origin, trigger = why, error = %e,
+                    "cannot reload ACL rules; the rules in force stay");
+                metrics::counter!(m::ACL_RELOAD_FAILURES).increment(1);
+                ReloadOutcome::Failed(e)
+            }
+        }
+    }
+
+    /// Whether the source file's content differs from the last look.
+    fn source_changed(&self) -> bool {
+        let guard = lock(&self.source);
+        let Some(source) = guard.as_ref() else {
+            return false;
+        };
+        let now = std::fs::read(&source.path).ok().map(|b| digest(&b));
+        now != source.digest
+    }
+
+    /// Polls the source file every `interval` until `shutdown`, reloading
+    /// when its content changes (a ConfigMap update through its `..data`
+    /// symlink included).
+    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let me = Arc::clone(&self);
+            let polled = tokio::task::spawn_blocking(move || {
+                if me.source_changed() {
+                    me.reload("file changed");
+                }
+            })
+            .await;
+            if let Err(e) = polled {
+                warn!(error = %e, "ACL reload task failed; file watching stops");
+                break;
+            }
+        }
+    }
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// A poisoned lock only means another thread panicked mid-update of a
+/// plain value; the value is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acl(toml: &str) -> Acl {
+        let config = Config::from_toml(toml, "test").unwrap();
+        Acl::from_config(&config).unwrap()
+    }
+
+    fn req<'a>(initiator: &'a str, target: &'a str) -> AclRequest<'a> {
+        AclRequest {
+            initiator,
+            target,
+            identity: None,
+        }
+    }
+
+    fn decide(acl: &Acl, r: AclRequest<'_>) -> (bool, String) {
+        let d = acl.decide(&r);
+        (d.allow, d.rule.to_string())
+    }
+
+    #[test]
+    fn no_rules_allow_everything() {
+        let a = acl("");
+        assert_eq!(decide(&a, req("x@h", "a1")), (true, "default".to_string()));
+        assert_eq!(a, Acl::allow_all());
+    }
+
+    #[test]
+    fn first_matching_rule_decides() {
+        let a = acl(r#"
+            [dist]
+            acl_default = "deny"
+            [[acl]]
+            name = "no-b-to-a1"
+            action = "deny"
+            initiator = "b*"
+            target = "a1"
+            [[acl]]
+            action = "allow"
+            initiator = "*@pod-b.dp.test"
+        "#);
+        assert_eq!(
+            decide(&a, req("b1@pod-b.dp.test", "a1")),
+            (false, "no-b-to-a1".into())
+        );
+        assert_eq!(
+            decide(&a, req("b1@pod-b.dp.test", "a2")),
+            (true, "acl-2".into())
+        );
+        assert_eq!(
+            decide(&a, req("c1@pod-c.dp.test", "a2")),
+            (false, "default".into())
+        );
+    }
+
+    #[test]
+    fn initiator_without_at_matches_the_name_part() {
+        let a = acl(r#"
+            [[acl]]
+            action = "deny"
+            initiator = "remsh-*"
+        "#);
+        assert!(!a.decide(&req("remsh-1@laptop", "a1")).allow);
+        assert!(!a.decide(&req("remsh-1", "a1")).allow);
+        assert!(a.decide(&req("a2@remsh-1", "a1")).allow);
+        // With '@', the whole name.
+        let a = acl(r#"
+            [[acl]]
+            action = "deny"
+            initiator = "*@pod-b.*"
+        "#);
+        assert!(!a.decide(&req("x@pod-b.dp.test", "a1")).allow);
+        assert!(a.decide(&req("pod-b@x", "a1")).allow);
+    }
+
+    #[test]
+    fn identity_rules_match_only_tls_peers_with_a_matching_san() {
+        let a = acl(r#"
+            [dist]
+            acl_default = "deny"
+            [[acl]]
+            name = "ops"
+            action = "allow"
+            initiator = "remsh-*"
+            identity = "*.ops.DP.test"
+        "#);
+        fn with(sans: &[String]) -> AclRequest<'_> {
+            AclRequest {
+                initiator: "remsh-1@laptop.ops.dp.test",
+                target: "a1",
+                identity: Some(sans),
+            }
+        }
+        let ops = ["laptop.ops.dp.test".to_string(), "10.0.0.9".to_string()];
+        let other = ["pod-b.dp.test".to_string()];
+        assert_eq!(decide(&a, with(&ops)), (true, "ops".into()));
+        assert_eq!(decide(&a, with(&other)), (false, "default".into()));
+        assert_eq!(
+            decide(&a, req("remsh-1@laptop.ops.dp.test", "a1")),
+            (false, "default".into()),
+            "no TLS, no identity"
+        );
+        let ip = acl(r#"
+            [[acl]]
+            action = "deny"
+            identity = "10.0.0.*"
+        "#);
+        assert!(!ip.decide(&with(&ops)).allow);
+    }
+
+    #[test]
+    fn bad_rules_are_refused_naming_the_key() {
+        let err = |toml: &str| Config::from_toml(toml, "t").unwrap_err().to_string();
+        let e = err("[[acl]]\naction = \"deny\"\ninitiator = \"a b\"\n");
+        assert!(e.contains("`acl.initiator`") && e.contains("rule 1"), "{e}");
+        let e = err("[[acl]]\naction = \"deny\"\ntarget = \"a1@pod-a\"\n");
+        assert!(e.contains("`acl.target`"), "{e}");
+        let e = err("[[acl]]\naction = \"deny\"\nidentity = \"\"\n");
+        assert!(e.contains("`acl.identity`"), "{e}");
+        let e = err(
+            "[[acl]]\nname = \"x\"\naction = \"deny\"\n[[acl]]\nname = \"x\"\naction = \"allow\"\n",
+        );
+        assert!(e.contains("`acl.name`") && e.contains("rule 2"), "{e}");
+        let e = err("[[acl]]\nname = \"default\"\naction = \"deny\"\n");
+        assert!(e.contains("`acl.name`"), "{e}");
+        let e = err("[[acl]]\nname = \"a b\"\naction = \"deny\"\n");
+        assert!(e.contains("`acl.name`"), "{e}");
+        let e = err("[[acl]]\ninitiator = \"a\"\n");
+        assert!(e.contains("action"), "{e}");
+        let e = err("[[acl]]\naction = \"maybe\"\n");
+        assert!(e.contains("maybe") || e.contains("variant"), "{e}");
+        let e = err("[dist]\nacl_reload_interval_ms = 0\n");
+        assert!(e.contains("`dist.acl_reload_interval_ms`"), "{e}");
+    }
+
+    #[test]
+    fn rules_render_and_parse_back() {
+        let c = Config::from_toml(
+            "[dist]\nacl_default = \"deny\"\n[[acl]]\nname = \"r\"\naction = \"allow\"\ninitiator = \"a*\"\nidentity = \"*.x\"\n",
+            "t",
+        )
+        .unwrap();
+        let again = Config::from_toml(&c.to_toml(), "rendered").unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn reload_swaps_rules_and_keeps_them_on_a_bad_file() {
+        let dir = std::env::temp_dir().join(format!("dp-acl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "").unwrap();
+        let handle = AclHandle::new(Acl::allow_all());
+        assert!(matches!(handle.reload("test"), ReloadOutcome::NoSource));
+        handle.set_source(&file);
+        assert!(!handle.source_changed());
+        assert!(matches!(handle.reload("test"), ReloadOutcome::Unchanged));
+
+        std::fs::write(&file, "[[acl]]\naction = \"deny\"\ntarget = \"a1\"\n").unwrap();
+        assert!(handle.source_changed());
+        assert!(matches!(
+            handle.reload("test"),
+            ReloadOutcome::Reloaded { rules: 1 }
+        ));
+        assert!(!handle.source_changed());
+        assert!(!handle.current().decide(&req("b1@x", "a1")).allow);
+
+        std::fs::write(&file, "[[acl]]\naction = \"deny\"\ntarget = \"a 1\"\n").unwrap();
+        assert!(matches!(handle.reload("test"), ReloadOutcome::Failed(_)));
+        assert!(
+            !handle.current().decide(&req("b1@x", "a1")).allow,
+            "a bad file keeps the rules in force"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
