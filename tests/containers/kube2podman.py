@@ -131,7 +131,9 @@ def pods(args):
         else:
             spec.pop("initContainers", None)
         spec["containers"] = native + spec["containers"]
-        for c in spec["containers"]:
+        # Plain init containers (e.g. install-module) run before all of
+        # them, as in Kubernetes; they get the same image and env mapping.
+        for c in rest + spec["containers"]:
             fix_env(c, name, ip, namespace, secrets)
             c["image"] = images.get(c["image"], c["image"])
             for key in ("ports", "startupProbe", "readinessProbe", "livenessProbe"):
