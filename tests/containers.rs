@@ -1029,9 +1029,19 @@ fn play_overlay(
             file.to_str().unwrap(),
         ]);
         // The kubelet's order for a native sidecar: sidecar, startup probe,
+        // then the plain init containers to completion (install-module),
         // then the application.
         podman(&["start", &format!("{pod}-distproxy")]);
         wait_startup_probe(ip, probe_port, &probe_path);
+        for init in plain_init_containers(&pod) {
+            let out = podman_out(&["start", "--attach", &init]);
+            assert!(
+                out.status.success(),
+                "init container {init} failed: {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
         podman(&["start", &format!("{pod}-app")]);
     }
     for ip in ips {
@@ -1060,6 +1070,27 @@ fn play_overlay(
     );
     assert_eq!(line, format!("DPC transfer ok {}", 16 * 1024 * 1024));
     (lab, ips)
+}
+
+/// The containers `kube play` made for a pod's plain init containers: all
+/// but its infra container, the sidecar and the application.
+fn plain_init_containers(pod: &str) -> Vec<String> {
+    let out = podman_out(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("pod={pod}"),
+        "--format",
+        "{{.Names}} {{.IsInfra}}",
+    ]);
+    assert!(out.status.success(), "podman ps: {}", text(&out.stderr));
+    let (sidecar, app) = (format!("{pod}-distproxy"), format!("{pod}-app"));
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(name, infra)| *infra != "true" && *name != sidecar && *name != app)
+        .map(|(name, _)| name.to_string())
+        .collect()
 }
 
 /// Node host of a Deployment's pod: its IP.
@@ -1134,12 +1165,22 @@ fn kube_play_base_overlay() {
     }
     let (_serial, fx) = setup();
     let (lab, ips) = play_overlay(fx, "base", &[], pod_ip_host);
-    // Plain distribution: the sidecars routed by correlation, no tunnel.
+    // The base overlay loads the helper module that its install-module init
+    // container put into the shared volume (ERL_FLAGS alone): the nodes ask
+    // their sidecar for egress ports, and the other pod routes those
+    // connections by their preamble, plain TCP.
     let (_, metrics) = http_get(&format!("{}:9369", ips[1]), "/metrics").expect("metrics");
     assert!(
         metrics
             .lines()
-            .any(|l| l.starts_with("distproxy_routes_total") && !l.contains("preamble")),
+            .any(|l| l.starts_with("distproxy_routes_total") && l.contains("\"preamble\"")),
+        "{metrics}"
+    );
+    let (_, metrics) = http_get(&format!("{}:9369", ips[0]), "/metrics").expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("distproxy_epmd_requests_total{type=\"egress\",result=\"ok\"}")),
         "{metrics}"
     );
     drop(lab);

@@ -126,14 +126,18 @@ def pods(args):
         rest = [c for c in spec.get("initContainers", []) if c not in native]
         for c in native:
             del c["restartPolicy"]
+        # Plain init containers (install-module) become ordinary containers
+        # too: the test runs them to completion between the sidecar's
+        # startup probe and the application, in the kubelet's order
+        # (podman's own init containers are removed once run, and cannot be
+        # ordered after a sidecar).
+        spec.pop("initContainers", None)
+        spec["containers"] = native + rest + spec["containers"]
         if rest:
-            spec["initContainers"] = rest
-        else:
-            spec.pop("initContainers", None)
-        spec["containers"] = native + spec["containers"]
-        # Plain init containers (e.g. install-module) run before all of
-        # them, as in Kubernetes; they get the same image and env mapping.
-        for c in rest + spec["containers"]:
+            # A container that has finished its job must stay finished:
+            # podman applies the pod's restart policy to every container.
+            spec["restartPolicy"] = "Never"
+        for c in spec["containers"]:
             fix_env(c, name, ip, namespace, secrets)
             c["image"] = images.get(c["image"], c["image"])
             for key in ("ports", "startupProbe", "readinessProbe", "livenessProbe"):
