@@ -44,11 +44,10 @@ use distproxy_testkit::bench::*;
 use distproxy_testkit::process::Proc;
 use distproxy_testkit::sut::client;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -275,91 +274,30 @@ fn compile_erlang() -> tempfile::TempDir {
     dir
 }
 
-/// A running node, killed on drop (after closing its stdin, which halts it).
-struct Beam {
-    name: String,
-    stdin: Option<ChildStdin>,
-    proc: Proc,
-    lines: mpsc::Receiver<String>,
+/// The answers of the helper start with one of these.
+const ANSWERS: &[&str] = &["ready", "connected ", "sent ", "rtt ", "error"];
+
+/// A running node of the bench's helper module (killed on drop).
+type Beam = BenchNode;
+
+/// Starts node `name@127.0.0.1` running `beam_bench:Role()` with `args`.
+fn start_beam(name: &str, role: &str, epmd_port: u16, ebin: &Path, args: &[String]) -> Beam {
+    let mut flags: Vec<String> = vec![
+        "-setcookie".into(),
+        COOKIE.into(),
+        "-connect_all".into(),
+        "false".into(),
+    ];
+    flags.extend(args.iter().map(|a| a.to_string()));
+    BenchNode::start(name, ("beam_bench", role), epmd_port, ebin, &flags, ANSWERS)
 }
 
-const ANSWERS: [&str; 5] = ["ready", "connected ", "sent ", "rtt ", "error"];
-
-impl Beam {
-    fn start(name: &str, role: &str, epmd_port: u16, ebin: &Path, args: &[String]) -> Beam {
-        let full = format!("{name}@127.0.0.1");
-        let mut cmd = Command::new("erl");
-        cmd.args(["-noshell", "-name", &full, "-setcookie", COOKIE])
-            .args(["-start_epmd", "false", "-connect_all", "false"])
-            .args(["-kernel", "inet_dist_use_interface", "{127,0,0,1}"])
-            .arg("-pa")
-            .arg(ebin)
-            .args(args)
-            .args(["-run", "beam_bench", role])
-            .env("ERL_EPMD_PORT", epmd_port.to_string())
-            .env_remove("ERL_FLAGS")
-            .env_remove("ERL_AFLAGS")
-            .env_remove("ERL_ZFLAGS")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut proc = Proc::spawn_unlogged(&full, &mut cmd);
-        let stdin = proc.child_mut().stdin.take();
-        let stdout = proc.child_mut().stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let tag = full.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if ANSWERS.iter().any(|a| line.starts_with(a)) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                } else {
-                    eprintln!("[{tag}] {line}");
-                }
-            }
-        });
-        Beam {
-            name: full,
-            proc,
-            stdin,
-            lines,
-        }
-    }
-
-    fn answer(&mut self, what: &str, timeout: Duration) -> String {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => line,
-            Err(e) => {
-                let status = self.proc.exited();
-                panic!(
-                    "node {}: no answer to {what} ({e}); process: {status:?}",
-                    self.name
-                )
-            }
-        }
-    }
-
-    fn command(&mut self, cmd: &str, timeout: Duration) -> String {
-        let stdin = self.stdin.as_mut().unwrap();
-        writeln!(stdin, "{cmd}").expect("write to erl");
-        stdin.flush().unwrap();
-        let line = self.answer(cmd, timeout);
-        assert!(
-            !line.starts_with("error"),
-            "node {}: {cmd}: {line}",
-            self.name
-        );
-        line
-    }
-
-    fn numbers(line: &str) -> Vec<u64> {
-        line.split_whitespace()
-            .skip(1)
-            .map(|x| x.parse().expect("number"))
-            .collect()
-    }
+/// The numbers after the first word of an answer.
+fn numbers(line: &str) -> Vec<u64> {
+    line.split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().expect("number"))
+        .collect()
 }
 
 /// HAProxy in TCP mode from a free port to `to`, killed on drop.
@@ -541,9 +479,9 @@ fn main() {
         ]
     };
     let module = ["-epmd_module", "beam_bench_epmd"].map(String::from);
-    let mut tx = Beam::start("tx", "control", at.epmd.port(), ebin.path(), &module);
-    let mut rx = Beam::start("rx", "sink", at.epmd.port(), ebin.path(), &pinned(rx_port));
-    let mut rxt = Beam::start("rxt", "sink", bt.epmd.port(), ebin.path(), &[]);
+    let mut tx = start_beam("tx", "control", at.epmd.port(), ebin.path(), &module);
+    let mut rx = start_beam("rx", "sink", at.epmd.port(), ebin.path(), &pinned(rx_port));
+    let mut rxt = start_beam("rxt", "sink", bt.epmd.port(), ebin.path(), &[]);
     for b in [&mut tx, &mut rx, &mut rxt] {
         b.answer("start-up", Duration::from_secs(60));
     }
@@ -571,7 +509,7 @@ fn main() {
 
     let mut routes = vec![Route {
         path: Hop::Direct,
-        target: rx.name.clone(),
+        target: rx.name().to_string(),
         via: rx_port.to_string(),
         expect_port: rx_port,
         pids: vec![],
@@ -579,7 +517,7 @@ fn main() {
     if wanted(Hop::Splice) {
         routes.push(Route {
             path: Hop::Splice,
-            target: rx.name.clone(),
+            target: rx.name().to_string(),
             via: s.dist.port().to_string(),
             expect_port: s.dist.port(),
             pids: vec![s.pid()],
@@ -588,7 +526,7 @@ fn main() {
     match &fast {
         Ok((f, _)) => routes.push(Route {
             path: Hop::Sockmap,
-            target: rx.name.clone(),
+            target: rx.name().to_string(),
             via: f.dist.port().to_string(),
             expect_port: f.dist.port(),
             pids: vec![f.pid()],
@@ -598,7 +536,7 @@ fn main() {
     match &haproxy {
         Ok(h) => routes.push(Route {
             path: Hop::Haproxy,
-            target: rx.name.clone(),
+            target: rx.name().to_string(),
             via: h.port.to_string(),
             expect_port: h.port,
             pids: vec![h.proc.pid()],
@@ -606,10 +544,10 @@ fn main() {
         Err(why) => println!("haproxy left out: {why}"),
     }
     if wanted(Hop::TlsPair) {
-        let egress = egress_port(at.epmd, &rxt.name);
+        let egress = egress_port(at.epmd, rxt.name());
         routes.push(Route {
             path: Hop::TlsPair,
-            target: rxt.name.clone(),
+            target: rxt.name().to_string(),
             via: "egress".into(),
             expect_port: egress,
             pids: vec![at.pid(), bt.pid()],
@@ -633,7 +571,7 @@ fn main() {
                 long,
             );
             let (c1, w1) = (cpu_of(&r.pids), switches_of(&r.pids));
-            let f = Beam::numbers(&line);
+            let f = numbers(&line);
             let (sent, msgs, bytes, us) = (f[0], f[1], f[2], f[3]);
             assert_eq!(msgs, sent, "{}: every message arrived", r.path.label());
             assert_eq!(bytes, sent * plan.msg_bytes as u64, "{}", r.path.label());
@@ -647,7 +585,7 @@ fn main() {
             );
             let (c2, w2) = (cpu_of(&r.pids), switches_of(&r.pids));
             row.msg_switches += w2 - w1;
-            let f = Beam::numbers(&line);
+            let f = numbers(&line);
             row.p50.push(f[1] as f64 / 1000.0);
             row.p99.push(f[2] as f64 / 1000.0);
             row.msgs += 2.0 * f[0] as f64;

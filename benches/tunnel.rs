@@ -66,13 +66,10 @@
 //! Without `erl`/`erlc`, part 2 is skipped with the reason printed.
 
 use distproxy_testkit::bench::*;
-use distproxy_testkit::process::Proc;
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -564,94 +561,24 @@ fn ssl_dist_optfile(
     path
 }
 
-/// A running node, killed on drop (after closing its stdin, which halts
-/// it: fields drop in declaration order).
-struct Beam {
-    name: String,
-    stdin: Option<ChildStdin>,
-    proc: Proc,
-    lines: mpsc::Receiver<String>,
-}
+/// The answers of the helper start with one of these.
+const ANSWERS: &[&str] = &["ready", "connected ", "sent ", "error"];
 
-/// The answers of the helper start with one of these; anything else the
-/// node prints (logger reports) is passed on to stderr.
-const ANSWERS: [&str; 4] = ["ready", "connected ", "sent ", "error"];
+/// A running node of the bench's helper module (killed on drop).
+type Beam = BenchNode;
 
-impl Beam {
-    /// Starts `erl` for node `name@127.0.0.1` (listening on 127.0.0.1 only)
-    /// with `args`, running `tunnel_bench:Role()`, registered with the EPMD
-    /// at `epmd_port`.
-    fn start(name: &str, role: &str, epmd_port: u16, ebin: &Path, args: &[&str]) -> Beam {
-        let full = format!("{name}@127.0.0.1");
-        let mut cmd = Command::new("erl");
-        cmd.args(["-noshell", "-name", &full, "-setcookie", COOKIE])
-            .args(["-start_epmd", "false"])
-            .args(["-kernel", "inet_dist_use_interface", "{127,0,0,1}"])
-            .arg("-pa")
-            .arg(ebin)
-            .args(args)
-            .args(["-run", "tunnel_bench", role])
-            .env("ERL_EPMD_PORT", epmd_port.to_string())
-            .env_remove("ERL_FLAGS")
-            .env_remove("ERL_AFLAGS")
-            .env_remove("ERL_ZFLAGS")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut proc = Proc::spawn_unlogged(&full, &mut cmd);
-        let stdin = proc.child_mut().stdin.take();
-        let stdout = proc.child_mut().stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let tag = full.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if ANSWERS.iter().any(|a| line.starts_with(a)) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                } else {
-                    eprintln!("[{tag}] {line}");
-                }
-            }
-        });
-        Beam {
-            name: full,
-            proc,
-            stdin,
-            lines,
-        }
-    }
-
-    fn answer(&mut self, what: &str, timeout: Duration) -> String {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => line,
-            Err(e) => {
-                let status = self.proc.exited();
-                panic!(
-                    "node {}: no answer to {what} ({e}); process: {status:?}",
-                    self.name
-                )
-            }
-        }
-    }
-
-    fn command(&mut self, cmd: &str, timeout: Duration) -> String {
-        let stdin = self.stdin.as_mut().unwrap();
-        writeln!(stdin, "{cmd}").expect("write to erl");
-        stdin.flush().unwrap();
-        let line = self.answer(cmd, timeout);
-        assert!(
-            !line.starts_with("error"),
-            "node {}: {cmd}: {line}",
-            self.name
-        );
-        line
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
+/// Starts node `name@127.0.0.1` running `tunnel_bench:Role()` with `args`.
+fn start_beam(name: &str, role: &str, epmd_port: u16, ebin: &Path, args: &[&str]) -> Beam {
+    let mut flags: Vec<String> = vec!["-setcookie".into(), COOKIE.into()];
+    flags.extend(args.iter().map(|a| a.to_string()));
+    BenchNode::start(
+        name,
+        ("tunnel_bench", role),
+        epmd_port,
+        ebin,
+        &flags,
+        ANSWERS,
+    )
 }
 
 /// How the two nodes of a pair are connected.
@@ -709,8 +636,8 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
         let (tx_name, rx_name) = (format!("{p}_tx"), format!("{p}_rx"));
         let (tx, rx, sidecar_pids) = match dist {
             Dist::Tcp => (
-                Beam::start(&tx_name, "control", sc.a.epmd.port(), ebin, &[]),
-                Beam::start(&rx_name, "sink", sc.a.epmd.port(), ebin, &[]),
+                start_beam(&tx_name, "control", sc.a.epmd.port(), ebin, &[]),
+                start_beam(&rx_name, "sink", sc.a.epmd.port(), ebin, &[]),
                 vec![],
             ),
             Dist::Tls => {
@@ -728,19 +655,19 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
                 let ta: Vec<&str> = ta.iter().map(String::as_str).collect();
                 let ra: Vec<&str> = ra.iter().map(String::as_str).collect();
                 (
-                    Beam::start(&tx_name, "control", sc.a.epmd.port(), ebin, &ta),
-                    Beam::start(&rx_name, "sink", sc.a.epmd.port(), ebin, &ra),
+                    start_beam(&tx_name, "control", sc.a.epmd.port(), ebin, &ta),
+                    start_beam(&rx_name, "sink", sc.a.epmd.port(), ebin, &ra),
                     vec![],
                 )
             }
             Dist::TlsTunnel => (
-                Beam::start(&tx_name, "control", sc.at.epmd.port(), ebin, &module),
-                Beam::start(&rx_name, "sink", sc.bt.epmd.port(), ebin, &module),
+                start_beam(&tx_name, "control", sc.at.epmd.port(), ebin, &module),
+                start_beam(&rx_name, "sink", sc.bt.epmd.port(), ebin, &module),
                 vec![sc.at.pid(), sc.bt.pid()],
             ),
             Dist::PlainTunnel => (
-                Beam::start(&tx_name, "control", sc.a.epmd.port(), ebin, &module),
-                Beam::start(&rx_name, "sink", sc.b.epmd.port(), ebin, &module),
+                start_beam(&tx_name, "control", sc.a.epmd.port(), ebin, &module),
+                start_beam(&rx_name, "sink", sc.b.epmd.port(), ebin, &module),
                 vec![sc.a.pid(), sc.b.pid()],
             ),
         };
@@ -757,7 +684,7 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
     }
     for pair in &mut pairs {
         let line = pair.tx.command(
-            &format!("connect {}", pair.rx.name),
+            &format!("connect {}", pair.rx.name()),
             Duration::from_secs(30),
         );
         let port: u16 = line["connected ".len()..].trim().parse().expect("port");
@@ -765,8 +692,8 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
         // the tunnels, the receiving node's own port otherwise.
         let (epmd, expected) = match pair.dist {
             Dist::Tcp | Dist::Tls => (sc.a.epmd, lookup_port(sc.a.epmd, &pair.dist.rx_short())),
-            Dist::TlsTunnel => (sc.at.epmd, egress_port(sc.at.epmd, &pair.rx.name)),
-            Dist::PlainTunnel => (sc.a.epmd, egress_port(sc.a.epmd, &pair.rx.name)),
+            Dist::TlsTunnel => (sc.at.epmd, egress_port(sc.at.epmd, pair.rx.name())),
+            Dist::PlainTunnel => (sc.a.epmd, egress_port(sc.a.epmd, pair.rx.name())),
         };
         assert_eq!(
             port,
@@ -781,7 +708,7 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
 /// One run: MB/s, checking the receiver's count.
 fn beam_run(pair: &mut Pair, run_ms: u64, msg_bytes: usize) -> f64 {
     let line = pair.tx.command(
-        &format!("send {} {run_ms} {msg_bytes}", pair.rx.name),
+        &format!("send {} {run_ms} {msg_bytes}", pair.rx.name()),
         Duration::from_millis(run_ms + 120_000),
     );
     let f: Vec<u64> = line

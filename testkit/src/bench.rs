@@ -466,3 +466,107 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
+
+/// A real `erl` node driven by a bench's Erlang helper over stdin/stdout:
+/// node `name@127.0.0.1` (listening on 127.0.0.1 only) running
+/// `Module:Role()`, registered with the EPMD at `epmd_port`. Lines starting
+/// with one of `answers` are the helper's answers; anything else it prints
+/// (logger reports) goes to stderr. `args` carry the cookie and the rest
+/// of the node's flags. Killed on drop, after its stdin is
+/// closed, which halts it (fields drop in declaration order).
+pub struct BenchNode {
+    name: String,
+    stdin: Option<std::process::ChildStdin>,
+    proc: Proc,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl BenchNode {
+    pub fn start(
+        name: &str,
+        (module, role): (&str, &str),
+        epmd_port: u16,
+        ebin: &std::path::Path,
+        args: &[String],
+        answers: &'static [&'static str],
+    ) -> BenchNode {
+        use std::io::BufRead;
+        let full = format!("{name}@127.0.0.1");
+        let mut cmd = Command::new("erl");
+        cmd.args(["-noshell", "-name", &full])
+            .args(["-start_epmd", "false"])
+            .args(["-kernel", "inet_dist_use_interface", "{127,0,0,1}"])
+            .arg("-pa")
+            .arg(ebin)
+            .args(args)
+            .args(["-run", module, role])
+            .env("ERL_EPMD_PORT", epmd_port.to_string())
+            .env_remove("ERL_FLAGS")
+            .env_remove("ERL_AFLAGS")
+            .env_remove("ERL_ZFLAGS")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut proc = Proc::spawn_unlogged(&full, &mut cmd);
+        let stdin = proc.child_mut().stdin.take();
+        let stdout = proc.child_mut().stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let tag = full.clone();
+        thread::spawn(move || {
+            for line in io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if answers.iter().any(|a| line.starts_with(a)) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                } else {
+                    eprintln!("[{tag}] {line}");
+                }
+            }
+        });
+        BenchNode {
+            name: full,
+            proc,
+            stdin,
+            lines,
+        }
+    }
+
+    /// The helper's next answer; panics after `timeout`.
+    pub fn answer(&mut self, what: &str, timeout: Duration) -> String {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => line,
+            Err(e) => {
+                let status = self.proc.exited();
+                panic!(
+                    "node {}: no answer to {what} ({e}); process: {status:?}",
+                    self.name
+                )
+            }
+        }
+    }
+
+    /// Sends one command line and returns its answer, which must not be an
+    /// error.
+    pub fn command(&mut self, cmd: &str, timeout: Duration) -> String {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{cmd}").expect("write to erl");
+        stdin.flush().expect("flush to erl");
+        let line = self.answer(cmd, timeout);
+        assert!(
+            !line.starts_with("error"),
+            "node {}: {cmd}: {line}",
+            self.name
+        );
+        line
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// The node's full name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
