@@ -711,20 +711,6 @@ fn run_idle(setup: &Setup, plan: &Plan, res: &mut Results) {
     });
 }
 
-/// `--baseline BIN` (or `--baseline=BIN`), else `RELAY_BENCH_BASELINE_BIN`.
-fn baseline_arg(args: &[String]) -> Option<String> {
-    let from_args = args.iter().enumerate().find_map(|(i, a)| {
-        if a == "--baseline" {
-            Some(args.get(i + 1).expect("--baseline BIN").clone())
-        } else {
-            a.strip_prefix("--baseline=").map(str::to_string)
-        }
-    });
-    from_args
-        .or_else(|| std::env::var(BASELINE_VAR).ok())
-        .filter(|b| !b.is_empty())
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let [flag, port, ..] = args.as_slice() {
@@ -745,7 +731,7 @@ fn main() {
     let started = Instant::now();
     let load_before = loadavg();
     let build = Build::new("proxy", distproxy_testkit::distproxy_bin!(BIN_VAR));
-    let baseline = baseline_arg(&args).map(|bin| Build::new("baseline", bin));
+    let baseline = baseline_arg(&args, BASELINE_VAR).map(|bin| Build::new("baseline", bin));
     let setup = Setup::new(build, baseline);
     let cpus = thread::available_parallelism().map_or(0, |n| n.get());
     println!(

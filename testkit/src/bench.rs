@@ -274,6 +274,21 @@ fn sidecar_config(
     config
 }
 
+/// Another distproxy build to measure in the same run: `--baseline BIN` (or
+/// `--baseline=BIN`) among the bench's arguments, else the variable `var`.
+pub fn baseline_arg(args: &[String], var: &str) -> Option<String> {
+    let from_args = args.iter().enumerate().find_map(|(i, a)| {
+        if a == "--baseline" {
+            Some(args.get(i + 1).expect("--baseline BIN").clone())
+        } else {
+            a.strip_prefix("--baseline=").map(str::to_string)
+        }
+    });
+    from_args
+        .or_else(|| std::env::var(var).ok())
+        .filter(|b| !b.is_empty())
+}
+
 /// `extra` (as [`start_sidecar`] takes it) in a form the distproxy binary
 /// `bin` accepts, for measuring an older build with the same bench: the
 /// whole configuration is put to `bin check-config` (exit 64 on a refused
