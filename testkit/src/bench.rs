@@ -661,3 +661,35 @@ impl BenchNode {
         &self.name
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_section_leaves_out_one_section_and_keeps_the_rest() {
+        let toml = "[routing]\nloopback_lookups = \"proxy\"\n\n\
+                    [limits]\ndist_max_connections_per_source = 4096\n\
+                    reserved = 1\n\n[[acl]]\nallow = true\n";
+        assert_eq!(
+            drop_section(toml, "limits"),
+            "[routing]\nloopback_lookups = \"proxy\"\n\n[[acl]]\nallow = true\n"
+        );
+        assert_eq!(drop_section(toml, "tls"), toml);
+    }
+
+    #[test]
+    fn baseline_comes_from_the_arguments_first() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let var = "DISTPROXY_TESTKIT_NO_SUCH_VARIABLE";
+        assert_eq!(
+            baseline_arg(&args(&["--bench", "--baseline", "/a"]), var).as_deref(),
+            Some("/a")
+        );
+        assert_eq!(
+            baseline_arg(&args(&["--baseline=/b"]), var).as_deref(),
+            Some("/b")
+        );
+        assert_eq!(baseline_arg(&args(&["--bench"]), var), None);
+    }
+}
