@@ -380,6 +380,86 @@ mod tests {
         bytes_queued_before_the_handover_are_relayed(fp).await;
     }
 
+    /// The last map insert of a handover fails while the peer's bytes are
+    /// already redirected to the node (the hook writes them at that
+    /// moment): the bytes the kernel took reach the node, the rest is
+    /// spliced after them, in order, and every byte is counted once.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_last_insert_takes_the_peer_back_without_losing_bytes() {
+        use std::io::Write;
+        let fp = match FastPath::open(16) {
+            Ok(fp) => fp,
+            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
+                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
+                return;
+            }
+            Err(e) => panic!("the fast path needs root and sockmap: {e}"),
+        };
+        let (client, peer_side) = tcp_pair().await;
+        let (node_side, mut server) = tcp_pair().await;
+        let pattern = |from: usize, len: usize| -> Vec<u8> {
+            (from..from + len).map(|i| (i % 251) as u8).collect()
+        };
+        let (during, after) = (256 * 1024, 64 * 1024);
+        let client = client.into_std().unwrap();
+        client.set_nonblocking(false).unwrap();
+        let mut hook_writer = client.try_clone().unwrap();
+        let first = pattern(0, during);
+        *sockmap::FAIL_LAST_INSERT.lock().unwrap() = Some((
+            client.local_addr().unwrap(),
+            Box::new(move || hook_writer.write_all(&first).unwrap()),
+        ));
+        let (rx_c, rx_n) = counter();
+        let stop = CancellationToken::new();
+        let relay = tokio::spawn(async move {
+            relay(
+                peer_side,
+                node_side,
+                rx_c,
+                Counter::noop(),
+                &stop,
+                Some(&fp),
+            )
+            .await
+        });
+        let mut got = vec![0u8; during];
+        let ten = std::time::Duration::from_secs(10);
+        tokio::time::timeout(ten, server.read_exact(&mut got))
+            .await
+            .expect("every byte of the failed handover reaches the node")
+            .unwrap();
+        assert!(
+            got == pattern(0, during),
+            "bytes of the failed handover, in order"
+        );
+        let mut client = client;
+        let rest = pattern(during, after);
+        tokio::task::spawn_blocking(move || {
+            client.write_all(&rest).unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            client
+        });
+        let mut tail = Vec::new();
+        tokio::time::timeout(ten, server.read_to_end(&mut tail))
+            .await
+            .expect("the spliced bytes reach the node")
+            .unwrap();
+        assert!(tail == pattern(during, after), "then the spliced bytes");
+        drop(server);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), relay)
+            .await
+            .expect("relay ends")
+            .unwrap();
+        let total = (during + after) as u64;
+        assert_eq!(end.stats().rx, total, "{end:?}");
+        assert_eq!(rx_n.load(std::sync::atomic::Ordering::Relaxed), total);
+        assert!(
+            sockmap::FAIL_LAST_INSERT.lock().unwrap().is_none(),
+            "the hook ran"
+        );
+    }
+
     /// Bytes already in a socket's receive queue when it is handed over
     /// are relayed although nothing more arrives after them.
     #[cfg(target_os = "linux")]

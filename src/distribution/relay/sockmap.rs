@@ -27,8 +27,12 @@
 //! `relayed_bytes_total` and `/nodes` lag by at most that.
 //!
 //! Any refusal before the handover (no room, a socket no longer
-//! established, the kernel refusing the insert) leaves both sockets as they
-//! were, and the caller splices.
+//! established, the kernel refusing an insert) leaves both sockets as they
+//! were, and the caller splices. Only the last of the four inserts can fail
+//! after bytes moved (the peer's are redirected from the third on): the
+//! peer then leaves the map and the sidecar waits until the node has been
+//! sent every byte the kernel took, before the splice path goes on from
+//! there.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -248,27 +252,89 @@ impl Way<'_> {
     /// Waits until every byte `src` received has been written to `dst`.
     async fn drain(&mut self) -> io::Result<()> {
         let target = self.received()?;
-        let mut last = 0;
-        let mut since = tokio::time::Instant::now();
-        loop {
-            let sent = written(self.dst.as_fd())?.saturating_sub(self.dst_mark.written);
-            if sent >= target {
-                return Ok(());
-            }
-            if let Some(e) = self.dst.take_error()? {
-                return Err(e);
-            }
-            if sent != last {
-                (last, since) = (sent, tokio::time::Instant::now());
-            } else if since.elapsed() > DRAIN_STALL {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "redirected bytes not sent before shutdown",
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        let stalled = "redirected bytes not sent before shutdown";
+        wait_written(self.dst, self.dst_mark.written, target, stalled).await
+    }
+}
+
+/// Waits until `target` bytes have been written to `dst` since it was
+/// marked at `mark`: the kernel sends redirected bytes from a work queue,
+/// and no event says when it is done, so this polls every millisecond.
+/// Gives up (`stalled`) after [`DRAIN_STALL`] without progress.
+async fn wait_written(
+    dst: &TcpStream,
+    mark: u64,
+    target: u64,
+    stalled: &'static str,
+) -> io::Result<()> {
+    let mut last = 0;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        let sent = written(dst.as_fd())?.saturating_sub(mark);
+        if sent >= target {
+            return Ok(());
+        }
+        if let Some(e) = dst.take_error()? {
+            return Err(e);
+        }
+        if sent != last {
+            (last, since) = (sent, tokio::time::Instant::now());
+        } else if since.elapsed() > DRAIN_STALL {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, stalled));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// `bpf::map_insert` of the `i`th entry of the handover of `peer`'s
+/// connection. In tests, the last one fails when [`FAIL_LAST_INSERT`]
+/// holds a hook for `peer`'s remote address, after running the hook.
+fn insert(
+    i: usize,
+    map: BorrowedFd<'_>,
+    key: u64,
+    sock: BorrowedFd<'_>,
+    peer: &TcpStream,
+) -> io::Result<()> {
+    #[cfg(test)]
+    if i == 3 {
+        let mut slot = FAIL_LAST_INSERT.lock().unwrap();
+        if slot.as_ref().map(|(a, _)| *a) == peer.peer_addr().ok() {
+            let (_, hook) = slot.take().unwrap();
+            drop(slot);
+            hook();
+            return Err(io::Error::other("failed by the test"));
         }
     }
+    #[cfg(not(test))]
+    let _ = (i, peer);
+    bpf::map_insert(map, key, sock)
+}
+
+/// The last insert of a handover failed while the peer's bytes were
+/// already redirected to the node. Stops that (the peer leaves the map
+/// with the program), then waits until every byte the kernel took from
+/// the peer has been written to the node: the node's queue of redirected
+/// bytes is dropped with its map entry, and the splice path that takes
+/// over must start exactly where the kernel stopped. Returns the bytes
+/// the kernel moved; an error if the node stopped taking them.
+async fn take_back(
+    entries: &mut Entries<'_>,
+    peer: &TcpStream,
+    node: &TcpStream,
+    peer_mark: Mark,
+    node_mark: Mark,
+) -> io::Result<u64> {
+    if let Some((map, key)) = entries.keys.pop() {
+        bpf::map_remove(map, key)?;
+    }
+    let taken = {
+        let received = bpf::tcp_counts(peer.as_fd())?.received;
+        received.saturating_sub(bpf::inq(peer.as_fd())? + peer_mark.consumed)
+    };
+    let stalled = "bytes redirected before a failed handover were not sent";
+    wait_written(node, node_mark.written, taken, stalled).await?;
+    Ok(taken)
 }
 
 /// An epoll set that wakes for the ends of both sockets only (peer closed
@@ -321,13 +387,27 @@ pub async fn relay(
     // moment they are, and its partner is already there to be found.
     let (p, n) = (peer.as_fd(), node.as_fd());
     let (partners, verdict) = (fp.partners.as_fd(), fp.verdict.as_fd());
-    for (map, key, sock) in [
+    for (i, (map, key, sock)) in [
         (partners, peer_cookie, n),
         (partners, node_cookie, p),
         (verdict, peer_cookie, p),
         (verdict, node_cookie, n),
-    ] {
-        if bpf::map_insert(map, key, sock).is_err() {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if insert(i, map, key, sock, peer).is_err() {
+            if entries.keys.len() == 3 {
+                // The peer's bytes have been redirected since the third
+                // insert: take the peer back before splicing.
+                match take_back(&mut entries, peer, node, peer_mark, node_mark).await {
+                    Ok(moved) => {
+                        *rx += moved;
+                        rx_bytes.increment(moved);
+                    }
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
             return Err(NotTaken::Refused);
         }
         entries.keys.push((map, key));
@@ -405,6 +485,14 @@ async fn watch(
 /// Connections handed to the kernel in this process (tests check the path).
 #[cfg(test)]
 pub(super) static HANDED_OVER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A hook that makes the last map insert of the handover of the peer at
+/// this address fail after it ran (tests of the take-back).
+#[cfg(test)]
+#[allow(clippy::type_complexity)]
+pub(super) static FAIL_LAST_INSERT: std::sync::Mutex<
+    Option<(std::net::SocketAddr, Box<dyn FnOnce() + Send>)>,
+> = std::sync::Mutex::new(None);
 
 #[cfg(test)]
 mod tests {
