@@ -102,14 +102,16 @@ pub async fn stop(addr: SocketAddr, name: &str) -> Result<StopReply, ClientError
     let reply = request_to_eof(
         addr,
         &Request::Stop {
-            name: name.to_string(),
+            name: name.as_bytes().to_vec(),
         },
     )
     .await?;
-    match reply.as_slice() {
-        b"STOPPED" => Ok(StopReply::Stopped),
-        b"NOEXIST" => Ok(StopReply::NoExist),
-        other => Err(unexpected(addr, other)),
+    // `epmd` goes on to send `STOPPED` after `NOEXIST` (epmd_srv.c falls
+    // through); its own client reads the first seven bytes.
+    match reply.get(..7) {
+        Some(b"STOPPED") if reply.len() == 7 => Ok(StopReply::Stopped),
+        Some(b"NOEXIST") => Ok(StopReply::NoExist),
+        _ => Err(unexpected(addr, &reply)),
     }
 }
 
