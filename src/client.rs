@@ -62,12 +62,11 @@ pub async fn names(addr: SocketAddr) -> Result<(u32, String), ClientError> {
     port_and_text(addr, &reply, "names")
 }
 
-/// DUMP_REQ (local peers only): the server's port and its dump text.
+/// DUMP_REQ (local peers only): the server's port and its dump text, as
+/// sent: `epmd` NUL-terminates each entry, and `epmd -dump` prints the NULs.
 pub async fn dump(addr: SocketAddr) -> Result<(u32, String), ClientError> {
     let reply = request_to_eof(addr, &Request::Dump).await?;
-    let (port, text) = port_and_text(addr, &reply, "dump")?;
-    // `epmd` NUL-terminates each entry of the dump.
-    Ok((port, text.replace('\0', "")))
+    port_and_text(addr, &reply, "dump")
 }
 
 /// The answer to KILL_REQ.

@@ -171,16 +171,7 @@ fn any_creation(mut s: Seen) -> Seen {
 /// bytes, checked to be that port by [`Pair::listing`]) and with `fd = N`
 /// replaced by `fd = FD`: distproxy has no per-node descriptor and shows -1.
 fn listing_text(reply: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&reply[4..]).into_owned();
-    let mut out = String::new();
-    let mut rest = text.as_str();
-    while let Some(at) = rest.find("fd = ") {
-        out.push_str(&rest[..at + 5]);
-        rest = rest[at + 5..].trim_start_matches(|c: char| c == '-' || c.is_ascii_digit());
-        out.push_str("FD");
-    }
-    out.push_str(rest);
-    out
+    listing_fds(&String::from_utf8_lossy(&reply[4..]))
 }
 
 impl Pair {
@@ -768,4 +759,58 @@ async fn deliberate_differences() {
         Seen::new(b"v\x00\x00\x00\x00\x00", End::Open)
     );
     assert_eq!(ours, Seen::new(&refused(true), End::Open));
+}
+
+/// The `epmd` drop-in (`distproxy epmd -port P …`) prints what OTP's `epmd`
+/// prints for `-names`, `-dump`, `-stop` and `-kill`, byte for byte apart
+/// from the port and the descriptor numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drop_in_commands_print_what_epmd_prints() {
+    let Some(p) = Pair::start("the_drop_in_commands_print_what_epmd_prints", true).await else {
+        return;
+    };
+    let _live = p
+        .same("register", &Alive2::new(b"live1").frame(), any_creation)
+        .await;
+    drop(
+        p.same("register", &Alive2::new(b"gone1").frame(), any_creation)
+            .await,
+    );
+    p.wait_unregistered("gone1").await;
+    let bin = distproxy_testkit::distproxy_bin!();
+    for args in [
+        &["-names"][..],
+        &["-dump"],
+        &["-d", "-names"],
+        &["-stop", "nobody"],
+        &["-stop", "live1"],
+        &["-kill"],
+    ] {
+        let run = |program: &str, pre: &[&str], port: u16| {
+            let out = Command::new(program)
+                .args(pre)
+                .args(["-port", &port.to_string()])
+                .args(args)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).replace(&port.to_string(), "PORT");
+            (out.status.code(), listing_fds(&text))
+        };
+        let otp = tokio::task::block_in_place(|| run("epmd", &[], p.otp.port()));
+        let ours = tokio::task::block_in_place(|| run(&bin, &["epmd"], p.ours.port()));
+        assert_eq!(ours, otp, "epmd {args:?}");
+    }
+}
+
+/// `fd = N` replaced by `fd = FD`.
+fn listing_fds(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("fd = ") {
+        out.push_str(&rest[..at + 5]);
+        rest = rest[at + 5..].trim_start_matches(|c: char| c == '-' || c.is_ascii_digit());
+        out.push_str("FD");
+    }
+    out.push_str(rest);
+    out
 }
