@@ -814,3 +814,28 @@ fn listing_fds(text: &str) -> String {
     out.push_str(rest);
     out
 }
+
+/// With nothing listening, the drop-in's client commands fail with the
+/// words and exit code of `epmd`'s (scripts and probes match them).
+#[test]
+fn the_drop_in_reports_an_unreachable_epmd_as_epmd_does() {
+    if !support::e2e_enabled("the_drop_in_reports_an_unreachable_epmd_as_epmd_does", &[]) {
+        return;
+    }
+    let port = free_port().to_string();
+    let bin = distproxy_testkit::distproxy_bin!();
+    for args in [&["-names"][..], &["-dump"], &["-kill"], &["-stop", "x"]] {
+        let run = |program: &str, pre: &[&str]| {
+            let out = Command::new(program)
+                .args(pre)
+                .args(["-port", &port])
+                .args(args)
+                .output()
+                .unwrap();
+            (out.status.code(), out.stdout, out.stderr)
+        };
+        let otp = run("epmd", &[]);
+        assert_eq!(otp.2, b"epmd: Cannot connect to local epmd\n");
+        assert_eq!(run(&bin, &["epmd"]), otp, "epmd {args:?}");
+    }
+}
