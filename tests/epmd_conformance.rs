@@ -839,3 +839,104 @@ fn the_drop_in_reports_an_unreachable_epmd_as_epmd_does() {
         assert_eq!(run(&bin, &["epmd"]), otp, "epmd {args:?}");
     }
 }
+
+/// One session over std sockets (for threads inside a lab pod): the reply
+/// and the end, as [`session`].
+fn std_session(addr: SocketAddr, bytes: &[u8]) -> (std::net::TcpStream, Seen) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(bytes).unwrap();
+    let deadline = std::time::Instant::now() + OPEN_WAIT;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break End::Open;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => break End::Closed,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break End::Reset,
+            Err(_) => break End::Open,
+        }
+    };
+    (s, Seen { reply, end })
+}
+
+/// Peers on other hosts, and the host's own address: OTP's `epmd` in pod E
+/// and a sidecar in pod D, asked from pod X (remote) and from inside each
+/// pod through the pod's address (local, as `epmd` counts the server's own
+/// address). Remote ALIVE2, DUMP, KILL and STOP are closed without a reply
+/// by both; remote lookups and NAMES differ on purpose (the advertised
+/// port).
+#[test]
+fn remote_and_own_address_peers_are_told_apart_as_by_epmd() {
+    if !support::e2e_enabled(
+        "remote_and_own_address_peers_are_told_apart_as_by_epmd",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["e", "d", "x"]);
+    let (e, d, x) = (lab.pod("e"), lab.pod("d"), lab.pod("x"));
+    let _epmd = e.spawn_stock_epmd();
+    let _sidecar = d.spawn_sidecar(&[]);
+    let otp = SocketAddr::from((e.addr(), support::EPMD_PORT));
+    let ours = SocketAddr::from((d.addr(), support::EPMD_PORT));
+
+    // Registered through the pod's own address: local for both.
+    let register = |pod: &support::Pod, addr: SocketAddr| {
+        let frame = Alive2::new(b"viaown").frame();
+        pod.spawn_in(move || std_session(addr, &frame))
+            .join()
+            .unwrap()
+    };
+    let (_k1, o) = register(e, otp);
+    let (_k2, d_seen) = register(d, ours);
+    assert_eq!(o.end, End::Open);
+    assert_eq!(any_creation(d_seen), any_creation(o));
+
+    let from_x = |addr: SocketAddr, bytes: Vec<u8>| {
+        x.spawn_in(move || std_session(addr, &bytes).1)
+            .join()
+            .unwrap()
+    };
+    for (what, bytes) in [
+        ("ALIVE2", Alive2::new(b"remote").frame()),
+        ("DUMP", frame(b'd', b"")),
+        ("KILL", frame(b'k', b"")),
+        ("STOP", frame(b's', b"viaown")),
+    ] {
+        let o = from_x(otp, bytes.clone());
+        assert_eq!(o, Seen::new(b"", End::Closed), "remote {what}: epmd");
+        assert_eq!(from_x(ours, bytes), o, "remote {what}");
+    }
+    // Nothing registered from afar, nothing stopped.
+    for addr in [otp, ours] {
+        let o = from_x(addr, frame(b'z', b"remote"));
+        assert_eq!(o.reply, b"w\x01");
+        let o = from_x(addr, frame(b'z', b"viaown"));
+        assert_eq!(o.reply[..2], *b"w\x00");
+    }
+    // Remote lookups and NAMES: the same bytes but for the port, which is
+    // the sidecar's distribution port (deliberate: it routes every
+    // connection to the pod's nodes).
+    let o = from_x(otp, frame(b'z', b"viaown"));
+    let mut ours_seen = from_x(ours, frame(b'z', b"viaown"));
+    assert_eq!(ours_seen.reply[2..4], support::DIST_PORT.to_be_bytes());
+    ours_seen.reply[2..4].copy_from_slice(&o.reply[2..4]);
+    assert_eq!(ours_seen, o);
+    let o = from_x(otp, frame(b'n', b""));
+    let ours_seen = from_x(ours, frame(b'n', b""));
+    assert_eq!(
+        String::from_utf8_lossy(&ours_seen.reply[4..]),
+        format!("name viaown at port {}\n", support::DIST_PORT)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.reply[4..]),
+        "name viaown at port 41000\n"
+    );
+    assert_eq!(o.reply[..4], ours_seen.reply[..4]);
+}
