@@ -17,6 +17,15 @@
 //! one more hop costs on this machine at the least, so that a target missed
 //! by the proxy can be told apart from one no relay can meet here.
 //!
+//! A fourth column, "baseline" (`--baseline BIN`), goes through another
+//! distproxy build exactly as "proxy" does, started alongside it with the
+//! same configuration, so that a change is measured before and after in
+//! one run; ratios against direct, and proxy/baseline, are printed for it.
+//! A binary other than the one built with the bench is first asked
+//! (`BIN check-config FILE`) whether it accepts the configuration; builds
+//! from before the per-source limit refuse `[limits]` and are started
+//! without it (they have no such limit to raise), which the run says.
+//!
 //! Measured (paths interleaved run by run, so drift and noise from other
 //! processes fall on every column):
 //! - bulk one way: the client writes N bytes and half-closes; the node counts
@@ -29,15 +38,21 @@
 //! - idle connections: RSS and open files of the proxy process before and
 //!   after opening many relayed connections that have each carried one
 //!   ping-pong (kernel socket and pipe buffers are not in RSS); and RSS per
-//!   connection left idle after echoing 1 MiB (buffers a relay kept).
+//!   connection left idle after echoing 1 MiB (buffers a relay kept). One
+//!   run per distproxy build, proxy first.
 //!
 //! Usage:
 //!   cargo bench --bench relay                full run (about 20 s on 2 CPUs)
 //!   cargo bench --bench relay -- --quick     shorter (or RELAY_BENCH_QUICK=1)
+//!   cargo bench --bench relay -- --baseline /tmp/distproxy-before
+//!                                            adds the baseline column (or
+//!                                            RELAY_BENCH_BASELINE_BIN=<path>)
 //! Without `--bench` (as `cargo test --benches` runs it) it does a smoke run
 //! of about a second with tiny sizes, to check that it works.
 //! RELAY_BENCH_ONLY=bulk,bidir,pingpong,idle runs only those sections;
-//! RELAY_BENCH_PROXY_BIN=<path> measures another distproxy build.
+//! RELAY_BENCH_PROXY_BIN=<path> measures another distproxy build in the
+//! proxy column. Copy a release binary away before rebuilding to keep it as
+//! a baseline (`cargo bench` rebuilds `target/release/distproxy`).
 //!
 //! Loopback figures on a small VM move with CPU placement and other load
 //! (direct bulk throughput alone can double from one run to the next); the
@@ -114,20 +129,59 @@ const SMOKE: Plan = Plan {
 
 /// Overrides the distproxy binary under test.
 const BIN_VAR: &str = "RELAY_BENCH_PROXY_BIN";
+/// Another distproxy build measured in the same run (as `--baseline BIN`).
+const BASELINE_VAR: &str = "RELAY_BENCH_BASELINE_BIN";
 
-/// The distproxy under test, killed on drop.
+/// What every distproxy in the bench runs with. Every connection comes from
+/// 127.0.0.1: the idle section holds more than the default per-source
+/// limit. Builds from before that limit refuse `[limits]` and are started
+/// without it (see [`Build::new`]).
+const PROXY_CONFIG: &str = "[routing]\nloopback_lookups = \"proxy\"\n\n\
+                            [limits]\ndist_max_connections_per_source = 4096\n";
+
+/// A distproxy process, killed on drop.
 type Proxy = Sidecar;
 
-fn start_proxy() -> Proxy {
-    start_sidecar(
-        &distproxy_testkit::distproxy_bin!(BIN_VAR),
-        "proxy",
-        "warn",
-        // Every connection comes from 127.0.0.1: the idle section holds
-        // more than the default per-source limit.
-        "[routing]\nloopback_lookups = \"proxy\"\n\n\
-         [limits]\ndist_max_connections_per_source = 4096\n",
-    )
+/// A distproxy binary and the configuration it accepts.
+struct Build {
+    label: &'static str,
+    bin: String,
+    config: String,
+    /// Said once at the start when the configuration had to be cut down.
+    note: Option<String>,
+}
+
+impl Build {
+    /// `bin` with [`PROXY_CONFIG`]; unless it is the binary built with this
+    /// bench, the configuration is first put to `bin check-config`, and a
+    /// `[limits]` section it refuses is left out.
+    fn new(label: &'static str, bin: String) -> Build {
+        if bin == env!("CARGO_BIN_EXE_distproxy") {
+            return Build {
+                label,
+                bin,
+                config: PROXY_CONFIG.to_string(),
+                note: None,
+            };
+        }
+        let (config, dropped) = config_accepted_by(&bin, PROXY_CONFIG, &["limits"]);
+        let note = (!dropped.is_empty()).then(|| {
+            format!(
+                "{label}: {bin} refuses {}, started without it (no per-source limit to raise)",
+                dropped.join(", ")
+            )
+        });
+        Build {
+            label,
+            bin,
+            config,
+            note,
+        }
+    }
+
+    fn start(&self) -> Proxy {
+        start_sidecar(&self.bin, self.label, "warn", &self.config)
+    }
 }
 
 // ------------------------------------------------------- reference relay
@@ -218,44 +272,79 @@ fn register(rt: &tokio::runtime::Runtime, proxy: &Proxy, node_port: u16) -> toki
 
 // ------------------------------------------------------------------ client
 
-/// How the client reaches the node.
+/// How the client reaches the node (the discriminant is the column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
-    Direct,
+    Direct = 0,
     /// Through the reference relay.
-    Bare,
+    Bare = 1,
     /// Through distproxy: lookup, then its distribution port.
-    Proxy,
+    Proxy = 2,
+    /// The same through the baseline build (`--baseline BIN`).
+    Baseline = 3,
 }
 
-const PATHS: [Path; 3] = [Path::Direct, Path::Bare, Path::Proxy];
+const PATHS: [Path; 4] = [Path::Direct, Path::Bare, Path::Proxy, Path::Baseline];
 
 struct Setup {
     rt: tokio::runtime::Runtime,
     node_port: u16,
+    build: Build,
     proxy: Proxy,
+    baseline: Option<(Build, Proxy)>,
     bare: BareRelay,
-    /// Keeps the node registered.
-    _registration: tokio::net::TcpStream,
+    /// Keep the node registered.
+    _registrations: Vec<tokio::net::TcpStream>,
 }
 
 impl Setup {
-    fn new() -> Setup {
+    fn new(build: Build, baseline: Option<Build>) -> Setup {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let node_port = start_fake_node();
-        let proxy = start_proxy();
+        let proxy = build.start();
+        let baseline = baseline.map(|b| {
+            let p = b.start();
+            (b, p)
+        });
         let bare = start_bare_relay(node_port);
-        let registration = register(&rt, &proxy, node_port);
+        let mut registrations = vec![register(&rt, &proxy, node_port)];
+        if let Some((_, p)) = &baseline {
+            registrations.push(register(&rt, p, node_port));
+        }
         Setup {
             rt,
             node_port,
+            build,
             proxy,
+            baseline,
             bare,
-            _registration: registration,
+            _registrations: registrations,
         }
+    }
+
+    /// The paths measured in this run, in column order.
+    fn paths(&self) -> Vec<Path> {
+        PATHS
+            .into_iter()
+            .filter(|&p| p != Path::Baseline || self.baseline.is_some())
+            .collect()
+    }
+
+    /// The baseline process (only asked for when there is one).
+    fn baseline(&self) -> &Proxy {
+        &self.baseline.as_ref().expect("a baseline build").1
+    }
+
+    /// The distproxy builds in this run: (column, build, process).
+    fn proxies(&self) -> Vec<(usize, &Build, &Proxy)> {
+        let mut v = vec![(Path::Proxy as usize, &self.build, &self.proxy)];
+        if let Some((b, p)) = &self.baseline {
+            v.push((Path::Baseline as usize, b, p));
+        }
+        v
     }
 
     /// A connection through `proxy` (not necessarily the main one).
@@ -274,6 +363,7 @@ impl Setup {
             Path::Direct => None,
             Path::Bare => Some(self.bare.pid()),
             Path::Proxy => Some(self.proxy.pid()),
+            Path::Baseline => Some(self.baseline().pid()),
         }
     }
 
@@ -283,6 +373,7 @@ impl Setup {
             Path::Direct => self.dial(([127, 0, 0, 1], self.node_port).into(), mode),
             Path::Bare => self.dial(([127, 0, 0, 1], self.bare.port).into(), mode),
             Path::Proxy => self.connect_through(&self.proxy, mode),
+            Path::Baseline => self.connect_through(self.baseline(), mode),
         }
     }
 
@@ -370,51 +461,71 @@ fn idle_cost(setup: &Setup, proxy: &Proxy, conns: usize, burst: u64) -> (f64, f6
 
 // ----------------------------------------------------------------- figures
 
-/// One line of the table: a figure per path (None: not measured).
+/// One line of the table: a figure per path, indexed by `Path as usize`
+/// (None: not measured).
 struct Row {
     what: String,
-    values: [Option<f64>; 3],
-    /// Print proxy / direct.
+    values: [Option<f64>; 4],
+    /// Print proxy / direct (and baseline / direct, proxy / baseline).
     ratio: bool,
     note: String,
 }
 
-fn print_table(rows: &[Row]) {
-    println!(
-        "{:<42} {:>9} {:>10} {:>9} {:>12}  notes",
-        "metric", "direct", "bare relay", "proxy", "proxy/direct"
-    );
-    println!("{}", "-".repeat(100));
+fn print_table(rows: &[Row], with_baseline: bool) {
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-    for r in rows {
-        let ratio = match (r.values[0], r.values[2]) {
-            (Some(d), Some(p)) if r.ratio && d > 0.0 => format!("{:.2}x", p / d),
+    let ratio =
+        |r: &Row, num: Path, den: Path| match (r.values[den as usize], r.values[num as usize]) {
+            (Some(d), Some(n)) if r.ratio && d > 0.0 => format!("{:.2}x", n / d),
             _ => "-".to_string(),
         };
-        println!(
-            "{:<42} {:>9} {:>10} {:>9} {:>12}  {}",
+    let mut header = format!(
+        "{:<42} {:>9} {:>10} {:>9} {:>12}",
+        "metric", "direct", "bare relay", "proxy", "proxy/direct"
+    );
+    if with_baseline {
+        header += &format!(
+            " {:>9} {:>11} {:>10}",
+            "baseline", "base/direct", "proxy/base"
+        );
+    }
+    println!("{header}  notes");
+    println!("{}", "-".repeat(if with_baseline { 134 } else { 100 }));
+    for r in rows {
+        let mut line = format!(
+            "{:<42} {:>9} {:>10} {:>9} {:>12}",
             r.what,
             cell(r.values[0]),
             cell(r.values[1]),
             cell(r.values[2]),
-            ratio,
-            r.note
+            ratio(r, Path::Proxy, Path::Direct),
         );
+        if with_baseline {
+            line += &format!(
+                " {:>9} {:>11} {:>10}",
+                cell(r.values[3]),
+                ratio(r, Path::Baseline, Path::Direct),
+                ratio(r, Path::Proxy, Path::Baseline),
+            );
+        }
+        println!("{line}  {}", r.note);
     }
 }
 
 /// Runs `f` for each path in turn, `runs` times (interleaved, so drift and
 /// noise from other processes fall on every column); also returns the CPU
-/// seconds each path's relay process spent during its runs.
+/// seconds each path's relay process spent during its runs. A path not in
+/// this run has no results.
 fn interleaved<T>(
     setup: &Setup,
     runs: usize,
     mut f: impl FnMut(Path) -> T,
-) -> ([Vec<T>; 3], [f64; 3]) {
-    let mut out = [Vec::new(), Vec::new(), Vec::new()];
-    let mut cpu = [0.0; 3];
+) -> ([Vec<T>; 4], [f64; 4]) {
+    let mut out = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut cpu = [0.0; 4];
+    let paths = setup.paths();
     for _ in 0..runs {
-        for (i, &path) in PATHS.iter().enumerate() {
+        for &path in &paths {
+            let i = path as usize;
             let pid = setup.relay_pid(path);
             let c0 = pid.map_or(0.0, cpu_secs);
             out[i].push(f(path));
@@ -432,20 +543,23 @@ struct Results {
     added_p50_us: Option<f64>,
 }
 
-fn bulk_row(what: String, runs: usize, mut mbs: [Vec<f64>; 3], cpu: [f64; 3], gib: f64) -> Row {
-    let note = format!(
-        "median of {runs}; proxy {} MB/s; relay CPU s/GiB: bare {:.2}, proxy {:.2}",
-        spread(&mbs[2]),
+fn bulk_row(what: String, runs: usize, mbs: [Vec<f64>; 4], cpu: [f64; 4], gib: f64) -> Row {
+    let base = !mbs[3].is_empty();
+    let mut note = format!("median of {runs}; proxy {}", spread(&mbs[2]));
+    if base {
+        note += &format!(", baseline {}", spread(&mbs[3]));
+    }
+    note += &format!(
+        " MB/s; relay CPU s/GiB: bare {:.2}, proxy {:.2}",
         cpu[1] / gib,
-        cpu[2] / gib,
+        cpu[2] / gib
     );
+    if base {
+        note += &format!(", baseline {:.2}", cpu[3] / gib);
+    }
     Row {
         what,
-        values: [
-            Some(median(&mut mbs[0])),
-            Some(median(&mut mbs[1])),
-            Some(median(&mut mbs[2])),
-        ],
+        values: mbs.map(|mut v| (!v.is_empty()).then(|| median(&mut v))),
         ratio: true,
         note,
     }
@@ -490,47 +604,79 @@ fn run_ping_pong(setup: &Setup, plan: &Plan, res: &mut Results) {
         ping_pong(setup, p, block, &mut v);
         v
     });
-    let mut rtts = blocks.map(|b| b.concat());
+    // The p50 of each block, lowest to highest: the run-to-run spread.
+    let block_p50s = |i: usize| {
+        let p50s: Vec<f64> = blocks[i]
+            .iter()
+            .map(|b| {
+                let mut b = b.clone();
+                b.sort_unstable();
+                percentile_us(&b, 0.50)
+            })
+            .collect();
+        let lo = p50s.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = p50s.iter().cloned().fold(0.0, f64::max);
+        format!("{lo:.1}..{hi:.1}")
+    };
+    let base = !blocks[3].is_empty();
+    let mut rtts = blocks.each_ref().map(|b| b.concat());
     for v in rtts.iter_mut() {
         v.sort_unstable();
     }
     let n = rtts[0].len();
-    let pct = |p: f64| rtts.each_ref().map(|v| Some(percentile_us(v, p)));
+    let pct = |p: f64| {
+        rtts.each_ref()
+            .map(|v| (!v.is_empty()).then(|| percentile_us(v, p)))
+    };
     let (p50, p99) = (pct(0.50), pct(0.99));
     let per_rt = |c: f64| c * 1e6 / n as f64;
+    let mut note = format!(
+        "{n} round trips per path in {} blocks; relay CPU us/round trip: bare {:.1}, proxy {:.1}",
+        plan.pingpong_blocks,
+        per_rt(cpu[1]),
+        per_rt(cpu[2]),
+    );
+    if base {
+        note += &format!(", baseline {:.1}", per_rt(cpu[3]));
+    }
     res.rows.push(Row {
         what: format!("ping-pong {MSG} B p50 (us)"),
         values: p50,
         ratio: true,
-        note: format!(
-            "{n} round trips per path in {} blocks; relay CPU us/round trip: bare {:.1}, proxy {:.1}",
-            plan.pingpong_blocks,
-            per_rt(cpu[1]),
-            per_rt(cpu[2]),
-        ),
+        note,
     });
+    let mut note = format!("block p50s: proxy {}", block_p50s(2));
+    if base {
+        note += &format!(", baseline {}", block_p50s(3));
+    }
     res.rows.push(Row {
         what: format!("ping-pong {MSG} B p99 (us)"),
         values: p99,
         ratio: true,
-        note: String::new(),
+        note,
     });
     let direct = p50[0].unwrap();
     let added = p50.map(|v| v.map(|v| v - direct));
     res.added_p50_us = added[2];
     res.rows.push(Row {
         what: "added p50 latency (us)".into(),
-        values: [None, added[1], added[2]],
+        values: [None, added[1], added[2], added[3]],
         ratio: false,
         note: "p50 - direct p50".into(),
     });
 }
 
 fn run_idle(setup: &Setup, plan: &Plan, res: &mut Results) {
-    let (rss, fds) = idle_cost(setup, &setup.proxy, plan.idle_conns, 0);
+    let mut rss = [None; 4];
+    let mut fds = [None; 4];
+    for (i, _, proxy) in setup.proxies() {
+        let (r, f) = idle_cost(setup, proxy, plan.idle_conns, 0);
+        rss[i] = Some(r / 1024.0);
+        fds[i] = Some(f);
+    }
     res.rows.push(Row {
         what: "proxy RSS per idle conn (KiB)".into(),
-        values: [None, None, Some(rss / 1024.0)],
+        values: rss,
         ratio: false,
         note: format!(
             "{} conns, each after one ping-pong; kernel buffers not included",
@@ -539,19 +685,23 @@ fn run_idle(setup: &Setup, plan: &Plan, res: &mut Results) {
     });
     res.rows.push(Row {
         what: "proxy open files per idle conn".into(),
-        values: [None, None, Some(fds)],
+        values: fds,
         ratio: false,
         note: String::new(),
     });
     // In a fresh proxy, so that memory freed by the connections above is
     // not reused and hidden.
-    let fresh = start_proxy();
-    let _registration = register(&setup.rt, &fresh, setup.node_port);
     let burst = 1 << 20;
-    let (rss, _) = idle_cost(setup, &fresh, plan.burst_conns, burst);
+    let mut rss = [None; 4];
+    for (i, build, _) in setup.proxies() {
+        let fresh = build.start();
+        let _registration = register(&setup.rt, &fresh, setup.node_port);
+        let (r, _) = idle_cost(setup, &fresh, plan.burst_conns, burst);
+        rss[i] = Some(r / 1024.0);
+    }
     res.rows.push(Row {
         what: "proxy RSS per idle conn after 1 MiB (KiB)".into(),
-        values: [None, None, Some(rss / 1024.0)],
+        values: rss,
         ratio: false,
         note: format!(
             "{} conns, each idle after echoing {} MiB; fresh proxy process",
@@ -580,17 +730,32 @@ fn main() {
     let wanted = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
     let started = Instant::now();
     let load_before = loadavg();
-    let setup = Setup::new();
+    let build = Build::new("proxy", distproxy_testkit::distproxy_bin!(BIN_VAR));
+    let baseline = baseline_arg(&args, BASELINE_VAR).map(|bin| Build::new("baseline", bin));
+    let setup = Setup::new(build, baseline);
     let cpus = thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "relay bench, {} run: loopback, {cpus} CPUs, proxy = {} (pid {})",
         plan.label,
-        distproxy_testkit::distproxy_bin!(BIN_VAR),
+        setup.build.bin,
         setup.proxy.pid()
     );
+    if let Some((b, p)) = &setup.baseline {
+        println!("baseline = {} (pid {})", b.bin, p.pid());
+    }
+    for (_, b, _) in setup.proxies() {
+        if let Some(note) = &b.note {
+            println!("{note}");
+        }
+    }
     println!(
         "direct: client to node; bare relay: through a minimal read/write relay in another \
-         process (tokio copy_bidirectional, 256 KiB buffers); proxy: lookup, then distproxy"
+         process (tokio copy_bidirectional, 256 KiB buffers); proxy: lookup, then distproxy{}",
+        if setup.baseline.is_some() {
+            "; baseline: the same through the baseline build"
+        } else {
+            ""
+        }
     );
     let mut res = Results::default();
     if wanted("bulk") {
@@ -606,7 +771,7 @@ fn main() {
         run_idle(&setup, &plan, &mut res);
     }
     println!();
-    print_table(&res.rows);
+    print_table(&res.rows, setup.baseline.is_some());
     println!();
     let mut targets = Vec::new();
     if let Some(r) = res.bulk_ratio {

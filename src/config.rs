@@ -30,51 +30,40 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
-/// `Duration` getters for `_ms` keys, one per key:
-/// `durations!(Type { getter: field_ms, ... })`.
-macro_rules! durations {
-    ($($ty:ty { $($name:ident: $field:ident),* $(,)? })*) => {
-        $(impl $ty {
-            $(
-                #[doc = concat!("`", stringify!($field), "` as a [`Duration`].")]
-                pub fn $name(&self) -> Duration {
-                    Duration::from_millis(self.$field)
-                }
-            )*
-        })*
-    };
+/// The value of every `_ms` key: whole milliseconds in the file (units
+/// are part of the key names), a [`Duration`] where it is used. One type
+/// for all of them, so the unit is converted in one place and a duration
+/// cannot be mistaken for a count; bounds are checked by [`check_ms`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    /// As a [`Duration`].
+    pub const fn duration(self) -> Duration {
+        Duration::from_millis(self.0)
+    }
+
+    /// As a [`Duration`], `None` for 0 (the keys where 0 turns a setting
+    /// off).
+    pub const fn nonzero(self) -> Option<Duration> {
+        if self.0 == 0 {
+            None
+        } else {
+            Some(self.duration())
+        }
+    }
 }
 
-durations! {
-    EpmdConfig {
-        idle_timeout: idle_timeout_ms,
-        probe_interval: probe_interval_ms,
+impl From<Millis> for Duration {
+    fn from(ms: Millis) -> Duration {
+        ms.duration()
     }
-    DistConfig {
-        acl_reload_interval: acl_reload_interval_ms,
-        handshake_timeout: handshake_timeout_ms,
-        connect_timeout: connect_timeout_ms,
-        shutdown_grace: shutdown_grace_ms,
-    }
-    RoutingConfig {
-        lookup_ttl: lookup_ttl_ms,
-        max_hold: max_hold_ms,
-    }
-    TlsConfig {
-        handshake_timeout: handshake_timeout_ms,
-        reload_interval: reload_interval_ms,
-    }
-    TunnelConfig {
-        egress_idle_timeout: egress_idle_timeout_ms,
-        resolve_timeout: resolve_timeout_ms,
-        connect_timeout: connect_timeout_ms,
-        preamble_timeout: preamble_timeout_ms,
-        probe_timeout: probe_timeout_ms,
-        probe_success_ttl: probe_success_ttl_ms,
-        probe_failure_ttl: probe_failure_ttl_ms,
-    }
-    LimitsConfig {
-        write_timeout: write_timeout_ms,
+}
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
     }
 }
 
@@ -103,8 +92,8 @@ where
 }
 
 /// A duration in milliseconds: from `min` to [`MAX_MS`] (one hour).
-fn check_ms(key: &'static str, value: u64, min: u64) -> Result<(), ConfigError> {
-    check_range(key, value, min..=MAX_MS)
+fn check_ms(key: &'static str, value: Millis, min: u64) -> Result<(), ConfigError> {
+    check_range(key, value.0, min..=MAX_MS)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -192,7 +181,7 @@ pub struct EpmdConfig {
     pub listen: Vec<SocketAddr>,
     /// A connection without a complete request for this long is closed.
     #[serde(default = "default_epmd_idle_timeout_ms")]
-    pub idle_timeout_ms: u64,
+    pub idle_timeout_ms: Millis,
     /// Like `epmd -relaxed_command_check`: allow STOP_REQ, and KILL_REQ
     /// while nodes are registered.
     #[serde(default)]
@@ -204,7 +193,7 @@ pub struct EpmdConfig {
     /// How often adopted registrations (restored from `state_file`) are
     /// probed; one whose port stops answering is dropped.
     #[serde(default = "default_probe_interval_ms")]
-    pub probe_interval_ms: u64,
+    pub probe_interval_ms: Millis,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -218,24 +207,24 @@ pub struct DistConfig {
     pub advertise_port: Option<u16>,
     /// Deadline for each handshake frame the router reads.
     #[serde(default = "default_handshake_timeout_ms")]
-    pub handshake_timeout_ms: u64,
+    pub handshake_timeout_ms: Millis,
     /// Deadline for connecting to a local node.
     #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
+    pub connect_timeout_ms: Millis,
     /// Connections relayed at once; more are closed on accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// On SIGTERM/SIGINT, established connections keep being relayed this
     /// long before they are closed.
     #[serde(default = "default_shutdown_grace_ms")]
-    pub shutdown_grace_ms: u64,
+    pub shutdown_grace_ms: Millis,
     /// What connections no `[[acl]]` rule matches get.
     #[serde(default)]
     pub acl_default: AclAction,
     /// How often the configuration file is re-read for `[[acl]]` and
     /// `acl_default` changes (also on SIGHUP).
     #[serde(default = "default_acl_reload_interval_ms")]
-    pub acl_reload_interval_ms: u64,
+    pub acl_reload_interval_ms: Millis,
 }
 
 /// The admin HTTP endpoint: /metrics, /healthz, /readyz, /nodes.
@@ -270,11 +259,11 @@ pub enum LoopbackLookups {
 pub struct RoutingConfig {
     /// How long an answered lookup waits for the connection it announces.
     #[serde(default = "default_lookup_ttl_ms")]
-    pub lookup_ttl_ms: u64,
+    pub lookup_ttl_ms: Millis,
     /// Longest hold of a serialised lookup before it is answered "not found".
     /// Keep it below OTP's setup timer (`net_setuptime`, 7,000 ms).
     #[serde(default = "default_max_hold_ms")]
-    pub max_hold_ms: u64,
+    pub max_hold_ms: Millis,
     #[serde(default)]
     pub loopback_lookups: LoopbackLookups,
 }
@@ -282,41 +271,41 @@ pub struct RoutingConfig {
 fn default_epmd_listen() -> Vec<SocketAddr> {
     vec![SocketAddr::from(([0, 0, 0, 0], 4369))]
 }
-fn default_epmd_idle_timeout_ms() -> u64 {
-    10_000
+fn default_epmd_idle_timeout_ms() -> Millis {
+    Millis(10_000)
 }
 fn default_dist_listen() -> Vec<SocketAddr> {
     vec![SocketAddr::from(([0, 0, 0, 0], 43691))]
 }
-fn default_handshake_timeout_ms() -> u64 {
-    5_000
+fn default_handshake_timeout_ms() -> Millis {
+    Millis(5_000)
 }
-fn default_connect_timeout_ms() -> u64 {
-    2_000
+fn default_connect_timeout_ms() -> Millis {
+    Millis(2_000)
 }
 fn default_max_connections() -> usize {
     4096
 }
-fn default_probe_interval_ms() -> u64 {
-    5_000
+fn default_probe_interval_ms() -> Millis {
+    Millis(5_000)
 }
-fn default_shutdown_grace_ms() -> u64 {
-    20_000
+fn default_shutdown_grace_ms() -> Millis {
+    Millis(20_000)
 }
-fn default_acl_reload_interval_ms() -> u64 {
-    5_000
+fn default_acl_reload_interval_ms() -> Millis {
+    Millis(5_000)
 }
 fn default_admin_listen() -> Option<SocketAddr> {
     Some(SocketAddr::from(([0, 0, 0, 0], 9369)))
 }
-fn default_lookup_ttl_ms() -> u64 {
-    3_000
+fn default_lookup_ttl_ms() -> Millis {
+    Millis(3_000)
 }
 /// Below OTP's connection setup timer (`net_setuptime`, 7 s by default,
 /// started in `inet_tcp_dist:do_setup` before the lookup): a longer hold
 /// would answer requesters that have given up.
-fn default_max_hold_ms() -> u64 {
-    5_000
+fn default_max_hold_ms() -> Millis {
+    Millis(5_000)
 }
 
 impl Default for EpmdConfig {
@@ -592,18 +581,18 @@ pub struct TlsConfig {
     pub bind_node_names: bool,
     /// Deadline for a TLS handshake, in either direction.
     #[serde(default = "default_tls_handshake_timeout_ms")]
-    pub handshake_timeout_ms: u64,
+    pub handshake_timeout_ms: Millis,
     /// How often the three files are re-read; a change is loaded for new
     /// connections (established ones keep their session).
     #[serde(default = "default_tls_reload_interval_ms")]
-    pub reload_interval_ms: u64,
+    pub reload_interval_ms: Millis,
 }
 
-fn default_tls_handshake_timeout_ms() -> u64 {
-    5_000
+fn default_tls_handshake_timeout_ms() -> Millis {
+    Millis(5_000)
 }
-fn default_tls_reload_interval_ms() -> u64 {
-    1_000
+fn default_tls_reload_interval_ms() -> Millis {
+    Millis(1_000)
 }
 
 impl Default for TlsConfig {
@@ -703,21 +692,21 @@ pub struct TunnelConfig {
     /// An egress listener with no open connection and no request for this
     /// long is closed; the next request opens a new one.
     #[serde(default = "default_egress_idle_timeout_ms")]
-    pub egress_idle_timeout_ms: u64,
+    pub egress_idle_timeout_ms: Millis,
     /// Egress listeners (one per remote node) open at once; requests beyond
     /// get "unavailable" and fall back.
     #[serde(default = "default_max_egress_listeners")]
     pub max_egress_listeners: usize,
     /// Deadline for resolving a remote node's host.
     #[serde(default = "default_resolve_timeout_ms")]
-    pub resolve_timeout_ms: u64,
+    pub resolve_timeout_ms: Millis,
     /// Deadline for connecting to the remote sidecar (all of its addresses).
     #[serde(default = "default_tunnel_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
+    pub connect_timeout_ms: Millis,
     /// Deadline for sending the preamble (outbound) and for receiving it
     /// (inbound, after the first byte).
     #[serde(default = "default_preamble_timeout_ms")]
-    pub preamble_timeout_ms: u64,
+    pub preamble_timeout_ms: Millis,
     /// Before the first egress listener for a remote node opens, check that
     /// something answers on the remote host's `remote_port`; if not, refuse
     /// the egress request so the node falls back to a direct connection
@@ -727,23 +716,23 @@ pub struct TunnelConfig {
     pub probe_remote: bool,
     /// Upper bound for one probe of a remote host (resolve and connect).
     #[serde(default = "default_probe_timeout_ms")]
-    pub probe_timeout_ms: u64,
+    pub probe_timeout_ms: Millis,
     /// How long a host where a sidecar answered is remembered.
     #[serde(default = "default_probe_success_ttl_ms")]
-    pub probe_success_ttl_ms: u64,
+    pub probe_success_ttl_ms: Millis,
     /// How long a host without a reachable sidecar is remembered.
     #[serde(default = "default_probe_failure_ttl_ms")]
-    pub probe_failure_ttl_ms: u64,
+    pub probe_failure_ttl_ms: Millis,
 }
 
-fn default_probe_timeout_ms() -> u64 {
-    2_000
+fn default_probe_timeout_ms() -> Millis {
+    Millis(2_000)
 }
-fn default_probe_success_ttl_ms() -> u64 {
-    30_000
+fn default_probe_success_ttl_ms() -> Millis {
+    Millis(30_000)
 }
-fn default_probe_failure_ttl_ms() -> u64 {
-    5_000
+fn default_probe_failure_ttl_ms() -> Millis {
+    Millis(5_000)
 }
 fn default_probe_remote() -> bool {
     true
@@ -755,20 +744,20 @@ fn default_tunnel_egress() -> bool {
 fn default_tunnel_remote_port() -> u16 {
     43691
 }
-fn default_egress_idle_timeout_ms() -> u64 {
-    60_000
+fn default_egress_idle_timeout_ms() -> Millis {
+    Millis(60_000)
 }
 fn default_max_egress_listeners() -> usize {
     1024
 }
-fn default_resolve_timeout_ms() -> u64 {
-    5_000
+fn default_resolve_timeout_ms() -> Millis {
+    Millis(5_000)
 }
-fn default_tunnel_connect_timeout_ms() -> u64 {
-    3_000
+fn default_tunnel_connect_timeout_ms() -> Millis {
+    Millis(3_000)
 }
-fn default_preamble_timeout_ms() -> u64 {
-    5_000
+fn default_preamble_timeout_ms() -> Millis {
+    Millis(5_000)
 }
 
 impl Default for TunnelConfig {
@@ -839,7 +828,7 @@ pub struct LimitsConfig {
     pub reserved_local_connections: usize,
     /// Deadline for writing one reply (EPMD, admin) to a peer.
     #[serde(default = "default_write_timeout_ms")]
-    pub write_timeout_ms: u64,
+    pub write_timeout_ms: Millis,
     /// Nodes registered at once.
     #[serde(default = "default_max_registered_nodes")]
     pub max_registered_nodes: usize,
@@ -866,8 +855,8 @@ fn default_dist_max_connections_per_source() -> usize {
 fn default_reserved_local_connections() -> usize {
     64
 }
-fn default_write_timeout_ms() -> u64 {
-    5_000
+fn default_write_timeout_ms() -> Millis {
+    Millis(5_000)
 }
 fn default_max_registered_nodes() -> usize {
     1024
@@ -945,32 +934,32 @@ pub struct DiscoveryConfig {
     pub host_template: String,
     /// How often the service is resolved and every pod asked.
     #[serde(default = "default_discovery_refresh_interval_ms")]
-    pub refresh_interval_ms: u64,
+    pub refresh_interval_ms: Millis,
     /// The EPMD port of the other pods.
     #[serde(default = "default_discovery_epmd_port")]
     pub epmd_port: u16,
     /// Deadline for resolving the service name.
     #[serde(default = "default_discovery_resolve_timeout_ms")]
-    pub resolve_timeout_ms: u64,
+    pub resolve_timeout_ms: Millis,
     /// Deadline for asking one pod (connect, request, reply, any fallback).
     #[serde(default = "default_discovery_query_timeout_ms")]
-    pub query_timeout_ms: u64,
+    pub query_timeout_ms: Millis,
     /// Pods asked at once.
     #[serde(default = "default_discovery_max_concurrent_queries")]
     pub max_concurrent_queries: usize,
 }
 
-fn default_discovery_refresh_interval_ms() -> u64 {
-    5_000
+fn default_discovery_refresh_interval_ms() -> Millis {
+    Millis(5_000)
 }
 fn default_discovery_epmd_port() -> u16 {
     4369
 }
-fn default_discovery_resolve_timeout_ms() -> u64 {
-    2_000
+fn default_discovery_resolve_timeout_ms() -> Millis {
+    Millis(2_000)
 }
-fn default_discovery_query_timeout_ms() -> u64 {
-    2_000
+fn default_discovery_query_timeout_ms() -> Millis {
+    Millis(2_000)
 }
 fn default_discovery_max_concurrent_queries() -> usize {
     32
@@ -1058,7 +1047,7 @@ mod discovery_tests {
         let c = Config::from_toml("", "t").unwrap();
         assert_eq!(c.discovery, DiscoveryConfig::default());
         assert!(c.discovery.service.is_empty());
-        assert_eq!(c.discovery.refresh_interval_ms, 5000);
+        assert_eq!(c.discovery.refresh_interval_ms, Millis(5000));
         assert_eq!(c.discovery.epmd_port, 4369);
         let c = Config::from_toml(
             "[discovery]\nservice = \"myapp-headless.ns.svc.cluster.local\"\nhost = \"${POD_IP}\"\n\
@@ -1111,30 +1100,30 @@ mod discovery_tests {
 pub struct TcpConfig {
     /// Idle time before the first keepalive probe (0: keepalive off).
     #[serde(default = "default_keepalive_idle_ms")]
-    pub keepalive_idle_ms: u64,
+    pub keepalive_idle_ms: Millis,
     /// Time between keepalive probes.
     #[serde(default = "default_keepalive_interval_ms")]
-    pub keepalive_interval_ms: u64,
+    pub keepalive_interval_ms: Millis,
     /// Unanswered probes before the connection is dropped.
     #[serde(default = "default_keepalive_count")]
     pub keepalive_count: u32,
     /// `TCP_USER_TIMEOUT`: sent data unacknowledged this long drops the
     /// connection (0: the kernel default, about 15 minutes).
     #[serde(default = "default_user_timeout_ms")]
-    pub user_timeout_ms: u64,
+    pub user_timeout_ms: Millis,
 }
 
-fn default_keepalive_idle_ms() -> u64 {
-    10_000
+fn default_keepalive_idle_ms() -> Millis {
+    Millis(10_000)
 }
-fn default_keepalive_interval_ms() -> u64 {
-    5_000
+fn default_keepalive_interval_ms() -> Millis {
+    Millis(5_000)
 }
 fn default_keepalive_count() -> u32 {
     3
 }
-fn default_user_timeout_ms() -> u64 {
-    30_000
+fn default_user_timeout_ms() -> Millis {
+    Millis(30_000)
 }
 
 impl Default for TcpConfig {
@@ -1149,6 +1138,16 @@ impl Default for TcpConfig {
 }
 
 impl TcpConfig {
+    /// The settings applied to both legs of a relayed connection.
+    pub fn tuning(&self) -> crate::net::TcpTuning {
+        crate::net::TcpTuning {
+            keepalive_idle: self.keepalive_idle_ms.nonzero(),
+            keepalive_interval: self.keepalive_interval_ms.duration(),
+            keepalive_count: self.keepalive_count,
+            user_timeout: self.user_timeout_ms.nonzero(),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         for (key, value) in [
             ("tcp.keepalive_idle_ms", self.keepalive_idle_ms),
@@ -1156,7 +1155,7 @@ impl TcpConfig {
         ] {
             // 0 is off; else whole seconds (the kernel counts keepalive
             // time in seconds).
-            if value != 0 {
+            if value.0 != 0 {
                 check_ms(key, value, 1_000)?;
             }
         }
@@ -1231,10 +1230,35 @@ mod tests {
         let c = Config::from_toml("", "test").unwrap();
         assert_eq!(c.epmd.listen, vec!["0.0.0.0:4369".parse().unwrap()]);
         assert_eq!(c.dist.listen, vec!["0.0.0.0:43691".parse().unwrap()]);
-        assert_eq!(c.routing.lookup_ttl_ms, 3000);
+        assert_eq!(c.routing.lookup_ttl_ms, Millis(3000));
         assert_eq!(c.routing.loopback_lookups, LoopbackLookups::Direct);
-        assert_eq!(c.epmd.idle_timeout_ms, 10_000);
+        assert_eq!(c.epmd.idle_timeout_ms, Millis(10_000));
         assert!(!c.epmd.relaxed_command_check);
+    }
+
+    #[test]
+    fn millis_keys_are_whole_milliseconds_and_become_durations() {
+        let c = Config::from_toml(
+            "[tcp]\nkeepalive_idle_ms = 0\nuser_timeout_ms = 45000\n",
+            "t",
+        )
+        .unwrap();
+        let t = c.tcp.tuning();
+        assert_eq!(t.keepalive_idle, None, "0 turns keepalive off");
+        assert_eq!(t.keepalive_interval, Duration::from_secs(5));
+        assert_eq!(t.user_timeout, Some(Duration::from_secs(45)));
+        assert_eq!(
+            Config::default().tcp.tuning().keepalive_idle,
+            Some(Duration::from_secs(10))
+        );
+        // Not a count, not a float, not negative: refused by the parser,
+        // naming the key.
+        for bad in ["-1", "1.5", "\"5s\""] {
+            let err = Config::from_toml(&format!("[routing]\nlookup_ttl_ms = {bad}\n"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("lookup_ttl_ms"), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -1310,7 +1334,7 @@ mod tests {
         let c = Config::from_toml("", "t").unwrap();
         assert!(c.tunnel.egress);
         assert_eq!(c.tunnel.remote_port, 43691);
-        assert_eq!(c.tunnel.egress_idle_timeout_ms, 60_000);
+        assert_eq!(c.tunnel.egress_idle_timeout_ms, Millis(60_000));
         assert_eq!(c.tunnel.max_egress_listeners, 1024);
         let c = Config::from_toml(
             "[tunnel]\negress = false\nremote_port = 5000\nresolve_timeout_ms = 250\n",
@@ -1319,7 +1343,10 @@ mod tests {
         .unwrap();
         assert!(!c.tunnel.egress);
         assert_eq!(c.tunnel.remote_port, 5000);
-        assert_eq!(c.tunnel.resolve_timeout(), Duration::from_millis(250));
+        assert_eq!(
+            c.tunnel.resolve_timeout_ms.duration(),
+            Duration::from_millis(250)
+        );
         for (toml, key) in [
             ("[tunnel]\nremote_port = 0\n", "tunnel.remote_port"),
             (
@@ -1378,8 +1405,8 @@ mod tls_tests {
         assert!(!c.tls.enabled());
         assert_eq!(c.tls, TlsConfig::default());
         assert_eq!(c.tls.verify_server_name, ServerNameVerification::Hostname);
-        assert_eq!(c.tls.handshake_timeout_ms, 5000);
-        assert_eq!(c.tls.reload_interval_ms, 1000);
+        assert_eq!(c.tls.handshake_timeout_ms, Millis(5000));
+        assert_eq!(c.tls.reload_interval_ms, Millis(1000));
         let c = Config::from_toml(
             &format!("{FILES}require_tls = true\nverify_server_name = \"ca_only\"\nbind_node_names = true\n"),
             "t",

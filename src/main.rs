@@ -277,7 +277,7 @@ fn run(config: Config, config_file: Option<PathBuf>, in_use_is_ok: bool) -> Exit
             }
         };
         let prometheus = install_metrics();
-        let grace = config.dist.shutdown_grace();
+        let grace = config.dist.shutdown_grace_ms.duration();
         let sidecar = Sidecar::start_with(config, listeners, prometheus);
         if let Some(path) = &config_file {
             sidecar.watch_config(path);

@@ -332,6 +332,7 @@ pub async fn write_all_within<W: AsyncWrite + Unpin>(
 
 /// Keepalive and `TCP_USER_TIMEOUT` for relayed connections (`[tcp]`), so
 /// a peer that vanished without FIN or RST is noticed in bounded time.
+/// Built from the configuration by `TcpConfig::tuning`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpTuning {
     /// `None`: keepalive off.
@@ -343,22 +344,6 @@ pub struct TcpTuning {
 }
 
 impl TcpTuning {
-    /// From the `[tcp]` keys (milliseconds; 0 turns a setting off).
-    pub fn from_ms(
-        keepalive_idle_ms: u64,
-        keepalive_interval_ms: u64,
-        keepalive_count: u32,
-        user_timeout_ms: u64,
-    ) -> TcpTuning {
-        let ms = |v: u64| (v != 0).then(|| Duration::from_millis(v));
-        TcpTuning {
-            keepalive_idle: ms(keepalive_idle_ms),
-            keepalive_interval: Duration::from_millis(keepalive_interval_ms),
-            keepalive_count,
-            user_timeout: ms(user_timeout_ms),
-        }
-    }
-
     /// Applies the settings; a failure is logged, never fatal.
     pub fn apply(&self, stream: &TcpStream) {
         let sock = socket2::SockRef::from(stream);
@@ -376,13 +361,6 @@ impl TcpTuning {
                 debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
             }
         }
-    }
-}
-
-impl Default for TcpTuning {
-    fn default() -> Self {
-        // The `[tcp]` defaults.
-        TcpTuning::from_ms(10_000, 5_000, 3, 30_000)
     }
 }
 
@@ -633,7 +611,13 @@ mod tests {
     async fn tuning_sets_keepalive_and_user_timeout_on_the_socket() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        TcpTuning::default().apply(&s);
+        TcpTuning {
+            keepalive_idle: Some(Duration::from_secs(10)),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_count: 3,
+            user_timeout: Some(Duration::from_secs(30)),
+        }
+        .apply(&s);
         let sock = socket2::SockRef::from(&s);
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(10));

@@ -25,7 +25,7 @@ use crate::distribution::listener::DistCtx;
 use crate::distribution::router::Correlator;
 use crate::epmd::registry::Registry;
 use crate::epmd::server::EpmdCtx;
-use crate::net::{bind_tcp, ConnectionLimit, TcpTuning, DEFAULT_DIST_PORT};
+use crate::net::{bind_tcp, ConnectionLimit, DEFAULT_DIST_PORT};
 use crate::tunnel::egress::{EgressManager, EgressSettings};
 use crate::tunnel::inbound::Inbound;
 use crate::tunnel::tls::Tls;
@@ -171,8 +171,8 @@ impl Sidecar {
         }
         let discovery = Discovery::new(listeners.discovery, Arc::clone(&registry));
         let correlator = Arc::new(Correlator::new(
-            config.routing.lookup_ttl(),
-            config.routing.max_hold(),
+            config.routing.lookup_ttl_ms.duration(),
+            config.routing.max_hold_ms.duration(),
             pool,
         ));
         let shutdown = CancellationToken::new();
@@ -193,23 +193,18 @@ impl Sidecar {
             Acl::deny_all()
         }));
         let forward = Forwarder {
-            connect_timeout: config.dist.connect_timeout(),
-            handshake_timeout: config.dist.handshake_timeout(),
+            connect_timeout: config.dist.connect_timeout_ms.duration(),
+            handshake_timeout: config.dist.handshake_timeout_ms.duration(),
             open_connections: Arc::clone(&open_connections),
             hard_stop: hard_stop.clone(),
-            tcp: TcpTuning::from_ms(
-                config.tcp.keepalive_idle_ms,
-                config.tcp.keepalive_interval_ms,
-                config.tcp.keepalive_count,
-                config.tcp.user_timeout_ms,
-            ),
+            tcp: config.tcp.tuning(),
             fast_path: open_fast_path(&config.relay),
         };
         let tls = listeners.tls;
         let egress = EgressManager::new(EgressSettings {
             registry: Arc::clone(&registry),
             tunnel: config.tunnel.clone(),
-            handshake_timeout: config.dist.handshake_timeout(),
+            handshake_timeout: config.dist.handshake_timeout_ms.duration(),
             tls: tls.clone(),
             forward: forward.clone(),
             limit: limit.clone(),
@@ -228,9 +223,9 @@ impl Sidecar {
             registry: Arc::clone(&registry),
             correlator: Arc::clone(&correlator),
             advertise_port,
-            idle_timeout: config.epmd.idle_timeout(),
+            idle_timeout: config.epmd.idle_timeout_ms.duration(),
             relaxed_command_check: config.epmd.relaxed_command_check,
-            probe_interval: config.epmd.probe_interval(),
+            probe_interval: config.epmd.probe_interval_ms.duration(),
             loopback_lookups: config.routing.loopback_lookups,
             egress: Arc::clone(&egress) as _,
             limit: ConnectionLimit::with(
@@ -239,7 +234,7 @@ impl Sidecar {
                 limits.epmd_max_connections_per_source,
                 limits.reserved_local_connections,
             ),
-            write_timeout: limits.write_timeout(),
+            write_timeout: limits.write_timeout_ms.duration(),
             mirrors,
             discovery: Arc::clone(&discovery) as _,
             shutdown: shutdown.clone(),
@@ -250,15 +245,15 @@ impl Sidecar {
             registry: Arc::clone(&registry),
             tls: tls.clone(),
             bind_node_names: config.tls.bind_node_names,
-            preamble_timeout: config.tunnel.preamble_timeout(),
-            handshake_timeout: config.dist.handshake_timeout(),
+            preamble_timeout: config.tunnel.preamble_timeout_ms.duration(),
+            handshake_timeout: config.dist.handshake_timeout_ms.duration(),
             forward: forward.clone(),
             acl: Arc::clone(&acl),
         };
         let dist = Arc::new(DistCtx {
             registry: Arc::clone(&registry),
             correlator: Arc::clone(&correlator),
-            handshake_timeout: config.dist.handshake_timeout(),
+            handshake_timeout: config.dist.handshake_timeout_ms.duration(),
             require_tls: config.tls.require_tls,
             forward,
             limit,
@@ -291,7 +286,7 @@ impl Sidecar {
                         .reserved_local_connections
                         .min(limits.admin_max_connections),
                 ),
-                write_timeout: limits.write_timeout(),
+                write_timeout: limits.write_timeout_ms.duration(),
                 members_json: {
                     let discovery = Arc::clone(&discovery);
                     Arc::new(move || discovery.to_json())
@@ -329,7 +324,7 @@ impl Sidecar {
             tls,
             discovery,
             acl,
-            acl_reload_interval: config.dist.acl_reload_interval(),
+            acl_reload_interval: config.dist.acl_reload_interval_ms.duration(),
             shutdown,
             hard_stop,
             tracker,

@@ -26,7 +26,7 @@ fn sidecar_from(dir: &std::path::Path, toml: &str) -> distproxy_testkit::sut::Si
     let file = Config::load(&path).unwrap();
     config.acl = file.acl;
     config.dist.acl_default = file.dist.acl_default;
-    config.dist.acl_reload_interval_ms = 50;
+    config.dist.acl_reload_interval_ms = Millis(50);
     let sidecar = start(config);
     sidecar.watch_config(&path);
     sidecar

@@ -107,8 +107,8 @@ fn settings(port: u16) -> Settings {
         host: "${POD_HOST}".into(),
         host_template: "{ip}".into(),
         epmd_port: port,
-        query_timeout_ms: 300,
-        refresh_interval_ms: 1000,
+        query_timeout_ms: Millis(300),
+        refresh_interval_ms: Millis(1000),
         ..Default::default()
     };
     Settings::from_config(&config, |v| (v == "POD_HOST").then(|| "pod-0.test".into())).unwrap()

@@ -85,7 +85,7 @@ async fn single_node_is_the_fallback_and_two_nodes_without_lookup_are_unroutable
 #[tokio::test]
 async fn non_dist_oversized_and_silent_first_frames_are_closed() {
     let mut cfg = proxy_config();
-    cfg.dist.handshake_timeout_ms = 300;
+    cfg.dist.handshake_timeout_ms = Millis(300);
     let sc = start(cfg);
     let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
     let a = FakeNode::start("a", "127.0.0.1:0").await;
@@ -122,7 +122,7 @@ async fn non_dist_oversized_and_silent_first_frames_are_closed() {
 #[tokio::test]
 async fn two_concurrent_lookups_for_different_nodes_are_never_both_answered_before_connecting() {
     let mut cfg = proxy_config();
-    cfg.routing.lookup_ttl_ms = 5000;
+    cfg.routing.lookup_ttl_ms = Millis(5000);
     let sc = start(cfg);
     let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
     let a = FakeNode::start("a", "127.0.0.1:0").await;
@@ -204,7 +204,7 @@ async fn send_lookup(epmd: std::net::SocketAddr, name: &str) -> TcpStream {
 #[tokio::test]
 async fn a_held_lookup_whose_requester_closes_leaves_no_phantom_entry() {
     let mut cfg = proxy_config();
-    cfg.routing.lookup_ttl_ms = 60_000;
+    cfg.routing.lookup_ttl_ms = Millis(60_000);
     let sc = start(cfg);
     let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
     let a = FakeNode::start("a", "127.0.0.1:0").await;
@@ -254,7 +254,7 @@ async fn a_held_lookup_whose_requester_closes_leaves_no_phantom_entry() {
 #[tokio::test]
 async fn a_connection_closed_before_its_handshake_consumes_its_entry() {
     let mut cfg = proxy_config();
-    cfg.routing.lookup_ttl_ms = 60_000;
+    cfg.routing.lookup_ttl_ms = Millis(60_000);
     let sc = start(cfg);
     let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
     let a = FakeNode::start("a", "127.0.0.1:0").await;
@@ -288,7 +288,7 @@ async fn a_connection_closed_before_its_handshake_consumes_its_entry() {
 async fn a_port_pool_routes_concurrent_lookups_of_different_nodes_exactly() {
     let mut cfg = proxy_config();
     cfg.dist.listen = vec!["127.0.0.1:0".parse().unwrap(); 3];
-    cfg.routing.lookup_ttl_ms = 60_000;
+    cfg.routing.lookup_ttl_ms = Millis(60_000);
     let sc = start(cfg);
     let epmd = epmd_addr(&sc);
     let a = FakeNode::start("a", "127.0.0.1:0").await;

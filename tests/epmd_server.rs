@@ -227,7 +227,7 @@ async fn malformed_requests_close_the_connection_without_disturbing_registration
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
     let mut c = test_config();
-    c.epmd.idle_timeout_ms = 200;
+    c.epmd.idle_timeout_ms = Millis(200);
     let sc = start(c);
     let since = std::time::Instant::now();
     let mut s = TcpStream::connect(epmd_addr(&sc)).await.unwrap();

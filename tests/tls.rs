@@ -728,7 +728,7 @@ mod tunnel_tls {
         c.tls.cert_file = Some(secret.cert_file());
         c.tls.key_file = Some(secret.key_file());
         c.tls.ca_file = Some(secret.ca_file());
-        c.tls.reload_interval_ms = 50;
+        c.tls.reload_interval_ms = Millis(50);
         tweak(&mut c);
         c.validate().unwrap();
         c

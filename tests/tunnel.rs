@@ -179,7 +179,7 @@ async fn inbound_preamble_routes_by_name_and_checks_the_initiator() {
 #[tokio::test]
 async fn a_silent_preamble_connection_times_out() {
     let mut config = config();
-    config.tunnel.preamble_timeout_ms = 200;
+    config.tunnel.preamble_timeout_ms = Millis(200);
     let sc = start(config);
     let since = std::time::Instant::now();
     let mut s = TcpStream::connect(dist_addr(&sc)).await.unwrap();
@@ -189,7 +189,10 @@ async fn a_silent_preamble_connection_times_out() {
 
 #[tokio::test]
 async fn egress_listener_closes_when_idle_and_reopens_on_request() {
-    let p = pair(&["b", "c"], |c| c.tunnel.egress_idle_timeout_ms = 300).await;
+    let p = pair(&["b", "c"], |c| {
+        c.tunnel.egress_idle_timeout_ms = Millis(300)
+    })
+    .await;
     let local_epmd = epmd_addr(&p.local);
     let port = egress_port(local_epmd, "b@127.0.0.1").await;
 
@@ -271,7 +274,7 @@ async fn egress_is_refused_for_a_host_without_sidecar_so_the_node_falls_back() {
     drop(spare);
     let mut config = config();
     config.tunnel.remote_port = remote_port;
-    config.tunnel.probe_failure_ttl_ms = NO_SIDECAR_TTL.as_millis() as u64;
+    config.tunnel.probe_failure_ttl_ms = Millis(NO_SIDECAR_TTL.as_millis() as u64);
     let sc = start(config);
     let since = std::time::Instant::now();
     let r = egress(epmd_addr(&sc), "b@127.0.0.1").await;

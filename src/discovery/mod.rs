@@ -118,10 +118,10 @@ impl Settings {
             service: (!config.service.is_empty()).then(|| config.service.clone()),
             host,
             host_template,
-            refresh_interval: Duration::from_millis(config.refresh_interval_ms),
+            refresh_interval: config.refresh_interval_ms.duration(),
             epmd_port: config.epmd_port,
-            resolve_timeout: Duration::from_millis(config.resolve_timeout_ms),
-            query_timeout: Duration::from_millis(config.query_timeout_ms),
+            resolve_timeout: config.resolve_timeout_ms.duration(),
+            query_timeout: config.query_timeout_ms.duration(),
             max_concurrent_queries: config.max_concurrent_queries,
         })
     }

@@ -215,20 +215,7 @@ pub fn start_sidecar_with(
     let [epmd_port, dist_port] = crate::ports::free_ports();
     let epmd = SocketAddr::from(([127, 0, 0, 1], epmd_port));
     let dist = SocketAddr::from(([127, 0, 0, 1], dist_port));
-    let mut config = tempfile::NamedTempFile::new().expect("temp config");
-    // The admin endpoint is off unless `extra` sets it.
-    let admin = if extra.contains("[admin]") {
-        ""
-    } else {
-        "[admin]\nlisten = \"\"\n\n"
-    };
-    write!(
-        config,
-        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n{dist_extra}\n\
-         {admin}{extra}"
-    )
-    .unwrap();
-    config.flush().unwrap();
+    let config = sidecar_config(epmd, dist, dist_extra, extra);
     let proc = Proc::spawn_unlogged(
         label,
         Command::new(bin)
@@ -261,6 +248,110 @@ pub fn start_sidecar_with(
         thread::sleep(Duration::from_millis(20));
     }
     sidecar
+}
+
+/// The configuration file [`start_sidecar_with`] hands the sidecar.
+fn sidecar_config(
+    epmd: SocketAddr,
+    dist: SocketAddr,
+    dist_extra: &str,
+    extra: &str,
+) -> tempfile::NamedTempFile {
+    let mut config = tempfile::NamedTempFile::new().expect("temp config");
+    // The admin endpoint is off unless `extra` sets it.
+    let admin = if extra.contains("[admin]") {
+        ""
+    } else {
+        "[admin]\nlisten = \"\"\n\n"
+    };
+    write!(
+        config,
+        "[epmd]\nlisten = \"{epmd}\"\n\n[dist]\nlisten = \"{dist}\"\n{dist_extra}\n\
+         {admin}{extra}"
+    )
+    .unwrap();
+    config.flush().unwrap();
+    config
+}
+
+/// Another distproxy build to measure in the same run: `--baseline BIN` (or
+/// `--baseline=BIN`) among the bench's arguments, else the variable `var`.
+pub fn baseline_arg(args: &[String], var: &str) -> Option<String> {
+    let from_args = args.iter().enumerate().find_map(|(i, a)| {
+        if a == "--baseline" {
+            Some(args.get(i + 1).expect("--baseline BIN").clone())
+        } else {
+            a.strip_prefix("--baseline=").map(str::to_string)
+        }
+    });
+    from_args
+        .or_else(|| std::env::var(var).ok())
+        .filter(|b| !b.is_empty())
+}
+
+/// `extra` (as [`start_sidecar`] takes it) in a form the distproxy binary
+/// `bin` accepts, for measuring an older build with the same bench: the
+/// whole configuration is put to `bin check-config` (exit 64 on a refused
+/// key); if refused, each section named in `droppable` (e.g. `"limits"`, which
+/// builds before the per-source limit do not know) is left out in turn until
+/// it is accepted. Returns the configuration and the sections left out;
+/// panics with the binary's message if no such form is accepted.
+pub fn config_accepted_by(bin: &str, extra: &str, droppable: &[&str]) -> (String, Vec<String>) {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let check = |extra: &str| -> Result<(), String> {
+        let config = sidecar_config(any, any, "", extra);
+        let out = Command::new(bin)
+            .arg("check-config")
+            .arg(config.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("failed to run {bin} check-config: {e}"));
+        match out.status.code() {
+            Some(0) => Ok(()),
+            Some(64) => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            _ => panic!(
+                "{bin} check-config failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }
+    };
+    let Err(first) = check(extra) else {
+        return (extra.to_string(), Vec::new());
+    };
+    let mut config = extra.to_string();
+    let mut dropped = Vec::new();
+    for section in droppable {
+        let without = drop_section(&config, section);
+        if without == config {
+            continue;
+        }
+        config = without;
+        dropped.push(format!("[{section}]"));
+        if check(&config).is_ok() {
+            return (config, dropped);
+        }
+    }
+    panic!("{bin} refuses the bench's configuration: {first}");
+}
+
+/// `toml` without the section `[name]` (its header and every line up to the
+/// next header).
+fn drop_section(toml: &str, name: &str) -> String {
+    let header = format!("[{name}]");
+    let mut inside = false;
+    let mut out = String::new();
+    for line in toml.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            inside = t == header;
+        }
+        if !inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Round-trip times in nanoseconds of `iters` ping-pongs of `msg.len()`
@@ -568,5 +659,37 @@ impl BenchNode {
     /// The node's full name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_section_leaves_out_one_section_and_keeps_the_rest() {
+        let toml = "[routing]\nloopback_lookups = \"proxy\"\n\n\
+                    [limits]\ndist_max_connections_per_source = 4096\n\
+                    reserved = 1\n\n[[acl]]\nallow = true\n";
+        assert_eq!(
+            drop_section(toml, "limits"),
+            "[routing]\nloopback_lookups = \"proxy\"\n\n[[acl]]\nallow = true\n"
+        );
+        assert_eq!(drop_section(toml, "tls"), toml);
+    }
+
+    #[test]
+    fn baseline_comes_from_the_arguments_first() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let var = "DISTPROXY_TESTKIT_NO_SUCH_VARIABLE";
+        assert_eq!(
+            baseline_arg(&args(&["--bench", "--baseline", "/a"]), var).as_deref(),
+            Some("/a")
+        );
+        assert_eq!(
+            baseline_arg(&args(&["--baseline=/b"]), var).as_deref(),
+            Some("/b")
+        );
+        assert_eq!(baseline_arg(&args(&["--bench"]), var), None);
     }
 }

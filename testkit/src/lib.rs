@@ -55,5 +55,6 @@ pub mod prelude {
     pub use crate::sidecar::{
         dist_addr, epmd_addr, loopback, proxy_config, spec, start, test_config,
     };
+    pub use crate::sut::Millis;
     pub use crate::wait::eventually;
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 
-use crate::sut::{sidecar, Config, LoopbackLookups, NodeSpec, Sidecar};
+use crate::sut::{sidecar, Config, LoopbackLookups, Millis, NodeSpec, Sidecar};
 
 /// EPMD and distribution listeners on `127.0.0.1:0`, 2 s EPMD idle and
 /// handshake timeouts, no admin endpoint (several sidecars share a process).
@@ -12,8 +12,8 @@ pub fn test_config() -> Config {
     let mut c = Config::default();
     c.epmd.listen = vec!["127.0.0.1:0".parse().unwrap()];
     c.dist.listen = vec!["127.0.0.1:0".parse().unwrap()];
-    c.epmd.idle_timeout_ms = 2000;
-    c.dist.handshake_timeout_ms = 2000;
+    c.epmd.idle_timeout_ms = Millis(2000);
+    c.dist.handshake_timeout_ms = Millis(2000);
     c.admin.listen = None;
     c
 }

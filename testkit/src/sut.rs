@@ -4,7 +4,7 @@
 
 pub use distproxy::acl;
 pub use distproxy::client;
-pub use distproxy::config::{self, Config, LoopbackLookups};
+pub use distproxy::config::{self, Config, LoopbackLookups, Millis};
 pub use distproxy::distribution::handshake::{self, Challenge, SendName, Status};
 pub use distproxy::epmd::proto::{self, EgressReply, NodeSpec, Port2Reply, Request};
 pub use distproxy::metrics;

@@ -39,6 +39,7 @@ use std::net::TcpStream;
 
 use metrics::Counter;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
 
 use super::bpf::{self, Ends};
@@ -50,6 +51,8 @@ pub const COUNT_EVERY: Duration = Duration::from_secs(5);
 /// the partner's send buffer is full; with the autotuned default the
 /// BEAM bench measured 0.35x direct for bulk, with this 0.41x (16 MiB:
 /// 0.46x). Memory is only used while a slow reader lets bytes queue.
+/// Set with `SO_SNDBUFFORCE` (the fast path holds CAP_NET_ADMIN), as
+/// `SO_SNDBUF` is capped by `net.core.wmem_max`, 208 KiB by default.
 const SEND_BUFFER: usize = 4 << 20;
 /// A shutdown waits for the partner's queue at most this long without
 /// progress.
@@ -97,6 +100,14 @@ impl FastPath {
             in_use: AtomicU32::new(0),
             max_connections,
         })
+    }
+}
+
+/// `SO_SNDBUF` of `s`: forced past `net.core.wmem_max` where the
+/// capability allows, else as far as the cap lets it.
+fn set_send_buffer(s: &TcpStream, size: usize) {
+    if setsockopt(s, sockopt::SndBufForce, &size).is_err() {
+        let _ = socket2::SockRef::from(s).set_send_buffer_size(size);
     }
 }
 
@@ -303,7 +314,7 @@ pub async fn relay(
         return Err(NotTaken::Refused);
     };
     for s in [peer, node] {
-        let _ = socket2::SockRef::from(s).set_send_buffer_size(SEND_BUFFER);
+        set_send_buffer(s, SEND_BUFFER);
     }
     // Partners first (no program there), then the sockets themselves into
     // the map with the program: a socket's bytes are redirected from the
@@ -394,3 +405,36 @@ async fn watch(
 /// Connections handed to the kernel in this process (tests check the path).
 #[cfg(test)]
 pub(super) static HANDED_OVER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With CAP_NET_ADMIN (the fast path's), the send buffer goes past
+    /// `net.core.wmem_max`; the kernel doubles what it is given.
+    #[test]
+    fn send_buffer_is_forced_past_wmem_max() {
+        let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .expect("net.core.wmem_max")
+            .trim()
+            .parse()
+            .unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let size = wmem_max * 2;
+        set_send_buffer(&s, size);
+        let got = socket2::SockRef::from(&s).send_buffer_size().unwrap();
+        if effective_uid() == 0 {
+            assert_eq!(got, size * 2, "forced: twice what was asked");
+        } else {
+            assert_eq!(got, wmem_max * 2, "capped without the capability");
+        }
+    }
+
+    /// From /proc: the crate's only `unsafe` code is `bpf.rs`.
+    fn effective_uid() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    }
+}

@@ -276,7 +276,7 @@ async fn serve_egress(listener: TcpListener, egress: Arc<Egress>, manager: Arc<E
 /// Resolves once the listener has had no open connection and no request
 /// for `tunnel.egress_idle_timeout_ms`, after removing it from the map.
 async fn idle(egress: &Arc<Egress>, manager: &EgressManager) {
-    let idle = manager.settings.egress_idle_timeout();
+    let idle = manager.settings.egress_idle_timeout_ms.duration();
     let remote = &egress.remote.full;
     loop {
         // While connections are open the clock is not running: look again

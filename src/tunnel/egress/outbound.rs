@@ -59,7 +59,7 @@ impl EgressManager {
         let resolve_start = Instant::now();
         let addrs = match self
             .resolver
-            .resolve(&remote.host, self.settings.resolve_timeout())
+            .resolve(&remote.host, self.settings.resolve_timeout_ms.duration())
             .await
         {
             Ok(a) => a,
@@ -76,7 +76,7 @@ impl EgressManager {
         let (remote_stream, remote_addr) = match connect_any(
             &addrs,
             port,
-            self.settings.connect_timeout(),
+            self.settings.connect_timeout_ms.duration(),
         )
         .await
         {
@@ -178,7 +178,7 @@ impl EgressManager {
             remote.write_all(&head).await?;
             remote.flush().await
         };
-        match tokio::time::timeout(self.settings.preamble_timeout(), sent).await {
+        match tokio::time::timeout(self.settings.preamble_timeout_ms.duration(), sent).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 warn!(%initiator, %target, %remote_addr, error = %e, "egress: failed to send the preamble; closing");

@@ -44,11 +44,11 @@ impl ProbeSettings {
     pub fn from_config(config: &TunnelConfig) -> ProbeSettings {
         ProbeSettings {
             port: config.remote_port,
-            resolve_timeout: config.resolve_timeout(),
-            connect_timeout: config.connect_timeout(),
-            timeout: config.probe_timeout(),
-            success_ttl: config.probe_success_ttl(),
-            failure_ttl: config.probe_failure_ttl(),
+            resolve_timeout: config.resolve_timeout_ms.duration(),
+            connect_timeout: config.connect_timeout_ms.duration(),
+            timeout: config.probe_timeout_ms.duration(),
+            success_ttl: config.probe_success_ttl_ms.duration(),
+            failure_ttl: config.probe_failure_ttl_ms.duration(),
         }
     }
 }

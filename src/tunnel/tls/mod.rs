@@ -108,8 +108,8 @@ impl TlsSettings {
             key_file: config.key_file.clone()?,
             ca_file: config.ca_file.clone()?,
             verify_server_name: config.verify_server_name,
-            handshake_timeout: config.handshake_timeout(),
-            reload_interval: config.reload_interval(),
+            handshake_timeout: config.handshake_timeout_ms.duration(),
+            reload_interval: config.reload_interval_ms.duration(),
             max_handshakes: limits.max_tls_handshakes,
         })
     }
