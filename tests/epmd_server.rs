@@ -311,3 +311,32 @@ async fn the_epmd_commands_client_reads_every_reply() {
     assert_eq!(client::kill(epmd).await.unwrap(), client::KillReply::Killed);
     assert!(relaxed.shutdown.is_cancelled());
 }
+
+/// A pod may run more nodes than `limits.epmd_max_connections_per_source`:
+/// every node holds its registration connection from loopback, and OTP's
+/// `epmd` has no per-source cap. The cap is for floods from one remote
+/// address; local peers are bounded by the totals (and their reserve).
+#[tokio::test]
+async fn more_local_nodes_than_the_per_source_cap_register_and_are_looked_up() {
+    let sc = start(test_config());
+    let epmd = epmd_addr(&sc);
+    let per_source = test_config().limits.epmd_max_connections_per_source;
+    let n = per_source + 36;
+    let mut held = Vec::new();
+    for i in 0..n {
+        let name = format!("n{i}");
+        let (c, r) = client::register(epmd, spec(&name, 40100 + i as u16))
+            .await
+            .unwrap_or_else(|e| panic!("registering node {i} of {n}: {e}"));
+        assert_eq!(r.result, 0, "node {i}");
+        held.push(c);
+    }
+    for i in [0, per_source, n - 1] {
+        match client::port_please(epmd, &format!("n{i}")).await.unwrap() {
+            Port2Reply::Found(f) => assert_eq!(f.port, 40100 + i as u16),
+            other => panic!("n{i}: {other:?}"),
+        }
+    }
+    let (_, text) = client::names(epmd).await.unwrap();
+    assert_eq!(text.lines().count(), n);
+}
