@@ -130,7 +130,8 @@ fn an_elixir_cluster_connects_calls_and_shares_global_names_across_pods() {
 /// The host part of a StatefulSet pod's name behind a headless Service.
 const FQDN: &str = "app-0.app-headless.my-namespace.svc.cluster.local";
 
-/// An Erlang node named `app@<FQDN>` (pod A) and an Elixir node started with
+/// An Erlang node named `app@<FQDN>` and one named after the pod's IP
+/// (pod A), and an Elixir node started with
 /// `--sname ex@pod-b` (pod B) reach each other through the sidecars; the
 /// Elixir node, killed with SIGKILL and restarted at once under the same
 /// name, is reached again as its new incarnation (a new creation).
@@ -174,7 +175,16 @@ fn fqdn_and_short_names_and_an_immediate_restart_under_the_same_name() {
         o.name = Some("b1@pod-b".into());
         b.spawn_erlang_with("b1", &o)
     };
-    for node in [&mut app, &mut ex1, &mut b1] {
+    // `-name app@$(POD_IP)`, the other common Kubernetes naming.
+    let ip_name = format!("ip1@{}", a.addr());
+    let mut ip1 = a.spawn_erlang_with(
+        "ip1",
+        &ErlangOptions {
+            name: Some(ip_name.clone()),
+            ..Default::default()
+        },
+    );
+    for node in [&mut app, &mut ex1, &mut b1, &mut ip1] {
         node.wait_ready();
     }
     assert_eq!(app.name(), app_name);
@@ -188,6 +198,11 @@ fn fqdn_and_short_names_and_an_immediate_restart_under_the_same_name() {
     assert_eq!(lb.ping(&app_name), "pong", "lb -> app@FQDN");
     assert_eq!(lb.rpc_node(&app_name), app_name);
     assert_eq!(app.ping(lb.name()), "pong", "app@FQDN -> lb");
+    assert_eq!(lb.ping(&ip_name), "pong", "lb -> ip1@POD_IP");
+    assert_eq!(lb.rpc_node(&ip_name), ip_name);
+    assert_eq!(ip1.ping(lb.name()), "pong", "ip1@POD_IP -> lb");
+    // Both of pod A's nodes are told apart through its one port.
+    assert_eq!(lb.rpc_node(&app_name), app_name);
 
     // Short names within pod B, through its sidecar's EPMD.
     assert_eq!(b1.ping("ex@pod-b"), "pong", "b1 -> ex (sname)");
