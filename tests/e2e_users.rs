@@ -224,3 +224,81 @@ fn fqdn_and_short_names_and_an_immediate_restart_under_the_same_name() {
     sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
 }
+
+/// What `erl` reports when started under a name already taken, with a stock
+/// `epmd` (pod S) and with the sidecar (pod D): the node does not start, in
+/// the same words, and the node holding the name is undisturbed.
+#[test]
+fn a_second_node_under_a_taken_name_fails_as_with_stock_epmd() {
+    if !e2e_enabled(
+        "a_second_node_under_a_taken_name_fails_as_with_stock_epmd",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["s", "d"]);
+    let (s, d) = (lab.pod("s"), lab.pod("d"));
+    let _epmd = s.spawn_stock_epmd();
+    let mut sidecar = d.spawn_sidecar(&[]);
+    let mut holders: Vec<BeamNode> = [s, d].iter().map(|p| p.spawn_erlang("taken")).collect();
+    for h in &mut holders {
+        h.wait_ready();
+    }
+    let second = |pod: &support::Pod| {
+        let name = pod.node_name("taken");
+        let out = pod.run(
+            "erl",
+            &[
+                "-name",
+                &name,
+                "-setcookie",
+                lab.cookie(),
+                "-noshell",
+                "-eval",
+                "halt(0).",
+            ],
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .replace(pod.host(), "HOST");
+        (out.status.success(), text)
+    };
+    let stock = second(s);
+    assert!(
+        !stock.0,
+        "stock epmd let a second node take the name: {}",
+        stock.1
+    );
+    assert!(
+        stock
+            .1
+            .contains("seems to be in use by another Erlang node"),
+        "{}",
+        stock.1
+    );
+    let ours = second(d);
+    assert!(
+        !ours.0,
+        "the sidecar let a second node take the name: {}",
+        ours.1
+    );
+    assert!(
+        ours.1
+            .contains("the name taken@HOST seems to be in use by another Erlang node"),
+        "{}",
+        ours.1
+    );
+    // The holders still answer, and the sidecar still lists its one.
+    for (h, pod) in holders.iter_mut().zip([s, d]) {
+        assert_eq!(h.name(), pod.node_name("taken"));
+        let me = h.name().to_string();
+        assert_eq!(h.rpc_node(&me), me);
+    }
+    assert!(d
+        .http_get(support::sidecar::ADMIN_PORT, "/nodes")
+        .contains("\"taken\""));
+    sidecar.assert_running();
+}
