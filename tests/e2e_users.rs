@@ -204,8 +204,18 @@ fn fqdn_and_short_names_and_an_immediate_restart_under_the_same_name() {
     // Both of pod A's nodes are told apart through its one port.
     assert_eq!(lb.rpc_node(&app_name), app_name);
 
-    // Short names within pod B, through its sidecar's EPMD.
+    // Short names within pod B, through its sidecar's EPMD, and from pod A
+    // (`pod-b` resolves through the pods' hosts files).
     assert_eq!(b1.ping("ex@pod-b"), "pong", "b1 -> ex (sname)");
+    let mut sa = {
+        let mut o = short.clone();
+        o.name = Some("sa@pod-a".into());
+        a.spawn_erlang_with("sa", &o)
+    };
+    sa.wait_ready();
+    assert_eq!(sa.ping("ex@pod-b"), "pong", "sa@pod-a -> ex@pod-b");
+    assert_eq!(sa.rpc_node("b1@pod-b"), "b1@pod-b", "sa@pod-a -> b1@pod-b");
+    assert_eq!(b1.ping("sa@pod-a"), "pong", "b1@pod-b -> sa@pod-a");
     let old = ex1.creation();
     assert_eq!(b1.remote_pid_creation("ex@pod-b"), old);
 
