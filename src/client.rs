@@ -27,6 +27,10 @@ pub enum ClientError {
     },
     #[error("bad reply from epmd at {addr}: {reason}")]
     BadReply { addr: SocketAddr, reason: String },
+    /// A KILL or STOP answer that is none of the known ones (`epmd` closes
+    /// without one when `relaxed_command_check` is off), lossily decoded.
+    #[error("unexpected reply from epmd at {addr}: <{reply}>")]
+    UnexpectedReply { addr: SocketAddr, reply: String },
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,9 +133,9 @@ fn port_and_text(addr: SocketAddr, reply: &[u8], what: &str) -> Result<(u32, Str
 }
 
 fn unexpected(addr: SocketAddr, reply: &[u8]) -> ClientError {
-    ClientError::BadReply {
+    ClientError::UnexpectedReply {
         addr,
-        reason: format!("unexpected reply <{}>", String::from_utf8_lossy(reply)),
+        reply: String::from_utf8_lossy(reply).into_owned(),
     }
 }
 

@@ -190,6 +190,7 @@ pub async fn run_client(action: &EpmdAction) -> ExitCode {
                 println!("Killing not allowed - living nodes in database.");
                 ExitCode::FAILURE
             }
+            Err(ClientError::UnexpectedReply { reply, .. }) => responded_with(&reply),
             Err(e @ ClientError::BadReply { .. }) => {
                 println!("epmd: {e}");
                 ExitCode::FAILURE
@@ -206,6 +207,8 @@ pub async fn run_client(action: &EpmdAction) -> ExitCode {
                 println!("NOEXIST");
                 ExitCode::SUCCESS
             }
+            // Also a STOP refused without relaxed_command_check: no reply.
+            Err(ClientError::UnexpectedReply { reply, .. }) => responded_with(&reply),
             Err(e @ ClientError::BadReply { .. }) => {
                 println!("epmd: {e}");
                 ExitCode::FAILURE
@@ -213,6 +216,12 @@ pub async fn run_client(action: &EpmdAction) -> ExitCode {
             Err(e) => cannot_connect(e),
         },
     }
+}
+
+/// `epmd`'s words for a KILL or STOP answer it does not know.
+fn responded_with(reply: &str) -> ExitCode {
+    println!("epmd: local epmd responded with <{reply}>");
+    ExitCode::FAILURE
 }
 
 /// Prints an EPMD's `NAMES` listing as `epmd -names` does (also
