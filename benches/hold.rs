@@ -297,6 +297,20 @@ fn run_direct(rt: &tokio::runtime::Runtime, n: usize) -> Figures {
 fn run_proxy(rt: &tokio::runtime::Runtime, bin: &str, label: &'static str, n: usize) -> Figures {
     let node = start_node();
     let limit = n + 1000;
+    let extra = format!(
+        "[routing]\nloopback_lookups = \"proxy\"\n\n\
+         [limits]\ndist_max_connections_per_source = {limit}\n\
+         epmd_max_connections = 1024\nepmd_max_connections_per_source = 1024\n"
+    );
+    // An older build (`--old`) may predate `[limits]`, and with it the
+    // per-source limits the section raises: it runs without it.
+    let (extra, dropped) = config_accepted_by(bin, &extra, &["limits"]);
+    if !dropped.is_empty() {
+        println!(
+            "{label}: {bin} refuses {}, started without it",
+            dropped.join(", ")
+        );
+    }
     let sidecar = start_sidecar_with(
         bin,
         label,
@@ -304,11 +318,7 @@ fn run_proxy(rt: &tokio::runtime::Runtime, bin: &str, label: &'static str, n: us
         // A generous connect deadline: a load spike from other processes
         // slows the setup rate, it does not fail the run.
         &format!("max_connections = {limit}\nconnect_timeout_ms = 10000\n"),
-        &format!(
-            "[routing]\nloopback_lookups = \"proxy\"\n\n\
-             [limits]\ndist_max_connections_per_source = {limit}\n\
-             epmd_max_connections = 1024\nepmd_max_connections_per_source = 1024\n"
-        ),
+        &extra,
     );
     let pid = sidecar.pid();
     let registration = rt

@@ -16,12 +16,18 @@
 //! in the first round and after the retry, misroutes, and the ratio of the
 //! time to the reference's.
 //!
+//! With `--seeded`, the nodes run OTP's defaults instead (`connect_all`):
+//! every node but the first pings the first, all at once, and `global`
+//! connects the rest as it does in users' clusters. Prints the time until
+//! every node lists all the others (or which are missing after 180 s).
+//!
 //! Run as root, by hand (needs erlang-nox and iproute2):
 //!
 //! ```text
 //! cargo bench --bench mesh -- 3 8
 //! cargo bench --bench mesh -- 4 12 --pool 4
 //! cargo bench --bench mesh -- 4 12 --ttl 1000 --only stock
+//! cargo bench --bench mesh -- 8 16 --seeded
 //! ```
 
 #[path = "../tests/support/mod.rs"]
@@ -40,7 +46,7 @@ struct Variant {
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench mesh -- PODS NODES [--pool K]... [--ttl MS]... \
-         [--only reference|stock|module]..."
+         [--only reference|stock|module]... [--seeded]"
     );
     std::process::exit(64);
 }
@@ -61,6 +67,7 @@ fn main() {
     let mut pools = Vec::new();
     let mut ttls = Vec::new();
     let mut only = Vec::new();
+    let mut seeded = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -76,6 +83,7 @@ fn main() {
                     .unwrap_or_else(|| usage()),
             ),
             "--only" => only.push(args.next().unwrap_or_else(|| usage())),
+            "--seeded" => seeded = true,
             other if other.starts_with('-') => usage(),
             other => positional.push(other.parse::<usize>().unwrap_or_else(|_| usage())),
         }
@@ -127,6 +135,9 @@ fn main() {
         });
     }
 
+    if seeded {
+        return seeded_join(pods, nodes, variants);
+    }
     let pairs = pods * nodes * (pods * nodes - 1);
     println!(
         "mesh formation: {pods} pods x {nodes} nodes, {pairs} pings, all at once (-connect_all false)"
@@ -139,6 +150,7 @@ fn main() {
             nodes,
             mode: v.mode,
             sidecar_config: v.config,
+            connect_all: false,
         };
         let mut mesh = start_mesh(&layout);
         let report = mesh.form();
@@ -178,6 +190,55 @@ fn main() {
             r.retry.failed.len(),
             r.misroutes as u64,
             *held as u64
+        );
+    }
+}
+
+/// `--seeded`: OTP's defaults, every node joins through the first.
+fn seeded_join(pods: usize, nodes: usize, variants: Vec<Variant>) {
+    const DEADLINE: Duration = Duration::from_secs(180);
+    println!(
+        "mesh formation: {pods} pods x {nodes} nodes with OTP's defaults (connect_all), \
+         every node pinging the first at once"
+    );
+    let mut rows = Vec::new();
+    for v in variants {
+        eprintln!("mesh: {} ...", v.label);
+        let layout = MeshLayout {
+            pods,
+            nodes,
+            mode: v.mode,
+            sidecar_config: v.config,
+            connect_all: true,
+        };
+        let mut mesh = start_mesh(&layout);
+        let joined = mesh.join_via_seed(DEADLINE);
+        if let Err(e) = &joined {
+            eprintln!("mesh: {}: {e}", v.label);
+        }
+        let held = mesh.metric_total("distproxy_lookups_held_total", &[]);
+        let misroutes = mesh.metric_total("distproxy_misroutes_total", &[]);
+        rows.push((v.label, v.mode, joined.ok(), held, misroutes));
+        drop(mesh);
+    }
+    let reference = rows
+        .iter()
+        .find(|r| r.1 == MeshMode::Reference)
+        .and_then(|r| r.2);
+    println!();
+    println!("| layout | mode | full mesh (s) | misroutes | lookups held | vs reference |");
+    println!("|---|---|---|---|---|---|");
+    for (label, _, took, held, misroutes) in &rows {
+        let ratio = match (took, reference) {
+            (Some(t), Some(r)) if r > Duration::ZERO => {
+                format!("{:.2}x", t.as_secs_f64() / r.as_secs_f64())
+            }
+            _ => "-".into(),
+        };
+        let took = took.map_or(format!("not full after {}", secs(DEADLINE)), secs);
+        println!(
+            "| {pods}x{nodes} | {label} | {took} | {} | {} | {ratio} |",
+            *misroutes as u64, *held as u64
         );
     }
 }

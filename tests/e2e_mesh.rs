@@ -9,6 +9,10 @@
 //! connection may leak: each sidecar's open gauge matches the sockets it
 //! holds (`ss`), and both drop to zero once every node is killed.
 //!
+//! The same layout also joins as users' clusters do: OTP's defaults
+//! (`connect_all`), every node pinging one seed, `global` connecting the
+//! rest.
+//!
 //! The timings of larger layouts, against stock epmd, are in
 //! `benches/mesh.rs`.
 
@@ -25,6 +29,7 @@ fn check(mode: MeshMode) {
         nodes: NODES,
         mode,
         sidecar_config: None,
+        connect_all: false,
     };
     let mut mesh = start_mesh(&layout);
     let report: MeshReport = mesh.form();
@@ -68,4 +73,50 @@ fn mesh_of_module_nodes_forms_all_at_once() {
         return;
     }
     check(MeshMode::ModulePeers);
+}
+
+/// What users do: nodes with OTP's defaults (`connect_all`, `global`) each
+/// join by pinging one seed node, all at once; `global` then connects every
+/// other pair itself, from both sides and many at once across pods.
+fn seeded_join(mode: MeshMode) {
+    let layout = MeshLayout {
+        pods: PODS,
+        nodes: NODES,
+        mode,
+        sidecar_config: None,
+        connect_all: true,
+    };
+    let mut mesh = start_mesh(&layout);
+    let took = mesh
+        .join_via_seed(std::time::Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{}: {e}", mode.label()));
+    eprintln!("{}: full mesh {took:?} after the seed pings", mode.label());
+    for daemon in &mut mesh.daemons {
+        daemon.assert_no_misroute();
+    }
+    assert_full_mesh(&mut mesh.nodes);
+    mesh.assert_open_matches_live();
+    mesh.kill_nodes_and_assert_nothing_leaks();
+}
+
+#[test]
+fn stock_nodes_joining_through_one_seed_form_the_full_mesh() {
+    if !support::e2e_enabled(
+        "stock_nodes_joining_through_one_seed_form_the_full_mesh",
+        &["ss"],
+    ) {
+        return;
+    }
+    seeded_join(MeshMode::StockPeers);
+}
+
+#[test]
+fn module_nodes_joining_through_one_seed_form_the_full_mesh() {
+    if !support::e2e_enabled(
+        "module_nodes_joining_through_one_seed_form_the_full_mesh",
+        &["ss"],
+    ) {
+        return;
+    }
+    seeded_join(MeshMode::ModulePeers);
 }

@@ -144,6 +144,10 @@ pub struct MeshLayout {
     pub mode: MeshMode,
     /// Sidecar configuration (TOML); the default configuration if `None`.
     pub sidecar_config: Option<String>,
+    /// OTP's default `-connect_all true` (global connects every node it
+    /// learns of), for [`MeshLab::join_via_seed`]; `false` for
+    /// [`MeshLab::form`], where only the pings connect.
+    pub connect_all: bool,
 }
 
 /// One round of concurrent pings.
@@ -221,9 +225,11 @@ pub fn start_mesh(layout: &MeshLayout) -> MeshLab {
         Some(ebin) => super::module::with_module(ebin),
         None => super::beam::ErlangOptions::default(),
     };
-    options
-        .extra_args
-        .extend(["-connect_all".to_string(), "false".to_string()]);
+    if !layout.connect_all {
+        options
+            .extra_args
+            .extend(["-connect_all".to_string(), "false".to_string()]);
+    }
     let mut nodes = Vec::new();
     for pod in lab.pods() {
         for i in 1..=layout.nodes {
@@ -293,6 +299,52 @@ impl MeshLab {
             first,
             retry,
             misroutes: self.metric_total("distproxy_misroutes_total", &[]),
+        }
+    }
+
+    /// Joins the cluster as users do: every node but the first pings the
+    /// first (all at once), and OTP's `global` (with `connect_all`) then
+    /// connects every other pair itself. Returns the time from the pings'
+    /// start until every `nodes()` lists all the others, or which nodes
+    /// still miss whom at `deadline`.
+    pub fn join_via_seed(&mut self, deadline: Duration) -> Result<Duration, String> {
+        assert!(self.layout.connect_all, "a seeded join needs connect_all");
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name().to_string()).collect();
+        let seed = names[0].clone();
+        let plan: Vec<Vec<String>> = names
+            .iter()
+            .map(|me| {
+                if *me == seed {
+                    vec![]
+                } else {
+                    vec![seed.clone()]
+                }
+            })
+            .collect();
+        let started = Instant::now();
+        let pings = ping_round(&mut self.nodes, &plan);
+        if !pings.failed.is_empty() {
+            return Err(format!("pings of the seed failed: {:?}", pings.failed));
+        }
+        let mut missing = Vec::new();
+        let full = poll_until(deadline, Duration::from_millis(250), || {
+            missing.clear();
+            for node in &mut self.nodes {
+                let known = node.nodes();
+                let lacking: Vec<String> = others(&names, node.name())
+                    .into_iter()
+                    .filter(|n| !known.contains(n))
+                    .collect();
+                if !lacking.is_empty() {
+                    missing.push(format!("{} lacks {lacking:?}", node.name()));
+                }
+            }
+            missing.is_empty()
+        });
+        if full {
+            Ok(started.elapsed())
+        } else {
+            Err(format!("no full mesh after {deadline:?}: {missing:#?}"))
         }
     }
 
