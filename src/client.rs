@@ -27,6 +27,10 @@ pub enum ClientError {
     },
     #[error("bad reply from epmd at {addr}: {reason}")]
     BadReply { addr: SocketAddr, reason: String },
+    /// A KILL or STOP answer that is none of the known ones (`epmd` closes
+    /// without one when `relaxed_command_check` is off), lossily decoded.
+    #[error("unexpected reply from epmd at {addr}: <{reply}>")]
+    UnexpectedReply { addr: SocketAddr, reply: String },
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,12 +66,11 @@ pub async fn names(addr: SocketAddr) -> Result<(u32, String), ClientError> {
     port_and_text(addr, &reply, "names")
 }
 
-/// DUMP_REQ (local peers only): the server's port and its dump text.
+/// DUMP_REQ (local peers only): the server's port and its dump text, as
+/// sent: `epmd` NUL-terminates each entry, and `epmd -dump` prints the NULs.
 pub async fn dump(addr: SocketAddr) -> Result<(u32, String), ClientError> {
     let reply = request_to_eof(addr, &Request::Dump).await?;
-    let (port, text) = port_and_text(addr, &reply, "dump")?;
-    // `epmd` NUL-terminates each entry of the dump.
-    Ok((port, text.replace('\0', "")))
+    port_and_text(addr, &reply, "dump")
 }
 
 /// The answer to KILL_REQ.
@@ -102,14 +105,16 @@ pub async fn stop(addr: SocketAddr, name: &str) -> Result<StopReply, ClientError
     let reply = request_to_eof(
         addr,
         &Request::Stop {
-            name: name.to_string(),
+            name: name.as_bytes().to_vec(),
         },
     )
     .await?;
-    match reply.as_slice() {
-        b"STOPPED" => Ok(StopReply::Stopped),
-        b"NOEXIST" => Ok(StopReply::NoExist),
-        other => Err(unexpected(addr, other)),
+    // `epmd` goes on to send `STOPPED` after `NOEXIST` (epmd_srv.c falls
+    // through); its own client reads the first seven bytes.
+    match reply.get(..7) {
+        Some(b"STOPPED") if reply.len() == 7 => Ok(StopReply::Stopped),
+        Some(b"NOEXIST") => Ok(StopReply::NoExist),
+        _ => Err(unexpected(addr, &reply)),
     }
 }
 
@@ -128,9 +133,9 @@ fn port_and_text(addr: SocketAddr, reply: &[u8], what: &str) -> Result<(u32, Str
 }
 
 fn unexpected(addr: SocketAddr, reply: &[u8]) -> ClientError {
-    ClientError::BadReply {
+    ClientError::UnexpectedReply {
         addr,
-        reason: format!("unexpected reply <{}>", String::from_utf8_lossy(reply)),
+        reply: String::from_utf8_lossy(reply).into_owned(),
     }
 }
 

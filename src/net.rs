@@ -212,11 +212,17 @@ impl ConnectionLimit {
     }
 
     /// A permit for a connection from `peer` (`local`: inside the pod).
+    ///
+    /// Local peers are not capped per source: every node of the pod holds
+    /// its registration connection from loopback (OTP's `epmd` caps nothing
+    /// per source), so the cap would stop the pod's node beyond it from
+    /// registering and every local lookup once that many nodes live. They
+    /// are bounded by the total and the reserve.
     pub fn acquire(&self, peer: IpAddr, local: bool) -> Result<ConnPermit, LimitRefused> {
         let ip = peer.to_canonical();
         let mut sources = lock(&self.sources);
         let held = sources.get(&ip).copied().unwrap_or(0);
-        if held >= self.per_source {
+        if held >= self.per_source && !local {
             return Err(LimitRefused::PerSource);
         }
         let permit = match Arc::clone(&self.permits).try_acquire_owned() {
@@ -571,6 +577,21 @@ mod tests {
         assert!(
             limit.admit(own_peer, Some(own)).is_some(),
             "own address is local"
+        );
+        // Local peers have no per-source share: the pod's nodes all come
+        // from loopback.
+        let wide = ConnectionLimit::with("test", 10, 2, 0);
+        let many: Vec<_> = (0..5)
+            .map(|i| {
+                wide.admit(lo, Some(own))
+                    .unwrap_or_else(|| panic!("loopback {i}"))
+            })
+            .collect();
+        assert_eq!(many.len(), 5);
+        assert_eq!(
+            wide.acquire(a.ip(), false).map(|_| ()).err(),
+            None,
+            "a remote source keeps its own share"
         );
         // Dropping a permit frees both the total and the source's share.
         drop(a1);

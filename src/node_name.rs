@@ -6,7 +6,7 @@
 pub const MAX_NAME_CHARS: usize = 255;
 
 /// Why a node name was refused (the rules of `epmd_srv.c`).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
     #[error("name is empty")]
     Empty,

@@ -173,7 +173,11 @@ async fn relaxed_stop_unregisters_and_closes_the_node_connection_and_kill_shuts_
         client::port_please(epmd, "victim").await.unwrap(),
         Port2Reply::NotFound { .. }
     ));
-    assert_eq!(raw_exchange(epmd, b"\x00\x07snobody").await, b"NOEXIST");
+    // epmd falls through after NOEXIST and sends STOPPED too.
+    assert_eq!(
+        raw_exchange(epmd, b"\x00\x07snobody").await,
+        b"NOEXISTSTOPPED"
+    );
 
     assert_eq!(raw_exchange(epmd, &[0, 1, b'k']).await, b"OK");
     tokio::time::timeout(SEC, sc.shutdown_requested())
@@ -278,7 +282,8 @@ async fn the_epmd_commands_client_reads_every_reply() {
         text.contains("active name     <d1> at port 40040"),
         "{text:?}"
     );
-    assert!(!text.contains('\0'), "{text:?}");
+    // Each entry NUL-terminated, as epmd sends (and `epmd -dump` prints) it.
+    assert!(text.ends_with("fd = -1\n\0"), "{text:?}");
     assert_eq!(
         client::kill(epmd).await.unwrap(),
         client::KillReply::Refused
@@ -286,7 +291,7 @@ async fn the_epmd_commands_client_reads_every_reply() {
     // Without relaxed_command_check STOP gets no reply at all.
     assert!(matches!(
         client::stop(epmd, "d1").await,
-        Err(client::ClientError::BadReply { .. })
+        Err(client::ClientError::UnexpectedReply { .. })
     ));
     assert!(!strict.shutdown.is_cancelled());
 
@@ -305,4 +310,33 @@ async fn the_epmd_commands_client_reads_every_reply() {
     );
     assert_eq!(client::kill(epmd).await.unwrap(), client::KillReply::Killed);
     assert!(relaxed.shutdown.is_cancelled());
+}
+
+/// A pod may run more nodes than `limits.epmd_max_connections_per_source`:
+/// every node holds its registration connection from loopback, and OTP's
+/// `epmd` has no per-source cap. The cap is for floods from one remote
+/// address; local peers are bounded by the totals (and their reserve).
+#[tokio::test]
+async fn more_local_nodes_than_the_per_source_cap_register_and_are_looked_up() {
+    let sc = start(test_config());
+    let epmd = epmd_addr(&sc);
+    let per_source = test_config().limits.epmd_max_connections_per_source;
+    let n = per_source + 36;
+    let mut held = Vec::new();
+    for i in 0..n {
+        let name = format!("n{i}");
+        let (c, r) = client::register(epmd, spec(&name, 40100 + i as u16))
+            .await
+            .unwrap_or_else(|e| panic!("registering node {i} of {n}: {e}"));
+        assert_eq!(r.result, 0, "node {i}");
+        held.push(c);
+    }
+    for i in [0, per_source, n - 1] {
+        match client::port_please(epmd, &format!("n{i}")).await.unwrap() {
+            Port2Reply::Found(f) => assert_eq!(f.port, 40100 + i as u16),
+            other => panic!("n{i}: {other:?}"),
+        }
+    }
+    let (_, text) = client::names(epmd).await.unwrap();
+    assert_eq!(text.lines().count(), n);
 }

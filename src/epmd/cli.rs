@@ -152,8 +152,10 @@ pub const USAGE: &str = "usage: epmd [-port No] [-address List] [-daemon] \
 /// client action (the caller serves): it fails.
 pub async fn run_client(action: &EpmdAction) -> ExitCode {
     let local = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // `epmd`'s own words on stderr, nothing more: scripts match them.
     let cannot_connect = |e: ClientError| {
-        eprintln!("epmd: Cannot connect to local epmd ({e})");
+        tracing::debug!(error = %e, "cannot connect to the local epmd");
+        eprintln!("epmd: Cannot connect to local epmd");
         ExitCode::FAILURE
     };
     match action {
@@ -161,7 +163,13 @@ pub async fn run_client(action: &EpmdAction) -> ExitCode {
             eprintln!("epmd: serving is not a client action");
             ExitCode::FAILURE
         }
-        EpmdAction::Names { port } => print_names(local(*port)).await,
+        EpmdAction::Names { port } => match client::names(local(*port)).await {
+            Ok((epmd_port, text)) => {
+                print!("epmd: up and running on port {epmd_port} with data:\n{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => cannot_connect(e),
+        },
         EpmdAction::Dump { port } => match client::dump(local(*port)).await {
             Ok((port, text)) => {
                 print!("epmd: up and running on port {port} with data:\n{text}");
@@ -182,6 +190,7 @@ pub async fn run_client(action: &EpmdAction) -> ExitCode {
                 println!("Killing not allowed - living nodes in database.");
                 ExitCode::FAILURE
             }
+            Err(ClientError::UnexpectedReply { reply, .. }) => responded_with(&reply),
             Err(e @ ClientError::BadReply { .. }) => {
                 println!("epmd: {e}");
                 ExitCode::FAILURE
@@ -198,6 +207,8 @@ pub async fn run_client(action: &EpmdAction) -> ExitCode {
                 println!("NOEXIST");
                 ExitCode::SUCCESS
             }
+            // Also a STOP refused without relaxed_command_check: no reply.
+            Err(ClientError::UnexpectedReply { reply, .. }) => responded_with(&reply),
             Err(e @ ClientError::BadReply { .. }) => {
                 println!("epmd: {e}");
                 ExitCode::FAILURE
@@ -205,6 +216,12 @@ pub async fn run_client(action: &EpmdAction) -> ExitCode {
             Err(e) => cannot_connect(e),
         },
     }
+}
+
+/// `epmd`'s words for a KILL or STOP answer it does not know.
+fn responded_with(reply: &str) -> ExitCode {
+    println!("epmd: local epmd responded with <{reply}>");
+    ExitCode::FAILURE
 }
 
 /// Prints an EPMD's `NAMES` listing as `epmd -names` does (also

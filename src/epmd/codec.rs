@@ -4,7 +4,8 @@
 //! (`erts/doc/guides/erl_dist_protocol.md`). The length is checked as soon
 //! as its two bytes arrive, before any of the body is buffered, so a peer
 //! cannot make the server reserve more than [`MAX_REQUEST_LEN`] bytes; `epmd`
-//! likewise refuses a length of zero or one that exceeds its input buffer.
+//! likewise refuses a length of zero or one that exceeds its input buffer
+//! (the same 3057 bytes).
 //!
 //! [Distribution Protocol guide]: https://github.com/erlang/otp/blob/master/erts/doc/guides/erl_dist_protocol.md
 
@@ -79,7 +80,7 @@ impl Encoder<Request> for RequestCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::epmd::proto::{NameError, NodeSpec, MAX_EXTRA_LEN};
+    use crate::epmd::proto::{NameError, NodeSpec, MAX_ALIVE2_LEN, MAX_EXTRA_LEN};
     use bytes::Bytes;
 
     fn requests() -> Vec<Request> {
@@ -176,7 +177,7 @@ mod tests {
         RequestCodec
             .encode(Request::Alive2(spec.clone()), &mut buf)
             .unwrap();
-        assert_eq!(buf.len(), 2 + MAX_REQUEST_LEN);
+        assert_eq!(buf.len(), 2 + MAX_ALIVE2_LEN);
         assert_eq!(
             RequestCodec.decode(&mut buf).unwrap(),
             Some(Request::Alive2(spec))

@@ -11,10 +11,13 @@
 //! is the tag; framing lives in [`super::codec`], this module sees bodies
 //! only. Replies carry no length prefix.
 //!
-//! Decoding is stricter than `epmd_srv.c`: a length field that points past
-//! the body, or bytes after `ALIVE2_REQ`'s `Extra`, are errors (and so close
-//! the connection) where `epmd` would sometimes read on. No OTP client sends
-//! either.
+//! Decoding follows `epmd_srv.c` where it is lenient too: bytes after
+//! `ALIVE2_REQ`'s `Extra` are ignored, `STOP_REQ`'s name ends at its first
+//! NUL, and an `ALIVE2_REQ` whose name or extra `node_reg2` refuses is a
+//! [`ProtoError::RefusedAlive2`], which the server answers with an error
+//! result where a malformed one is closed without a reply.
+//! `tests/epmd_conformance.rs` compares the server with OTP's `epmd` byte
+//! for byte.
 //!
 //! [Distribution Protocol guide]: https://github.com/erlang/otp/blob/master/erts/doc/guides/erl_dist_protocol.md
 
@@ -108,11 +111,14 @@ pub use crate::node_name::{validate_name, NameError, MAX_NAME_CHARS};
 pub const MAX_NAME_BYTES: usize = 4 * MAX_NAME_CHARS;
 /// `epmd`'s `node_reg2` refuses an `Extra` longer than `MAXSYMLEN`.
 pub const MAX_EXTRA_LEN: usize = 4 * MAX_NAME_CHARS;
-/// The largest valid request body: `ALIVE2_REQ` with the longest name and
-/// extra (13 fixed bytes + 1020 + 1020 = 2053). `epmd` buffers up to 3057
-/// bytes (`INBUF_SIZE - 3`), but no body between 2054 and 3057 bytes can be
-/// valid, so the codec refuses those before reading them.
-pub const MAX_REQUEST_LEN: usize = 13 + MAX_NAME_BYTES + MAX_EXTRA_LEN;
+/// The largest `ALIVE2_REQ` body without ignored trailing bytes: the
+/// longest name and extra (13 fixed bytes + 1020 + 1020 = 2053).
+pub const MAX_ALIVE2_LEN: usize = 13 + MAX_NAME_BYTES + MAX_EXTRA_LEN;
+/// The largest request body `epmd` reads: 3057 bytes (`INBUF_SIZE - 3`);
+/// a longer length closes the connection before the body is read. Between
+/// [`MAX_ALIVE2_LEN`] and this, an `ALIVE2_REQ` with trailing bytes is
+/// still served (they are ignored, as by `epmd`).
+pub const MAX_REQUEST_LEN: usize = 3057;
 
 /// What a node registers (`ALIVE2_REQ` body) and what `PORT2_RESP` echoes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,8 +149,10 @@ pub enum Request {
     Names,
     Dump,
     Kill,
+    /// `name`: the bytes before the first NUL, not necessarily a valid
+    /// name (then it matches no registered node).
     Stop {
-        name: String,
+        name: Vec<u8>,
     },
     /// [`DISTPROXY_EGRESS_REQ`]: the full name of a node in another pod.
     Egress {
@@ -177,6 +185,19 @@ pub enum ProtoError {
     InvalidName(#[from] NameError),
     #[error("extra field of {0} bytes exceeds limit of {max}", max = MAX_EXTRA_LEN)]
     ExtraTooLong(usize),
+    /// A well-formed `ALIVE2_REQ` that `epmd`'s `node_reg2` refuses: it
+    /// answers result 1 (creation 99) and keeps the connection, as for a
+    /// duplicate name. `extended`: the reply is `ALIVE2_X_RESP`.
+    #[error("ALIVE2_REQ refused: {reason}")]
+    RefusedAlive2 {
+        extended: bool,
+        reason: Box<ProtoError>,
+    },
+    /// A lookup of a name of 255 characters: `epmd_srv.c` counts the NUL
+    /// after the name as a character, so it closes such a lookup without a
+    /// reply, and so do we.
+    #[error("lookup of a name of {0} characters (epmd answers at most 254)")]
+    LookupTooLong(usize),
 }
 
 impl Request {
@@ -185,12 +206,26 @@ impl Request {
         let (&tag, rest) = body.split_first().ok_or(ProtoError::Empty)?;
         match tag {
             ALIVE2_REQ => decode_alive2(rest).map(Request::Alive2),
-            PORT_PLEASE2_REQ => Ok(Request::PortPlease2 {
-                name: name_to_end(rest)?,
-            }),
-            STOP_REQ => Ok(Request::Stop {
-                name: name_to_end(rest)?,
-            }),
+            PORT_PLEASE2_REQ => {
+                let name = name_to_end(rest)?;
+                let chars = name.chars().count();
+                if chars >= MAX_NAME_CHARS {
+                    return Err(ProtoError::LookupTooLong(chars));
+                }
+                Ok(Request::PortPlease2 { name })
+            }
+            // `epmd_srv.c` reads the name as a C string: up to the first
+            // NUL, whatever follows; any bytes, since it only compares them
+            // with registered names. At least one byte must follow the tag.
+            STOP_REQ => {
+                if rest.is_empty() {
+                    return Err(ProtoError::InvalidName(NameError::Empty));
+                }
+                let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+                Ok(Request::Stop {
+                    name: rest[..end].to_vec(),
+                })
+            }
             // `epmd_srv.c` looks at nothing but the tag of these three and
             // ignores the rest of the body. We tolerate it too: nothing
             // depends on it, and refusing would break a client epmd serves.
@@ -243,8 +278,10 @@ impl Request {
             Request::Dump => dst.put_u8(DUMP_REQ),
             Request::Kill => dst.put_u8(KILL_REQ),
             Request::Stop { name } => {
+                // A C string, so that an empty name is still a request.
                 dst.put_u8(STOP_REQ);
-                dst.put_slice(clamp(name.as_bytes(), MAX_NAME_BYTES));
+                dst.put_slice(clamp(name, MAX_NAME_BYTES));
+                dst.put_u8(0);
             }
             Request::Egress { node } => {
                 dst.put_u8(DISTPROXY_EGRESS_REQ);
@@ -268,7 +305,13 @@ impl Request {
     }
 }
 
+/// `ALIVE2_REQ` in `epmd_srv.c`'s order: a body of 13 bytes or less, a
+/// name or extra length past the body, or a NUL in the name close the
+/// connection; then `node_reg2` refuses (with a reply) a name that is not
+/// UTF-8 or longer than 255 characters, and an extra of more than 1020
+/// bytes. Bytes after the extra are ignored.
 fn decode_alive2(mut b: &[u8]) -> Result<NodeSpec, ProtoError> {
+    let body_len = 1 + b.len();
     let port = u16::from_be_bytes(take_array(&mut b, "port")?);
     let [node_type] = take_array(&mut b, "node type")?;
     let [protocol] = take_array(&mut b, "protocol")?;
@@ -277,15 +320,27 @@ fn decode_alive2(mut b: &[u8]) -> Result<NodeSpec, ProtoError> {
     let nlen = u16::from_be_bytes(take_array(&mut b, "name length")?);
     let name = take(&mut b, nlen.into(), "name")?;
     let elen = usize::from(u16::from_be_bytes(take_array(&mut b, "extra length")?));
-    if elen > MAX_EXTRA_LEN {
-        return Err(ProtoError::ExtraTooLong(elen));
-    }
     let extra = take(&mut b, elen, "extra")?;
-    if !b.is_empty() {
-        return Err(ProtoError::TrailingBytes("extra"));
-    }
     // Lengths first, contents second: a lying length is reported as such.
-    let name = validate_name(name)?.to_owned();
+    if body_len <= 13 {
+        // `epmd`: "at least one character for the node name".
+        return Err(ProtoError::Truncated("name"));
+    }
+    if name.contains(&0) {
+        return Err(NameError::NulByte.into());
+    }
+    let refused = |reason: ProtoError| ProtoError::RefusedAlive2 {
+        extended: highest_version >= 6,
+        reason: Box::new(reason),
+    };
+    // `epmd` registers an empty name here (a body padded by an extra or
+    // trailing bytes); distproxy refuses it like any invalid name.
+    let name = validate_name(name)
+        .map_err(|e| refused(e.into()))?
+        .to_owned();
+    if elen > MAX_EXTRA_LEN {
+        return Err(refused(ProtoError::ExtraTooLong(elen)));
+    }
     let extra = Bytes::copy_from_slice(extra);
     Ok(NodeSpec {
         port,
@@ -385,6 +440,16 @@ pub fn encode_dump_line(dst: &mut BytesMut, name: &str, port: u16, fd: i64) {
     let _ = write!(
         dst,
         "active name     <{name}> at port {port}, fd = {fd}\n\0"
+    );
+}
+
+/// One `DUMP_REQ` line for a name no longer registered (`epmd`'s
+/// "old/unused" list), as `epmd_srv.c` writes it: a space before the
+/// newline, and the NUL after it.
+pub fn encode_dump_unused_line(dst: &mut BytesMut, name: &str, port: u16, fd: i64) {
+    let _ = write!(
+        dst,
+        "old/unused name <{name}>, port = {port}, fd = {fd} \n\0"
     );
 }
 
@@ -629,17 +694,25 @@ mod tests {
             Err(ProtoError::Truncated("extra length"))
         );
 
+        // Bytes after the extra are ignored, as by epmd.
         let mut trailing = ALIVE2_A1.to_vec();
-        trailing.push(0);
+        trailing.extend_from_slice(b"\0junk");
+        assert_eq!(Request::decode(&trailing), Ok(Request::Alive2(a1())));
+
+        // The shortest body epmd reads is 14 bytes, even with an empty name.
         assert_eq!(
-            Request::decode(&trailing),
-            Err(ProtoError::TrailingBytes("extra"))
+            Request::decode(&alive2_body(b"", b"")),
+            Err(ProtoError::Truncated("name"))
         );
 
+        // An extra that is too long is refused with a reply.
         let big = alive2_body(b"a", &[7; MAX_EXTRA_LEN + 1]);
         assert_eq!(
             Request::decode(&big),
-            Err(ProtoError::ExtraTooLong(MAX_EXTRA_LEN + 1))
+            Err(ProtoError::RefusedAlive2 {
+                extended: true,
+                reason: Box::new(ProtoError::ExtraTooLong(MAX_EXTRA_LEN + 1))
+            })
         );
         let max = alive2_body(b"a", &[7; MAX_EXTRA_LEN]);
         assert!(Request::decode(&max).is_ok());
@@ -647,15 +720,34 @@ mod tests {
 
     #[test]
     fn alive2_validates_the_name() {
-        let cases: [(&[u8], NameError); 3] = [
-            (b"", NameError::Empty),
-            (b"a\0b", NameError::NulByte),
-            (b"\xff", NameError::NotUtf8),
+        // A NUL closes the connection...
+        assert_eq!(
+            Request::decode(&alive2_body(b"a\0b", b"")),
+            Err(ProtoError::InvalidName(NameError::NulByte))
+        );
+        // ...what node_reg2 refuses gets a reply, `v` or `y` by version.
+        let long = "é".repeat(256);
+        let cases: [(&[u8], &[u8], NameError); 3] = [
+            (b"", b"x", NameError::Empty),
+            (b"\xff", b"", NameError::NotUtf8),
+            (long.as_bytes(), b"", NameError::TooLong { chars: 256 }),
         ];
-        for (name, err) in cases {
+        for (name, extra, err) in cases {
+            let mut body = alive2_body(name, extra);
             assert_eq!(
-                Request::decode(&alive2_body(name, b"")),
-                Err(ProtoError::InvalidName(err))
+                Request::decode(&body),
+                Err(ProtoError::RefusedAlive2 {
+                    extended: true,
+                    reason: Box::new(ProtoError::InvalidName(err.clone()))
+                })
+            );
+            body[6] = 5; // HighestVersion 5
+            assert_eq!(
+                Request::decode(&body),
+                Err(ProtoError::RefusedAlive2 {
+                    extended: false,
+                    reason: Box::new(ProtoError::InvalidName(err))
+                })
             );
         }
     }
@@ -687,9 +779,9 @@ mod tests {
         ] {
             assert_eq!(validate_name(bad), Err(NameError::NotUtf8), "{bad:?}");
         }
-        // The longest valid ALIVE2 body is exactly MAX_REQUEST_LEN bytes.
+        // The longest ALIVE2 body without trailing bytes is MAX_ALIVE2_LEN.
         let body = alive2_body(emoji.as_bytes(), &[0; MAX_EXTRA_LEN]);
-        assert_eq!(body.len(), MAX_REQUEST_LEN);
+        assert_eq!(body.len(), MAX_ALIVE2_LEN);
         assert!(Request::decode(&body).is_ok());
     }
 
@@ -721,6 +813,15 @@ mod tests {
             Request::decode(&long),
             Err(ProtoError::InvalidName(NameError::TooLong { chars: 256 }))
         );
+        // epmd counts the NUL after the name: 254 characters are looked
+        // up, 255 are closed without a reply (with or without a NUL sent).
+        let mut ok = b"z".to_vec();
+        ok.extend_from_slice("ü".repeat(254).as_bytes());
+        assert!(Request::decode(&ok).is_ok());
+        ok.extend_from_slice("ü".as_bytes());
+        assert_eq!(Request::decode(&ok), Err(ProtoError::LookupTooLong(255)));
+        ok.push(0);
+        assert_eq!(Request::decode(&ok), Err(ProtoError::LookupTooLong(255)));
     }
 
     #[test]
@@ -732,6 +833,19 @@ mod tests {
         assert_eq!(
             Request::decode(b"s"),
             Err(ProtoError::InvalidName(NameError::Empty))
+        );
+        // A C string: up to the first NUL, any bytes.
+        assert_eq!(
+            Request::decode(b"sa1\0junk\0"),
+            Ok(Request::Stop { name: "a1".into() })
+        );
+        assert_eq!(
+            Request::decode(b"s\0"),
+            Ok(Request::Stop { name: Vec::new() })
+        );
+        assert_eq!(
+            Request::decode(b"s\xff"),
+            Ok(Request::Stop { name: vec![0xff] })
         );
         assert_eq!(Request::decode(b"n"), Ok(Request::Names));
         assert_eq!(Request::decode(b"d"), Ok(Request::Dump));
@@ -800,10 +914,10 @@ mod tests {
         spec.extra = Bytes::from(vec![1; 70_000]);
         let mut dst = BytesMut::new();
         Request::Alive2(spec).encode(&mut dst);
-        assert_eq!(dst.len() - 2, MAX_REQUEST_LEN);
+        assert_eq!(dst.len() - 2, MAX_ALIVE2_LEN);
         assert_eq!(
             u16::from_be_bytes([dst[0], dst[1]]) as usize,
-            MAX_REQUEST_LEN
+            MAX_ALIVE2_LEN
         );
     }
 

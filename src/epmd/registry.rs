@@ -12,7 +12,7 @@
 //! [`MAX_REMEMBERED_CREATIONS`] remembered creations, the oldest name not
 //! registered dropped first (OTP's `epmd` keeps 1,000 unused slots).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -77,11 +77,25 @@ struct Inner {
     /// Last creation counter per name, kept after unregistration, with the
     /// sequence number of its last update (the oldest is dropped first).
     creations: HashMap<String, (u32, u64)>,
+    /// Names unregistered since start and not registered again, with their
+    /// last port, oldest first: `epmd`'s "old/unused" list that `DUMP_REQ`
+    /// shows, at most [`MAX_REMEMBERED_CREATIONS`] long.
+    unregistered: VecDeque<(String, u16)>,
     next_id: u64,
     next_seq: u64,
 }
 
 impl Inner {
+    /// Moves an unregistered node to the end of the "old/unused" list.
+    fn forget(&mut self, entry: NodeEntry) {
+        self.unregistered.retain(|(n, _)| *n != entry.spec.name);
+        self.unregistered
+            .push_back((entry.spec.name, entry.spec.port));
+        while self.unregistered.len() > MAX_REMEMBERED_CREATIONS {
+            self.unregistered.pop_front();
+        }
+    }
+
     /// Remembers `creation` for `name` (keeping the larger), then drops the
     /// oldest names not registered beyond [`MAX_REMEMBERED_CREATIONS`].
     fn remember(&mut self, name: &str, creation: u32, keep_max: bool) {
@@ -180,6 +194,7 @@ impl Registry {
             None => initial_creation(),
         };
         inner.remember(&spec.name, creation, false);
+        inner.unregistered.retain(|(n, _)| *n != spec.name);
         inner.next_id += 1;
         let id = inner.next_id;
         let stop = CancellationToken::new();
@@ -296,11 +311,18 @@ impl Registry {
         match inner.live.remove(name) {
             Some(slot) => {
                 slot.stop.cancel();
+                inner.forget(slot.entry);
                 self.changed(&inner);
                 true
             }
             None => false,
         }
+    }
+
+    /// Names unregistered since start (and not registered again) with
+    /// their last port, oldest first, as `epmd`'s `DUMP_REQ` lists them.
+    pub fn unregistered(&self) -> Vec<(String, u16)> {
+        self.lock().unregistered.iter().cloned().collect()
     }
 
     /// Subscribe to change notifications.
@@ -311,7 +333,9 @@ impl Registry {
     fn unregister(&self, name: &str, id: u64) {
         let mut inner = self.lock();
         if inner.live.get(name).is_some_and(|s| s.id == id) {
-            inner.live.remove(name);
+            if let Some(slot) = inner.live.remove(name) {
+                inner.forget(slot.entry);
+            }
             self.changed(&inner);
         }
     }
@@ -527,6 +551,30 @@ mod tests {
         let (nodes, creations) = r.snapshot();
         assert_eq!(nodes.len(), 1);
         assert_eq!(creations, vec![("a".to_string(), 4243)]);
+    }
+
+    #[test]
+    fn unregistered_names_are_listed_oldest_first_until_registered_again() {
+        let r = Arc::new(Registry::new());
+        let a = r.register(spec("a", 1, 6), LO).unwrap();
+        let b = r.register(spec("b", 2, 6), LO).unwrap();
+        let _c = r.register(spec("c", 3, 6), LO).unwrap();
+        drop(b);
+        assert!(r.stop("c"));
+        drop(a);
+        let names = |r: &Registry| r.unregistered();
+        assert_eq!(
+            names(&r),
+            vec![("b".into(), 2), ("c".into(), 3), ("a".into(), 1)]
+        );
+        let _b = r.register(spec("b", 4, 6), LO).unwrap();
+        assert_eq!(names(&r), vec![("c".into(), 3), ("a".into(), 1)]);
+        for i in 0..MAX_REMEMBERED_CREATIONS + 5 {
+            drop(r.register(spec(&format!("n{i}"), 9, 6), LO).unwrap());
+        }
+        let list = names(&r);
+        assert_eq!(list.len(), MAX_REMEMBERED_CREATIONS);
+        assert_eq!(list[0].0, "n5");
     }
 
     #[tokio::test]

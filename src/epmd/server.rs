@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::codec::{CodecError, RequestCodec};
-use super::proto::{self, NodeSpec, Request};
+use super::proto::{self, NodeSpec, ProtoError, Request};
 use super::registry::{RegisterError, Registry};
 use crate::config::LoopbackLookups;
 use crate::distribution::router::{Correlator, LookupOutcome};
@@ -146,13 +146,28 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
     let idle = shared.idle_timeout;
 
     let mut framed = FramedRead::new(stream, RequestCodec);
-    let request = match tokio::time::timeout(idle, framed.next()).await {
+    let next = tokio::time::timeout(idle, framed.next()).await;
+    // `epmd` closes a connection that sent more than one request's bytes
+    // before it read the request ("got N bytes in packet, expected M"),
+    // without a reply; bytes that arrive after it are never read.
+    let leftover = !framed.read_buffer().is_empty();
+    let request = match next {
         Err(_) => {
             debug!(%peer, "epmd request timed out; closing");
             count("unknown", "timeout");
             return;
         }
         Ok(None) => return, // closed without a request
+        Ok(Some(Err(CodecError::Proto(ProtoError::RefusedAlive2 { extended, reason }))))
+            if local_peer && !leftover =>
+        {
+            // Well-formed, but a name or extra `epmd` refuses to register:
+            // result 1, like a duplicate name.
+            warn!(%peer, error = %reason, "ALIVE2_REQ refused");
+            count("alive2", "bad_request");
+            refuse_alive2(framed.into_inner(), peer, extended, &shared).await;
+            return;
+        }
         Ok(Some(Err(e))) => {
             log_bad_request(peer, &e);
             count("unknown", "bad_request");
@@ -160,9 +175,13 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
         }
         Ok(Some(Ok(req))) => req,
     };
-    let leftover = !framed.read_buffer().is_empty();
     let stream = framed.into_inner();
     let req_type = request_type(&request);
+    if leftover {
+        warn!(%peer, request = req_type, "bytes after the epmd request; closing without a reply");
+        count(req_type, "bad_request");
+        return;
+    }
 
     if matches!(
         request,
@@ -181,11 +200,6 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
 
     match request {
         Request::Alive2(spec) => {
-            if leftover {
-                // epmd drops a registration that sends more than its request.
-                count(req_type, "bad_request");
-                return;
-            }
             serve_alive2(stream, peer, peer_ip, spec, &shared).await;
         }
         Request::PortPlease2 { name } => {
@@ -249,6 +263,9 @@ async fn respond(
             for node in shared.registry.list() {
                 proto::encode_dump_line(&mut out, &node.spec.name, node.spec.port, -1);
             }
+            for (name, port) in shared.registry.unregistered() {
+                proto::encode_dump_unused_line(&mut out, &name, port, -1);
+            }
             Response::reply(out, "ok")
         }
         Request::Kill => {
@@ -296,6 +313,7 @@ async fn respond(
             Response::reply(out, result)
         }
         Request::Stop { name } => {
+            let name = String::from_utf8_lossy(&name);
             if !shared.relaxed_command_check {
                 warn!(%peer, node = %name, "STOP_REQ refused: relaxed_command_check is off");
                 return Response {
@@ -304,12 +322,16 @@ async fn respond(
                     then_shutdown: false,
                 };
             }
-            if shared.registry.stop(&name) {
+            // Only a valid name can be registered, so a lossy one (with
+            // U+FFFD for invalid bytes) must not be looked up.
+            if matches!(name, std::borrow::Cow::Borrowed(_)) && shared.registry.stop(&name) {
                 info!(%peer, node = %name, "node stopped by STOP_REQ");
                 out.extend_from_slice(b"STOPPED");
                 Response::reply(out, "ok")
             } else {
-                out.extend_from_slice(b"NOEXIST");
+                // `epmd_srv.c` falls through after NOEXIST and sends
+                // STOPPED as well; its client reads the first 7 bytes.
+                out.extend_from_slice(b"NOEXISTSTOPPED");
                 Response::reply(out, "not_found")
             }
         }
@@ -513,15 +535,13 @@ async fn serve_alive2(
         Err(RegisterError::Duplicate(_)) => {
             warn!(%peer, node = %name, "ALIVE2_REQ for a name already registered; refused");
             count("alive2", "duplicate");
-            proto::encode_alive2_resp(&mut out, 1, 99, extended);
-            let _ = write_reply(&mut stream, peer, &out, shared.write_timeout).await;
+            refuse_alive2(stream, peer, extended, shared).await;
             return;
         }
         Err(RegisterError::Full(max)) => {
             warn!(%peer, node = %name, max, "ALIVE2_REQ refused: registry full (limits.max_registered_nodes)");
             count("alive2", "registry_full");
-            proto::encode_alive2_resp(&mut out, 1, 99, extended);
-            let _ = write_reply(&mut stream, peer, &out, shared.write_timeout).await;
+            refuse_alive2(stream, peer, extended, shared).await;
             return;
         }
     };
@@ -552,4 +572,24 @@ async fn serve_alive2(
     };
     drop(registration);
     info!(node = %name, reason = %why, "node unregistered");
+}
+
+/// Answers a refused ALIVE2_REQ (result 1, creation 99, as `epmd`), then
+/// keeps the connection as `epmd` keeps every ALIVE2 connection: until the
+/// peer closes it or sends anything, or the server shuts down. The
+/// connection limits bound how many can be held.
+async fn refuse_alive2(mut stream: TcpStream, peer: SocketAddr, extended: bool, shared: &EpmdCtx) {
+    let mut out = BytesMut::with_capacity(8);
+    proto::encode_alive2_resp(&mut out, 1, 99, extended);
+    // Not `write_reply`: that half-closes, and the connection stays open.
+    let sent = tokio::time::timeout(shared.write_timeout, stream.write_all(&out)).await;
+    if let Err(e) = sent.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
+        debug!(%peer, error = %e, "refused ALIVE2 reply not delivered");
+        return;
+    }
+    let mut probe = [0u8; 64];
+    tokio::select! {
+        _ = stream.read(&mut probe) => {}
+        _ = shared.shutdown.cancelled() => {}
+    }
 }

@@ -349,6 +349,26 @@ impl Pod {
         &self.lab
     }
 
+    /// Runs `f` on a new thread that has entered this pod's network
+    /// namespace: the sockets it opens are the pod's. For peers written in
+    /// Rust (raw protocol bytes, attackers) that must come from inside the
+    /// lab, where the root namespace has no interface.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.ns);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: setns(2) with a descriptor we own; CLONE_NEWNET moves
+            // only the calling thread (this new one) to the namespace.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
     /// A command running `program` inside this pod, with a clean Erlang
     /// environment and `HOME` in the lab directory.
     pub fn command(&self, program: &str) -> Command {

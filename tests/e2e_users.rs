@@ -1,0 +1,314 @@
+//! Flows real users run, with real nodes behind sidecars: an Elixir cluster
+//! that connects with `Node.connect`, calls across pods with `:rpc.call`
+//! and shares a `:global` name that every node (Erlang ones included) sees,
+//! through the transitive connections `global` makes on its own; nodes
+//! named with a Kubernetes-style FQDN (`-name`) next to one with a short
+//! name (`--sname`); a node killed and restarted at once under the same name
+//! while a peer is connected.
+//!
+//! Needs root, iproute2, erlang-nox and elixir; fails saying so otherwise,
+//! unless `DISTPROXY_SKIP_E2E=1`.
+
+mod support;
+
+use std::time::Duration;
+
+use support::beam::atom;
+use support::beam::ErlangOptions;
+use support::wait::wait_until;
+use support::{e2e_enabled, BeamNode};
+
+/// Evaluates Elixir `code` on `on` (through its agent); the result as
+/// `{Value, Binding}` printed by Erlang.
+fn eval(on: &mut BeamNode, code: &str) -> String {
+    let name = on.name().to_string();
+    on.rpc(
+        &name,
+        "Elixir.Code",
+        "eval_string",
+        &format!("[<<\"{}\">>]", code.replace('"', "\\\"")),
+    )
+}
+
+/// `name` as an Elixir atom literal.
+fn ex(name: &str) -> String {
+    format!(":\"{name}\"")
+}
+
+#[test]
+fn an_elixir_cluster_connects_calls_and_shares_global_names_across_pods() {
+    if !e2e_enabled(
+        "an_elixir_cluster_connects_calls_and_shares_global_names_across_pods",
+        &["elixir"],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b", "c"]);
+    let (a, b, c) = (lab.pod("a"), lab.pod("b"), lab.pod("c"));
+    let mut sidecars = [a, b, c].map(|p| p.spawn_sidecar(&[]));
+    let mut e1 = a.spawn_elixir("e1");
+    let mut e2 = b.spawn_elixir("e2");
+    let mut c1 = c.spawn_erlang("c1");
+    for node in [&mut e1, &mut e2, &mut c1] {
+        node.wait_ready();
+    }
+    let (e1_name, e2_name, c1_name) = (a.node_name("e1"), b.node_name("e2"), c.node_name("c1"));
+
+    // Node.connect/1 and Node.list/0 on e1.
+    assert_eq!(
+        eval(&mut e1, &format!("Node.connect({})", ex(&e2_name))),
+        "{true,[]}"
+    );
+    assert_eq!(
+        eval(&mut e1, "Node.list()"),
+        format!("{{[{}],[]}}", atom(&e2_name))
+    );
+    // :rpc.call from e1 to e2, and from e2 back.
+    assert_eq!(
+        eval(
+            &mut e1,
+            &format!(":rpc.call({}, :erlang, :node, [])", ex(&e2_name))
+        ),
+        format!("{{{},[]}}", atom(&e2_name))
+    );
+    assert_eq!(
+        eval(
+            &mut e2,
+            &format!(
+                ":rpc.call({}, System, :version, []) |> is_binary()",
+                ex(&e1_name)
+            )
+        ),
+        "{true,[]}"
+    );
+
+    // A :global name registered on e1 (for a process that lives: init).
+    assert_eq!(
+        eval(
+            &mut e1,
+            ":global.register_name(:dp_service, Process.whereis(:init))"
+        ),
+        "{yes,[]}"
+    );
+    // c1 (Erlang, pod C) joins through e1 only; global connects it to e2
+    // as well (a lookup in pod B's EPMD, a handshake through its sidecar)
+    // and gives it the name.
+    assert_eq!(c1.ping(&e1_name), "pong");
+    wait_until(
+        Duration::from_secs(20),
+        "c1 to be connected to e2 by global",
+        || c1.nodes().contains(&e2_name),
+    );
+    wait_until(Duration::from_secs(20), "c1 to see :dp_service", || {
+        c1.rpc(&c1_name, "global", "whereis_name", "[dp_service]") != "undefined"
+    });
+    let owner = |node: &mut BeamNode| eval(node, "node(:global.whereis_name(:dp_service))");
+    let want = format!("{{{},[]}}", atom(&e1_name));
+    assert_eq!(owner(&mut e2), want, "e2 sees the name on e1");
+    // The name is one cluster-wide: registering it again elsewhere fails.
+    assert_eq!(
+        eval(
+            &mut e2,
+            ":global.register_name(:dp_service, Process.whereis(:init))"
+        ),
+        "{no,[]}"
+    );
+    // Unregistered on e1, it is gone everywhere.
+    assert_eq!(
+        eval(&mut e1, ":global.unregister_name(:dp_service)"),
+        "{ok,[]}"
+    );
+    wait_until(Duration::from_secs(10), "the name to vanish on c1", || {
+        c1.rpc(&c1_name, "global", "whereis_name", "[dp_service]") == "undefined"
+    });
+    for s in &mut sidecars {
+        s.assert_running();
+        s.assert_no_misroute();
+    }
+}
+
+/// The host part of a StatefulSet pod's name behind a headless Service.
+const FQDN: &str = "app-0.app-headless.my-namespace.svc.cluster.local";
+
+/// An Erlang node named `app@<FQDN>` and one named after the pod's IP
+/// (pod A), and an Elixir node started with
+/// `--sname ex@pod-b` (pod B) reach each other through the sidecars; the
+/// Elixir node, killed with SIGKILL and restarted at once under the same
+/// name, is reached again as its new incarnation (a new creation).
+#[test]
+fn fqdn_and_short_names_and_an_immediate_restart_under_the_same_name() {
+    if !e2e_enabled(
+        "fqdn_and_short_names_and_an_immediate_restart_under_the_same_name",
+        &["elixir"],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    // Every pod resolves the FQDN to pod A, as cluster DNS would.
+    for pod in [a, b] {
+        let hosts = std::path::Path::new("/etc/netns")
+            .join(pod.ns())
+            .join("hosts");
+        let mut text = std::fs::read_to_string(&hosts).unwrap();
+        text.push_str(&format!("{} {FQDN}\n", a.addr()));
+        std::fs::write(&hosts, text).unwrap();
+    }
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let app_name = format!("app@{FQDN}");
+    let mut app = a.spawn_erlang_with(
+        "app",
+        &ErlangOptions {
+            name: Some(app_name.clone()),
+            ..Default::default()
+        },
+    );
+    let short = ErlangOptions {
+        name: Some("ex@pod-b".into()),
+        short_names: true,
+        ..Default::default()
+    };
+    let mut ex1 = b.spawn_elixir_with("ex", &short);
+    let mut b1 = {
+        let mut o = short.clone();
+        o.name = Some("b1@pod-b".into());
+        b.spawn_erlang_with("b1", &o)
+    };
+    // `-name app@$(POD_IP)`, the other common Kubernetes naming.
+    let ip_name = format!("ip1@{}", a.addr());
+    let mut ip1 = a.spawn_erlang_with(
+        "ip1",
+        &ErlangOptions {
+            name: Some(ip_name.clone()),
+            ..Default::default()
+        },
+    );
+    for node in [&mut app, &mut ex1, &mut b1, &mut ip1] {
+        node.wait_ready();
+    }
+    assert_eq!(app.name(), app_name);
+    assert_eq!(ex1.name(), "ex@pod-b");
+
+    // Long and short names do not mix in one cluster (OTP refuses it), so
+    // the FQDN node is checked against a long-named peer: pod B's sidecar
+    // answers its lookup of pod A, which routes to app.
+    let mut lb = b.spawn_erlang("lb");
+    lb.wait_ready();
+    assert_eq!(lb.ping(&app_name), "pong", "lb -> app@FQDN");
+    assert_eq!(lb.rpc_node(&app_name), app_name);
+    assert_eq!(app.ping(lb.name()), "pong", "app@FQDN -> lb");
+    assert_eq!(lb.ping(&ip_name), "pong", "lb -> ip1@POD_IP");
+    assert_eq!(lb.rpc_node(&ip_name), ip_name);
+    assert_eq!(ip1.ping(lb.name()), "pong", "ip1@POD_IP -> lb");
+    // Both of pod A's nodes are told apart through its one port.
+    assert_eq!(lb.rpc_node(&app_name), app_name);
+
+    // Short names within pod B, through its sidecar's EPMD, and from pod A
+    // (`pod-b` resolves through the pods' hosts files).
+    assert_eq!(b1.ping("ex@pod-b"), "pong", "b1 -> ex (sname)");
+    let mut sa = {
+        let mut o = short.clone();
+        o.name = Some("sa@pod-a".into());
+        a.spawn_erlang_with("sa", &o)
+    };
+    sa.wait_ready();
+    assert_eq!(sa.ping("ex@pod-b"), "pong", "sa@pod-a -> ex@pod-b");
+    assert_eq!(sa.rpc_node("b1@pod-b"), "b1@pod-b", "sa@pod-a -> b1@pod-b");
+    assert_eq!(b1.ping("sa@pod-a"), "pong", "b1@pod-b -> sa@pod-a");
+    let old = ex1.creation();
+    assert_eq!(b1.remote_pid_creation("ex@pod-b"), old);
+
+    // SIGKILL, then a new ex at once: it registers (the sidecar saw the old
+    // registration's connection close) and b1 reaches the new one.
+    ex1.kill();
+    let mut ex2 = b.spawn_elixir_with("ex", &short);
+    ex2.wait_ready();
+    let new = ex2.creation();
+    assert_ne!(new, old, "the restarted node kept its creation");
+    wait_until(Duration::from_secs(10), "b1 to reach the new ex", || {
+        b1.ping("ex@pod-b") == "pong" && b1.remote_pid_creation("ex@pod-b") == new
+    });
+    sidecar_a.assert_running();
+    sidecar_b.assert_running();
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
+}
+
+/// What `erl` reports when started under a name already taken, with a stock
+/// `epmd` (pod S) and with the sidecar (pod D): the node does not start, in
+/// the same words, and the node holding the name is undisturbed.
+#[test]
+fn a_second_node_under_a_taken_name_fails_as_with_stock_epmd() {
+    if !e2e_enabled(
+        "a_second_node_under_a_taken_name_fails_as_with_stock_epmd",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["s", "d"]);
+    let (s, d) = (lab.pod("s"), lab.pod("d"));
+    let _epmd = s.spawn_stock_epmd();
+    let mut sidecar = d.spawn_sidecar(&[]);
+    let mut holders: Vec<BeamNode> = [s, d].iter().map(|p| p.spawn_erlang("taken")).collect();
+    for h in &mut holders {
+        h.wait_ready();
+    }
+    let second = |pod: &support::Pod| {
+        let name = pod.node_name("taken");
+        let out = pod.run(
+            "erl",
+            &[
+                "-name",
+                &name,
+                "-setcookie",
+                lab.cookie(),
+                "-noshell",
+                "-eval",
+                "halt(0).",
+            ],
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .replace(pod.host(), "HOST");
+        (out.status.success(), text)
+    };
+    let stock = second(s);
+    assert!(
+        !stock.0,
+        "stock epmd let a second node take the name: {}",
+        stock.1
+    );
+    assert!(
+        stock
+            .1
+            .contains("seems to be in use by another Erlang node"),
+        "{}",
+        stock.1
+    );
+    let ours = second(d);
+    assert!(
+        !ours.0,
+        "the sidecar let a second node take the name: {}",
+        ours.1
+    );
+    assert!(
+        ours.1
+            .contains("the name taken@HOST seems to be in use by another Erlang node"),
+        "{}",
+        ours.1
+    );
+    // The holders still answer, and the sidecar still lists its one.
+    for (h, pod) in holders.iter_mut().zip([s, d]) {
+        assert_eq!(h.name(), pod.node_name("taken"));
+        let me = h.name().to_string();
+        assert_eq!(h.rpc_node(&me), me);
+    }
+    assert!(d
+        .http_get(support::sidecar::ADMIN_PORT, "/nodes")
+        .contains("\"taken\""));
+    sidecar.assert_running();
+}
