@@ -28,7 +28,11 @@
 //! cargo bench --bench mesh -- 4 12 --pool 4
 //! cargo bench --bench mesh -- 4 12 --ttl 1000 --only stock
 //! cargo bench --bench mesh -- 8 16 --seeded
+//! cargo bench --bench mesh -- 8 16 --only stock --sidecar-config limits.toml
 //! ```
+//!
+//! `--sidecar-config FILE` starts the sidecars of the plain stock and
+//! module layouts with that configuration (not the `--pool`/`--ttl` ones).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -46,7 +50,7 @@ struct Variant {
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench mesh -- PODS NODES [--pool K]... [--ttl MS]... \
-         [--only reference|stock|module]... [--seeded]"
+         [--only reference|stock|module]... [--seeded] [--sidecar-config TOML]"
     );
     std::process::exit(64);
 }
@@ -68,6 +72,7 @@ fn main() {
     let mut ttls = Vec::new();
     let mut only = Vec::new();
     let mut seeded = false;
+    let mut extra_toml: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -84,6 +89,13 @@ fn main() {
             ),
             "--only" => only.push(args.next().unwrap_or_else(|| usage())),
             "--seeded" => seeded = true,
+            "--sidecar-config" => {
+                let path = args.next().unwrap_or_else(|| usage());
+                extra_toml = Some(std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                    eprintln!("{path}: {e}");
+                    std::process::exit(64)
+                }));
+            }
             other if other.starts_with('-') => usage(),
             other => positional.push(other.parse::<usize>().unwrap_or_else(|_| usage())),
         }
@@ -110,7 +122,7 @@ fn main() {
         variants.push(Variant {
             label: MeshMode::StockPeers.label().into(),
             mode: MeshMode::StockPeers,
-            config: None,
+            config: extra_toml.clone(),
         });
         for &k in &pools {
             variants.push(Variant {
@@ -131,7 +143,7 @@ fn main() {
         variants.push(Variant {
             label: MeshMode::ModulePeers.label().into(),
             mode: MeshMode::ModulePeers,
-            config: None,
+            config: extra_toml.clone(),
         });
     }
 
@@ -155,14 +167,16 @@ fn main() {
         let mut mesh = start_mesh(&layout);
         let report = mesh.form();
         let lookups_held = mesh.metric_total("distproxy_lookups_held_total", &[]);
+        let refused = mesh.metric_total("distproxy_connections_refused_total", &[]);
         let total = report.first.elapsed + report.retry.elapsed;
         eprintln!(
-            "mesh: {}: {}s, {} pang, {} after retry, lookups held {}",
+            "mesh: {}: {}s, {} pang, {} after retry, lookups held {}, connections refused {}",
             v.label,
             secs(total),
             report.first.failed.len(),
             report.retry.failed.len(),
-            lookups_held as u64
+            lookups_held as u64,
+            refused as u64
         );
         rows.push((v.label, report, total, lookups_held));
         drop(mesh);

@@ -838,10 +838,10 @@ pub struct LimitsConfig {
 }
 
 fn default_epmd_max_connections() -> usize {
-    1024
+    4096
 }
 fn default_epmd_max_connections_per_source() -> usize {
-    64
+    512
 }
 fn default_admin_max_connections() -> usize {
     32
@@ -850,7 +850,7 @@ fn default_admin_max_connections_per_source() -> usize {
     8
 }
 fn default_dist_max_connections_per_source() -> usize {
-    512
+    2048
 }
 fn default_reserved_local_connections() -> usize {
     64

@@ -31,15 +31,17 @@ use support::wait::poll_until;
 use support::{e2e_enabled, BeamNode, Daemon, Pod, SidecarOptions, DIST_PORT, EPMD_PORT};
 
 /// Short deadlines so that the attacks end quickly: a peer gets 2 s for
-/// its first handshake frame or its EPMD request.
+/// its first handshake frame or its EPMD request. The per-source limits
+/// are set (below the defaults) so that the floods cross them.
 const SIDECAR_CONFIG: &str =
-    "[epmd]\nidle_timeout_ms = 2000\n[dist]\nhandshake_timeout_ms = 2000\n";
+    "[epmd]\nidle_timeout_ms = 2000\n[dist]\nhandshake_timeout_ms = 2000\n\
+     [limits]\ndist_max_connections_per_source = 512\nepmd_max_connections_per_source = 64\n";
 /// The deadline above, and how much later than it a close may come.
 const PEER_DEADLINE: Duration = Duration::from_secs(2);
 const SLACK: Duration = Duration::from_secs(3);
 /// Connections of the idle floods.
 const IDLE_CONNECTIONS: usize = 2000;
-/// The sidecar's per-source limits (defaults).
+/// The sidecar's per-source limits (`SIDECAR_CONFIG`).
 const DIST_PER_SOURCE: usize = 512;
 const EPMD_PER_SOURCE: usize = 64;
 

@@ -318,9 +318,11 @@ async fn the_epmd_commands_client_reads_every_reply() {
 /// address; local peers are bounded by the totals (and their reserve).
 #[tokio::test]
 async fn more_local_nodes_than_the_per_source_cap_register_and_are_looked_up() {
-    let sc = start(test_config());
+    let mut config = test_config();
+    config.limits.epmd_max_connections_per_source = 64;
+    let per_source = config.limits.epmd_max_connections_per_source;
+    let sc = start(config);
     let epmd = epmd_addr(&sc);
-    let per_source = test_config().limits.epmd_max_connections_per_source;
     let n = per_source + 36;
     let mut held = Vec::new();
     for i in 0..n {
