@@ -34,6 +34,15 @@
 //! [`Correlator`] adds waiting, with one FIFO gate per peer so a held lookup
 //! cannot be starved by a stream of lookups for another node.
 //!
+//! One exception to the FIFO order: a lookup of the node a young batch
+//! already names (its first entry recorded less than [`JOIN_WINDOW`] ago)
+//! joins that batch at once, even past lookups held for other nodes. Any
+//! connection from the peer on that port goes to that node anyway, so
+//! nothing can be misrouted; when every node of one pod looks up every node
+//! of another at once, this answers each target's lookups together instead
+//! of one lookup→connect round trip each. The window bounds how long a
+//! held lookup can be passed by.
+//!
 //! [cancels]: Correlator::cancel
 
 use std::collections::{HashMap, VecDeque};
@@ -154,6 +163,37 @@ impl CorrelationTable {
         Ok(Reservation { id, port })
     }
 
+    /// Records a lookup of `node` by `peer` only if it can join a batch
+    /// for `node` whose first entry was recorded less than `window` ago
+    /// (every entry of the slot names `node`); `None` otherwise.
+    pub fn try_join(
+        &mut self,
+        peer: IpAddr,
+        node: &str,
+        ports: &[u16],
+        now: Instant,
+        window: Duration,
+    ) -> Option<Reservation> {
+        let ports = if ports.is_empty() { &[0][..] } else { ports };
+        let port = ports.iter().copied().find(|&port| {
+            self.purge((peer, port), now);
+            self.slots.get(&(peer, port)).is_some_and(|q| {
+                q.iter().all(|p| p.node == node)
+                    && q.front().is_some_and(|first| now < first.recorded + window)
+            })
+        })?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let q = self.slots.get_mut(&(peer, port))?;
+        q.push_back(Pending {
+            id,
+            node: node.to_string(),
+            recorded: now,
+            deadline: now + self.ttl,
+        });
+        Some(Reservation { id, port })
+    }
+
     /// Removes a recorded entry that no connection will follow; false if it
     /// is gone already (consumed or expired).
     pub fn cancel(&mut self, peer: IpAddr, reservation: Reservation) -> bool {
@@ -235,6 +275,13 @@ pub enum LookupOutcome {
     GaveUp { held: Duration },
 }
 
+/// How long after a batch's first lookup was answered other lookups of
+/// the same node may join it past lookups held for other nodes. A few
+/// lookup→connect round trips: long enough for the lookups of one burst,
+/// short against `routing.max_hold_ms`, so a held lookup is passed by for
+/// at most this long (plus the time the joined connections take).
+pub const JOIN_WINDOW: Duration = Duration::from_millis(250);
+
 /// Async front of the table: holds lookups until they may be answered.
 pub struct Correlator {
     table: Mutex<CorrelationTable>,
@@ -242,6 +289,8 @@ pub struct Correlator {
     ports: Vec<u16>,
     /// Woken whenever an entry is consumed or cancelled.
     released: Notify,
+    /// Woken whenever a lookup is recorded (a batch others may join).
+    recorded: Notify,
     /// One FIFO gate per peer; only the gate holder may wait on the table.
     gates: Mutex<HashMap<IpAddr, Arc<tokio::sync::Mutex<()>>>>,
     max_hold: Duration,
@@ -256,6 +305,7 @@ impl Correlator {
             table: Mutex::new(CorrelationTable::new(ttl)),
             ports,
             released: Notify::new(),
+            recorded: Notify::new(),
             gates: Mutex::new(HashMap::new()),
             max_hold,
         }
@@ -299,14 +349,32 @@ impl Correlator {
         let gate = self.gate(peer);
         let (_turn, mut waited) = match gate.try_lock() {
             Ok(turn) => (turn, false),
-            Err(_) => match tokio::time::timeout_at(give_up, gate.lock()).await {
-                Ok(turn) => (turn, true),
-                Err(_) => {
-                    return LookupOutcome::GaveUp {
-                        held: start.elapsed(),
+            Err(_) => {
+                // Queued behind other lookups of this peer: join a young
+                // batch for the same node as soon as there is one.
+                let turn = gate.lock();
+                tokio::pin!(turn);
+                loop {
+                    let recorded = self.recorded.notified();
+                    tokio::pin!(recorded);
+                    recorded.as_mut().enable();
+                    if let Some(reservation) = self.join(peer, node) {
+                        return LookupOutcome::Recorded {
+                            reservation,
+                            held: Some(start.elapsed()),
+                        };
+                    }
+                    tokio::select! {
+                        turn = &mut turn => break (turn, true),
+                        _ = &mut recorded => {}
+                        _ = tokio::time::sleep_until(give_up) => {
+                            return LookupOutcome::GaveUp {
+                                held: start.elapsed(),
+                            };
+                        }
                     }
                 }
-            },
+            }
         };
         loop {
             let notified = self.released.notified();
@@ -319,10 +387,11 @@ impl Correlator {
                 .try_record(peer, node, &self.ports, Instant::now())
             {
                 Ok(reservation) => {
+                    self.recorded.notify_waiters();
                     return LookupOutcome::Recorded {
                         reservation,
                         held: waited.then(|| start.elapsed()),
-                    }
+                    };
                 }
                 Err(b) => b,
             };
@@ -337,6 +406,18 @@ impl Correlator {
                 _ = tokio::time::sleep_until(blocked.until.min(give_up)) => {}
             }
         }
+    }
+
+    /// Joins a young batch for `node` of `peer`, if there is one.
+    fn join(&self, peer: IpAddr, node: &str) -> Option<Reservation> {
+        let now = Instant::now();
+        let joined = self
+            .table()
+            .try_join(peer, node, &self.ports, now, JOIN_WINDOW);
+        if joined.is_some() {
+            self.recorded.notify_waiters();
+        }
+        joined
     }
 
     /// Removes an entry whose answer never reached its requester.
@@ -556,9 +637,10 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn held_lookups_are_served_in_arrival_order() {
-        // a pending; b waits; then a new lookup for a must queue behind b
-        // instead of extending a's batch forever.
+    async fn held_lookups_are_served_in_arrival_order_past_the_join_window() {
+        // a pending; b waits. A lookup for a within the join window joins
+        // a's batch; one after the window queues behind b instead of
+        // extending a's batch forever.
         let c = correlator(TTL, Duration::from_secs(5));
         c.record_lookup(P, "a").await;
         let cb = Arc::clone(&c);
@@ -567,14 +649,38 @@ mod tests {
         let ca = Arc::clone(&c);
         let a2 = tokio::spawn(async move { ca.record_lookup(P, "a").await });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(!a2.is_finished());
+        assert!(a2.is_finished(), "a2 joined a's young batch past b");
+        assert_eq!(c.pending(P), vec!["a", "a"]);
+        tokio::time::sleep(JOIN_WINDOW).await;
+        let ca = Arc::clone(&c);
+        let a3 = tokio::spawn(async move { ca.record_lookup(P, "a").await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!a3.is_finished(), "past the window, a3 queues behind b");
+        assert_eq!(node_of(c.consume(P, PORT)).as_deref(), Some("a"));
         assert_eq!(node_of(c.consume(P, PORT)).as_deref(), Some("a"));
         b.await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(!a2.is_finished(), "a answered while b pending");
+        assert!(!a3.is_finished(), "a answered while b pending");
         assert_eq!(node_of(c.consume(P, PORT)).as_deref(), Some("b"));
-        a2.await.unwrap();
+        a3.await.unwrap();
         assert_eq!(c.pending(P), vec!["a"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_young_batch_of_the_same_node_can_be_joined() {
+        let mut t = CorrelationTable::new(TTL);
+        let now = Instant::now();
+        let window = Duration::from_millis(250);
+        assert_eq!(t.try_join(P, "a", ONE, now, window), None, "no batch");
+        t.try_record(P, "a", ONE, now).unwrap();
+        assert_eq!(t.try_join(P, "b", ONE, now, window), None, "another node");
+        assert!(t
+            .try_join(P, "a", ONE, now + Duration::from_millis(100), window)
+            .is_some());
+        let late = now + window;
+        assert_eq!(t.try_join(P, "a", ONE, late, window), None, "too old");
+        assert_eq!(t.try_join(Q, "a", ONE, now, window), None, "another peer");
+        assert_eq!(t.pending(P, now), vec!["a", "a"]);
     }
 
     #[tokio::test(start_paused = true)]
