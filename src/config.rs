@@ -231,13 +231,10 @@ pub struct DistConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Listen address; an empty string turns the endpoint off.
-    #[serde(
-        default = "default_admin_listen",
-        deserialize_with = "optional_addr",
-        serialize_with = "render_optional_addr"
-    )]
-    pub listen: Option<SocketAddr>,
+    /// Listen addresses (one or a list); `""` or `[]` turns the endpoint
+    /// off.
+    #[serde(default = "default_admin_listen", deserialize_with = "addrs_or_off")]
+    pub listen: Vec<SocketAddr>,
     /// /readyz answers 200 only once these node names are registered.
     #[serde(default)]
     pub ready_nodes: Vec<String>,
@@ -268,14 +265,24 @@ pub struct RoutingConfig {
     pub loopback_lookups: LoopbackLookups,
 }
 
+/// Both families, as OTP's `epmd` listens: a node started with
+/// `-proto_dist inet6_tcp` registers over `::1`.
 fn default_epmd_listen() -> Vec<SocketAddr> {
-    vec![SocketAddr::from(([0, 0, 0, 0], 4369))]
+    dual_stack(4369)
 }
 fn default_epmd_idle_timeout_ms() -> Millis {
     Millis(10_000)
 }
 fn default_dist_listen() -> Vec<SocketAddr> {
-    vec![SocketAddr::from(([0, 0, 0, 0], 43691))]
+    dual_stack(43691)
+}
+/// `0.0.0.0:port` and `[::]:port` (the IPv6 socket is IPv6-only; on a host
+/// without IPv6 it is left out with a warning, see `sidecar::bind`).
+fn dual_stack(port: u16) -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from(([0, 0, 0, 0], port)),
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+    ]
 }
 fn default_handshake_timeout_ms() -> Millis {
     Millis(5_000)
@@ -295,8 +302,10 @@ fn default_shutdown_grace_ms() -> Millis {
 fn default_acl_reload_interval_ms() -> Millis {
     Millis(5_000)
 }
-fn default_admin_listen() -> Option<SocketAddr> {
-    Some(SocketAddr::from(([0, 0, 0, 0], 9369)))
+/// Both families: the kubelet probes the pod's address, IPv6 in IPv6 and
+/// dual-stack clusters.
+fn default_admin_listen() -> Vec<SocketAddr> {
+    dual_stack(9369)
 }
 fn default_lookup_ttl_ms() -> Millis {
     Millis(3_000)
@@ -354,26 +363,29 @@ impl Default for AdminConfig {
     }
 }
 
-/// Accepts `"addr"`, or `""` for "off".
-fn optional_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    let text = String::deserialize(d)?;
-    if text.trim().is_empty() {
-        return Ok(None);
+/// Accepts `"addr"`, `["addr", ...]`, or `""` (as `[]`) for "off".
+fn addrs_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<SocketAddr>),
     }
-    text.trim().parse().map(Some).map_err(|_| {
+    let bad = |got: &str| {
         serde::de::Error::custom(format!(
-            "expected a socket address like \"0.0.0.0:9369\", or \"\" to turn it off; got {text:?}"
+            "expected a socket address like \"0.0.0.0:9369\", a list of them, \
+             or \"\" to turn it off; got {got}"
         ))
-    })
-}
-
-fn render_optional_addr<S: serde::Serializer>(
-    a: &Option<SocketAddr>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match a {
-        Some(a) => s.serialize_str(&a.to_string()),
-        None => s.serialize_str(""),
+    };
+    match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(text)) if text.trim().is_empty() => Ok(Vec::new()),
+        Ok(OneOrMany::One(text)) => text
+            .trim()
+            .parse()
+            .map(|a| vec![a])
+            .map_err(|_| bad(&format!("{text:?}"))),
+        Ok(OneOrMany::Many(v)) => Ok(v),
+        Err(_) => Err(bad("something else")),
     }
 }
 
@@ -1228,8 +1240,14 @@ mod tests {
     #[test]
     fn empty_file_is_all_defaults() {
         let c = Config::from_toml("", "test").unwrap();
-        assert_eq!(c.epmd.listen, vec!["0.0.0.0:4369".parse().unwrap()]);
-        assert_eq!(c.dist.listen, vec!["0.0.0.0:43691".parse().unwrap()]);
+        let both = |p: u16| -> Vec<SocketAddr> {
+            vec![
+                format!("0.0.0.0:{p}").parse().unwrap(),
+                format!("[::]:{p}").parse().unwrap(),
+            ]
+        };
+        assert_eq!(c.epmd.listen, both(4369));
+        assert_eq!(c.dist.listen, both(43691));
         assert_eq!(c.routing.lookup_ttl_ms, Millis(3000));
         assert_eq!(c.routing.loopback_lookups, LoopbackLookups::Direct);
         assert_eq!(c.epmd.idle_timeout_ms, Millis(10_000));
@@ -1301,20 +1319,25 @@ mod tests {
     #[test]
     fn admin_listen_can_be_turned_off_and_ready_nodes_are_checked() {
         let c = Config::from_toml("[admin]\nlisten = \"\"\n", "t").unwrap();
-        assert_eq!(c.admin.listen, None);
+        assert_eq!(c.admin.listen, vec![]);
+        let c = Config::from_toml("[admin]\nlisten = []\n", "t").unwrap();
+        assert_eq!(c.admin.listen, vec![]);
+        let c = Config::from_toml("[admin]\nlisten = [\"0.0.0.0:1\", \"[::]:1\"]\n", "t").unwrap();
+        assert_eq!(c.admin.listen.len(), 2);
+        assert_eq!(Config::default().admin.listen.len(), 2, "both families");
         let c = Config::from_toml(
             "[admin]\nlisten = \"127.0.0.1:9000\"\nready_nodes = [\"a\"]\n",
             "t",
         )
         .unwrap();
-        assert_eq!(c.admin.listen, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(c.admin.listen, vec!["127.0.0.1:9000".parse().unwrap()]);
         assert_eq!(c.admin.ready_nodes, vec!["a"]);
         let err = Config::from_toml("[admin]\nlisten = \"nope\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
         let err = Config::from_toml("[admin]\nready_nodes = [\"\"]\n", "t").unwrap_err();
         assert!(err.to_string().contains("admin.ready_nodes"), "{err}");
         let mut off = Config::default();
-        off.admin.listen = None;
+        off.admin.listen = Vec::new();
         assert_eq!(Config::from_toml(&off.to_toml(), "t").unwrap(), off);
     }
 

@@ -57,7 +57,8 @@ impl BindError {
 pub struct Listeners {
     pub epmd: Vec<TcpListener>,
     pub dist: Vec<TcpListener>,
-    pub admin: Option<TcpListener>,
+    /// Empty when the admin endpoint is off.
+    pub admin: Vec<TcpListener>,
     /// The TLS files of `[tls]`, loaded (and checked) before binding.
     pub tls: Option<Arc<crate::tunnel::tls::Tls>>,
     /// `[discovery]` with its environment variables expanded.
@@ -91,22 +92,46 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
     };
     let discovery = crate::discovery::Settings::from_env(&config.discovery)?;
     let bind_all = |what: &'static str, addrs: &[SocketAddr]| {
-        addrs
-            .iter()
-            .map(|&addr| bind_tcp(addr).map_err(|source| BindError::Bind { what, addr, source }))
-            .collect::<Result<Vec<_>, _>>()
+        let mut bound = Vec::new();
+        let mut no_ipv6 = Vec::new();
+        for &addr in addrs {
+            match bind_tcp(addr) {
+                Ok(l) => bound.push(l),
+                Err(e) if is_ipv6_wildcard(addr) && host_lacks_ipv6(&e) => no_ipv6.push((addr, e)),
+                Err(source) => return Err(BindError::Bind { what, addr, source }),
+            }
+        }
+        // The IPv6 wildcard of a dual-stack list is optional on a host
+        // without IPv6, as long as the listener has another address.
+        for (addr, source) in no_ipv6 {
+            if bound.is_empty() {
+                return Err(BindError::Bind { what, addr, source });
+            }
+            warn!(listener = what, %addr, error = %source, "no IPv6 on this host; not listening there");
+        }
+        Ok(bound)
     };
     Ok(Listeners {
         epmd: bind_all("EPMD", &config.epmd.listen)?,
         dist: bind_all("distribution", &config.dist.listen)?,
-        admin: match config.admin.listen {
-            Some(addr) => Some(bind_all("admin", &[addr])?.remove(0)),
-            None => None,
-        },
+        admin: bind_all("admin", &config.admin.listen)?,
         tls,
         discovery,
         pinned_host: None,
     })
+}
+
+fn is_ipv6_wildcard(addr: SocketAddr) -> bool {
+    matches!(addr.ip(), std::net::IpAddr::V6(ip) if ip.is_unspecified())
+}
+
+/// The errors of binding an IPv6 socket where the kernel or the network
+/// namespace has no IPv6 (`ipv6.disable=1`, or IPv6 turned off).
+fn host_lacks_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+    )
 }
 
 /// A running sidecar, with handles on its parts for the binary and tests.
@@ -149,7 +174,7 @@ impl Sidecar {
     ) -> Sidecar {
         let epmd_addrs = listeners.epmd_addrs();
         let dist_addrs = listeners.dist_addrs();
-        let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
+        let admin_addr = listeners.admin.first().and_then(|l| l.local_addr().ok());
         let advertise_port = config
             .dist
             .advertise_port
@@ -270,7 +295,7 @@ impl Sidecar {
         if let Some(path) = config.epmd.state_file.clone() {
             tracker.spawn(crate::epmd::state::start(Arc::clone(&epmd), path));
         }
-        if let Some(l) = listeners.admin {
+        if !listeners.admin.is_empty() {
             let admin = Arc::new(AdminCtx {
                 registry: Arc::clone(&registry),
                 prometheus,
@@ -292,7 +317,9 @@ impl Sidecar {
                     Arc::new(move || discovery.to_json())
                 },
             });
-            tokio::spawn(crate::admin::serve(l, admin));
+            for l in listeners.admin {
+                tokio::spawn(crate::admin::serve(l, Arc::clone(&admin)));
+            }
         }
         for l in listeners.epmd {
             tracker.spawn(crate::epmd::server::serve(l, Arc::clone(&epmd)));

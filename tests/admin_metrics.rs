@@ -32,7 +32,7 @@ fn prometheus() -> PrometheusHandle {
 }
 
 fn start_with_admin(mut config: distproxy_testkit::sut::config::Config) -> Sidecar {
-    config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+    config.admin.listen = vec!["127.0.0.1:0".parse().unwrap()];
     let listeners = sidecar::bind(&config).unwrap();
     Sidecar::start_with(config, listeners, Some(prometheus()))
 }

@@ -4,7 +4,8 @@
 //! through the transitive connections `global` makes on its own; nodes
 //! named with a Kubernetes-style FQDN (`-name`) next to one with a short
 //! name (`--sname`); a node killed and restarted at once under the same name
-//! while a peer is connected.
+//! while a peer is connected; nodes of `-proto_dist inet6_tcp`, which
+//! register over IPv6.
 //!
 //! Needs root, iproute2, erlang-nox and elixir; fails saying so otherwise,
 //! unless `DISTPROXY_SKIP_E2E=1`.
@@ -310,5 +311,53 @@ fn a_second_node_under_a_taken_name_fails_as_with_stock_epmd() {
     assert!(d
         .http_get(support::sidecar::ADMIN_PORT, "/nodes")
         .contains("\"taken\""));
+    sidecar.assert_running();
+}
+
+/// Nodes started with `-proto_dist inet6_tcp` register with their EPMD over
+/// `::1` and look each other up over IPv6. OTP's `epmd` listens on both
+/// families, and so does the sidecar's default configuration: both nodes
+/// register, are listed, and reach each other.
+#[test]
+fn ipv6_nodes_register_and_connect_with_the_default_configuration() {
+    if !e2e_enabled(
+        "ipv6_nodes_register_and_connect_with_the_default_configuration",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["v"]);
+    let v = lab.pod("v");
+    // A host name that resolves to IPv6 loopback only, for the short names.
+    let hosts = std::path::Path::new("/etc/netns")
+        .join(v.ns())
+        .join("hosts");
+    let mut text = std::fs::read_to_string(&hosts).unwrap();
+    text.push_str("::1 pod-v6\n");
+    std::fs::write(&hosts, text).unwrap();
+    let mut sidecar = v.spawn_sidecar(&[]);
+    let six = |name: &str| ErlangOptions {
+        name: Some(format!("{name}@pod-v6")),
+        short_names: true,
+        // Loopback only, as every node behind a sidecar: IPv6 loopback
+        // here, instead of the lab's IPv4 one.
+        extra_args: ["-proto_dist", "inet6_tcp"]
+            .into_iter()
+            .chain(["-kernel", "inet_dist_use_interface", "{0,0,0,0,0,0,0,1}"])
+            .map(String::from)
+            .collect(),
+        ..Default::default()
+    };
+    let mut six1 = v.spawn_erlang_with("six1", &six("six1"));
+    let mut six2 = v.spawn_erlang_with("six2", &six("six2"));
+    for node in [&mut six1, &mut six2] {
+        node.wait_ready();
+    }
+    let names = six1.names("pod-v6").expect("names over IPv6");
+    for want in ["six1", "six2"] {
+        assert!(names.iter().any(|(n, _)| n == want), "{want} in {names:?}");
+    }
+    assert_eq!(six1.ping("six2@pod-v6"), "pong", "six1 -> six2 over IPv6");
+    assert_eq!(six2.rpc_node("six1@pod-v6"), "six1@pod-v6");
     sidecar.assert_running();
 }

@@ -26,7 +26,7 @@ const NO_SIDECAR_TTL: Duration = Duration::from_millis(800);
 /// sidecars run in one process).
 fn config() -> Config {
     let mut c = test_config();
-    c.admin.listen = None;
+    c.admin.listen = Vec::new();
     c
 }
 

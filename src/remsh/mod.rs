@@ -175,7 +175,7 @@ fn ephemeral_config(opts: &RemshOptions, via_port: u16) -> Result<Config, RemshE
     config.epmd.state_file = None;
     config.dist.listen = vec![loopback];
     config.dist.advertise_port = None;
-    config.admin.listen = None;
+    config.admin.listen = Vec::new();
     config.tunnel.egress = true;
     config.tunnel.remote_port = via_port;
     // The forwarded port is the only way out; probing it per host would

@@ -14,7 +14,7 @@ pub fn test_config() -> Config {
     c.dist.listen = vec!["127.0.0.1:0".parse().unwrap()];
     c.epmd.idle_timeout_ms = Millis(2000);
     c.dist.handshake_timeout_ms = Millis(2000);
-    c.admin.listen = None;
+    c.admin.listen = Vec::new();
     c
 }
 

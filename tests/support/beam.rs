@@ -139,7 +139,13 @@ impl BeamNode {
         };
         // Behind a sidecar the node listens on loopback only, so nothing can
         // reach it from another pod except through the sidecar.
-        let loopback_only = epmd == EpmdKind::Sidecar;
+        // (Unless the caller names the interface itself: `erl` takes the
+        // first `-kernel inet_dist_use_interface`.)
+        let loopback_only = epmd == EpmdKind::Sidecar
+            && !options
+                .extra_args
+                .iter()
+                .any(|a| a == "inet_dist_use_interface");
         let mut cmd = match kind {
             NodeKind::Erlang => {
                 let mut cmd = pod.otp_command(otp, "erl");
