@@ -791,9 +791,11 @@ fn image_runs_as_users_rely_on() {
     let mut lab = Lab::new();
     let base =
         std::fs::read_to_string(repo().join("deploy/kubernetes/base/distproxy.toml")).unwrap();
-    assert!(base.contains("listen = \"0.0.0.0:9369\""));
+    let admin = "listen = [\"0.0.0.0:9369\", \"[::]:9369\"]";
+    assert!(base.contains(admin), "the base's admin listen line");
     let conf = lab.path("distproxy.toml");
-    std::fs::write(&conf, base.replace("0.0.0.0:9369", "0.0.0.0:9400")).unwrap();
+    let moved = base.replace(admin, "listen = [\"0.0.0.0:9400\", \"[::]:9400\"]");
+    std::fs::write(&conf, moved).unwrap();
     std::fs::set_permissions(&conf, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let ip = "198.19.10.20";
     lab.pod("dpc-img", ip);
