@@ -125,14 +125,21 @@ pub fn epmd_codec(data: &[u8]) {
     }
 }
 
-/// One EPMD request body. What decodes re-encodes to the same bytes, up to
-/// what `epmd` tolerates and ignores: the one trailing NUL of a lookup,
+/// One EPMD request body. What decodes re-encodes to the same bytes (a
+/// `STOP_REQ` name longer than any node's aside), up to what `epmd`
+/// tolerates and ignores: the one trailing NUL of a lookup,
 /// the tail of tag-only requests, bytes after `ALIVE2_REQ`'s extra, and
 /// everything after the NUL that ends `STOP_REQ`'s name.
 pub fn epmd_request(data: &[u8]) {
     let Ok(request) = Request::decode(data) else {
         return;
     };
+    // `STOP_REQ` takes any name, as `epmd` does (it answers NOEXIST); the
+    // encoder, a client's, clamps names to what a node can have, so a
+    // longer one does not round-trip.
+    if matches!(&request, Request::Stop { name } if name.len() > proto::MAX_NAME_BYTES) {
+        return;
+    }
     let mut wire = BytesMut::new();
     request.encode(&mut wire);
     let body = &wire[2..];
