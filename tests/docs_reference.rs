@@ -224,23 +224,25 @@ fn issue_citation_detector() {
     ] {
         assert!(cites_issue_number(&yes), "{yes}");
     }
-    for no in ["an issue with 3 nodes", "tissue 3", "issued 3", "no issue"] {
-        assert!(!cites_issue_number(no), "{no}");
+    for no in [
+        format!("an {word} with 3 nodes"),
+        format!("t{word} 3"),
+        format!("{word}d 3"),
+        format!("no {word}"),
+    ] {
+        assert!(!cites_issue_number(&no), "{no}");
     }
 }
 
 #[test]
 fn no_references_to_notes_outside_the_repository() {
-    let phrases = ["shared notes", "DESIGN.md"];
+    // Built at run time, so this file can be checked like every other.
+    let phrases = [["shared", " notes"].concat(), ["DESIGN", ".md"].concat()];
     let mut files = Vec::new();
     walk(repo(), &mut files);
     files.sort();
     let mut offending = Vec::new();
     for path in &files {
-        // This file's own fixtures are citations on purpose.
-        if path.ends_with("tests/docs_reference.rs") {
-            continue;
-        }
         // Binary files (compiled modules, images) are not prose.
         let Ok(text) = std::fs::read_to_string(path) else {
             continue;
@@ -248,7 +250,7 @@ fn no_references_to_notes_outside_the_repository() {
         let shown = path.strip_prefix(repo()).unwrap_or(path).display();
         for (i, line) in text.lines().enumerate() {
             let lower = line.to_ascii_lowercase();
-            for phrase in phrases {
+            for phrase in &phrases {
                 if lower.contains(&phrase.to_ascii_lowercase()) {
                     offending.push(format!(
                         "{shown}:{}: mentions {phrase:?}: {}",
