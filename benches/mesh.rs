@@ -39,12 +39,26 @@ mod support;
 
 use std::time::Duration;
 
-use support::mesh::{secs, start_mesh, MeshLayout, MeshMode, MeshReport};
+use support::mesh::{secs, start_mesh, MeshLab, MeshLayout, MeshMode, MeshReport};
 
 struct Variant {
     label: String,
     mode: MeshMode,
     config: Option<String>,
+}
+
+impl Variant {
+    /// Starts this layout's lab (`connect_all`: OTP's default, for the
+    /// seeded join).
+    fn start(&self, pods: usize, nodes: usize, connect_all: bool) -> MeshLab {
+        start_mesh(&MeshLayout {
+            pods,
+            nodes,
+            mode: self.mode,
+            sidecar_config: self.config.clone(),
+            connect_all,
+        })
+    }
 }
 
 fn usage() -> ! {
@@ -157,14 +171,7 @@ fn main() {
     let mut rows: Vec<(String, MeshReport, Duration, f64)> = Vec::new();
     for v in variants {
         eprintln!("mesh: {} ...", v.label);
-        let layout = MeshLayout {
-            pods,
-            nodes,
-            mode: v.mode,
-            sidecar_config: v.config,
-            connect_all: false,
-        };
-        let mut mesh = start_mesh(&layout);
+        let mut mesh = v.start(pods, nodes, false);
         let report = mesh.form();
         let lookups_held = mesh.metric_total("distproxy_lookups_held_total", &[]);
         let refused = mesh.metric_total("distproxy_connections_refused_total", &[]);
@@ -218,14 +225,7 @@ fn seeded_join(pods: usize, nodes: usize, variants: Vec<Variant>) {
     let mut rows = Vec::new();
     for v in variants {
         eprintln!("mesh: {} ...", v.label);
-        let layout = MeshLayout {
-            pods,
-            nodes,
-            mode: v.mode,
-            sidecar_config: v.config,
-            connect_all: true,
-        };
-        let mut mesh = start_mesh(&layout);
+        let mut mesh = v.start(pods, nodes, true);
         let joined = mesh.join_via_seed(DEADLINE);
         if let Err(e) = &joined {
             eprintln!("mesh: {}: {e}", v.label);

@@ -297,26 +297,21 @@ fn hostile_peers_are_refused_counted_and_cleaned_up_while_nodes_keep_talking() {
 
     // 2. 2,000 connections that send nothing, on each port: beyond the
     // per-source limit they are closed at accept, the rest at the deadline.
-    let (at_once, later) = s.ping_through(
-        "dist idle flood",
-        s.x.spawn_in(move || idle_flood(dist, IDLE_CONNECTIONS)),
-    );
-    assert_eq!(at_once + later, IDLE_CONNECTIONS);
-    assert!(
-        at_once >= IDLE_CONNECTIONS - DIST_PER_SOURCE,
-        "{at_once} refused at accept"
-    );
-    s.assert_fds_back("dist idle flood", level);
-    let (at_once, later) = s.ping_through(
-        "epmd idle flood",
-        s.x.spawn_in(move || idle_flood(epmd, IDLE_CONNECTIONS)),
-    );
-    assert_eq!(at_once + later, IDLE_CONNECTIONS);
-    assert!(
-        at_once >= IDLE_CONNECTIONS - EPMD_PER_SOURCE,
-        "{at_once} refused at accept"
-    );
-    s.assert_fds_back("epmd idle flood", level);
+    for (what, addr, per_source) in [
+        ("dist idle flood", dist, DIST_PER_SOURCE),
+        ("epmd idle flood", epmd, EPMD_PER_SOURCE),
+    ] {
+        let (at_once, later) = s.ping_through(
+            what,
+            s.x.spawn_in(move || idle_flood(addr, IDLE_CONNECTIONS)),
+        );
+        assert_eq!(at_once + later, IDLE_CONNECTIONS);
+        assert!(
+            at_once >= IDLE_CONNECTIONS - per_source,
+            "{what}: {at_once} refused at accept"
+        );
+        s.assert_fds_back(what, level);
+    }
 
     // 3. A valid send_name, then silence instead of the challenge reply: the
     // sidecar routes it to b1 (its only node), b1 answers, and b1's own
