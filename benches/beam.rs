@@ -359,6 +359,7 @@ enum Hop {
     Direct,
     Splice,
     Sockmap,
+    Routes,
     Haproxy,
     TlsPair,
 }
@@ -369,6 +370,7 @@ impl Hop {
             Hop::Direct => "direct",
             Hop::Splice => "sidecar (default path)",
             Hop::Sockmap => "sidecar (sockmap)",
+            Hop::Routes => "sidecar (sockmap+routes)",
             Hop::Haproxy => "haproxy",
             Hop::TlsPair => "TLS sidecar pair",
         }
@@ -379,6 +381,7 @@ impl Hop {
             Hop::Direct => "direct",
             Hop::Splice => "splice",
             Hop::Sockmap => "sockmap",
+            Hop::Routes => "routes",
             Hop::Haproxy => "haproxy",
             Hop::TlsPair => "tls",
         }
@@ -462,7 +465,12 @@ fn main() {
     );
     let s = start_sidecar(&bin, "S", "error", "");
     let fast = if wanted(Hop::Sockmap) {
-        start_sockmap_sidecar(&bin)
+        start_sockmap_sidecar(&bin, "F", false)
+    } else {
+        Err("not asked for".into())
+    };
+    let routed = if wanted(Hop::Routes) {
+        start_sockmap_sidecar(&bin, "G", true)
     } else {
         Err("not asked for".into())
     };
@@ -498,7 +506,7 @@ fn main() {
         registrations.push(conn);
     };
     register(s.epmd);
-    if let Ok((f, _)) = &fast {
+    for (f, _) in [&fast, &routed].into_iter().flatten() {
         register(f.epmd);
     }
     let haproxy = if wanted(Hop::Haproxy) {
@@ -532,6 +540,16 @@ fn main() {
             pids: vec![f.pid()],
         }),
         Err(why) => println!("sidecar (sockmap) left out: {why}"),
+    }
+    match &routed {
+        Ok((g, _)) => routes.push(Route {
+            path: Hop::Routes,
+            target: rx.name().to_string(),
+            via: g.dist.port().to_string(),
+            expect_port: g.dist.port(),
+            pids: vec![g.pid()],
+        }),
+        Err(why) => println!("sidecar (sockmap+routes) left out: {why}"),
     }
     match &haproxy {
         Ok(h) => routes.push(Route {
@@ -601,10 +619,19 @@ fn main() {
         }
     }
     drop(tx);
-    if let Ok((_, admin)) = &fast {
+    for (_, admin) in [&fast, &routed].into_iter().flatten() {
         let text = scrape(*admin).expect("metrics of F");
         let n = sample(&text, "distproxy_relay_connections_total{path=\"sockmap\"}").unwrap_or(0.0);
-        assert!(n >= 1.0, "F relayed through the sockmap:\n{text}");
+        assert!(n >= 1.0, "{admin} relayed through the sockmap:\n{text}");
+    }
+    if let Ok((_, admin)) = &routed {
+        // Both nodes' messages skipped the sidecar's sockets.
+        let text = scrape(*admin).expect("metrics of G");
+        for side in ["initiator", "acceptor"] {
+            let series = format!("distproxy_relay_node_routes_total{{side=\"{side}\"}}");
+            let n = sample(&text, &series).unwrap_or(0.0);
+            assert!(n >= 1.0, "G routed the {side}'s messages:\n{text}");
+        }
     }
 
     println!();
@@ -686,10 +713,19 @@ fn connect(tx: &mut Beam, r: &Route) {
     );
 }
 
-/// Sidecar F with the kernel fast path, when this binary and machine can.
-fn start_sockmap_sidecar(bin: &str) -> Result<(Sidecar, SocketAddr), String> {
+/// Sidecar `label` with the kernel fast path, with or without node routes
+/// (the nodes are in the sidecar's cgroup), when this binary and machine
+/// can.
+fn start_sockmap_sidecar(
+    bin: &str,
+    label: &'static str,
+    routes: bool,
+) -> Result<(Sidecar, SocketAddr), String> {
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let extra = format!("[admin]\nlisten = \"{admin}\"\n\n[relay]\nfast_path = \"sockmap\"\n");
+    let cgroup = if routes { "auto" } else { "off" };
+    let extra = format!(
+        "[admin]\nlisten = \"{admin}\"\n\n[relay]\nfast_path = \"sockmap\"\nfast_path_cgroup = \"{cgroup}\"\n"
+    );
     let probe = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
     std::fs::write(probe.path(), &extra).map_err(|e| e.to_string())?;
     let out = Command::new(bin)
@@ -703,10 +739,14 @@ fn start_sockmap_sidecar(bin: &str) -> Result<(Sidecar, SocketAddr), String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let f = start_sidecar(bin, "F", "error", &extra);
-    let text = scrape(admin).map_err(|e| format!("metrics of F: {e}"))?;
+    let f = start_sidecar(bin, label, "error", &extra);
+    let text = scrape(admin).map_err(|e| format!("metrics of {label}: {e}"))?;
+    let routes_on = sample(&text, "distproxy_relay_node_routes_available") == Some(1.0);
     match sample(&text, "distproxy_relay_fast_path_available") {
-        Some(1.0) => Ok((f, admin)),
-        _ => Err("the kernel or the privileges refused it (see F's log)".into()),
+        Some(1.0) if routes_on || !routes => Ok((f, admin)),
+        Some(1.0) => Err(format!("{label}: node routes refused (see its log)")),
+        _ => Err(format!(
+            "{label}: the kernel or the privileges refused it (see its log)"
+        )),
     }
 }

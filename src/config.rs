@@ -1191,15 +1191,15 @@ pub struct RelayConfig {
     /// each); more are spliced.
     #[serde(default = "default_fast_path_max_connections")]
     pub fast_path_max_connections: u32,
-    /// Node routes on the fast path: `"auto"` (the sidecar's own cgroup
-    /// v2), `"off"`, or the path of the cgroup v2 directory holding the
-    /// BEAM nodes.
+    /// Node routes on the fast path: `"off"`, `"auto"` (the sidecar's own
+    /// cgroup v2), or the path of the cgroup v2 directory holding the BEAM
+    /// nodes.
     #[serde(default = "default_fast_path_cgroup")]
     pub fast_path_cgroup: String,
 }
 
 fn default_fast_path_cgroup() -> String {
-    "auto".to_string()
+    "off".to_string()
 }
 
 /// The data path of plain relayed connections.
@@ -1537,11 +1537,12 @@ mod tls_tests {
         let c = Config::from_toml("[relay]\nfast_path = \"sockmap\"\n", "t").unwrap();
         assert_eq!(c.relay.fast_path, FastPath::Sockmap);
         assert!(Config::from_toml("[relay]\nfast_path = \"ebpf\"\n", "t").is_err());
+        assert_eq!(c.relay.node_routes_cgroup(), None, "off by default");
+        assert_eq!(Config::default().relay.node_routes_cgroup(), None);
+        let c = Config::from_toml("[relay]\nfast_path_cgroup = \"auto\"\n", "t").unwrap();
         assert_eq!(c.relay.node_routes_cgroup(), Some(NodeRoutesCgroup::Own));
-        let c = Config::from_toml("[relay]\nfast_path_cgroup = \"off\"\n", "t").unwrap();
-        assert_eq!(c.relay.node_routes_cgroup(), None);
-        let c = Config::from_toml("[relay]\nfast_path_cgroup = \"/sys/fs/cgroup/pod\"\n", "t")
-            .unwrap();
+        let c =
+            Config::from_toml("[relay]\nfast_path_cgroup = \"/sys/fs/cgroup/pod\"\n", "t").unwrap();
         assert_eq!(
             c.relay.node_routes_cgroup(),
             Some(NodeRoutesCgroup::Path(PathBuf::from("/sys/fs/cgroup/pod")))

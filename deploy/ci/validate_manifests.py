@@ -85,6 +85,8 @@ KNOWN_METRICS = {
     "distproxy_relay_connections_total",
     "distproxy_relay_fast_path_available",
     "distproxy_relay_fast_path_fallbacks_total",
+    "distproxy_relay_node_routes_total",
+    "distproxy_relay_node_routes_available",
 }
 HISTOGRAMS = {"distproxy_lookup_hold_seconds", "distproxy_handshake_phase_seconds"}
 

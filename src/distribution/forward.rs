@@ -293,6 +293,14 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
+    /// Node routes of the fast path, when on (Linux only).
+    pub fn node_routes(&self) -> Option<&relay::node_routes::NodeRoutes> {
+        #[cfg(target_os = "linux")]
+        return self.fast_path.as_deref().and_then(|f| f.node_routes());
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+
     /// Relays `a` (the remote side) and `b` (the local node's side) until
     /// either closes or the hard stop, counting the bytes in `pre` that were
     /// forwarded during setup; `rx` is towards the local node. Drops the

@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::forward::{ConnectionGuard, Direction, Forwarder};
-use super::relay::RelayStats;
+use super::relay::{self, RelayStats};
 use crate::epmd::registry::{NodeEntry, Registry};
 use crate::metrics::{self as m, reason};
 use crate::net::ConnectionLimit;
@@ -107,6 +107,13 @@ impl Mirrors {
                 };
                 open.insert(at, generation);
                 drop(open);
+                // Before the port is answered: local nodes' connections to
+                // the mirror join node routes as they are established.
+                if let Some(r) = self.forward.node_routes() {
+                    if let Err(e) = r.add_relay_port(port) {
+                        debug!(%at, error = %e, "mirror port not added to node routes");
+                    }
+                }
                 info!(node = %node.spec.name, %at, "same-pod mirror listener opened");
                 let target = SocketAddr::new(node.addr, port);
                 self.tracker
@@ -136,6 +143,7 @@ impl Mirrors {
         target: SocketAddr,
         generation: u64,
     ) {
+        let routes = self.forward.node_routes();
         let mut check = tokio::time::interval(CHECK_INTERVAL);
         check.tick().await;
         loop {
@@ -163,6 +171,9 @@ impl Mirrors {
         let mut open = self.lock();
         if open.get(&at) == Some(&generation) {
             open.remove(&at);
+            if let Some(r) = routes {
+                r.remove_relay_port(at.port());
+            }
         }
         drop(open);
         info!(%at, "same-pod mirror listener closed");
@@ -176,22 +187,22 @@ impl Mirrors {
             return;
         };
         let _ = stream.set_nodelay(true);
-        let node_stream =
-            match tokio::time::timeout(self.forward.connect_timeout, TcpStream::connect(target))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    warn!(%peer, %target, error = %e, "same-pod mirror: failed to connect to node");
-                    m::record_closed(reason::CONNECT_FAILED);
-                    return;
-                }
-                Err(_) => {
-                    warn!(%peer, %target, "same-pod mirror: timed out connecting to node");
-                    m::record_closed(reason::TIMEOUT);
-                    return;
-                }
-            };
+        let mut announced = None;
+        let connect =
+            relay::connect_announced(target, self.forward.fast_path.as_deref(), &mut announced);
+        let node_stream = match tokio::time::timeout(self.forward.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                warn!(%peer, %target, error = %e, "same-pod mirror: failed to connect to node");
+                m::record_closed(reason::CONNECT_FAILED);
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, %target, "same-pod mirror: timed out connecting to node");
+                m::record_closed(reason::TIMEOUT);
+                return;
+            }
+        };
         m::record_phase("connect_node", started);
         let _ = node_stream.set_nodelay(true);
         let node = self
@@ -208,10 +219,13 @@ impl Mirrors {
             &node,
             Direction::SamePod,
         );
+        // The relay starts before the handshake: the node (the acceptor)
+        // has sent nothing, the initiator at most its `send_name`.
         let (stats, outcome) = self
             .forward
-            .relay(guard, stream, node_stream, RelayStats::default(), false)
+            .relay(guard, stream, node_stream, RelayStats::default(), true)
             .await;
+        drop(announced);
         debug!(%peer, %target, %node, rx_bytes = stats.rx, tx_bytes = stats.tx,
             duration_ms = started.elapsed().as_millis() as u64, %outcome, "same-pod connection ended");
     }

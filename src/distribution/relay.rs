@@ -42,6 +42,21 @@ use crate::metrics as m;
 mod bpf;
 #[cfg(target_os = "linux")]
 pub mod node_routes;
+/// Node routes need the kernel fast path (Linux only).
+#[cfg(not(target_os = "linux"))]
+pub mod node_routes {
+    /// Never built off Linux.
+    #[derive(Debug)]
+    pub enum NodeRoutes {}
+    impl NodeRoutes {
+        pub fn add_relay_port(&self, _port: u16) -> std::io::Result<()> {
+            match *self {}
+        }
+        pub fn remove_relay_port(&self, _port: u16) {
+            match *self {}
+        }
+    }
+}
 #[cfg(target_os = "linux")]
 pub mod sockmap;
 #[cfg(target_os = "linux")]
@@ -558,7 +573,10 @@ mod tests {
             .expect("node routes");
         let fp = std::sync::Arc::new(fp);
         // Node a dials the sidecar's distribution port.
-        let (a, s1) = tokio::join!(TcpStream::connect(dist.local_addr().unwrap()), dist.accept());
+        let (a, s1) = tokio::join!(
+            TcpStream::connect(dist.local_addr().unwrap()),
+            dist.accept()
+        );
         let (mut a, s1) = (a.unwrap(), s1.unwrap().0);
         // The sidecar dials node b.
         let b_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -575,9 +593,8 @@ mod tests {
         let routed_before = sockmap::HANDED_OVER.load(std::sync::atomic::Ordering::Relaxed);
         let stop = CancellationToken::new();
         let fp2 = fp.clone();
-        let h = tokio::spawn(async move {
-            relay(s1, s2, rx_c, tx_c, &stop, Some(&fp2), true).await
-        });
+        let h =
+            tokio::spawn(async move { relay(s1, s2, rx_c, tx_c, &stop, Some(&fp2), true).await });
         // The handshake's rule: b (the acceptor) waits for a's one frame.
         a.write_all(b"reply").await.unwrap();
         let mut reply = [0u8; 5];
@@ -638,7 +655,16 @@ mod tests {
         let stop = CancellationToken::new();
         let on_fast_path = fast.is_some();
         let h = tokio::spawn(async move {
-            relay(peer_side, node_side, rx_c, tx_c, &stop, fast.as_deref(), false).await
+            relay(
+                peer_side,
+                node_side,
+                rx_c,
+                tx_c,
+                &stop,
+                fast.as_deref(),
+                false,
+            )
+            .await
         });
 
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();

@@ -246,7 +246,12 @@ pub(super) fn remote_port_field(port: u16) -> u32 {
 /// bpf_sock_hash_update(ctx, nodes, key, BPF_ANY)
 /// return 1
 /// ```
-pub(super) fn sock_ops_program(nodes: i32, expected: i32, dist_ports: i32, netns: u64) -> Vec<Insn> {
+pub(super) fn sock_ops_program(
+    nodes: i32,
+    expected: i32,
+    dist_ports: i32,
+    netns: u64,
+) -> Vec<Insn> {
     let out = 42;
     let mut p = vec![
         insn(MOV64_REG, 6, 1, 0, 0),
@@ -395,7 +400,12 @@ pub(super) fn create_hash(key_size: u32, value_size: u32, max_entries: u32) -> i
     create_map(BPF_MAP_TYPE_HASH, key_size, value_size, max_entries)
 }
 
-fn create_map(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> io::Result<OwnedFd> {
+fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<OwnedFd> {
     let mut attr = MapCreate {
         map_type,
         key_size,
@@ -425,7 +435,12 @@ pub(super) fn load_sock_ops(
         dist_ports.as_raw_fd(),
         netns,
     );
-    load(BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS, b"distproxy_nodes", &insns)
+    load(
+        BPF_PROG_TYPE_SOCK_OPS,
+        BPF_CGROUP_SOCK_OPS,
+        b"distproxy_nodes",
+        &insns,
+    )
 }
 
 /// Loads the `sk_msg` program ([`msg_program`]).

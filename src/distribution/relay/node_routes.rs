@@ -10,18 +10,23 @@
 //! sockets, so a `sock_ops` program attached to the nodes' cgroup
 //! (`relay.fast_path_cgroup`) inserts them as their connections are
 //! established ([`bpf::sock_ops_program`]), in the sidecar's network
-//! namespace only: a node's connection to a distribution port of the
-//! sidecar (same address on both ends), and a connection the sidecar
-//! dialled to a node, which the sidecar announces before dialling
-//! ([`NodeRoutes::expect`]). IPv4 only; other sockets are not touched.
+//! namespace only: a node's connection to a port where the sidecar relays
+//! distribution (its distribution ports and same-pod mirrors; same
+//! address on both ends), and a connection the sidecar dialled to a node,
+//! which the sidecar announces before dialling ([`NodeRoutes::expect`]).
+//! IPv4 only; other sockets are not touched.
 //!
 //! **When a route is armed.** A route changes where a node's next
 //! message goes, so it is armed only when no earlier byte of that node can
-//! still be on the old way: at the handover of an inbound connection, the
-//! node (the acceptor) has sent its challenge, which the sidecar consumed,
-//! and waits for the initiator's reply; the initiator, if it is a local
-//! node, sends exactly one frame (the reply) before it waits for the
-//! acknowledgement. Either way, that frame is the only one in flight.
+//! still be on the old way, which the handshake's turns guarantee at the
+//! handover: on an inbound connection the node (the acceptor) has sent
+//! its challenge, which the sidecar consumed, and waits for the
+//! initiator's reply, and the initiator sends exactly one frame (the
+//! reply) before it waits for the acknowledgement; on a same-pod mirror,
+//! the relay starts before the handshake, the acceptor has sent nothing
+//! and the initiator at most its `send_name`, after which it waits.
+//! Either way, at most one frame is in flight, and it arrives before
+//! anything the routes carry.
 //!
 //! **Everything else is the sockmap path's:** the sidecar's two sockets
 //! stay in its sockhash (they are the routes' targets, and bytes from a
@@ -44,8 +49,9 @@ pub struct NodeRoutes {
     nodes: OwnedFd,
     /// Connections the sidecar is about to dial, under the node end's key.
     expected: OwnedFd,
-    /// The distribution ports of the sidecar, as `remote_port` fields.
-    dist_ports: OwnedFd,
+    /// The sidecar's ports that relay distribution (its distribution
+    /// ports and same-pod mirrors), as `remote_port` fields.
+    relay_ports: OwnedFd,
     /// Node key → cookie of the sidecar socket its messages go out of.
     routes: OwnedFd,
     _sock_ops: OwnedFd,
@@ -66,7 +72,11 @@ impl NodeRoutes {
     /// Creates the maps, loads both programs and attaches `sock_ops` to
     /// the cgroup v2 directory `cgroup`. `sockets` is the sidecar's
     /// sockhash (the routes' targets).
-    pub fn open(cgroup: &Path, sockets: BorrowedFd<'_>, max_connections: u32) -> io::Result<NodeRoutes> {
+    pub fn open(
+        cgroup: &Path,
+        sockets: BorrowedFd<'_>,
+        max_connections: u32,
+    ) -> io::Result<NodeRoutes> {
         let entries = max_connections.saturating_mul(2);
         let netns = {
             let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
@@ -74,12 +84,15 @@ impl NodeRoutes {
         };
         let nodes = bpf::create_node_sockhash(entries)
             .map_err(|e| annotate(e, "failed to create the node sockhash"))?;
-        let hash = |k, v, n| bpf::create_hash(k, v, n).map_err(|e| annotate(e, "failed to create a hash map"));
+        let hash = |k, v, n| {
+            bpf::create_hash(k, v, n).map_err(|e| annotate(e, "failed to create a hash map"))
+        };
         let expected = hash(16, 1, entries)?;
-        let dist_ports = hash(4, 1, 64)?;
+        let relay_ports = hash(4, 1, 4096)?;
         let routes = hash(16, 8, entries)?;
-        let sock_ops = bpf::load_sock_ops(nodes.as_fd(), expected.as_fd(), dist_ports.as_fd(), netns)
-            .map_err(|e| annotate(e, "failed to load the sock_ops program"))?;
+        let sock_ops =
+            bpf::load_sock_ops(nodes.as_fd(), expected.as_fd(), relay_ports.as_fd(), netns)
+                .map_err(|e| annotate(e, "failed to load the sock_ops program"))?;
         let msg = bpf::load_msg(routes.as_fd(), sockets)
             .map_err(|e| annotate(e, "failed to load the sk_msg program"))?;
         bpf::attach_msg(nodes.as_fd(), msg.as_fd())
@@ -87,12 +100,15 @@ impl NodeRoutes {
         let dir = std::fs::File::open(cgroup)
             .map_err(|e| annotate(e, &format!("cannot open cgroup {}", cgroup.display())))?;
         let link = bpf::link_sock_ops(dir.as_fd(), sock_ops.as_fd()).map_err(|e| {
-            annotate(e, &format!("failed to attach sock_ops to cgroup {}", cgroup.display()))
+            annotate(
+                e,
+                &format!("failed to attach sock_ops to cgroup {}", cgroup.display()),
+            )
         })?;
         Ok(NodeRoutes {
             nodes,
             expected,
-            dist_ports,
+            relay_ports,
             routes,
             _sock_ops: sock_ops,
             _msg: msg,
@@ -106,11 +122,18 @@ impl NodeRoutes {
         &self.cgroup
     }
 
-    /// A distribution port of the sidecar: a local node's connection to it
-    /// joins the node sockhash.
-    pub fn add_dist_port(&self, port: u16) -> io::Result<()> {
+    /// A port of the sidecar that relays distribution (a distribution
+    /// port, a same-pod mirror): a local node's connection to it joins the
+    /// node sockhash.
+    pub fn add_relay_port(&self, port: u16) -> io::Result<()> {
         let key = bpf::remote_port_field(port).to_ne_bytes();
-        bpf::hash_set(self.dist_ports.as_fd(), &key, &[1])
+        bpf::hash_set(self.relay_ports.as_fd(), &key, &[1])
+    }
+
+    /// The port no longer relays (a mirror closed).
+    pub fn remove_relay_port(&self, port: u16) {
+        let key = bpf::remote_port_field(port).to_ne_bytes();
+        let _ = bpf::hash_remove(self.relay_ports.as_fd(), &key);
     }
 
     /// Announces a connection from `from` (bound, not yet connected) to the
@@ -127,7 +150,10 @@ impl NodeRoutes {
     /// cookie), if that node's socket is in the node sockhash. The route
     /// lasts as long as the guard.
     pub fn arm(&self, sidecar_end: &std::net::TcpStream, target: u64) -> Option<Route<'_>> {
-        let key = NodeKey::new(sidecar_end.peer_addr().ok()?, sidecar_end.local_addr().ok()?)?;
+        let key = NodeKey::new(
+            sidecar_end.peer_addr().ok()?,
+            sidecar_end.local_addr().ok()?,
+        )?;
         bpf::node_socket(self.nodes.as_fd(), &key).ok()??;
         bpf::hash_set(self.routes.as_fd(), &key.as_bytes(), &target.to_ne_bytes()).ok()?;
         Some(Route { routes: self, key })

@@ -115,10 +115,14 @@ impl FastPath {
     /// cgroup v2 directory `cgroup`, whose connections to the sidecar's
     /// `dist_ports` can then skip the loopback hop. On error the fast path
     /// goes on without them.
-    pub fn enable_node_routes(&mut self, cgroup: &std::path::Path, dist_ports: &[u16]) -> io::Result<()> {
+    pub fn enable_node_routes(
+        &mut self,
+        cgroup: &std::path::Path,
+        dist_ports: &[u16],
+    ) -> io::Result<()> {
         let routes = NodeRoutes::open(cgroup, self.verdict.as_fd(), self.max_connections)?;
         for &port in dist_ports {
-            routes.add_dist_port(port)?;
+            routes.add_relay_port(port)?;
         }
         self.routes = Some(routes);
         Ok(())
