@@ -61,11 +61,9 @@ fn more_nodes_than_the_per_source_cap_register_in_one_pod_and_are_reached() {
     let cap = n / 2;
     let lab = support::Lab::new(&["a", "b"]);
     let (a, b) = (lab.pod("a"), lab.pod("b"));
-    let mut sidecar_a = a.spawn_sidecar_with(
-        SidecarOptions::default().config(&format!(
-            "[limits]\nepmd_max_connections_per_source = {cap}\n"
-        )),
-    );
+    let mut sidecar_a = a.spawn_sidecar_with(SidecarOptions::default().config(&format!(
+        "[limits]\nepmd_max_connections_per_source = {cap}\n"
+    )));
     let mut sidecar_b = b.spawn_sidecar(&[]);
 
     let small = ErlangOptions {
