@@ -441,6 +441,19 @@ fn ipv6_nodes_in_two_dual_stack_pods_connect_through_the_sidecars() {
         "pod B's EPMD, asked over IPv6: {names}"
     );
 
+    // The same with `distproxy names`, the address in brackets.
+    let out = a.run_ok(
+        &support::distproxy_bin(),
+        &["names", "--host", &format!("[{}]", b.addr6())],
+    );
+    for short in ["b4", "b6"] {
+        assert!(
+            out.contains(&format!("name {short} at port {DIST_PORT}")),
+            "distproxy names --host [{}]:\n{out}",
+            b.addr6()
+        );
+    }
+
     // a6 -> b6: a lookup in pod B's sidecar, a connection to its
     // distribution port, relayed to b6.
     assert_eq!(a6.ping(&b6_name), "pong", "a6 -> b6 across pods");
@@ -457,6 +470,25 @@ fn ipv6_nodes_in_two_dual_stack_pods_connect_through_the_sidecars() {
     let a7_name = a.node_name("a7");
     assert_eq!(b6.rpc_node(&a7_name), a7_name, "rpc b6 -> a7 across pods");
     assert_relayed_over_ipv6(a, b, "a7");
+    // a6 -> a7, both of pod A, by the pod's name (its IPv6 address): the
+    // lookup is answered with a7's own port, mirrored on the pod's IPv6
+    // address by the sidecar (a7 listens on ::1 only).
+    assert_eq!(a6.rpc_node(&a7_name), a7_name, "rpc a6 -> a7 in pod A");
+    let same_pod = metric_sum(
+        &metrics(a),
+        "distproxy_epmd_requests_total",
+        &[("type", "port_please2"), ("result", "same_pod")],
+    );
+    // (global may have connected a7 and a6 already, after b6 -> a7.)
+    assert!(same_pod >= 1.0, "a lookup of a7 answered as same-pod");
+    let mirror = format!("[{}]:", a.addr6());
+    assert!(
+        a.listening_tcp()
+            .iter()
+            .any(|l| format!("{}", l.addr).starts_with(&mirror)),
+        "a mirror listener on pod A's IPv6 address: {:?}",
+        a.listening_tcp()
+    );
     // The connection a6 opened is the one b6 uses back.
     assert_eq!(b6.rpc_node(&a6_name), a6_name, "rpc b6 -> a6");
     assert_eq!(b6.nodes(), {
