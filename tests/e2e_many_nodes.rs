@@ -26,9 +26,9 @@ const NODES_VAR: &str = "DISTPROXY_E2E_MANY_NODES";
 /// Nodes started at once (each waited for before the next batch).
 const BATCH: usize = 10;
 /// Keep each VM small: one scheduler of each kind, one async thread.
-const SMALL_VM: &[&str] = &[
-    "+S", "1:1", "+SDcpu", "1:1", "+SDio", "1", "+A", "1", "-noinput",
-];
+/// (Not `-noinput`: the agent reads its requests from stdin, and its end
+/// halts the node.)
+const SMALL_VM: &[&str] = &["+S", "1:1", "+SDcpu", "1:1", "+SDio", "1", "+A", "1"];
 
 fn node_count() -> usize {
     match std::env::var(NODES_VAR) {
