@@ -8,7 +8,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -1191,6 +1191,15 @@ pub struct RelayConfig {
     /// each); more are spliced.
     #[serde(default = "default_fast_path_max_connections")]
     pub fast_path_max_connections: u32,
+    /// Node routes on the fast path: `"auto"` (the sidecar's own cgroup
+    /// v2), `"off"`, or the path of the cgroup v2 directory holding the
+    /// BEAM nodes.
+    #[serde(default = "default_fast_path_cgroup")]
+    pub fast_path_cgroup: String,
+}
+
+fn default_fast_path_cgroup() -> String {
+    "auto".to_string()
 }
 
 /// The data path of plain relayed connections.
@@ -1214,18 +1223,45 @@ impl Default for RelayConfig {
         Self {
             fast_path: FastPath::Off,
             fast_path_max_connections: default_fast_path_max_connections(),
+            fast_path_cgroup: default_fast_path_cgroup(),
         }
     }
 }
 
 impl RelayConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        let cgroup = self.fast_path_cgroup.as_str();
+        if !matches!(cgroup, "auto" | "off") && !cgroup.starts_with('/') {
+            return Err(ConfigError::Invalid {
+                key: "relay.fast_path_cgroup",
+                reason: format!(
+                    "{cgroup:?}: expected \"auto\", \"off\" or the absolute path of a cgroup v2 directory"
+                ),
+            });
+        }
         check_range(
             "relay.fast_path_max_connections",
             self.fast_path_max_connections,
             1..=1_000_000,
         )
     }
+
+    /// Where node routes look for nodes: None when off.
+    pub fn node_routes_cgroup(&self) -> Option<NodeRoutesCgroup> {
+        match self.fast_path_cgroup.as_str() {
+            "off" => None,
+            "auto" => Some(NodeRoutesCgroup::Own),
+            path => Some(NodeRoutesCgroup::Path(PathBuf::from(path))),
+        }
+    }
+}
+
+/// The cgroup of `relay.fast_path_cgroup`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeRoutesCgroup {
+    /// The sidecar's own cgroup v2.
+    Own,
+    Path(PathBuf),
 }
 
 #[cfg(test)]
@@ -1501,6 +1537,17 @@ mod tls_tests {
         let c = Config::from_toml("[relay]\nfast_path = \"sockmap\"\n", "t").unwrap();
         assert_eq!(c.relay.fast_path, FastPath::Sockmap);
         assert!(Config::from_toml("[relay]\nfast_path = \"ebpf\"\n", "t").is_err());
+        assert_eq!(c.relay.node_routes_cgroup(), Some(NodeRoutesCgroup::Own));
+        let c = Config::from_toml("[relay]\nfast_path_cgroup = \"off\"\n", "t").unwrap();
+        assert_eq!(c.relay.node_routes_cgroup(), None);
+        let c = Config::from_toml("[relay]\nfast_path_cgroup = \"/sys/fs/cgroup/pod\"\n", "t")
+            .unwrap();
+        assert_eq!(
+            c.relay.node_routes_cgroup(),
+            Some(NodeRoutesCgroup::Path(PathBuf::from("/sys/fs/cgroup/pod")))
+        );
+        let err = Config::from_toml("[relay]\nfast_path_cgroup = \"pod\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("relay.fast_path_cgroup"), "{err}");
         let err = Config::from_toml("[relay]\nfast_path_max_connections = 0\n", "t").unwrap_err();
         assert!(
             err.to_string().contains("relay.fast_path_max_connections"),

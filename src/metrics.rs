@@ -30,6 +30,11 @@ pub const RELAY_CONNECTIONS: &str = "distproxy_relay_connections_total";
 pub const RELAY_FAST_PATH_AVAILABLE: &str = "distproxy_relay_fast_path_available";
 /// Connections the fast path did not take, by `reason`.
 pub const RELAY_FAST_PATH_FALLBACKS: &str = "distproxy_relay_fast_path_fallbacks_total";
+/// Fast-path connections whose local node's messages go straight out of
+/// the partner socket (node routes), by `side` (initiator, acceptor).
+pub const RELAY_NODE_ROUTES: &str = "distproxy_relay_node_routes_total";
+/// 1 when node routes are on (the `sock_ops` program is attached).
+pub const RELAY_NODE_ROUTES_AVAILABLE: &str = "distproxy_relay_node_routes_available";
 pub const BUILD_INFO: &str = "distproxy_build_info";
 /// Tunnel egress listeners open (one per remote node in use).
 pub const EGRESS_LISTENERS: &str = "distproxy_egress_listeners";
@@ -175,6 +180,14 @@ pub fn describe() {
     describe_counter!(
         RELAY_FAST_PATH_FALLBACKS,
         "Plain connections spliced although the fast path is on, by reason."
+    );
+    describe_counter!(
+        RELAY_NODE_ROUTES,
+        "Fast-path connections whose local node sends straight out of the partner socket, by side."
+    );
+    describe_gauge!(
+        RELAY_NODE_ROUTES_AVAILABLE,
+        "1 when relay.fast_path_cgroup is not off and the sock_ops program is attached, else 0."
     );
     describe_gauge!(
         REGISTERED_NODES,

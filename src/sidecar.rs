@@ -230,7 +230,7 @@ impl Sidecar {
             open_connections: Arc::clone(&open_connections),
             hard_stop: hard_stop.clone(),
             tcp: config.tcp.tuning(),
-            fast_path: open_fast_path(&config.relay),
+            fast_path: open_fast_path(&config.relay, &dist_addrs),
         };
         let tls = listeners.tls;
         let egress = EgressManager::new(EgressSettings {
@@ -411,10 +411,40 @@ impl Sidecar {
     }
 }
 
+/// Node routes on the fast path, unless `relay.fast_path_cgroup` is off;
+/// without them the fast path goes on, said in the log and the gauge.
+#[cfg(target_os = "linux")]
+fn open_node_routes(
+    fp: &mut crate::distribution::relay::FastPath,
+    relay: &crate::config::RelayConfig,
+    dist_addrs: &[SocketAddr],
+) {
+    use crate::config::NodeRoutesCgroup;
+    let available = metrics::gauge!(crate::metrics::RELAY_NODE_ROUTES_AVAILABLE);
+    available.set(0.0);
+    let cgroup = match relay.node_routes_cgroup() {
+        None => return,
+        Some(NodeRoutesCgroup::Path(p)) => Ok(p),
+        Some(NodeRoutesCgroup::Own) => crate::distribution::relay::node_routes::own_cgroup(),
+    };
+    let mut ports: Vec<u16> = dist_addrs.iter().map(|a| a.port()).collect();
+    ports.dedup();
+    match cgroup.and_then(|c| fp.enable_node_routes(&c, &ports).map(|()| c)) {
+        Ok(cgroup) => {
+            tracing::info!(cgroup = %cgroup.display(),
+                "node routes on: local nodes' messages skip the loopback hop");
+            available.set(1.0);
+        }
+        Err(e) => tracing::warn!(error = %e,
+            "node routes unavailable (relay.fast_path_cgroup); the fast path goes on without them"),
+    }
+}
+
 /// The kernel fast path when `relay.fast_path` asks for it and the kernel
 /// and privileges allow it; else the splice path, said once in the log.
 fn open_fast_path(
     relay: &crate::config::RelayConfig,
+    dist_addrs: &[SocketAddr],
 ) -> Option<Arc<crate::distribution::relay::FastPath>> {
     use crate::config::FastPath as Wanted;
     let available = metrics::gauge!(crate::metrics::RELAY_FAST_PATH_AVAILABLE);
@@ -425,12 +455,13 @@ fn open_fast_path(
     #[cfg(target_os = "linux")]
     {
         match crate::distribution::relay::FastPath::open(relay.fast_path_max_connections) {
-            Ok(fp) => {
+            Ok(mut fp) => {
                 tracing::info!(
                     max_connections = relay.fast_path_max_connections,
                     "kernel fast path on: plain relayed connections go through a sockmap"
                 );
                 available.set(1.0);
+                open_node_routes(&mut fp, relay, dist_addrs);
                 Some(Arc::new(fp))
             }
             Err(e) => {

@@ -297,12 +297,17 @@ impl Forwarder {
     /// either closes or the hard stop, counting the bytes in `pre` that were
     /// forwarded during setup; `rx` is towards the local node. Drops the
     /// guard when the relay ends; returns the totals and how it ended.
+    /// `node_routes`: the relay starts where the node has just sent its
+    /// challenge and `a` sends one frame (its reply) before it waits, so
+    /// the fast path may route local nodes' messages past the sidecar's
+    /// sockets (`relay::node_routes`).
     pub async fn relay<A, B>(
         &self,
         guard: ConnectionGuard,
         a: A,
         b: B,
         pre: RelayStats,
+        node_routes: bool,
     ) -> (RelayStats, String)
     where
         A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -313,7 +318,8 @@ impl Forwarder {
         let tx = metrics::counter!(m::RELAYED_BYTES, "node" => node, "direction" => "tx");
         rx.increment(pre.rx);
         tx.increment(pre.tx);
-        let end = relay::relay(a, b, rx, tx, &self.hard_stop, self.fast_path.as_deref()).await;
+        let fast = self.fast_path.as_deref();
+        let end = relay::relay(a, b, rx, tx, &self.hard_stop, fast, node_routes).await;
         drop(guard);
         let stats = end.stats();
         let outcome = match &end {
@@ -385,15 +391,22 @@ where
         &prefix,
         fwd,
     ));
-    let Some((node_stream, pre)) = setup.await else {
+    let Some((node_stream, pre, announced)) = setup.await else {
         return;
     };
+    // A local initiator sends one frame (its challenge reply) before it
+    // waits, as OTP 23+ do with the new `send_name` ('N'); an older
+    // initiator may also send a `complement` frame.
+    let node_routes = prefix.get(2) == Some(&b'N');
     // What setup needed is freed before relaying: an idle relayed
     // connection holds only its sockets and counts.
     drop((prefix, node));
     let guard = ConnectionGuard::open(permit, &fwd.open_connections, &target, Direction::Inbound);
     debug!(%peer, %initiator, %target, method = method.label(), "relaying");
-    let (stats, outcome) = fwd.relay(guard, peer_stream, node_stream, pre).await;
+    let (stats, outcome) = fwd
+        .relay(guard, peer_stream, node_stream, pre, node_routes)
+        .await;
+    drop(announced);
     info!(%peer, %initiator, %target, route = method.label(),
         rx_bytes = stats.rx, tx_bytes = stats.tx,
         duration_ms = started.elapsed().as_millis() as u64, %outcome, "distribution connection ended");
@@ -409,16 +422,17 @@ struct Who<'a> {
 
 /// Connects to `node`, replays `prefix`, checks the node's name in its
 /// challenge and passes its frames on to the peer. Returns the node's
-/// stream and the bytes forwarded each way, or None when the connection
-/// was closed (logged and counted here).
-async fn connect_and_verify<P>(
+/// stream and the bytes forwarded each way (and the connection's
+/// announcement to node routes), or None when the connection was closed
+/// (logged and counted here).
+async fn connect_and_verify<'f, P>(
     peer_stream: &mut P,
     who: &Who<'_>,
     node: &NodeEntry,
     entry: Option<super::router::Consumed>,
     prefix: &[u8],
-    fwd: &Forwarder,
-) -> Option<(TcpStream, RelayStats)>
+    fwd: &'f Forwarder,
+) -> Option<(TcpStream, RelayStats, Option<relay::Announced<'f>>)>
 where
     P: AsyncWrite + Unpin,
 {
@@ -430,9 +444,10 @@ where
     } = *who;
     let node_addr = SocketAddr::new(node.addr, node.spec.port);
     let connect_start = Instant::now();
+    let mut announced = None;
     let mut node_stream = match tokio::time::timeout(
         fwd.connect_timeout,
-        TcpStream::connect(node_addr),
+        relay::connect_announced(node_addr, fwd.fast_path.as_deref(), &mut announced),
     )
     .await
     {
@@ -508,7 +523,7 @@ where
         rx: prefix.len() as u64,
         tx: from_node.len() as u64,
     };
-    Some((node_stream, pre))
+    Some((node_stream, pre, announced))
 }
 
 /// Result of watching the node's first handshake frames.

@@ -210,7 +210,7 @@ impl Mirrors {
         );
         let (stats, outcome) = self
             .forward
-            .relay(guard, stream, node_stream, RelayStats::default())
+            .relay(guard, stream, node_stream, RelayStats::default(), false)
             .await;
         debug!(%peer, %target, %node, rx_bytes = stats.rx, tx_bytes = stats.tx,
             duration_ms = started.elapsed().as_millis() as u64, %outcome, "same-pod connection ended");

@@ -41,6 +41,8 @@ use crate::metrics as m;
 #[allow(unsafe_code)]
 mod bpf;
 #[cfg(target_os = "linux")]
+pub mod node_routes;
+#[cfg(target_os = "linux")]
 pub mod sockmap;
 #[cfg(target_os = "linux")]
 mod splice;
@@ -140,7 +142,8 @@ fn next_buf_len(len: usize, n: usize) -> usize {
 /// Two [`TcpStream`]s are handed to the kernel when `fast` is given and
 /// takes them, else spliced on Linux; other streams are copied through
 /// buffers. (`'static` is what lets the stream types be inspected; streams
-/// owned by a spawned task are `'static` anyway.)
+/// owned by a spawned task are `'static` anyway.) `node_routes`: see
+/// [`Forwarder::relay`](super::forward::Forwarder::relay).
 pub async fn relay<P, N>(
     peer: P,
     node: N,
@@ -148,6 +151,7 @@ pub async fn relay<P, N>(
     tx_bytes: Counter,
     stop: &CancellationToken,
     fast: Option<&FastPath>,
+    node_routes: bool,
 ) -> RelayEnd
 where
     P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -155,7 +159,14 @@ where
 {
     let (mut rx, mut tx) = (0u64, 0u64);
     let result = {
-        let both = copy_both_ways(peer, node, &rx_bytes, &tx_bytes, &mut rx, &mut tx, fast);
+        let both = copy_both_ways(
+            peer,
+            node,
+            (&rx_bytes, &tx_bytes),
+            &mut rx,
+            &mut tx,
+            fast.map(|f| (f, node_routes)),
+        );
         tokio::select! {
             r = both => Some(r),
             _ = stop.cancelled() => None,
@@ -169,6 +180,33 @@ where
     }
 }
 
+/// A connection announced to node routes until dropped (Linux).
+#[cfg(target_os = "linux")]
+pub type Announced<'a> = node_routes::Expected<'a>;
+/// A connection announced to node routes (Linux only).
+#[cfg(not(target_os = "linux"))]
+pub struct Announced<'a>(std::marker::PhantomData<&'a ()>);
+
+/// Connects to a local node at `to`. With node routes on, the socket is
+/// bound first and the connection announced (`announced`), so that the
+/// node's end of it joins the node sockhash when it is established.
+pub async fn connect_announced<'f>(
+    to: std::net::SocketAddr,
+    fast: Option<&'f FastPath>,
+    announced: &mut Option<Announced<'f>>,
+) -> io::Result<TcpStream> {
+    #[cfg(target_os = "linux")]
+    if let (Some(routes), true) = (fast.and_then(|f| f.node_routes()), to.is_ipv4()) {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        if sock.bind(std::net::SocketAddr::new(to.ip(), 0)).is_ok() {
+            *announced = routes.expect(sock.local_addr()?, to);
+            return sock.connect(to).await;
+        }
+    }
+    let _ = (fast, announced);
+    TcpStream::connect(to).await
+}
+
 /// Counts and logs the data path a connection takes.
 fn path_taken(path: &'static str) {
     debug!(path, "relay data path");
@@ -178,11 +216,10 @@ fn path_taken(path: &'static str) {
 async fn copy_both_ways<P, N>(
     peer: P,
     node: N,
-    rx_bytes: &Counter,
-    tx_bytes: &Counter,
+    (rx_bytes, tx_bytes): (&Counter, &Counter),
     rx: &mut u64,
     tx: &mut u64,
-    fast: Option<&FastPath>,
+    fast: Option<(&FastPath, bool)>,
 ) -> io::Result<()>
 where
     P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -221,17 +258,18 @@ async fn tcp_both_ways(
     (rx_bytes, tx_bytes): (&Counter, &Counter),
     rx: &mut u64,
     tx: &mut u64,
-    fast: Option<&FastPath>,
+    fast: Option<(&FastPath, bool)>,
 ) -> io::Result<()> {
     let _ = p.set_nodelay(true);
     let _ = n.set_nodelay(true);
     #[cfg(target_os = "linux")]
     {
         let (mut p, mut n) = (p, n);
-        if let Some(fp) = fast {
+        if let Some((fp, routes)) = fast {
             let (ps, ns) = (p.into_std()?, n.into_std()?);
             let taken = || path_taken(m::relay_path::SOCKMAP);
-            match sockmap::relay(fp, &ps, &ns, (rx_bytes, tx_bytes), rx, tx, taken).await {
+            let counters = (rx_bytes, tx_bytes);
+            match sockmap::relay(fp, &ps, &ns, counters, rx, tx, routes, taken).await {
                 Ok(end) => return end,
                 Err(why) => {
                     let reason = match why {
@@ -283,6 +321,7 @@ mod tests {
                 Counter::noop(),
                 &stop,
                 None,
+                false,
             )
             .await
         });
@@ -322,6 +361,7 @@ mod tests {
                 Counter::noop(),
                 &s2,
                 None,
+                false,
             )
             .await
         });
@@ -420,6 +460,7 @@ mod tests {
                 Counter::noop(),
                 &stop,
                 Some(&fp),
+                false,
             )
             .await
         });
@@ -476,7 +517,7 @@ mod tests {
         let stop = CancellationToken::new();
         let h = tokio::spawn(async move {
             let (rx, tx) = (Counter::noop(), Counter::noop());
-            relay(peer_side, node_side, rx, tx, &stop, Some(&fp)).await
+            relay(peer_side, node_side, rx, tx, &stop, Some(&fp), false).await
         });
         let mut got = [0u8; 1000];
         server.read_exact(&mut got).await.unwrap();
@@ -493,6 +534,100 @@ mod tests {
         assert_eq!(end.stats(), RelayStats { rx: 1000, tx: 500 }, "{end:?}");
     }
 
+    /// Node routes (root, cgroup v2): the "nodes" are this process's own
+    /// sockets, so the `sock_ops` program goes on this process's cgroup.
+    /// A node that dialled the sidecar's port and a node the sidecar
+    /// dialled send straight out of the partner socket: every byte
+    /// arrives, half-close works each way, the counts are right, and the
+    /// sidecar's own sockets receive none of the routed bytes.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn node_routes_send_past_the_sidecar_sockets_with_half_close_and_counts() {
+        use std::os::fd::AsFd;
+        let mut fp = match FastPath::open(16) {
+            Ok(fp) => fp,
+            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
+                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
+                return;
+            }
+            Err(e) => panic!("the fast path needs root and sockmap: {e}"),
+        };
+        let dist = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cgroup = node_routes::own_cgroup().expect("a cgroup v2 hierarchy");
+        fp.enable_node_routes(&cgroup, &[dist.local_addr().unwrap().port()])
+            .expect("node routes");
+        let fp = std::sync::Arc::new(fp);
+        // Node a dials the sidecar's distribution port.
+        let (a, s1) = tokio::join!(TcpStream::connect(dist.local_addr().unwrap()), dist.accept());
+        let (mut a, s1) = (a.unwrap(), s1.unwrap().0);
+        // The sidecar dials node b.
+        let b_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut announced = None;
+        let (s2, b) = tokio::join!(
+            connect_announced(b_listener.local_addr().unwrap(), Some(&fp), &mut announced),
+            b_listener.accept()
+        );
+        let (s2, mut b) = (s2.unwrap(), b.unwrap().0);
+        assert!(announced.is_some(), "the connection to b was announced");
+        let s1_fd = s1.as_fd().try_clone_to_owned().unwrap();
+        let (rx_c, rx_n) = counter();
+        let (tx_c, tx_n) = counter();
+        let routed_before = sockmap::HANDED_OVER.load(std::sync::atomic::Ordering::Relaxed);
+        let stop = CancellationToken::new();
+        let fp2 = fp.clone();
+        let h = tokio::spawn(async move {
+            relay(s1, s2, rx_c, tx_c, &stop, Some(&fp2), true).await
+        });
+        // The handshake's rule: b (the acceptor) waits for a's one frame.
+        a.write_all(b"reply").await.unwrap();
+        let mut reply = [0u8; 5];
+        b.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"reply");
+        assert!(sockmap::HANDED_OVER.load(std::sync::atomic::Ordering::Relaxed) > routed_before);
+        let received_at_handover = bpf::tcp_counts(s1_fd.as_fd()).unwrap().received;
+
+        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let a_task = tokio::spawn(async move {
+            let (mut r, mut w) = a.split();
+            let write = async {
+                w.write_all(&up2).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut back = Vec::new();
+            let (_, n) = tokio::join!(write, r.read_to_end(&mut back));
+            n.unwrap();
+            back
+        });
+        let (mut br, mut bw) = b.split();
+        let mut got = Vec::new();
+        let (_, n) = tokio::join!(bw.write_all(&down2), br.read_to_end(&mut got));
+        n.unwrap();
+        assert!(got == up, "a to b: {} bytes of {}", got.len(), up.len());
+        bw.write_all(b"after half-close").await.unwrap();
+        bw.shutdown().await.unwrap();
+        let back = a_task.await.unwrap();
+        assert_eq!(back.len(), down.len() + 16);
+        assert!(back[..down.len()] == down[..], "b to a");
+        // a's bytes never reached the sidecar's socket: only its FIN did.
+        let received = bpf::tcp_counts(s1_fd.as_fd()).unwrap().received;
+        assert!(
+            received - received_at_handover <= 1,
+            "{} bytes crossed into the sidecar's socket",
+            received - received_at_handover
+        );
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), h)
+            .await
+            .expect("relay ends")
+            .unwrap();
+        assert!(matches!(end, RelayEnd::Closed(_)), "{end:?}");
+        let (rx, tx) = (up.len() as u64 + 5, down.len() as u64 + 16);
+        assert_eq!(end.stats(), RelayStats { rx, tx });
+        assert_eq!(rx_n.load(std::sync::atomic::Ordering::Relaxed), rx);
+        assert_eq!(tx_n.load(std::sync::atomic::Ordering::Relaxed), tx);
+    }
+
     async fn both_ways_with_half_close(fast: Option<std::sync::Arc<FastPath>>) {
         let (mut client, peer_side) = tcp_pair().await;
         let (node_side, mut server) = tcp_pair().await;
@@ -503,7 +638,7 @@ mod tests {
         let stop = CancellationToken::new();
         let on_fast_path = fast.is_some();
         let h = tokio::spawn(async move {
-            relay(peer_side, node_side, rx_c, tx_c, &stop, fast.as_deref()).await
+            relay(peer_side, node_side, rx_c, tx_c, &stop, fast.as_deref(), false).await
         });
 
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
@@ -581,6 +716,7 @@ mod tests {
                 Counter::noop(),
                 &s2,
                 None,
+                false,
             )
             .await
         });
@@ -644,6 +780,7 @@ mod tests {
                 Counter::noop(),
                 &stop,
                 fast.as_deref(),
+                false,
             )
             .await
         });

@@ -16,20 +16,33 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_LINK_CREATE: libc::c_long = 28;
 
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
+const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_PROG_TYPE_SK_SKB: u32 = 14;
+const BPF_PROG_TYPE_SK_MSG: u32 = 16;
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_SK_SKB_STREAM_VERDICT: u32 = 5;
-/// Update flag: fail if the key exists.
+const BPF_SK_MSG_VERDICT: u32 = 7;
+/// Update flags: any, or fail if the key exists.
+const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_GET_SOCKET_COOKIE: i32 = 46;
+const BPF_FUNC_SOCK_HASH_UPDATE: i32 = 70;
+const BPF_FUNC_MSG_REDIRECT_HASH: i32 = 71;
 const BPF_FUNC_SK_REDIRECT_HASH: i32 = 72;
+const BPF_FUNC_GET_NETNS_COOKIE: i32 = 122;
 const SK_DROP: i32 = 0;
 const SK_PASS: i32 = 1;
 
 const SO_COOKIE: libc::c_int = 57;
+const SO_NETNS_COOKIE: libc::c_int = 71;
 const SIOCINQ: libc::c_ulong = 0x541B;
 const SIOCOUTQ: libc::c_ulong = 0x5411;
 
@@ -68,6 +81,14 @@ struct ProgLoad {
 }
 
 #[repr(C)]
+struct LinkCreate {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+#[repr(C)]
 struct ProgAttach {
     target_fd: u32,
     attach_bpf_fd: u32,
@@ -99,15 +120,29 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
 /// `BPF_LD | BPF_IMM | BPF_DW` with `BPF_PSEUDO_MAP_FD`: a map's address,
 /// two instruction slots.
 const LD_MAP_FD: u8 = 0x18;
+/// The same opcode with src 0: a 64-bit constant.
+const LD_IMM64: u8 = 0x18;
 /// `BPF_LDX | BPF_MEM | BPF_W`: `skb->len` is the first field.
 const LDX_W: u8 = 0x61;
 const MOV64_REG: u8 = 0xbf;
 const MOV64_IMM: u8 = 0xb7;
 const ADD64_IMM: u8 = 0x07;
+const STX_W: u8 = 0x63;
 const STX_DW: u8 = 0x7b;
 const CALL: u8 = 0x85;
+const JA: u8 = 0x05;
+const JEQ_IMM: u8 = 0x15;
 const JNE_IMM: u8 = 0x55;
+const JNE_REG: u8 = 0x5d;
+/// `BPF_JMP32`: the low 32 bits only.
+const JEQ32_IMM: u8 = 0x16;
+const JNE32_IMM: u8 = 0x56;
+const JNE32_REG: u8 = 0x5e;
 const EXIT: u8 = 0x95;
+/// `BPF_SOCK_OPS_*_ESTABLISHED_CB`.
+const ACTIVE_ESTABLISHED: i32 = 4;
+const PASSIVE_ESTABLISHED: i32 = 5;
+const AF_INET: i32 = 2;
 
 /// The stream-verdict program, for a sockhash `map_fd` keyed by socket
 /// cookie whose value is that socket's partner:
@@ -151,6 +186,174 @@ pub(super) fn verdict_program(map_fd: i32) -> Vec<Insn> {
     ]
 }
 
+/// The key of a node socket in the node sockhash and in the routes: the
+/// socket's IPv4 four-tuple from its own side, each field as the kernel's
+/// context loads it (`local_ip4`, `remote_ip4`, `local_port`,
+/// `remote_port`), so the two programs and the sidecar build the same
+/// bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct NodeKey([u32; 4]);
+
+impl NodeKey {
+    pub fn as_bytes(&self) -> [u8; 16] {
+        self.bytes()
+    }
+
+    /// The key of the socket whose local end is `local` and remote end
+    /// `remote`; None for IPv6 (the node sockets are IPv4 only).
+    pub fn new(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<NodeKey> {
+        match (local, remote) {
+            (std::net::SocketAddr::V4(l), std::net::SocketAddr::V4(r)) => Some(NodeKey([
+                u32::from_ne_bytes(l.ip().octets()),
+                u32::from_ne_bytes(r.ip().octets()),
+                u32::from(l.port()),
+                remote_port_field(r.port()),
+            ])),
+            _ => None,
+        }
+    }
+
+    fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        for (i, v) in self.0.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+        }
+        b
+    }
+}
+
+/// A remote port as the `sock_ops` and `sk_msg` contexts give it: network
+/// order, in the upper half of a u32 (on little-endian machines).
+pub(super) fn remote_port_field(port: u16) -> u32 {
+    let raw = u32::from(u16::from_ne_bytes(port.to_be_bytes()));
+    if cfg!(target_endian = "little") {
+        raw << 16
+    } else {
+        raw
+    }
+}
+
+/// The `sock_ops` program, attached to the cgroup of the BEAM nodes: when
+/// a TCP connection of the sidecar's network namespace is established, it
+/// puts the socket into the node sockhash `nodes` (under its [`NodeKey`])
+/// if it is a node's end of a relayed connection:
+///
+/// ```text
+/// if family != AF_INET or netns cookie != netns: return 1
+/// key = (local_ip4, remote_ip4, local_port, remote_port)   ; on the stack
+/// active (the node dialled):   remote_port in dist_ports and local_ip4 == remote_ip4
+/// passive (the node accepted): key in expected              ; the sidecar dialled it
+/// bpf_sock_hash_update(ctx, nodes, key, BPF_ANY)
+/// return 1
+/// ```
+pub(super) fn sock_ops_program(nodes: i32, expected: i32, dist_ports: i32, netns: u64) -> Vec<Insn> {
+    let out = 42;
+    let mut p = vec![
+        insn(MOV64_REG, 6, 1, 0, 0),
+        insn(LDX_W, 2, 6, 20, 0),
+        insn(JNE32_IMM, 2, 0, 0, AF_INET), // -> out
+        insn(MOV64_REG, 1, 6, 0, 0),
+        insn(CALL, 0, 0, 0, BPF_FUNC_GET_NETNS_COOKIE),
+        insn(LD_IMM64, 2, 0, 0, netns as u32 as i32),
+        insn(0, 0, 0, 0, (netns >> 32) as u32 as i32),
+        insn(JNE_REG, 0, 2, 0, 0), // -> out
+        insn(LDX_W, 2, 6, 28, 0),
+        insn(STX_W, 10, 2, -16, 0),
+        insn(LDX_W, 2, 6, 24, 0),
+        insn(STX_W, 10, 2, -12, 0),
+        insn(LDX_W, 2, 6, 68, 0),
+        insn(STX_W, 10, 2, -8, 0),
+        insn(LDX_W, 2, 6, 64, 0),
+        insn(STX_W, 10, 2, -4, 0),
+        insn(LDX_W, 2, 6, 0, 0),
+        insn(JEQ32_IMM, 2, 0, 0, PASSIVE_ESTABLISHED), // -> passive
+        insn(JNE32_IMM, 2, 0, 0, ACTIVE_ESTABLISHED),  // -> out
+        // active: a local connection to a distribution port
+        insn(LDX_W, 2, 10, -16, 0),
+        insn(LDX_W, 3, 10, -12, 0),
+        insn(JNE32_REG, 2, 3, 0, 0), // -> out
+        insn(LD_MAP_FD, 1, 1, 0, dist_ports),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_REG, 2, 10, 0, 0),
+        insn(ADD64_IMM, 2, 0, 0, -4),
+        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        insn(JA, 0, 0, 0, 0), // -> found?
+        // passive: a connection the sidecar announced
+        insn(LD_MAP_FD, 1, 1, 0, expected),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_REG, 2, 10, 0, 0),
+        insn(ADD64_IMM, 2, 0, 0, -16),
+        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        // found?
+        insn(JEQ_IMM, 0, 0, 0, 0), // -> out
+        insn(MOV64_REG, 1, 6, 0, 0),
+        insn(LD_MAP_FD, 2, 1, 0, nodes),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_REG, 3, 10, 0, 0),
+        insn(ADD64_IMM, 3, 0, 0, -16),
+        insn(MOV64_IMM, 4, 0, 0, BPF_ANY as i32),
+        insn(CALL, 0, 0, 0, BPF_FUNC_SOCK_HASH_UPDATE),
+        insn(JA, 0, 0, 0, 0), // -> out (falls through anyway)
+        // out
+        insn(MOV64_IMM, 0, 0, 0, 1),
+        insn(EXIT, 0, 0, 0, 0),
+    ];
+    let passive = 28;
+    let found = 33;
+    for (at, to) in [
+        (2, out),
+        (7, out),
+        (17, passive),
+        (18, out),
+        (21, out),
+        (27, found),
+        (33, out),
+        (41, out),
+    ] {
+        p[at].off = (to - at - 1) as i16;
+    }
+    p
+}
+
+/// The `sk_msg` verdict program of the node sockhash: a node's message
+/// whose socket has a route goes straight to the send side of the
+/// sidecar socket the route names (a cookie in the sidecar's sockhash
+/// `sockets`), in the node's own `sendmsg`; anything else passes.
+///
+/// ```text
+/// key = (local_ip4, remote_ip4, local_port, remote_port)
+/// target = routes[key]; if none: return SK_PASS
+/// bpf_msg_redirect_hash(msg, sockets, target, 0)   ; a target gone: passes
+/// return SK_PASS
+/// ```
+pub(super) fn msg_program(routes: i32, sockets: i32) -> Vec<Insn> {
+    vec![
+        insn(MOV64_REG, 6, 1, 0, 0),
+        insn(LDX_W, 2, 6, 24, 0),
+        insn(STX_W, 10, 2, -16, 0),
+        insn(LDX_W, 2, 6, 20, 0),
+        insn(STX_W, 10, 2, -12, 0),
+        insn(LDX_W, 2, 6, 64, 0),
+        insn(STX_W, 10, 2, -8, 0),
+        insn(LDX_W, 2, 6, 60, 0),
+        insn(STX_W, 10, 2, -4, 0),
+        insn(LD_MAP_FD, 1, 1, 0, routes),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_REG, 2, 10, 0, 0),
+        insn(ADD64_IMM, 2, 0, 0, -16),
+        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        insn(JEQ_IMM, 0, 0, 6, 0),
+        insn(MOV64_REG, 3, 0, 0, 0),
+        insn(MOV64_REG, 1, 6, 0, 0),
+        insn(LD_MAP_FD, 2, 1, 0, sockets),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_IMM, 4, 0, 0, 0),
+        insn(CALL, 0, 0, 0, BPF_FUNC_MSG_REDIRECT_HASH),
+        insn(MOV64_IMM, 0, 0, 0, SK_PASS),
+        insn(EXIT, 0, 0, 0, 0),
+    ]
+}
+
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for
     // `cmd`, valid for `size_of::<T>()` bytes; the kernel reads no more
@@ -178,26 +381,68 @@ fn owned(fd: libc::c_long) -> OwnedFd {
 
 /// A sockhash map: 8-byte keys (socket cookies), sockets as values.
 pub(super) fn create_sockhash(max_entries: u32) -> io::Result<OwnedFd> {
+    create_map(BPF_MAP_TYPE_SOCKHASH, 8, 4, max_entries)
+}
+
+/// The node sockhash: [`NodeKey`]s, sockets as values (8 bytes, so a
+/// lookup from here returns the socket's cookie).
+pub(super) fn create_node_sockhash(max_entries: u32) -> io::Result<OwnedFd> {
+    create_map(BPF_MAP_TYPE_SOCKHASH, 16, 8, max_entries)
+}
+
+/// A hash map of `key_size`-byte keys and `value_size`-byte values.
+pub(super) fn create_hash(key_size: u32, value_size: u32, max_entries: u32) -> io::Result<OwnedFd> {
+    create_map(BPF_MAP_TYPE_HASH, key_size, value_size, max_entries)
+}
+
+fn create_map(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> io::Result<OwnedFd> {
     let mut attr = MapCreate {
-        map_type: BPF_MAP_TYPE_SOCKHASH,
-        key_size: 8,
-        value_size: 4,
+        map_type,
+        key_size,
+        value_size,
         max_entries,
         map_flags: 0,
     };
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)
 }
 
-/// Loads the verdict program for `map`; a refusal carries the verifier's
-/// log.
+/// Loads the stream-verdict program for `map`.
 pub(super) fn load_verdict(map: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let insns = verdict_program(map.as_raw_fd());
+    load(BPF_PROG_TYPE_SK_SKB, 0, b"distproxy_relay", &insns)
+}
+
+/// Loads the `sock_ops` program ([`sock_ops_program`]).
+pub(super) fn load_sock_ops(
+    nodes: BorrowedFd<'_>,
+    expected: BorrowedFd<'_>,
+    dist_ports: BorrowedFd<'_>,
+    netns: u64,
+) -> io::Result<OwnedFd> {
+    let insns = sock_ops_program(
+        nodes.as_raw_fd(),
+        expected.as_raw_fd(),
+        dist_ports.as_raw_fd(),
+        netns,
+    );
+    load(BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS, b"distproxy_nodes", &insns)
+}
+
+/// Loads the `sk_msg` program ([`msg_program`]).
+pub(super) fn load_msg(routes: BorrowedFd<'_>, sockets: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let insns = msg_program(routes.as_raw_fd(), sockets.as_raw_fd());
+    load(BPF_PROG_TYPE_SK_MSG, 0, b"distproxy_route", &insns)
+}
+
+/// Loads a program; a refusal carries the end of the verifier's log.
+fn load(prog_type: u32, attach: u32, name: &[u8], insns: &[Insn]) -> io::Result<OwnedFd> {
     let license = c"Dual MIT/GPL";
-    let mut log = vec![0u8; 16 * 1024];
-    let mut name = [0u8; 16];
-    name[..15].copy_from_slice(b"distproxy_relay");
+    let mut log = vec![0u8; 64 * 1024];
+    let mut prog_name = [0u8; 16];
+    let n = name.len().min(15);
+    prog_name[..n].copy_from_slice(&name[..n]);
     let mut attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_SK_SKB,
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
@@ -206,9 +451,9 @@ pub(super) fn load_verdict(map: BorrowedFd<'_>) -> io::Result<OwnedFd> {
         log_buf: log.as_mut_ptr() as u64,
         kern_version: 0,
         prog_flags: 0,
-        prog_name: name,
+        prog_name,
         prog_ifindex: 0,
-        expected_attach_type: 0,
+        expected_attach_type: attach,
     };
     bpf(BPF_PROG_LOAD, &mut attr).map(owned).map_err(|e| {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
@@ -222,12 +467,86 @@ pub(super) fn load_verdict(map: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     })
 }
 
+/// Attaches `prog` as the `sk_msg` verdict of every socket in `map`.
+pub(super) fn attach_msg(map: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    attach(map, prog, BPF_SK_MSG_VERDICT)
+}
+
+/// Attaches the `sock_ops` program `prog` to the cgroup `dir` (its open
+/// directory) through a BPF link: the attachment ends when the returned
+/// link is closed, so a sidecar that exits leaves nothing behind.
+pub(super) fn link_sock_ops(dir: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_SOCK_OPS,
+        flags: 0,
+    };
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+}
+
+/// Sets `key` to `value` in the hash `map`.
+pub(super) fn hash_set(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: BPF_ANY,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+/// Removes `key` from `map` (absent is fine).
+pub(super) fn hash_remove(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
+    let mut attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: 0,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r.map(|_| ()),
+    }
+}
+
+/// The cookie of the socket under `key` in the node sockhash, if any.
+pub(super) fn node_socket(map: BorrowedFd<'_>, key: &NodeKey) -> io::Result<Option<u64>> {
+    let k = key.bytes();
+    let mut cookie = 0u64;
+    let mut attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: k.as_ptr() as u64,
+        value: &mut cookie as *mut u64 as u64,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(cookie)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The cookie of the network namespace `fd` (a socket) lives in.
+pub(super) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut buf = [0u8; 8];
+    getsockopt_bytes(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut buf)?;
+    Ok(u64::from_ne_bytes(buf))
+}
+
 /// Attaches `prog` as the stream verdict of every socket in `map`.
 pub(super) fn attach_verdict(map: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    attach(map, prog, BPF_SK_SKB_STREAM_VERDICT)
+}
+
+fn attach(map: BorrowedFd<'_>, prog: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
     let mut attr = ProgAttach {
         target_fd: map.as_raw_fd() as u32,
         attach_bpf_fd: prog.as_raw_fd() as u32,
-        attach_type: BPF_SK_SKB_STREAM_VERDICT,
+        attach_type,
         attach_flags: 0,
         replace_bpf_fd: 0,
     };

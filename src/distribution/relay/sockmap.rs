@@ -47,6 +47,7 @@ use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
 
 use super::bpf::{self, Ends};
+use super::node_routes::NodeRoutes;
 
 /// How often bytes moved by the kernel are added to the counters.
 pub const COUNT_EVERY: Duration = Duration::from_secs(5);
@@ -73,6 +74,8 @@ pub struct FastPath {
     _prog: OwnedFd,
     in_use: AtomicU32,
     max_connections: u32,
+    /// Node routes, when the `sock_ops` program could be attached.
+    routes: Option<NodeRoutes>,
 }
 
 impl std::fmt::Debug for FastPath {
@@ -80,6 +83,7 @@ impl std::fmt::Debug for FastPath {
         f.debug_struct("FastPath")
             .field("in_use", &self.in_use.load(Ordering::Relaxed))
             .field("max_connections", &self.max_connections)
+            .field("routes", &self.routes)
             .finish()
     }
 }
@@ -103,7 +107,26 @@ impl FastPath {
             _prog: prog,
             in_use: AtomicU32::new(0),
             max_connections,
+            routes: None,
         })
+    }
+
+    /// Adds node routes ([`super::node_routes`]) for the nodes of the
+    /// cgroup v2 directory `cgroup`, whose connections to the sidecar's
+    /// `dist_ports` can then skip the loopback hop. On error the fast path
+    /// goes on without them.
+    pub fn enable_node_routes(&mut self, cgroup: &std::path::Path, dist_ports: &[u16]) -> io::Result<()> {
+        let routes = NodeRoutes::open(cgroup, self.verdict.as_fd(), self.max_connections)?;
+        for &port in dist_ports {
+            routes.add_dist_port(port)?;
+        }
+        self.routes = Some(routes);
+        Ok(())
+    }
+
+    /// Node routes, when enabled.
+    pub fn node_routes(&self) -> Option<&NodeRoutes> {
+        self.routes.as_ref()
     }
 }
 
@@ -353,7 +376,10 @@ fn watch_ends(socks: [&TcpStream; 2]) -> io::Result<AsyncFd<Ends>> {
 /// tokio's reactor). `Err(NotTaken)` when the connection was not handed
 /// over (nothing changed: splice it); otherwise how the relay ended, with
 /// the bytes counted as on the splice path. `on_handover` runs once the
-/// kernel has the connection.
+/// kernel has the connection. With `node_routes` (the caller knows that
+/// neither end has more than one frame in flight, see
+/// [`super::node_routes`]), a local node at either end gets a route.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay(
     fp: &FastPath,
     peer: &TcpStream,
@@ -361,6 +387,7 @@ pub async fn relay(
     (rx_bytes, tx_bytes): (&Counter, &Counter),
     rx: &mut u64,
     tx: &mut u64,
+    node_routes: bool,
     on_handover: impl FnOnce(),
 ) -> Result<io::Result<()>, NotTaken> {
     if fp.in_use.fetch_add(1, Ordering::Relaxed) >= fp.max_connections {
@@ -412,6 +439,19 @@ pub async fn relay(
         }
         entries.keys.push((map, key));
     }
+    // Routes last: their targets are in the map now.
+    let routes = match fp.routes.as_ref().filter(|_| node_routes) {
+        Some(r) => [
+            (r.arm(peer, node_cookie), "initiator"),
+            (r.arm(node, peer_cookie), "acceptor"),
+        ],
+        None => [(None, ""), (None, "")],
+    };
+    for (route, side) in &routes {
+        if route.is_some() {
+            metrics::counter!(crate::metrics::RELAY_NODE_ROUTES, "side" => *side).increment(1);
+        }
+    }
     #[cfg(test)]
     HANDED_OVER.fetch_add(1, Ordering::Relaxed);
     on_handover();
@@ -438,6 +478,7 @@ pub async fn relay(
     let result = watch(&ends, &mut to_node, &mut to_peer).await;
     to_node.count();
     to_peer.count();
+    drop(routes);
     drop(entries);
     Ok(result)
 }

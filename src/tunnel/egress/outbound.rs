@@ -208,7 +208,7 @@ impl EgressManager {
         };
         // Freed before relaying: an idle connection holds no setup buffer.
         drop((head, prefix, preamble));
-        let (stats, outcome) = self.forward.relay(guard, remote, local, pre).await;
+        let (stats, outcome) = self.forward.relay(guard, remote, local, pre, false).await;
         info!(%initiator, %target, %remote_addr, transport = transport.label(),
         rx_bytes = stats.rx, tx_bytes = stats.tx,
         duration_ms = started.elapsed().as_millis() as u64, %outcome,
