@@ -68,7 +68,8 @@ enum Command {
     /// Print every node of every pod, as the local sidecar's discovery knows
     /// them (`[discovery]`), one full name per line.
     Members {
-        /// Host of the sidecar's EPMD (the request is answered to local peers only).
+        /// Host of the sidecar's EPMD (the request is answered to local peers
+        /// only; an IPv6 address may be written in brackets).
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         /// Port of the sidecar's EPMD.
@@ -90,7 +91,8 @@ enum Command {
     },
     /// Print the nodes registered with an EPMD server, as `epmd -names` does.
     Names {
-        /// Host of the EPMD server.
+        /// Host of the EPMD server (name or address; an IPv6 address may be
+        /// written in brackets).
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         /// Port of the EPMD server.
@@ -359,8 +361,9 @@ fn names(host: &str, port: u16) -> ExitCode {
 }
 
 /// The first address of `host`, or `None` (said on stderr).
+/// An IPv6 literal may be written in brackets (`[fd00::1]`).
 fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
-    let addr = (host, port)
+    let addr = (distproxy::epmd::cli::unbracket_host(host), port)
         .to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next());

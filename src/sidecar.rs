@@ -81,6 +81,12 @@ impl Listeners {
             .filter_map(|l| l.local_addr().ok())
             .collect()
     }
+    pub fn admin_addrs(&self) -> Vec<SocketAddr> {
+        self.admin
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
 }
 
 /// Loads the TLS files of `[tls]` (if configured), then binds every
@@ -174,7 +180,8 @@ impl Sidecar {
     ) -> Sidecar {
         let epmd_addrs = listeners.epmd_addrs();
         let dist_addrs = listeners.dist_addrs();
-        let admin_addr = listeners.admin.first().and_then(|l| l.local_addr().ok());
+        let admin_addrs = listeners.admin_addrs();
+        let admin_addr = admin_addrs.first().copied();
         let advertise_port = config
             .dist
             .advertise_port
@@ -339,7 +346,7 @@ impl Sidecar {
                 }
             }
         });
-        info!(epmd = ?epmd_addrs, dist = ?dist_addrs, admin = ?admin_addr, advertise_port, "distproxy serving");
+        info!(epmd = ?epmd_addrs, dist = ?dist_addrs, admin = ?admin_addrs, advertise_port, "distproxy serving");
         Sidecar {
             epmd_addrs,
             dist_addrs,

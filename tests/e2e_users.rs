@@ -5,7 +5,7 @@
 //! named with a Kubernetes-style FQDN (`-name`) next to one with a short
 //! name (`--sname`); a node killed and restarted at once under the same name
 //! while a peer is connected; nodes of `-proto_dist inet6_tcp`, which
-//! register over IPv6.
+//! register over IPv6, in one pod and across the pods of a dual-stack lab.
 //!
 //! Needs root, iproute2, erlang-nox and elixir; fails saying so otherwise,
 //! unless `DISTPROXY_SKIP_E2E=1`.
@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use support::beam::atom;
 use support::beam::ErlangOptions;
+use support::metrics::{metric_sum, metrics};
+use support::sidecar::ADMIN_PORT;
 use support::wait::wait_until;
-use support::{e2e_enabled, BeamNode};
+use support::{e2e_enabled, BeamNode, Pod, DIST_PORT};
 
 /// Evaluates Elixir `code` on `on` (through its agent); the result as
 /// `{Value, Binding}` printed by Erlang.
@@ -360,4 +362,199 @@ fn ipv6_nodes_register_and_connect_with_the_default_configuration() {
     assert_eq!(six1.ping("six2@pod-v6"), "pong", "six1 -> six2 over IPv6");
     assert_eq!(six2.rpc_node("six1@pod-v6"), "six1@pod-v6");
     sidecar.assert_running();
+}
+
+/// A dual-stack cluster (every pod's name resolves to an IPv4 and an IPv6
+/// address) with the sidecars' default configuration, which listens on both
+/// families. `inet6_tcp` nodes named `app@<pod FQDN>` look each other up in
+/// the other pod's EPMD over IPv6 and connect to its sidecar's distribution
+/// port over IPv6, in both directions; the sidecar relays to the node on
+/// `::1`. IPv4 nodes of the same pods keep working next to them.
+#[test]
+fn ipv6_nodes_in_two_dual_stack_pods_connect_through_the_sidecars() {
+    if !e2e_enabled(
+        "ipv6_nodes_in_two_dual_stack_pods_connect_through_the_sidecars",
+        &["ss"],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new_dual_stack(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    // The lab gives what a dual-stack cluster's DNS gives: both families
+    // for one name.
+    for pod in [a, b] {
+        let v6 = a.run_ok("getent", &["ahostsv6", pod.host()]);
+        assert!(
+            v6.starts_with(&format!("{} ", pod.addr6())),
+            "{} resolves to {} over IPv6: {v6}",
+            pod.host(),
+            pod.addr6()
+        );
+        let v4 = a.run_ok("getent", &["ahostsv4", pod.host()]);
+        assert!(v4.starts_with(&format!("{} ", pod.addr())), "{v4}");
+    }
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let six = ErlangOptions::inet6();
+    let mut a6 = a.spawn_erlang_with("a6", &six);
+    let mut b6 = b.spawn_erlang_with("b6", &six);
+    let mut a4 = a.spawn_erlang("a4");
+    let mut b4 = b.spawn_erlang("b4");
+    for node in [&mut a6, &mut b6, &mut a4, &mut b4] {
+        node.wait_ready();
+    }
+    let (a6_name, b6_name) = (a.node_name("a6"), b.node_name("b6"));
+    assert_eq!(a6.name(), a6_name);
+    // The IPv6 nodes registered over IPv6 loopback.
+    for (pod, short) in [(a, "a6"), (b, "b6")] {
+        assert_eq!(
+            registered_field(pod, short, "addr").as_deref(),
+            Some("\"::1\""),
+            "{short} registered with pod {}'s sidecar over ::1",
+            pod.name()
+        );
+    }
+    assert!(a6.nodes().is_empty() && b6.nodes().is_empty());
+
+    // NAMES of pod B, asked at its IPv6 address: b6 (and b4) at the
+    // sidecar's port.
+    let segments: Vec<String> = b
+        .addr6()
+        .segments()
+        .iter()
+        .map(|g| format!("16#{g:x}"))
+        .collect();
+    let names = a6.rpc(
+        &a6_name,
+        "erl_epmd",
+        "names",
+        &format!("[{{{}}}]", segments.join(",")),
+    );
+    let b4_entry = format!("{{\"b4\",{DIST_PORT}}}");
+    let b6_entry = format!("{{\"b6\",{DIST_PORT}}}");
+    assert!(
+        [
+            format!("{{ok,[{b4_entry},{b6_entry}]}}"),
+            format!("{{ok,[{b6_entry},{b4_entry}]}}")
+        ]
+        .contains(&names),
+        "pod B's EPMD, asked over IPv6: {names}"
+    );
+
+    // The same with `distproxy names`, the address in brackets.
+    let out = a.run_ok(
+        &support::distproxy_bin(),
+        &["names", "--host", &format!("[{}]", b.addr6())],
+    );
+    for short in ["b4", "b6"] {
+        assert!(
+            out.contains(&format!("name {short} at port {DIST_PORT}")),
+            "distproxy names --host [{}]:\n{out}",
+            b.addr6()
+        );
+    }
+
+    // a6 -> b6: a lookup in pod B's sidecar, a connection to its
+    // distribution port, relayed to b6.
+    assert_eq!(a6.ping(&b6_name), "pong", "a6 -> b6 across pods");
+    assert_eq!(a6.rpc_node(&b6_name), b6_name, "rpc a6 -> b6");
+    assert_eq!(
+        a6.rpc(&b6_name, "init", "get_argument", "[proto_dist]"),
+        "{ok,[[\"inet6_tcp\"]]}",
+        "b6 runs inet6_tcp"
+    );
+    assert_relayed_over_ipv6(b, a, "b6");
+    // b6 -> a fresh node of pod A: through pod A's sidecar this time.
+    let mut a7 = a.spawn_erlang_with("a7", &six);
+    a7.wait_ready();
+    let a7_name = a.node_name("a7");
+    assert_eq!(b6.rpc_node(&a7_name), a7_name, "rpc b6 -> a7 across pods");
+    assert_relayed_over_ipv6(a, b, "a7");
+    // a6 -> a7, both of pod A, by the pod's name (its IPv6 address): the
+    // lookup is answered with a7's own port, mirrored on the pod's IPv6
+    // address by the sidecar (a7 listens on ::1 only).
+    assert_eq!(a6.rpc_node(&a7_name), a7_name, "rpc a6 -> a7 in pod A");
+    let same_pod = metric_sum(
+        &metrics(a),
+        "distproxy_epmd_requests_total",
+        &[("type", "port_please2"), ("result", "same_pod")],
+    );
+    // (global may have connected a7 and a6 already, after b6 -> a7.)
+    assert!(same_pod >= 1.0, "a lookup of a7 answered as same-pod");
+    let mirror = format!("[{}]:", a.addr6());
+    assert!(
+        a.listening_tcp()
+            .iter()
+            .any(|l| format!("{}", l.addr).starts_with(&mirror)),
+        "a mirror listener on pod A's IPv6 address: {:?}",
+        a.listening_tcp()
+    );
+    // The connection a6 opened is the one b6 uses back.
+    assert_eq!(b6.rpc_node(&a6_name), a6_name, "rpc b6 -> a6");
+    assert_eq!(b6.nodes(), {
+        let mut v = vec![a6_name.clone(), a7_name.clone()];
+        v.sort();
+        v
+    });
+
+    // IPv4 nodes of the same pods, same names' A records, same sidecars.
+    assert_eq!(a4.ping(b4.name()), "pong", "a4 -> b4 over IPv4");
+    assert_eq!(
+        metric_sum(
+            &metrics(b),
+            "distproxy_dist_connections_open",
+            &[("node", "b4"), ("direction", "inbound")]
+        ),
+        1.0,
+        "a4 -> b4 went through pod B's sidecar"
+    );
+    for s in [&mut sidecar_a, &mut sidecar_b] {
+        s.assert_no_misroute();
+    }
+}
+
+/// One field of node `short` in the pod's sidecar's `/nodes` (JSON text).
+fn registered_field(pod: &Pod, short: &str, key: &str) -> Option<String> {
+    let body = pod.http_get(ADMIN_PORT, "/nodes");
+    let nodes: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/nodes is not JSON ({e}): {body}"));
+    nodes
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == short)
+        .map(|n| n[key].to_string())
+}
+
+/// Pod `to`'s sidecar holds one inbound relayed connection for node
+/// `short` (metrics and `/nodes`), and it came from pod `from`'s IPv6
+/// address to the sidecar's distribution port on pod `to`'s IPv6 address.
+fn assert_relayed_over_ipv6(to: &Pod, from: &Pod, short: &str) {
+    let text = metrics(to);
+    assert_eq!(
+        metric_sum(
+            &text,
+            "distproxy_dist_connections_open",
+            &[("node", short), ("direction", "inbound")]
+        ),
+        1.0,
+        "pod {}'s sidecar relays one connection to {short}:\n{text}",
+        to.name()
+    );
+    assert_eq!(
+        registered_field(to, short, "open_connections").as_deref(),
+        Some("1"),
+        "/nodes of pod {} counts the connection to {short}",
+        to.name()
+    );
+    let local = format!("[{}]:{DIST_PORT}", to.addr6());
+    let peer = format!("[{}]:", from.addr6());
+    let filter = format!("( sport = :{DIST_PORT} )");
+    let sockets = to.run_ok("ss", &["-Htn", "state", "established", &filter]);
+    assert!(
+        sockets
+            .lines()
+            .any(|l| l.contains(&local) && l.contains(&peer)),
+        "pod {}: no connection {peer}* -> {local} (the distribution port over IPv6):\n{sockets}",
+        to.name()
+    );
 }

@@ -283,9 +283,43 @@ pub fn drop_unavailable_ipv6(listen: Vec<SocketAddr>) -> Vec<SocketAddr> {
     }
 }
 
+/// A `--host` value as name resolution wants it: an IPv6 literal may be
+/// given in brackets (`[fd00::1]`, as in `HOST:PORT` or a URL), which
+/// `getaddrinfo` does not accept; anything else is returned as it is.
+pub fn unbracket_host(host: &str) -> &str {
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(inner) if inner.parse::<Ipv6Addr>().is_ok() => inner,
+        _ => host,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bracketed_ipv6_host_loses_its_brackets_and_nothing_else_changes() {
+        assert_eq!(unbracket_host("[fd00:d157::12]"), "fd00:d157::12");
+        assert_eq!(unbracket_host("[::1]"), "::1");
+        for unchanged in [
+            "fd00:d157::12",
+            "198.18.0.12",
+            "pod-b.dp.test",
+            "[pod-b.dp.test]",
+            "[198.18.0.12]",
+            "[::1",
+            "[]",
+        ] {
+            assert_eq!(unbracket_host(unchanged), unchanged);
+        }
+        // What the resolver then gets resolves.
+        use std::net::ToSocketAddrs;
+        let addr = (unbracket_host("[::1]"), 4369)
+            .to_socket_addrs()
+            .unwrap()
+            .next();
+        assert_eq!(addr, Some("[::1]:4369".parse().unwrap()));
+    }
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()

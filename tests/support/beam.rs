@@ -116,6 +116,22 @@ pub struct ErlangOptions {
     pub env: Vec<(String, String)>,
 }
 
+impl ErlangOptions {
+    /// A node of `-proto_dist inet6_tcp`: it registers with its pod's EPMD
+    /// over `::1`, resolves host names to IPv6 addresses and listens on IPv6
+    /// loopback only (behind a sidecar, as IPv4 nodes listen on 127.0.0.1).
+    pub fn inet6() -> ErlangOptions {
+        ErlangOptions {
+            extra_args: ["-proto_dist", "inet6_tcp"]
+                .into_iter()
+                .chain(["-kernel", "inet_dist_use_interface", "{0,0,0,0,0,0,0,1}"])
+                .map(String::from)
+                .collect(),
+            ..Default::default()
+        }
+    }
+}
+
 impl BeamNode {
     pub(crate) fn spawn(pod: &Pod, short: &str, kind: NodeKind, epmd: EpmdKind) -> BeamNode {
         Self::spawn_with(pod, short, kind, epmd, &ErlangOptions::default())

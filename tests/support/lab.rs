@@ -6,14 +6,22 @@
 //!            │     │     │            veth pairs
 //!   netns <lab>a  <lab>b  <lab>s      (one per pod)
 //!     lo, eth0 198.18.0.11/24, .12, .13 ...
+//!     (dual-stack labs: also fd00:d157::11/64, ::12, ::13 ...)
 //!     /etc/netns/<ns>/hosts           pod-a.dp.test → 198.18.0.11, ...
+//!                                     (dual-stack: and → fd00:d157::11)
 //! ```
 //!
 //! Every lab has its own bridge namespace, so labs never see each other; the
 //! root namespace gets no interface at all. `ip netns exec` bind-mounts the
 //! files of `/etc/netns/<ns>/` over `/etc/`, which gives each pod its own
 //! hosts file (and a resolv.conf pointing nowhere, so nothing leaves the lab).
-//! Only addresses of 198.18.0.0/15 (RFC 2544 benchmarking range) are used.
+//! Only addresses of 198.18.0.0/15 (RFC 2544 benchmarking range) are used,
+//! and, in a lab built with [`Lab::new_dual_stack`], the unique local IPv6
+//! prefix fd00:d157::/64 (RFC 4193), added with `nodad` so it is usable at
+//! once. A dual-stack pod's name resolves to both addresses, as a pod's name
+//! in a dual-stack Kubernetes cluster does (an A and an AAAA record): an
+//! IPv4 node (`inet_tcp`) gets the IPv4 address, an `inet6_tcp` node the
+//! IPv6 one. Labs built with [`Lab::new`] are IPv4 only.
 //!
 //! Namespace names are `dpe<pid>x<lab><pod>`: unique per process and lab, and
 //! recognisable, so a later run can remove what a killed run left behind.
@@ -22,7 +30,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixListener};
 use std::path::{Path, PathBuf};
@@ -44,6 +52,9 @@ const PREFIX: &str = "dpe";
 pub const DOMAIN: &str = "dp.test";
 /// Pods get 198.18.0.11, .12, ...
 const FIRST_HOST: u8 = 11;
+/// Dual-stack pods also get fd00:d157::11, ::12, ... (the IPv4 host number
+/// written as the last group).
+const IPV6_PREFIX: &str = "fd00:d157::";
 /// Bound on every `ip` (and other short) command the harness runs.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 /// Lines of each log printed when a test fails.
@@ -118,8 +129,19 @@ impl Lab {
     /// Builds a lab with one pod per name (`["a", "b", "s"]` gives pods
     /// `pod-a.dp.test`, ...). Waits for any other lab, of this process or
     /// another, to be dropped first. Panics, after cleaning up, if anything
-    /// fails.
+    /// fails. IPv4 only.
     pub fn new(pod_names: &[&str]) -> Lab {
+        Lab::build(pod_names, false)
+    }
+
+    /// Like [`new`](Self::new), and every pod also gets an IPv6 address
+    /// ([`Pod::addr6`], in fd00:d157::/64) that its hostname resolves to
+    /// as well, for `inet6_tcp` nodes: a dual-stack cluster.
+    pub fn new_dual_stack(pod_names: &[&str]) -> Lab {
+        Lab::build(pod_names, true)
+    }
+
+    fn build(pod_names: &[&str], dual_stack: bool) -> Lab {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -156,6 +178,21 @@ impl Lab {
         lab.add_namespace(&bridge);
         ip(&["-n", &bridge, "link", "set", "lo", "up"]);
         ip(&["-n", &bridge, "link", "add", "br0", "type", "bridge"]);
+        if dual_stack {
+            // Neighbour discovery is multicast: without an MLD querier on the
+            // bridge, snooping could drop it; flood it to every port instead.
+            ip(&[
+                "-n",
+                &bridge,
+                "link",
+                "set",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ]);
+        }
         ip(&["-n", &bridge, "link", "set", "br0", "up"]);
 
         let names: HashSet<&str> = pod_names.iter().copied().collect();
@@ -190,12 +227,32 @@ impl Lab {
                 "dev",
                 "eth0",
             ]);
+            let addr6 = dual_stack.then(|| {
+                let addr6: Ipv6Addr = format!("{IPV6_PREFIX}{}", FIRST_HOST + i as u8)
+                    .parse()
+                    .expect("pod IPv6 address");
+                // `nodad`: usable at once, not tentative during duplicate
+                // address detection (nothing else on the bridge has it).
+                ip(&[
+                    "-n",
+                    &ns,
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{addr6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]);
+                addr6
+            });
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             lab.pods.push(Pod {
                 name: name.to_string(),
                 ns,
                 host: format!("pod-{name}.{DOMAIN}"),
                 addr,
+                addr6,
                 epmd: Cell::new(None),
                 otp: Cell::new(Otp::default()),
                 lab: shared.clone(),
@@ -205,6 +262,9 @@ impl Lab {
         let mut hosts = String::from("127.0.0.1 localhost\n::1 localhost ip6-localhost\n");
         for pod in &lab.pods {
             let _ = writeln!(hosts, "{} {} pod-{}", pod.addr, pod.host, pod.name);
+            if let Some(addr6) = pod.addr6 {
+                let _ = writeln!(hosts, "{addr6} {} pod-{}", pod.host, pod.name);
+            }
         }
         for pod in &lab.pods {
             let etc = netns_etc(&pod.ns);
@@ -313,6 +373,8 @@ pub struct Pod {
     ns: String,
     host: String,
     addr: Ipv4Addr,
+    /// Only in a dual-stack lab.
+    addr6: Option<Ipv6Addr>,
     epmd: Cell<Option<EpmdKind>>,
     /// Release of the nodes started here unless a node's options say
     /// otherwise.
@@ -338,6 +400,17 @@ impl Pod {
 
     pub fn addr(&self) -> Ipv4Addr {
         self.addr
+    }
+
+    /// The pod's IPv6 address; panics unless the lab is dual-stack
+    /// ([`Lab::new_dual_stack`]).
+    pub fn addr6(&self) -> Ipv6Addr {
+        self.addr6.unwrap_or_else(|| {
+            panic!(
+                "pod {} has no IPv6 address: build the lab with Lab::new_dual_stack",
+                self.name
+            )
+        })
     }
 
     /// Full node name of `short` in this pod (`a1@pod-a.dp.test`).

@@ -12,7 +12,8 @@
 //!   dropping it (also while a test panics) kills every process and deletes
 //!   every namespace; namespaces left by a killed run are removed by the next
 //!   one. Labs are serialised, across threads and processes: the suite is
-//!   heavy and the machine small.
+//!   heavy and the machine small. [`Lab::new_dual_stack`] gives every pod an
+//!   IPv6 address as well (fd00:d157::/64), its name resolving to both.
 //! - [`Pod`] starts the sidecar, stock `epmd`, Erlang and Elixir nodes.
 //! - [`BeamNode`] talks to one node's agent, one request per line, with a
 //!   deadline on every read.
