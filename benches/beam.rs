@@ -18,6 +18,11 @@
 //! - `sidecar (sockmap)`: the same through sidecar F with
 //!   `[relay] fast_path = "sockmap"` (needs root; left out when the binary
 //!   or the kernel cannot, with the reason printed);
+//! - `sidecar (sockmap+routes)`: the same through sidecar G, which also has
+//!   node routes for its own cgroup (`fast_path_cgroup = "auto"`; the nodes
+//!   are children of the bench, in the same cgroup): both nodes' messages
+//!   skip the sidecar's sockets; the bench checks that both ends of every
+//!   connection were routed;
 //! - `haproxy`: HAProxy in TCP mode (Debian's `haproxy`, default settings
 //!   but `nbthread 1`, as the sidecar's relay is one task per connection);
 //!   left out with a message when not installed (`apt-get install haproxy`).
@@ -37,7 +42,7 @@
 //!   cargo bench --bench beam                 full run (about 1.5 min on 2 CPUs)
 //!   cargo bench --bench beam -- --quick      shorter
 //! BEAM_BENCH_PROXY_BIN=<path> measures another distproxy build;
-//! BEAM_BENCH_ONLY=direct,splice,... runs some paths; BEAM_BENCH_ROUNDS=N.
+//! BEAM_BENCH_ONLY=direct,splice,sockmap,routes,haproxy,tls runs some paths; BEAM_BENCH_ROUNDS=N.
 //! Without `--bench` (as `cargo test --benches` runs it) it only says so.
 
 use distproxy_testkit::bench::*;
@@ -627,11 +632,19 @@ fn main() {
     if let Ok((_, admin)) = &routed {
         // Both nodes' messages skipped the sidecar's sockets.
         let text = scrape(*admin).expect("metrics of G");
+        let connections =
+            sample(&text, "distproxy_relay_connections_total{path=\"sockmap\"}").unwrap_or(0.0);
+        let mut routed = Vec::new();
         for side in ["initiator", "acceptor"] {
             let series = format!("distproxy_relay_node_routes_total{{side=\"{side}\"}}");
             let n = sample(&text, &series).unwrap_or(0.0);
-            assert!(n >= 1.0, "G routed the {side}'s messages:\n{text}");
+            assert_eq!(n, connections, "G routed every {side}:\n{text}");
+            routed.push(format!("{side} {n}"));
         }
+        println!(
+            "sidecar (sockmap+routes): {connections} connections, routed ends: {}",
+            routed.join(", ")
+        );
     }
 
     println!();
