@@ -64,6 +64,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("distribution::relay::pool", Layer::Core),
     ("distribution::relay::splice", Layer::Core),
     ("distribution::relay::sockmap", Layer::Core),
+    ("distribution::relay::node_routes", Layer::Core),
     ("distribution::relay::bpf", Layer::Core),
     ("tunnel::preamble", Layer::Core),
     ("tunnel::resolve", Layer::Core),
