@@ -69,6 +69,15 @@ pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// The errors of binding an IPv6 socket where the kernel or the network
+/// namespace has no IPv6 (`ipv6.disable=1`, or IPv6 turned off).
+pub fn host_lacks_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+    )
+}
+
 /// Decides, at accept time, whether a connection is taken. What it returns
 /// travels with the connection (a permit released when the connection ends).
 pub trait Admission: Send + Sync + 'static {

@@ -25,7 +25,7 @@ use crate::distribution::listener::DistCtx;
 use crate::distribution::router::Correlator;
 use crate::epmd::registry::Registry;
 use crate::epmd::server::EpmdCtx;
-use crate::net::{bind_tcp, ConnectionLimit, DEFAULT_DIST_PORT};
+use crate::net::{bind_tcp, host_lacks_ipv6, ConnectionLimit, DEFAULT_DIST_PORT};
 use crate::tunnel::egress::{EgressManager, EgressSettings};
 use crate::tunnel::inbound::Inbound;
 use crate::tunnel::tls::Tls;
@@ -129,15 +129,6 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
 
 fn is_ipv6_wildcard(addr: SocketAddr) -> bool {
     matches!(addr.ip(), std::net::IpAddr::V6(ip) if ip.is_unspecified())
-}
-
-/// The errors of binding an IPv6 socket where the kernel or the network
-/// namespace has no IPv6 (`ipv6.disable=1`, or IPv6 turned off).
-fn host_lacks_ipv6(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
-    )
 }
 
 /// A running sidecar, with handles on its parts for the binary and tests.

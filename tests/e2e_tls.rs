@@ -712,3 +712,192 @@ fn certificate_rotation_during_traffic() {
     sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
 }
+
+/// A dual-stack cluster whose sidecars require mutual TLS, and nodes of
+/// `-proto_dist inet6_tcp` started with the helper module. Their
+/// connections to another pod go through the local sidecar's egress port on
+/// `::1` and the TLS tunnel (a plaintext connection from another pod would
+/// be refused): ping, rpc and a 4 MiB blob cross in both directions, and a
+/// node of the same pod is reached on its own `::1` port. The metrics prove
+/// the path: egress requests answered, connections out of pod A's sidecar
+/// for the initiating node, routed by preamble at pod B, every relay
+/// buffered (TLS; a plaintext pair of sockets would be spliced), no EPMD
+/// lookup, nothing refused, no TLS failure.
+#[test]
+fn inet6_nodes_use_the_tls_tunnel_between_dual_stack_pods() {
+    if !e2e_enabled(
+        "inet6_nodes_use_the_tls_tunnel_between_dual_stack_pods",
+        &["ss"],
+    ) {
+        return;
+    }
+    let lab = Lab::new_dual_stack(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let ca = Ca::new("dp-e2e-ca");
+    let leaf = |pod: &Pod, serial| {
+        ca.leaf(
+            &[
+                pod.host(),
+                &pod.addr().to_string(),
+                &pod.addr6().to_string(),
+            ],
+            serial,
+        )
+    };
+    let (mut sidecar_a, _sa) =
+        spawn_tls_sidecar(&lab, a, &leaf(a, 0xa6), &ca.pem, TlsPod::default());
+    let (mut sidecar_b, _sb) =
+        spawn_tls_sidecar(&lab, b, &leaf(b, 0xb6), &ca.pem, TlsPod::default());
+
+    // `-proto_dist inet6_tcp`, listening on ::1, plus the module.
+    let mut six = ErlangOptions::inet6();
+    six.extra_args.extend(with_module(&ebin).extra_args);
+    let mut a6 = a.spawn_erlang_with("a6", &six);
+    let mut a7 = a.spawn_erlang_with("a7", &six);
+    let mut b6 = b.spawn_erlang_with("b6", &six);
+    for node in [&mut a6, &mut a7, &mut b6] {
+        node.wait_ready();
+    }
+    let (a6_name, a7_name, b6_name) = (a.node_name("a6"), a.node_name("a7"), b.node_name("b6"));
+    for node in [&mut a6, &mut a7, &mut b6] {
+        let me = node.name().to_string();
+        assert_eq!(
+            node.rpc(&me, "net_kernel", "epmd_module", "[]"),
+            "distproxy_epmd",
+            "{me} runs with the helper module"
+        );
+        assert_eq!(
+            node.rpc(&me, "init", "get_argument", "[proto_dist]"),
+            "{ok,[[\"inet6_tcp\"]]}",
+            "{me} runs inet6_tcp"
+        );
+        assert!(node.nodes().is_empty(), "{me} already connected");
+    }
+
+    // a6 -> b6 through pod A's egress port and the TLS tunnel.
+    assert_eq!(a6.ping(&b6_name), "pong", "a6 -> b6 across pods");
+    assert_eq!(a6.rpc_node(&b6_name), b6_name, "rpc a6 -> b6");
+    let marker_arg = format!("[\"{MARKER}\"]");
+    assert_eq!(
+        a6.rpc(&b6_name, "erlang", "list_to_binary", &marker_arg),
+        format!("<<\"{MARKER}\">>"),
+        "rpc a6 -> b6 with a payload"
+    );
+    let blob = a6.send_blob(&b6_name, 4 * 1024 * 1024);
+    assert_eq!(
+        (blob.remote_size, &blob.remote_md5),
+        (blob.size, &blob.local_md5),
+        "a6 -> b6 blob"
+    );
+
+    // The module answers ::1 for inet6, and a6's connection is on pod A's
+    // egress port there: [::1]:* -> [::1]:<egress port>.
+    let answer = a6.rpc(
+        &a6_name,
+        "distproxy_epmd",
+        "address_please",
+        &format!("[\"b6\", \"{}\", inet6]", b.host()),
+    );
+    let port: u16 = answer
+        .strip_prefix("{ok,{0,0,0,0,0,0,0,1},")
+        .and_then(|rest| rest.strip_suffix(",6}"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("address_please of b6 for inet6: {answer}"));
+    let listening: Vec<String> = a
+        .listening_tcp()
+        .iter()
+        .map(|l| l.addr.to_string())
+        .collect();
+    for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+        assert!(
+            listening.contains(&addr),
+            "pod A's egress port for b6 listens on {addr}: {listening:?}"
+        );
+    }
+    let filter = format!("( sport = :{port} )");
+    let sockets = a.run_ok("ss", &["-Htn", "state", "established", &filter]);
+    assert!(
+        sockets
+            .lines()
+            .any(|l| l.contains(&format!("[::1]:{port}")) && l.matches("[::1]:").count() == 2),
+        "pod A: no connection [::1]:* -> [::1]:{port} (the egress port over IPv6):\n{sockets}"
+    );
+
+    // b6 -> a7: the other direction, through pod B's egress port.
+    assert_eq!(b6.rpc_node(&a7_name), a7_name, "rpc b6 -> a7 across pods");
+    // a6 -> a7, both of pod A: the sidecar answers a7's own port, on ::1.
+    assert_eq!(a6.rpc_node(&a7_name), a7_name, "rpc a6 -> a7 in pod A");
+
+    let (ma, mb) = (metrics(a), metrics(b));
+    for (pod, text) in [("a", &ma), ("b", &mb)] {
+        let egress_ok = metric_sum(
+            text,
+            "distproxy_epmd_requests_total",
+            &[("type", "egress"), ("result", "ok")],
+        );
+        assert!(
+            egress_ok >= 1.0,
+            "pod {pod}: egress requests answered\n{text}"
+        );
+        let lookups = metric_sum(
+            text,
+            "distproxy_epmd_requests_total",
+            &[("type", "port_please2")],
+        );
+        assert_eq!(
+            lookups, 0.0,
+            "pod {pod}: no EPMD lookup with the module\n{text}"
+        );
+        assert_eq!(
+            metric_sum(text, "distproxy_tls_handshake_failures_total", &[]),
+            0.0,
+            "pod {pod}: TLS handshake failures\n{text}"
+        );
+        assert_eq!(
+            metric_sum(
+                text,
+                "distproxy_connections_closed_total",
+                &[("reason", "refused_by_policy")]
+            ),
+            0.0,
+            "pod {pod}: refused connections\n{text}"
+        );
+        for method in ["correlated", "single_node", "unroutable"] {
+            let n = metric_sum(text, "distproxy_routes_total", &[("method", method)]);
+            assert_eq!(n, 0.0, "pod {pod}: routes by {method}\n{text}");
+        }
+        assert!(
+            metric_sum(text, "distproxy_routes_total", &[("method", "preamble")]) >= 1.0,
+            "pod {pod}: a connection came in by the tunnel\n{text}"
+        );
+        // Every relay had a TLS side: buffered, never spliced.
+        assert!(
+            metric_sum(
+                text,
+                "distproxy_relay_connections_total",
+                &[("path", "buffered")]
+            ) >= 2.0,
+            "pod {pod}: TLS relays\n{text}"
+        );
+        for path in ["splice", "sockmap"] {
+            let n = metric_sum(text, "distproxy_relay_connections_total", &[("path", path)]);
+            assert_eq!(n, 0.0, "pod {pod}: plaintext relays ({path})\n{text}");
+        }
+    }
+    // Out of pod A's sidecar for a6 (a6 -> b6), out of pod B's for b6
+    // (b6 -> a7).
+    for (pod, text, short) in [("a", &ma, "a6"), ("b", &mb, "b6")] {
+        let outbound = metric_sum(
+            text,
+            "distproxy_dist_connections_total",
+            &[("node", short), ("direction", "outbound")],
+        );
+        assert!(
+            outbound >= 1.0,
+            "pod {pod}: tunnel connections out for {short}\n{text}"
+        );
+    }
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
+}

@@ -77,6 +77,36 @@ async fn egress_reaches_the_named_node_exactly_without_any_lookup() {
     );
 }
 
+/// An egress port listens on IPv6 loopback too, with the same number, for
+/// nodes of `-proto_dist inet6_tcp` (whose `distproxy_epmd` answers `::1`):
+/// a connection to `[::1]:port` reaches the named node exactly as one to
+/// `127.0.0.1:port` does. (On a host without IPv6 loopback the port is
+/// IPv4 only, which this test then checks instead.)
+#[tokio::test]
+async fn an_egress_port_listens_on_both_loopbacks_with_one_number() {
+    let has_ipv6_loopback = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let p = pair(&["b", "c"], |_| {}).await;
+    let local_epmd = epmd_addr(&p.local);
+    for target in ["b", "c", "b"] {
+        let port = egress_port(local_epmd, &format!("{target}@127.0.0.1")).await;
+        let (_s, answered) = dial_as(loopback(port), "a1@pod-a").await;
+        assert_eq!(answered, format!("{target}@fake.host"), "over 127.0.0.1");
+        let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+        if has_ipv6_loopback {
+            let (mut s, answered) = dial_as(v6, "a6@pod-a").await;
+            assert_eq!(answered, format!("{target}@fake.host"), "over ::1");
+            s.write_all(b"after-handshake").await.unwrap();
+            let mut back = [0u8; 15];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"after-handshake");
+        } else {
+            eprintln!("no IPv6 loopback on this host: checking the port is IPv4 only");
+            assert!(TcpStream::connect(v6).await.is_err());
+        }
+    }
+    assert_eq!(p.local.egress.len(), 2, "one egress port per remote node");
+}
+
 #[tokio::test]
 async fn one_egress_port_per_remote_node_reused_and_used_concurrently() {
     let p = pair(&["b", "c"], |_| {}).await;

@@ -4,11 +4,18 @@
 %% Everything is delegated to OTP's `erl_epmd' (registration with the
 %% sidecar, which is the pod's EPMD; lookups; names) except
 %% `address_please/3', which asks the local sidecar for an egress port
-%% dedicated to the remote node and answers `{ok, {127,0,0,1}, Port, 6}':
-%% the connection then goes to the sidecar on loopback, which carries it to
-%% the remote pod's sidecar and names the target node there, so it is routed
-%% exactly (and, when configured, over mutual TLS). The node itself keeps
-%% plain `inet_tcp_dist' and needs no certificate.
+%% dedicated to the remote node and answers `{ok, {127,0,0,1}, Port, 6}'
+%% (`{ok, {0,0,0,0,0,0,0,1}, Port, 6}' for a node of `-proto_dist
+%% inet6_tcp'): the connection then goes to the sidecar on loopback, which
+%% carries it to the remote pod's sidecar and names the target node there,
+%% so it is routed exactly (and, when configured, over mutual TLS). The node
+%% itself keeps plain `inet_tcp_dist' (or `inet6_tcp_dist') and needs no
+%% certificate.
+%%
+%% The sidecar listens on both loopbacks with the same egress port. An
+%% `inet6' node asks it over `::1' (where `erl_epmd' registers such a node),
+%% an `inet' node over 127.0.0.1; so an `inet6' node whose sidecar is not
+%% reachable over IPv6 falls back like any failed request.
 %%
 %% If the sidecar cannot answer (it is not running, it is a stock `epmd',
 %% which closes the connection on the unknown request, egress is switched
@@ -63,7 +70,7 @@
          names/0, names/1]).
 
 %% For tests and diagnostics: the raw answer of the sidecar.
--export([egress_port/2]).
+-export([egress_port/2, egress_port/3]).
 
 %% Discovery.
 -export([members/0, members/2]).
@@ -140,27 +147,31 @@ names() ->
 names(Host) ->
     erl_epmd:names(Host).
 
-%% @doc Where to connect for node `Name@Host'. The egress listener is on
-%% 127.0.0.1, so only IPv4 distribution (`inet_tcp_dist', the default) is
-%% tunnelled; `inet6' falls back.
-address_please(Name, Host, inet = Family) ->
-    case cached_egress_port(Name, Host) of
+%% @doc Where to connect for node `Name@Host'. The egress port listens on
+%% 127.0.0.1 and on ::1, so both IPv4 (`inet_tcp_dist', the default) and
+%% IPv6 (`inet6_tcp_dist') distribution are tunnelled, each over its own
+%% family's loopback; any other family falls back.
+address_please(Name, Host, Family) when Family =:= inet; Family =:= inet6 ->
+    case cached_egress_port(Name, Host, Family) of
         {ok, Port, Version} ->
-            {ok, {127, 0, 0, 1}, Port, Version};
+            {ok, loopback(Family), Port, Version};
         {error, _Reason} ->
             erl_epmd:address_please(Name, Host, Family)
     end;
 address_please(Name, Host, Family) ->
     erl_epmd:address_please(Name, Host, Family).
 
-cached_egress_port(Name, Host) ->
+loopback(inet) -> {127, 0, 0, 1};
+loopback(inet6) -> {0, 0, 0, 0, 0, 0, 0, 1}.
+
+cached_egress_port(Name, Host, Family) ->
     Now = erlang:monotonic_time(millisecond),
-    Key = try {to_string(Name), host_string(Host)} catch _:_ -> undefined end,
+    Key = try {to_string(Name), host_string(Host), Family} catch _:_ -> undefined end,
     case cache_lookup(Key, Now) of
         {ok, _, _} = Hit ->
             Hit;
         miss ->
-            case egress_port(Name, Host) of
+            case egress_port(Name, Host, Family) of
                 {ok, Port, Version} = Answer ->
                     cache_store(Key, Port, Version, Now + ?CACHE_TTL_MS),
                     Answer;
@@ -188,25 +199,37 @@ cache_store(Key, Port, Version, Until) ->
         error:badarg -> ok
     end.
 
-%% @doc Asks the local sidecar for the egress port of `Name@Host'.
+%% @doc Asks the local sidecar (over 127.0.0.1) for the egress port of
+%% `Name@Host'.
 -spec egress_port(Name, Host) -> {ok, Port, Version} | {error, term()} when
       Name :: atom() | string(),
       Host :: atom() | string() | inet:ip_address(),
       Port :: 1..65535,
       Version :: non_neg_integer().
 egress_port(Name, Host) ->
+    egress_port(Name, Host, inet).
+
+%% @doc Asks the local sidecar for the egress port of `Name@Host', over the
+%% loopback of `Family' (127.0.0.1 or ::1).
+-spec egress_port(Name, Host, Family) -> {ok, Port, Version} | {error, term()} when
+      Name :: atom() | string(),
+      Host :: atom() | string() | inet:ip_address(),
+      Family :: inet | inet6,
+      Port :: 1..65535,
+      Version :: non_neg_integer().
+egress_port(Name, Host, Family) ->
     try
         Node = unicode:characters_to_binary([to_string(Name), $@, host_string(Host)]),
         true = is_binary(Node),
-        request(Node)
+        request(Node, Family)
     catch
         Class:Reason ->
             {error, {Class, Reason}}
     end.
 
-request(Node) when byte_size(Node) > 0, byte_size(Node) < 65535 ->
-    Opts = [binary, {packet, 0}, {active, false}, {nodelay, true}],
-    case gen_tcp:connect({127, 0, 0, 1}, epmd_port(), Opts, ?CONNECT_TIMEOUT) of
+request(Node, Family) when byte_size(Node) > 0, byte_size(Node) < 65535 ->
+    Opts = [Family, binary, {packet, 0}, {active, false}, {nodelay, true}],
+    case gen_tcp:connect(loopback(Family), epmd_port(), Opts, ?CONNECT_TIMEOUT) of
         {ok, Socket} ->
             try
                 Len = byte_size(Node) + 1,

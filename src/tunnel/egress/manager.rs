@@ -2,7 +2,7 @@
 //! request, reused, limited, closed when idle (see the parent module).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::config::TunnelConfig;
 use crate::distribution::forward::Forwarder;
@@ -210,8 +210,7 @@ impl EgressManager {
         }
         // Bound synchronously, under the lock, so two requests for the same
         // node can never open two listeners.
-        let listener = crate::net::bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .map_err(EgressError::Bind)?;
+        let (listener, listener6) = bind_loopback_pair(remote)?;
         let port = listener.local_addr().map_err(EgressError::Bind)?.port();
         let egress = Arc::new(Egress {
             port,
@@ -224,39 +223,62 @@ impl EgressManager {
         drop(listeners);
         info!(remote = %remote, port, "egress listener opened");
         if let Some(me) = self.me.upgrade() {
-            self.tracker.spawn(serve_egress(listener, egress, me));
+            self.tracker
+                .spawn(serve_egress(listener, listener6, egress, me));
         }
         Ok(port)
     }
 }
 
+/// How many times a fresh IPv4 port is tried when its IPv6 twin is taken.
+const BIND_PAIR_ATTEMPTS: usize = 8;
+
+/// The listeners of one egress port: `127.0.0.1:P`, as ever, and `[::1]:P`
+/// with the same port, for nodes of `-proto_dist inet6_tcp` (whose
+/// `distproxy_epmd` answers `::1`). The IPv4 port is the kernel's choice;
+/// when `[::1]` has that port taken, another is chosen. Without IPv6
+/// loopback (no IPv6 on the host), or when every attempt finds the IPv6
+/// twin taken, the port is IPv4 only, as before.
+fn bind_loopback_pair(remote: &str) -> Result<(TcpListener, Option<TcpListener>), EgressError> {
+    let mut last_taken = None;
+    for _ in 0..BIND_PAIR_ATTEMPTS {
+        let v4 = crate::net::bind_tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .map_err(EgressError::Bind)?;
+        let port = v4.local_addr().map_err(EgressError::Bind)?.port();
+        match crate::net::bind_tcp(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+            Ok(v6) => return Ok((v4, Some(v6))),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last_taken = Some(e),
+            Err(e) if crate::net::host_lacks_ipv6(&e) => {
+                debug!(%remote, port, error = %e, "no IPv6 loopback; egress listener on 127.0.0.1 only");
+                return Ok((v4, None));
+            }
+            Err(e) => {
+                warn!(%remote, port, error = %e, "cannot listen on [::1]; egress listener on 127.0.0.1 only (inet6_tcp nodes cannot use it)");
+                return Ok((v4, None));
+            }
+        }
+    }
+    let v4 = crate::net::bind_tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .map_err(EgressError::Bind)?;
+    if let Some(e) = last_taken {
+        warn!(%remote, error = %e, attempts = BIND_PAIR_ATTEMPTS, "no egress port free on both loopbacks; on 127.0.0.1 only (inet6_tcp nodes cannot use it)");
+    }
+    Ok((v4, None))
+}
+
 /// Accepts local connections for one remote node until idle or shutdown.
-async fn serve_egress(listener: TcpListener, egress: Arc<Egress>, manager: Arc<EgressManager>) {
+async fn serve_egress(
+    listener: TcpListener,
+    listener6: Option<TcpListener>,
+    egress: Arc<Egress>,
+    manager: Arc<EgressManager>,
+) {
     let remote = egress.remote.full.clone();
-    let accepting = {
-        let (egress, manager2) = (Arc::clone(&egress), Arc::clone(&manager));
-        accept_loop(
-            "egress",
-            listener,
-            Stop {
-                accepting: manager.shutdown.clone(),
-                connections: manager.forward.hard_stop.clone(),
-            },
-            manager.tracker.clone(),
-            TotalOnly(manager.limit.clone()),
-            move |stream, peer, permit| {
-                egress.touch();
-                egress.open.fetch_add(1, Ordering::AcqRel);
-                let guard = OpenGuard(Arc::clone(&egress));
-                let manager = Arc::clone(&manager2);
-                let remote = egress.remote.clone();
-                async move {
-                    manager.outbound(stream, peer, &remote, permit).await;
-                    drop(guard);
-                }
-            },
-        )
-    };
+    let accepting = futures_util::future::join(accept_egress(listener, &egress, &manager), async {
+        if let Some(listener6) = listener6 {
+            accept_egress(listener6, &egress, &manager).await;
+        }
+    });
     // The listener closes when either ends: shutdown, or the idle period.
     tokio::select! {
         _ = accepting => {}
@@ -271,6 +293,34 @@ async fn serve_egress(listener: TcpListener, egress: Arc<Egress>, manager: Arc<E
         listeners.remove(&remote);
     }
     manager.gauge(listeners.len());
+}
+
+/// Accepts on one of the (one or two) listeners of an egress port until
+/// shutdown.
+async fn accept_egress(listener: TcpListener, egress: &Arc<Egress>, manager: &Arc<EgressManager>) {
+    let (egress, manager2) = (Arc::clone(egress), Arc::clone(manager));
+    accept_loop(
+        "egress",
+        listener,
+        Stop {
+            accepting: manager.shutdown.clone(),
+            connections: manager.forward.hard_stop.clone(),
+        },
+        manager.tracker.clone(),
+        TotalOnly(manager.limit.clone()),
+        move |stream, peer, permit| {
+            egress.touch();
+            egress.open.fetch_add(1, Ordering::AcqRel);
+            let guard = OpenGuard(Arc::clone(&egress));
+            let manager = Arc::clone(&manager2);
+            let remote = egress.remote.clone();
+            async move {
+                manager.outbound(stream, peer, &remote, permit).await;
+                drop(guard);
+            }
+        },
+    )
+    .await
 }
 
 /// Resolves once the listener has had no open connection and no request
