@@ -361,6 +361,14 @@ async fn sigterm_with_stalled_epmd_peers_exits_when_the_grace_period_ends() {
         }
         held.push(s);
     }
+    // One more connection, answered: the accept loop takes connections in
+    // order, so every held one has been accepted before the signal (else
+    // the signal could stop the loop with some still in the backlog).
+    let mut probe = tokio::net::TcpStream::connect(epmd).await.unwrap();
+    probe.write_all(&[0, 1, 110]).await.unwrap();
+    let mut reply = Vec::new();
+    probe.read_to_end(&mut reply).await.unwrap();
+    assert!(reply.len() >= 4, "NAMES answered: {reply:?}");
     let started = Instant::now();
     p.signal("TERM");
     // Not before the grace period (10 s): the idle connections hold it open.
