@@ -55,9 +55,16 @@
 //! including on panic; nodes also halt when their stdin closes, so they go
 //! away with this process however it ends.
 //!
+//! **Baseline.** `--baseline BIN` (or `TUNNEL_BENCH_BASELINE=BIN`) adds two
+//! rows to part 1: the plain and the TLS pair again, through sidecars of
+//! another distproxy build started beside the others, interleaved with them
+//! run by run, so a change is measured against the build before it in one
+//! run. A section that build refuses is left out, and the run says so.
+//!
 //! Usage:
 //!   cargo bench --bench tunnel               full run (about a minute on 2 CPUs)
 //!   cargo bench --bench tunnel -- --quick    shorter (or TUNNEL_BENCH_QUICK=1)
+//!   cargo bench --bench tunnel -- --baseline /tmp/distproxy-before
 //! Without `--bench` (as `cargo test --benches` runs it) it does a smoke run
 //! of part 1 with tiny sizes, well under a second, and skips part 2.
 //! TUNNEL_BENCH_ONLY=raw or =beam runs one part; TUNNEL_BENCH_PROXY_BIN=<path>
@@ -151,34 +158,69 @@ struct Sidecars {
     bt: Sidecar,
     /// Pod A with TLS: egress to BT.
     at: Sidecar,
+    /// The two pairs of the baseline build (`--baseline BIN`).
+    baseline: Option<Pairs>,
 }
 
-fn start_sidecars(pki: &Pki) -> Sidecars {
+/// A plain pair (A → B) and a TLS pair (AT → BT) of one build.
+struct Pairs {
+    b: Sidecar,
+    a: Sidecar,
+    bt: Sidecar,
+    at: Sidecar,
+}
+
+impl Pairs {
+    /// Starts the pairs from `bin`; `adapt` turns each configuration into
+    /// one the binary accepts.
+    fn start(bin: &str, pki: &Pki, adapt: &dyn Fn(&str) -> String) -> Pairs {
+        let b = start_sidecar(
+            bin,
+            "B",
+            "error",
+            &adapt("[routing]\nloopback_lookups = \"proxy\"\n"),
+        );
+        let a = start_sidecar(
+            bin,
+            "A",
+            "error",
+            &adapt(&format!("[tunnel]\nremote_port = {}\n", b.dist.port())),
+        );
+        let bt = start_sidecar(bin, "BT", "error", &adapt(&tls_section(pki, &pki.b)));
+        let at = start_sidecar(
+            bin,
+            "AT",
+            "error",
+            &adapt(&format!(
+                "[tunnel]\nremote_port = {}\n\n{}",
+                bt.dist.port(),
+                tls_section(pki, &pki.a)
+            )),
+        );
+        Pairs { b, a, bt, at }
+    }
+}
+
+fn start_sidecars(pki: &Pki, baseline: Option<&str>) -> Sidecars {
     let bin = distproxy_testkit::distproxy_bin!("TUNNEL_BENCH_PROXY_BIN");
-    let b = start_sidecar(
-        &bin,
-        "B",
-        "error",
-        "[routing]\nloopback_lookups = \"proxy\"\n",
-    );
-    let a = start_sidecar(
-        &bin,
-        "A",
-        "error",
-        &format!("[tunnel]\nremote_port = {}\n", b.dist.port()),
-    );
-    let bt = start_sidecar(&bin, "BT", "error", &tls_section(pki, &pki.b));
-    let at = start_sidecar(
-        &bin,
-        "AT",
-        "error",
-        &format!(
-            "[tunnel]\nremote_port = {}\n\n{}",
-            bt.dist.port(),
-            tls_section(pki, &pki.a)
-        ),
-    );
-    Sidecars { b, a, bt, at }
+    let Pairs { b, a, bt, at } = Pairs::start(&bin, pki, &|extra| extra.to_string());
+    let baseline = baseline.map(|base| {
+        let adapt = |extra: &str| {
+            let (config, dropped) = config_accepted_by(base, extra, &["limits"]);
+            if !dropped.is_empty() {
+                println!("baseline {base}: started without {}", dropped.join(", "));
+            }
+            config
+        };
+        Pairs::start(base, pki, &adapt)
+    });
+    Sidecars {
+        b,
+        a,
+        bt,
+        at,
+        baseline,
+    }
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
@@ -194,9 +236,10 @@ enum Route {
     Hop,
     PlainPair,
     TlsPair,
+    /// The pairs of the baseline build.
+    BasePlainPair,
+    BaseTlsPair,
 }
-
-const ROUTES: [Route; 4] = [Route::Direct, Route::Hop, Route::PlainPair, Route::TlsPair];
 
 impl Route {
     fn label(self) -> &'static str {
@@ -205,8 +248,19 @@ impl Route {
             Route::Hop => "one hop (router, splice)",
             Route::PlainPair => "plain sidecar pair",
             Route::TlsPair => "TLS sidecar pair",
+            Route::BasePlainPair => "plain pair, baseline",
+            Route::BaseTlsPair => "TLS pair, baseline",
         }
     }
+}
+
+/// The routes of this run, in row order.
+fn routes(sc: &Sidecars) -> Vec<Route> {
+    let mut all = vec![Route::Direct, Route::Hop, Route::PlainPair, Route::TlsPair];
+    if sc.baseline.is_some() {
+        all.extend([Route::BasePlainPair, Route::BaseTlsPair]);
+    }
+    all
 }
 
 struct Raw<'a> {
@@ -228,8 +282,10 @@ impl<'a> Raw<'a> {
             name: NODE.to_string(),
             extra: Bytes::new(),
         };
+        let base = sc.baseline.iter().flat_map(|p| [&p.b, &p.bt]);
         let registrations = [&sc.b, &sc.bt]
             .into_iter()
+            .chain(base)
             .map(|s| {
                 let (conn, reply) = block_on(client::register(s.epmd, spec.clone()))
                     .unwrap_or_else(|e| panic!("register the fake node with {}: {e}", s.label));
@@ -251,7 +307,13 @@ impl<'a> Raw<'a> {
             Route::Hop => vec![self.sc.b.pid()],
             Route::PlainPair => vec![self.sc.a.pid(), self.sc.b.pid()],
             Route::TlsPair => vec![self.sc.at.pid(), self.sc.bt.pid()],
+            Route::BasePlainPair => vec![self.base().a.pid(), self.base().b.pid()],
+            Route::BaseTlsPair => vec![self.base().at.pid(), self.base().bt.pid()],
         }
+    }
+
+    fn base(&self) -> &Pairs {
+        self.sc.baseline.as_ref().expect("a baseline build")
     }
 
     /// A connection to the node with the handshake's first frames done.
@@ -269,6 +331,8 @@ impl<'a> Raw<'a> {
             }
             Route::PlainPair => egress_port(self.sc.a.epmd, NODE_FULL),
             Route::TlsPair => egress_port(self.sc.at.epmd, NODE_FULL),
+            Route::BasePlainPair => egress_port(self.base().a.epmd, NODE_FULL),
+            Route::BaseTlsPair => egress_port(self.base().at.epmd, NODE_FULL),
         };
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         complete_handshake(&mut s, mode, &format!("{route:?}"));
@@ -302,9 +366,10 @@ struct RawRow {
 
 fn run_raw(sc: &Sidecars, plan: &Plan) -> Vec<(Route, RawRow)> {
     let raw = Raw::new(sc);
-    let mut rows: Vec<(Route, RawRow)> = ROUTES.iter().map(|&p| (p, RawRow::default())).collect();
+    let routes = routes(sc);
+    let mut rows: Vec<(Route, RawRow)> = routes.iter().map(|&p| (p, RawRow::default())).collect();
     // Warm-up: one connection per route (egress listeners, TLS setup, pipes).
-    for &p in &ROUTES {
+    for &p in &routes {
         raw.bulk(p, 1 << 20);
     }
     for _ in 0..plan.bulk_runs {
@@ -838,7 +903,11 @@ fn main() {
         distproxy_testkit::distproxy_bin!("TUNNEL_BENCH_PROXY_BIN")
     );
     let pki = make_pki();
-    let sc = start_sidecars(&pki);
+    let baseline = baseline_arg(&args, "TUNNEL_BENCH_BASELINE");
+    if let Some(b) = &baseline {
+        println!("baseline build: {b}");
+    }
+    let sc = start_sidecars(&pki, baseline.as_deref());
     let mut targets = Vec::new();
 
     if wanted("raw") {
