@@ -418,8 +418,8 @@ fn open_node_routes(
         Some(NodeRoutesCgroup::Path(p)) => Ok(p),
         Some(NodeRoutesCgroup::Own) => crate::distribution::relay::node_routes::own_cgroup(),
     };
-    let mut ports: Vec<u16> = dist_addrs.iter().map(|a| a.port()).collect();
-    ports.dedup();
+    // The same port on both families is one entry of the map.
+    let ports: Vec<u16> = dist_addrs.iter().map(|a| a.port()).collect();
     match cgroup.and_then(|c| fp.enable_node_routes(&c, &ports).map(|()| c)) {
         Ok(cgroup) => {
             tracing::info!(cgroup = %cgroup.display(),

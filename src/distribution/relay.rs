@@ -603,30 +603,7 @@ mod tests {
         assert!(sockmap::HANDED_OVER.load(std::sync::atomic::Ordering::Relaxed) > routed_before);
         let received_at_handover = bpf::tcp_counts(s1_fd.as_fd()).unwrap().received;
 
-        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let down: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
-        let (up2, down2) = (up.clone(), down.clone());
-        let a_task = tokio::spawn(async move {
-            let (mut r, mut w) = a.split();
-            let write = async {
-                w.write_all(&up2).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut back = Vec::new();
-            let (_, n) = tokio::join!(write, r.read_to_end(&mut back));
-            n.unwrap();
-            back
-        });
-        let (mut br, mut bw) = b.split();
-        let mut got = Vec::new();
-        let (_, n) = tokio::join!(bw.write_all(&down2), br.read_to_end(&mut got));
-        n.unwrap();
-        assert!(got == up, "a to b: {} bytes of {}", got.len(), up.len());
-        bw.write_all(b"after half-close").await.unwrap();
-        bw.shutdown().await.unwrap();
-        let back = a_task.await.unwrap();
-        assert_eq!(back.len(), down.len() + 16);
-        assert!(back[..down.len()] == down[..], "b to a");
+        let (up, down) = exchange_with_half_close(a, b).await;
         // a's bytes never reached the sidecar's socket: only its FIN did.
         let received = bpf::tcp_counts(s1_fd.as_fd()).unwrap().received;
         assert!(
@@ -639,15 +616,55 @@ mod tests {
             .expect("relay ends")
             .unwrap();
         assert!(matches!(end, RelayEnd::Closed(_)), "{end:?}");
-        let (rx, tx) = (up.len() as u64 + 5, down.len() as u64 + 16);
+        let (rx, tx) = (up + 5, down);
         assert_eq!(end.stats(), RelayStats { rx, tx });
         assert_eq!(rx_n.load(std::sync::atomic::Ordering::Relaxed), rx);
         assert_eq!(tx_n.load(std::sync::atomic::Ordering::Relaxed), tx);
     }
 
+    /// What the half-close tests send: 3 MB from the client while 1 MB
+    /// comes back, the client half-closes, then the server's reply after
+    /// it. Checks every byte each way; returns the bytes (to the server,
+    /// to the client).
+    async fn exchange_with_half_close(mut client: TcpStream, mut server: TcpStream) -> (u64, u64) {
+        const AFTER: &[u8] = b"reply after half-close";
+        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let client_task = tokio::spawn(async move {
+            let (mut r, mut w) = client.split();
+            let write = async {
+                w.write_all(&up2).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut back = Vec::new();
+            let (_, n) = tokio::join!(write, r.read_to_end(&mut back));
+            n.unwrap();
+            back
+        });
+        let (mut sr, mut sw) = server.split();
+        let mut got = Vec::new();
+        let (_, n) = tokio::join!(sw.write_all(&down2), sr.read_to_end(&mut got));
+        n.unwrap();
+        assert!(
+            got == up,
+            "client to server: {} bytes of {}",
+            got.len(),
+            up.len()
+        );
+        // The server may still write after the client's half-close.
+        sw.write_all(AFTER).await.unwrap();
+        sw.shutdown().await.unwrap();
+        let back = client_task.await.unwrap();
+        assert_eq!(back.len(), down.len() + AFTER.len());
+        assert!(back[..down.len()] == down[..], "server to client");
+        assert_eq!(&back[down.len()..], AFTER);
+        (up.len() as u64, (down.len() + AFTER.len()) as u64)
+    }
+
     async fn both_ways_with_half_close(fast: Option<std::sync::Arc<FastPath>>) {
-        let (mut client, peer_side) = tcp_pair().await;
-        let (node_side, mut server) = tcp_pair().await;
+        let (client, peer_side) = tcp_pair().await;
+        let (node_side, server) = tcp_pair().await;
         let (rx_c, rx_n) = counter();
         let (tx_c, tx_n) = counter();
         #[cfg(target_os = "linux")]
@@ -667,45 +684,10 @@ mod tests {
             .await
         });
 
-        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let down: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
-        let (up2, down2) = (up.clone(), down.clone());
-        let client_task = tokio::spawn(async move {
-            let (mut r, mut w) = client.split();
-            let write = async {
-                w.write_all(&up2).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut back = Vec::new();
-            let read = r.read_to_end(&mut back);
-            let (_, n) = tokio::join!(write, read);
-            n.unwrap();
-            back
-        });
-        let (mut sr, mut sw) = server.split();
-        let mut got = Vec::new();
-        let send_down = async {
-            sw.write_all(&down2).await.unwrap();
-        };
-        let (_, n) = tokio::join!(send_down, sr.read_to_end(&mut got));
-        n.unwrap();
-        assert!(
-            got == up,
-            "peer to node: {} bytes of {}",
-            got.len(),
-            up.len()
-        );
-        // The node may still write after the peer's half-close.
-        sw.write_all(b"reply after half-close").await.unwrap();
-        sw.shutdown().await.unwrap();
-        let back = client_task.await.unwrap();
-        assert_eq!(back.len(), down.len() + 22);
-        assert!(back[..down.len()] == down[..], "node to peer");
-        assert_eq!(&back[down.len()..], b"reply after half-close");
+        let (rx, tx) = exchange_with_half_close(client, server).await;
 
         let end = h.await.unwrap();
         assert!(matches!(end, RelayEnd::Closed(_)), "{end:?}");
-        let (rx, tx) = (up.len() as u64, down.len() as u64 + 22);
         assert_eq!(end.stats(), RelayStats { rx, tx });
         assert_eq!(rx_n.load(std::sync::atomic::Ordering::Relaxed), rx);
         assert_eq!(tx_n.load(std::sync::atomic::Ordering::Relaxed), tx);

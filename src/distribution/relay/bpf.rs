@@ -195,10 +195,6 @@ pub(super) fn verdict_program(map_fd: i32) -> Vec<Insn> {
 pub(super) struct NodeKey([u32; 4]);
 
 impl NodeKey {
-    pub fn as_bytes(&self) -> [u8; 16] {
-        self.bytes()
-    }
-
     /// The key of the socket whose local end is `local` and remote end
     /// `remote`; None for IPv6 (the node sockets are IPv4 only).
     pub fn new(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<NodeKey> {
@@ -213,7 +209,7 @@ impl NodeKey {
         }
     }
 
-    fn bytes(&self) -> [u8; 16] {
+    pub fn bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
         for (i, v) in self.0.iter().enumerate() {
             b[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
@@ -357,6 +353,11 @@ pub(super) fn msg_program(routes: i32, sockets: i32) -> Vec<Insn> {
         insn(MOV64_IMM, 0, 0, 0, SK_PASS),
         insn(EXIT, 0, 0, 0, 0),
     ]
+}
+
+/// `e` with what failed in front, for the start-up log.
+pub(super) fn annotate(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {

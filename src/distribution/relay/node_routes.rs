@@ -39,7 +39,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use super::bpf::{self, NodeKey};
+use super::bpf::{self, annotate, NodeKey};
 
 /// The maps and programs of node routes; the `sock_ops` program stays
 /// attached for as long as this lives.
@@ -141,7 +141,7 @@ impl NodeRoutes {
     /// established. The announcement lasts as long as the guard.
     pub fn expect(&self, from: SocketAddr, to: SocketAddr) -> Option<Expected<'_>> {
         let key = NodeKey::new(to, from)?;
-        bpf::hash_set(self.expected.as_fd(), &key.as_bytes(), &[1]).ok()?;
+        bpf::hash_set(self.expected.as_fd(), &key.bytes(), &[1]).ok()?;
         Some(Expected { routes: self, key })
     }
 
@@ -155,13 +155,9 @@ impl NodeRoutes {
             sidecar_end.local_addr().ok()?,
         )?;
         bpf::node_socket(self.nodes.as_fd(), &key).ok()??;
-        bpf::hash_set(self.routes.as_fd(), &key.as_bytes(), &target.to_ne_bytes()).ok()?;
+        bpf::hash_set(self.routes.as_fd(), &key.bytes(), &target.to_ne_bytes()).ok()?;
         Some(Route { routes: self, key })
     }
-}
-
-fn annotate(e: io::Error, what: &str) -> io::Error {
-    io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 /// An announced connection; withdrawn on drop.
@@ -172,7 +168,7 @@ pub struct Expected<'a> {
 
 impl Drop for Expected<'_> {
     fn drop(&mut self) {
-        let _ = bpf::hash_remove(self.routes.expected.as_fd(), &self.key.as_bytes());
+        let _ = bpf::hash_remove(self.routes.expected.as_fd(), &self.key.bytes());
     }
 }
 
@@ -185,7 +181,7 @@ pub struct Route<'a> {
 
 impl Drop for Route<'_> {
     fn drop(&mut self) {
-        let _ = bpf::hash_remove(self.routes.routes.as_fd(), &self.key.as_bytes());
+        let _ = bpf::hash_remove(self.routes.routes.as_fd(), &self.key.bytes());
     }
 }
 

@@ -46,7 +46,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
 
-use super::bpf::{self, Ends};
+use super::bpf::{self, annotate, Ends};
 use super::node_routes::NodeRoutes;
 
 /// How often bytes moved by the kernel are added to the counters.
@@ -140,10 +140,6 @@ fn set_send_buffer(s: &TcpStream, size: usize) {
     if setsockopt(s, sockopt::SndBufForce, &size).is_err() {
         let _ = socket2::SockRef::from(s).set_send_buffer_size(size);
     }
-}
-
-fn annotate(e: io::Error, what: &str) -> io::Error {
-    io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 /// Why a connection was not handed over.
