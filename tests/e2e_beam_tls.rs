@@ -1,0 +1,481 @@
+//! End-to-end tests of BEAM TLS passthrough: real OTP nodes started with
+//! OTP's own TLS distribution (`-proto_dist inet_tls -ssl_dist_optfile F`)
+//! in network-namespace pods behind distproxy. Their connections reach the
+//! sidecar's distribution port as a TLS ClientHello that the sidecar cannot
+//! read past; it routes them by lookup correlation and relays them without
+//! decrypting, while the nodes' own certificates authenticate end to end.
+//!
+//! Certificates are made here with rcgen: one CA, and per pod a certificate
+//! whose SANs are the pod's host name and address (OTP's client sends the
+//! host part of the node name as SNI and checks the server's certificate
+//! against it), used by the pod's nodes as server and client, with
+//! `verify_peer` on both sides. A control test runs the same nodes with
+//! stock `epmd` and no sidecar, so a failure elsewhere is distproxy's, not
+//! the certificates'.
+//!
+//! Nodes in sidecar pods listen on 127.0.0.1 only (see `support::lab`), so
+//! every connection from another pod passes through the sidecar.
+//!
+//! Needs root, iproute2, erlang-nox (with its `ssl` application) and `ss`;
+//! fails saying so otherwise, unless `DISTPROXY_SKIP_E2E=1`.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use distproxy_testkit::certs::{Ca, Leaf, SecretDir};
+use support::beam::ErlangOptions;
+use support::metrics::{metric_sum, metrics};
+use support::sidecar::ADMIN_PORT;
+use support::wait::wait_until;
+use support::{e2e_enabled, BeamNode, Daemon, Lab, Pod, SidecarOptions, DIST_PORT};
+
+/// The counter of BEAM TLS connections on the distribution port.
+const BEAM_TLS: &str = "distproxy_dist_beam_tls_connections_total";
+/// Size of the bulk transfer.
+const BLOB_SIZE: usize = 4 * 1024 * 1024;
+
+// ---------------------------------------------------------------------------
+// Set-up helpers
+
+/// The options that start a node of `pod` with OTP's TLS distribution and
+/// a certificate of `ca` for the pod: SANs its host name and address.
+fn pod_tls(lab: &Lab, ca: &Ca, pod: &Pod) -> ErlangOptions {
+    let addr = pod.addr().to_string();
+    tls_options(
+        lab,
+        ca,
+        &format!("pod-{}", pod.name()),
+        &[pod.host(), &addr],
+    )
+}
+
+/// Writes a certificate of `ca` with `sans`, its key, the CA and an
+/// `ssl_dist_optfile` into the lab directory `beam-tls-<label>`, and returns
+/// the options that start a node of OTP's TLS distribution with them.
+fn tls_options(lab: &Lab, ca: &Ca, label: &str, sans: &[&str]) -> ErlangOptions {
+    let serial = 0x5e00 + lab_serial();
+    let leaf = ca.leaf(sans, serial);
+    // A directory of its own: the lab prints its top-level files on failure.
+    let dir = lab.dir().join(format!("beam-tls-{label}"));
+    std::fs::create_dir_all(&dir).expect("create the BEAM TLS directory");
+    let optfile = write_optfile(&dir, &leaf, &ca.pem);
+    ErlangOptions {
+        extra_args: vec![
+            "-proto_dist".into(),
+            "inet_tls".into(),
+            "-ssl_dist_optfile".into(),
+            optfile,
+        ],
+        ..Default::default()
+    }
+}
+
+/// A new certificate serial number.
+fn lab_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Writes `leaf`, its key and `ca_pem` into `dir`, and an
+/// `ssl_dist_optfile` using them for both sides of a connection: the server
+/// demands and checks the client's certificate, the client checks the
+/// server's (against the host it dials, by default). Returns its path.
+fn write_optfile(dir: &Path, leaf: &Leaf, ca_pem: &str) -> String {
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write a BEAM TLS file");
+        erlang_string(&path.to_string_lossy())
+    };
+    let (cert, key, ca) = (
+        file("cert.pem", &leaf.cert_pem),
+        file("key.pem", &leaf.key_pem),
+        file("ca.pem", ca_pem),
+    );
+    let files = format!("{{certfile,{cert}}},{{keyfile,{key}}},{{cacertfile,{ca}}}");
+    let text = format!(
+        "[{{server,[{files},{{verify,verify_peer}},{{fail_if_no_peer_cert,true}}]}},\n \
+         {{client,[{files},{{verify,verify_peer}}]}}].\n"
+    );
+    let path = dir.join("ssl_dist.conf");
+    std::fs::write(&path, text).expect("write the ssl_dist_optfile");
+    path.to_string_lossy().into_owned()
+}
+
+/// An Erlang string literal.
+fn erlang_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Starts `short` in `pod` with `options` and waits until it is ready;
+/// checks that it really runs OTP's TLS distribution.
+fn start_tls_node(pod: &Pod, short: &str, options: &ErlangOptions) -> BeamNode {
+    let mut node = pod.spawn_erlang_with(short, options);
+    node.wait_ready();
+    let me = node.name().to_string();
+    assert_eq!(
+        node.rpc(&me, "init", "get_argument", "[proto_dist]"),
+        "{ok,[[\"inet_tls\"]]}",
+        "{me} runs inet_tls"
+    );
+    node
+}
+
+/// `distproxy_dist_beam_tls_connections_total{outcome}` of `pod`'s sidecar.
+fn beam_tls_count(pod: &Pod, outcome: &str) -> f64 {
+    metric_sum(&metrics(pod), BEAM_TLS, &[("outcome", outcome)])
+}
+
+/// `open_connections` of `node` (short name) in `pod`'s `/nodes`.
+fn nodes_open_connections(pod: &Pod, short: &str) -> u64 {
+    let body = pod.http_get(ADMIN_PORT, "/nodes");
+    let nodes: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/nodes is not JSON ({e}): {body}"));
+    let entry = nodes
+        .as_array()
+        .and_then(|list| list.iter().find(|n| n["name"] == short))
+        .unwrap_or_else(|| panic!("{short} not in /nodes of pod {}: {body}", pod.name()));
+    entry["open_connections"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("open_connections of {short}: {entry}"))
+}
+
+/// Established TCP connections in `pod` with a peer in `peer` pod, as
+/// `(local port, remote port, process)` (`ss -tnp`).
+fn connections_to(pod: &Pod, peer: &Pod) -> Vec<(u16, u16, String)> {
+    let filter = format!("dst {}", peer.addr());
+    let out = pod.run_ok("ss", &["-Htnp", "state", "established", &filter]);
+    let port = |addr: &str| -> u16 {
+        let (_, port) = addr.rsplit_once(':').expect("ss address with a port");
+        port.parse().expect("ss port")
+    };
+    out.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // Recv-Q Send-Q Local Peer [Process]
+            let (local, remote) = (fields.get(2)?, fields.get(3)?);
+            let process = fields.get(4..).map(|p| p.join(" ")).unwrap_or_default();
+            Some((port(local), port(remote), process))
+        })
+        .collect()
+}
+
+fn assert_blob_intact(blob: &support::BlobResult, what: &str) {
+    assert_eq!(blob.size, BLOB_SIZE, "{what}");
+    assert_eq!(blob.remote_size, BLOB_SIZE, "{what}: size that arrived");
+    assert_eq!(
+        blob.remote_md5, blob.local_md5,
+        "{what}: MD5 at the receiver"
+    );
+}
+
+/// Starts the pod's sidecar with `toml` as its configuration.
+fn sidecar(pod: &Pod, toml: &str) -> Daemon {
+    pod.spawn_sidecar_with(SidecarOptions::default().config(toml))
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+
+/// Control: the certificates and option files of this suite let TLS nodes
+/// of two pods with stock `epmd` (no sidecar) connect, both ways, and carry
+/// a bulk transfer; and the client does check the server's certificate
+/// against the host it dials (a node whose certificate names another host
+/// is not reached). A failure of the tests below is therefore distproxy's.
+#[test]
+fn certificates_work_between_stock_epmd_pods() {
+    if !e2e_enabled("certificates_work_between_stock_epmd_pods", &[]) {
+        return;
+    }
+    let lab = Lab::new(&["p", "q"]);
+    let (p, q) = (lab.pod("p"), lab.pod("q"));
+    let _epmd_p = p.spawn_stock_epmd();
+    let _epmd_q = q.spawn_stock_epmd();
+    let ca = Ca::new("dp-e2e-beam-ca");
+    let (tls_p, tls_q) = (pod_tls(&lab, &ca, p), pod_tls(&lab, &ca, q));
+    let elsewhere = tls_options(&lab, &ca, "elsewhere", &["elsewhere.dp.test"]);
+    let mut p1 = start_tls_node(p, "p1", &tls_p);
+    let q1 = start_tls_node(q, "q1", &tls_q);
+    let mut q2 = start_tls_node(q, "q2", &tls_q);
+    let mut q3 = start_tls_node(q, "q3", &elsewhere);
+    let [p1_name, q1_name, q3_name] = [&p1, &q1, &q3].map(|n| n.name().to_string());
+    assert_eq!(p1.ping(&q1_name), "pong", "p1 -> q1");
+    assert_eq!(p1.rpc_node(&q1_name), q1_name);
+    assert_eq!(q2.ping(&p1_name), "pong", "q2 -> p1");
+    assert_eq!(q2.rpc_node(&p1_name), p1_name);
+    let blob = p1.send_blob(&q1_name, BLOB_SIZE);
+    assert_blob_intact(&blob, "p1 -> q1");
+    assert_eq!(
+        p1.ping(&q3_name),
+        "pang",
+        "q3's certificate names another host"
+    );
+    assert!(!q3.nodes().contains(&p1_name));
+}
+
+/// Pods A (a1 a2) and B (b1 b2) with default sidecars, every node of TLS
+/// distribution. a1 reaches b1 and b2 (two nodes behind one port: only the
+/// lookup correlation can tell them apart, and a wrong guess would answer
+/// the rpc with the other name), b2 reaches a1 and a2, 4 MiB cross intact.
+/// Pod B's sidecar counts the connections routed, and holds them open for
+/// b1 and b2 in its gauge, `/nodes` and byte counters; pod A's sockets show
+/// a1's connections going to pod B's distribution port.
+#[test]
+fn tls_nodes_reach_the_right_node_of_another_pod() {
+    if !e2e_enabled("tls_nodes_reach_the_right_node_of_another_pod", &["ss"]) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let ca = Ca::new("dp-e2e-beam-ca");
+    let (tls_a, tls_b) = (pod_tls(&lab, &ca, a), pod_tls(&lab, &ca, b));
+    let mut a1 = start_tls_node(a, "a1", &tls_a);
+    let mut a2 = start_tls_node(a, "a2", &tls_a);
+    let mut b1 = start_tls_node(b, "b1", &tls_b);
+    let mut b2 = start_tls_node(b, "b2", &tls_b);
+    let [a1_name, a2_name, b1_name, b2_name] = [&a1, &a2, &b1, &b2].map(|n| n.name().to_string());
+    for node in [&mut a1, &mut a2, &mut b1, &mut b2] {
+        assert!(node.nodes().is_empty(), "{} already connected", node.name());
+    }
+
+    assert_eq!(a1.ping(&b1_name), "pong", "a1 -> b1");
+    assert_eq!(a1.rpc_node(&b1_name), b1_name, "rpc a1 -> b1");
+    assert_eq!(a1.ping(&b2_name), "pong", "a1 -> b2");
+    assert_eq!(a1.rpc_node(&b2_name), b2_name, "rpc a1 -> b2");
+    assert_eq!(b2.ping(&a1_name), "pong", "b2 -> a1");
+    assert_eq!(b2.ping(&a2_name), "pong", "b2 -> a2");
+    assert_eq!(b2.rpc_node(&a2_name), a2_name, "rpc b2 -> a2");
+    assert_eq!(b2.rpc_node(&a1_name), a1_name, "rpc b2 -> a1");
+    let blob = a1.send_blob(&b2_name, BLOB_SIZE);
+    assert_blob_intact(&blob, "a1 -> b2");
+
+    let mb = metrics(b);
+    let routed_b = metric_sum(&mb, BEAM_TLS, &[("outcome", "routed")]);
+    assert!(
+        routed_b >= 2.0,
+        "pod B routed a1 -> b1 and a1 -> b2: {routed_b}\n{mb}"
+    );
+    for short in ["b1", "b2"] {
+        let open = metric_sum(
+            &mb,
+            "distproxy_dist_connections_open",
+            &[("node", short), ("direction", "inbound")],
+        );
+        assert!(open >= 1.0, "pod B relays a connection to {short}\n{mb}");
+        let listed = nodes_open_connections(b, short);
+        assert!(listed >= 1, "/nodes of pod B: {short} has {listed} open");
+    }
+    // a2 was reached from b2 (or connected by `global`): routed by pod A.
+    assert!(
+        beam_tls_count(a, "routed") >= 1.0,
+        "pod A routed b2 -> a2\n{}",
+        metrics(a)
+    );
+    for (pod, text) in [("a", metrics(a)), ("b", mb)] {
+        for outcome in ["refused", "unroutable"] {
+            let n = metric_sum(&text, BEAM_TLS, &[("outcome", outcome)]);
+            assert_eq!(n, 0.0, "pod {pod}: BEAM TLS connections {outcome}\n{text}");
+        }
+        let closed = metric_sum(&text, "distproxy_connections_closed_total", &[]);
+        assert_eq!(
+            closed, 0.0,
+            "pod {pod}: connections closed in setup\n{text}"
+        );
+    }
+    // Every byte of the blob passed the sidecar on its way to b2.
+    wait_until(Duration::from_secs(10), "b2's bytes counted", || {
+        let rx = metric_sum(
+            &metrics(b),
+            "distproxy_relayed_bytes_total",
+            &[("node", "b2"), ("direction", "rx")],
+        );
+        rx >= BLOB_SIZE as f64
+    });
+
+    // a1's own sockets: its connections to pod B go to the sidecar's port
+    // (the nodes of pod B listen on loopback, so that is the only way in).
+    let conns = connections_to(a, b);
+    let to_dist_port: Vec<_> = conns.iter().filter(|c| c.1 == DIST_PORT).collect();
+    assert!(
+        to_dist_port.len() >= 2,
+        "pod A: connections to pod B's port {DIST_PORT}: {conns:?}"
+    );
+    assert!(
+        to_dist_port.iter().all(|c| c.2.contains("beam.smp")),
+        "pod A: the nodes themselves dial pod B's port {DIST_PORT}: {conns:?}"
+    );
+    assert!(
+        conns.iter().all(|c| c.0 == DIST_PORT || c.1 == DIST_PORT),
+        "pod A: a connection with pod B outside port {DIST_PORT}: {conns:?}"
+    );
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
+}
+
+/// `dist.beam_tls = "refuse"` on pod B's sidecar: a TLS node of pod A does
+/// not reach b1, and the sidecar counts the refusal; b1 itself is fine
+/// (reached from b2 in its own pod, which does not use the distribution
+/// port), and a refusal routes nothing.
+#[test]
+fn beam_tls_refused_by_configuration() {
+    if !e2e_enabled("beam_tls_refused_by_configuration", &[]) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = sidecar(b, "[dist]\nbeam_tls = \"refuse\"\n");
+    let ca = Ca::new("dp-e2e-beam-ca");
+    let (tls_a, tls_b) = (pod_tls(&lab, &ca, a), pod_tls(&lab, &ca, b));
+    let mut a1 = start_tls_node(a, "a1", &tls_a);
+    let mut b1 = start_tls_node(b, "b1", &tls_b);
+    let mut b2 = start_tls_node(b, "b2", &tls_b);
+    let [a1_name, b1_name] = [&a1, &b1].map(|n| n.name().to_string());
+
+    assert_eq!(a1.ping(&b1_name), "pang", "a1 -> b1 is refused");
+    let mb = metrics(b);
+    assert!(
+        metric_sum(&mb, BEAM_TLS, &[("outcome", "refused")]) >= 1.0,
+        "pod B counted the refusal\n{mb}"
+    );
+    assert_eq!(
+        metric_sum(&mb, BEAM_TLS, &[("outcome", "routed")]),
+        0.0,
+        "pod B routed nothing\n{mb}"
+    );
+    assert_eq!(
+        metric_sum(
+            &mb,
+            "distproxy_dist_connections_total",
+            &[("direction", "inbound")]
+        ),
+        0.0,
+        "pod B relayed nothing inbound\n{mb}"
+    );
+    assert!(!b1.nodes().contains(&a1_name), "b1 never saw a1");
+
+    assert_eq!(b2.ping(&b1_name), "pong", "b2 -> b1 in pod B");
+    assert_eq!(b2.rpc_node(&b1_name), b1_name, "rpc b2 -> b1");
+    assert_eq!(nodes_open_connections(b, "b1"), 0, "nothing inbound for b1");
+    sidecar_b.assert_no_misroute();
+}
+
+/// Both sidecars run the mutual-TLS tunnel (`[tls]`, plaintext from other
+/// pods refused), and the nodes use OTP's TLS distribution without the
+/// distproxy EPMD module: their ClientHellos on the distribution port do
+/// not offer the tunnel's ALPN, so the sidecar routes them to the node
+/// instead of terminating them. The tunnel's certificates come from a CA
+/// the nodes do not trust, so a pong also proves that nothing but the
+/// nodes took part in their TLS.
+#[test]
+fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
+    if !e2e_enabled("beam_tls_passes_sidecars_that_run_the_tls_tunnel", &[]) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let tunnel_ca = Ca::new("dp-e2e-tunnel-ca");
+    let (mut sidecar_a, _sa) = tunnel_sidecar(&lab, a, &tunnel_ca);
+    let (mut sidecar_b, _sb) = tunnel_sidecar(&lab, b, &tunnel_ca);
+    let ca = Ca::new("dp-e2e-beam-ca");
+    let (tls_a, tls_b) = (pod_tls(&lab, &ca, a), pod_tls(&lab, &ca, b));
+    let mut a1 = start_tls_node(a, "a1", &tls_a);
+    let b1 = start_tls_node(b, "b1", &tls_b);
+    let mut b2 = start_tls_node(b, "b2", &tls_b);
+    let [a1_name, b1_name, b2_name] = [&a1, &b1, &b2].map(|n| n.name().to_string());
+
+    assert_eq!(a1.ping(&b1_name), "pong", "a1 -> b1");
+    assert_eq!(a1.rpc_node(&b1_name), b1_name, "rpc a1 -> b1");
+    assert_eq!(b2.ping(&a1_name), "pong", "b2 -> a1");
+    assert_eq!(b2.rpc_node(&a1_name), a1_name, "rpc b2 -> a1");
+    assert_eq!(a1.rpc_node(&b2_name), b2_name, "rpc a1 -> b2");
+
+    for (pod, text) in [("a", metrics(a)), ("b", metrics(b))] {
+        let routed = metric_sum(&text, BEAM_TLS, &[("outcome", "routed")]);
+        assert!(routed >= 1.0, "pod {pod}: BEAM TLS routed\n{text}");
+        assert_eq!(
+            metric_sum(&text, "distproxy_tls_handshake_failures_total", &[]),
+            0.0,
+            "pod {pod}: the tunnel tried a node's TLS\n{text}"
+        );
+        assert_eq!(
+            metric_sum(&text, "distproxy_routes_total", &[("method", "preamble")]),
+            0.0,
+            "pod {pod}: nothing came through the tunnel\n{text}"
+        );
+    }
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
+}
+
+/// Starts `pod`'s sidecar with the tunnel's `[tls]`: a certificate of `ca`
+/// for the pod, in a Secret-like directory, plaintext from other pods
+/// refused.
+fn tunnel_sidecar(lab: &Lab, pod: &Pod, ca: &Ca) -> (Daemon, SecretDir) {
+    let leaf = ca.leaf(
+        &[pod.host(), &pod.addr().to_string()],
+        0x7700 + lab_serial(),
+    );
+    let dir = lab.dir().join(format!("tunnel-tls-{}", pod.name()));
+    std::fs::create_dir_all(&dir).expect("create the tunnel's TLS directory");
+    let secret = SecretDir::create(&dir, &leaf.cert_pem, &leaf.key_pem, &ca.pem);
+    let toml = format!(
+        "[tls]\n\
+         cert_file = \"{}\"\n\
+         key_file = \"{}\"\n\
+         ca_file = \"{}\"\n\
+         require_tls = true\n\
+         verify_server_name = \"hostname\"\n",
+        secret.cert_file().display(),
+        secret.key_file().display(),
+        secret.ca_file().display(),
+    );
+    (sidecar(pod, &toml), secret)
+}
+
+/// `routing.loopback_lookups = "proxy"`: nodes named `short@localhost`
+/// (`-sname`) look each other up on the pod's loopback and are told the distribution
+/// port, so a1 -> a2 passes through it (as `kubectl port-forward` traffic
+/// does), TLS and all, and is routed by correlation from 127.0.0.1.
+#[test]
+fn beam_tls_between_nodes_of_one_pod_through_the_distribution_port() {
+    if !e2e_enabled(
+        "beam_tls_between_nodes_of_one_pod_through_the_distribution_port",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a"]);
+    let a = lab.pod("a");
+    let mut sidecar_a = sidecar(a, "[routing]\nloopback_lookups = \"proxy\"\n");
+    let ca = Ca::new("dp-e2e-beam-ca");
+    let local = tls_options(&lab, &ca, "localhost", &["localhost", "127.0.0.1"]);
+    let named = |short: &str| ErlangOptions {
+        name: Some(format!("{short}@localhost")),
+        // OTP takes `localhost` for a short host name only.
+        short_names: true,
+        ..local.clone()
+    };
+    let mut a1 = start_tls_node(a, "a1", &named("a1"));
+    let a2 = start_tls_node(a, "a2", &named("a2"));
+    let a3 = start_tls_node(a, "a3", &named("a3"));
+    let [a2_name, a3_name] = [&a2, &a3].map(|n| n.name().to_string());
+
+    assert_eq!(a1.ping(&a2_name), "pong", "a1 -> a2");
+    assert_eq!(a1.rpc_node(&a2_name), a2_name, "rpc a1 -> a2");
+    assert_eq!(a1.ping(&a3_name), "pong", "a1 -> a3");
+    assert_eq!(a1.rpc_node(&a3_name), a3_name, "rpc a1 -> a3");
+    let text = metrics(a);
+    assert!(
+        metric_sum(&text, BEAM_TLS, &[("outcome", "routed")]) >= 2.0,
+        "pod A routed a1 -> a2 and a1 -> a3\n{text}"
+    );
+    for short in ["a2", "a3"] {
+        let open = metric_sum(&text, "distproxy_dist_connections_open", &[("node", short)]);
+        assert!(open >= 1.0, "pod A relays a connection to {short}\n{text}");
+    }
+    sidecar_a.assert_no_misroute();
+}
