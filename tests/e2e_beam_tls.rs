@@ -479,3 +479,115 @@ fn beam_tls_between_nodes_of_one_pod_through_the_distribution_port() {
     }
     sidecar_a.assert_no_misroute();
 }
+
+/// A TLS node that makes no EPMD lookup: c1, in a pod of its own, runs
+/// without EPMD (`-erl_epmd_port 43691 -dist_listen false`: every node is
+/// assumed to listen on the sidecars' port). With two nodes in pod B there
+/// is nothing to tell which one c1 wants: unroutable, counted, pang. Once
+/// b2 is gone, b1 is pod B's only node and gets the connection.
+#[test]
+fn beam_tls_without_a_lookup_goes_to_the_only_node() {
+    if !e2e_enabled("beam_tls_without_a_lookup_goes_to_the_only_node", &[]) {
+        return;
+    }
+    let lab = Lab::new(&["b", "c"]);
+    let (b, c) = (lab.pod("b"), lab.pod("c"));
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    // Pod C's EPMD stays unused; the harness wants one per pod.
+    let _epmd_c = c.spawn_stock_epmd();
+    let ca = Ca::new("dp-e2e-beam-ca");
+    let tls_b = pod_tls(&lab, &ca, b);
+    let mut epmd_less = pod_tls(&lab, &ca, c);
+    epmd_less.extra_args.extend(
+        [
+            "-erl_epmd_port",
+            &DIST_PORT.to_string(),
+            "-dist_listen",
+            "false",
+        ]
+        .map(String::from),
+    );
+    let b1 = start_tls_node(b, "b1", &tls_b);
+    let b2 = start_tls_node(b, "b2", &tls_b);
+    let mut c1 = start_tls_node(c, "c1", &epmd_less);
+    let b1_name = b1.name().to_string();
+
+    assert_eq!(
+        c1.ping(&b1_name),
+        "pang",
+        "c1 -> b1 with two nodes in pod B"
+    );
+    let mb = metrics(b);
+    assert!(
+        metric_sum(&mb, BEAM_TLS, &[("outcome", "unroutable")]) >= 1.0,
+        "pod B: unroutable\n{mb}"
+    );
+    assert_eq!(
+        metric_sum(&mb, BEAM_TLS, &[("outcome", "routed")]),
+        0.0,
+        "pod B: routed\n{mb}"
+    );
+    assert_eq!(
+        metric_sum(
+            &mb,
+            "distproxy_epmd_requests_total",
+            &[("type", "port_please2")]
+        ),
+        0.0,
+        "c1 looked nothing up\n{mb}"
+    );
+
+    b2.halt();
+    wait_until(Duration::from_secs(10), "b2 unregistered", || {
+        metric_sum(&metrics(b), "distproxy_registered_nodes", &[]) == 1.0
+    });
+    assert_eq!(c1.ping(&b1_name), "pong", "c1 -> b1, pod B's only node");
+    assert_eq!(c1.rpc_node(&b1_name), b1_name, "rpc c1 -> b1");
+    let mb = metrics(b);
+    assert!(
+        metric_sum(&mb, BEAM_TLS, &[("outcome", "routed")]) >= 1.0,
+        "pod B: routed\n{mb}"
+    );
+    sidecar_b.assert_no_misroute();
+}
+
+/// `[[acl]]` and BEAM TLS: the sidecar cannot read the initiator's name, so
+/// it judges conservatively. A `deny` rule naming an initiator refuses every
+/// BEAM TLS connection to its target (even though a1 is not the node it
+/// names, and an `allow` for everyone follows); an `allow` naming an
+/// initiator does not admit one (here `acl_default = "deny"` then refuses);
+/// an `allow` for any initiator admits it.
+#[test]
+fn beam_tls_is_judged_conservatively_by_the_acl() {
+    if !e2e_enabled("beam_tls_is_judged_conservatively_by_the_acl", &[]) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _sidecar_a = a.spawn_sidecar(&[]);
+    let rules = "[dist]\nacl_default = \"deny\"\n\n\
+                 [[acl]]\nname = \"not-x9-to-b1\"\naction = \"deny\"\ninitiator = \"x9\"\ntarget = \"b1\"\n\n\
+                 [[acl]]\nname = \"all-to-b1\"\naction = \"allow\"\ntarget = \"b1\"\n\n\
+                 [[acl]]\nname = \"a1-to-b2\"\naction = \"allow\"\ninitiator = \"a1\"\ntarget = \"b2\"\n\n\
+                 [[acl]]\nname = \"all-to-b3\"\naction = \"allow\"\ntarget = \"b3\"\n";
+    let mut sidecar_b = sidecar(b, rules);
+    let ca = Ca::new("dp-e2e-beam-ca");
+    let (tls_a, tls_b) = (pod_tls(&lab, &ca, a), pod_tls(&lab, &ca, b));
+    let mut a1 = start_tls_node(a, "a1", &tls_a);
+    let [b1, b2, b3] = ["b1", "b2", "b3"].map(|n| start_tls_node(b, n, &tls_b));
+    let [b1_name, b2_name, b3_name] = [&b1, &b2, &b3].map(|n| n.name().to_string());
+
+    assert_eq!(a1.ping(&b1_name), "pang", "a deny rule naming x9 -> b1");
+    assert_eq!(a1.ping(&b2_name), "pang", "an allow rule naming a1 -> b2");
+    let refused = beam_tls_count(b, "refused");
+    assert!(refused >= 2.0, "pod B: refused {refused}\n{}", metrics(b));
+    assert_eq!(
+        a1.ping(&b3_name),
+        "pong",
+        "an allow rule for everyone -> b3"
+    );
+    assert_eq!(a1.rpc_node(&b3_name), b3_name, "rpc a1 -> b3");
+    assert!(beam_tls_count(b, "routed") >= 1.0, "{}", metrics(b));
+    assert!(!a1.nodes().contains(&b1_name), "a1 is not connected to b1");
+    sidecar_b.assert_no_misroute();
+}
