@@ -225,6 +225,22 @@ pub struct DistConfig {
     /// `acl_default` changes (also on SIGHUP).
     #[serde(default = "default_acl_reload_interval_ms")]
     pub acl_reload_interval_ms: Millis,
+    /// What happens to nodes' own TLS distribution (`inet_tls_dist`)
+    /// arriving on the distribution port.
+    #[serde(default)]
+    pub beam_tls: BeamTls,
+}
+
+/// Nodes' own TLS distribution (`-proto_dist inet_tls`) on the
+/// distribution port: a TLS connection that is not a sidecar's tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BeamTls {
+    /// Routed by lookup correlation and relayed without decrypting it.
+    #[default]
+    Route,
+    /// Closed (logged and counted).
+    Refuse,
 }
 
 /// The admin HTTP endpoint: /metrics, /healthz, /readyz, /nodes.
@@ -340,6 +356,7 @@ impl Default for DistConfig {
             shutdown_grace_ms: default_shutdown_grace_ms(),
             acl_default: AclAction::Allow,
             acl_reload_interval_ms: default_acl_reload_interval_ms(),
+            beam_tls: BeamTls::Route,
         }
     }
 }
@@ -1286,6 +1303,7 @@ mod tests {
         assert_eq!(c.dist.listen, both(43691));
         assert_eq!(c.routing.lookup_ttl_ms, Millis(3000));
         assert_eq!(c.routing.loopback_lookups, LoopbackLookups::Direct);
+        assert_eq!(c.dist.beam_tls, BeamTls::Route);
         assert_eq!(c.epmd.idle_timeout_ms, Millis(10_000));
         assert!(!c.epmd.relaxed_command_check);
     }
@@ -1342,6 +1360,10 @@ mod tests {
         let err =
             Config::from_toml("[routing]\nloopback_lookups = \"sometimes\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("loopback_lookups"), "{err}");
+        let err = Config::from_toml("[dist]\nbeam_tls = \"decrypt\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("beam_tls"), "{err}");
+        let c = Config::from_toml("[dist]\nbeam_tls = \"refuse\"\n", "t").unwrap();
+        assert_eq!(c.dist.beam_tls, BeamTls::Refuse);
         let err = Config::from_toml("[dist]\nlisten = \"nowhere\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
         let err = Config::from_toml("[epmd]\nlisten = []\n", "t").unwrap_err();

@@ -19,6 +19,9 @@ pub const RELAYED_BYTES: &str = "distproxy_relayed_bytes_total";
 pub const HANDSHAKE_PHASE_SECONDS: &str = "distproxy_handshake_phase_seconds";
 pub const CONNECTIONS_CLOSED: &str = "distproxy_connections_closed_total";
 pub const MISROUTES: &str = "distproxy_misroutes_total";
+/// Nodes' own TLS distribution connections on the distribution port, by
+/// `outcome` (see [`beam_tls_outcome`]).
+pub const BEAM_TLS_CONNECTIONS: &str = "distproxy_dist_beam_tls_connections_total";
 /// Connections closed at accept by a limit (`listener`: epmd, admin,
 /// distribution, egress; `limit`: total or per_source).
 pub const CONNECTIONS_REFUSED: &str = "distproxy_connections_refused_total";
@@ -106,6 +109,17 @@ pub mod reason {
     pub const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
 }
 
+/// Outcomes of nodes' own TLS connections (`outcome` label of
+/// [`BEAM_TLS_CONNECTIONS`]).
+pub mod beam_tls_outcome {
+    /// Routed to the looked-up (or only) node and relayed undecrypted.
+    pub const ROUTED: &str = "routed";
+    /// Closed by `dist.beam_tls = "refuse"` or an ACL rule.
+    pub const REFUSED: &str = "refused";
+    /// No lookup to correlate it with and not exactly one node registered.
+    pub const UNROUTABLE: &str = "unroutable";
+}
+
 /// Discovery failure reasons (`reason` label of [`DISCOVERY_REFRESH_ERRORS`]).
 pub mod discovery_reason {
     /// The service name could not be resolved (the previous list is kept).
@@ -169,6 +183,10 @@ pub fn prometheus_builder(
 
 /// Registers descriptions with whatever recorder is installed.
 pub fn describe() {
+    describe_counter!(
+        BEAM_TLS_CONNECTIONS,
+        "Nodes' own TLS distribution connections on the distribution port, by outcome."
+    );
     describe_counter!(
         RELAY_CONNECTIONS,
         "Relayed connections by data path: sockmap, splice or buffered."

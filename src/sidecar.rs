@@ -282,6 +282,7 @@ impl Sidecar {
             limit,
             tunnel: Arc::new(inbound),
             acl: Arc::clone(&acl),
+            beam_tls: config.dist.beam_tls,
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         });

@@ -32,6 +32,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("distribution::listener", Layer::Service),
     ("distribution::forward", Layer::Service),
     ("distribution::mirror", Layer::Service),
+    ("distribution::beam_tls", Layer::Service),
     ("tunnel", Layer::Service),
     ("tunnel::inbound", Layer::Service),
     ("tunnel::egress", Layer::Service),

@@ -153,6 +153,33 @@ impl Acl {
             rule: Arc::clone(&self.default_label),
         }
     }
+
+    /// Judges a connection whose initiator cannot be read (a node's own
+    /// TLS distribution, relayed without decrypting it): a rule decides
+    /// only if it would decide for every initiator. So a rule for this
+    /// target whose initiator pattern is `*` decides; a `deny` rule naming
+    /// particular initiators refuses (the hidden initiator may be one of
+    /// them); an `allow` rule naming particular initiators is passed over
+    /// (it cannot be shown to apply). Identity rules never match (there is
+    /// no sidecar certificate); then the default.
+    pub fn decide_unknown_initiator(&self, target: &str) -> Decision {
+        for rule in &self.rules {
+            if !rule.target.matches(target) || rule.identity.is_some() {
+                continue;
+            }
+            let every_initiator = rule.initiator.is_any();
+            if every_initiator || rule.action == AclAction::Deny {
+                return Decision {
+                    allow: rule.action == AclAction::Allow,
+                    rule: Arc::clone(&rule.label),
+                };
+            }
+        }
+        Decision {
+            allow: self.default == AclAction::Allow,
+            rule: Arc::clone(&self.default_label),
+        }
+    }
 }
 
 /// Where a connection was judged (the `path` field of the refusal log).
@@ -164,6 +191,9 @@ pub enum AclPath {
     Preamble,
     /// A tunnel preamble inside mutual TLS.
     Tls,
+    /// A node's own TLS distribution (`inet_tls_dist`), not decrypted: the
+    /// initiator is unknown.
+    BeamTls,
 }
 
 impl AclPath {
@@ -172,6 +202,7 @@ impl AclPath {
             AclPath::Raw => "raw",
             AclPath::Preamble => "preamble",
             AclPath::Tls => "tls",
+            AclPath::BeamTls => "beam_tls",
         }
     }
 }
@@ -230,6 +261,20 @@ impl AclHandle {
         if !decision.allow {
             warn!(%peer, path = path.label(), initiator = req.initiator, target = req.target,
                 identity = ?req.identity, rule = %decision.rule,
+                "distribution connection refused by ACL rule; closing");
+            metrics::counter!(m::ACL_DENIED, "rule" => decision.rule.to_string()).increment(1);
+        }
+        decision.allow
+    }
+
+    /// Judges a connection whose initiator is unknown (see
+    /// [`Acl::decide_unknown_initiator`]); refusals are logged and counted
+    /// as by [`AclHandle::admit`].
+    pub fn admit_unknown_initiator(&self, target: &str, peer: SocketAddr, path: AclPath) -> bool {
+        let decision = self.current.load().decide_unknown_initiator(target);
+        if !decision.allow {
+            warn!(%peer, path = path.label(), initiator = "(unknown: encrypted)", target,
+                rule = %decision.rule,
                 "distribution connection refused by ACL rule; closing");
             metrics::counter!(m::ACL_DENIED, "rule" => decision.rule.to_string()).increment(1);
         }
@@ -389,6 +434,53 @@ mod tests {
             decide(&a, req("c1@pod-c.dp.test", "a2")),
             (false, "default".into())
         );
+    }
+
+    #[test]
+    fn an_unknown_initiator_is_judged_only_by_rules_that_hold_for_every_initiator() {
+        let a = acl(r#"
+            [[acl]]
+            name = "allow-ops"
+            action = "allow"
+            initiator = "ops-*"
+            target = "a1"
+            [[acl]]
+            name = "no-b"
+            action = "deny"
+            initiator = "*@pod-b.*"
+            target = "a2"
+            [[acl]]
+            name = "open-a3"
+            action = "allow"
+            target = "a3"
+            [[acl]]
+            name = "tls-ops"
+            action = "deny"
+            initiator = "*"
+            identity = "ops.*"
+            target = "a4"
+            [[acl]]
+            name = "rest"
+            action = "deny"
+            initiator = "*"
+            target = "a*"
+        "#);
+        let d = |t: &str| {
+            let d = a.decide_unknown_initiator(t);
+            (d.allow, d.rule.to_string())
+        };
+        // An allow rule for some initiators cannot admit an unknown one.
+        assert_eq!(d("a1"), (false, "rest".into()));
+        // A deny rule for some initiators refuses: it may be one of them.
+        assert_eq!(d("a2"), (false, "no-b".into()));
+        assert_eq!(d("a3"), (true, "open-a3".into()));
+        // Identity rules need a sidecar certificate.
+        assert_eq!(d("a4"), (false, "rest".into()));
+        assert_eq!(d("b1"), (true, "default".into()));
+        // A known initiator is judged as before.
+        assert!(a.decide(&req("ops-1@x", "a1")).allow);
+        assert_eq!(&*a.decide(&req("x@pod-b.dp.test", "a2")).rule, "no-b");
+        assert_eq!(&*a.decide(&req("x@pod-c.dp.test", "a2")).rule, "rest");
     }
 
     #[test]

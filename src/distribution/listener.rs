@@ -19,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::beam_tls::{self, Destination};
 use super::forward::{self, Forwarder, RouteMethod, ToNode};
 use super::router::Correlator;
 use crate::acl::{AclHandle, AclPath, AclRequest};
+use crate::config::BeamTls;
 use crate::epmd::registry::Registry;
 use crate::metrics::{self as m, reason, record_closed as closed, record_phase as phase, route};
 use crate::net::{accept_loop, ConnectionLimit, Stop};
@@ -35,6 +37,8 @@ pub const PREAMBLE_FIRST_BYTE: u8 = b'D';
 /// The tunnel's inbound side, as the listener sees it: connections whose
 /// first byte is [`TLS_HANDSHAKE_BYTE`] or [`PREAMBLE_FIRST_BYTE`].
 pub trait TunnelInbound: Send + Sync {
+    /// Whether `[tls]` is on (a TLS server takes tunnel connections).
+    fn tls_configured(&self) -> bool;
     /// A TLS connection (the first byte was peeked, not read).
     fn accept_tls<'a>(
         &'a self,
@@ -68,6 +72,8 @@ pub struct DistCtx {
     /// `[[acl]]`: judged once the target is chosen, before the node is
     /// contacted.
     pub acl: Arc<AclHandle>,
+    /// `dist.beam_tls`: nodes' own TLS distribution.
+    pub beam_tls: BeamTls,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -115,8 +121,37 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
             return;
         }
     };
+    // TLS: a sidecar's tunnel, or a node's own TLS distribution, told
+    // apart by the ClientHello (peeked, not read).
+    let pool_port = || {
+        stream
+            .local_addr()
+            .map(|a| ctx.correlator.pool_port(a.port()))
+            .unwrap_or_else(|_| ctx.correlator.ports()[0])
+    };
     if first == TLS_HANDSHAKE_BYTE {
-        ctx.tunnel.accept_tls(stream, peer, started, permit).await;
+        let hello = match beam_tls::peek_hello(&stream, deadline).await {
+            Ok(hello) => hello,
+            Err(e) => {
+                warn!(%peer, error = %e, "closing TLS connection before its ClientHello was complete");
+                closed(e.reason());
+                return;
+            }
+        };
+        let tls = ctx.tunnel.tls_configured();
+        let port = pool_port();
+        match beam_tls::destination(&hello, tls, || ctx.correlator.consume(peer_ip, port)) {
+            Destination::Tunnel => ctx.tunnel.accept_tls(stream, peer, started, permit).await,
+            Destination::Node(entry) => {
+                let route = beam_tls::Ctx {
+                    policy: ctx.beam_tls,
+                    registry: &ctx.registry,
+                    acl: &ctx.acl,
+                    forward: &ctx.forward,
+                };
+                beam_tls::relay_to_node(stream, peer, entry, started, permit, route).await
+            }
+        }
         return;
     }
     // `tls.require_tls`: from other hosts, only TLS. Loopback is exempt
@@ -137,11 +172,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     // garbage that read_send_name refuses): routed by correlation. The entry
     // is taken now, before anything can fail: this connection is the one it
     // announced even if it dies before its first frame.
-    let pool_port = stream
-        .local_addr()
-        .map(|a| ctx.correlator.pool_port(a.port()))
-        .unwrap_or_else(|_| ctx.correlator.ports()[0]);
-    let entry = ctx.correlator.consume(peer_ip, pool_port);
+    let entry = ctx.correlator.consume(peer_ip, pool_port());
     let mut stream = stream;
     let mut buf = BytesMut::with_capacity(512);
     let send_name = match forward::read_send_name(&mut stream, &mut buf, deadline).await {

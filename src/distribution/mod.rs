@@ -6,8 +6,11 @@
 //! - [`forward`]: the connection-setup layer shared with the tunnel
 //!   (first-frame reads, setup errors, connecting to a node, counted relays).
 //! - [`listener`]: accept, first-byte dispatch, routing.
+//! - [`beam_tls`]: nodes' own TLS distribution, told from the tunnel's and
+//!   relayed undecrypted.
 //! - [`relay`]: opaque byte copying.
 
+pub mod beam_tls;
 pub mod forward;
 pub mod handshake;
 pub mod listener;

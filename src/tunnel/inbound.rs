@@ -42,6 +42,10 @@ pub struct Inbound {
 }
 
 impl TunnelInbound for Inbound {
+    fn tls_configured(&self) -> bool {
+        self.tls.is_some()
+    }
+
     fn accept_tls<'a>(
         &'a self,
         stream: TcpStream,

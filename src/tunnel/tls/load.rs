@@ -16,7 +16,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 
 pub use crate::config::ServerNameVerification;
 
-use super::{PeerIdentity, TlsSettings};
+use super::{PeerIdentity, TlsSettings, TUNNEL_ALPN};
 
 /// Why certificates, key or CA could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +172,9 @@ pub(super) fn build(
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(key_err)?;
     server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    // What tells the tunnel from nodes' own TLS on the distribution port
+    // (`distribution::beam_tls`); a client offering none is still served.
+    server.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
     server.send_tls13_tickets = 0;
 
     let server_verifier: Arc<dyn ServerCertVerifier> = match s.verify_server_name {
@@ -196,6 +199,7 @@ pub(super) fn build(
         .with_client_auth_cert(chain, key)
         .map_err(key_err)?;
     client.enable_sni = false;
+    client.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
     client.resumption = rustls::client::Resumption::disabled();
 
     Ok(Generation {

@@ -75,6 +75,12 @@ use crate::metrics::{self as m, tls_reason};
 pub use identity::{check_node_binding, BindingError, PeerIdentity};
 pub use load::TlsLoadError;
 use load::{build, provider, Generation, PemFiles};
+
+/// The ALPN protocol a sidecar's tunnel client offers and its server
+/// accepts: what tells the tunnel from nodes' own TLS distribution on the
+/// distribution port (`distribution::beam_tls`). A server still serves a
+/// client that offers none (a sidecar of an earlier version).
+pub const TUNNEL_ALPN: &[u8] = b"distproxy-tunnel/1";
 pub use reload::{ReloadOutcome, TlsReloader};
 
 /// The accepting side's stream.
