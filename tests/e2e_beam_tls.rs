@@ -258,6 +258,11 @@ fn tls_nodes_reach_the_right_node_of_another_pod() {
         routed_b >= 2.0,
         "pod B routed a1 -> b1 and a1 -> b2: {routed_b}\n{mb}"
     );
+    let correlated = metric_sum(&mb, "distproxy_routes_total", &[("method", "correlated")]);
+    assert!(
+        correlated >= 2.0,
+        "pod B chose by lookup correlation: {correlated}\n{mb}"
+    );
     for short in ["b1", "b2"] {
         let open = metric_sum(
             &mb,
@@ -316,9 +321,9 @@ fn tls_nodes_reach_the_right_node_of_another_pod() {
 }
 
 /// `dist.beam_tls = "refuse"` on pod B's sidecar: a TLS node of pod A does
-/// not reach b1, and the sidecar counts the refusal; b1 itself is fine
-/// (reached from b2 in its own pod, which does not use the distribution
-/// port), and a refusal routes nothing.
+/// not reach b1, and the sidecar counts the refusal and relays nothing; b1
+/// itself is fine: b2 reaches it from its own pod (through the sidecar's
+/// same-pod mirror, not the distribution port).
 #[test]
 fn beam_tls_refused_by_configuration() {
     if !e2e_enabled("beam_tls_refused_by_configuration", &[]) {
@@ -359,7 +364,18 @@ fn beam_tls_refused_by_configuration() {
 
     assert_eq!(b2.ping(&b1_name), "pong", "b2 -> b1 in pod B");
     assert_eq!(b2.rpc_node(&b1_name), b1_name, "rpc b2 -> b1");
-    assert_eq!(nodes_open_connections(b, "b1"), 0, "nothing inbound for b1");
+    // b2 -> b1 went through the pod's mirror of b1's port (TLS too, but
+    // not on the distribution port); nothing came in from pod A.
+    let mb = metrics(b);
+    let open = |direction| {
+        metric_sum(
+            &mb,
+            "distproxy_dist_connections_open",
+            &[("node", "b1"), ("direction", direction)],
+        )
+    };
+    assert_eq!(open("inbound"), 0.0, "pod B: inbound for b1\n{mb}");
+    assert_eq!(open("same_pod"), 1.0, "pod B: b2 -> b1 in the pod\n{mb}");
     sidecar_b.assert_no_misroute();
 }
 
@@ -579,8 +595,15 @@ fn beam_tls_is_judged_conservatively_by_the_acl() {
 
     assert_eq!(a1.ping(&b1_name), "pang", "a deny rule naming x9 -> b1");
     assert_eq!(a1.ping(&b2_name), "pang", "an allow rule naming a1 -> b2");
-    let refused = beam_tls_count(b, "refused");
-    assert!(refused >= 2.0, "pod B: refused {refused}\n{}", metrics(b));
+    let mb = metrics(b);
+    let refused = metric_sum(&mb, BEAM_TLS, &[("outcome", "refused")]);
+    assert!(refused >= 2.0, "pod B: refused {refused}\n{mb}");
+    // Counted by the rule that decided: the deny rule for b1, the default
+    // for b2 (the allow rule naming a1 was passed over).
+    for rule in ["not-x9-to-b1", "default"] {
+        let n = metric_sum(&mb, "distproxy_acl_denied_total", &[("rule", rule)]);
+        assert!(n >= 1.0, "pod B: refused by rule {rule}\n{mb}");
+    }
     assert_eq!(
         a1.ping(&b3_name),
         "pong",
