@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use distproxy_testkit::certs::{Ca, Leaf, SecretDir};
 use support::beam::ErlangOptions;
+use support::mesh::{assert_rpc_across_pods_answered_by_target, ping_everyone_at_once};
 use support::metrics::{metric_sum, metrics};
+use support::module::{compile_module, with_module};
 use support::sidecar::ADMIN_PORT;
 use support::wait::wait_until;
 use support::{e2e_enabled, BeamNode, Daemon, Lab, Pod, SidecarOptions, DIST_PORT};
@@ -55,7 +57,7 @@ fn pod_tls(lab: &Lab, ca: &Ca, pod: &Pod) -> ErlangOptions {
 /// `ssl_dist_optfile` into the lab directory `beam-tls-<label>`, and returns
 /// the options that start a node of OTP's TLS distribution with them.
 fn tls_options(lab: &Lab, ca: &Ca, label: &str, sans: &[&str]) -> ErlangOptions {
-    let serial = 0x5e00 + lab_serial();
+    let serial = 0x5e00 + next_serial();
     let leaf = ca.leaf(sans, serial);
     // A directory of its own: the lab prints its top-level files on failure.
     let dir = lab.dir().join(format!("beam-tls-{label}"));
@@ -73,7 +75,7 @@ fn tls_options(lab: &Lab, ca: &Ca, label: &str, sans: &[&str]) -> ErlangOptions 
 }
 
 /// A new certificate serial number.
-fn lab_serial() -> u64 {
+fn next_serial() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
@@ -220,7 +222,8 @@ fn certificates_work_between_stock_epmd_pods() {
 /// the rpc with the other name), b2 reaches a1 and a2, 4 MiB cross intact.
 /// Pod B's sidecar counts the connections routed, and holds them open for
 /// b1 and b2 in its gauge, `/nodes` and byte counters; pod A's sockets show
-/// a1's connections going to pod B's distribution port.
+/// a1's connections going to pod B's distribution port. Then four nodes
+/// ping each other at once, and a node that halts leaves nothing counted.
 #[test]
 fn tls_nodes_reach_the_right_node_of_another_pod() {
     if !e2e_enabled("tls_nodes_reach_the_right_node_of_another_pod", &["ss"]) {
@@ -316,6 +319,26 @@ fn tls_nodes_reach_the_right_node_of_another_pod() {
         conns.iter().all(|c| c.0 == DIST_PORT || c.1 == DIST_PORT),
         "pod A: a connection with pod B outside port {DIST_PORT}: {conns:?}"
     );
+
+    // Two more nodes of pod A and the two of pod B ping each other all at
+    // the same instant: lookups of b1 and b2 from one address at once,
+    // which the sidecar must serialise, since the ClientHellos do not say
+    // which node they are for.
+    let mut a3 = start_tls_node(a, "a3", &tls_a);
+    let mut a4 = start_tls_node(a, "a4", &tls_a);
+    ping_everyone_at_once([&mut a3, &mut a4, &mut b1, &mut b2]);
+    assert_rpc_across_pods_answered_by_target([&mut a3, &mut a4, &mut b1, &mut b2]);
+
+    // b1 goes: pod B's sidecar ends its relayed connections and uncounts
+    // them.
+    b1.halt();
+    wait_until(Duration::from_secs(10), "b1's connections closed", || {
+        metric_sum(
+            &metrics(b),
+            "distproxy_dist_connections_open",
+            &[("node", "b1")],
+        ) == 0.0
+    });
     sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
 }
@@ -380,12 +403,13 @@ fn beam_tls_refused_by_configuration() {
 }
 
 /// Both sidecars run the mutual-TLS tunnel (`[tls]`, plaintext from other
-/// pods refused), and the nodes use OTP's TLS distribution without the
+/// pods refused), and the TLS nodes use OTP's TLS distribution without the
 /// distproxy EPMD module: their ClientHellos on the distribution port do
 /// not offer the tunnel's ALPN, so the sidecar routes them to the node
 /// instead of terminating them. The tunnel's certificates come from a CA
 /// the nodes do not trust, so a pong also proves that nothing but the
-/// nodes took part in their TLS.
+/// nodes took part in their TLS. Meanwhile a3 and b3 (plain distribution,
+/// a3 with the module) still go through the tunnel, on the same port.
 #[test]
 fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
     if !e2e_enabled("beam_tls_passes_sidecars_that_run_the_tls_tunnel", &[]) {
@@ -401,13 +425,19 @@ fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
     let mut a1 = start_tls_node(a, "a1", &tls_a);
     let b1 = start_tls_node(b, "b1", &tls_b);
     let mut b2 = start_tls_node(b, "b2", &tls_b);
-    let [a1_name, b1_name, b2_name] = [&a1, &b1, &b2].map(|n| n.name().to_string());
+    let mut a3 = a.spawn_erlang_with("a3", &with_module(&compile_module(&lab)));
+    let mut b3 = b.spawn_erlang("b3");
+    a3.wait_ready();
+    b3.wait_ready();
+    let [a1_name, b1_name, b2_name, b3_name] = [&a1, &b1, &b2, &b3].map(|n| n.name().to_string());
 
     assert_eq!(a1.ping(&b1_name), "pong", "a1 -> b1");
     assert_eq!(a1.rpc_node(&b1_name), b1_name, "rpc a1 -> b1");
     assert_eq!(b2.ping(&a1_name), "pong", "b2 -> a1");
     assert_eq!(b2.rpc_node(&a1_name), a1_name, "rpc b2 -> a1");
     assert_eq!(a1.rpc_node(&b2_name), b2_name, "rpc a1 -> b2");
+    assert_eq!(a3.ping(&b3_name), "pong", "a3 -> b3 through the tunnel");
+    assert_eq!(a3.rpc_node(&b3_name), b3_name, "rpc a3 -> b3");
 
     for (pod, text) in [("a", metrics(a)), ("b", metrics(b))] {
         let routed = metric_sum(&text, BEAM_TLS, &[("outcome", "routed")]);
@@ -417,12 +447,24 @@ fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
             0.0,
             "pod {pod}: the tunnel tried a node's TLS\n{text}"
         );
+        // Except the module's probes ("does a sidecar answer there?"),
+        // which connect and close without a byte: `empty`.
+        let closed = metric_sum(&text, "distproxy_connections_closed_total", &[])
+            - metric_sum(
+                &text,
+                "distproxy_connections_closed_total",
+                &[("reason", "empty")],
+            );
         assert_eq!(
-            metric_sum(&text, "distproxy_routes_total", &[("method", "preamble")]),
-            0.0,
-            "pod {pod}: nothing came through the tunnel\n{text}"
+            closed, 0.0,
+            "pod {pod}: connections closed in setup\n{text}"
         );
     }
+    let mb = metrics(b);
+    assert!(
+        metric_sum(&mb, "distproxy_routes_total", &[("method", "preamble")]) >= 1.0,
+        "pod B: a3 -> b3 came through the tunnel\n{mb}"
+    );
     sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
 }
@@ -433,7 +475,7 @@ fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
 fn tunnel_sidecar(lab: &Lab, pod: &Pod, ca: &Ca) -> (Daemon, SecretDir) {
     let leaf = ca.leaf(
         &[pod.host(), &pod.addr().to_string()],
-        0x7700 + lab_serial(),
+        0x7700 + next_serial(),
     );
     let dir = lab.dir().join(format!("tunnel-tls-{}", pod.name()));
     std::fs::create_dir_all(&dir).expect("create the tunnel's TLS directory");
@@ -612,5 +654,74 @@ fn beam_tls_is_judged_conservatively_by_the_acl() {
     assert_eq!(a1.rpc_node(&b3_name), b3_name, "rpc a1 -> b3");
     assert!(beam_tls_count(b, "routed") >= 1.0, "{}", metrics(b));
     assert!(!a1.nodes().contains(&b1_name), "a1 is not connected to b1");
+    sidecar_b.assert_no_misroute();
+}
+
+/// A dual-stack lab and nodes of `-proto_dist inet6_tls` (listening on
+/// `::1`): they look each other up and connect over IPv6, and pod B's
+/// sidecar routes their ClientHellos by the lookups from pod A's IPv6
+/// address.
+#[test]
+fn inet6_tls_nodes_reach_the_right_node_of_another_pod() {
+    if !e2e_enabled(
+        "inet6_tls_nodes_reach_the_right_node_of_another_pod",
+        &["ss"],
+    ) {
+        return;
+    }
+    let lab = Lab::new_dual_stack(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let ca = Ca::new("dp-e2e-beam-ca");
+    // As `ErlangOptions::inet6` for inet6_tcp: listening on ::1 only.
+    let six = |pod: &Pod| {
+        let (v4, v6) = (pod.addr().to_string(), pod.addr6().to_string());
+        let label = format!("pod-{}-inet6", pod.name());
+        let mut options = tls_options(&lab, &ca, &label, &[pod.host(), &v4, &v6]);
+        for arg in &mut options.extra_args {
+            if arg == "inet_tls" {
+                *arg = "inet6_tls".into();
+            }
+        }
+        options
+            .extra_args
+            .extend(["-kernel", "inet_dist_use_interface", "{0,0,0,0,0,0,0,1}"].map(String::from));
+        options
+    };
+    let (six_a, six_b) = (six(a), six(b));
+    let start = |pod: &Pod, short: &str, options: &ErlangOptions| {
+        let mut node = pod.spawn_erlang_with(short, options);
+        node.wait_ready();
+        node
+    };
+    let mut a1 = start(a, "a1", &six_a);
+    let [b1, b2] = ["b1", "b2"].map(|n| start(b, n, &six_b));
+    let [b1_name, b2_name] = [&b1, &b2].map(|n| n.name().to_string());
+    let me = a1.name().to_string();
+    assert_eq!(
+        a1.rpc(&me, "init", "get_argument", "[proto_dist]"),
+        "{ok,[[\"inet6_tls\"]]}"
+    );
+
+    for target in [&b1_name, &b2_name] {
+        assert_eq!(a1.ping(target), "pong", "a1 -> {target}");
+        assert_eq!(&a1.rpc_node(target), target, "rpc a1 -> {target}");
+    }
+    let mb = metrics(b);
+    assert!(
+        metric_sum(&mb, BEAM_TLS, &[("outcome", "routed")]) >= 2.0,
+        "pod B routed a1 -> b1 and a1 -> b2\n{mb}"
+    );
+    // Over IPv6: pod B's sidecar holds them from pod A's IPv6 address.
+    let filter = format!("( sport = :{DIST_PORT} )");
+    let sockets = b.run_ok("ss", &["-Htn", "state", "established", &filter]);
+    let from_a6 = format!("[{}]:", a.addr6());
+    let n = sockets.lines().filter(|l| l.contains(&from_a6)).count();
+    assert!(
+        n >= 2,
+        "pod B: connections from {from_a6}* on port {DIST_PORT}:\n{sockets}"
+    );
+    sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
 }
