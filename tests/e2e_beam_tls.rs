@@ -16,8 +16,9 @@
 //! Nodes in sidecar pods listen on 127.0.0.1 only (see `support::lab`), so
 //! every connection from another pod passes through the sidecar.
 //!
-//! Needs root, iproute2, erlang-nox (with its `ssl` application) and `ss`;
-//! fails saying so otherwise, unless `DISTPROXY_SKIP_E2E=1`.
+//! Needs root, iproute2, erlang-nox (with its `ssl` application), `ss`,
+//! and a kernel with sockmap for the fast-path test; fails saying so
+//! otherwise, unless `DISTPROXY_SKIP_E2E=1`.
 
 mod support;
 
@@ -723,5 +724,55 @@ fn inet6_tls_nodes_reach_the_right_node_of_another_pod() {
         "pod B: connections from {from_a6}* on port {DIST_PORT}:\n{sockets}"
     );
     sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
+}
+
+/// Pod B's sidecar relays through the kernel fast path
+/// (`relay.fast_path = "sockmap"`). A BEAM TLS connection is handed over
+/// before a byte of it is read, its ClientHello still queued on the
+/// sidecar's socket: the node must get it all the same, and the bulk
+/// after it.
+#[test]
+fn beam_tls_on_the_kernel_fast_path() {
+    if !e2e_enabled("beam_tls_on_the_kernel_fast_path", &[]) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = sidecar(b, "[relay]\nfast_path = \"sockmap\"\n");
+    let ca = Ca::new("dp-e2e-beam-ca");
+    let (tls_a, tls_b) = (pod_tls(&lab, &ca, a), pod_tls(&lab, &ca, b));
+    let mut a1 = start_tls_node(a, "a1", &tls_a);
+    let [b1, b2] = ["b1", "b2"].map(|n| start_tls_node(b, n, &tls_b));
+    let [b1_name, b2_name] = [&b1, &b2].map(|n| n.name().to_string());
+    let text = metrics(b);
+    assert_eq!(
+        metric_sum(&text, "distproxy_relay_fast_path_available", &[]),
+        1.0,
+        "the fast path is on; the sidecar's log:\n{}",
+        sidecar_b.log()
+    );
+
+    for target in [&b1_name, &b2_name] {
+        assert_eq!(a1.ping(target), "pong", "a1 -> {target}");
+        assert_eq!(&a1.rpc_node(target), target, "rpc a1 -> {target}");
+    }
+    let blob = a1.send_blob(&b2_name, BLOB_SIZE);
+    assert_blob_intact(&blob, "a1 -> b2");
+    let text = metrics(b);
+    let on = |path| {
+        metric_sum(
+            &text,
+            "distproxy_relay_connections_total",
+            &[("path", path)],
+        )
+    };
+    assert!(on("sockmap") >= 2.0, "relayed through the sockmap:\n{text}");
+    assert_eq!(on("splice"), 0.0, "nothing spliced:\n{text}");
+    assert!(
+        metric_sum(&text, BEAM_TLS, &[("outcome", "routed")]) >= 2.0,
+        "{text}"
+    );
     sidecar_b.assert_no_misroute();
 }
