@@ -58,12 +58,29 @@ fn pod_tls(lab: &Lab, ca: &Ca, pod: &Pod) -> ErlangOptions {
 /// `ssl_dist_optfile` into the lab directory `beam-tls-<label>`, and returns
 /// the options that start a node of OTP's TLS distribution with them.
 fn tls_options(lab: &Lab, ca: &Ca, label: &str, sans: &[&str]) -> ErlangOptions {
-    let serial = 0x5e00 + next_serial();
-    let leaf = ca.leaf(sans, serial);
+    node_tls(lab, ca, label, &ca.leaf(sans, 0x5e00 + next_serial()))
+}
+
+/// Options for a node named by address (`short@198.18.0.12`), with a
+/// certificate whose SAN is that address written as a DNS name: OTP 25
+/// checks a node's host against DNS names only, so an IP SAN fails its
+/// check (`hostname_check_failed`).
+fn by_address_tls(lab: &Lab, ca: &Ca, pod: &Pod) -> ErlangOptions {
+    let addr = pod.addr().to_string();
+    let leaf = ca.leaf_with(&[&addr], 0x5e00 + next_serial(), |params| {
+        let name = addr.clone().try_into().expect("an address as a DNS name");
+        params.subject_alt_names = vec![rcgen::SanType::DnsName(name)];
+    });
+    node_tls(lab, ca, &format!("pod-{}-by-address", pod.name()), &leaf)
+}
+
+/// Writes `leaf` and an `ssl_dist_optfile` into `beam-tls-<label>` (see
+/// [`tls_options`]).
+fn node_tls(lab: &Lab, ca: &Ca, label: &str, leaf: &Leaf) -> ErlangOptions {
     // A directory of its own: the lab prints its top-level files on failure.
     let dir = lab.dir().join(format!("beam-tls-{label}"));
     std::fs::create_dir_all(&dir).expect("create the BEAM TLS directory");
-    let optfile = write_optfile(&dir, &leaf, &ca.pem);
+    let optfile = write_optfile(&dir, leaf, &ca.pem);
     ErlangOptions {
         extra_args: vec![
             "-proto_dist".into(),
@@ -185,7 +202,8 @@ fn sidecar(pod: &Pod, toml: &str) -> Daemon {
 /// of two pods with stock `epmd` (no sidecar) connect, both ways, and carry
 /// a bulk transfer; and the client does check the server's certificate
 /// against the host it dials (a node whose certificate names another host
-/// is not reached). A failure of the tests below is therefore distproxy's.
+/// is not reached); nodes named by address connect with theirs. A failure
+/// of the tests below is therefore distproxy's.
 #[test]
 fn certificates_work_between_stock_epmd_pods() {
     if !e2e_enabled("certificates_work_between_stock_epmd_pods", &[]) {
@@ -215,6 +233,18 @@ fn certificates_work_between_stock_epmd_pods() {
         "q3's certificate names another host"
     );
     assert!(!q3.nodes().contains(&p1_name));
+
+    // Nodes named by address, with the certificates of `by_address_tls`.
+    let by_ip = |pod: &Pod, short: &str| {
+        let name = Some(format!("{short}@{}", pod.addr()));
+        let options = by_address_tls(&lab, &ca, pod);
+        start_tls_node(pod, short, &ErlangOptions { name, ..options })
+    };
+    let mut p5 = by_ip(p, "p5");
+    let q5 = by_ip(q, "q5");
+    let q5_name = q5.name().to_string();
+    assert_eq!(p5.ping(&q5_name), "pong", "p5 -> q5, named by address");
+    assert_eq!(p5.rpc_node(&q5_name), q5_name);
 }
 
 /// Pods A (a1 a2) and B (b1 b2) with default sidecars, every node of TLS
@@ -409,8 +439,9 @@ fn beam_tls_refused_by_configuration() {
 /// not offer the tunnel's ALPN, so the sidecar routes them to the node
 /// instead of terminating them. The tunnel's certificates come from a CA
 /// the nodes do not trust, so a pong also proves that nothing but the
-/// nodes took part in their TLS. Meanwhile a3 and b3 (plain distribution,
-/// a3 with the module) still go through the tunnel, on the same port.
+/// nodes took part in their TLS. a5 and b5, named by address, send no SNI.
+/// Meanwhile a3 and b3 (plain distribution, a3 with the module) still go
+/// through the tunnel, on the same port.
 #[test]
 fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
     if !e2e_enabled("beam_tls_passes_sidecars_that_run_the_tls_tunnel", &[]) {
@@ -426,6 +457,17 @@ fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
     let mut a1 = start_tls_node(a, "a1", &tls_a);
     let b1 = start_tls_node(b, "b1", &tls_b);
     let mut b2 = start_tls_node(b, "b2", &tls_b);
+    // Named by address, as releases often are in Kubernetes
+    // (`app@$POD_IP`): an address is no host name for SNI, and without it
+    // only the lookup tells this ClientHello from an older sidecar's
+    // tunnel, which offers no ALPN either.
+    let by_ip = |pod: &Pod, short: &str| {
+        let name = Some(format!("{short}@{}", pod.addr()));
+        let options = by_address_tls(&lab, &ca, pod);
+        start_tls_node(pod, short, &ErlangOptions { name, ..options })
+    };
+    let mut a5 = by_ip(a, "a5");
+    let b5 = by_ip(b, "b5");
     let mut a3 = a.spawn_erlang_with("a3", &with_module(&compile_module(&lab)));
     let mut b3 = b.spawn_erlang("b3");
     a3.wait_ready();
@@ -437,6 +479,9 @@ fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
     assert_eq!(b2.ping(&a1_name), "pong", "b2 -> a1");
     assert_eq!(b2.rpc_node(&a1_name), a1_name, "rpc b2 -> a1");
     assert_eq!(a1.rpc_node(&b2_name), b2_name, "rpc a1 -> b2");
+    let b5_name = b5.name().to_string();
+    assert_eq!(a5.ping(&b5_name), "pong", "a5 -> b5, named by address");
+    assert_eq!(a5.rpc_node(&b5_name), b5_name, "rpc a5 -> b5");
     assert_eq!(a3.ping(&b3_name), "pong", "a3 -> b3 through the tunnel");
     assert_eq!(a3.rpc_node(&b3_name), b3_name, "rpc a3 -> b3");
 
