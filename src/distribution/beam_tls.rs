@@ -135,13 +135,16 @@ pub enum Destination {
     /// A local node, chosen by a pending lookup (`Some`) or being the only
     /// one (`None`).
     Node(Option<Consumed>),
+    /// Nobody: not a ClientHello, and no TLS server to refuse it.
+    Invalid,
 }
 
 /// Chooses between the tunnel and a node. A ClientHello offering the
 /// tunnel's ALPN goes to the tunnel. Any other takes the peer's oldest
 /// pending lookup on this port, as a plain connection would; without one,
 /// it goes to the tunnel when `[tls]` is on and it sends no SNI (a sidecar
-/// of a version before the ALPN), else to the only node.
+/// of a version before the ALPN), else to the only node. What does not
+/// parse goes to the tunnel's TLS server, or nowhere without one.
 pub fn destination(
     hello: &Hello,
     tunnel_tls: bool,
@@ -155,7 +158,7 @@ pub fn destination(
             None if tunnel_tls && sni.is_none() => Destination::Tunnel,
             None => Destination::Node(None),
         },
-        Hello::Unparsed => Destination::Node(consume()),
+        Hello::Unparsed => Destination::Invalid,
     }
 }
 
@@ -372,6 +375,7 @@ mod tests {
         let node = |d: Destination| match d {
             Destination::Node(c) => Some(c.map(|c| c.node)),
             Destination::Tunnel => None,
+            Destination::Invalid => panic!("invalid"),
         };
         let other = |sni: Option<&str>| Hello::Other {
             sni: sni.map(str::to_owned),
@@ -396,9 +400,10 @@ mod tests {
         assert_eq!(node(destination(&other(None), false, || None)), Some(None));
         // Unparsable: the tunnel's TLS server refuses it when [tls] is on.
         assert!(node(destination(&Hello::Unparsed, true, || panic!("consumed"))).is_none());
-        assert_eq!(
-            node(destination(&Hello::Unparsed, false, || consumed("a3"))),
-            Some(Some("a3".into()))
-        );
+        // Without it, nobody takes it, and it takes no lookup.
+        assert!(matches!(
+            destination(&Hello::Unparsed, false, || panic!("consumed")),
+            Destination::Invalid
+        ));
     }
 }
