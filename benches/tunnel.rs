@@ -42,14 +42,18 @@
 //!   one bench run to the next on a busy machine, which the ratio shows;
 //! - (a) `inet_tcp_dist` with `-epmd_module distproxy_epmd` through the TLS
 //!   sidecar pair AT → BT;
-//! - (d) the same through the plain pair A → B (what TLS costs in the tunnel).
+//! - (d) the same through the plain pair A → B (what TLS costs in the tunnel);
+//! - (e) (b)'s nodes through one sidecar, B, which routes their own TLS by
+//!   lookup correlation without decrypting it (`dist.beam_tls`): what a
+//!   cluster that keeps `inet_tls_dist` pays for the sidecar.
 //!
 //! Every node is on 127.0.0.1 with `-start_epmd false`; (c) and (b) register
 //! with sidecar A (loopback lookups answered with the node's own port, so
-//! they connect directly), (a) and (d) with their pod's sidecar. Port 4369
-//! is never used. The bench checks that each connection took the intended
-//! path (the peer port the sending node connected to is the egress port, or
-//! the receiving node's own port).
+//! they connect directly), (a) and (d) with their pod's sidecar, (e) with B
+//! (loopback lookups answered with B's distribution port). Port 4369 is
+//! never used. The bench checks that each connection took the intended path
+//! (the peer port the sending node connected to is the egress port, B's
+//! distribution port, or the receiving node's own port).
 //!
 //! Child processes (sidecars and nodes) are killed when their guards drop,
 //! including on panic; nodes also halt when their stdin closes, so they go
@@ -657,9 +661,18 @@ enum Dist {
     TlsTunnel,
     /// (d) inet_tcp_dist through the plain sidecar pair.
     PlainTunnel,
+    /// (e) inet_tls_dist through one sidecar, which routes the nodes' own
+    /// TLS undecrypted (`dist.beam_tls`).
+    TlsHop,
 }
 
-const DISTS: [Dist; 4] = [Dist::Tcp, Dist::Tls, Dist::TlsTunnel, Dist::PlainTunnel];
+const DISTS: [Dist; 5] = [
+    Dist::Tcp,
+    Dist::Tls,
+    Dist::TlsTunnel,
+    Dist::PlainTunnel,
+    Dist::TlsHop,
+];
 
 impl Dist {
     fn label(self) -> &'static str {
@@ -668,6 +681,7 @@ impl Dist {
             Dist::Tls => "(b) inet_tls_dist direct",
             Dist::TlsTunnel => "(a) tcp via TLS sidecar pair",
             Dist::PlainTunnel => "(d) tcp via plain sidecar pair",
+            Dist::TlsHop => "(e) inet_tls_dist via one sidecar",
         }
     }
 
@@ -681,6 +695,7 @@ impl Dist {
             Dist::Tls => "tls",
             Dist::TlsTunnel => "tun",
             Dist::PlainTunnel => "ptun",
+            Dist::TlsHop => "tlsh",
         }
     }
 }
@@ -705,7 +720,13 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
                 start_beam(&rx_name, "sink", sc.a.epmd.port(), ebin, &[]),
                 vec![],
             ),
-            Dist::Tls => {
+            Dist::Tls | Dist::TlsHop => {
+                // (e): both registered with B, which answers loopback
+                // lookups with its distribution port.
+                let (epmd, pids) = match dist {
+                    Dist::TlsHop => (sc.b.epmd.port(), vec![sc.b.pid()]),
+                    _ => (sc.a.epmd.port(), vec![]),
+                };
                 let tx_opts = ssl_dist_optfile(ebin, pki, &pki.a, &tx_name);
                 let rx_opts = ssl_dist_optfile(ebin, pki, &pki.b, &rx_name);
                 let args = |f: &Path| {
@@ -720,9 +741,9 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
                 let ta: Vec<&str> = ta.iter().map(String::as_str).collect();
                 let ra: Vec<&str> = ra.iter().map(String::as_str).collect();
                 (
-                    start_beam(&tx_name, "control", sc.a.epmd.port(), ebin, &ta),
-                    start_beam(&rx_name, "sink", sc.a.epmd.port(), ebin, &ra),
-                    vec![],
+                    start_beam(&tx_name, "control", epmd, ebin, &ta),
+                    start_beam(&rx_name, "sink", epmd, ebin, &ra),
+                    pids,
                 )
             }
             Dist::TlsTunnel => (
@@ -759,6 +780,7 @@ fn start_pairs(sc: &Sidecars, pki: &Pki, ebin: &Path) -> Vec<Pair> {
             Dist::Tcp | Dist::Tls => (sc.a.epmd, lookup_port(sc.a.epmd, &pair.dist.rx_short())),
             Dist::TlsTunnel => (sc.at.epmd, egress_port(sc.at.epmd, pair.rx.name())),
             Dist::PlainTunnel => (sc.a.epmd, egress_port(sc.a.epmd, pair.rx.name())),
+            Dist::TlsHop => (sc.b.epmd, sc.b.dist.port()),
         };
         assert_eq!(
             port,

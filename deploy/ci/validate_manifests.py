@@ -67,6 +67,7 @@ KNOWN_METRICS = {
     "distproxy_connections_closed_total",
     "distproxy_tls_handshake_failures_total",
     "distproxy_misroutes_total",
+    "distproxy_dist_beam_tls_connections_total",
     "distproxy_build_info",
     "distproxy_egress_listeners",
     "distproxy_tls_reloads_total",

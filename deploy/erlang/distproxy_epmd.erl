@@ -20,7 +20,9 @@
 %% If the sidecar cannot answer (it is not running, it is a stock `epmd',
 %% which closes the connection on the unknown request, egress is switched
 %% off, or anything else goes wrong), `erl_epmd:address_please/3' is used,
-%% so the node behaves exactly as without this module.
+%% so the node behaves exactly as without this module. So does a node of
+%% its own TLS distribution (`-proto_dist inet_tls'): the remote sidecar
+%% routes that TLS as it comes, undecrypted.
 %%
 %% Use (OTP 25 and later), with DIR the directory of distproxy_epmd.beam:
 %%
@@ -151,15 +153,26 @@ names(Host) ->
 %% 127.0.0.1 and on ::1, so both IPv4 (`inet_tcp_dist', the default) and
 %% IPv6 (`inet6_tcp_dist') distribution are tunnelled, each over its own
 %% family's loopback; any other family falls back.
+%% A node of its own TLS distribution (`-proto_dist inet_tls') connects the
+%% stock way: the tunnel carries plain distribution only, and the remote
+%% sidecar routes the node's TLS without decrypting it.
 address_please(Name, Host, Family) when Family =:= inet; Family =:= inet6 ->
-    case cached_egress_port(Name, Host, Family) of
+    case plain_tcp_dist() andalso cached_egress_port(Name, Host, Family) of
         {ok, Port, Version} ->
             {ok, loopback(Family), Port, Version};
-        {error, _Reason} ->
+        _StockWay ->
             erl_epmd:address_please(Name, Host, Family)
     end;
 address_please(Name, Host, Family) ->
     erl_epmd:address_please(Name, Host, Family).
+
+%% Whether this node's distribution is plain TCP (`inet_tcp_dist', the
+%% default, or `inet6_tcp_dist'), which the tunnel carries.
+plain_tcp_dist() ->
+    case init:get_argument(proto_dist) of
+        {ok, [[Proto | _] | _]} -> lists:member(Proto, ["inet_tcp", "inet6_tcp"]);
+        _ -> true
+    end.
 
 loopback(inet) -> {127, 0, 0, 1};
 loopback(inet6) -> {0, 0, 0, 0, 0, 0, 0, 1}.

@@ -37,6 +37,10 @@ use crate::tunnel::tls::TUNNEL_ALPN;
 /// ClientHello split over a few records still fits).
 const MAX_HELLO: usize = 64 * 1024;
 
+/// The first peek buffer: a usual ClientHello (OTP's, a sidecar's) is well
+/// below it, so a peer that stalls mid-hello holds only this much.
+const FIRST_PEEK: usize = 4 * 1024;
+
 /// Pause between peeks while a ClientHello is still arriving (it almost
 /// always comes in one segment).
 const PEEK_RETRY: Duration = Duration::from_millis(2);
@@ -93,7 +97,7 @@ pub async fn peek_hello(
         phase: Phase::FirstFrame,
         kind,
     };
-    let mut buf = vec![0u8; MAX_HELLO];
+    let mut buf = vec![0u8; FIRST_PEEK];
     let mut seen = 0;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
@@ -108,7 +112,12 @@ pub async fn peek_hello(
                 return Ok(hello);
             }
             if n == buf.len() {
-                return Ok(Hello::Unparsed);
+                if n >= MAX_HELLO {
+                    return Ok(Hello::Unparsed);
+                }
+                // A large hello: peek again at once with room for more.
+                buf.resize((n * 4).min(MAX_HELLO), 0);
+                continue;
             }
         }
         // A peek returns at once while any byte is queued: wait for more.
@@ -126,13 +135,16 @@ pub enum Destination {
     /// A local node, chosen by a pending lookup (`Some`) or being the only
     /// one (`None`).
     Node(Option<Consumed>),
+    /// Nobody: not a ClientHello, and no TLS server to refuse it.
+    Invalid,
 }
 
 /// Chooses between the tunnel and a node. A ClientHello offering the
 /// tunnel's ALPN goes to the tunnel. Any other takes the peer's oldest
 /// pending lookup on this port, as a plain connection would; without one,
 /// it goes to the tunnel when `[tls]` is on and it sends no SNI (a sidecar
-/// of a version before the ALPN), else to the only node.
+/// of a version before the ALPN), else to the only node. What does not
+/// parse goes to the tunnel's TLS server, or nowhere without one.
 pub fn destination(
     hello: &Hello,
     tunnel_tls: bool,
@@ -146,7 +158,7 @@ pub fn destination(
             None if tunnel_tls && sni.is_none() => Destination::Tunnel,
             None => Destination::Node(None),
         },
-        Hello::Unparsed => Destination::Node(consume()),
+        Hello::Unparsed => Destination::Invalid,
     }
 }
 
@@ -295,6 +307,61 @@ mod tests {
         assert_eq!(classify(b"\x17\x03\x03\x00\x01x"), Some(Hello::Unparsed));
     }
 
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (client, listener.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn peeking_waits_for_a_hello_sent_in_pieces_and_leaves_it_unread() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Larger than the first peek buffer: 600 ALPN names, then ours.
+        let names: Vec<Vec<u8>> = (0..600)
+            .map(|i| format!("proto-{i:04}").into_bytes())
+            .collect();
+        let mut alpn: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+        alpn.push(TUNNEL_ALPN);
+        let hello = client_hello(&alpn, "198.18.0.2");
+        assert!(hello.len() > FIRST_PEEK, "{} bytes", hello.len());
+        let (mut client, server) = pair().await;
+        let second = hello[100..].to_vec();
+        client.write_all(&hello[..100]).await.unwrap();
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(&second).await.unwrap();
+            client
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        assert_eq!(peek_hello(&server, deadline).await.unwrap(), Hello::Tunnel);
+        let _client = sender.await.unwrap();
+        // Nothing was consumed: whoever takes the connection reads it all.
+        let mut server = server;
+        let mut read = vec![0u8; hello.len()];
+        server.read_exact(&mut read).await.unwrap();
+        assert_eq!(read, hello);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_hello_ends_the_peek_at_the_deadline() {
+        use tokio::io::AsyncWriteExt;
+        let hello = client_hello(&[], "pod-b.dp.test");
+        let (mut client, server) = pair().await;
+        client.write_all(&hello[..20]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        let err = peek_hello(&server, deadline).await.unwrap_err();
+        assert_eq!(err.reason(), reason::TIMEOUT);
+        // Closed mid-hello: a peek keeps seeing the queued bytes, not the
+        // end, so this too ends at the deadline (the setup deadline bounds
+        // every connection).
+        drop(client);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        let err = peek_hello(&server, deadline).await.unwrap_err();
+        assert_eq!(err.reason(), reason::TIMEOUT);
+    }
+
     fn consumed(node: &str) -> Option<Consumed> {
         Some(Consumed {
             id: 7,
@@ -308,6 +375,7 @@ mod tests {
         let node = |d: Destination| match d {
             Destination::Node(c) => Some(c.map(|c| c.node)),
             Destination::Tunnel => None,
+            Destination::Invalid => panic!("invalid"),
         };
         let other = |sni: Option<&str>| Hello::Other {
             sni: sni.map(str::to_owned),
@@ -332,9 +400,10 @@ mod tests {
         assert_eq!(node(destination(&other(None), false, || None)), Some(None));
         // Unparsable: the tunnel's TLS server refuses it when [tls] is on.
         assert!(node(destination(&Hello::Unparsed, true, || panic!("consumed"))).is_none());
-        assert_eq!(
-            node(destination(&Hello::Unparsed, false, || consumed("a3"))),
-            Some(Some("a3".into()))
-        );
+        // Without it, nobody takes it, and it takes no lookup.
+        assert!(matches!(
+            destination(&Hello::Unparsed, false, || panic!("consumed")),
+            Destination::Invalid
+        ));
     }
 }

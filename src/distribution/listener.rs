@@ -151,6 +151,10 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
                 };
                 beam_tls::relay_to_node(stream, peer, entry, started, permit, route).await
             }
+            Destination::Invalid => {
+                warn!(%peer, "TLS record on the distribution port that is not a ClientHello; closing");
+                closed(reason::BAD_FRAME);
+            }
         }
         return;
     }

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::distribution::forward::{self, ConnectionGuard, Direction};
+use crate::distribution::listener::TLS_HANDSHAKE_BYTE;
 use crate::distribution::relay::RelayStats;
 use crate::metrics::{reason, record_closed as closed, record_phase as phase};
 use crate::net::{connect_any, ConnectError};
@@ -40,7 +41,15 @@ impl EgressManager {
         let send_name = match forward::read_send_name(&mut local, &mut prefix, deadline).await {
             Ok(s) => s,
             Err(e) => {
-                warn!(%local_peer, %target, error = %e, "closing egress connection before its handshake");
+                // A TLS record: the node runs its own TLS distribution,
+                // which the tunnel does not carry (this release's module
+                // connects such nodes the stock way).
+                if prefix.first() == Some(&TLS_HANDSHAKE_BYTE) {
+                    warn!(%local_peer, %target, error = %e,
+                        "closing egress connection: the node uses its own TLS distribution (inet_tls_dist), which egress ports do not carry; update the distproxy_epmd module, which connects such nodes the stock way");
+                } else {
+                    warn!(%local_peer, %target, error = %e, "closing egress connection before its handshake");
+                }
                 closed(e.reason());
                 return;
             }
