@@ -439,9 +439,10 @@ fn beam_tls_refused_by_configuration() {
 /// not offer the tunnel's ALPN, so the sidecar routes them to the node
 /// instead of terminating them. The tunnel's certificates come from a CA
 /// the nodes do not trust, so a pong also proves that nothing but the
-/// nodes took part in their TLS. a5 and b5, named by address, send no SNI.
-/// Meanwhile a3 and b3 (plain distribution, a3 with the module) still go
-/// through the tunnel, on the same port.
+/// nodes took part in their TLS. a5 and b5, named by address, send no SNI;
+/// a6 has the distproxy EPMD module too, which leaves its TLS to the stock
+/// way. Meanwhile a3 and b3 (plain distribution, a3 with the module) still
+/// go through the tunnel, on the same port.
 #[test]
 fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
     if !e2e_enabled("beam_tls_passes_sidecars_that_run_the_tls_tunnel", &[]) {
@@ -468,7 +469,15 @@ fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
     };
     let mut a5 = by_ip(a, "a5");
     let b5 = by_ip(b, "b5");
-    let mut a3 = a.spawn_erlang_with("a3", &with_module(&compile_module(&lab)));
+    let module = with_module(&compile_module(&lab));
+    // TLS distribution with the module as well: the module leaves such a
+    // node to the stock way (the tunnel carries plain distribution only).
+    let mut tls_module = tls_a.clone();
+    tls_module
+        .extra_args
+        .extend(module.extra_args.iter().cloned());
+    let mut a6 = start_tls_node(a, "a6", &tls_module);
+    let mut a3 = a.spawn_erlang_with("a3", &module);
     let mut b3 = b.spawn_erlang("b3");
     a3.wait_ready();
     b3.wait_ready();
@@ -482,6 +491,8 @@ fn beam_tls_passes_sidecars_that_run_the_tls_tunnel() {
     let b5_name = b5.name().to_string();
     assert_eq!(a5.ping(&b5_name), "pong", "a5 -> b5, named by address");
     assert_eq!(a5.rpc_node(&b5_name), b5_name, "rpc a5 -> b5");
+    assert_eq!(a6.ping(&b2_name), "pong", "a6 (inet_tls, module) -> b2");
+    assert_eq!(a6.rpc_node(&b2_name), b2_name, "rpc a6 -> b2");
     assert_eq!(a3.ping(&b3_name), "pong", "a3 -> b3 through the tunnel");
     assert_eq!(a3.rpc_node(&b3_name), b3_name, "rpc a3 -> b3");
 
