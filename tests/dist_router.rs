@@ -281,6 +281,42 @@ async fn a_connection_closed_before_its_handshake_consumes_its_entry() {
     assert_eq!(answered, "b@fake.host");
 }
 
+/// So does a TLS connection (a node's own TLS distribution) that dies
+/// before its ClientHello is complete, when no tunnel TLS server could
+/// have been its destination.
+#[tokio::test]
+async fn a_tls_connection_closed_inside_its_client_hello_consumes_its_entry() {
+    let mut cfg = proxy_config();
+    cfg.routing.lookup_ttl_ms = Millis(60_000);
+    cfg.dist.handshake_timeout_ms = Millis(300);
+    let sc = start(cfg);
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let a = FakeNode::start("a", "127.0.0.1:0").await;
+    let b = FakeNode::start("b", "127.0.0.1:0").await;
+    let _ra = client::register(epmd, spec("a", a.port)).await.unwrap();
+    let _rb = client::register(epmd, spec("b", b.port)).await.unwrap();
+    let peer: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+
+    lookup_port(epmd, "a").await;
+    // A TLS record header announcing a ClientHello, then nothing more.
+    let mut s = TcpStream::connect(dist).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0xf0, 0x01])
+        .await
+        .unwrap();
+    drop(s);
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let sc = &sc;
+            async move { sc.correlator.pending(peer).is_empty() }
+        })
+        .await,
+        "entry of a dead TLS connection still pending"
+    );
+    lookup_port(epmd, "b").await;
+    let (_sb, answered) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered, "b@fake.host");
+}
+
 /// With several distribution ports, lookups of different nodes from one
 /// peer are answered at once on different ports, and each port routes to
 /// its own node whatever the order the connections arrive in.

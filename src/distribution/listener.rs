@@ -134,6 +134,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
             Ok(hello) => hello,
             Err(e) => {
                 warn!(%peer, error = %e, "closing TLS connection before its ClientHello was complete");
+                // Without a tunnel TLS server it can only have been a node's:
+                // its lookup must not hold the peer's others until it expires.
+                if !ctx.tunnel.tls_configured() {
+                    ctx.correlator.consume(peer_ip, pool_port());
+                }
                 closed(e.reason());
                 return;
             }
