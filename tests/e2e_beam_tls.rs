@@ -5,11 +5,12 @@
 //! read past; it routes them by lookup correlation and relays them without
 //! decrypting, while the nodes' own certificates authenticate end to end.
 //!
-//! Certificates are made here with rcgen: one CA, and per pod a certificate
-//! whose SANs are the pod's host name and address (OTP's client sends the
-//! host part of the node name as SNI and checks the server's certificate
-//! against it), used by the pod's nodes as server and client, with
-//! `verify_peer` on both sides. A control test runs the same nodes with
+//! Certificates are made with rcgen (`support::beam_tls`, shared with the
+//! OTP release matrix): one CA, and per pod a certificate whose SANs are
+//! the pod's host name and address (OTP's client sends the host part of
+//! the node name as SNI and checks the server's certificate against it),
+//! used by the pod's nodes as server and client, with `verify_peer` on both
+//! sides. A control test runs the same nodes with
 //! stock `epmd` and no sidecar, so a failure elsewhere is distproxy's, not
 //! the certificates'.
 //!
@@ -22,130 +23,25 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
-use distproxy_testkit::certs::{Ca, Leaf, SecretDir};
+use distproxy_testkit::certs::{Ca, SecretDir};
 use support::beam::ErlangOptions;
+use support::beam_tls::{
+    beam_tls_count, by_address_tls, next_serial, pod_tls, start_tls_node, tls_options, BEAM_TLS,
+};
 use support::mesh::{assert_rpc_across_pods_answered_by_target, ping_everyone_at_once};
 use support::metrics::{metric_sum, metrics};
 use support::module::{compile_module, with_module};
 use support::sidecar::ADMIN_PORT;
 use support::wait::wait_until;
-use support::{e2e_enabled, BeamNode, Daemon, Lab, Pod, SidecarOptions, DIST_PORT};
+use support::{e2e_enabled, Daemon, Lab, Pod, SidecarOptions, DIST_PORT};
 
-/// The counter of BEAM TLS connections on the distribution port.
-const BEAM_TLS: &str = "distproxy_dist_beam_tls_connections_total";
 /// Size of the bulk transfer.
 const BLOB_SIZE: usize = 4 * 1024 * 1024;
 
 // ---------------------------------------------------------------------------
 // Set-up helpers
-
-/// The options that start a node of `pod` with OTP's TLS distribution and
-/// a certificate of `ca` for the pod: SANs its host name and address.
-fn pod_tls(lab: &Lab, ca: &Ca, pod: &Pod) -> ErlangOptions {
-    let addr = pod.addr().to_string();
-    tls_options(
-        lab,
-        ca,
-        &format!("pod-{}", pod.name()),
-        &[pod.host(), &addr],
-    )
-}
-
-/// Writes a certificate of `ca` with `sans`, its key, the CA and an
-/// `ssl_dist_optfile` into the lab directory `beam-tls-<label>`, and returns
-/// the options that start a node of OTP's TLS distribution with them.
-fn tls_options(lab: &Lab, ca: &Ca, label: &str, sans: &[&str]) -> ErlangOptions {
-    node_tls(lab, ca, label, &ca.leaf(sans, 0x5e00 + next_serial()))
-}
-
-/// Options for a node named by address (`short@198.18.0.12`), with a
-/// certificate whose SAN is that address written as a DNS name: OTP 25
-/// checks a node's host against DNS names only, so an IP SAN fails its
-/// check (`hostname_check_failed`).
-fn by_address_tls(lab: &Lab, ca: &Ca, pod: &Pod) -> ErlangOptions {
-    let addr = pod.addr().to_string();
-    let leaf = ca.leaf_with(&[&addr], 0x5e00 + next_serial(), |params| {
-        let name = addr.clone().try_into().expect("an address as a DNS name");
-        params.subject_alt_names = vec![rcgen::SanType::DnsName(name)];
-    });
-    node_tls(lab, ca, &format!("pod-{}-by-address", pod.name()), &leaf)
-}
-
-/// Writes `leaf` and an `ssl_dist_optfile` into `beam-tls-<label>` (see
-/// [`tls_options`]).
-fn node_tls(lab: &Lab, ca: &Ca, label: &str, leaf: &Leaf) -> ErlangOptions {
-    // A directory of its own: the lab prints its top-level files on failure.
-    let dir = lab.dir().join(format!("beam-tls-{label}"));
-    std::fs::create_dir_all(&dir).expect("create the BEAM TLS directory");
-    let optfile = write_optfile(&dir, leaf, &ca.pem);
-    ErlangOptions {
-        extra_args: vec![
-            "-proto_dist".into(),
-            "inet_tls".into(),
-            "-ssl_dist_optfile".into(),
-            optfile,
-        ],
-        ..Default::default()
-    }
-}
-
-/// A new certificate serial number.
-fn next_serial() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Writes `leaf`, its key and `ca_pem` into `dir`, and an
-/// `ssl_dist_optfile` using them for both sides of a connection: the server
-/// demands and checks the client's certificate, the client checks the
-/// server's (against the host it dials, by default). Returns its path.
-fn write_optfile(dir: &Path, leaf: &Leaf, ca_pem: &str) -> String {
-    let file = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write a BEAM TLS file");
-        erlang_string(&path.to_string_lossy())
-    };
-    let (cert, key, ca) = (
-        file("cert.pem", &leaf.cert_pem),
-        file("key.pem", &leaf.key_pem),
-        file("ca.pem", ca_pem),
-    );
-    let files = format!("{{certfile,{cert}}},{{keyfile,{key}}},{{cacertfile,{ca}}}");
-    let text = format!(
-        "[{{server,[{files},{{verify,verify_peer}},{{fail_if_no_peer_cert,true}}]}},\n \
-         {{client,[{files},{{verify,verify_peer}}]}}].\n"
-    );
-    let path = dir.join("ssl_dist.conf");
-    std::fs::write(&path, text).expect("write the ssl_dist_optfile");
-    path.to_string_lossy().into_owned()
-}
-
-/// An Erlang string literal.
-fn erlang_string(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// Starts `short` in `pod` with `options` and waits until it is ready;
-/// checks that it really runs OTP's TLS distribution.
-fn start_tls_node(pod: &Pod, short: &str, options: &ErlangOptions) -> BeamNode {
-    let mut node = pod.spawn_erlang_with(short, options);
-    node.wait_ready();
-    let me = node.name().to_string();
-    assert_eq!(
-        node.rpc(&me, "init", "get_argument", "[proto_dist]"),
-        "{ok,[[\"inet_tls\"]]}",
-        "{me} runs inet_tls"
-    );
-    node
-}
-
-/// `distproxy_dist_beam_tls_connections_total{outcome}` of `pod`'s sidecar.
-fn beam_tls_count(pod: &Pod, outcome: &str) -> f64 {
-    metric_sum(&metrics(pod), BEAM_TLS, &[("outcome", outcome)])
-}
 
 /// `open_connections` of `node` (short name) in `pod`'s `/nodes`.
 fn nodes_open_connections(pod: &Pod, short: &str) -> u64 {

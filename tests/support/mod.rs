@@ -24,6 +24,9 @@
 //! - [`faults`] injects network faults into a pod (loss and delay,
 //!   partitions, isolation) and sorts the TCP sockets a sidecar holds by
 //!   role, to compare with its metrics.
+//! - [`beam_tls`]: certificates and `ssl_dist_optfile`s for nodes of OTP's
+//!   own TLS distribution (`-proto_dist inet_tls`), in the lab directory
+//!   (which every release's root filesystem sees).
 //! - [`otp`]: the OTP release a node runs ([`Otp`], per pod or per node):
 //!   the host's, or another release from a Debian root filesystem built by
 //!   `scripts/otp-rootfs.sh`, entered with `chroot` inside the pod.
@@ -40,6 +43,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod beam;
+pub mod beam_tls;
 pub mod faults;
 pub mod lab;
 pub mod mesh;
