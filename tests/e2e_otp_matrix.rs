@@ -12,10 +12,12 @@
 //!   tunnel over mutual TLS, Erlang and Elixir nodes (started with
 //!   `elixir --name ... --erl ...`, and the release way through `ERL_FLAGS`
 //!   and `ELIXIR_ERL_OPTIONS`), an all-at-once mesh, rpc, bulk transfer,
-//!   remote NAMES, a restart.
+//!   remote NAMES, a restart; and OTP's own TLS distribution (`-proto_dist
+//!   inet_tls`, certificates from `support::beam_tls`) through default
+//!   sidecars, with and without the module.
 //! - [`otp25_and_otp29_pods_talk_through_both_paths`]: pods of different
 //!   releases; the module `distproxy install-module` writes (compiled on
-//!   25) loaded by 25 and 29.
+//!   25) loaded by 25 and 29; TLS distribution nodes of 25 and 29.
 //! - [`rolling_upgrade_from_otp25_to_otp29_while_pinging`]: pods change
 //!   release one by one while the others keep talking.
 //!
@@ -27,10 +29,12 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use distproxy_testkit::certs::{Ca, SecretDir};
 use support::beam::ErlangOptions;
+use support::beam_tls::{assert_runs_inet_tls, beam_tls_count, pod_tls, BEAM_TLS};
 use support::mesh::{
     assert_full_mesh, assert_rpc_across_pods_answered_by_target, others, ping_everyone_at_once,
 };
@@ -109,15 +113,24 @@ fn otp29_every_path() {
 /// path intact; net_adm:names lists pod A's nodes at the advertised port; a2
 /// restarts with a new creation and is reached again as its new
 /// incarnation.
+///
+/// In the same lab, pods C and D with default sidecars run nodes of OTP's
+/// own TLS distribution of that release (see [`own_tls_distribution`]),
+/// started with the others to share their start-up time.
 fn every_path_on(otp: Otp) {
-    let lab = Lab::new(&["a", "b"]);
+    let lab = Lab::new(&["a", "b", "c", "d"]);
     let (a, b) = (lab.pod("a"), lab.pod("b"));
-    a.set_otp(otp);
-    b.set_otp(otp);
+    let (c, d) = (lab.pod("c"), lab.pod("d"));
+    for pod in [a, b, c, d] {
+        pod.set_otp(otp);
+    }
     let ebin = compile_module_with(&lab, otp);
     let ca = Ca::new("dp-otp-ca");
     let (mut sidecar_a, _secret_a) = spawn_tls_sidecar(&lab, a, &ca, 0xa1);
     let (mut sidecar_b, _secret_b) = spawn_tls_sidecar(&lab, b, &ca, 0xb1);
+    let mut sidecar_c = c.spawn_sidecar(&[]);
+    let mut sidecar_d = d.spawn_sidecar(&[]);
+    let mut tls_nodes = spawn_own_tls_nodes(&lab, c, d, &ebin);
 
     let module_flags = with_module(&ebin).extra_args.join(" ");
     let release_style = |var: &str| ErlangOptions {
@@ -133,7 +146,7 @@ fn every_path_on(otp: Otp) {
         b.spawn_erlang_with("bm", &release_style("ERL_FLAGS")),
         b.spawn_elixir_with("be", &release_style("ELIXIR_ERL_OPTIONS")),
     ];
-    for node in &mut nodes {
+    for node in nodes.iter_mut().chain(&mut tls_nodes) {
         node.wait_ready();
     }
     let name = |short: &str| a.node_name(short);
@@ -242,6 +255,101 @@ fn every_path_on(otp: Otp) {
     }
     sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
+
+    own_tls_distribution(otp, c, d, &mut tls_nodes);
+    sidecar_c.assert_no_misroute();
+    sidecar_d.assert_no_misroute();
+}
+
+/// Starts the nodes of OTP's own TLS distribution (`-proto_dist inet_tls`,
+/// certificates of one CA for each pod's host name and address, checked on
+/// both sides) for [`own_tls_distribution`], without waiting for them: c1
+/// c2 in pod C, d1 d2 in pod D, and cm in pod C with the helper module
+/// from `ebin` as well. `-connect_all false`: one connection per ping, so
+/// each ping sets up the connection it checks.
+fn spawn_own_tls_nodes(lab: &Lab, c: &Pod, d: &Pod, ebin: &Path) -> Vec<BeamNode> {
+    let ca = Ca::new("dp-otp-beam-ca");
+    let tls = |pod: &Pod| no_connect_all(pod_tls(lab, &ca, pod));
+    let (tls_c, tls_d) = (tls(c), tls(d));
+    let mut tls_module = tls_c.clone();
+    tls_module.extra_args.extend(with_module(ebin).extra_args);
+    vec![
+        c.spawn_erlang_with("c1", &tls_c),
+        c.spawn_erlang_with("c2", &tls_c),
+        c.spawn_erlang_with("cm", &tls_module),
+        d.spawn_erlang_with("d1", &tls_d),
+        d.spawn_erlang_with("d2", &tls_d),
+    ]
+}
+
+/// OTP's own TLS distribution of release `otp` through default sidecars,
+/// with the nodes of [`spawn_own_tls_nodes`] (ready): c1 reaches d1 and d2
+/// (two nodes behind one port, one initiator address: only the lookup
+/// correlation tells them apart, and a wrong guess would answer the rpc
+/// with the other name), d1 reaches c2 and cm, and cm, whose module leaves
+/// its TLS to the stock way, reaches d2; each routed as BEAM TLS by the
+/// target's sidecar. 8 MiB cross c1 → d2 intact.
+fn own_tls_distribution(otp: Otp, c: &Pod, d: &Pod, nodes: &mut [BeamNode]) {
+    for node in nodes.iter_mut() {
+        assert_release(node, otp);
+        assert_runs_inet_tls(node);
+    }
+    let cm = c.node_name("cm");
+    assert_eq!(
+        node(nodes, &cm).rpc(&cm, "net_kernel", "epmd_module", "[]"),
+        "distproxy_epmd",
+        "cm runs with the helper module"
+    );
+    let (c1, c2, d1, d2) = (
+        c.node_name("c1"),
+        c.node_name("c2"),
+        d.node_name("d1"),
+        d.node_name("d2"),
+    );
+    for (from, to, target_pod) in [
+        (&c1, &d1, d),
+        (&c1, &d2, d),
+        (&d1, &c2, c),
+        (&d1, &cm, c),
+        (&cm, &d2, d),
+    ] {
+        let before = beam_tls_count(target_pod, "routed");
+        let initiator = node(nodes, from);
+        assert_eq!(initiator.ping(to), "pong", "{otp} TLS: {from} -> {to}");
+        assert_eq!(&initiator.rpc_node(to), to, "{otp} TLS: rpc {from} -> {to}");
+        let after = beam_tls_count(target_pod, "routed");
+        assert!(
+            after > before,
+            "{otp} TLS: {from} -> {to} routed as BEAM TLS by pod {} ({before} -> {after})",
+            target_pod.name()
+        );
+    }
+    let blob = node(nodes, &c1).send_blob(&d2, BLOB_SIZE);
+    assert_blob_intact(&blob, &format!("c1 -> d2 ({otp} TLS distribution)"));
+
+    for pod in [c, d] {
+        let text = metrics(pod);
+        for outcome in ["refused", "unroutable"] {
+            let n = metric_sum(&text, BEAM_TLS, &[("outcome", outcome)]);
+            assert_eq!(n, 0.0, "pod {}: BEAM TLS {outcome}\n{text}", pod.name());
+        }
+        // Nothing closed in set-up, except the module's probes of a
+        // sidecar, which connect and close without a byte (`empty`).
+        let closed = metric_sum(&text, "distproxy_connections_closed_total", &[])
+            - metric_sum(
+                &text,
+                "distproxy_connections_closed_total",
+                &[("reason", "empty")],
+            );
+        assert_eq!(closed, 0.0, "pod {}: closed in set-up\n{text}", pod.name());
+    }
+    // cm's connection was no tunnel: pod D saw no preamble.
+    let md = metrics(d);
+    assert_eq!(
+        metric_sum(&md, "distproxy_routes_total", &[("method", "preamble")]),
+        0.0,
+        "pod D: cm -> d2 came the stock way\n{md}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -249,9 +357,12 @@ fn every_path_on(otp: Otp) {
 
 /// Pod A runs OTP 25, pod B OTP 29 (plain sidecars). a1, b1 are plain;
 /// am and bm run the `.beam` that `distproxy install-module` writes (the
-/// one the binary carries, compiled on 25; loaded by 25 and by 29). Both ways, each path: 25 → 29 and 29 → 25 by
-/// correlation, and through the tunnel; then everyone at once, rpc, and
-/// 8 MiB each way across the releases.
+/// one the binary carries, compiled on 25; loaded by 25 and by 29). Both
+/// ways, each path: 25 → 29 and 29 → 25 by correlation, and through the
+/// tunnel; then everyone at once, rpc, and 8 MiB each way across the
+/// releases. Beside them, at (25) and bt (29) run OTP's own TLS
+/// distribution: at reaches bt, they disconnect, and bt reaches at, each
+/// routed as BEAM TLS by the target's sidecar, with rpc and 8 MiB.
 #[test]
 fn otp25_and_otp29_pods_talk_through_both_paths() {
     let test = "otp25_and_otp29_pods_talk_through_both_paths";
@@ -267,10 +378,6 @@ fn otp25_and_otp29_pods_talk_through_both_paths() {
     let mut sidecar_b = b.spawn_sidecar(&[]);
     // One connection per ping (no transitive connections by global), so
     // each ping below sets up the connection it checks.
-    let no_connect_all = |mut o: ErlangOptions| {
-        o.extra_args.extend(["-connect_all".into(), "false".into()]);
-        o
-    };
     let plain = no_connect_all(ErlangOptions::default());
     let module = no_connect_all(with_module(&ebin25));
     let mut nodes = vec![
@@ -279,7 +386,11 @@ fn otp25_and_otp29_pods_talk_through_both_paths() {
         b.spawn_erlang_with("b1", &plain),
         b.spawn_erlang_with("bm", &module),
     ];
-    for node in &mut nodes {
+    let beam_ca = Ca::new("dp-otp-beam-ca");
+    let tls = |pod: &Pod| no_connect_all(pod_tls(&lab, &beam_ca, pod));
+    let mut at = a.spawn_erlang_with("at", &tls(a));
+    let mut bt = b.spawn_erlang_with("bt", &tls(b));
+    for node in nodes.iter_mut().chain([&mut at, &mut bt]) {
         node.wait_ready();
     }
     let names: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
@@ -337,6 +448,49 @@ fn otp25_and_otp29_pods_talk_through_both_paths() {
     assert_blob_intact(&blob, "a1 (25) -> b1 (29)");
     let blob = nodes[3].send_blob(&names[1], BLOB_SIZE);
     assert_blob_intact(&blob, "bm (29) -> am (25)");
+
+    // OTP's own TLS distribution across the releases, each way on a fresh
+    // connection.
+    for (node, otp) in [(&mut at, Otp::V25), (&mut bt, Otp::V29)] {
+        assert_release(node, otp);
+        assert_runs_inet_tls(node);
+    }
+    let (at_name, bt_name) = (at.name().to_string(), bt.name().to_string());
+    let before = beam_tls_count(b, "routed");
+    assert_eq!(at.ping(&bt_name), "pong", "at (25) -> bt (29), TLS");
+    assert_eq!(at.rpc_node(&bt_name), bt_name, "rpc at -> bt");
+    assert!(
+        beam_tls_count(b, "routed") > before,
+        "at -> bt routed as BEAM TLS by pod B\n{}",
+        metrics(b)
+    );
+    let blob = at.send_blob(&bt_name, BLOB_SIZE);
+    assert_blob_intact(&blob, "at (25) -> bt (29), TLS distribution");
+    let disconnect = format!("['{bt_name}']");
+    assert_eq!(
+        at.rpc(&at_name, "erlang", "disconnect_node", &disconnect),
+        "true"
+    );
+    wait_until(Duration::from_secs(10), "bt to see at disconnect", || {
+        !bt.nodes().contains(&at_name)
+    });
+    let before = beam_tls_count(a, "routed");
+    assert_eq!(bt.ping(&at_name), "pong", "bt (29) -> at (25), TLS");
+    assert_eq!(bt.rpc_node(&at_name), at_name, "rpc bt -> at");
+    assert!(
+        beam_tls_count(a, "routed") > before,
+        "bt -> at routed as BEAM TLS by pod A\n{}",
+        metrics(a)
+    );
+    let blob = bt.send_blob(&at_name, BLOB_SIZE);
+    assert_blob_intact(&blob, "bt (29) -> at (25), TLS distribution");
+    for pod in [a, b] {
+        let text = metrics(pod);
+        for outcome in ["refused", "unroutable"] {
+            let n = metric_sum(&text, BEAM_TLS, &[("outcome", outcome)]);
+            assert_eq!(n, 0.0, "pod {}: BEAM TLS {outcome}\n{text}", pod.name());
+        }
+    }
     sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
 }
@@ -455,6 +609,13 @@ fn spawn_tls_sidecar(lab: &Lab, pod: &Pod, ca: &Ca, serial: u64) -> (Daemon, Sec
     );
     let daemon = pod.spawn_sidecar_with(SidecarOptions::default().config(&toml));
     (daemon, secret)
+}
+
+/// `o` with `-connect_all false`: no transitive connections by `global`,
+/// so a ping sets up exactly the connection it names.
+fn no_connect_all(mut o: ErlangOptions) -> ErlangOptions {
+    o.extra_args.extend(["-connect_all".into(), "false".into()]);
+    o
 }
 
 /// Panics unless `node` runs OTP release `otp`.
