@@ -21,9 +21,11 @@
 //! - [`rolling_upgrade_from_otp25_to_otp29_while_pinging`]: pods change
 //!   release one by one while the others keep talking.
 //!
-//! Needs root, iproute2, erlang-nox, elixir and the root filesystems; fails
-//! saying so otherwise, unless `DISTPROXY_SKIP_E2E=1` (all e2e tests) or
-//! `DISTPROXY_SKIP_OTP_MATRIX=1` (this file only) is set.
+//! Needs root, iproute2, erlang-nox (with its `ssl` application), elixir
+//! and the root filesystems (`scripts/otp-rootfs.sh` installs erlang-nox,
+//! `ssl` included, in each); fails saying so otherwise, unless
+//! `DISTPROXY_SKIP_E2E=1` (all e2e tests) or `DISTPROXY_SKIP_OTP_MATRIX=1`
+//! (this file only) is set.
 
 mod support;
 
