@@ -36,7 +36,7 @@ use std::time::{Duration, SystemTime};
 
 use distproxy_testkit::certs::{Ca, SecretDir};
 use support::beam::ErlangOptions;
-use support::beam_tls::{assert_runs_inet_tls, beam_tls_count, pod_tls, BEAM_TLS};
+use support::beam_tls::{assert_routed_tls_hop, assert_runs_inet_tls, pod_tls, BEAM_TLS};
 use support::mesh::{
     assert_full_mesh, assert_rpc_across_pods_answered_by_target, others, ping_everyone_at_once,
 };
@@ -323,16 +323,8 @@ fn own_tls_distribution(otp: Otp, c: &Pod, d: &Pod, nodes: &mut [BeamNode]) {
         (&d1, &cm, c),
         (&cm, &d2, d),
     ] {
-        let before = beam_tls_count(target_pod, "routed");
-        let initiator = node(nodes, from);
-        assert_eq!(initiator.ping(to), "pong", "{otp} TLS: {from} -> {to}");
-        assert_eq!(&initiator.rpc_node(to), to, "{otp} TLS: rpc {from} -> {to}");
-        let after = beam_tls_count(target_pod, "routed");
-        assert!(
-            after > before,
-            "{otp} TLS: {from} -> {to} routed as BEAM TLS by pod {} ({before} -> {after})",
-            target_pod.name()
-        );
+        let what = format!("{otp} TLS: {from} -> {to}");
+        assert_routed_tls_hop(node(nodes, from), to, target_pod, &what);
     }
     let blob = node(nodes, &c1).send_blob(&d2, BLOB_SIZE);
     assert_blob_intact(&blob, &format!("c1 -> d2 ({otp} TLS distribution)"));
@@ -466,14 +458,7 @@ fn otp25_and_otp29_pods_talk_through_both_paths() {
         assert_runs_inet_tls(node);
     }
     let (at_name, bt_name) = (at.name().to_string(), bt.name().to_string());
-    let before = beam_tls_count(b, "routed");
-    assert_eq!(at.ping(&bt_name), "pong", "at (25) -> bt (29), TLS");
-    assert_eq!(at.rpc_node(&bt_name), bt_name, "rpc at -> bt");
-    assert!(
-        beam_tls_count(b, "routed") > before,
-        "at -> bt routed as BEAM TLS by pod B\n{}",
-        metrics(b)
-    );
+    assert_routed_tls_hop(&mut at, &bt_name, b, "at (25) -> bt (29), TLS");
     let blob = at.send_blob(&bt_name, BLOB_SIZE);
     assert_blob_intact(&blob, "at (25) -> bt (29), TLS distribution");
     let disconnect = format!("['{bt_name}']");
@@ -484,14 +469,7 @@ fn otp25_and_otp29_pods_talk_through_both_paths() {
     wait_until(Duration::from_secs(10), "bt to see at disconnect", || {
         !bt.nodes().contains(&at_name)
     });
-    let before = beam_tls_count(a, "routed");
-    assert_eq!(bt.ping(&at_name), "pong", "bt (29) -> at (25), TLS");
-    assert_eq!(bt.rpc_node(&at_name), at_name, "rpc bt -> at");
-    assert!(
-        beam_tls_count(a, "routed") > before,
-        "bt -> at routed as BEAM TLS by pod A\n{}",
-        metrics(a)
-    );
+    assert_routed_tls_hop(&mut bt, &at_name, a, "bt (29) -> at (25), TLS");
     let blob = bt.send_blob(&at_name, BLOB_SIZE);
     assert_blob_intact(&blob, "bt (29) -> at (25), TLS distribution");
     for pod in [a, b] {

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::forward::{
-    ConnectionGuard, Direction, Forwarder, Phase, RouteMethod, SetupError, SetupErrorKind,
+    self, ConnectionGuard, Direction, Forwarder, Phase, SetupError, SetupErrorKind,
 };
 use super::relay::RelayStats;
 use super::router::Consumed;
@@ -191,20 +191,13 @@ pub async fn relay_to_node(
         refused();
         return;
     }
-    let (target, method) = match entry {
-        Some(c) => (c.node, RouteMethod::Correlated),
-        None => match ctx.registry.single() {
-            Some(only) => (only.spec.name, RouteMethod::SingleNode),
-            None => {
-                warn!(%peer, registered = ctx.registry.len(),
-                    "unroutable TLS distribution connection: no pending lookup from this peer and not exactly one node registered");
-                metrics::counter!(m::BEAM_TLS_CONNECTIONS, "outcome" => outcome::UNROUTABLE)
-                    .increment(1);
-                metrics::counter!(m::ROUTES, "method" => route::UNROUTABLE).increment(1);
-                closed(reason::UNROUTABLE);
-                return;
-            }
-        },
+    let Some((target, method)) = forward::correlated_or_single(entry.as_ref(), ctx.registry) else {
+        warn!(%peer, registered = ctx.registry.len(),
+            "unroutable TLS distribution connection: no pending lookup from this peer and not exactly one node registered");
+        metrics::counter!(m::BEAM_TLS_CONNECTIONS, "outcome" => outcome::UNROUTABLE).increment(1);
+        metrics::counter!(m::ROUTES, "method" => route::UNROUTABLE).increment(1);
+        closed(reason::UNROUTABLE);
+        return;
     };
     if !ctx
         .acl
@@ -218,24 +211,17 @@ pub async fn relay_to_node(
         closed(reason::NODE_GONE);
         return;
     };
-    let fwd = &ctx.forward;
+    let fwd = ctx.forward;
     let node_addr = SocketAddr::new(node.addr, node.spec.port);
-    let node_stream =
-        match tokio::time::timeout(fwd.connect_timeout, TcpStream::connect(node_addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                warn!(%peer, %target, %node_addr, error = %e, "failed to connect to node");
-                closed(reason::CONNECT_FAILED);
-                return;
-            }
-            Err(_) => {
-                warn!(%peer, %target, %node_addr, "timed out connecting to node");
-                closed(reason::TIMEOUT);
-                return;
-            }
-        };
-    let _ = node_stream.set_nodelay(true);
-    fwd.tcp.apply(&node_stream);
+    // Not announced to node routes: they are armed only at a verified
+    // handover, which an undecrypted handshake never has.
+    let (node_stream, _) = match fwd.connect_node(node_addr, false).await {
+        Ok(connected) => connected,
+        Err(e) => {
+            warn!(%peer, %target, %node_addr, error = %e, "failed to connect to node");
+            return;
+        }
+    };
     metrics::counter!(m::ROUTES, "method" => method.label()).increment(1);
     metrics::counter!(m::BEAM_TLS_CONNECTIONS, "outcome" => outcome::ROUTED).increment(1);
     let guard = ConnectionGuard::open(permit, &fwd.open_connections, &target, Direction::Inbound);

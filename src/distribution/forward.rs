@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::handshake::{self, SendName};
 use super::relay::{self, RelayEnd, RelayStats};
-use crate::epmd::registry::NodeEntry;
+use crate::epmd::registry::{NodeEntry, Registry};
 use crate::metrics::{self as m, reason, record_closed as closed, record_phase as phase, route};
 use crate::node_name::short_name;
 
@@ -186,6 +186,21 @@ impl RouteMethod {
     }
 }
 
+/// The target of a connection that names none (a raw handshake, a node's
+/// own TLS): the node of the peer's pending lookup, else the only
+/// registered node; `None` when neither exists (unroutable).
+pub fn correlated_or_single(
+    entry: Option<&super::router::Consumed>,
+    registry: &Registry,
+) -> Option<(String, RouteMethod)> {
+    match entry {
+        Some(c) => Some((c.node.clone(), RouteMethod::Correlated)),
+        None => registry
+            .single()
+            .map(|only| (only.spec.name, RouteMethod::SingleNode)),
+    }
+}
+
 /// Relayed connections per local node, for `/nodes`.
 #[derive(Default)]
 pub struct OpenConnections(Mutex<HashMap<String, u64>>);
@@ -301,6 +316,33 @@ impl Forwarder {
         None
     }
 
+    /// Connects to a local node at `addr` (deadline
+    /// `dist.connect_timeout_ms`, phase `connect_node`) and sets the node
+    /// leg's socket options. With `announce` and node routes on, the
+    /// connection is announced to them for as long as the returned
+    /// announcement is held. A failure is counted as closed; the caller
+    /// logs it with its own fields.
+    pub async fn connect_node(
+        &self,
+        addr: SocketAddr,
+        announce: bool,
+    ) -> Result<(TcpStream, Option<relay::Announced<'_>>), NodeConnectError> {
+        let started = Instant::now();
+        let mut announced = None;
+        let fast = self.fast_path.as_deref().filter(|_| announce);
+        let connect = relay::connect_announced(addr, fast, &mut announced);
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(NodeConnectError::Io(e)),
+            Err(_) => Err(NodeConnectError::Timeout(self.connect_timeout)),
+        }
+        .inspect_err(|e| closed(e.reason()))?;
+        phase("connect_node", started);
+        let _ = stream.set_nodelay(true);
+        self.tcp.apply(&stream);
+        Ok((stream, announced))
+    }
+
     /// Relays `a` (the remote side) and `b` (the local node's side) until
     /// either closes or the hard stop, counting the bytes in `pre` that were
     /// forwarded during setup; `rx` is towards the local node. Drops the
@@ -342,6 +384,25 @@ impl Forwarder {
             },
             outcome,
         )
+    }
+}
+
+/// Why a local node could not be connected to.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeConnectError {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Io(std::io::Error),
+}
+
+impl NodeConnectError {
+    /// The `reason` label of the closed connection.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NodeConnectError::Timeout(_) => reason::TIMEOUT,
+            NodeConnectError::Io(_) => reason::CONNECT_FAILED,
+        }
     }
 }
 
@@ -451,29 +512,13 @@ where
         method,
     } = *who;
     let node_addr = SocketAddr::new(node.addr, node.spec.port);
-    let connect_start = Instant::now();
-    let mut announced = None;
-    let mut node_stream = match tokio::time::timeout(
-        fwd.connect_timeout,
-        relay::connect_announced(node_addr, fwd.fast_path.as_deref(), &mut announced),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let (mut node_stream, announced) = match fwd.connect_node(node_addr, true).await {
+        Ok(connected) => connected,
+        Err(e) => {
             warn!(%peer, %initiator, %target, %node_addr, error = %e, "failed to connect to node");
-            closed(reason::CONNECT_FAILED);
-            return None;
-        }
-        Err(_) => {
-            warn!(%peer, %initiator, %target, %node_addr, "timed out connecting to node");
-            closed(reason::TIMEOUT);
             return None;
         }
     };
-    phase("connect_node", connect_start);
-    let _ = node_stream.set_nodelay(true);
-    fwd.tcp.apply(&node_stream);
     let replay = tokio::time::timeout(fwd.handshake_timeout, node_stream.write_all(prefix));
     if let Err(e) = replay
         .await

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::beam_tls::{self, Destination};
-use super::forward::{self, Forwarder, RouteMethod, ToNode};
+use super::forward::{self, Forwarder, ToNode};
 use super::router::Correlator;
 use crate::acl::{AclHandle, AclPath, AclRequest};
 use crate::config::BeamTls;
@@ -130,20 +130,20 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
             .unwrap_or_else(|_| ctx.correlator.ports()[0])
     };
     if first == TLS_HANDSHAKE_BYTE {
+        let tls = ctx.tunnel.tls_configured();
         let hello = match beam_tls::peek_hello(&stream, deadline).await {
             Ok(hello) => hello,
             Err(e) => {
                 warn!(%peer, error = %e, "closing TLS connection before its ClientHello was complete");
                 // Without a tunnel TLS server it can only have been a node's:
                 // its lookup must not hold the peer's others until it expires.
-                if !ctx.tunnel.tls_configured() {
+                if !tls {
                     ctx.correlator.consume(peer_ip, pool_port());
                 }
                 closed(e.reason());
                 return;
             }
         };
-        let tls = ctx.tunnel.tls_configured();
         let port = pool_port();
         match beam_tls::destination(&hello, tls, || ctx.correlator.consume(peer_ip, port)) {
             Destination::Tunnel => ctx.tunnel.accept_tls(stream, peer, started, permit).await,
@@ -197,18 +197,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     let initiator = send_name.name;
 
     // Choose the target: the peer's oldest pending lookup, else the only node.
-    let (target, method) = match entry.as_ref() {
-        Some(c) => (c.node.clone(), RouteMethod::Correlated),
-        None => match ctx.registry.single() {
-            Some(only) => (only.spec.name, RouteMethod::SingleNode),
-            None => {
-                warn!(%peer, %initiator, registered = ctx.registry.len(),
-                    "unroutable distribution connection: no pending lookup from this peer and not exactly one node registered");
-                metrics::counter!(m::ROUTES, "method" => route::UNROUTABLE).increment(1);
-                closed(reason::UNROUTABLE);
-                return;
-            }
-        },
+    let Some((target, method)) = forward::correlated_or_single(entry.as_ref(), &ctx.registry)
+    else {
+        warn!(%peer, %initiator, registered = ctx.registry.len(),
+            "unroutable distribution connection: no pending lookup from this peer and not exactly one node registered");
+        metrics::counter!(m::ROUTES, "method" => route::UNROUTABLE).increment(1);
+        closed(reason::UNROUTABLE);
+        return;
     };
     let request = AclRequest {
         initiator: &initiator,

@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::forward::{ConnectionGuard, Direction, Forwarder};
-use super::relay::{self, RelayStats};
+use super::relay::RelayStats;
 use crate::epmd::registry::{NodeEntry, Registry};
 use crate::metrics::{self as m, reason};
 use crate::net::ConnectionLimit;
@@ -187,24 +187,15 @@ impl Mirrors {
             return;
         };
         let _ = stream.set_nodelay(true);
-        let mut announced = None;
-        let connect =
-            relay::connect_announced(target, self.forward.fast_path.as_deref(), &mut announced);
-        let node_stream = match tokio::time::timeout(self.forward.connect_timeout, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+        // Announced to node routes: a mirror arms them before the handshake
+        // (the acceptor has sent nothing yet).
+        let (node_stream, announced) = match self.forward.connect_node(target, true).await {
+            Ok(connected) => connected,
+            Err(e) => {
                 warn!(%peer, %target, error = %e, "same-pod mirror: failed to connect to node");
-                m::record_closed(reason::CONNECT_FAILED);
-                return;
-            }
-            Err(_) => {
-                warn!(%peer, %target, "same-pod mirror: timed out connecting to node");
-                m::record_closed(reason::TIMEOUT);
                 return;
             }
         };
-        m::record_phase("connect_node", started);
-        let _ = node_stream.set_nodelay(true);
         let node = self
             .registry
             .list()

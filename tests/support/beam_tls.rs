@@ -131,3 +131,18 @@ pub fn assert_runs_inet_tls(node: &mut BeamNode) {
 pub fn beam_tls_count(pod: &Pod, outcome: &str) -> f64 {
     metric_sum(&metrics(pod), BEAM_TLS, &[("outcome", outcome)])
 }
+
+/// `from` reaches `to` over TLS distribution (pong, rpc answered by `to`),
+/// and `pod`, the target's pod, counted the connection as routed BEAM TLS.
+pub fn assert_routed_tls_hop(from: &mut BeamNode, to: &str, pod: &Pod, what: &str) {
+    let before = beam_tls_count(pod, "routed");
+    assert_eq!(from.ping(to), "pong", "{what}");
+    assert_eq!(from.rpc_node(to), to, "{what}: rpc answered by {to}");
+    let after = beam_tls_count(pod, "routed");
+    assert!(
+        after > before,
+        "{what}: routed as BEAM TLS by pod {} ({before} -> {after})\n{}",
+        pod.name(),
+        metrics(pod)
+    );
+}
