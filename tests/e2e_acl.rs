@@ -265,3 +265,81 @@ fn identity_rules_judge_the_peer_sidecars_certificate() {
     assert!(metric_sum(&text, "distproxy_acl_denied_total", &[("rule", "default")]) >= 1.0);
     assert_eq!(a1.nodes(), vec![b.node_name("b1")]);
 }
+
+/// A same-pod mirror listener (`distribution::mirror`) listens on the pod
+/// address, so another pod can reach it: a node of pod b that dials a2's
+/// port on pod a's address directly (`-erl_epmd_port`, no lookup) must not
+/// get past the rules that refuse it on the distribution port. Nodes of pod
+/// a keep using the mirror.
+#[test]
+fn a_same_pod_mirror_refuses_other_pods() {
+    if !e2e_enabled("a_same_pod_mirror_refuses_other_pods", &[]) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let rules = format!(
+        "[[acl]]\nname = \"b-not-to-a2\"\naction = \"deny\"\ninitiator = \"*@{}\"\ntarget = \"a2\"\n",
+        b.host()
+    );
+    let sidecar_a = a.spawn_sidecar_with(SidecarOptions::default().config(&rules));
+    let _sidecar_b = b.spawn_sidecar(&[]);
+    let mut a1 = a.spawn_erlang_with("a1", &alone());
+    let mut a2 = a.spawn_erlang_with("a2", &alone());
+    for n in [&mut a1, &mut a2] {
+        n.wait_ready();
+    }
+    let a2n = a.node_name("a2");
+    // a1 -> a2 by the pod's name: answered with a2's own port, served by a
+    // mirror listener on pod a's address.
+    assert_eq!(a1.ping(&a2n), "pong", "same-pod a1 -> a2");
+    sidecar_a.wait_log("same-pod mirror listener opened", 1, Duration::from_secs(5));
+    let names = a.epmd_names();
+    let a2_port = names
+        .lines()
+        .find_map(|l| l.strip_prefix("name a2 at port "))
+        .unwrap_or_else(|| panic!("a2 in `epmd -names`: {names}"))
+        .trim()
+        .to_string();
+
+    // b1 through the distribution port: refused by the rule.
+    let mut b1 = b.spawn_erlang_with("b1", &alone());
+    b1.wait_ready();
+    assert_eq!(b1.ping(&a2n), "pang", "b1 -> a2 is denied");
+    // b3 dials a2's port on pod a's address, where the mirror listens.
+    let mut direct = alone();
+    direct.extra_args.extend(["-erl_epmd_port".into(), a2_port]);
+    let mut b3 = b.spawn_erlang_with("b3", &direct);
+    b3.wait_ready();
+    assert_eq!(
+        b3.ping(&a2n),
+        "pang",
+        "b3 reached a2 through the same-pod mirror"
+    );
+    sidecar_a.wait_log(
+        "same-pod mirror: connection from another host refused",
+        1,
+        Duration::from_secs(5),
+    );
+    assert!(
+        !a2.nodes().iter().any(|n| n.ends_with(b.host())),
+        "{:?}",
+        a2.nodes()
+    );
+    let text = metrics(a);
+    assert!(
+        metric_sum(
+            &text,
+            "distproxy_connections_closed_total",
+            &[("reason", "refused_by_policy")]
+        ) >= 2.0,
+        "{text}"
+    );
+    // The pod's own nodes still use the mirror.
+    let a1n = a.node_name("a1");
+    assert_eq!(
+        a1.rpc(&a1n, "erlang", "disconnect_node", &format!("['{a2n}']")),
+        "true"
+    );
+    assert_eq!(a1.ping(&a2n), "pong", "same-pod a1 -> a2 again");
+}

@@ -17,8 +17,14 @@
 //! the lookup falls back to correlation.
 //!
 //! A mirror lives while a node with its port is registered (checked every
-//! [`CHECK_INTERVAL`] and on every accept); connections already relayed
-//! outlive it.
+//! [`CHECK_INTERVAL`]); connections already relayed outlive it.
+//!
+//! A mirror takes connections from the pod only (the pod address itself, or
+//! loopback): it listens on the pod address, where other pods can reach it
+//! too, and what it relays is not judged by the rules of the distribution
+//! port (`[[acl]]`, `tls.require_tls`, the per-source limit). A connection
+//! from another host is closed before the node is contacted, logged and
+//! counted as `refused_by_policy`.
 //!
 //! Measured alternative: correlating same-pod lookups like remote ones; see
 //! the README's mesh bench.
@@ -156,6 +162,11 @@ impl Mirrors {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        if !crate::net::is_local_peer(peer.ip(), Some(at)) {
+                            warn!(%peer, %at, "same-pod mirror: connection from another host refused");
+                            m::record_closed(reason::REFUSED_BY_POLICY);
+                            continue;
+                        }
                         let mirrors = Arc::clone(&self);
                         self.tracker.spawn(async move {
                             mirrors.connection(stream, peer, target).await;
