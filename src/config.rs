@@ -861,7 +861,8 @@ pub struct LimitsConfig {
     /// Nodes registered at once.
     #[serde(default = "default_max_registered_nodes")]
     pub max_registered_nodes: usize,
-    /// TLS handshakes in flight at once (inbound and outbound).
+    /// TLS handshakes in flight at once on each side (accepted, dialled);
+    /// one remote address gets a quarter of the accepted ones.
     #[serde(default = "default_max_tls_handshakes")]
     pub max_tls_handshakes: usize,
 }

@@ -2,6 +2,7 @@
 //! sockets, with certificates made here (rcgen) and written like a mounted
 //! Kubernetes Secret (symlinks through `..data`).
 
+use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -63,8 +64,8 @@ async fn serve_once(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let (mut stream, identity) = tls.accept(tcp).await?;
+        let (tcp, peer) = listener.accept().await.unwrap();
+        let (mut stream, identity) = tls.accept(tcp, peer.ip()).await?;
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             loop {
@@ -188,15 +189,17 @@ async fn handshakes_in_flight_are_bounded() {
     let ca = Ca::new("dp-test-ca");
     let a = pod(&ca, &ca.leaf(&[POD_A], 1), ServerNameVerification::Hostname);
     let b = pod(&ca, &ca.leaf(&[POD_B], 2), ServerNameVerification::Hostname);
-    // Three silent "clients": duplex pipes nobody writes to.
+    // Three silent "clients" of three addresses: duplex pipes nobody
+    // writes to.
     let mut stalled = Vec::new();
     let mut peers = Vec::new();
-    for _ in 0..3 {
+    for i in 0..3u8 {
         let (ours, theirs) = tokio::io::duplex(1024);
         let tls = Arc::clone(&a.tls);
-        stalled.push(tokio::spawn(
-            async move { tls.accept(ours).await.map(|_| ()) },
-        ));
+        let from = IpAddr::from([198, 18, 0, 60 + i]);
+        stalled.push(tokio::spawn(async move {
+            tls.accept(ours, from).await.map(|_| ())
+        }));
         peers.push(theirs);
     }
     for _ in 0..50 {
@@ -227,6 +230,92 @@ async fn handshakes_in_flight_are_bounded() {
         .unwrap()
         .expect("server handshake once slots free");
     assert!(a.tls.handshakes_in_flight() <= 2);
+}
+
+/// Silent "clients" (duplex pipes nobody writes to) of `from`, each
+/// holding an accepted handshake of `tls` until aborted.
+fn stall_accepts(
+    tls: &Arc<Tls>,
+    from: IpAddr,
+    n: usize,
+) -> Vec<(tokio::task::JoinHandle<()>, tokio::io::DuplexStream)> {
+    (0..n)
+        .map(|_| {
+            let (ours, theirs) = tokio::io::duplex(1024);
+            let tls = Arc::clone(tls);
+            let task = tokio::spawn(async move {
+                let _ = tls.accept(ours, from).await;
+            });
+            (task, theirs)
+        })
+        .collect()
+}
+
+/// A peer that opens handshakes and stalls them (each would hold a slot
+/// until the deadline) gets a quarter of the accepting slots (here 1 of
+/// 4): another pod's sidecar still gets through at once, and this pod's
+/// own tunnels out have slots of their own, so they never wait for it.
+#[tokio::test]
+async fn stalled_handshakes_of_one_address_delay_neither_other_peers_nor_dialling_out() {
+    let ca = Ca::new("dp-test-ca");
+    let leaf = ca.leaf(&[POD_A], 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = SecretDir::create(tmp.path(), &leaf.cert_pem, &leaf.key_pem, &ca.pem);
+    let mut s = settings(&secret, ServerNameVerification::Hostname);
+    s.max_handshakes = 4;
+    let a = Tls::load(s).unwrap();
+    let b = pod(&ca, &ca.leaf(&[POD_B], 2), ServerNameVerification::Hostname);
+
+    let attacker = IpAddr::from([198, 18, 0, 66]);
+    let held = stall_accepts(&a, attacker, 8);
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        a.handshakes_in_flight(),
+        1,
+        "one address holds more than its share"
+    );
+
+    // Another pod's sidecar (a real handshake over a pipe) gets a slot.
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move {
+            a.accept(ours, IpAddr::from([198, 18, 0, 11]))
+                .await
+                .map(|_| ())
+        }
+    });
+    let client = b.tls.connect(theirs, POD_A);
+    let (client, server) = tokio::time::timeout(Duration::from_secs(2), async {
+        (client.await, server.await.unwrap())
+    })
+    .await
+    .expect("the other pod's handshake waited behind the stalled ones");
+    client.expect("client handshake");
+    server.expect("server handshake");
+
+    // Every accepting slot held (three more addresses): dialling out from
+    // pod a still gets a slot at once.
+    let more: Vec<_> = (0..3u8)
+        .flat_map(|i| stall_accepts(&a, IpAddr::from([198, 18, 0, 70 + i]), 2))
+        .collect();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.handshakes_in_flight(), 4, "every accepting slot held");
+    let (addr, b_server) = serve_once(Arc::clone(&b.tls)).await;
+    let mut out = tokio::time::timeout(Duration::from_secs(2), dial(&a, addr, POD_B))
+        .await
+        .expect("dialling out waited behind stalled inbound handshakes")
+        .expect("client handshake");
+    b_server.await.unwrap().expect("server handshake");
+    echo(&mut out, b"through").await.unwrap();
+    assert_eq!(a.connect_handshakes_in_flight(), 0);
+    for (task, _) in held.into_iter().chain(more) {
+        task.abort();
+    }
 }
 
 #[tokio::test]
