@@ -212,7 +212,9 @@ pub async fn members(
     crate::discovery::wire::decode_members(&reply).map_err(|e| ClientError::BadReply {
         addr,
         reason: if reply.is_empty() {
-            "connection closed without a reply (not a distproxy sidecar?)".into()
+            "connection closed without a reply (not a distproxy sidecar, or a sidecar \
+             of another host: members are answered to local peers only, run it in the pod)"
+                .into()
         } else {
             e.to_string()
         },
