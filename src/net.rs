@@ -149,6 +149,10 @@ pub struct ConnectionLimit {
     max: usize,
     per_source: usize,
     sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Refusals are counted one by one but logged at most once a second:
+    /// a peer opening connections in a loop must not make a log line of
+    /// each.
+    refusals: Arc<Mutex<RateLimitedLog>>,
 }
 
 /// A connection's place under a [`ConnectionLimit`]; dropping it frees it.
@@ -217,6 +221,7 @@ impl ConnectionLimit {
             max,
             per_source,
             sources: Arc::default(),
+            refusals: Arc::new(Mutex::new(RateLimitedLog::new(Duration::from_secs(1)))),
         }
     }
 
@@ -276,8 +281,11 @@ impl Admission for ConnectionLimit {
         match self.acquire(peer.ip(), is_local_peer(peer.ip(), local)) {
             Ok(p) => Some(p),
             Err(why) => {
-                warn!(%peer, listener = self.listener, limit = self.max,
-                    per_source = self.per_source, "{why}; closing");
+                if let Some(skipped) = lock(&self.refusals).allow(Instant::now()) {
+                    warn!(%peer, listener = self.listener, limit = self.max,
+                        per_source = self.per_source, skipped,
+                        "{why}; closing (logged at most once a second; `skipped`: refusals not logged since)");
+                }
                 metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
                     "listener" => self.listener, "limit" => why.label())
                 .increment(1);
@@ -395,18 +403,24 @@ impl RateLimitedLog {
         }
     }
 
-    fn accept_failed(&mut self, what: &str, local: Option<SocketAddr>, e: &std::io::Error) {
-        let now = Instant::now();
+    /// Whether to log an event at `now`: `Some(events skipped since the
+    /// last one logged)`, or `None` within a period of the last one.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
         if self
             .last
             .is_some_and(|t| now.duration_since(t) < self.period)
         {
             self.skipped += 1;
-            return;
+            return None;
         }
-        warn!(listener = ?local, error = %e, skipped = self.skipped, "{what} accept failed");
         self.last = Some(now);
-        self.skipped = 0;
+        Some(std::mem::take(&mut self.skipped))
+    }
+
+    fn accept_failed(&mut self, what: &str, local: Option<SocketAddr>, e: &std::io::Error) {
+        if let Some(skipped) = self.allow(Instant::now()) {
+            warn!(listener = ?local, error = %e, skipped, "{what} accept failed");
+        }
     }
 }
 

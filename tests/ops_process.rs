@@ -429,3 +429,80 @@ async fn the_soft_limit_on_open_files_is_raised_to_the_hard_limit() {
         "soft limit raised to the hard one: {line}"
     );
 }
+
+/// A flood of connections beyond a limit is counted one by one but logged
+/// at most once a second (with the number of refusals not logged since):
+/// a peer that opens connections in a loop must not turn each into a log
+/// line, which would fill the node's disk or the log pipeline.
+#[tokio::test]
+async fn connections_refused_by_a_limit_are_all_counted_and_logged_at_most_once_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = write_config(dir.path(), &ports, "");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap()
+            + "[limits]\nepmd_max_connections = 1\nreserved_local_connections = 0\n",
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let p = Proc::spawn(
+        "distproxy",
+        Command::new(distproxy_testkit::distproxy_bin!())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+        &log,
+    );
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            distproxy_testkit::bench::scrape(admin).is_ok()
+        })
+        .await,
+        "sidecar did not start"
+    );
+    // The one slot, held; then 300 connections beyond it, each closed at
+    // accept.
+    let _held = tokio::net::TcpStream::connect(epmd).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let mut s = tokio::net::TcpStream::connect(epmd).await.unwrap();
+            let mut b = [0u8; 1];
+            matches!(s.read(&mut b).await, Ok(0) | Err(_))
+        })
+        .await,
+        "the held connection does not fill the limit"
+    );
+    let started = Instant::now();
+    for _ in 0..299 {
+        let mut s = tokio::net::TcpStream::connect(epmd).await.unwrap();
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b).await;
+    }
+    let series = "distproxy_connections_refused_total{listener=\"epmd\",limit=\"total\"}";
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let text = distproxy_testkit::bench::scrape(admin).unwrap_or_default();
+            distproxy_testkit::bench::sample(&text, series) == Some(300.0)
+        })
+        .await,
+        "every refusal counted: {:?}",
+        distproxy_testkit::bench::sample(
+            &distproxy_testkit::bench::scrape(admin).unwrap_or_default(),
+            series
+        )
+    );
+    let seconds = started.elapsed().as_secs() + 1;
+    let lines = p
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("connection limit reached"))
+        .count() as u64;
+    assert!(
+        lines >= 1 && lines <= seconds + 1,
+        "{lines} log lines for 300 refusals in {seconds} s"
+    );
+}
