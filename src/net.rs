@@ -273,6 +273,22 @@ impl ConnectionLimit {
     pub fn per_source(&self) -> usize {
         self.per_source
     }
+
+    /// Logs (at most once a second) and counts a connection from `peer`
+    /// closed at accept because of `why`.
+    pub fn refused(&self, peer: SocketAddr, why: LimitRefused) {
+        if let Some(skipped) = lock(&self.refusals).allow(Instant::now()) {
+            warn!(%peer, listener = self.listener, limit = self.max,
+                per_source = self.per_source, skipped,
+                "{why}; closing (logged at most once a second; `skipped`: refusals not logged since)");
+        }
+        metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
+            "listener" => self.listener, "limit" => why.label())
+        .increment(1);
+        if self.listener == "distribution" {
+            crate::metrics::record_closed(crate::metrics::reason::OVER_LIMIT);
+        }
+    }
 }
 
 impl Admission for ConnectionLimit {
@@ -281,17 +297,7 @@ impl Admission for ConnectionLimit {
         match self.acquire(peer.ip(), is_local_peer(peer.ip(), local)) {
             Ok(p) => Some(p),
             Err(why) => {
-                if let Some(skipped) = lock(&self.refusals).allow(Instant::now()) {
-                    warn!(%peer, listener = self.listener, limit = self.max,
-                        per_source = self.per_source, skipped,
-                        "{why}; closing (logged at most once a second; `skipped`: refusals not logged since)");
-                }
-                metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
-                    "listener" => self.listener, "limit" => why.label())
-                .increment(1);
-                if self.listener == "distribution" {
-                    crate::metrics::record_closed(crate::metrics::reason::OVER_LIMIT);
-                }
+                self.refused(peer, why);
                 None
             }
         }

@@ -315,6 +315,7 @@ impl Sidecar {
                     let discovery = Arc::clone(&discovery);
                     Arc::new(move || discovery.to_json())
                 },
+                pending: Arc::default(),
             });
             for l in listeners.admin {
                 tokio::spawn(crate::admin::serve(l, Arc::clone(&admin)));

@@ -298,3 +298,61 @@ async fn health_readiness_and_unknown_paths() {
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
 }
+
+/// Connections that never finish their request (a slowloris, from as many
+/// addresses as it takes to pass the per-source cap) fill the admin limit:
+/// a probe still gets its answer, because the oldest connection without a
+/// complete request is closed to make room, and counted.
+#[tokio::test]
+async fn a_probe_is_answered_while_unfinished_requests_fill_the_limit() {
+    let mut cfg = proxy_config();
+    cfg.limits.admin_max_connections = 4;
+    cfg.limits.reserved_local_connections = 0;
+    let sc = start_with_admin(cfg);
+    let admin = sc.admin_addr.unwrap();
+    let before = get(
+        &scrape(admin).await,
+        "distproxy_connections_refused_total",
+        &[("listener", "admin"), ("limit", "evicted")],
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        s.write_all(b"GET /he").await.unwrap();
+        stalled.push(s);
+    }
+    // Every slot is held once the server has taken the four.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(2), http_get(admin, "/healthz"))
+        .await
+        .expect("the probe waited for a slowloris to time out");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok\n"),
+        "the probe was refused"
+    );
+    // The oldest stalled connection made room: closed without a response;
+    // the others are still open.
+    let mut buf = [0u8; 64];
+    let first = tokio::time::timeout(Duration::from_secs(1), stalled[0].read(&mut buf))
+        .await
+        .expect("the oldest stalled connection is still open");
+    assert!(matches!(first, Ok(0) | Err(_)), "{first:?}");
+    for s in &mut stalled[1..] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf))
+                .await
+                .is_err(),
+            "a newer stalled connection was closed too"
+        );
+    }
+    let after = get(
+        &scrape(admin).await,
+        "distproxy_connections_refused_total",
+        &[("listener", "admin"), ("limit", "evicted")],
+    );
+    assert!(
+        after >= before + 1.0,
+        "evictions counted: {before} -> {after}"
+    );
+}
