@@ -49,10 +49,6 @@ pub struct AdminCtx {
     pub pending: Arc<PendingHeads>,
 }
 
-/// The `limit` label of `distproxy_connections_refused_total` for a
-/// connection closed to make room ([`PendingHeads`]).
-pub const EVICTED: &str = "evicted";
-
 /// Admin connections still sending their request head, oldest first, each
 /// with its permit. When `limits.admin_max_connections` is reached, the
 /// oldest of them is closed to make room for the new connection: peers that
@@ -161,7 +157,7 @@ impl Admission for AdminAdmission {
             Ok(p) => p,
             Err(LimitRefused::Total) if self.pending.evict_oldest() => {
                 metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
-                    "listener" => "admin", "limit" => EVICTED)
+                    "listener" => "admin", "limit" => crate::net::EVICTED)
                 .increment(1);
                 debug!(%peer, "admin connection limit reached; closed the oldest connection without a complete request");
                 match self.limit.acquire(peer.ip(), is_local) {

@@ -260,7 +260,7 @@ pub fn describe() {
     );
     describe_counter!(
         CONNECTIONS_REFUSED,
-        "Connections closed at accept by a connection limit, by listener and limit (total, per_source); admin connections closed to make room (evicted)."
+        "Connections closed at accept by a connection limit, by listener and limit (total, per_source), and connections closed to make room for a newer one (evicted)."
     );
     describe_counter!(
         WRITE_TIMEOUTS,

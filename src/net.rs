@@ -85,6 +85,11 @@ pub trait Admission: Send + Sync + 'static {
     /// `None`: the connection is closed at once (the implementation logs
     /// and counts why). `local` is the listener's own address.
     fn admit(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Option<Self::Permit>;
+    /// Cancelled when the connection holding `permit` must end to make
+    /// room for a newer one (`None`: never).
+    fn evicted(_permit: &Self::Permit) -> Option<CancellationToken> {
+        None
+    }
 }
 
 /// Takes every connection.
@@ -149,6 +154,9 @@ pub struct ConnectionLimit {
     max: usize,
     per_source: usize,
     sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// With [`ConnectionLimit::evicting`]: connections still being set up,
+    /// whose places a new connection may take when the limit is full.
+    pending: Option<Arc<PendingQueue>>,
     /// Refusals are counted one by one but logged at most once a second:
     /// a peer opening connections in a loop must not make a log line of
     /// each.
@@ -156,9 +164,95 @@ pub struct ConnectionLimit {
 }
 
 /// A connection's place under a [`ConnectionLimit`]; dropping it frees it.
+///
+/// Under a limit that [evicts](ConnectionLimit::evicting), the place is
+/// held by the limit's queue of connections still being set up until the
+/// connection [claims](ConnPermit::claim) it: until then, a new connection
+/// that finds the limit full may take it (the oldest first), and the
+/// connection is ended ([`Admission::evicted`]).
 pub struct ConnPermit {
-    _permit: Option<OwnedSemaphorePermit>,
+    held: Option<Held>,
+    pending: Option<PendingTicket>,
+}
+
+/// The semaphore permit and per-source slot behind a [`ConnPermit`].
+struct Held {
+    _permit: OwnedSemaphorePermit,
     _source: Option<SourceSlot>,
+}
+
+impl ConnPermit {
+    /// The connection is set up (about to be relayed): its place can no
+    /// longer be taken by a newer connection. False if it was taken
+    /// already (the connection is being ended).
+    pub fn claim(&mut self) -> bool {
+        match self.pending.take() {
+            None => self.held.is_some(),
+            Some(ticket) => {
+                self.held = ticket.queue.take(ticket.id);
+                self.held.is_some()
+            }
+        }
+    }
+}
+
+/// Connections of an evicting limit still being set up, oldest first, with
+/// their places.
+#[derive(Default)]
+struct Pending {
+    next_id: u64,
+    queue: std::collections::VecDeque<(u64, Held, CancellationToken)>,
+}
+
+#[derive(Default)]
+struct PendingQueue(Mutex<Pending>);
+
+impl PendingQueue {
+    fn push(self: &Arc<Self>, held: Held) -> PendingTicket {
+        let mut p = lock(&self.0);
+        p.next_id += 1;
+        let id = p.next_id;
+        let evicted = CancellationToken::new();
+        p.queue.push_back((id, held, evicted.clone()));
+        PendingTicket {
+            queue: Arc::clone(self),
+            id,
+            evicted,
+        }
+    }
+
+    fn take(&self, id: u64) -> Option<Held> {
+        let mut p = lock(&self.0);
+        let at = p.queue.iter().position(|e| e.0 == id)?;
+        p.queue.remove(at).map(|e| e.1)
+    }
+
+    /// Ends the oldest connection still being set up and frees its place;
+    /// false if there is none.
+    fn evict_oldest(&self) -> bool {
+        let oldest = lock(&self.0).queue.pop_front();
+        match oldest {
+            Some((_, held, evicted)) => {
+                evicted.cancel();
+                drop(held);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A place held by a [`PendingQueue`]; dropping it frees the place.
+struct PendingTicket {
+    queue: Arc<PendingQueue>,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl Drop for PendingTicket {
+    fn drop(&mut self) {
+        drop(self.queue.take(self.id));
+    }
 }
 
 struct SourceSlot {
@@ -221,8 +315,20 @@ impl ConnectionLimit {
             max,
             per_source,
             sources: Arc::default(),
+            pending: None,
             refusals: Arc::new(Mutex::new(RateLimitedLog::new(Duration::from_secs(1)))),
         }
+    }
+
+    /// This limit, making room when it is full by ending the oldest
+    /// connection not yet set up ([`ConnPermit::claim`]) for the new one:
+    /// peers that open connections and stall them (from as many addresses
+    /// as it takes to pass the per-source cap) cannot keep out a peer whose
+    /// connection sets up at once. Connections that claimed their place are
+    /// never ended for room.
+    pub fn evicting(mut self) -> ConnectionLimit {
+        self.pending = Some(Arc::default());
+        self
     }
 
     /// A permit for a connection from `peer` (`local`: inside the pod).
@@ -247,12 +353,22 @@ impl ConnectionLimit {
             Err(_) => return Err(LimitRefused::Total),
         };
         sources.insert(ip, held + 1);
-        Ok(ConnPermit {
-            _permit: Some(permit),
+        let held = Held {
+            _permit: permit,
             _source: Some(SourceSlot {
                 sources: Arc::clone(&self.sources),
                 ip,
             }),
+        };
+        Ok(match &self.pending {
+            Some(queue) => ConnPermit {
+                held: None,
+                pending: Some(queue.push(held)),
+            },
+            None => ConnPermit {
+                held: Some(held),
+                pending: None,
+            },
         })
     }
 
@@ -261,8 +377,11 @@ impl ConnectionLimit {
     pub fn try_acquire(&self) -> Option<ConnPermit> {
         let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
         Some(ConnPermit {
-            _permit: Some(permit),
-            _source: None,
+            held: Some(Held {
+                _permit: permit,
+                _source: None,
+            }),
+            pending: None,
         })
     }
 
@@ -294,15 +413,38 @@ impl ConnectionLimit {
 impl Admission for ConnectionLimit {
     type Permit = ConnPermit;
     fn admit(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Option<ConnPermit> {
-        match self.acquire(peer.ip(), is_local_peer(peer.ip(), local)) {
-            Ok(p) => Some(p),
-            Err(why) => {
-                self.refused(peer, why);
-                None
+        let local = is_local_peer(peer.ip(), local);
+        let refused = match self.acquire(peer.ip(), local) {
+            Ok(p) => return Some(p),
+            Err(LimitRefused::Total) if self.pending.as_ref().is_some_and(|q| q.evict_oldest()) => {
+                debug!(%peer, listener = self.listener,
+                    "connection limit reached; ended the oldest connection not yet set up to make room");
+                metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
+                    "listener" => self.listener, "limit" => EVICTED)
+                .increment(1);
+                if self.listener == "distribution" {
+                    crate::metrics::record_closed(crate::metrics::reason::OVER_LIMIT);
+                }
+                match self.acquire(peer.ip(), local) {
+                    Ok(p) => return Some(p),
+                    Err(why) => why,
+                }
             }
-        }
+            Err(why) => why,
+        };
+        self.refused(peer, refused);
+        None
+    }
+
+    fn evicted(permit: &ConnPermit) -> Option<CancellationToken> {
+        permit.pending.as_ref().map(|t| t.evicted.clone())
     }
 }
+
+/// The `limit` label of `distproxy_connections_refused_total` for a
+/// connection ended to make room for a newer one
+/// ([`ConnectionLimit::evicting`]).
+pub const EVICTED: &str = "evicted";
 
 /// Admits against a [`ConnectionLimit`]'s total only: for listeners whose
 /// every peer is the same local address (egress listeners, where the local
@@ -469,11 +611,19 @@ pub async fn accept_loop<A, H, F>(
                 let Some(permit) = admission.admit(peer, local) else {
                     continue;
                 };
+                let evicted = A::evicted(&permit);
                 let task = handler(stream, peer, permit);
                 let hard_stop = stop.connections.clone();
                 tracker.spawn(async move {
+                    let evicted = async {
+                        match evicted {
+                            Some(token) => token.cancelled().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = hard_stop.cancelled() => {}
+                        _ = evicted => {}
                         _ = task => {}
                     }
                 });

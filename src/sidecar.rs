@@ -202,13 +202,17 @@ impl Sidecar {
         let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         // One source gets at most its share of `dist.max_connections`, so a
-        // misbehaving pod cannot lock the others out.
+        // misbehaving pod cannot lock the others out; once it is full, the
+        // oldest connection not yet relayed makes room for a new one, so
+        // several addresses that open connections and stall them cannot
+        // either.
         let limit = ConnectionLimit::with(
             "distribution",
             config.dist.max_connections,
             limits.dist_max_connections_per_source,
             limits.reserved_local_connections,
-        );
+        )
+        .evicting();
         let open_connections = Arc::new(OpenConnections::default());
         // Validated with the rest of the configuration; compiling cannot fail.
         let acl = AclHandle::new(Acl::from_config(&config).unwrap_or_else(|e| {

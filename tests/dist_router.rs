@@ -439,3 +439,53 @@ async fn many_idle_connections_are_all_relayed_and_all_released() {
         drop(held);
     }
 }
+
+/// Connections that never send their handshake (from as many addresses as
+/// it takes to pass the per-source cap) fill `dist.max_connections`: a
+/// node's connection still goes through, because the oldest connection
+/// not yet relayed is closed to make room. Relayed connections are never
+/// closed for room (`many_idle_connections_are_all_relayed_and_all_released`).
+#[tokio::test]
+async fn stalled_connections_that_fill_the_limit_make_room_for_a_node() {
+    let mut config = proxy_config();
+    config.dist.max_connections = 4;
+    // Loopback is a local peer, which the reserve would let past the total.
+    config.limits.reserved_local_connections = 0;
+    let sc = start(config);
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let node = FakeNode::start("a", "127.0.0.1:0").await;
+    let _reg = client::register(epmd, spec("a", node.port)).await.unwrap();
+
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(TcpStream::connect(dist).await.unwrap());
+        // Accepted in order: the first is the oldest.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lookup_port(epmd, "a").await, dist.port());
+    let (mut s, answered) = try_dial(dist)
+        .await
+        .expect("the node's connection was refused: stalled connections hold every place");
+    assert_eq!(answered, "a@fake.host");
+    echo_once(&mut s, 0).await;
+    // The oldest stalled connection made room; the others are still open.
+    let mut buf = [0u8; 8];
+    let first = tokio::time::timeout(Duration::from_secs(1), stalled[0].read(&mut buf))
+        .await
+        .expect("the oldest stalled connection is still open");
+    assert!(matches!(first, Ok(0) | Err(_)), "{first:?}");
+    for s in &mut stalled[1..] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf))
+                .await
+                .is_err(),
+            "a newer stalled connection was closed too"
+        );
+    }
+    // The relayed connection keeps its place while newcomers take the
+    // stalled ones'.
+    for _ in 0..6 {
+        let _ = TcpStream::connect(dist).await.unwrap();
+    }
+    echo_once(&mut s, 1).await;
+}

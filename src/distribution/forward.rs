@@ -254,6 +254,9 @@ impl ConnectionGuard {
         node: &str,
         direction: Direction,
     ) -> ConnectionGuard {
+        // Set up: a newer connection can no longer take its place.
+        let mut permit = permit;
+        permit.claim();
         let labels = [
             ("node", node.to_string()),
             ("direction", direction.label().to_string()),
