@@ -255,12 +255,16 @@ impl Sidecar {
             probe_interval: config.epmd.probe_interval_ms.duration(),
             loopback_lookups: config.routing.loopback_lookups,
             egress: Arc::clone(&egress) as _,
+            // Full, it closes the oldest connection without a whole request
+            // to make room, so idle floods from several addresses cannot
+            // keep lookups out.
             limit: ConnectionLimit::with(
                 "epmd",
                 limits.epmd_max_connections,
                 limits.epmd_max_connections_per_source,
                 limits.reserved_local_connections,
-            ),
+            )
+            .evicting(),
             write_timeout: limits.write_timeout_ms.duration(),
             mirrors,
             discovery: Arc::clone(&discovery) as _,

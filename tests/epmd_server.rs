@@ -342,3 +342,47 @@ async fn more_local_nodes_than_the_per_source_cap_register_and_are_looked_up() {
     let (_, text) = client::names(epmd).await.unwrap();
     assert_eq!(text.lines().count(), n);
 }
+
+/// Connections that send no request (from as many addresses as it takes to
+/// pass the per-source cap) fill `limits.epmd_max_connections`: a lookup
+/// is still answered, because the oldest connection without a whole
+/// request is closed to make room. A registration, whose request is
+/// whole, is never closed for room.
+#[tokio::test]
+async fn idle_connections_that_fill_the_limit_make_room_for_a_lookup() {
+    let mut config = test_config();
+    config.limits.epmd_max_connections = 4;
+    // Loopback is a local peer, which the reserve would let past the total.
+    config.limits.reserved_local_connections = 0;
+    let sc = start(config);
+    let epmd = epmd_addr(&sc);
+    let (_reg, r) = client::register(epmd, spec("a", 40100)).await.unwrap();
+    assert_eq!(r.result, 0);
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(epmd).await.unwrap());
+        // Accepted in order: the first is the oldest.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match client::port_please(epmd, "a").await {
+        Ok(Port2Reply::Found(f)) => assert_eq!(f.port, 40100),
+        other => panic!("lookup while idle connections fill the limit: {other:?}"),
+    }
+    let mut buf = [0u8; 8];
+    let first = tokio::time::timeout(Duration::from_secs(1), idle[0].read(&mut buf))
+        .await
+        .expect("the oldest idle connection is still open");
+    assert!(matches!(first, Ok(0) | Err(_)), "{first:?}");
+    for s in &mut idle[1..] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf))
+                .await
+                .is_err(),
+            "a newer idle connection was closed too"
+        );
+    }
+    // The registration outlived the evictions (NAMES itself takes a place).
+    let (_, text) = client::names(epmd).await.unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("name a at port 40100"), "{text}");
+}

@@ -107,10 +107,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<EpmdCtx>) {
         limit,
         move |stream, peer, permit| {
             let ctx = Arc::clone(&ctx);
-            async move {
-                handle_connection(stream, peer, ctx).await;
-                drop(permit);
-            }
+            async move { handle_connection(stream, peer, ctx, permit).await }
         },
     )
     .await
@@ -138,7 +135,12 @@ fn count(req_type: &'static str, result: &'static str) {
     metrics::counter!(m::EPMD_REQUESTS, "type" => req_type, "result" => result).increment(1);
 }
 
-async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<EpmdCtx>) {
+async fn handle_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<EpmdCtx>,
+    mut permit: crate::net::ConnPermit,
+) {
     let peer_ip = canonical(peer.ip());
     let local = stream.local_addr().ok();
     // `epmd` treats 127.0.0.0/8 and the server's own address as local.
@@ -175,6 +177,9 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Epmd
         }
         Ok(Some(Ok(req))) => req,
     };
+    // A whole request: its connection can no longer be closed to make room
+    // for a newer one (a held lookup, a registration).
+    permit.claim();
     let stream = framed.into_inner();
     let req_type = request_type(&request);
     if leftover {
