@@ -5,9 +5,7 @@
 //! connection, a bounded request head and a deadline for it. Probes and
 //! scrapers need nothing more, and the sidecar stays free of a web stack.
 
-use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -19,10 +17,7 @@ use tracing::debug;
 
 use crate::distribution::forward::OpenConnections;
 use crate::epmd::registry::Registry;
-use crate::net::{
-    accept_loop, is_local_peer, write_all_within, Admission, ConnPermit, ConnectionLimit,
-    LimitRefused, Stop, WriteError,
-};
+use crate::net::{accept_loop, write_all_within, ConnPermit, ConnectionLimit, Stop, WriteError};
 
 /// What the admin endpoint needs.
 pub struct AdminCtx {
@@ -44,137 +39,6 @@ pub struct AdminCtx {
     pub write_timeout: Duration,
     /// `/members`: discovery's member list as JSON (`src/discovery/`).
     pub members_json: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
-    /// Connections still sending their request head (every admin
-    /// listener's).
-    pub pending: Arc<PendingHeads>,
-}
-
-/// Admin connections still sending their request head, oldest first, each
-/// with its permit. When `limits.admin_max_connections` is reached, the
-/// oldest of them is closed to make room for the new connection: peers that
-/// hold connections without finishing a request (a slowloris, from as many
-/// addresses as it takes to pass the per-source cap) cannot keep the
-/// kubelet's probes out, as a probe sends its request at once. Connections
-/// whose request is complete are never closed for room.
-#[derive(Default)]
-pub struct PendingHeads {
-    inner: Mutex<Heads>,
-}
-
-#[derive(Default)]
-struct Heads {
-    next_id: u64,
-    queue: VecDeque<PendingHead>,
-}
-
-struct PendingHead {
-    id: u64,
-    permit: ConnPermit,
-    evicted: CancellationToken,
-}
-
-/// A connection's place among the pending heads; leaving drops its permit
-/// unless [`PendingHeads::complete`] took it.
-pub struct HeadTicket {
-    id: u64,
-    evicted: CancellationToken,
-    heads: Arc<PendingHeads>,
-}
-
-impl PendingHeads {
-    fn lock(&self) -> MutexGuard<'_, Heads> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn push(self: &Arc<Self>, permit: ConnPermit) -> HeadTicket {
-        let mut heads = self.lock();
-        heads.next_id += 1;
-        let id = heads.next_id;
-        let evicted = CancellationToken::new();
-        heads.queue.push_back(PendingHead {
-            id,
-            permit,
-            evicted: evicted.clone(),
-        });
-        HeadTicket {
-            id,
-            evicted,
-            heads: Arc::clone(self),
-        }
-    }
-
-    /// Closes the oldest pending connection and frees its permit; false if
-    /// none is pending.
-    fn evict_oldest(&self) -> bool {
-        let oldest = self.lock().queue.pop_front();
-        match oldest {
-            Some(head) => {
-                head.evicted.cancel();
-                drop(head.permit);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// The request head of `ticket` is complete: its permit, now out of
-    /// reach of eviction; `None` if it was evicted meanwhile.
-    fn complete(&self, ticket: &HeadTicket) -> Option<ConnPermit> {
-        let mut heads = self.lock();
-        let at = heads.queue.iter().position(|h| h.id == ticket.id)?;
-        heads.queue.remove(at).map(|h| h.permit)
-    }
-
-    /// Connections sending their request head now.
-    pub fn len(&self) -> usize {
-        self.lock().queue.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl Drop for HeadTicket {
-    fn drop(&mut self) {
-        let mut heads = self.heads.lock();
-        heads.queue.retain(|h| h.id != self.id);
-    }
-}
-
-/// The admin limit, making room by closing the oldest connection that has
-/// not sent its request head yet ([`PendingHeads`]).
-struct AdminAdmission {
-    limit: ConnectionLimit,
-    pending: Arc<PendingHeads>,
-}
-
-impl Admission for AdminAdmission {
-    type Permit = HeadTicket;
-    fn admit(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Option<HeadTicket> {
-        let is_local = is_local_peer(peer.ip(), local);
-        let permit = match self.limit.acquire(peer.ip(), is_local) {
-            Ok(p) => p,
-            Err(LimitRefused::Total) if self.pending.evict_oldest() => {
-                metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
-                    "listener" => "admin", "limit" => crate::net::EVICTED)
-                .increment(1);
-                debug!(%peer, "admin connection limit reached; closed the oldest connection without a complete request");
-                match self.limit.acquire(peer.ip(), is_local) {
-                    Ok(p) => p,
-                    Err(why) => {
-                        self.limit.refused(peer, why);
-                        return None;
-                    }
-                }
-            }
-            Err(why) => {
-                self.limit.refused(peer, why);
-                return None;
-            }
-        };
-        Some(self.pending.push(permit))
-    }
 }
 
 /// The longest request head read before answering 400.
@@ -188,19 +52,16 @@ pub async fn serve(listener: TcpListener, shared: Arc<AdminCtx>) {
         accepting: shared.hard_stop.clone(),
         connections: shared.hard_stop.clone(),
     };
-    let admission = AdminAdmission {
-        limit: shared.limit.clone(),
-        pending: Arc::clone(&shared.pending),
-    };
+    let limit = shared.limit.clone();
     accept_loop(
         "admin",
         listener,
         stop,
         TaskTracker::new(),
-        admission,
-        move |stream, _, ticket| {
+        limit,
+        move |stream, _, permit| {
             let shared = Arc::clone(&shared);
-            async move { handle(stream, &shared, ticket).await }
+            async move { handle(stream, &shared, permit).await }
         },
     )
     .await
@@ -235,7 +96,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn handle(mut stream: TcpStream, shared: &AdminCtx, ticket: HeadTicket) {
+async fn handle(mut stream: TcpStream, shared: &AdminCtx, mut permit: ConnPermit) {
     let mut head = Vec::with_capacity(512);
     let read = async {
         let mut chunk = [0u8; 1024];
@@ -249,15 +110,14 @@ async fn handle(mut stream: TcpStream, shared: &AdminCtx, ticket: HeadTicket) {
             }
         }
     };
-    let request = tokio::select! {
-        r = tokio::time::timeout(HEAD_TIMEOUT, read) => r.unwrap_or(HeadRequest::Incomplete),
-        // Closed to make room for a newer connection.
-        _ = ticket.evicted.cancelled() => return,
-    };
-    let Some(_permit) = shared.pending.complete(&ticket) else {
+    let request = tokio::time::timeout(HEAD_TIMEOUT, read)
+        .await
+        .unwrap_or(HeadRequest::Incomplete);
+    // A whole request: no longer closed to make room for a newer
+    // connection (`limits.admin_max_connections`, an evicting limit).
+    if !permit.claim() {
         return;
-    };
-    drop(ticket);
+    }
     let (is_head, response) = match request {
         HeadRequest::Get { path, head_only } => (head_only, route(&path, shared)),
         HeadRequest::MethodNotAllowed => (false, Response::text(405, "only GET and HEAD\n")),

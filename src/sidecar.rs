@@ -310,6 +310,9 @@ impl Sidecar {
                 hard_stop: hard_stop.clone(),
                 ready_nodes: config.admin.ready_nodes.clone(),
                 open_connections,
+                // Full, it closes the oldest connection still sending its
+                // request to make room: a slowloris cannot keep the
+                // kubelet's probes out.
                 limit: ConnectionLimit::with(
                     "admin",
                     limits.admin_max_connections,
@@ -317,13 +320,13 @@ impl Sidecar {
                     limits
                         .reserved_local_connections
                         .min(limits.admin_max_connections),
-                ),
+                )
+                .evicting(),
                 write_timeout: limits.write_timeout_ms.duration(),
                 members_json: {
                     let discovery = Arc::clone(&discovery);
                     Arc::new(move || discovery.to_json())
                 },
-                pending: Arc::default(),
             });
             for l in listeners.admin {
                 tokio::spawn(crate::admin::serve(l, Arc::clone(&admin)));
