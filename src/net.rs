@@ -779,6 +779,36 @@ mod tests {
         assert_eq!(lock(&limit.sources).get(&a.ip()).copied(), Some(1));
     }
 
+    #[test]
+    fn a_full_evicting_limit_ends_the_oldest_unclaimed_connection_for_a_new_one() {
+        let limit = ConnectionLimit::with("test", 2, 2, 0).evicting();
+        let own: SocketAddr = "10.0.0.9:43691".parse().unwrap();
+        let a: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:1000".parse().unwrap();
+        let c: SocketAddr = "10.0.0.3:1000".parse().unwrap();
+        let first = limit.admit(a, Some(own)).expect("a");
+        let mut second = limit.admit(b, Some(own)).expect("b");
+        let (first_evicted, second_evicted) = (
+            ConnectionLimit::evicted(&first).expect("evictable"),
+            ConnectionLimit::evicted(&second).expect("evictable"),
+        );
+        // Full: c takes the place of the oldest, a.
+        let mut third = limit.admit(c, Some(own)).expect("c takes a's place");
+        assert!(first_evicted.is_cancelled());
+        assert!(!second_evicted.is_cancelled());
+        assert_eq!(lock(&limit.sources).get(&a.ip()), None, "a's slot freed");
+        // Claimed places are never taken: with both claimed, a newcomer is
+        // refused.
+        assert!(second.claim() && third.claim());
+        assert!(limit.admit(a, Some(own)).is_none());
+        assert!(!second_evicted.is_cancelled());
+        // An ended connection's permit frees nothing twice.
+        drop(first);
+        assert!(limit.admit(a, Some(own)).is_none());
+        drop(third);
+        assert!(limit.admit(a, Some(own)).is_some());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_write_to_a_peer_that_does_not_read_ends_at_its_deadline() {
         let (mut ours, theirs) = tokio::io::duplex(64);
