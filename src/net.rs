@@ -374,8 +374,14 @@ impl ConnectionLimit {
 
     /// A permit counted against the total only (a local node's connection
     /// on an egress listener, whose source is always loopback).
+    /// Under an evicting limit that is full, the oldest connection not
+    /// yet set up is ended to make room.
     pub fn try_acquire(&self) -> Option<ConnPermit> {
-        let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) if self.make_room(None) => Arc::clone(&self.permits).try_acquire_owned().ok()?,
+            Err(_) => return None,
+        };
         Some(ConnPermit {
             held: Some(Held {
                 _permit: permit,
@@ -391,6 +397,24 @@ impl ConnectionLimit {
 
     pub fn per_source(&self) -> usize {
         self.per_source
+    }
+
+    /// Under an evicting limit, ends the oldest connection not yet set up
+    /// (counted, logged at debug level) so that `for_peer` can take its
+    /// place; false when there is none.
+    fn make_room(&self, for_peer: Option<SocketAddr>) -> bool {
+        if !self.pending.as_ref().is_some_and(|q| q.evict_oldest()) {
+            return false;
+        }
+        debug!(peer = ?for_peer, listener = self.listener,
+            "connection limit reached; ended the oldest connection not yet set up to make room");
+        metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
+            "listener" => self.listener, "limit" => EVICTED)
+        .increment(1);
+        if self.listener == "distribution" {
+            crate::metrics::record_closed(crate::metrics::reason::OVER_LIMIT);
+        }
+        true
     }
 
     /// Logs (at most once a second) and counts a connection from `peer`
@@ -416,15 +440,7 @@ impl Admission for ConnectionLimit {
         let local = is_local_peer(peer.ip(), local);
         let refused = match self.acquire(peer.ip(), local) {
             Ok(p) => return Some(p),
-            Err(LimitRefused::Total) if self.pending.as_ref().is_some_and(|q| q.evict_oldest()) => {
-                debug!(%peer, listener = self.listener,
-                    "connection limit reached; ended the oldest connection not yet set up to make room");
-                metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
-                    "listener" => self.listener, "limit" => EVICTED)
-                .increment(1);
-                if self.listener == "distribution" {
-                    crate::metrics::record_closed(crate::metrics::reason::OVER_LIMIT);
-                }
+            Err(LimitRefused::Total) if self.make_room(Some(peer)) => {
                 match self.acquire(peer.ip(), local) {
                     Ok(p) => return Some(p),
                     Err(why) => why,
@@ -807,6 +823,21 @@ mod tests {
         assert!(limit.admit(a, Some(own)).is_none());
         drop(third);
         assert!(limit.admit(a, Some(own)).is_some());
+    }
+
+    #[test]
+    fn a_local_nodes_connection_takes_the_place_of_one_not_yet_set_up() {
+        // Egress and same-pod mirror connections (`try_acquire`) come
+        // from the pod's nodes: a flood of stalled connections from outside
+        // must not keep them out either.
+        let limit = ConnectionLimit::with("test", 1, 1, 0).evicting();
+        let a: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let stalled = limit.admit(a, None).expect("a");
+        let token = ConnectionLimit::evicted(&stalled).expect("evictable");
+        let mut egress = limit.try_acquire().expect("a place made for the node");
+        assert!(token.is_cancelled());
+        assert!(egress.claim());
+        assert!(limit.try_acquire().is_none(), "claimed places stay");
     }
 
     #[tokio::test(start_paused = true)]
