@@ -69,7 +69,10 @@ impl fmt::Display for Millis {
 
 /// The longest duration a `_ms` key takes: one hour.
 const MAX_MS: u64 = 3_600_000;
-/// The largest count a `[limits]` key takes.
+/// The largest count a `[limits]` key (and any other connection or
+/// listener count) takes: far above what one sidecar can hold, and small
+/// enough that sizes computed from it (descriptors, semaphore permits)
+/// never overflow.
 const MAX_COUNT: usize = 1_000_000;
 
 /// The one range check of the configuration: every bounded key goes
@@ -479,7 +482,7 @@ impl Config {
         check_range(
             "dist.max_connections",
             self.dist.max_connections,
-            1..=usize::MAX,
+            1..=MAX_COUNT,
         )?;
         if let Some(port) = self.dist.advertise_port {
             check_range("dist.advertise_port", port, 1..=u16::MAX)?;
@@ -490,6 +493,16 @@ impl Config {
                 return invalid(
                     "admin.ready_nodes",
                     &format!("{name:?} is not a valid node name"),
+                );
+            }
+            // Nodes register the part before `@`: a full name would never
+            // be registered, and /readyz would stay 503 for ever.
+            if let Some((short, _)) = name.split_once('@') {
+                return invalid(
+                    "admin.ready_nodes",
+                    &format!(
+                        "{name:?} is a full node name; give the name the node registers, the part before '@' ({short:?})"
+                    ),
                 );
             }
         }
@@ -813,7 +826,7 @@ impl TunnelConfig {
         check_range(
             "tunnel.max_egress_listeners",
             self.max_egress_listeners,
-            1..=usize::MAX,
+            1..=MAX_COUNT,
         )?;
         for (key, value) in [
             ("tunnel.egress_idle_timeout_ms", self.egress_idle_timeout_ms),
@@ -1372,6 +1385,18 @@ mod tests {
         assert!(err.to_string().contains("dist.advertise_port"), "{err}");
         let err = Config::from_toml("[dist]\nmax_connections = 0\n", "t").unwrap_err();
         assert!(err.to_string().contains("dist.max_connections"), "{err}");
+        // Accepted before, then `run` panicked sizing its descriptors.
+        let err =
+            Config::from_toml("[dist]\nmax_connections = 9223372036854775807\n", "t").unwrap_err();
+        assert!(err.to_string().contains("dist.max_connections"), "{err}");
+        assert!(err.to_string().contains("1000000"), "{err}");
+        let c = Config::from_toml("[dist]\nmax_connections = 1000000\n", "t").unwrap();
+        assert_eq!(c.dist.max_connections, 1_000_000);
+        let err = Config::from_toml("[tunnel]\nmax_egress_listeners = 1000001\n", "t").unwrap_err();
+        assert!(
+            err.to_string().contains("tunnel.max_egress_listeners"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1394,6 +1419,12 @@ mod tests {
         assert!(err.to_string().contains("listen"), "{err}");
         let err = Config::from_toml("[admin]\nready_nodes = [\"\"]\n", "t").unwrap_err();
         assert!(err.to_string().contains("admin.ready_nodes"), "{err}");
+        // A full name never registers (nodes register the part before
+        // `@`): refused, naming the key and the name to use.
+        let err =
+            Config::from_toml("[admin]\nready_nodes = [\"a1@pod-0.svc\"]\n", "t").unwrap_err();
+        assert!(err.to_string().contains("admin.ready_nodes"), "{err}");
+        assert!(err.to_string().contains("\"a1\""), "{err}");
         let mut off = Config::default();
         off.admin.listen = Vec::new();
         assert_eq!(Config::from_toml(&off.to_toml(), "t").unwrap(), off);
