@@ -1226,6 +1226,14 @@ pub struct RelayConfig {
     /// nodes.
     #[serde(default = "default_fast_path_cgroup")]
     pub fast_path_cgroup: String,
+    /// How long one side of a relayed connection may keep its direction
+    /// open after the other side closed; 0 waits as long as it takes.
+    #[serde(default = "default_half_close_timeout_ms")]
+    pub half_close_timeout_ms: Millis,
+}
+
+fn default_half_close_timeout_ms() -> Millis {
+    Millis(10_000)
 }
 
 fn default_fast_path_cgroup() -> String {
@@ -1254,6 +1262,7 @@ impl Default for RelayConfig {
             fast_path: FastPath::Off,
             fast_path_max_connections: default_fast_path_max_connections(),
             fast_path_cgroup: default_fast_path_cgroup(),
+            half_close_timeout_ms: default_half_close_timeout_ms(),
         }
     }
 }
@@ -1268,6 +1277,13 @@ impl RelayConfig {
                     "{cgroup:?}: expected \"auto\", \"off\" or the absolute path of a cgroup v2 directory"
                 ),
             });
+        }
+        if self.half_close_timeout_ms.0 != 0 {
+            check_ms(
+                "relay.half_close_timeout_ms",
+                self.half_close_timeout_ms,
+                100,
+            )?;
         }
         check_range(
             "relay.fast_path_max_connections",
@@ -1602,6 +1618,17 @@ mod tls_tests {
         );
         let err = Config::from_toml("[relay]\nfast_path_cgroup = \"pod\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("relay.fast_path_cgroup"), "{err}");
+        assert_eq!(
+            Config::default().relay.half_close_timeout_ms.nonzero(),
+            Some(Duration::from_secs(10))
+        );
+        let c = Config::from_toml("[relay]\nhalf_close_timeout_ms = 0\n", "t").unwrap();
+        assert_eq!(c.relay.half_close_timeout_ms.nonzero(), None, "0 waits");
+        let err = Config::from_toml("[relay]\nhalf_close_timeout_ms = 5\n", "t").unwrap_err();
+        assert!(
+            err.to_string().contains("relay.half_close_timeout_ms"),
+            "{err}"
+        );
         let err = Config::from_toml("[relay]\nfast_path_max_connections = 0\n", "t").unwrap_err();
         assert!(
             err.to_string().contains("relay.fast_path_max_connections"),
