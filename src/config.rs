@@ -69,7 +69,10 @@ impl fmt::Display for Millis {
 
 /// The longest duration a `_ms` key takes: one hour.
 const MAX_MS: u64 = 3_600_000;
-/// The largest count a `[limits]` key takes.
+/// The largest count a `[limits]` key (and any other connection or
+/// listener count) takes: far above what one sidecar can hold, and small
+/// enough that sizes computed from it (descriptors, semaphore permits)
+/// never overflow.
 const MAX_COUNT: usize = 1_000_000;
 
 /// The one range check of the configuration: every bounded key goes
@@ -479,7 +482,7 @@ impl Config {
         check_range(
             "dist.max_connections",
             self.dist.max_connections,
-            1..=usize::MAX,
+            1..=MAX_COUNT,
         )?;
         if let Some(port) = self.dist.advertise_port {
             check_range("dist.advertise_port", port, 1..=u16::MAX)?;
@@ -490,6 +493,16 @@ impl Config {
                 return invalid(
                     "admin.ready_nodes",
                     &format!("{name:?} is not a valid node name"),
+                );
+            }
+            // Nodes register the part before `@`: a full name would never
+            // be registered, and /readyz would stay 503 for ever.
+            if let Some((short, _)) = name.split_once('@') {
+                return invalid(
+                    "admin.ready_nodes",
+                    &format!(
+                        "{name:?} is a full node name; give the name the node registers, the part before '@' ({short:?})"
+                    ),
                 );
             }
         }
@@ -813,7 +826,7 @@ impl TunnelConfig {
         check_range(
             "tunnel.max_egress_listeners",
             self.max_egress_listeners,
-            1..=usize::MAX,
+            1..=MAX_COUNT,
         )?;
         for (key, value) in [
             ("tunnel.egress_idle_timeout_ms", self.egress_idle_timeout_ms),
@@ -1214,6 +1227,14 @@ pub struct RelayConfig {
     /// nodes.
     #[serde(default = "default_fast_path_cgroup")]
     pub fast_path_cgroup: String,
+    /// How long one side of a relayed connection may keep its direction
+    /// open after the other side closed; 0 waits as long as it takes.
+    #[serde(default = "default_half_close_timeout_ms")]
+    pub half_close_timeout_ms: Millis,
+}
+
+fn default_half_close_timeout_ms() -> Millis {
+    Millis(10_000)
 }
 
 fn default_fast_path_cgroup() -> String {
@@ -1242,6 +1263,7 @@ impl Default for RelayConfig {
             fast_path: FastPath::Off,
             fast_path_max_connections: default_fast_path_max_connections(),
             fast_path_cgroup: default_fast_path_cgroup(),
+            half_close_timeout_ms: default_half_close_timeout_ms(),
         }
     }
 }
@@ -1256,6 +1278,13 @@ impl RelayConfig {
                     "{cgroup:?}: expected \"auto\", \"off\" or the absolute path of a cgroup v2 directory"
                 ),
             });
+        }
+        if self.half_close_timeout_ms.0 != 0 {
+            check_ms(
+                "relay.half_close_timeout_ms",
+                self.half_close_timeout_ms,
+                100,
+            )?;
         }
         check_range(
             "relay.fast_path_max_connections",
@@ -1373,6 +1402,18 @@ mod tests {
         assert!(err.to_string().contains("dist.advertise_port"), "{err}");
         let err = Config::from_toml("[dist]\nmax_connections = 0\n", "t").unwrap_err();
         assert!(err.to_string().contains("dist.max_connections"), "{err}");
+        // Accepted before, then `run` panicked sizing its descriptors.
+        let err =
+            Config::from_toml("[dist]\nmax_connections = 9223372036854775807\n", "t").unwrap_err();
+        assert!(err.to_string().contains("dist.max_connections"), "{err}");
+        assert!(err.to_string().contains("1000000"), "{err}");
+        let c = Config::from_toml("[dist]\nmax_connections = 1000000\n", "t").unwrap();
+        assert_eq!(c.dist.max_connections, 1_000_000);
+        let err = Config::from_toml("[tunnel]\nmax_egress_listeners = 1000001\n", "t").unwrap_err();
+        assert!(
+            err.to_string().contains("tunnel.max_egress_listeners"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1395,6 +1436,12 @@ mod tests {
         assert!(err.to_string().contains("listen"), "{err}");
         let err = Config::from_toml("[admin]\nready_nodes = [\"\"]\n", "t").unwrap_err();
         assert!(err.to_string().contains("admin.ready_nodes"), "{err}");
+        // A full name never registers (nodes register the part before
+        // `@`): refused, naming the key and the name to use.
+        let err =
+            Config::from_toml("[admin]\nready_nodes = [\"a1@pod-0.svc\"]\n", "t").unwrap_err();
+        assert!(err.to_string().contains("admin.ready_nodes"), "{err}");
+        assert!(err.to_string().contains("\"a1\""), "{err}");
         let mut off = Config::default();
         off.admin.listen = Vec::new();
         assert_eq!(Config::from_toml(&off.to_toml(), "t").unwrap(), off);
@@ -1572,6 +1619,17 @@ mod tls_tests {
         );
         let err = Config::from_toml("[relay]\nfast_path_cgroup = \"pod\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("relay.fast_path_cgroup"), "{err}");
+        assert_eq!(
+            Config::default().relay.half_close_timeout_ms.nonzero(),
+            Some(Duration::from_secs(10))
+        );
+        let c = Config::from_toml("[relay]\nhalf_close_timeout_ms = 0\n", "t").unwrap();
+        assert_eq!(c.relay.half_close_timeout_ms.nonzero(), None, "0 waits");
+        let err = Config::from_toml("[relay]\nhalf_close_timeout_ms = 5\n", "t").unwrap_err();
+        assert!(
+            err.to_string().contains("relay.half_close_timeout_ms"),
+            "{err}"
+        );
         let err = Config::from_toml("[relay]\nfast_path_max_connections = 0\n", "t").unwrap_err();
         assert!(
             err.to_string().contains("relay.fast_path_max_connections"),

@@ -38,6 +38,9 @@ pub const RELAY_FAST_PATH_FALLBACKS: &str = "distproxy_relay_fast_path_fallbacks
 pub const RELAY_NODE_ROUTES: &str = "distproxy_relay_node_routes_total";
 /// 1 when node routes are on (the `sock_ops` program is attached).
 pub const RELAY_NODE_ROUTES_AVAILABLE: &str = "distproxy_relay_node_routes_available";
+/// Relays ended because one side kept its direction open too long after
+/// the other closed (`relay.half_close_timeout_ms`), by the side still open.
+pub const RELAY_HALF_CLOSE_TIMEOUTS: &str = "distproxy_relay_half_close_timeouts_total";
 pub const BUILD_INFO: &str = "distproxy_build_info";
 /// Tunnel egress listeners open (one per remote node in use).
 pub const EGRESS_LISTENERS: &str = "distproxy_egress_listeners";
@@ -202,6 +205,10 @@ pub fn describe() {
     describe_counter!(
         RELAY_NODE_ROUTES,
         "Fast-path connections whose local node sends straight out of the partner socket, by side."
+    );
+    describe_counter!(
+        RELAY_HALF_CLOSE_TIMEOUTS,
+        "Relays ended because one side stayed open longer than relay.half_close_timeout_ms after the other closed, by the side still open (node, peer)."
     );
     describe_gauge!(
         RELAY_NODE_ROUTES_AVAILABLE,

@@ -226,6 +226,7 @@ impl Sidecar {
             hard_stop: hard_stop.clone(),
             tcp: config.tcp.tuning(),
             fast_path: open_fast_path(&config.relay, &dist_addrs),
+            half_close_timeout: config.relay.half_close_timeout_ms.nonzero(),
         };
         let tls = listeners.tls;
         let egress = EgressManager::new(EgressSettings {

@@ -67,6 +67,11 @@ fn names_reports_an_unreachable_epmd() {
     let (code, _, stderr) = run(&["names", "--port", &port.to_string()]);
     assert_eq!(code, 1);
     assert!(stderr.contains("Cannot connect"), "{stderr}");
+    assert_eq!(
+        stderr.matches("onnect to epmd").count(),
+        1,
+        "one message, said once: {stderr}"
+    );
 }
 
 /// `remsh` refuses what it cannot use before starting anything: a name

@@ -1,6 +1,7 @@
 //! Fault injection with real OTP nodes: lossy links, a partition that heals,
-//! a pod that vanishes without a FIN, a node killed mid-transfer and the
-//! sidecar killed under load.
+//! a pod that vanishes without a FIN, a node killed mid-transfer, a node
+//! stopped (SIGSTOP) while others keep trying to reach it, and the sidecar
+//! killed under load.
 //!
 //! After each fault has healed, [`assert_settled`] checks the same
 //! invariants on every sidecar:
@@ -554,6 +555,91 @@ fn a_node_killed_mid_transfer_leaves_nothing_behind() {
         &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
         &mut [&mut a1, &mut b1, &mut b2],
         "after b1 restarted",
+    );
+}
+
+/// A node stopped with SIGSTOP (a hung VM): its kernel still accepts
+/// connections, so each attempt to reach it is relayed once the node's
+/// challenge is overdue (`dist.handshake_timeout_ms`). When the initiator
+/// gives up (its `net_setuptime`), the sidecar closes the node's leg after
+/// `relay.half_close_timeout_ms` instead of holding both legs, their
+/// descriptors and the source's permit until the node wakes. Woken, the
+/// node is reachable again.
+#[test]
+fn attempts_to_reach_a_stopped_node_do_not_pile_up() {
+    if !e2e_enabled("attempts_to_reach_a_stopped_node_do_not_pile_up", TOOLS) {
+        return;
+    }
+    const CONFIG: &str = "[epmd]\nprobe_interval_ms = 500\n\
+        [dist]\nhandshake_timeout_ms = 1000\n[relay]\nhalf_close_timeout_ms = 1000\n";
+    const ATTEMPTS: usize = 3;
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let mut sidecar_a = sidecar(a, CONFIG);
+    let mut sidecar_b = sidecar(b, CONFIG);
+    let quick_setup = ErlangOptions {
+        extra_args: ["-kernel", "net_setuptime", "2"]
+            .map(str::to_string)
+            .to_vec(),
+        ..Default::default()
+    };
+    let mut a1 = start_nodes(a, &["a1"], &quick_setup).remove(0);
+    let mut b1 = start_nodes(b, &["b1"], &ErlangOptions::default()).remove(0);
+    let b1_name = b1.name().to_string();
+
+    b1.signal("STOP");
+    for attempt in 1..=ATTEMPTS {
+        assert_eq!(
+            a1.ping(&b1_name),
+            "pang",
+            "attempt {attempt} reached a stopped node"
+        );
+    }
+    let relayed = metric_sum(
+        &metrics(b),
+        "distproxy_dist_connections_total",
+        &[("node", "b1")],
+    );
+    assert!(
+        relayed >= ATTEMPTS as f64,
+        "the attempts were not relayed to the stopped node ({relayed}), so this tests nothing"
+    );
+    // Each attempt ended at a1 after 2 s; its legs go 1 s later.
+    let freed = poll_until(Duration::from_secs(10), Duration::from_millis(250), || {
+        let text = metrics(b);
+        metric_sum(&text, OPEN, &[]) == 0.0
+            && sidecar_sockets(b, sidecar_b.pid()).node_legs.is_empty()
+    });
+    let text = metrics(b);
+    assert!(
+        freed,
+        "pod B still holds the attempts' connections while b1 is stopped: open gauge {}, node legs {:?}",
+        metric_sum(&text, OPEN, &[]),
+        sidecar_sockets(b, sidecar_b.pid()).node_legs
+    );
+    let expired = metric_sum(
+        &text,
+        "distproxy_relay_half_close_timeouts_total",
+        &[("still_open", "node")],
+    );
+    assert!(expired >= 1.0, "no half-close timeout counted: {expired}");
+    assert!(
+        !sidecar_b
+            .log_lines_containing("relay.half_close_timeout_ms")
+            .is_empty(),
+        "the timeout is not logged"
+    );
+
+    b1.signal("CONT");
+    let woke = poll_until(Duration::from_secs(15), Duration::from_millis(500), || {
+        a1.ping(&b1_name) == "pong"
+    });
+    assert!(woke, "b1 unreachable after SIGCONT\n{}", b1.logs());
+    assert_eq!(b1.rpc_node(a1.name()), a1.name());
+    assert_settled(
+        &mut [(a, &mut sidecar_a), (b, &mut sidecar_b)],
+        &mut [&mut a1, &mut b1],
+        "after b1 woke",
     );
 }
 

@@ -506,3 +506,27 @@ async fn connections_refused_by_a_limit_are_all_counted_and_logged_at_most_once_
         "{lines} log lines for 300 refusals in {seconds} s"
     );
 }
+
+/// A fresh sidecar's `/metrics` already has its gauges, at 0: dashboards and
+/// alerts on "no node registered" see a value, not an absent series, before
+/// the first node registers or the first egress listener opens.
+#[tokio::test]
+async fn a_fresh_sidecar_exports_its_gauges_at_zero() {
+    use distproxy_testkit::bench::{sample, scrape};
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = write_config(dir.path(), &ports, "");
+    let _p = spawn(&config, ports.epmd).await;
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
+    let text = tokio::task::spawn_blocking(move || scrape(admin))
+        .await
+        .unwrap()
+        .expect("scrape /metrics");
+    for gauge in ["distproxy_registered_nodes", "distproxy_egress_listeners"] {
+        assert_eq!(
+            sample(&text, &format!("{gauge} ")),
+            Some(0.0),
+            "{gauge} missing or not 0 on a fresh sidecar:\n{text}"
+        );
+    }
+}

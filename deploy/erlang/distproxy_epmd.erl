@@ -46,7 +46,12 @@
 %% below the sidecar's `tunnel.egress_idle_timeout_ms' (60 s by default), so
 %% a cached egress port is never one the sidecar has closed for idleness.
 %% For a node of the node's own pod the sidecar answers the node's own
-%% loopback port (no sidecar hop).
+%% loopback port (no sidecar hop). That port changes when the node
+%% restarts, so answers for nodes of this node's own host part are never
+%% cached: a cached one would send every connection to a restarted
+%% neighbour to its old, closed port for up to ?CACHE_TTL_MS, long enough
+%% for `global' to disconnect this node from the whole cluster to prevent
+%% overlapping partitions.
 %%
 %% Discovery (docs/discovery.md): `members()' returns every node of every
 %% pod as the sidecar's `[discovery]' knows them (the members request,
@@ -178,6 +183,22 @@ loopback(inet) -> {127, 0, 0, 1};
 loopback(inet6) -> {0, 0, 0, 0, 0, 0, 0, 1}.
 
 cached_egress_port(Name, Host, Family) ->
+    case own_host(Host) of
+        true -> egress_port(Name, Host, Family);
+        false -> cached_egress_port_of(Name, Host, Family)
+    end.
+
+%% Whether `Host' is this node's own host part: a node of this pod, whose
+%% port changes when it restarts (see the module doc).
+own_host(Host) ->
+    try
+        [_, Own] = string:split(atom_to_list(node()), "@"),
+        string:lowercase(host_string(Host)) =:= string:lowercase(Own)
+    catch
+        _:_ -> false
+    end.
+
+cached_egress_port_of(Name, Host, Family) ->
     Now = erlang:monotonic_time(millisecond),
     Key = try {to_string(Name), host_string(Host), Family} catch _:_ -> undefined end,
     case cache_lookup(Key, Now) of

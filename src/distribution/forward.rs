@@ -308,6 +308,9 @@ pub struct Forwarder {
     pub tcp: crate::net::TcpTuning,
     /// The kernel fast path, when on and available (`[relay]`).
     pub fast_path: Option<Arc<relay::FastPath>>,
+    /// How long a relay's side may stay open after the other closed
+    /// (`relay.half_close_timeout_ms`; `None`: as long as it takes).
+    pub half_close_timeout: Option<Duration>,
 }
 
 impl Forwarder {
@@ -371,8 +374,12 @@ impl Forwarder {
         let tx = metrics::counter!(m::RELAYED_BYTES, "node" => node, "direction" => "tx");
         rx.increment(pre.rx);
         tx.increment(pre.tx);
-        let fast = self.fast_path.as_deref();
-        let end = relay::relay(a, b, rx, tx, &self.hard_stop, fast, node_routes).await;
+        let options = relay::RelayOptions {
+            fast: self.fast_path.as_deref(),
+            node_routes,
+            half_close_timeout: self.half_close_timeout,
+        };
+        let end = relay::relay(a, b, rx, tx, &self.hard_stop, options).await;
         drop(guard);
         let stats = end.stats();
         let outcome = match &end {

@@ -26,6 +26,7 @@
 
 use std::any::Any;
 use std::io;
+use std::time::Duration;
 
 use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -151,22 +152,34 @@ fn next_buf_len(len: usize, n: usize) -> usize {
     }
 }
 
+/// How a relay runs, besides its streams and counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayOptions<'a> {
+    /// The kernel fast path, when it is on.
+    pub fast: Option<&'a FastPath>,
+    /// See [`Forwarder::relay`](super::forward::Forwarder::relay).
+    pub node_routes: bool,
+    /// How long one side may keep its direction open after the other side
+    /// closed its own (`relay.half_close_timeout_ms`); `None` waits as long
+    /// as it takes.
+    pub half_close_timeout: Option<Duration>,
+}
+
 /// Relays between `peer` (remote side) and `node` (local node) until both
-/// directions close, one fails, or `stop` fires.
+/// directions close, one fails, one stays open longer than
+/// `half_close_timeout` after the other closed, or `stop` fires.
 ///
 /// Two [`TcpStream`]s are handed to the kernel when `fast` is given and
 /// takes them, else spliced on Linux; other streams are copied through
 /// buffers. (`'static` is what lets the stream types be inspected; streams
-/// owned by a spawned task are `'static` anyway.) `node_routes`: see
-/// [`Forwarder::relay`](super::forward::Forwarder::relay).
+/// owned by a spawned task are `'static` anyway.)
 pub async fn relay<P, N>(
     peer: P,
     node: N,
     rx_bytes: Counter,
     tx_bytes: Counter,
     stop: &CancellationToken,
-    fast: Option<&FastPath>,
-    node_routes: bool,
+    options: RelayOptions<'_>,
 ) -> RelayEnd
 where
     P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -180,7 +193,7 @@ where
             (&rx_bytes, &tx_bytes),
             &mut rx,
             &mut tx,
-            fast.map(|f| (f, node_routes)),
+            options,
         );
         tokio::select! {
             r = both => Some(r),
@@ -234,7 +247,7 @@ async fn copy_both_ways<P, N>(
     (rx_bytes, tx_bytes): (&Counter, &Counter),
     rx: &mut u64,
     tx: &mut u64,
-    fast: Option<(&FastPath, bool)>,
+    options: RelayOptions<'_>,
 ) -> io::Result<()>
 where
     P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -244,7 +257,9 @@ where
     type Owned = Box<dyn Any + Send>;
     let (peer, node): (Owned, Owned) = (Box::new(peer), Box::new(node));
     let (peer, node) = match (peer.downcast::<TcpStream>(), node.downcast::<TcpStream>()) {
-        (Ok(p), Ok(n)) => return tcp_both_ways(*p, *n, (rx_bytes, tx_bytes), rx, tx, fast).await,
+        (Ok(p), Ok(n)) => {
+            return tcp_both_ways(*p, *n, (rx_bytes, tx_bytes), rx, tx, options).await
+        }
         (p, n) => (unbox::<P>(p), unbox::<N>(n)),
     };
     path_taken(m::relay_path::BUFFERED);
@@ -252,7 +267,83 @@ where
     let (node_r, node_w) = tokio::io::split(node);
     let to_node = copy_one_way(peer_r, node_w, rx_bytes, rx);
     let to_peer = copy_one_way(node_r, peer_w, tx_bytes, tx);
-    tokio::try_join!(to_node, to_peer).map(|_| ())
+    both_ways(to_node, to_peer, options.half_close_timeout).await
+}
+
+/// Which side kept its direction open past `relay.half_close_timeout_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StillOpen {
+    /// The peer closed; the local node did not (stopped, hung or gone
+    /// without a FIN).
+    Node,
+    /// The local node closed; the remote peer did not.
+    Peer,
+}
+
+impl StillOpen {
+    fn label(self) -> &'static str {
+        match self {
+            StillOpen::Node => "node",
+            StillOpen::Peer => "peer",
+        }
+    }
+}
+
+/// Ends a relay whose `still_open` side outlived the other's close by
+/// `after`: logged by the caller, counted here.
+pub(crate) fn half_close_expired(still_open: StillOpen, after: Duration) -> io::Error {
+    metrics::counter!(m::RELAY_HALF_CLOSE_TIMEOUTS, "still_open" => still_open.label())
+        .increment(1);
+    let (closed, open) = match still_open {
+        StillOpen::Node => ("peer", "node"),
+        StillOpen::Peer => ("node", "peer"),
+    };
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "the {open} kept its side open {} ms after the {closed} closed (relay.half_close_timeout_ms)",
+            after.as_millis()
+        ),
+    )
+}
+
+/// Runs both directions to their end, as `try_join!` would, except that
+/// once one has ended (its EOF passed on as a half-close) the other must
+/// end within `linger`. BEAM nodes never half-close: a side that closed is
+/// gone, and a node that never closes its own (stopped with SIGSTOP, hung)
+/// would otherwise hold the connection, its descriptors and its
+/// per-source permit until it wakes.
+async fn both_ways<A, B>(to_node: A, to_peer: B, linger: Option<Duration>) -> io::Result<()>
+where
+    A: std::future::Future<Output = io::Result<()>>,
+    B: std::future::Future<Output = io::Result<()>>,
+{
+    tokio::pin!(to_node, to_peer);
+    let (mut node_bound_done, mut peer_bound_done) = (false, false);
+    let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    loop {
+        tokio::select! {
+            r = &mut to_node, if !node_bound_done => {
+                r?;
+                node_bound_done = true;
+            }
+            r = &mut to_peer, if !peer_bound_done => {
+                r?;
+                peer_bound_done = true;
+            }
+            _ = async { deadline.as_mut().expect("guarded").await }, if deadline.is_some() => {
+                let linger = linger.expect("a deadline is set only with a linger");
+                let still_open = if node_bound_done { StillOpen::Node } else { StillOpen::Peer };
+                return Err(half_close_expired(still_open, linger));
+            }
+        }
+        if node_bound_done && peer_bound_done {
+            return Ok(());
+        }
+        if let (None, Some(linger)) = (&deadline, linger) {
+            deadline = Some(Box::pin(tokio::time::sleep(linger)));
+        }
+    }
 }
 
 /// The stream a downcast left: `T` itself, whichever way it went.
@@ -273,18 +364,20 @@ async fn tcp_both_ways(
     (rx_bytes, tx_bytes): (&Counter, &Counter),
     rx: &mut u64,
     tx: &mut u64,
-    fast: Option<(&FastPath, bool)>,
+    options: RelayOptions<'_>,
 ) -> io::Result<()> {
+    let linger = options.half_close_timeout;
     let _ = p.set_nodelay(true);
     let _ = n.set_nodelay(true);
     #[cfg(target_os = "linux")]
     {
         let (mut p, mut n) = (p, n);
-        if let Some((fp, routes)) = fast {
+        if let Some(fp) = options.fast {
             let (ps, ns) = (p.into_std()?, n.into_std()?);
             let taken = || path_taken(m::relay_path::SOCKMAP);
             let counters = (rx_bytes, tx_bytes);
-            match sockmap::relay(fp, &ps, &ns, counters, rx, tx, routes, taken).await {
+            let routes = options.node_routes;
+            match sockmap::relay(fp, &ps, &ns, counters, (rx, tx), routes, linger, taken).await {
                 Ok(end) => return end,
                 Err(why) => {
                     let reason = match why {
@@ -302,23 +395,31 @@ async fn tcp_both_ways(
         let ((peer_r, peer_w), (node_r, node_w)) = (p.split(), n.split());
         let to_node = splice::copy_one_way(peer_r, node_w, rx_bytes, rx);
         let to_peer = splice::copy_one_way(node_r, peer_w, tx_bytes, tx);
-        tokio::try_join!(to_node, to_peer).map(|_| ())
+        both_ways(to_node, to_peer, linger).await
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = fast;
         path_taken(m::relay_path::BUFFERED);
         let (mut p, mut n) = (p, n);
         let (peer_r, peer_w) = p.split();
         let (node_r, node_w) = n.split();
         let to_node = copy_one_way(peer_r, node_w, rx_bytes, rx);
         let to_peer = copy_one_way(node_r, peer_w, tx_bytes, tx);
-        tokio::try_join!(to_node, to_peer).map(|_| ())
+        both_ways(to_node, to_peer, linger).await
     }
 }
 
 #[cfg(test)]
 mod tests {
+    /// Relay options without a half-close limit.
+    fn opts(fast: Option<&FastPath>, node_routes: bool) -> RelayOptions<'_> {
+        RelayOptions {
+            fast,
+            node_routes,
+            half_close_timeout: None,
+        }
+    }
+
     use super::*;
     use tokio::io::duplex;
     use tokio::io::AsyncReadExt;
@@ -335,8 +436,7 @@ mod tests {
                 Counter::noop(),
                 Counter::noop(),
                 &stop,
-                None,
-                false,
+                opts(None, false),
             )
             .await
         });
@@ -375,8 +475,7 @@ mod tests {
                 Counter::noop(),
                 Counter::noop(),
                 &s2,
-                None,
-                false,
+                opts(None, false),
             )
             .await
         });
@@ -474,8 +573,7 @@ mod tests {
                 rx_c,
                 Counter::noop(),
                 &stop,
-                Some(&fp),
-                false,
+                opts(Some(&fp), false),
             )
             .await
         });
@@ -532,7 +630,7 @@ mod tests {
         let stop = CancellationToken::new();
         let h = tokio::spawn(async move {
             let (rx, tx) = (Counter::noop(), Counter::noop());
-            relay(peer_side, node_side, rx, tx, &stop, Some(&fp), false).await
+            relay(peer_side, node_side, rx, tx, &stop, opts(Some(&fp), false)).await
         });
         let mut got = [0u8; 1000];
         server.read_exact(&mut got).await.unwrap();
@@ -594,7 +692,9 @@ mod tests {
         let stop = CancellationToken::new();
         let fp2 = fp.clone();
         let h =
-            tokio::spawn(async move { relay(s1, s2, rx_c, tx_c, &stop, Some(&fp2), true).await });
+            tokio::spawn(
+                async move { relay(s1, s2, rx_c, tx_c, &stop, opts(Some(&fp2), true)).await },
+            );
         // The handshake's rule: b (the acceptor) waits for a's one frame.
         a.write_all(b"reply").await.unwrap();
         let mut reply = [0u8; 5];
@@ -678,8 +778,7 @@ mod tests {
                 rx_c,
                 tx_c,
                 &stop,
-                fast.as_deref(),
-                false,
+                opts(fast.as_deref(), false),
             )
             .await
         });
@@ -723,8 +822,7 @@ mod tests {
                 Counter::noop(),
                 Counter::noop(),
                 &s2,
-                None,
-                false,
+                opts(None, false),
             )
             .await
         });
@@ -776,6 +874,116 @@ mod tests {
         }
     }
 
+    /// A node that never closes its side after the peer closed (a stopped
+    /// or hung BEAM) does not hold the relay past the half-close timeout,
+    /// on each data path; the peer's bytes still reached it first.
+    #[tokio::test]
+    async fn tcp_relay_ends_when_the_node_outlives_the_peers_close() {
+        outlives_a_close(None).await;
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn sockmap_relay_ends_when_the_node_outlives_the_peers_close() {
+        match FastPath::open(4) {
+            Ok(fp) => outlives_a_close(Some(std::sync::Arc::new(fp))).await,
+            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
+                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
+            }
+            Err(e) => panic!("the fast path needs root and sockmap: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn buffered_relay_ends_when_the_peer_outlives_the_nodes_close() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, peer_side) = tokio::io::duplex(1024);
+        let (node_side, mut server) = tokio::io::duplex(1024);
+        let stop = CancellationToken::new();
+        let linger = std::time::Duration::from_millis(300);
+        let h = tokio::spawn(async move {
+            let options = RelayOptions {
+                half_close_timeout: Some(linger),
+                ..RelayOptions::default()
+            };
+            relay(
+                peer_side,
+                node_side,
+                Counter::noop(),
+                Counter::noop(),
+                &stop,
+                options,
+            )
+            .await
+        });
+        server.write_all(b"last words").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = [0u8; 10];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"last words");
+        // The peer neither writes nor closes.
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), h)
+            .await
+            .expect("the relay ends after the half-close timeout")
+            .unwrap();
+        match end {
+            RelayEnd::Failed(_, e) => {
+                assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+                assert!(e.to_string().contains("the peer kept its side open"), "{e}");
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        drop(client);
+    }
+
+    async fn outlives_a_close(fast: Option<std::sync::Arc<FastPath>>) {
+        use tokio::io::AsyncReadExt;
+        let (mut client, peer_side) = tcp_pair().await;
+        let (node_side, mut server) = tcp_pair().await;
+        let stop = CancellationToken::new();
+        let linger = std::time::Duration::from_millis(300);
+        let (rx_c, rx_n) = counter();
+        let started = std::time::Instant::now();
+        let h = tokio::spawn(async move {
+            let options = RelayOptions {
+                fast: fast.as_deref(),
+                node_routes: false,
+                half_close_timeout: Some(linger),
+            };
+            relay(peer_side, node_side, rx_c, Counter::noop(), &stop, options).await
+        });
+        client.write_all(b"send_name").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = [0u8; 9];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"send_name");
+        // The node neither writes nor closes.
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), h)
+            .await
+            .expect("the relay ends after the half-close timeout")
+            .unwrap();
+        assert!(started.elapsed() >= linger, "not before the timeout");
+        match &end {
+            RelayEnd::Failed(_, e) => {
+                assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+                assert!(e.to_string().contains("the node kept its side open"), "{e}");
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert_eq!(end.stats().rx, 9);
+        assert_eq!(rx_n.load(std::sync::atomic::Ordering::Relaxed), 9);
+        // The node's leg is closed: it reads EOF.
+        let mut rest = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            server.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the node's leg is closed")
+        .unwrap();
+        assert!(rest.is_empty());
+    }
+
     async fn reports_a_reset(fast: Option<std::sync::Arc<FastPath>>) {
         let (client, peer_side) = tcp_pair().await;
         let (node_side, server) = tcp_pair().await;
@@ -787,8 +995,7 @@ mod tests {
                 Counter::noop(),
                 Counter::noop(),
                 &stop,
-                fast.as_deref(),
-                false,
+                opts(fast.as_deref(), false),
             )
             .await
         });

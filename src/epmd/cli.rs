@@ -233,8 +233,12 @@ pub async fn print_names(addr: SocketAddr) -> ExitCode {
             print!("{text}");
             ExitCode::SUCCESS
         }
+        Err(client::ClientError::Connect { source, .. }) => {
+            eprintln!("epmd: Cannot connect to epmd at {addr}: {source}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
-            eprintln!("epmd: Cannot connect to epmd at {addr}: {e}");
+            eprintln!("epmd: {e}");
             ExitCode::FAILURE
         }
     }

@@ -150,6 +150,8 @@ impl Registry {
 
     /// A registry that refuses registrations beyond `max_nodes`.
     pub fn with_max_nodes(max_nodes: usize) -> Self {
+        // Scrapes show the gauge from the start, not from the first ALIVE2.
+        metrics::gauge!(m::REGISTERED_NODES).set(0.0);
         Self {
             inner: Mutex::new(Inner::default()),
             max_nodes,

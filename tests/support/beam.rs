@@ -476,6 +476,11 @@ impl BeamNode {
         }
     }
 
+    /// Sends the node's VM `signal` (`STOP`, `CONT`, ...).
+    pub fn signal(&self, signal: &str) {
+        self.proc.signal(signal);
+    }
+
     /// Kills the node at once (SIGKILL).
     pub fn kill(mut self) {
         self.proc.kill();

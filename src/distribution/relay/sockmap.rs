@@ -48,6 +48,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::bpf::{self, annotate, Ends};
 use super::node_routes::NodeRoutes;
+use super::StillOpen;
 
 /// How often bytes moved by the kernel are added to the counters.
 pub const COUNT_EVERY: Duration = Duration::from_secs(5);
@@ -385,9 +386,9 @@ pub async fn relay(
     peer: &TcpStream,
     node: &TcpStream,
     (rx_bytes, tx_bytes): (&Counter, &Counter),
-    rx: &mut u64,
-    tx: &mut u64,
+    (rx, tx): (&mut u64, &mut u64),
     node_routes: bool,
+    half_close_timeout: Option<Duration>,
     on_handover: impl FnOnce(),
 ) -> Result<io::Result<()>, NotTaken> {
     if fp.in_use.fetch_add(1, Ordering::Relaxed) >= fp.max_connections {
@@ -475,7 +476,7 @@ pub async fn relay(
         total: tx,
         open: true,
     };
-    let result = watch(&ends, &mut to_node, &mut to_peer).await;
+    let result = watch(&ends, &mut to_node, &mut to_peer, half_close_timeout).await;
     to_node.count();
     to_peer.count();
     drop(routes);
@@ -487,6 +488,7 @@ async fn watch(
     ends: &AsyncFd<Ends>,
     to_node: &mut Way<'_>,
     to_peer: &mut Way<'_>,
+    half_close_timeout: Option<Duration>,
 ) -> io::Result<()> {
     // The first look at each socket also makes the kernel pass what arrived
     // before the handover through the program (a read on a socket in a
@@ -496,8 +498,20 @@ async fn watch(
     let mut tick = tokio::time::interval(COUNT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events = [EpollEvent::empty(); 4];
+    // Set when one direction has closed (as `relay::both_ways` does).
+    let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     while to_node.open || to_peer.open {
+        if let (None, Some(linger), false) =
+            (&deadline, half_close_timeout, to_node.open && to_peer.open)
+        {
+            deadline = Some(Box::pin(tokio::time::sleep(linger)));
+        }
         tokio::select! {
+            _ = async { deadline.as_mut().expect("guarded").await }, if deadline.is_some() => {
+                let still_open = if to_node.open { StillOpen::Peer } else { StillOpen::Node };
+                let linger = half_close_timeout.expect("a deadline is set only with a linger");
+                return Err(super::half_close_expired(still_open, linger));
+            }
             guard = ends.readable() => {
                 let mut guard = guard?;
                 let n = match ends.get_ref().0.wait(&mut events, EpollTimeout::ZERO) {

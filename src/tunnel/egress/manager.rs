@@ -107,6 +107,8 @@ impl EgressManager {
             ProbeSettings::from_config(&settings.tunnel),
             Arc::clone(&resolver),
         );
+        // Scrapes show the gauge from the start, not from the first listener.
+        metrics::gauge!(m::EGRESS_LISTENERS).set(0.0);
         Arc::new_cyclic(|me| EgressManager {
             me: me.clone(),
             settings: settings.tunnel,
