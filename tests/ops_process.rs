@@ -464,9 +464,12 @@ async fn connections_refused_by_a_limit_are_all_counted_and_logged_at_most_once_
         .await,
         "sidecar did not start"
     );
-    // The one slot, held; then 300 connections beyond it, each closed at
-    // accept.
-    let _held = tokio::net::TcpStream::connect(epmd).await.unwrap();
+    // The one slot, held by a registration (a whole request: never closed
+    // to make room); then 300 connections beyond it, each closed at accept.
+    let (_held, reply) = client::register(epmd, distproxy_testkit::sidecar::spec("held", 40100))
+        .await
+        .unwrap();
+    assert_eq!(reply.result, 0);
     assert!(
         eventually(Duration::from_secs(5), || async {
             let mut s = tokio::net::TcpStream::connect(epmd).await.unwrap();
