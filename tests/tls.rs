@@ -229,6 +229,80 @@ async fn handshakes_in_flight_are_bounded() {
     assert!(a.tls.handshakes_in_flight() <= 2);
 }
 
+/// A peer that opens as many TLS connections as there are slots and stalls
+/// each one mid-handshake (slowloris) holds only its address's share: other
+/// pods' handshakes still complete at once, not after the stalled ones'
+/// deadline. Its own further handshakes queue behind its share.
+#[tokio::test]
+async fn stalled_handshakes_from_one_address_leave_slots_for_others() {
+    use distproxy_testkit::sut::tls::per_source_share;
+    let ca = Ca::new("dp-test-ca");
+    let leaf_a = ca.leaf(&[POD_A], 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = SecretDir::create(tmp.path(), &leaf_a.cert_pem, &leaf_a.key_pem, &ca.pem);
+    let a = Tls::load(TlsSettings {
+        max_handshakes: 8,
+        ..settings(&secret, ServerNameVerification::Hostname)
+    })
+    .unwrap();
+    let b = pod(&ca, &ca.leaf(&[POD_B], 2), ServerNameVerification::Hostname);
+    let attacker: std::net::IpAddr = "198.18.0.66".parse().unwrap();
+    let share = per_source_share(8);
+    assert_eq!(share, 2);
+    let mut stalled = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..8 {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let tls = Arc::clone(&a);
+        stalled.push(tokio::spawn(async move {
+            tls.accept_from(ours, attacker).await.map(|_| ())
+        }));
+        peers.push(theirs);
+    }
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        a.handshakes_in_flight(),
+        share,
+        "one address holds its share only"
+    );
+    assert_eq!(a.handshake_sources(), 1);
+    // Another pod's sidecar handshakes at once (well within the 5 s deadline
+    // the stalled ones hold their slots for).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn({
+        let tls = Arc::clone(&a);
+        async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tls.accept_from(tcp, "198.18.0.2".parse().unwrap())
+                .await
+                .map(|(_, identity)| identity)
+        }
+    });
+    let started = std::time::Instant::now();
+    let client = dial(&b.tls, addr, POD_A).await;
+    let identity = server.await.unwrap().expect("other pod's handshake");
+    assert!(client.is_ok(), "{:?}", client.err());
+    assert!(identity.to_string().contains(POD_B), "{identity}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?} behind stalled handshakes",
+        started.elapsed()
+    );
+    // Ending the attacker's handshakes forgets the address.
+    for task in &stalled {
+        task.abort();
+    }
+    for task in stalled {
+        let _ = task.await;
+    }
+    drop(peers);
+    assert_eq!(a.handshakes_in_flight(), 0);
+    assert_eq!(a.handshake_sources(), 0);
+}
+
 #[tokio::test]
 async fn server_refuses_plaintext_where_a_client_hello_belongs() {
     let ca = Ca::new("dp-test-ca");

@@ -52,9 +52,11 @@
 mod identity;
 mod load;
 mod reload;
+mod slots;
 
 use std::fmt;
 use std::io;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +84,7 @@ use load::{build, provider, Generation, PemFiles};
 /// client that offers none (a sidecar of an earlier version).
 pub const TUNNEL_ALPN: &[u8] = b"distproxy-tunnel/1";
 pub use reload::{ReloadOutcome, TlsReloader};
+pub use slots::share as per_source_share;
 
 /// The accepting side's stream.
 pub type ServerTlsStream<IO> = tokio_rustls::server::TlsStream<IO>;
@@ -222,6 +225,8 @@ pub struct Tls {
     current: ArcSwap<Generation>,
     /// Bounds the handshakes in flight (`TlsSettings::max_handshakes`).
     handshakes: Arc<tokio::sync::Semaphore>,
+    /// Each remote source's share of them (see [`slots`]).
+    sources: slots::SourceSlots,
 }
 
 impl fmt::Debug for Tls {
@@ -245,6 +250,7 @@ impl Tls {
             verify_server_name = ?settings.verify_server_name, "TLS certificate loaded");
         Ok(Arc::new(Tls {
             handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
+            sources: slots::SourceSlots::new(settings.max_handshakes),
             settings,
             provider,
             current: ArcSwap::from_pointee(generation),
@@ -260,6 +266,12 @@ impl Tls {
         self.settings.max_handshakes - self.handshakes.available_permits()
     }
 
+    /// Remote sources with an accepted handshake holding or waiting for a
+    /// slot.
+    pub fn handshake_sources(&self) -> usize {
+        self.sources.sources()
+    }
+
     /// The certificate this sidecar presents now.
     pub fn local_identity(&self) -> PeerIdentity {
         self.current.load().local.clone()
@@ -273,14 +285,46 @@ impl Tls {
     /// Server side of a handshake (the `0x16` branch of the distribution
     /// port), with the "TLS handshake" deadline. Returns the stream and the
     /// client certificate's identity. Failures are counted by reason; the
-    /// caller logs them with the peer's address.
+    /// caller logs them with the peer's address. Takes a global slot only:
+    /// connections from the network go through [`Tls::accept_from`].
     pub async fn accept<IO>(&self, io: IO) -> Result<(ServerTlsStream<IO>, PeerIdentity), TlsError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.accept_inner(io, None).await
+    }
+
+    /// [`Tls::accept`] for a connection from `peer`: unless `peer` is
+    /// loopback, the handshake first takes one of that address's share of
+    /// the slots ([`per_source_share`] of `limits.max_tls_handshakes`), so
+    /// stalled handshakes from one address cannot hold every slot.
+    pub async fn accept_from<IO>(
+        &self,
+        io: IO,
+        peer: IpAddr,
+    ) -> Result<(ServerTlsStream<IO>, PeerIdentity), TlsError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let source = (!peer.to_canonical().is_loopback()).then_some(peer);
+        self.accept_inner(io, source).await
+    }
+
+    async fn accept_inner<IO>(
+        &self,
+        io: IO,
+        source: Option<IpAddr>,
+    ) -> Result<(ServerTlsStream<IO>, PeerIdentity), TlsError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.current.load().server));
         let deadline = self.settings.handshake_timeout;
         let handshake = async {
+            let _source_slot = match source {
+                Some(ip) => Some(self.sources.acquire(ip).await),
+                None => None,
+            };
             let _slot = self.handshakes.acquire().await;
             acceptor.accept(io).await
         };
