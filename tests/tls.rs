@@ -611,6 +611,11 @@ async fn bad_new_files_keep_the_old_certificate() {
 
     let fresh = ca.leaf(&[POD_A], 0x3003);
     let other_key = ca.leaf(&[POD_A], 0x3004).key_pem;
+    // A user restoring last year's Secret: its own key, but expired.
+    let expired = ca.leaf_with(&[POD_A], 0x3005, |p| {
+        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    });
     // (what, cert, key, CA)
     type Case = (&'static str, Vec<u8>, Vec<u8>, Vec<u8>);
     let cases: Vec<Case> = vec![
@@ -634,6 +639,12 @@ async fn bad_new_files_keep_the_old_certificate() {
             ca.pem.clone().into_bytes(),
         ),
         (
+            "expired certificate",
+            expired.cert_pem.clone().into_bytes(),
+            expired.key_pem.clone().into_bytes(),
+            ca.pem.clone().into_bytes(),
+        ),
+        (
             "no CA",
             fresh.cert_pem.clone().into_bytes(),
             fresh.key_pem.clone().into_bytes(),
@@ -643,7 +654,12 @@ async fn bad_new_files_keep_the_old_certificate() {
     for (what, cert, key, ca_pem) in &cases {
         a.secret.write_raw(cert, key, ca_pem);
         match reloader.poll() {
-            ReloadOutcome::Failed(e) => eprintln!("{what}: {e}"),
+            ReloadOutcome::Failed(e) => {
+                eprintln!("{what}: {e}");
+                if *what == "expired certificate" {
+                    assert!(e.to_string().contains("expired on"), "{e}");
+                }
+            }
             other => panic!("{what}: expected a failure, got {other:?}"),
         }
         // Reported once, not on every poll.

@@ -248,6 +248,12 @@ impl Tls {
         metrics::gauge!(m::TLS_CERT_NOT_AFTER).set(generation.local.not_after as f64);
         info!(cert = %settings.cert_file.display(), identity = %generation.local,
             verify_server_name = ?settings.verify_server_name, "TLS certificate loaded");
+        // Start anyway (the pod's nodes still register, and a renewed file is
+        // picked up by the reloader), but say why every peer will refuse it.
+        if let Some(problem) = generation.local.validity_problem(reload::unix_now()) {
+            tracing::error!(cert = %settings.cert_file.display(), %problem,
+                "TLS certificate is not valid now; every peer will refuse this sidecar's tunnels until it is replaced");
+        }
         Ok(Arc::new(Tls {
             handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
             sources: slots::SourceSlots::new(settings.max_handshakes),
