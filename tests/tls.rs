@@ -539,6 +539,44 @@ async fn handshake_has_a_deadline() {
     );
 }
 
+/// A CA rotation done in steps: both pods trust a bundle of the old and the
+/// new CA, and one of them already holds a certificate of the new CA while
+/// the other still holds the old one. Tunnels work both ways.
+#[tokio::test]
+async fn a_bundle_of_two_cas_accepts_certificates_of_either() {
+    let old = Ca::new("dp-test-ca-old");
+    let new = Ca::new("dp-test-ca-new");
+    let bundle = format!("{}{}", old.pem, new.pem);
+    let a = pod_trusting(
+        &bundle,
+        &new.leaf(&[POD_A], 0x4001),
+        ServerNameVerification::Hostname,
+    );
+    let b = pod_trusting(
+        &bundle,
+        &old.leaf(&[POD_B], 0x4002),
+        ServerNameVerification::Hostname,
+    );
+    for (from, to, name) in [(&b, &a, POD_A), (&a, &b, POD_B)] {
+        let (addr, server) = serve_once(Arc::clone(&to.tls)).await;
+        let mut c = dial(&from.tls, addr, name).await.expect("client handshake");
+        echo(&mut c, b"rotation")
+            .await
+            .expect("server accepted the client");
+        server.await.unwrap().expect("server handshake");
+    }
+    // A pod that trusts the new CA alone refuses the old certificate.
+    let c = pod_trusting(
+        &new.pem,
+        &new.leaf(&[POD_A], 0x4003),
+        ServerNameVerification::Hostname,
+    );
+    let (addr, server) = serve_once(Arc::clone(&c.tls)).await;
+    let _ = dial(&b.tls, addr, POD_A).await;
+    let err = server.await.unwrap().unwrap_err();
+    assert_eq!(err.reason(), tls_reason::UNKNOWN_CA, "{err}");
+}
+
 #[tokio::test]
 async fn rotation_through_a_symlink_swap_keeps_open_connections() {
     let ca = Ca::new("dp-test-ca");
