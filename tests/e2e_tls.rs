@@ -1037,3 +1037,66 @@ fn stalled_tls_handshakes_from_one_address_do_not_keep_other_pods_out() {
     // The established pair was never disturbed.
     assert_eq!(b1.ping(a1.name()), "pong");
 }
+
+/// A pod whose sidecar has no `[tls]` (a rollout done in the wrong order)
+/// talks to a pod that requires TLS: its plaintext tunnel is refused,
+/// counted and logged on the receiving side, and the sending side's log
+/// says that the remote sidecar closed it and where to look.
+#[test]
+fn a_sidecar_without_tls_is_refused_by_a_pod_that_requires_it_and_says_so() {
+    if !e2e_enabled(
+        "a_sidecar_without_tls_is_refused_by_a_pod_that_requires_it_and_says_so",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let ca = Ca::new("dp-e2e-ca");
+    let (sidecar_a, _sa) =
+        spawn_tls_sidecar(&lab, a, &pod_leaf(&ca, a, 0xa1), &ca.pem, TlsPod::default());
+    let sidecar_b = b.spawn_sidecar(&[]);
+    let opts = with_module(&ebin);
+    let mut a1 = a.spawn_erlang_with("a1", &opts);
+    let mut b1 = b.spawn_erlang_with("b1", &opts);
+    a1.wait_ready();
+    b1.wait_ready();
+
+    assert_eq!(
+        b1.ping(a1.name()),
+        "pang",
+        "plaintext tunnel into require_tls"
+    );
+    let ma = metrics(a);
+    assert!(
+        metric_sum(
+            &ma,
+            "distproxy_connections_closed_total",
+            &[("reason", "refused_by_policy")]
+        ) >= 1.0,
+        "{ma}"
+    );
+    let b_addr = b.addr().to_string();
+    assert!(
+        sidecar_a
+            .log_lines_containing("refused (tls.require_tls)")
+            .iter()
+            .any(|l| l.contains(&b_addr)),
+        "{}",
+        sidecar_a.log()
+    );
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+            !sidecar_b
+                .log_lines_containing("tunnel connection ended before the remote node answered")
+                .is_empty()
+        }),
+        "{}",
+        sidecar_b.log()
+    );
+    // Pod A's own nodes are undisturbed.
+    let mut a2 = a.spawn_erlang_with("a2", &opts);
+    a2.wait_ready();
+    assert_eq!(a2.ping(a1.name()), "pong");
+}
