@@ -433,6 +433,22 @@ fn manifest_validator_rejects_broken_manifests() {
             "  selector:\n    app.kubernetes.io/name: other\n  type: ClusterIP",
             "selector matches no pod",
         ),
+        // A Service targeting the native sidecar's port by name: no
+        // endpoints on Kubernetes 1.29 to 1.31 (kubernetes/kubernetes#127958).
+        (
+            "deploy/kubernetes/base",
+            "Deployment",
+            "    targetPort: 43691",
+            "    targetPort: dist",
+            "targets 'dist' by name",
+        ),
+        (
+            "deploy/openshift",
+            "DeploymentConfig",
+            "    targetPort: 9369",
+            "    targetPort: admin",
+            "targets 'admin' by name",
+        ),
         // StatefulSet pointing at the wrong Service.
         (
             "deploy/kubernetes/overlays/statefulset",
