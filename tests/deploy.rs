@@ -434,7 +434,7 @@ fn manifest_validator_rejects_broken_manifests() {
             "selector matches no pod",
         ),
         // A Service targeting the native sidecar's port by name: no
-        // endpoints on Kubernetes 1.29 to 1.31 (kubernetes/kubernetes#127958).
+        // endpoints on Kubernetes 1.29 to 1.31 (fixed in 1.32).
         (
             "deploy/kubernetes/base",
             "Deployment",

@@ -595,8 +595,8 @@ def check_workload(docs: list[dict], workload: dict, config_source: str | None, 
             if target not in ports:
                 problems.add(swh, f"port {p.get('name')} targets {target!r}, which no container declares")
             elif isinstance(target, str) and target not in regular_port_names:
-                # kubernetes/kubernetes#127958, fixed in 1.32: before, the
-                # endpoint controllers look names up in `containers` only.
+                # Before Kubernetes 1.32 the endpoint controllers look port
+                # names up in `containers` only.
                 problems.add(
                     swh,
                     f"port {p.get('name')} targets {target!r} by name, a port of an init container "
