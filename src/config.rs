@@ -874,8 +874,7 @@ pub struct LimitsConfig {
     /// Nodes registered at once.
     #[serde(default = "default_max_registered_nodes")]
     pub max_registered_nodes: usize,
-    /// TLS handshakes in flight at once on each side (accepted, dialled);
-    /// one remote address gets a quarter of the accepted ones.
+    /// TLS handshakes in flight at once (inbound and outbound).
     #[serde(default = "default_max_tls_handshakes")]
     pub max_tls_handshakes: usize,
 }

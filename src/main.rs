@@ -240,14 +240,16 @@ fn raise_open_files(config: &Config) {
     let need = distproxy::net::open_files_needed(
         config.dist.max_connections,
         config.limits.epmd_max_connections,
+        config.tunnel.max_egress_listeners,
     );
     match distproxy::net::raise_open_files_limit() {
         Ok(limit) if limit < need => warn!(
             limit,
             need,
-            "the limit on open files is below what dist.max_connections needs \
-             (two per relayed connection): connections beyond it fail; raise the \
-             hard limit (nofile) or lower dist.max_connections"
+            "the limit on open files is below what the connection limits need \
+             (two per relayed connection, two per egress listener): connections \
+             beyond it fail; raise the hard limit (nofile) or lower dist.max_connections \
+             or tunnel.max_egress_listeners"
         ),
         Ok(limit) => info!(limit, "open files limit"),
         Err(e) => warn!(error = %e, "cannot raise the limit on open files"),

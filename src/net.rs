@@ -48,10 +48,18 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
 }
 
 /// Descriptors a sidecar may need at once: two per relayed connection, one
-/// per EPMD connection, and a margin for listeners, the registry's ALIVE2
-/// connections (counted as EPMD connections), logs and the runtime.
-pub fn open_files_needed(max_dist_connections: usize, max_epmd_connections: usize) -> u64 {
-    2 * max_dist_connections as u64 + max_epmd_connections as u64 + 64
+/// per EPMD connection, two per egress listener (loopback IPv4 and IPv6),
+/// and a margin for the other listeners, the registry's ALIVE2 connections
+/// (counted as EPMD connections), logs and the runtime.
+pub fn open_files_needed(
+    max_dist_connections: usize,
+    max_epmd_connections: usize,
+    max_egress_listeners: usize,
+) -> u64 {
+    2 * max_dist_connections as u64
+        + max_epmd_connections as u64
+        + 2 * max_egress_listeners as u64
+        + 64
 }
 
 /// Binds a TCP listener; IPv6 sockets are IPv6-only so that `0.0.0.0:P`
@@ -703,7 +711,12 @@ mod tests {
 
     #[test]
     fn open_files_needed_counts_two_per_relayed_connection() {
-        assert_eq!(open_files_needed(4096, 1024), 8192 + 1024 + 64);
+        assert_eq!(open_files_needed(4096, 1024, 0), 8192 + 1024 + 64);
+        assert_eq!(
+            open_files_needed(4096, 1024, 1024),
+            8192 + 1024 + 2048 + 64,
+            "egress listeners are two sockets each"
+        );
     }
 
     #[tokio::test]

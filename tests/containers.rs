@@ -570,10 +570,17 @@ for node in $BEAM_NODES; do erl -noinput -name "$node@$NODE_HOST" & done
 wait -n"#;
 
 /// Starts the distproxy container of `pod` with `config` mounted where the
-/// ConfigMap goes, and the state directory on a tmpfs (the emptyDir).
-fn start_sidecar(pod: &str, config: &Path) {
+/// ConfigMap goes, and the state directory on the lab's `<pod>-state`,
+/// world-writable and kept across container restarts like an emptyDir. (A
+/// `--tmpfs` is not one: runc gives it the mode of the image's directory,
+/// 0775, but root as owner, so user 65532 could not write the state file.)
+fn start_sidecar(lab: &Lab, pod: &str, config: &Path) {
     let name = format!("{pod}-distproxy");
     let mount = format!("{}:/etc/distproxy/distproxy.toml:ro", config.display());
+    let state = lab.path(&format!("{pod}-state"));
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let state = format!("{}:/var/lib/distproxy", state.display());
     podman(&[
         "run",
         "-d",
@@ -588,10 +595,8 @@ fn start_sidecar(pod: &str, config: &Path) {
         "no-new-privileges",
         "-v",
         &mount,
-        // Like an emptyDir: world-writable, not a copy of the image's
-        // directory (podman copies its owner and mode up by default).
-        "--tmpfs",
-        "/var/lib/distproxy:mode=1777,notmpcopyup",
+        "-v",
+        &state,
         "-e",
         "DISTPROXY_LOG=info,distproxy=debug",
         IMAGE,
@@ -915,7 +920,7 @@ fn pods_mesh_transfer_and_service() {
 
     for (pod, ip) in [("dpc-p1", ip1), ("dpc-p2", ip2)] {
         lab.pod(pod, ip);
-        start_sidecar(pod, &config);
+        start_sidecar(&lab, pod, &config);
         // Gating: the application containers start only once the
         // sidecar's startup probe passes, as with a native sidecar.
         wait_startup_probe(ip, probe_port, &probe_path);
@@ -926,6 +931,15 @@ fn pods_mesh_transfer_and_service() {
     start_app("dpc-p2", "seed", "seed", SEED_DNS);
     wait_registered(ip1, &["a", "b", "c"]);
     wait_registered(ip2, &["a", "b", "c", "seed"]);
+    // The sidecar, user 65532 on a read-only root, keeps its registry in the
+    // state directory (what a restarted sidecar adopts).
+    let state = lab.path("dpc-p2-state/registry.json");
+    wait_for("the state file lists seed", START_TIMEOUT, || {
+        std::fs::read_to_string(&state)
+            .ok()?
+            .contains("\"seed\"")
+            .then_some(())
+    });
 
     let mut nodes: Vec<String> = Vec::new();
     for ip in [ip1, ip2] {

@@ -433,6 +433,22 @@ fn manifest_validator_rejects_broken_manifests() {
             "  selector:\n    app.kubernetes.io/name: other\n  type: ClusterIP",
             "selector matches no pod",
         ),
+        // A Service targeting the native sidecar's port by name: no
+        // endpoints on Kubernetes 1.29 to 1.31 (fixed in 1.32).
+        (
+            "deploy/kubernetes/base",
+            "Deployment",
+            "    targetPort: 43691",
+            "    targetPort: dist",
+            "targets 'dist' by name",
+        ),
+        (
+            "deploy/openshift",
+            "DeploymentConfig",
+            "    targetPort: 9369",
+            "    targetPort: admin",
+            "targets 'admin' by name",
+        ),
         // StatefulSet pointing at the wrong Service.
         (
             "deploy/kubernetes/overlays/statefulset",
@@ -794,8 +810,19 @@ fn docker_build_context_holds_every_build_input() {
     let dockerfile = std::fs::read_to_string(repo().join(DOCKERFILE)).unwrap();
     let dockerignore = std::fs::read_to_string(repo().join(".dockerignore"))
         .expect(".dockerignore at the repository root");
-    let mut copied = Vec::new();
+    // The context's files each stage copies. Only the stage that runs
+    // `cargo build` counts for what cargo reads: the build stage once lacked
+    // distproxy_epmd.erl (include_str! in src/remsh), which only the `beam`
+    // stage copied, and `docker build` failed.
+    let mut stages: Vec<Vec<String>> = Vec::new();
+    let mut cargo_stage = None;
     for line in dockerfile.lines().map(str::trim) {
+        if line.starts_with("FROM ") {
+            stages.push(Vec::new());
+        }
+        if line.contains("cargo build") {
+            cargo_stage = stages.len().checked_sub(1);
+        }
         let Some(rest) = line.strip_prefix("COPY ") else {
             continue;
         };
@@ -821,12 +848,15 @@ fn docker_build_context_holds_every_build_input() {
                 in_build_context(&dockerignore, source),
                 ".dockerignore keeps {source} out of the build context, but {DOCKERFILE} copies it"
             );
-            copied.push(source.to_string());
+            if let Some(stage) = stages.last_mut() {
+                stage.push(source.to_string());
+            }
         }
     }
+    let copied = &stages[cargo_stage.expect("a stage of the Dockerfile runs `cargo build`")];
     assert!(
         copied.iter().any(|c| c == "src"),
-        "the Dockerfile copies no src: {copied:?}"
+        "the Dockerfile's cargo stage copies no src: {copied:?}"
     );
 
     // What cargo reads: the manifest, the lock file, the target sources, a
@@ -892,7 +922,8 @@ fn docker_build_context_holds_every_build_input() {
             copied
                 .iter()
                 .any(|c| input == c || input.starts_with(&format!("{c}/"))),
-            "the build reads {input}, which {DOCKERFILE} does not copy (copies: {copied:?})"
+            "the build reads {input}, which the cargo stage of {DOCKERFILE} does not copy \
+             (copies: {copied:?})"
         );
         assert!(
             in_build_context(&dockerignore, input),

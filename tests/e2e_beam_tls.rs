@@ -728,3 +728,49 @@ fn beam_tls_on_the_kernel_fast_path() {
     );
     sidecar_b.assert_no_misroute();
 }
+
+/// A plaintext connection that `tls.require_tls` refuses still takes the
+/// lookup it was announced by: in pod B (stock `epmd`), bp (plain
+/// distribution) looks a1 up and is refused; bt (TLS distribution), at the
+/// same pod address, then looks a2 up and is answered at once, not held
+/// behind bp's lookup until it expires (`routing.lookup_ttl_ms`).
+#[test]
+fn a_refused_plaintext_connection_leaves_no_lookup_behind() {
+    if !e2e_enabled(
+        "a_refused_plaintext_connection_leaves_no_lookup_behind",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let (mut sidecar_a, _sa) = tunnel_sidecar(&lab, a, &Ca::new("dp-e2e-tunnel-ca"));
+    let _epmd_b = b.spawn_stock_epmd();
+    let ca = Ca::new("dp-e2e-beam-ca");
+    let (tls_a, tls_b) = (pod_tls(&lab, &ca, a), pod_tls(&lab, &ca, b));
+    let a1 = start_tls_node(a, "a1", &tls_a);
+    let a2 = start_tls_node(a, "a2", &tls_a);
+    let mut bt = start_tls_node(b, "bt", &tls_b);
+    let mut bp = b.spawn_erlang("bp");
+    bp.wait_ready();
+    let [a1_name, a2_name] = [&a1, &a2].map(|n| n.name().to_string());
+
+    assert_eq!(bp.ping(&a1_name), "pang", "plaintext from pod B is refused");
+    assert_eq!(bt.ping(&a2_name), "pong", "bt -> a2 over its own TLS");
+    assert_eq!(bt.rpc_node(&a2_name), a2_name, "rpc bt -> a2");
+    let ma = metrics(a);
+    assert!(
+        metric_sum(
+            &ma,
+            "distproxy_connections_closed_total",
+            &[("reason", "refused_by_policy")]
+        ) >= 1.0,
+        "pod A refused bp's plaintext\n{ma}"
+    );
+    assert_eq!(
+        metric_sum(&ma, "distproxy_lookups_held_total", &[]),
+        0.0,
+        "bt's lookup waited behind the refused connection's\n{ma}"
+    );
+    sidecar_a.assert_no_misroute();
+}

@@ -361,3 +361,109 @@ fn pods_without_distproxy_are_found_through_names_and_the_host_template() {
     assert_eq!(s1.nodes(), vec![a1.name().to_string()]);
     sidecar.assert_no_misroute();
 }
+
+/// A name server that answers every query with `rcode` (2 SERVFAIL, 5
+/// REFUSED) on `addr`:53, from a thread in `pod`, until `stop` is set.
+fn failing_name_server(
+    pod: &Pod,
+    addr: Ipv4Addr,
+    rcode: u8,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    pod.spawn_in(move || {
+        let socket = std::net::UdpSocket::bind((addr, 53)).expect("bind port 53");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut answered = 0;
+        let mut buf = [0u8; 512];
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                continue;
+            };
+            if n < 12 {
+                continue;
+            }
+            // The header and the question, nothing else.
+            let mut end = 12;
+            while end < n && buf[end] != 0 {
+                end += usize::from(buf[end]) + 1;
+            }
+            end = (end + 5).min(n);
+            let mut reply = buf[..end].to_vec();
+            reply[2] = 0x80 | (buf[2] & 0x01); // QR, RD as asked
+            reply[3] = 0x80 | rcode; // RA, the failure
+            reply[6..12].fill(0); // no answer, authority or additional
+            if socket.send_to(&reply, from).is_ok() {
+                answered += 1;
+            }
+        }
+        answered
+    })
+}
+
+/// A name server that fails (SERVFAIL, then REFUSED) is a failure to
+/// resolve, not an answer without records: the member list stays, the
+/// error is counted as `resolve` and shown in `/members`.
+#[test]
+fn a_failing_name_server_keeps_the_members() {
+    if !e2e_enabled("a_failing_name_server_keeps_the_members", &["dnsmasq"]) {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let lab = Lab::new(&["a", "b", "n"]);
+    let mut dns = Dns::start(lab.pod("n"), lab.dir());
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    dns.set_records(&[a, b]);
+    let _sidecar_a = start_sidecar(a, &dns, "");
+    let _sidecar_b = start_sidecar(b, &dns, "");
+    let mut a1 = a.spawn_erlang("a1");
+    let mut b1 = b.spawn_erlang("b1");
+    a1.wait_ready();
+    b1.wait_ready();
+    let expected = sorted(vec![a1.name().to_string(), b1.name().to_string()]);
+    wait_until(FORM_TIMEOUT, "a1 and b1 in pod a's members", || {
+        member_names(&members_json(a)) == expected
+    });
+
+    // The name server now fails every query.
+    dns.proc.kill();
+    for rcode in [2u8, 5] {
+        let errors_before = metric_sum(
+            &metrics(a),
+            "distproxy_discovery_refresh_errors_total",
+            &[("reason", "resolve")],
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = failing_name_server(lab.pod("n"), dns.addr, rcode, Arc::clone(&stop));
+        let before = refreshes(&members_json(a));
+        let mut json = members_json(a);
+        wait_until(
+            Duration::from_secs(20),
+            "two refreshes with the failing name server",
+            || {
+                json = members_json(a);
+                refreshes(&json) >= before + 2
+            },
+        );
+        stop.store(true, Ordering::Release);
+        let answered = server.join().unwrap();
+        assert!(answered >= 1, "rcode {rcode}: the name server was asked");
+        assert_eq!(
+            member_names(&json),
+            expected,
+            "rcode {rcode}: members kept\n{json:#}"
+        );
+        assert!(
+            json["dns_error"].as_str().is_some_and(|e| !e.is_empty()),
+            "rcode {rcode}: /members shows the failure\n{json:#}"
+        );
+        let errors = metric_sum(
+            &metrics(a),
+            "distproxy_discovery_refresh_errors_total",
+            &[("reason", "resolve")],
+        );
+        assert!(errors > errors_before, "rcode {rcode}: counted as resolve");
+    }
+}

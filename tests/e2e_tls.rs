@@ -901,3 +901,202 @@ fn inet6_nodes_use_the_tls_tunnel_between_dual_stack_pods() {
     sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
 }
+
+/// A peer in pod C that opens TLS connections to pod A's distribution port,
+/// sends a tunnel ClientHello on each and then nothing (slowloris on the
+/// handshake), keeping about `held` of them open (the sidecar ends each one
+/// at its handshake deadline; they are replaced) until `stop` is set.
+/// Counts the connections it opened in `opened`.
+fn stall_tls_handshakes(
+    c: &Pod,
+    target: std::net::SocketAddr,
+    ca_pem: &str,
+    held: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    opened: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<()> {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    let ca_pem = ca_pem.to_string();
+    c.spawn_in(move || {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"distproxy-tunnel/1".to_vec()];
+        let config = Arc::new(config);
+        let mut open: Vec<(Instant, std::net::TcpStream)> = Vec::new();
+        while !stop.load(Ordering::Acquire) {
+            // The sidecar has ended those older than its deadline (5 s).
+            open.retain(|(at, _)| at.elapsed() < Duration::from_secs(6));
+            while open.len() < held {
+                let Ok(mut tcp) =
+                    std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1))
+                else {
+                    break;
+                };
+                let name = rustls::pki_types::ServerName::try_from("pod-a.dp.test").unwrap();
+                let mut hello = rustls::ClientConnection::new(Arc::clone(&config), name).unwrap();
+                // The ClientHello, then silence.
+                if hello.write_tls(&mut tcp).is_ok() {
+                    open.push((Instant::now(), tcp));
+                    opened.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+}
+
+/// One address stalling TLS handshakes on pod A's distribution port, more
+/// of them than `limits.max_tls_handshakes`, does not keep other pods'
+/// sidecars out: their nodes still connect at once; the stalled ones end at
+/// the handshake deadline, counted as `timeout` and logged.
+#[test]
+fn stalled_tls_handshakes_from_one_address_do_not_keep_other_pods_out() {
+    if !e2e_enabled(
+        "stalled_tls_handshakes_from_one_address_do_not_keep_other_pods_out",
+        &[],
+    ) {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let lab = Lab::new(&["a", "b", "c"]);
+    let (a, b, c) = (lab.pod("a"), lab.pod("b"), lab.pod("c"));
+    let ebin = compile_module(&lab);
+    let ca = Ca::new("dp-e2e-ca");
+    let (sidecar_a, _sa) =
+        spawn_tls_sidecar(&lab, a, &pod_leaf(&ca, a, 0xa1), &ca.pem, TlsPod::default());
+    let (_sidecar_b, _sb) =
+        spawn_tls_sidecar(&lab, b, &pod_leaf(&ca, b, 0xb1), &ca.pem, TlsPod::default());
+    let opts = with_module(&ebin);
+    let mut a1 = a.spawn_erlang_with("a1", &opts);
+    let mut b1 = b.spawn_erlang_with("b1", &opts);
+    a1.wait_ready();
+    b1.wait_ready();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    // 200 stalled handshakes held, against 64 slots (the default).
+    let attacker = stall_tls_handshakes(
+        c,
+        std::net::SocketAddr::from((a.addr(), DIST_PORT)),
+        &ca.pem,
+        200,
+        Arc::clone(&stop),
+        Arc::clone(&opened),
+    );
+    let held = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        opened.load(Ordering::Acquire) >= 200
+    });
+    assert!(
+        held,
+        "pod C opened {} connections",
+        opened.load(Ordering::Acquire)
+    );
+    // Let the sidecar take them to the handshake.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let pong = b1.ping(a1.name());
+    let took = started.elapsed();
+    assert_eq!(pong, "pong", "b1 -> a1 while pod C stalls handshakes");
+    assert!(
+        took < Duration::from_secs(3),
+        "b1 waited {took:?} behind pod C's stalled handshakes"
+    );
+    // The stalled ones end at the deadline: counted and logged, with pod
+    // C's address.
+    let timed_out = poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        metric_sum(
+            &metrics(a),
+            "distproxy_tls_handshake_failures_total",
+            &[("side", "accept"), ("reason", "timeout")],
+        ) >= 1.0
+    });
+    stop.store(true, Ordering::Release);
+    attacker.join().unwrap();
+    assert!(timed_out, "no handshake timeout counted\n{}", metrics(a));
+    let c_addr = c.addr().to_string();
+    assert!(
+        sidecar_a
+            .log_lines_containing("TLS handshake with a peer failed")
+            .iter()
+            .any(|l| l.contains(&c_addr) && l.contains("timed out")),
+        "{}",
+        sidecar_a.log()
+    );
+    // The established pair was never disturbed.
+    assert_eq!(b1.ping(a1.name()), "pong");
+}
+
+/// A pod whose sidecar has no `[tls]` (a rollout done in the wrong order)
+/// talks to a pod that requires TLS: its plaintext tunnel is refused,
+/// counted and logged on the receiving side, and the sending side's log
+/// says that the remote sidecar closed it and where to look.
+#[test]
+fn a_sidecar_without_tls_is_refused_by_a_pod_that_requires_it_and_says_so() {
+    if !e2e_enabled(
+        "a_sidecar_without_tls_is_refused_by_a_pod_that_requires_it_and_says_so",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let ca = Ca::new("dp-e2e-ca");
+    let (sidecar_a, _sa) =
+        spawn_tls_sidecar(&lab, a, &pod_leaf(&ca, a, 0xa1), &ca.pem, TlsPod::default());
+    let sidecar_b = b.spawn_sidecar(&[]);
+    let opts = with_module(&ebin);
+    let mut a1 = a.spawn_erlang_with("a1", &opts);
+    let mut b1 = b.spawn_erlang_with("b1", &opts);
+    a1.wait_ready();
+    b1.wait_ready();
+
+    assert_eq!(
+        b1.ping(a1.name()),
+        "pang",
+        "plaintext tunnel into require_tls"
+    );
+    let ma = metrics(a);
+    assert!(
+        metric_sum(
+            &ma,
+            "distproxy_connections_closed_total",
+            &[("reason", "refused_by_policy")]
+        ) >= 1.0,
+        "{ma}"
+    );
+    let b_addr = b.addr().to_string();
+    assert!(
+        sidecar_a
+            .log_lines_containing("refused (tls.require_tls)")
+            .iter()
+            .any(|l| l.contains(&b_addr)),
+        "{}",
+        sidecar_a.log()
+    );
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+            !sidecar_b
+                .log_lines_containing("tunnel connection ended before the remote node answered")
+                .is_empty()
+        }),
+        "{}",
+        sidecar_b.log()
+    );
+    // Pod A's own nodes are undisturbed.
+    let mut a2 = a.spawn_erlang_with("a2", &opts);
+    a2.wait_ready();
+    assert_eq!(a2.ping(a1.name()), "pong");
+}

@@ -479,3 +479,49 @@ fn module_node_reaches_a_restarted_node_of_its_own_pod_at_once() {
     assert_eq!(a1.remote_pid_creation(&a2_name), new_creation);
     sidecar_a.assert_no_misroute();
 }
+
+/// The pod's sidecar restarts (its state file keeps the registrations):
+/// every egress listener is gone, and a module node's next connection to a
+/// node of another pod must not go to the port it was told before the
+/// restart.
+#[test]
+fn module_node_reaches_a_remote_node_at_once_after_its_sidecar_restarted() {
+    if !e2e_enabled(
+        "module_node_reaches_a_remote_node_at_once_after_its_sidecar_restarted",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let state = lab.dir().join("pod-a-registry.json");
+    let config = format!("[epmd]\nstate_file = {:?}\n", state.display().to_string());
+    let mut sidecar_a = a.spawn_sidecar_with(support::SidecarOptions::default().config(&config));
+    let _sidecar_b = b.spawn_sidecar(&[]);
+    let opts = with_module(&ebin);
+    let mut a1 = a.spawn_erlang_with("a1", &opts);
+    let mut b1 = b.spawn_erlang_with("b1", &opts);
+    a1.wait_ready();
+    b1.wait_ready();
+    let b1_name = b1.name().to_string();
+    assert_eq!(a1.ping(&b1_name), "pong", "a1 -> b1");
+
+    sidecar_a.stop();
+    let mut sidecar_a = a.spawn_sidecar_with(support::SidecarOptions::default().config(&config));
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            !a1.nodes().contains(&b1_name)
+        }),
+        "a1 never saw the connection through the old sidecar go"
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(
+        a1.ping(&b1_name),
+        "pong",
+        "a1 -> b1 after the restart, first attempt ({:?})\n{}",
+        started.elapsed(),
+        sidecar_a.log()
+    );
+    sidecar_a.assert_no_misroute();
+}

@@ -2,7 +2,6 @@
 //! sockets, with certificates made here (rcgen) and written like a mounted
 //! Kubernetes Secret (symlinks through `..data`).
 
-use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -64,8 +63,8 @@ async fn serve_once(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
-        let (tcp, peer) = listener.accept().await.unwrap();
-        let (mut stream, identity) = tls.accept(tcp, peer.ip()).await?;
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (mut stream, identity) = tls.accept(tcp).await?;
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             loop {
@@ -189,17 +188,15 @@ async fn handshakes_in_flight_are_bounded() {
     let ca = Ca::new("dp-test-ca");
     let a = pod(&ca, &ca.leaf(&[POD_A], 1), ServerNameVerification::Hostname);
     let b = pod(&ca, &ca.leaf(&[POD_B], 2), ServerNameVerification::Hostname);
-    // Three silent "clients" of three addresses: duplex pipes nobody
-    // writes to.
+    // Three silent "clients": duplex pipes nobody writes to.
     let mut stalled = Vec::new();
     let mut peers = Vec::new();
-    for i in 0..3u8 {
+    for _ in 0..3 {
         let (ours, theirs) = tokio::io::duplex(1024);
         let tls = Arc::clone(&a.tls);
-        let from = IpAddr::from([198, 18, 0, 60 + i]);
-        stalled.push(tokio::spawn(async move {
-            tls.accept(ours, from).await.map(|_| ())
-        }));
+        stalled.push(tokio::spawn(
+            async move { tls.accept(ours).await.map(|_| ()) },
+        ));
         peers.push(theirs);
     }
     for _ in 0..50 {
@@ -232,90 +229,78 @@ async fn handshakes_in_flight_are_bounded() {
     assert!(a.tls.handshakes_in_flight() <= 2);
 }
 
-/// Silent "clients" (duplex pipes nobody writes to) of `from`, each
-/// holding an accepted handshake of `tls` until aborted.
-fn stall_accepts(
-    tls: &Arc<Tls>,
-    from: IpAddr,
-    n: usize,
-) -> Vec<(tokio::task::JoinHandle<()>, tokio::io::DuplexStream)> {
-    (0..n)
-        .map(|_| {
-            let (ours, theirs) = tokio::io::duplex(1024);
-            let tls = Arc::clone(tls);
-            let task = tokio::spawn(async move {
-                let _ = tls.accept(ours, from).await;
-            });
-            (task, theirs)
-        })
-        .collect()
-}
-
-/// A peer that opens handshakes and stalls them (each would hold a slot
-/// until the deadline) gets a quarter of the accepting slots (here 1 of
-/// 4): another pod's sidecar still gets through at once, and this pod's
-/// own tunnels out have slots of their own, so they never wait for it.
+/// A peer that opens as many TLS connections as there are slots and stalls
+/// each one mid-handshake (slowloris) holds only its address's share: other
+/// pods' handshakes still complete at once, not after the stalled ones'
+/// deadline. Its own further handshakes queue behind its share.
 #[tokio::test]
-async fn stalled_handshakes_of_one_address_delay_neither_other_peers_nor_dialling_out() {
+async fn stalled_handshakes_from_one_address_leave_slots_for_others() {
+    use distproxy_testkit::sut::tls::per_source_share;
     let ca = Ca::new("dp-test-ca");
-    let leaf = ca.leaf(&[POD_A], 1);
+    let leaf_a = ca.leaf(&[POD_A], 1);
     let tmp = tempfile::tempdir().unwrap();
-    let secret = SecretDir::create(tmp.path(), &leaf.cert_pem, &leaf.key_pem, &ca.pem);
-    let mut s = settings(&secret, ServerNameVerification::Hostname);
-    s.max_handshakes = 4;
-    let a = Tls::load(s).unwrap();
+    let secret = SecretDir::create(tmp.path(), &leaf_a.cert_pem, &leaf_a.key_pem, &ca.pem);
+    let a = Tls::load(TlsSettings {
+        max_handshakes: 8,
+        ..settings(&secret, ServerNameVerification::Hostname)
+    })
+    .unwrap();
     let b = pod(&ca, &ca.leaf(&[POD_B], 2), ServerNameVerification::Hostname);
-
-    let attacker = IpAddr::from([198, 18, 0, 66]);
-    let held = stall_accepts(&a, attacker, 8);
+    let attacker: std::net::IpAddr = "198.18.0.66".parse().unwrap();
+    let share = per_source_share(8);
+    assert_eq!(share, 2);
+    let mut stalled = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..8 {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let tls = Arc::clone(&a);
+        stalled.push(tokio::spawn(async move {
+            tls.accept_from(ours, attacker).await.map(|_| ())
+        }));
+        peers.push(theirs);
+    }
     for _ in 0..50 {
         tokio::task::yield_now().await;
     }
     assert_eq!(
         a.handshakes_in_flight(),
-        1,
-        "one address holds more than its share"
+        share,
+        "one address holds its share only"
     );
-
-    // Another pod's sidecar (a real handshake over a pipe) gets a slot.
-    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    assert_eq!(a.handshake_sources(), 1);
+    // Another pod's sidecar handshakes at once (well within the 5 s deadline
+    // the stalled ones hold their slots for).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let server = tokio::spawn({
-        let a = Arc::clone(&a);
+        let tls = Arc::clone(&a);
         async move {
-            a.accept(ours, IpAddr::from([198, 18, 0, 11]))
+            let (tcp, _) = listener.accept().await.unwrap();
+            tls.accept_from(tcp, "198.18.0.2".parse().unwrap())
                 .await
-                .map(|_| ())
+                .map(|(_, identity)| identity)
         }
     });
-    let client = b.tls.connect(theirs, POD_A);
-    let (client, server) = tokio::time::timeout(Duration::from_secs(2), async {
-        (client.await, server.await.unwrap())
-    })
-    .await
-    .expect("the other pod's handshake waited behind the stalled ones");
-    client.expect("client handshake");
-    server.expect("server handshake");
-
-    // Every accepting slot held (three more addresses): dialling out from
-    // pod a still gets a slot at once.
-    let more: Vec<_> = (0..3u8)
-        .flat_map(|i| stall_accepts(&a, IpAddr::from([198, 18, 0, 70 + i]), 2))
-        .collect();
-    for _ in 0..50 {
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(a.handshakes_in_flight(), 4, "every accepting slot held");
-    let (addr, b_server) = serve_once(Arc::clone(&b.tls)).await;
-    let mut out = tokio::time::timeout(Duration::from_secs(2), dial(&a, addr, POD_B))
-        .await
-        .expect("dialling out waited behind stalled inbound handshakes")
-        .expect("client handshake");
-    b_server.await.unwrap().expect("server handshake");
-    echo(&mut out, b"through").await.unwrap();
-    assert_eq!(a.connect_handshakes_in_flight(), 0);
-    for (task, _) in held.into_iter().chain(more) {
+    let started = std::time::Instant::now();
+    let client = dial(&b.tls, addr, POD_A).await;
+    let identity = server.await.unwrap().expect("other pod's handshake");
+    assert!(client.is_ok(), "{:?}", client.err());
+    assert!(identity.to_string().contains(POD_B), "{identity}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?} behind stalled handshakes",
+        started.elapsed()
+    );
+    // Ending the attacker's handshakes forgets the address.
+    for task in &stalled {
         task.abort();
     }
+    for task in stalled {
+        let _ = task.await;
+    }
+    drop(peers);
+    assert_eq!(a.handshakes_in_flight(), 0);
+    assert_eq!(a.handshake_sources(), 0);
 }
 
 #[tokio::test]
@@ -554,6 +539,44 @@ async fn handshake_has_a_deadline() {
     );
 }
 
+/// A CA rotation done in steps: both pods trust a bundle of the old and the
+/// new CA, and one of them already holds a certificate of the new CA while
+/// the other still holds the old one. Tunnels work both ways.
+#[tokio::test]
+async fn a_bundle_of_two_cas_accepts_certificates_of_either() {
+    let old = Ca::new("dp-test-ca-old");
+    let new = Ca::new("dp-test-ca-new");
+    let bundle = format!("{}{}", old.pem, new.pem);
+    let a = pod_trusting(
+        &bundle,
+        &new.leaf(&[POD_A], 0x4001),
+        ServerNameVerification::Hostname,
+    );
+    let b = pod_trusting(
+        &bundle,
+        &old.leaf(&[POD_B], 0x4002),
+        ServerNameVerification::Hostname,
+    );
+    for (from, to, name) in [(&b, &a, POD_A), (&a, &b, POD_B)] {
+        let (addr, server) = serve_once(Arc::clone(&to.tls)).await;
+        let mut c = dial(&from.tls, addr, name).await.expect("client handshake");
+        echo(&mut c, b"rotation")
+            .await
+            .expect("server accepted the client");
+        server.await.unwrap().expect("server handshake");
+    }
+    // A pod that trusts the new CA alone refuses the old certificate.
+    let c = pod_trusting(
+        &new.pem,
+        &new.leaf(&[POD_A], 0x4003),
+        ServerNameVerification::Hostname,
+    );
+    let (addr, server) = serve_once(Arc::clone(&c.tls)).await;
+    let _ = dial(&b.tls, addr, POD_A).await;
+    let err = server.await.unwrap().unwrap_err();
+    assert_eq!(err.reason(), tls_reason::UNKNOWN_CA, "{err}");
+}
+
 #[tokio::test]
 async fn rotation_through_a_symlink_swap_keeps_open_connections() {
     let ca = Ca::new("dp-test-ca");
@@ -626,6 +649,11 @@ async fn bad_new_files_keep_the_old_certificate() {
 
     let fresh = ca.leaf(&[POD_A], 0x3003);
     let other_key = ca.leaf(&[POD_A], 0x3004).key_pem;
+    // A user restoring last year's Secret: its own key, but expired.
+    let expired = ca.leaf_with(&[POD_A], 0x3005, |p| {
+        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    });
     // (what, cert, key, CA)
     type Case = (&'static str, Vec<u8>, Vec<u8>, Vec<u8>);
     let cases: Vec<Case> = vec![
@@ -649,6 +677,12 @@ async fn bad_new_files_keep_the_old_certificate() {
             ca.pem.clone().into_bytes(),
         ),
         (
+            "expired certificate",
+            expired.cert_pem.clone().into_bytes(),
+            expired.key_pem.clone().into_bytes(),
+            ca.pem.clone().into_bytes(),
+        ),
+        (
             "no CA",
             fresh.cert_pem.clone().into_bytes(),
             fresh.key_pem.clone().into_bytes(),
@@ -658,7 +692,12 @@ async fn bad_new_files_keep_the_old_certificate() {
     for (what, cert, key, ca_pem) in &cases {
         a.secret.write_raw(cert, key, ca_pem);
         match reloader.poll() {
-            ReloadOutcome::Failed(e) => eprintln!("{what}: {e}"),
+            ReloadOutcome::Failed(e) => {
+                eprintln!("{what}: {e}");
+                if *what == "expired certificate" {
+                    assert!(e.to_string().contains("expired on"), "{e}");
+                }
+            }
             other => panic!("{what}: expected a failure, got {other:?}"),
         }
         // Reported once, not on every poll.

@@ -577,6 +577,9 @@ def check_workload(docs: list[dict], workload: dict, config_source: str | None, 
                 problems.add(cwhere, f"NODE_HOST {host!r} should start with {want!r} (the pod's DNS name)")
 
     # Services in front of the pods.
+    regular_port_names = {
+        p["name"] for c in spec.get("containers") or [] for p in c.get("ports") or [] if "name" in p
+    }
     services = [d for d in docs if d["kind"] == "Service"]
     selected = [s for s in services if matches((s.get("spec") or {}).get("selector") or {}, labels)]
     if not selected:
@@ -591,6 +594,15 @@ def check_workload(docs: list[dict], workload: dict, config_source: str | None, 
             target = p.get("targetPort", p.get("port"))
             if target not in ports:
                 problems.add(swh, f"port {p.get('name')} targets {target!r}, which no container declares")
+            elif isinstance(target, str) and target not in regular_port_names:
+                # Before Kubernetes 1.32 the endpoint controllers look port
+                # names up in `containers` only.
+                problems.add(
+                    swh,
+                    f"port {p.get('name')} targets {target!r} by name, a port of an init container "
+                    "(native sidecar): Kubernetes before 1.32 gives the Service no endpoints for it; "
+                    f"use the number {ports[target]}",
+                )
         numbers = sorted(p["port"] for p in sspec.get("ports") or [])
         if sspec.get("clusterIP") == "None":
             if not sspec.get("publishNotReadyAddresses"):

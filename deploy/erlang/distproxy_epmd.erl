@@ -42,7 +42,9 @@
 %%
 %% Successful answers are cached per remote node for ?CACHE_TTL_MS in a
 %% public ETS table (owned by a small process linked to erl_epmd's), so a
-%% burst of connection attempts asks the sidecar once. The TTL stays well
+%% burst of connection attempts asks the sidecar once. A node's answers are
+%% dropped when it goes down, so a connection lost with a restarted
+%% sidecar's egress listener is set up again through a fresh one. The TTL stays well
 %% below the sidecar's `tunnel.egress_idle_timeout_ms' (60 s by default), so
 %% a cached egress port is never one the sidecar has closed for idleness.
 %% For a node of the node's own pod the sidecar answers the node's own
@@ -114,6 +116,8 @@ start_link() ->
 
 %% The cache table lives as long as the erl_epmd process: its owner is
 %% linked to it. Without the table, answers are simply not cached.
+%% The owner also forgets a node's answers when the node goes down (see
+%% forget_on_nodedown/0).
 start_cache(EpmdPid) ->
     Parent = self(),
     Holder = spawn(fun() ->
@@ -122,7 +126,7 @@ start_cache(EpmdPid) ->
                                _ ->
                                    link(EpmdPid),
                                    Parent ! {self(), cache_ready},
-                                   receive after infinity -> ok end
+                                   forget_on_nodedown()
                            catch
                                error:badarg ->
                                    Parent ! {self(), cache_exists}
@@ -131,6 +135,40 @@ start_cache(EpmdPid) ->
     receive
         {Holder, _} -> ok
     after 1000 -> ok
+    end.
+
+%% A connection that goes down may have gone down with the egress listener
+%% it went through: the sidecar restarted (its listeners are gone, and the
+%% next one for that node has another port) or closed it. So when a node
+%% goes down its cached answers are dropped and the next connection asks
+%% the sidecar again; a cached port of a restarted sidecar would otherwise
+%% be refused for up to ?CACHE_TTL_MS. net_kernel starts after erl_epmd:
+%% subscribe once it runs.
+forget_on_nodedown() ->
+    case catch net_kernel:monitor_nodes(true, [{node_type, all}]) of
+        ok ->
+            forget_loop();
+        _NotYet ->
+            receive after 100 -> forget_on_nodedown() end
+    end.
+
+forget_loop() ->
+    receive
+        {nodedown, Node, _Info} ->
+            forget(Node);
+        _Other ->
+            ok
+    end,
+    forget_loop().
+
+forget(Node) ->
+    try string:split(atom_to_list(Node), "@") of
+        [Name, Host] ->
+            ets:match_delete(?CACHE, {{Name, Host, '_'}, '_', '_', '_'});
+        _ ->
+            ok
+    catch
+        _:_ -> ok
     end.
 
 register_node(Name, Port) ->

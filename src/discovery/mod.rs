@@ -526,6 +526,24 @@ fn service_resolver() -> TokioResolver {
     }
 }
 
+/// Whether the name server answered that the name has no records: "no such
+/// name" (NXDOMAIN) or no data (NOERROR, no answer). hickory reports a
+/// SERVFAIL or REFUSED answer as "no records found" too, but those say the
+/// server could not answer: a failure, which keeps the previous members.
+fn no_such_records(e: &hickory_resolver::ResolveError) -> bool {
+    use hickory_resolver::proto::op::ResponseCode;
+    use hickory_resolver::proto::ProtoErrorKind;
+    match e.proto().map(|p| p.kind()) {
+        Some(ProtoErrorKind::NoRecordsFound { response_code, .. }) => {
+            matches!(
+                *response_code,
+                ResponseCode::NXDomain | ResponseCode::NoError
+            )
+        }
+        _ => false,
+    }
+}
+
 /// The service's addresses, deduplicated and sorted. "No such name" or "no
 /// records" is an empty list (no pod is ready); any other failure is an
 /// error.
@@ -542,7 +560,7 @@ async fn resolve(
             "timed out resolving {service} after {} ms",
             timeout.as_millis()
         )),
-        Ok(Err(e)) if e.is_no_records_found() || e.is_nx_domain() => Ok(Vec::new()),
+        Ok(Err(e)) if no_such_records(&e) => Ok(Vec::new()),
         Ok(Err(e)) => Err(format!("failed to resolve {service}: {e}")),
         Ok(Ok(lookup)) => {
             let set: BTreeSet<IpAddr> = lookup.iter().map(|ip| ip.to_canonical()).collect();

@@ -168,6 +168,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     if ctx.require_tls && !peer_ip.is_loopback() {
         warn!(%peer, first_byte = first,
             "plaintext distribution connection from another host refused (tls.require_tls)");
+        // A raw handshake was announced by a lookup: take it, so that the
+        // peer's next lookup is not held behind it until it expires.
+        if first != PREAMBLE_FIRST_BYTE {
+            ctx.correlator.consume(peer_ip, pool_port());
+        }
         closed(reason::REFUSED_BY_POLICY);
         return;
     }

@@ -101,7 +101,7 @@ impl Inbound {
             return;
         };
         let tls_start = Instant::now();
-        match tls.accept(stream, peer.ip()).await {
+        match tls.accept_from(stream, peer.ip()).await {
             Ok((stream, identity)) => {
                 phase("tls_handshake", tls_start);
                 tracing::debug!(%peer, client = %identity, "TLS peer authenticated");

@@ -218,6 +218,15 @@ impl EgressManager {
         // Freed before relaying: an idle connection holds no setup buffer.
         drop((head, prefix, preamble));
         let (stats, outcome) = self.forward.relay(guard, remote, local, pre, false).await;
+        if stats.rx == 0 {
+            // Not even the node's handshake status came back: the remote
+            // sidecar most likely closed the tunnel before routing it, and
+            // only its log says why.
+            warn!(%initiator, %target, %remote_addr, transport = transport.label(),
+                tx_bytes = stats.tx, %outcome,
+                "tunnel connection ended before the remote node answered: the remote sidecar closes a connection for a node not registered there or one its policy refuses (tls.require_tls against a sidecar without [tls], an ACL rule, tls.bind_node_names; its log says which)");
+            return;
+        }
         info!(%initiator, %target, %remote_addr, transport = transport.label(),
         rx_bytes = stats.rx, tx_bytes = stats.tx,
         duration_ms = started.elapsed().as_millis() as u64, %outcome,

@@ -15,6 +15,8 @@ pub struct PeerIdentity {
     /// Serial number, hex bytes separated by `:`.
     pub serial: String,
     pub subject: String,
+    /// Start of validity as Unix time.
+    pub not_before: i64,
     /// Expiry as Unix time.
     pub not_after: i64,
 }
@@ -28,6 +30,7 @@ impl PeerIdentity {
         let mut id = PeerIdentity {
             serial: cert.raw_serial_as_string(),
             subject: cert.subject().to_string(),
+            not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             ..PeerIdentity::default()
         };
@@ -55,6 +58,31 @@ impl PeerIdentity {
     pub fn of_peer(conn: &rustls::CommonState) -> Option<Result<PeerIdentity, String>> {
         let certs = conn.peer_certificates()?;
         Some(PeerIdentity::from_der(certs.first()?.as_ref()))
+    }
+
+    /// Why the certificate is not valid at `now` (Unix time): expired or
+    /// not yet valid. Every peer refuses such a certificate.
+    pub fn validity_problem(&self, now: i64) -> Option<String> {
+        let date = |t: i64| {
+            x509_parser::time::ASN1Time::from_timestamp(t)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| format!("Unix time {t}"))
+        };
+        if now > self.not_after {
+            Some(format!(
+                "certificate (serial {}) expired on {}",
+                self.serial,
+                date(self.not_after)
+            ))
+        } else if now < self.not_before {
+            Some(format!(
+                "certificate (serial {}) is not valid before {}",
+                self.serial,
+                date(self.not_before)
+            ))
+        } else {
+            None
+        }
     }
 
     /// Whether `host` (a node name's host part) is one of the SANs: an IP SAN

@@ -52,18 +52,17 @@
 mod identity;
 mod load;
 mod reload;
+mod slots;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::rustls;
 use tracing::info;
 
@@ -85,6 +84,7 @@ use load::{build, provider, Generation, PemFiles};
 /// client that offers none (a sidecar of an earlier version).
 pub const TUNNEL_ALPN: &[u8] = b"distproxy-tunnel/1";
 pub use reload::{ReloadOutcome, TlsReloader};
+pub use slots::share as per_source_share;
 
 /// The accepting side's stream.
 pub type ServerTlsStream<IO> = tokio_rustls::server::TlsStream<IO>;
@@ -100,10 +100,9 @@ pub struct TlsSettings {
     pub verify_server_name: ServerNameVerification,
     pub handshake_timeout: Duration,
     pub reload_interval: Duration,
-    /// Handshakes in flight at once on each side (`limits.max_tls_handshakes`):
+    /// Handshakes in flight at once, both sides (`limits.max_tls_handshakes`):
     /// each costs tens of KiB until it completes. Waiting for a slot counts
-    /// against the handshake's deadline. One remote address gets at most
-    /// [`source_share`] of the accepting side's.
+    /// against the handshake's deadline.
     pub max_handshakes: usize,
 }
 
@@ -218,86 +217,16 @@ fn count_failure(side: Side, e: &TlsError) {
         .increment(1);
 }
 
-/// Accepted handshakes one remote address may have in flight at once: a
-/// quarter of `max_handshakes`, at least one. A peer that opens handshakes
-/// and stalls them (each held until `tls.handshake_timeout_ms`) thus needs
-/// four addresses to hold every slot; one sidecar's burst of tunnels waits
-/// for its share in turn, within the same deadline.
-pub fn source_share(max_handshakes: usize) -> usize {
-    (max_handshakes / 4).max(1)
-}
-
-/// Per-address shares of the accepting side's handshake slots; an address
-/// is forgotten once it has no handshake in flight or waiting.
-struct SourceShares {
-    share: usize,
-    sources: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
-}
-
-/// An address's share slot, freed on drop.
-struct SharePermit<'a> {
-    shares: &'a SourceShares,
-    ip: IpAddr,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl SourceShares {
-    fn new(share: usize) -> SourceShares {
-        SourceShares {
-            share,
-            sources: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, Arc<Semaphore>>> {
-        self.sources.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits for a slot of `ip`'s share.
-    async fn acquire(&self, ip: IpAddr) -> SharePermit<'_> {
-        let semaphore = Arc::clone(
-            self.lock()
-                .entry(ip)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.share))),
-        );
-        // Never closed, so acquiring fails only if it were.
-        let permit = semaphore.acquire_owned().await.ok();
-        SharePermit {
-            shares: self,
-            ip,
-            permit,
-        }
-    }
-}
-
-impl Drop for SharePermit<'_> {
-    fn drop(&mut self) {
-        drop(self.permit.take());
-        let mut sources = self.shares.lock();
-        // Held by the map alone: nobody holds or waits for a slot.
-        if sources
-            .get(&self.ip)
-            .is_some_and(|s| Arc::strong_count(s) == 1)
-        {
-            sources.remove(&self.ip);
-        }
-    }
-}
-
 /// The TLS configurations in force, shared by every connection task. Cheap
 /// to use concurrently: each handshake takes the current generation.
 pub struct Tls {
     settings: TlsSettings,
     provider: Arc<CryptoProvider>,
     current: ArcSwap<Generation>,
-    /// Bounds the accepted handshakes in flight
-    /// (`TlsSettings::max_handshakes`).
-    handshakes: Arc<Semaphore>,
-    /// Bounds the dialled handshakes in flight, apart from the accepted
-    /// ones: peers stalling handshakes never delay this pod's tunnels out.
-    connect_handshakes: Arc<Semaphore>,
-    /// Each remote address's share of `handshakes`.
-    shares: SourceShares,
+    /// Bounds the handshakes in flight (`TlsSettings::max_handshakes`).
+    handshakes: Arc<tokio::sync::Semaphore>,
+    /// Each remote source's share of them (see [`slots`]).
+    sources: slots::SourceSlots,
 }
 
 impl fmt::Debug for Tls {
@@ -319,10 +248,15 @@ impl Tls {
         metrics::gauge!(m::TLS_CERT_NOT_AFTER).set(generation.local.not_after as f64);
         info!(cert = %settings.cert_file.display(), identity = %generation.local,
             verify_server_name = ?settings.verify_server_name, "TLS certificate loaded");
+        // Start anyway (the pod's nodes still register, and a renewed file is
+        // picked up by the reloader), but say why every peer will refuse it.
+        if let Some(problem) = generation.local.validity_problem(reload::unix_now()) {
+            tracing::error!(cert = %settings.cert_file.display(), %problem,
+                "TLS certificate is not valid now; every peer will refuse this sidecar's tunnels until it is replaced");
+        }
         Ok(Arc::new(Tls {
-            handshakes: Arc::new(Semaphore::new(settings.max_handshakes)),
-            connect_handshakes: Arc::new(Semaphore::new(settings.max_handshakes)),
-            shares: SourceShares::new(source_share(settings.max_handshakes)),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
+            sources: slots::SourceSlots::new(settings.max_handshakes),
             settings,
             provider,
             current: ArcSwap::from_pointee(generation),
@@ -333,14 +267,15 @@ impl Tls {
         &self.settings
     }
 
-    /// Accepted handshakes holding a slot now (at most `max_handshakes`).
+    /// Handshakes holding a slot now (at most `max_handshakes`).
     pub fn handshakes_in_flight(&self) -> usize {
         self.settings.max_handshakes - self.handshakes.available_permits()
     }
 
-    /// Dialled handshakes holding a slot now (at most `max_handshakes`).
-    pub fn connect_handshakes_in_flight(&self) -> usize {
-        self.settings.max_handshakes - self.connect_handshakes.available_permits()
+    /// Remote sources with an accepted handshake holding or waiting for a
+    /// slot.
+    pub fn handshake_sources(&self) -> usize {
+        self.sources.sources()
     }
 
     /// The certificate this sidecar presents now.
@@ -356,10 +291,20 @@ impl Tls {
     /// Server side of a handshake (the `0x16` branch of the distribution
     /// port), with the "TLS handshake" deadline. Returns the stream and the
     /// client certificate's identity. Failures are counted by reason; the
-    /// caller logs them with the peer's address. `peer` (its address) waits
-    /// for a slot of its [share](source_share) first, unless it is loopback
-    /// (local nodes, `kubectl port-forward`).
-    pub async fn accept<IO>(
+    /// caller logs them with the peer's address. Takes a global slot only:
+    /// connections from the network go through [`Tls::accept_from`].
+    pub async fn accept<IO>(&self, io: IO) -> Result<(ServerTlsStream<IO>, PeerIdentity), TlsError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.accept_inner(io, None).await
+    }
+
+    /// [`Tls::accept`] for a connection from `peer`: unless `peer` is
+    /// loopback, the handshake first takes one of that address's share of
+    /// the slots ([`per_source_share`] of `limits.max_tls_handshakes`), so
+    /// stalled handshakes from one address cannot hold every slot.
+    pub async fn accept_from<IO>(
         &self,
         io: IO,
         peer: IpAddr,
@@ -367,13 +312,24 @@ impl Tls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
+        let source = (!peer.to_canonical().is_loopback()).then_some(peer);
+        self.accept_inner(io, source).await
+    }
+
+    async fn accept_inner<IO>(
+        &self,
+        io: IO,
+        source: Option<IpAddr>,
+    ) -> Result<(ServerTlsStream<IO>, PeerIdentity), TlsError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.current.load().server));
         let deadline = self.settings.handshake_timeout;
-        let peer = peer.to_canonical();
         let handshake = async {
-            let _share = match peer.is_loopback() {
-                true => None,
-                false => Some(self.shares.acquire(peer).await),
+            let _source_slot = match source {
+                Some(ip) => Some(self.sources.acquire(ip).await),
+                None => None,
             };
             let _slot = self.handshakes.acquire().await;
             acceptor.accept(io).await
@@ -437,7 +393,7 @@ impl Tls {
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.current.load().client));
         let deadline = self.settings.handshake_timeout;
         let handshake = async {
-            let _slot = self.connect_handshakes.acquire().await;
+            let _slot = self.handshakes.acquire().await;
             connector.connect(name, io).await
         };
         match tokio::time::timeout(deadline, handshake).await {

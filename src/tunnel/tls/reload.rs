@@ -58,7 +58,27 @@ impl TlsReloader {
         if self.last_failed == Some(digest) {
             return ReloadOutcome::Unchanged;
         }
-        match files.and_then(|f| build(settings, &self.tls.provider, &f)) {
+        // An expired certificate is refused by every peer: keep the current
+        // one rather than swap it in. (One not valid yet is taken, with a
+        // warning: it becomes valid by itself, and the file may not change
+        // again.)
+        let now = unix_now();
+        let generation = files
+            .and_then(|f| build(settings, &self.tls.provider, &f))
+            .and_then(|g| match g.local.validity_problem(now) {
+                Some(problem) if now > g.local.not_after => Err(TlsLoadError::Invalid {
+                    what: "tls.cert_file",
+                    path: settings.cert_file.clone(),
+                    message: problem,
+                }),
+                Some(problem) => {
+                    warn!(cert = %settings.cert_file.display(), %problem,
+                        "new TLS certificate is not valid yet; peers refuse it until it is");
+                    Ok(g)
+                }
+                None => Ok(g),
+            });
+        match generation {
             Ok(generation) => {
                 let identity = generation.local.clone();
                 info!(cert = %settings.cert_file.display(),
@@ -104,6 +124,13 @@ impl TlsReloader {
             };
         }
     }
+}
+
+/// The current time as Unix time.
+pub(super) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The file a path finally points at (for logs), or the path itself.
