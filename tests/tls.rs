@@ -229,6 +229,36 @@ async fn handshakes_in_flight_are_bounded() {
     assert!(a.tls.handshakes_in_flight() <= 2);
 }
 
+/// Incoming handshakes that stall in every slot (from any number of
+/// addresses) never hold up this sidecar's own outgoing ones: they have
+/// slots of their own.
+#[tokio::test]
+async fn stalled_incoming_handshakes_do_not_hold_up_outgoing_ones() {
+    let ca = Ca::new("dp-test-ca");
+    let a = pod(&ca, &ca.leaf(&[POD_A], 1), ServerNameVerification::Hostname);
+    let b = pod(&ca, &ca.leaf(&[POD_B], 2), ServerNameVerification::Hostname);
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let tls = Arc::clone(&a.tls);
+        stalled.push((
+            tokio::spawn(async move { tls.accept(ours).await.map(|_| ()) }),
+            theirs,
+        ));
+    }
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.tls.handshakes_in_flight(), 2, "every incoming slot held");
+    let (addr, server) = serve_once(Arc::clone(&b.tls)).await;
+    let dialled = tokio::time::timeout(Duration::from_secs(2), dial(&a.tls, addr, POD_B))
+        .await
+        .expect("the outgoing handshake waited for the stalled incoming ones");
+    dialled.expect("outgoing handshake");
+    server.await.unwrap().expect("server side");
+    assert_eq!(a.tls.handshakes_in_flight(), 2, "still held");
+}
+
 /// A peer that opens as many TLS connections as there are slots and stalls
 /// each one mid-handshake (slowloris) holds only its address's share: other
 /// pods' handshakes still complete at once, not after the stalled ones'

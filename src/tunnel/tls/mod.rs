@@ -100,7 +100,7 @@ pub struct TlsSettings {
     pub verify_server_name: ServerNameVerification,
     pub handshake_timeout: Duration,
     pub reload_interval: Duration,
-    /// Handshakes in flight at once, both sides (`limits.max_tls_handshakes`):
+    /// Handshakes in flight at once, each side (`limits.max_tls_handshakes`):
     /// each costs tens of KiB until it completes. Waiting for a slot counts
     /// against the handshake's deadline.
     pub max_handshakes: usize,
@@ -223,8 +223,14 @@ pub struct Tls {
     settings: TlsSettings,
     provider: Arc<CryptoProvider>,
     current: ArcSwap<Generation>,
-    /// Bounds the handshakes in flight (`TlsSettings::max_handshakes`).
+    /// Bounds the incoming handshakes in flight
+    /// (`TlsSettings::max_handshakes`).
     handshakes: Arc<tokio::sync::Semaphore>,
+    /// Bounds the outgoing ones, as many: slots of their own, so incoming
+    /// handshakes stalled by remote peers (from as many addresses as it
+    /// takes to pass the per-address share) never hold up this sidecar's
+    /// own tunnels, which its local nodes asked for.
+    dialled: tokio::sync::Semaphore,
     /// Each remote source's share of them (see [`slots`]).
     sources: slots::SourceSlots,
 }
@@ -256,6 +262,7 @@ impl Tls {
         }
         Ok(Arc::new(Tls {
             handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
+            dialled: tokio::sync::Semaphore::new(settings.max_handshakes),
             sources: slots::SourceSlots::new(settings.max_handshakes),
             settings,
             provider,
@@ -267,7 +274,7 @@ impl Tls {
         &self.settings
     }
 
-    /// Handshakes holding a slot now (at most `max_handshakes`).
+    /// Incoming handshakes holding a slot now (at most `max_handshakes`).
     pub fn handshakes_in_flight(&self) -> usize {
         self.settings.max_handshakes - self.handshakes.available_permits()
     }
@@ -393,7 +400,7 @@ impl Tls {
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.current.load().client));
         let deadline = self.settings.handshake_timeout;
         let handshake = async {
-            let _slot = self.handshakes.acquire().await;
+            let _slot = self.dialled.acquire().await;
             connector.connect(name, io).await
         };
         match tokio::time::timeout(deadline, handshake).await {

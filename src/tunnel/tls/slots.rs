@@ -1,18 +1,17 @@
 //! Fair shares of the TLS handshake slots between remote sources.
 //!
-//! Every handshake holds one of `limits.max_tls_handshakes` slots until it
-//! completes or its deadline passes. Without a share per source, one
-//! address that opens that many connections and stalls each one mid-handshake
-//! (a ClientHello, then nothing) holds every slot for a whole
-//! `tls.handshake_timeout_ms`, again and again: every other pod's tunnel,
-//! and this sidecar's own outgoing ones, wait for a slot until their
-//! deadline and fail. So an accepted handshake from a remote address first
+//! Every incoming handshake holds one of `limits.max_tls_handshakes` slots
+//! until it completes or its deadline passes (outgoing ones have slots of
+//! their own). Without a share per source, one address that opens that
+//! many connections and stalls each one mid-handshake (a ClientHello, then
+//! nothing) holds every slot for a whole `tls.handshake_timeout_ms`, again
+//! and again: every other pod's tunnel waits for a slot until its deadline
+//! and fails. So an accepted handshake from a remote address first
 //! takes one of that address's [`share`] slots; its further handshakes
 //! queue there (counting against their deadline, as waiting for a global
 //! slot does), not in the global queue. A burst from one pod (its sidecar
 //! dialling for N nodes at once) still completes, a share at a time.
-//! Loopback peers (port forwards) and outgoing handshakes take global slots
-//! only.
+//! Loopback peers (port forwards) take global slots only.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
