@@ -333,19 +333,7 @@ async fn a_probe_is_answered_while_unfinished_requests_fill_the_limit() {
     );
     // The oldest stalled connection made room: closed without a response;
     // the others are still open.
-    let mut buf = [0u8; 64];
-    let first = tokio::time::timeout(Duration::from_secs(1), stalled[0].read(&mut buf))
-        .await
-        .expect("the oldest stalled connection is still open");
-    assert!(matches!(first, Ok(0) | Err(_)), "{first:?}");
-    for s in &mut stalled[1..] {
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf))
-                .await
-                .is_err(),
-            "a newer stalled connection was closed too"
-        );
-    }
+    distproxy_testkit::peer::assert_only_the_oldest_was_evicted(&mut stalled).await;
     let after = get(
         &scrape(admin).await,
         "distproxy_connections_refused_total",

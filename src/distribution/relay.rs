@@ -493,6 +493,23 @@ mod tests {
     }
 
     /// A connected pair of loopback sockets.
+    /// The kernel fast path for a test (root, a kernel with sockmap); `None`
+    /// when the runner opted out with `DISTPROXY_SKIP_E2E`, said on stderr.
+    #[cfg(target_os = "linux")]
+    fn fast_path_or_skip(max: u32) -> Option<FastPath> {
+        match FastPath::open(max) {
+            Ok(fp) => Some(fp),
+            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
+                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
+                None
+            }
+            Err(e) => panic!(
+                "the fast path needs root (CAP_BPF, CAP_NET_ADMIN) and sockmap: {e}; \
+                 DISTPROXY_SKIP_E2E=1 skips this test"
+            ),
+        }
+    }
+
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
@@ -516,16 +533,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sockmap_relay_moves_both_ways_with_half_close_and_counts() {
-        let fp = match FastPath::open(16) {
-            Ok(fp) => std::sync::Arc::new(fp),
-            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
-                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
-                return;
-            }
-            Err(e) => panic!(
-                "the fast path needs root (CAP_BPF, CAP_NET_ADMIN) and sockmap: {e}; \
-                 DISTPROXY_SKIP_E2E=1 skips this test"
-            ),
+        let Some(fp) = fast_path_or_skip(16).map(std::sync::Arc::new) else {
+            return;
         };
         let before = sockmap::HANDED_OVER.load(std::sync::atomic::Ordering::Relaxed);
         both_ways_with_half_close(Some(fp.clone())).await;
@@ -542,13 +551,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_last_insert_takes_the_peer_back_without_losing_bytes() {
         use std::io::Write;
-        let fp = match FastPath::open(16) {
-            Ok(fp) => fp,
-            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
-                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
-                return;
-            }
-            Err(e) => panic!("the fast path needs root and sockmap: {e}"),
+        let Some(fp) = fast_path_or_skip(16) else {
+            return;
         };
         let (client, peer_side) = tcp_pair().await;
         let (node_side, mut server) = tcp_pair().await;
@@ -657,13 +661,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn node_routes_send_past_the_sidecar_sockets_with_half_close_and_counts() {
         use std::os::fd::AsFd;
-        let mut fp = match FastPath::open(16) {
-            Ok(fp) => fp,
-            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
-                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
-                return;
-            }
-            Err(e) => panic!("the fast path needs root and sockmap: {e}"),
+        let Some(mut fp) = fast_path_or_skip(16) else {
+            return;
         };
         let dist = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cgroup = node_routes::own_cgroup().expect("a cgroup v2 hierarchy");
@@ -865,12 +864,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn sockmap_relay_reports_a_reset() {
-        match FastPath::open(4) {
-            Ok(fp) => reports_a_reset(Some(std::sync::Arc::new(fp))).await,
-            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
-                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
-            }
-            Err(e) => panic!("the fast path needs root and sockmap: {e}"),
+        if let Some(fp) = fast_path_or_skip(4) {
+            reports_a_reset(Some(std::sync::Arc::new(fp))).await;
         }
     }
 
@@ -885,12 +880,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn sockmap_relay_ends_when_the_node_outlives_the_peers_close() {
-        match FastPath::open(4) {
-            Ok(fp) => outlives_a_close(Some(std::sync::Arc::new(fp))).await,
-            Err(e) if std::env::var_os("DISTPROXY_SKIP_E2E").is_some() => {
-                eprintln!("skipped (DISTPROXY_SKIP_E2E): no fast path here: {e}");
-            }
-            Err(e) => panic!("the fast path needs root and sockmap: {e}"),
+        if let Some(fp) = fast_path_or_skip(4) {
+            outlives_a_close(Some(std::sync::Arc::new(fp))).await;
         }
     }
 

@@ -65,6 +65,24 @@ pub async fn closed_without_reply(s: &mut TcpStream) -> bool {
     }
 }
 
+/// Asserts that of `stalled` (oldest first), the oldest was closed to make
+/// room for a newer connection and every other one is still open.
+pub async fn assert_only_the_oldest_was_evicted(stalled: &mut [TcpStream]) {
+    let mut buf = [0u8; 64];
+    let first = tokio::time::timeout(Duration::from_secs(1), stalled[0].read(&mut buf))
+        .await
+        .expect("the oldest stalled connection is still open");
+    assert!(matches!(first, Ok(0) | Err(_)), "{first:?}");
+    for s in &mut stalled[1..] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf))
+                .await
+                .is_err(),
+            "a newer stalled connection was closed too"
+        );
+    }
+}
+
 /// The encoded egress request for `remote`.
 pub fn egress_request(remote: &str) -> BytesMut {
     let mut req = BytesMut::new();
