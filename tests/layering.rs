@@ -73,6 +73,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("tunnel::tls::identity", Layer::Core),
     ("tunnel::tls::load", Layer::Core),
     ("tunnel::tls::reload", Layer::Core),
+    ("tunnel::tls::slots", Layer::Core),
     ("discovery::wire", Layer::Core),
     ("discovery::naming", Layer::Core),
 ];

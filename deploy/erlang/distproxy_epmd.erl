@@ -145,10 +145,17 @@ start_cache(EpmdPid) ->
 %% be refused for up to ?CACHE_TTL_MS. net_kernel starts after erl_epmd:
 %% subscribe once it runs.
 forget_on_nodedown() ->
-    case catch net_kernel:monitor_nodes(true, [{node_type, all}]) of
-        ok ->
+    Subscribed =
+        try net_kernel:monitor_nodes(true, [{node_type, all}]) of
+            ok -> true;
+            _ -> false
+        catch
+            _:_ -> false
+        end,
+    case Subscribed of
+        true ->
             forget_loop();
-        _NotYet ->
+        false ->
             receive after 100 -> forget_on_nodedown() end
     end.
 
