@@ -416,13 +416,19 @@ impl ConnectionLimit {
         }
         debug!(peer = ?for_peer, listener = self.listener,
             "connection limit reached; ended the oldest connection not yet set up to make room");
+        self.count_refused(EVICTED);
+        true
+    }
+
+    /// Counts a connection closed by this limit (`limit` label); on the
+    /// distribution port also as closed `over_limit`.
+    fn count_refused(&self, limit: &'static str) {
         metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
-            "listener" => self.listener, "limit" => EVICTED)
+            "listener" => self.listener, "limit" => limit)
         .increment(1);
         if self.listener == "distribution" {
             crate::metrics::record_closed(crate::metrics::reason::OVER_LIMIT);
         }
-        true
     }
 
     /// Logs (at most once a second) and counts a connection from `peer`
@@ -433,12 +439,7 @@ impl ConnectionLimit {
                 per_source = self.per_source, skipped,
                 "{why}; closing (logged at most once a second; `skipped`: refusals not logged since)");
         }
-        metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
-            "listener" => self.listener, "limit" => why.label())
-        .increment(1);
-        if self.listener == "distribution" {
-            crate::metrics::record_closed(crate::metrics::reason::OVER_LIMIT);
-        }
+        self.count_refused(why.label());
     }
 }
 

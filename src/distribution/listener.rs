@@ -123,11 +123,14 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     };
     // TLS: a sidecar's tunnel, or a node's own TLS distribution, told
     // apart by the ClientHello (peeked, not read).
-    let pool_port = || {
-        stream
+    // The pending lookup this connection answers (peer address and the
+    // advertised port it came in on), taken once its kind is known.
+    let take_entry = || {
+        let port = stream
             .local_addr()
             .map(|a| ctx.correlator.pool_port(a.port()))
-            .unwrap_or_else(|_| ctx.correlator.ports()[0])
+            .unwrap_or_else(|_| ctx.correlator.ports()[0]);
+        ctx.correlator.consume(peer_ip, port)
     };
     if first == TLS_HANDSHAKE_BYTE {
         let tls = ctx.tunnel.tls_configured();
@@ -138,14 +141,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
                 // Without a tunnel TLS server it can only have been a node's:
                 // its lookup must not hold the peer's others until it expires.
                 if !tls {
-                    ctx.correlator.consume(peer_ip, pool_port());
+                    take_entry();
                 }
                 closed(e.reason());
                 return;
             }
         };
-        let port = pool_port();
-        match beam_tls::destination(&hello, tls, || ctx.correlator.consume(peer_ip, port)) {
+        match beam_tls::destination(&hello, tls, take_entry) {
             Destination::Tunnel => ctx.tunnel.accept_tls(stream, peer, started, permit).await,
             Destination::Node(entry) => {
                 let route = beam_tls::Ctx {
@@ -171,7 +173,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
         // A raw handshake was announced by a lookup: take it, so that the
         // peer's next lookup is not held behind it until it expires.
         if first != PREAMBLE_FIRST_BYTE {
-            ctx.correlator.consume(peer_ip, pool_port());
+            take_entry();
         }
         closed(reason::REFUSED_BY_POLICY);
         return;
@@ -186,7 +188,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     // garbage that read_send_name refuses): routed by correlation. The entry
     // is taken now, before anything can fail: this connection is the one it
     // announced even if it dies before its first frame.
-    let entry = ctx.correlator.consume(peer_ip, pool_port());
+    let entry = take_entry();
     let mut stream = stream;
     let mut buf = BytesMut::with_capacity(512);
     let send_name = match forward::read_send_name(&mut stream, &mut buf, deadline).await {
