@@ -238,8 +238,16 @@ fn tls_nodes_reach_the_right_node_of_another_pod() {
         to_dist_port.len() >= 2,
         "pod A: connections to pod B's port {DIST_PORT}: {conns:?}"
     );
+    // A socket `global` is tearing down can show up with no process left
+    // (OTP 25 disconnects pairs to prevent overlapping partitions), so the
+    // check is on the owners that are there: nodes, never the sidecar.
     assert!(
-        to_dist_port.iter().all(|c| c.2.contains("beam.smp")),
+        to_dist_port
+            .iter()
+            .filter(|c| c.2.contains("beam.smp"))
+            .count()
+            >= 2
+            && !to_dist_port.iter().any(|c| c.2.contains("distproxy")),
         "pod A: the nodes themselves dial pod B's port {DIST_PORT}: {conns:?}"
     );
     assert!(
