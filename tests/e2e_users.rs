@@ -5,18 +5,23 @@
 //! named with a Kubernetes-style FQDN (`-name`) next to one with a short
 //! name (`--sname`); a node killed and restarted at once under the same name
 //! while a peer is connected; nodes of `-proto_dist inet6_tcp`, which
-//! register over IPv6, in one pod and across the pods of a dual-stack lab.
+//! register over IPv6, in one pod and across the pods of a dual-stack lab;
+//! a real `mix release` with the manifests' flags and the helper module
+//! (`bin/app start`, `bin/app rpc`), in the documented ways.
 //!
-//! Needs root, iproute2, erlang-nox and elixir; fails saying so otherwise,
+//! Needs root, iproute2, erlang-nox and elixir (with `mix`); fails saying so otherwise,
 //! unless `DISTPROXY_SKIP_E2E=1`.
 
 mod support;
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::beam::atom;
 use support::beam::ErlangOptions;
 use support::metrics::{metric_sum, metrics};
+use support::module;
 use support::sidecar::ADMIN_PORT;
 use support::wait::wait_until;
 use support::{e2e_enabled, BeamNode, Pod, DIST_PORT};
@@ -557,4 +562,222 @@ fn assert_relayed_over_ipv6(to: &Pod, from: &Pod, short: &str) {
         "pod {}: no connection {peer}* -> {local} (the distribution port over IPv6):\n{sockets}",
         to.name()
     );
+}
+
+/// The flags the manifests give every container in `ERL_FLAGS`, with the
+/// helper module from `dir` (the init container's volume).
+fn manifest_erl_flags(dir: &Path) -> String {
+    format!(
+        "-start_epmd false -kernel inet_dist_use_interface {{127,0,0,1}} -pa {} -epmd_module distproxy_epmd",
+        dir.display()
+    )
+}
+
+/// A tiny `mix release`, generated offline (`mix new`, no dependencies) in
+/// the lab directory; returns the project directory. `module_in_src` puts
+/// `distproxy_epmd.erl` into the project's `src/`, so the release carries
+/// the helper module.
+fn mix_release(lab: &support::Lab, project: &str, module_in_src: bool) -> PathBuf {
+    let mix = |dir: &Path, args: &[&str]| {
+        let out = Command::new("timeout")
+            .args(["-k", "2", "60", "mix"])
+            .args(args)
+            .current_dir(dir)
+            .env("HOME", lab.dir())
+            .env("MIX_ENV", "prod")
+            .env_remove("ERL_FLAGS")
+            .env_remove("ELIXIR_ERL_OPTIONS")
+            .env_remove("ERL_LIBS")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mix");
+        assert!(
+            out.status.success(),
+            "mix {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    mix(lab.dir(), &["new", project]);
+    let root = lab.dir().join(project);
+    if module_in_src {
+        std::fs::create_dir_all(root.join("src")).unwrap();
+        std::fs::copy(module::MODULE_SRC, root.join("src/distproxy_epmd.erl")).unwrap();
+    }
+    mix(&root, &["release", "--quiet"]);
+    root
+}
+
+/// `bin/<project> ARGS` of the release in `root`, inside `pod`, with the
+/// environment a Kubernetes user gives it: `RELEASE_DISTRIBUTION=name`,
+/// `RELEASE_NODE`, `RELEASE_COOKIE`, the manifests' `ERL_FLAGS`, and
+/// `extra` (e.g. `RELEASE_MODE`).
+fn release_command(
+    pod: &Pod,
+    root: &Path,
+    project: &str,
+    node: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Command {
+    let bin = root.join(format!("_build/prod/rel/{project}/bin/{project}"));
+    let mut cmd = pod.command("timeout");
+    cmd.args(["-k", "2", "20"]).arg(bin).args(args);
+    cmd.env("RELEASE_DISTRIBUTION", "name")
+        .env("RELEASE_NODE", node)
+        .env("RELEASE_COOKIE", pod.lab().cookie.as_str())
+        .env("RELEASE_TMP", root.join(format!("tmp-{}", pod.name())))
+        // A node that cannot start writes no crash dump into the lab.
+        .env("ERL_CRASH_DUMP_SECONDS", "0");
+    cmd.envs(env.iter().copied());
+    cmd
+}
+
+/// Output of a finished command, stdout and stderr.
+fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Starts the release (`bin/<project> start`, in the foreground) in `pod`
+/// and waits until its node is registered with the pod's sidecar.
+fn start_release(
+    pod: &Pod,
+    root: &Path,
+    project: &str,
+    node: &str,
+    env: &[(&str, &str)],
+) -> support::process::Proc {
+    let log = pod.lab().file(project, "log");
+    let mut cmd = release_command(pod, root, project, node, env, &["start"]);
+    let file = std::fs::File::create(&log).unwrap();
+    cmd.stdout(file.try_clone().unwrap()).stderr(file);
+    let mut proc =
+        support::process::Proc::spawn(&format!("release {project} ({node})"), &mut cmd, &log);
+    let short = node.split_once('@').map_or(node, |(s, _)| s).to_string();
+    wait_until(
+        Duration::from_secs(20),
+        &format!("release node {node} to register"),
+        || {
+            assert!(
+                proc.exited().is_none(),
+                "release {node} exited:\n{}",
+                proc.log_text()
+            );
+            pod.epmd_names().contains(&format!("name {short} at port"))
+        },
+    );
+    proc
+}
+
+/// Elixir releases as users deploy them behind the sidecar, with the
+/// manifests' `ERL_FLAGS` (helper module from `-pa`, the init container's
+/// directory), named after the pod's IP through `RELEASE_DISTRIBUTION=name`
+/// and `RELEASE_NODE`, the cookie in `RELEASE_COOKIE`. A release boots in
+/// embedded mode, which loads only the release's modules: the module in the
+/// `-pa` directory is undefined and the node stops at boot with the error
+/// deploy/README.md ("Releases") quotes. Both documented ways work:
+/// `RELEASE_MODE=interactive`, and the module compiled into the release
+/// (embedded mode kept). Each release node reaches a node of another pod
+/// and is reached from it, and `bin/app rpc` (as through `kubectl exec`)
+/// answers from it.
+#[test]
+fn a_mix_release_with_the_helper_module_boots_in_the_documented_ways() {
+    if !e2e_enabled(
+        "a_mix_release_with_the_helper_module_boots_in_the_documented_ways",
+        &["elixir", "mix"],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let mut sidecars = [a, b].map(|p| p.spawn_sidecar(&[]));
+    let dir = module::install_module(&lab);
+    let flags = manifest_erl_flags(&dir);
+    let mut a1 = a.spawn_erlang("a1");
+    let plain = mix_release(&lab, "app", false);
+    a1.wait_ready();
+    let node = format!("app@{}", b.addr());
+
+    // Embedded mode (the release's default): the node does not start.
+    let out = release_command(
+        b,
+        &plain,
+        "app",
+        &node,
+        &[("ERL_FLAGS", &flags)],
+        &["start"],
+    )
+    .output()
+    .expect("run bin/app start");
+    let text = output_text(&out);
+    assert!(!out.status.success(), "the release started:\n{text}");
+    assert!(
+        text.contains("{undef,[{distproxy_epmd,start_link,[],[]}"),
+        "not the documented error:\n{text}"
+    );
+    assert!(!b.epmd_names().contains("name app at"));
+
+    // RELEASE_MODE=interactive: it starts and loads the module from -pa.
+    let interactive = [
+        ("ERL_FLAGS", flags.as_str()),
+        ("RELEASE_MODE", "interactive"),
+    ];
+    let release = start_release(b, &plain, "app", &node, &interactive);
+    let check = format!(
+        "IO.puts(inspect({{node(), :code.get_mode(), :net_kernel.epmd_module(), \
+         :code.which(:distproxy_epmd), Node.ping(:\"{}\")}}))",
+        a1.name()
+    );
+    let answer = |root: &Path, project: &str, node: &str| {
+        let out = release_command(
+            b,
+            root,
+            project,
+            node,
+            &[("ERL_FLAGS", &flags)],
+            &["rpc", &check],
+        )
+        .output()
+        .expect("run bin/app rpc");
+        assert!(
+            out.status.success(),
+            "bin/{project} rpc:\n{}",
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let module_beam = dir.join("distproxy_epmd.beam");
+    assert_eq!(
+        answer(&plain, "app", &node),
+        format!(
+            "{{:\"{node}\", :interactive, :distproxy_epmd, '{}', :pong}}",
+            module_beam.display()
+        )
+    );
+    assert_eq!(a1.rpc_node(&node), node, "a1 -> the release node");
+    drop(release);
+
+    // The module compiled into the release: embedded mode kept.
+    let carried = mix_release(&lab, "app2", true);
+    let node2 = format!("app2@{}", b.addr());
+    let _release2 = start_release(b, &carried, "app2", &node2, &[("ERL_FLAGS", &flags)]);
+    // (The boot script loads the module from the first directory of the
+    // code path that has it: the -pa one, the same module.)
+    let got = answer(&carried, "app2", &node2);
+    assert!(
+        got.starts_with(&format!("{{:\"{node2}\", :embedded, :distproxy_epmd, '"))
+            && got.ends_with("/distproxy_epmd.beam', :pong}"),
+        "{got}"
+    );
+    assert_eq!(a1.rpc_node(&node2), node2, "a1 -> the second release node");
+    for s in &mut sidecars {
+        s.assert_running();
+        s.assert_no_misroute();
+    }
 }
