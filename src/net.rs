@@ -4,15 +4,16 @@
 //! Every listener in distproxy runs [`accept_loop`]: it stops on its
 //! shutdown token, asks the listener's [`Admission`] whether to take each
 //! connection (the hook for connection limits), spawns the handler on the
-//! service's task tracker, and logs accept errors at most once a second
+//! service's task tracker, and logs accept errors rate-limited
 //! (an accept error such as `EMFILE` repeats as fast as the loop spins).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::log_safe::Throttle;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -165,10 +166,10 @@ pub struct ConnectionLimit {
     /// With [`ConnectionLimit::evicting`]: connections still being set up,
     /// whose places a new connection may take when the limit is full.
     pending: Option<Arc<PendingQueue>>,
-    /// Refusals are counted one by one but logged at most once a second:
+    /// Refusals are counted one by one but logged rate-limited:
     /// a peer opening connections in a loop must not make a log line of
     /// each.
-    refusals: Arc<Mutex<RateLimitedLog>>,
+    refusals: Arc<Throttle>,
 }
 
 /// A connection's place under a [`ConnectionLimit`]; dropping it frees it.
@@ -324,7 +325,7 @@ impl ConnectionLimit {
             per_source,
             sources: Arc::default(),
             pending: None,
-            refusals: Arc::new(Mutex::new(RateLimitedLog::new(Duration::from_secs(1)))),
+            refusals: Arc::new(Throttle::new()),
         }
     }
 
@@ -431,13 +432,13 @@ impl ConnectionLimit {
         }
     }
 
-    /// Logs (at most once a second) and counts a connection from `peer`
+    /// Logs (rate-limited) and counts a connection from `peer`
     /// closed at accept because of `why`.
     pub fn refused(&self, peer: SocketAddr, why: LimitRefused) {
-        if let Some(skipped) = lock(&self.refusals).allow(Instant::now()) {
+        if let Some(skipped) = self.refusals.allow() {
             warn!(%peer, listener = self.listener, limit = self.max,
                 per_source = self.per_source, skipped,
-                "{why}; closing (logged at most once a second; `skipped`: refusals not logged since)");
+                "{why}; closing (rate-limited; `skipped`: refusals not logged since the previous line)");
         }
         self.count_refused(why.label());
     }
@@ -481,7 +482,7 @@ impl Admission for TotalOnly {
     fn admit(&self, peer: SocketAddr, _local: Option<SocketAddr>) -> Option<ConnPermit> {
         let permit = self.0.try_acquire();
         if permit.is_none() {
-            warn!(%peer, listener = "egress", limit = self.0.max, "connection limit reached; closing");
+            crate::warn_throttled!(%peer, listener = "egress", limit = self.0.max, "connection limit reached; closing");
             metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
                 "listener" => "egress", "limit" => LimitRefused::Total.label())
             .increment(1);
@@ -560,43 +561,6 @@ impl TcpTuning {
     }
 }
 
-/// Logs repeated errors at most once per period, with the number skipped.
-struct RateLimitedLog {
-    period: Duration,
-    last: Option<Instant>,
-    skipped: u64,
-}
-
-impl RateLimitedLog {
-    fn new(period: Duration) -> RateLimitedLog {
-        RateLimitedLog {
-            period,
-            last: None,
-            skipped: 0,
-        }
-    }
-
-    /// Whether to log an event at `now`: `Some(events skipped since the
-    /// last one logged)`, or `None` within a period of the last one.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.period)
-        {
-            self.skipped += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.skipped))
-    }
-
-    fn accept_failed(&mut self, what: &str, local: Option<SocketAddr>, e: &std::io::Error) {
-        if let Some(skipped) = self.allow(Instant::now()) {
-            warn!(listener = ?local, error = %e, skipped, "{what} accept failed");
-        }
-    }
-}
-
 /// When an accept loop and its connections stop.
 #[derive(Clone, Default)]
 pub struct Stop {
@@ -625,7 +589,7 @@ pub async fn accept_loop<A, H, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let local = listener.local_addr().ok();
-    let mut errors = RateLimitedLog::new(Duration::from_secs(1));
+    let errors = Throttle::new();
     loop {
         let accepted = tokio::select! {
             _ = stop.accepting.cancelled() => break,
@@ -654,7 +618,9 @@ pub async fn accept_loop<A, H, F>(
                 });
             }
             Err(e) => {
-                errors.accept_failed(what, local, &e);
+                if let Some(skipped) = errors.allow() {
+                    warn!(listener = ?local, error = %e, skipped, "{what} accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

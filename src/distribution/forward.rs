@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::net::ConnPermit;
+use crate::warn_throttled;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::handshake::{self, SendName};
 use super::relay::{self, RelayEnd, RelayStats};
@@ -525,7 +526,7 @@ where
     let (mut node_stream, announced) = match fwd.connect_node(node_addr, true).await {
         Ok(connected) => connected,
         Err(e) => {
-            warn!(%peer, %initiator, %target, %node_addr, error = %e, "failed to connect to node");
+            warn_throttled!(%peer, %initiator, %target, %node_addr, error = %e, "failed to connect to node");
             return None;
         }
     };
@@ -534,7 +535,7 @@ where
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
     {
-        warn!(%peer, %initiator, %target, error = %e, "failed to replay handshake to node");
+        warn_throttled!(%peer, %initiator, %target, error = %e, "failed to replay handshake to node");
         closed(reason::NODE_GONE);
         return None;
     }
@@ -557,7 +558,7 @@ where
             let (entry_id, entry_age_ms) = entry
                 .as_ref()
                 .map_or((0, 0), |c| (c.id, c.age.as_millis() as u64));
-            warn!(%peer, %initiator, %target, node_answered = %actual, route = method.label(),
+            warn_throttled!(%peer, %initiator, %target, node_answered = %actual, route = method.label(),
                 entry_id, entry_age_ms, "MISROUTE: node answered with another name; closing");
             closed(reason::MISROUTED);
             return None;
