@@ -118,6 +118,53 @@ pub fn is_local_peer(peer: IpAddr, local: Option<SocketAddr>) -> bool {
     peer.is_loopback() || local.is_some_and(|l| l.ip().to_canonical() == peer)
 }
 
+/// The specific address a TCP listener of this network namespace on `port`
+/// is bound to, when it is neither a wildcard nor loopback: a node started
+/// with `inet_dist_use_interface` set to the pod's address registers over
+/// loopback but listens only there. Read from `/proc/net/tcp` and
+/// `/proc/net/tcp6`; `None` when there is no such listener or no procfs.
+pub fn bound_listener_address(port: u16) -> Option<IpAddr> {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|path| {
+        let text = std::fs::read_to_string(path).ok()?;
+        listeners_on(&text, port)
+            .into_iter()
+            .find(|ip| !ip.is_loopback() && !ip.is_unspecified())
+    })
+}
+
+/// The local addresses of the listening sockets on `port` in the text of
+/// `/proc/net/tcp` or `/proc/net/tcp6`.
+fn listeners_on(text: &str, port: u16) -> Vec<IpAddr> {
+    const LISTEN: &str = "0A";
+    // The kernel prints each 32-bit word of an address as a host-order
+    // number, and the port as a number.
+    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes);
+    let address = |hex: &str| -> Option<IpAddr> {
+        match hex.len() {
+            8 => Some(IpAddr::from(word(hex)?)),
+            32 => {
+                let mut bytes = [0u8; 16];
+                for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                    chunk.copy_from_slice(&word(hex.get(i * 8..i * 8 + 8)?)?);
+                }
+                Some(IpAddr::from(bytes).to_canonical())
+            }
+            _ => None,
+        }
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let (local, _remote, state) = (fields.next()?, fields.next()?, fields.next()?);
+            let (ip, p) = local.split_once(':')?;
+            (state == LISTEN && u16::from_str_radix(p, 16).ok()? == port)
+                .then(|| address(ip))
+                .flatten()
+        })
+        .collect()
+}
+
 /// Whether the connection was redirected to this socket by NAT (a
 /// kube-proxy-style Service DNAT): the destination the peer dialled, as
 /// conntrack remembers it, is not the socket's local address. False when
@@ -675,6 +722,50 @@ pub async fn connect_any(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listeners_are_read_from_proc_net_tcp() {
+        // As this (little-endian) kernel prints them: 198.18.0.11:39109 and
+        // 127.0.0.1:45353 listening, an established connection from
+        // 198.18.0.11:39109, and [fd00:d157::b]:39109 listening.
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0B0012C6:98C5 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:B129 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0
+   2: 0B0012C6:98C5 0C0012C6:D82E 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1
+";
+        let tcp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 57D100FD00000000000000000B000000:98C5 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1 0 100 0 0 10 0
+";
+        if cfg!(target_endian = "little") {
+            assert_eq!(
+                listeners_on(tcp, 39109),
+                vec!["198.18.0.11".parse::<IpAddr>().unwrap()]
+            );
+            assert_eq!(
+                listeners_on(tcp, 45353),
+                vec!["127.0.0.1".parse::<IpAddr>().unwrap()]
+            );
+            assert_eq!(
+                listeners_on(tcp6, 39109),
+                vec!["fd00:d157::b".parse::<IpAddr>().unwrap()]
+            );
+        }
+        assert!(listeners_on(tcp, 1).is_empty());
+        // And as the running kernel prints a real listener.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        assert_eq!(
+            listeners_on(&text, port),
+            vec![IpAddr::from([127, 0, 0, 1])]
+        );
+        assert_eq!(
+            bound_listener_address(port),
+            None,
+            "loopback is not a specific address"
+        );
+        assert!(listeners_on("garbage\n 0: zz:zz 0 0A", 1).is_empty());
+    }
 
     #[test]
     fn open_files_needed_counts_two_per_relayed_connection() {

@@ -321,6 +321,56 @@ fn a_second_node_under_a_taken_name_fails_as_with_stock_epmd() {
     sidecar.assert_running();
 }
 
+/// A node started with `inet_dist_use_interface` set to its pod's address
+/// (a common way to keep it off other interfaces) registers over loopback
+/// but listens only on the pod address. With stock epmd its peers dial
+/// that address; the sidecar finds the node's listener there when loopback
+/// refuses, so the node is reached from another pod and from its own.
+#[test]
+fn a_node_that_listens_on_the_pod_address_only_is_reached() {
+    if !e2e_enabled(
+        "a_node_that_listens_on_the_pod_address_only_is_reached",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let _sidecar_b = b.spawn_sidecar(&[]);
+    let [o1, o2, o3, o4] = a.addr().octets();
+    let on_pod_address = ErlangOptions {
+        extra_args: [
+            "-kernel".to_string(),
+            "inet_dist_use_interface".to_string(),
+            format!("{{{o1},{o2},{o3},{o4}}}"),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let mut a1 = a.spawn_erlang_with("a1", &on_pod_address);
+    let mut a2 = a.spawn_erlang("a2");
+    let mut b1 = b.spawn_erlang("b1");
+    for n in [&mut a1, &mut a2, &mut b1] {
+        n.wait_ready();
+    }
+    let a1_name = a.node_name("a1");
+    let port = registered_field(a, "a1", "port").expect("a1 registered");
+    let listening = a.run_ok("ss", &["-Htln", &format!("sport = :{port}")]);
+    assert!(
+        listening.contains(&format!("{}:{port}", a.addr()))
+            && !listening.contains(&format!("127.0.0.1:{port}")),
+        "a1 listens on the pod address only: {listening}"
+    );
+    assert_eq!(b1.ping(&a1_name), "pong", "b1 -> a1 from another pod");
+    assert_eq!(b1.rpc_node(&a1_name), a1_name);
+    assert_eq!(a2.ping(&a1_name), "pong", "a2 -> a1 from its own pod");
+    assert_eq!(a1.ping(&b.node_name("b1")), "pong", "a1 -> b1");
+    let failed = sidecar_a.log_lines_containing("failed to connect to node");
+    assert!(failed.is_empty(), "{failed:#?}");
+    sidecar_a.assert_running();
+}
+
 /// Nodes started with `-proto_dist inet6_tcp` register with their EPMD over
 /// `::1` and look each other up over IPv6. OTP's `epmd` listens on both
 /// families, and so does the sidecar's default configuration: both nodes
