@@ -3,10 +3,11 @@
 //! Node names, initiator names, preamble names and HTTP paths come from
 //! peers; a `\n` or an ESC in one would start a fake log line or drive the
 //! reader's terminal. Every log line passes through [`EscapingWriter`], in
-//! both formats: control characters (C0, DEL, C1) are written as `\xNN`,
-//! except the newline that ends the line. (The JSON format already escapes
-//! them inside strings; the writer is a second guard, and the one place
-//! for the text format.)
+//! both formats: control characters (C0, DEL, C1) are escaped, except the
+//! newline that ends the line: as `\xNN` in text lines, as `\u00NN` in JSON
+//! lines, so that every JSON line stays one valid JSON object (the JSON
+//! format escapes C0 inside strings itself, but not DEL and C1, and `\x` is
+//! no JSON escape).
 //!
 //! A peer can also repeat a bad request as fast as it can connect: each
 //! warning about peer input goes through
@@ -90,19 +91,42 @@ macro_rules! warn_throttled {
     }};
 }
 
-/// Appends `bytes` to `out` with control characters escaped as `\xNN`.
-pub fn escape_controls(bytes: &[u8], out: &mut Vec<u8>) {
+/// How [`escape_controls`] writes a control character.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Escape {
+    /// `\xNN` for each byte (a C1 character is two: `\xc2\x85`), for the
+    /// text format.
+    #[default]
+    Text,
+    /// `\u00NN` for each character (`\u0085`), for the JSON format: a
+    /// JSON line is all ASCII outside its strings, and inside a string
+    /// `\u00NN` is the escape JSON defines, so the line stays valid JSON
+    /// and decodes to the original text.
+    Json,
+}
+
+/// Appends `bytes` to `out` with control characters escaped as `style`
+/// says.
+pub fn escape_controls(bytes: &[u8], out: &mut Vec<u8>, style: Escape) {
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
         // C1 controls (U+0080..=U+009F) are 0xC2 0x80..=0x9F in UTF-8.
         if b == 0xc2 && bytes.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)) {
-            out.extend_from_slice(format!("\\xc2\\x{:02x}", bytes[i + 1]).as_bytes());
+            let escaped = match style {
+                Escape::Text => format!("\\xc2\\x{:02x}", bytes[i + 1]),
+                Escape::Json => format!("\\u{:04x}", bytes[i + 1]),
+            };
+            out.extend_from_slice(escaped.as_bytes());
             i += 2;
             continue;
         }
         if b < 0x20 || b == 0x7f {
-            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+            let escaped = match style {
+                Escape::Text => format!("\\x{b:02x}"),
+                Escape::Json => format!("\\u{b:04x}"),
+            };
+            out.extend_from_slice(escaped.as_bytes());
         } else {
             out.push(b);
         }
@@ -112,7 +136,33 @@ pub fn escape_controls(bytes: &[u8], out: &mut Vec<u8>) {
 
 /// Wraps a log sink; each `write` is one formatted event (tracing's fmt
 /// layer writes an event in one call), whose final `\n` is kept.
-pub struct EscapingWriter<W>(pub W);
+pub struct EscapingWriter<W> {
+    inner: W,
+    style: Escape,
+}
+
+impl<W> EscapingWriter<W> {
+    /// For text lines (`\xNN`).
+    pub fn text(inner: W) -> EscapingWriter<W> {
+        EscapingWriter {
+            inner,
+            style: Escape::Text,
+        }
+    }
+
+    /// For JSON lines (`\u00NN`, valid inside JSON strings).
+    pub fn json(inner: W) -> EscapingWriter<W> {
+        EscapingWriter {
+            inner,
+            style: Escape::Json,
+        }
+    }
+
+    /// The wrapped sink.
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+}
 
 impl<W: Write> Write for EscapingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -121,16 +171,16 @@ impl<W: Write> Write for EscapingWriter<W> {
             None => (buf, false),
         };
         let mut out = Vec::with_capacity(buf.len() + 16);
-        escape_controls(body, &mut out);
+        escape_controls(body, &mut out, self.style);
         if newline {
             out.push(b'\n');
         }
-        self.0.write_all(&out)?;
+        self.inner.write_all(&out)?;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+        self.inner.flush()
     }
 }
 
@@ -157,18 +207,39 @@ mod tests {
 
     #[test]
     fn a_name_with_newline_or_escape_stays_on_one_line() {
-        let mut w = EscapingWriter(Vec::new());
+        let mut w = EscapingWriter::text(Vec::new());
         let line = "INFO node registered node=evil\nINFO forged \x1b[2Jx\u{85}y\n";
         w.write_all(line.as_bytes()).unwrap();
-        let text = String::from_utf8(w.0).unwrap();
+        let text = String::from_utf8(w.into_inner()).unwrap();
         assert_eq!(
             text,
             "INFO node registered node=evil\\x0aINFO forged \\x1b[2Jx\\xc2\\x85y\n"
         );
         assert_eq!(text.lines().count(), 1);
         // Ordinary text, including non-ASCII names, is untouched.
-        let mut w = EscapingWriter(Vec::new());
+        let mut w = EscapingWriter::text(Vec::new());
         w.write_all("node=a1@hôst\n".as_bytes()).unwrap();
-        assert_eq!(w.0, "node=a1@hôst\n".as_bytes());
+        assert_eq!(w.into_inner(), "node=a1@hôst\n".as_bytes());
+    }
+
+    /// The JSON format leaves DEL and C1 characters raw in its strings;
+    /// escaped as in text lines (`\x7f`) they made the line invalid JSON.
+    #[test]
+    fn a_json_line_with_del_and_c1_stays_valid_json_and_decodes_to_the_name() {
+        let name = "evil\x7fname\u{85}x\u{9f}\"q\\";
+        let line = serde_json::json!({"fields": {"node": name}}).to_string() + "\n";
+        assert!(line.contains('\x7f'), "serde_json writes DEL raw: {line}");
+        let mut w = EscapingWriter::json(Vec::new());
+        w.write_all(line.as_bytes()).unwrap();
+        let text = String::from_utf8(w.into_inner()).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        assert!(
+            text.trim_end()
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) || b >= 0xa0),
+            "no control character left: {text:?}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(parsed["fields"]["node"], name);
     }
 }

@@ -110,15 +110,20 @@ fn init_logging_at(format: LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("DISTPROXY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    use distproxy::log_safe::EscapingWriter;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // No colours: every control character from the network is escaped
         // (`log_safe`), and ANSI colours are control sequences too.
-        .with_ansi(false)
-        .with_writer(|| distproxy::log_safe::EscapingWriter(std::io::stderr()));
+        .with_ansi(false);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_writer(|| EscapingWriter::text(std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_writer(|| EscapingWriter::json(std::io::stderr()))
+            .init(),
     }
 }
 

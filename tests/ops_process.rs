@@ -643,3 +643,84 @@ async fn bad_requests_are_all_counted_and_their_logs_rate_limited() {
         ROUNDS + 1
     );
 }
+
+/// `--log-format json` writes one JSON object per line for every event,
+/// also when a peer puts DEL or C1 characters (and quotes, backslashes,
+/// newlines) into the strings logged: a node name it registers, the
+/// initiator name of a distribution connection. Each line parses, and the
+/// logged name decodes to the name sent. (DEL and C1 were written as
+/// `\x7f`, which is no JSON escape: a log collector dropped those lines.)
+#[tokio::test]
+async fn json_logs_stay_valid_json_with_control_characters_from_peers() {
+    use distproxy_testkit::bench::scrape;
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = write_config(dir.path(), &ports, "");
+    let log = dir.path().join("stderr.log");
+    let mut p = Proc::spawn(
+        "distproxy",
+        Command::new(distproxy_testkit::distproxy_bin!())
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+        &log,
+    );
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
+    assert!(
+        eventually(Duration::from_secs(10), || async { scrape(admin).is_ok() }).await,
+        "sidecar did not start"
+    );
+    // A registration whose node does not listen: the connection routed to
+    // it fails with a warning naming both peer-controlled names.
+    let node = "evil\u{7f}name\u{85}\"q\\\u{9f}";
+    let initiator = "peer\u{7f}\u{85}\nforged@remote";
+    let nobody = free_ports::<1>()[0];
+    let (held, reply) = client::register(epmd, spec(node, nobody)).await.unwrap();
+    assert_eq!(reply.result, 0);
+    let mut s = tokio::net::TcpStream::connect(dist).await.unwrap();
+    s.write_all(&distproxy_testkit::frames::send_name(initiator))
+        .await
+        .unwrap();
+    let _ = s.read_to_end(&mut Vec::new()).await;
+    drop(held);
+    let parsed = || -> Vec<serde_json::Value> {
+        p.log_text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+            .collect()
+    };
+    let ended = eventually(Duration::from_secs(5), || async {
+        parsed()
+            .iter()
+            .any(|l| l["fields"]["message"] == "node unregistered")
+    })
+    .await;
+    let lines = parsed();
+    assert!(ended, "no unregistration logged: {lines:#?}");
+    let registered = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "node registered")
+        .expect("registration logged");
+    assert_eq!(registered["fields"]["node"], node);
+    let failed = lines
+        .iter()
+        .find(|l| l["level"] == "WARN" && l["fields"]["target"] == node)
+        .unwrap_or_else(|| panic!("no warning naming the target: {lines:#?}"));
+    let logged = failed["fields"]["initiator"].as_str().unwrap();
+    assert!(
+        logged.starts_with("peer\u{7f}") && logged.ends_with("forged@remote"),
+        "{logged:?}"
+    );
+    p.signal("TERM");
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()),
+        Some(0)
+    );
+    for line in p.log_text().lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+    }
+}
