@@ -193,10 +193,7 @@ fn main() -> ExitCode {
             let mut config = match config {
                 Some(path) => match Config::load(&path) {
                     Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("distproxy: {e}");
-                        return ExitCode::from(EX_USAGE);
-                    }
+                    Err(e) => return config_error(cli.log_format, &e),
                 },
                 None => Config::embedded_default(),
             };
@@ -210,12 +207,22 @@ fn main() -> ExitCode {
                 config.dist.advertise_port = advertise_port;
             }
             if let Err(e) = config.validate() {
-                eprintln!("distproxy: {e}");
-                return ExitCode::from(EX_USAGE);
+                return config_error(cli.log_format, &e);
             }
             run(config, config_file, false)
         }
     }
+}
+
+/// A configuration error that stops `run`: said on stderr, as a JSON log
+/// line with `--log-format json` (a log collector reads every line of the
+/// container's output); exit 64.
+fn config_error(format: LogFormat, e: &dyn std::fmt::Display) -> ExitCode {
+    match format {
+        LogFormat::Text => eprintln!("distproxy: {e}"),
+        LogFormat::Json => error!(error = %e, "invalid configuration; not starting"),
+    }
+    ExitCode::from(EX_USAGE)
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -282,7 +289,13 @@ fn run(config: Config, config_file: Option<PathBuf>, in_use_is_ok: bool) -> Exit
                     return ExitCode::SUCCESS;
                 }
                 error!("{e}");
-                return ExitCode::FAILURE;
+                // Files named by `[tls]` that cannot be loaded, an unset
+                // `${VAR}` in `[discovery]`: the configuration's fault.
+                return if e.is_config_error() {
+                    ExitCode::from(EX_USAGE)
+                } else {
+                    ExitCode::FAILURE
+                };
             }
         };
         let prometheus = install_metrics();

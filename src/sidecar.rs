@@ -51,6 +51,13 @@ impl BindError {
             BindError::Tls(_) | BindError::Discovery(_) => false,
         }
     }
+
+    /// The configuration cannot be used (TLS files named by `[tls]` that
+    /// cannot be loaded, an unset variable in `[discovery]`), as opposed to
+    /// a listener that cannot be bound here and now.
+    pub fn is_config_error(&self) -> bool {
+        matches!(self, BindError::Tls(_) | BindError::Discovery(_))
+    }
 }
 
 /// Bound listeners, ready to serve.

@@ -45,6 +45,101 @@ fn config_errors_exit_64_and_name_the_key() {
     assert!(stderr.contains("/nonexistent/distproxy.toml"), "{stderr}");
 }
 
+/// `run` with `config`, all listeners on port 0, killed after 10 s if it
+/// starts: (exit code, stderr).
+fn run_config(config: &str, extra: &[&str]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("distproxy.toml");
+    let listeners = "[epmd]\nlisten = \"127.0.0.1:0\"\n[dist]\nlisten = \"127.0.0.1:0\"\n\
+                     [admin]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(&file, format!("{listeners}{config}")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(extra)
+        .args(["run", "--config"])
+        .arg(&file)
+        .env_remove("DISTPROXY_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Errors `run` finds only when it loads what the configuration names:
+/// TLS files that are missing or hold no certificate, an unset `${VAR}`
+/// in `discovery.host`. They are configuration errors like the others
+/// (exit 64, naming the key), not runtime failures (they exited 1, so a
+/// supervisor or an alert on 64 took them for a crash to retry).
+#[test]
+fn run_exits_64_on_files_and_variables_the_configuration_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    for (file, says) in [(&missing, "No such file"), (&garbage, "no certificate")] {
+        let f = file.display();
+        let (code, stderr) = run_config(
+            &format!("[tls]\ncert_file = \"{f}\"\nkey_file = \"{f}\"\nca_file = \"{f}\"\n"),
+            &[],
+        );
+        assert_eq!(code, 64, "{stderr}");
+        assert!(
+            stderr.contains("tls.cert_file") && stderr.contains(says),
+            "{stderr}"
+        );
+    }
+    let (code, stderr) = run_config(
+        "[discovery]\nservice = \"x.invalid\"\nhost = \"${DISTPROXY_TEST_UNSET_VAR}\"\n",
+        &[],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("discovery.host") && stderr.contains("DISTPROXY_TEST_UNSET_VAR"),
+        "{stderr}"
+    );
+}
+
+/// With `--log-format json`, a configuration error that stops `run` is a
+/// JSON line too, naming the key: the container's output is read by a log
+/// collector that expects nothing else.
+#[test]
+fn run_reports_configuration_errors_as_json_lines_with_log_format_json() {
+    for config in [
+        "[routing]\nlookup_ttl_ms = 0\n",
+        "[tunnel]\nbogus_key = 1\n",
+    ] {
+        let (code, stderr) = run_config(config, &["--log-format", "json"]);
+        assert_eq!(code, 64, "{stderr}");
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+            .collect();
+        let error = lines
+            .iter()
+            .find(|l| l["level"] == "ERROR")
+            .unwrap_or_else(|| panic!("no error line: {stderr}"));
+        let text = error["fields"]["error"].as_str().unwrap();
+        let key = if config.contains("lookup") {
+            "routing.lookup_ttl_ms"
+        } else {
+            "bogus_key"
+        };
+        assert!(text.contains(key), "{text}");
+    }
+}
+
 #[test]
 fn usage_errors_exit_64_and_help_exits_0() {
     assert_eq!(run(&["run", "--no-such-flag"]).0, 64);
