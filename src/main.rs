@@ -106,10 +106,10 @@ fn init_logging(format: LogFormat) {
 }
 
 /// Logging with `default` as the filter unless `DISTPROXY_LOG` is set.
+/// An empty `DISTPROXY_LOG` counts as unset; an invalid one is said in the
+/// log (and `default` used), not ignored silently.
 fn init_logging_at(format: LogFormat, default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("DISTPROXY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let (filter, invalid) = log_filter(std::env::var("DISTPROXY_LOG").ok(), default);
     use distproxy::log_safe::EscapingWriter;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -124,6 +124,29 @@ fn init_logging_at(format: LogFormat, default: &str) {
             .json()
             .with_writer(|| EscapingWriter::json(std::io::stderr()))
             .init(),
+    }
+    if let Some((value, e)) = invalid {
+        warn!(DISTPROXY_LOG = %value, error = %e, filter = default,
+            "DISTPROXY_LOG is not a valid log filter; using the default");
+    }
+}
+
+/// The filter for `DISTPROXY_LOG`'s `value`, and the value with its error
+/// when it is invalid (`default` is used then).
+fn log_filter(
+    value: Option<String>,
+    default: &str,
+) -> (
+    tracing_subscriber::EnvFilter,
+    Option<(String, tracing_subscriber::filter::ParseError)>,
+) {
+    use tracing_subscriber::EnvFilter;
+    match value.filter(|v| !v.trim().is_empty()) {
+        None => (EnvFilter::new(default), None),
+        Some(v) => match EnvFilter::try_new(&v) {
+            Ok(filter) => (filter, None),
+            Err(e) => (EnvFilter::new(default), Some((v, e))),
+        },
     }
 }
 

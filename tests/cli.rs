@@ -48,16 +48,25 @@ fn config_errors_exit_64_and_name_the_key() {
 /// `run` with `config`, all listeners on port 0, killed after 10 s if it
 /// starts: (exit code, stderr).
 fn run_config(config: &str, extra: &[&str]) -> (i32, String) {
+    run_config_env(config, extra, None)
+}
+
+/// [`run_config`] with `DISTPROXY_LOG` set to `log` (`None`: unset).
+fn run_config_env(config: &str, extra: &[&str], log: Option<&str>) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("distproxy.toml");
     let listeners = "[epmd]\nlisten = \"127.0.0.1:0\"\n[dist]\nlisten = \"127.0.0.1:0\"\n\
                      [admin]\nlisten = \"127.0.0.1:0\"\n";
     std::fs::write(&file, format!("{listeners}{config}")).unwrap();
-    let mut child = Command::new(BIN)
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("DISTPROXY_LOG");
+    if let Some(log) = log {
+        cmd.env("DISTPROXY_LOG", log);
+    }
+    let mut child = cmd
         .args(extra)
         .args(["run", "--config"])
         .arg(&file)
-        .env_remove("DISTPROXY_LOG")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -138,6 +147,37 @@ fn run_reports_configuration_errors_as_json_lines_with_log_format_json() {
         };
         assert!(text.contains(key), "{text}");
     }
+}
+
+/// `DISTPROXY_LOG` filters as documented; empty, it is the default
+/// (`info`), not a filter that drops everything but errors; invalid, it is
+/// said in the log instead of being ignored silently.
+#[test]
+fn distproxy_log_filters_and_says_when_it_is_invalid() {
+    // Fails at start after its first INFO line (`open files limit`).
+    let failing = "[tls]\ncert_file = \"/nonexistent/c\"\nkey_file = \"/nonexistent/k\"\n\
+                   ca_file = \"/nonexistent/a\"\n";
+    let info = "open files limit";
+    let (_, stderr) = run_config_env(failing, &[], None);
+    assert!(stderr.contains(info), "default info: {stderr}");
+    let (_, stderr) = run_config_env(failing, &[], Some(""));
+    assert!(stderr.contains(info), "empty is the default: {stderr}");
+    let (_, stderr) = run_config_env(failing, &[], Some("warn"));
+    assert!(!stderr.contains(info), "warn drops info: {stderr}");
+    assert!(
+        stderr.contains("tls.cert_file"),
+        "errors still pass: {stderr}"
+    );
+    let (_, stderr) = run_config_env(failing, &[], Some("distproxy=debug"));
+    assert!(stderr.contains(info), "{stderr}");
+    let (code, stderr) = run_config_env(failing, &[], Some("warn,distproxy=verbose"));
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("DISTPROXY_LOG is not a valid log filter")
+            && stderr.contains("distproxy=verbose"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(info), "the default is used: {stderr}");
 }
 
 #[test]
