@@ -303,6 +303,9 @@ fn run(config: Config, config_file: Option<PathBuf>, in_use_is_ok: bool) -> Exit
         }
     };
     rt.block_on(async move {
+        // Before binding: `bind` loads the TLS files and sets the
+        // certificate's expiry gauge, which is lost without a recorder.
+        let prometheus = install_metrics();
         let listeners = match sidecar::bind(&config) {
             Ok(l) => l,
             Err(e) => {
@@ -321,7 +324,6 @@ fn run(config: Config, config_file: Option<PathBuf>, in_use_is_ok: bool) -> Exit
                 };
             }
         };
-        let prometheus = install_metrics();
         let grace = config.dist.shutdown_grace_ms.duration();
         let sidecar = Sidecar::start_with(config, listeners, prometheus);
         if let Some(path) = &config_file {

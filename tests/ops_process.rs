@@ -724,3 +724,44 @@ async fn json_logs_stay_valid_json_with_control_characters_from_peers() {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
     }
 }
+
+/// With `[tls]`, `/metrics` shows the expiry of the certificate the
+/// sidecar presents from the start, as documented for certificate-expiry
+/// alerts: the gauge was set while the files were loaded, before the
+/// binary installed its metrics recorder, and stayed absent until the
+/// files changed.
+#[tokio::test]
+async fn the_certificate_expiry_is_exported_from_the_start() {
+    use distproxy_testkit::bench::{sample, scrape};
+    use distproxy_testkit::certs::{Ca, SecretDir};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("ops ca");
+    let not_after = rcgen::date_time_ymd(2031, 7, 9);
+    let leaf = ca.leaf_with(&["pod-0.ops.test"], 7, |p| p.not_after = not_after);
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir(&tls_dir).unwrap();
+    let secret = SecretDir::create(&tls_dir, &leaf.cert_pem, &leaf.key_pem, &ca.pem);
+    let ports = Ports::free();
+    let config = write_config(dir.path(), &ports, "");
+    let tls = format!(
+        "[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
+        secret.cert_file().display().to_string(),
+        secret.key_file().display().to_string(),
+        secret.ca_file().display().to_string()
+    );
+    std::fs::write(&config, std::fs::read_to_string(&config).unwrap() + &tls).unwrap();
+    let _p = spawn(&config, ports.epmd).await;
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
+    let text = tokio::task::spawn_blocking(move || scrape(admin))
+        .await
+        .unwrap()
+        .expect("scrape /metrics");
+    assert_eq!(
+        sample(
+            &text,
+            "distproxy_tls_certificate_not_after_timestamp_seconds "
+        ),
+        Some(not_after.unix_timestamp() as f64),
+        "expiry missing or wrong:\n{text}"
+    );
+}
