@@ -24,10 +24,73 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("invalid configuration in {origin}: {message}")]
-    Parse { origin: String, message: String },
+    #[error("invalid configuration in {origin}{}: {message}", key_suffix(.key))]
+    Parse {
+        origin: String,
+        /// The dotted name of the key (or section) the error is at, when
+        /// it can be told: `epmd.listen`.
+        key: Option<String>,
+        message: String,
+    },
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+}
+
+fn key_suffix(key: &Option<String>) -> String {
+    key.as_ref()
+        .map(|k| format!(", key `{k}`"))
+        .unwrap_or_default()
+}
+
+/// The dotted name of the key or section at byte `offset` of the TOML
+/// `text` (where a parse error points): the section header above it and
+/// the key of its line, or of the line that began a value spanning
+/// several lines. For error messages only; `None` when it cannot be told.
+pub fn key_at(text: &str, offset: usize) -> Option<String> {
+    fn unquote(k: &str) -> String {
+        k.trim().trim_matches('"').trim_matches('\'').to_string()
+    }
+    fn header(line: &str) -> Option<String> {
+        let inner = line
+            .strip_prefix("[[")
+            .and_then(|l| l.split("]]").next())
+            .or_else(|| line.strip_prefix('[').and_then(|l| l.split(']').next()))?;
+        Some(inner.split('.').map(unquote).collect::<Vec<_>>().join("."))
+    }
+    let offset = offset.min(text.len());
+    let mut table: Option<String> = None;
+    let mut key: Option<String> = None;
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let this_line = offset < start + line.len() || start + line.len() == text.len();
+        if trimmed.starts_with('[') {
+            if let Some(h) = header(trimmed) {
+                table = Some(h);
+                key = None;
+                if this_line {
+                    return table;
+                }
+            }
+        } else if !trimmed.starts_with('#') {
+            // `key = value`: the part before the first `=` outside quotes
+            // (keys here are bare or simply quoted).
+            if let Some((k, _)) = trimmed.split_once('=') {
+                if !k.contains('"') || k.trim().starts_with('"') {
+                    key = Some(unquote(k));
+                }
+            }
+        }
+        if this_line {
+            break;
+        }
+        start += line.len();
+    }
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        (t, None) => t,
+    }
 }
 
 /// The value of every `_ms` key: whole milliseconds in the file (units
@@ -431,6 +494,7 @@ impl Config {
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: origin.to_string(),
+            key: e.span().and_then(|span| key_at(text, span.start)),
             message: e.to_string(),
         })?;
         config.validate()?;
@@ -1380,6 +1444,44 @@ mod tests {
         assert!(err.to_string().contains("listen_port"), "{err}");
         let err = Config::from_toml("[nope]\n", "test").unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    /// Errors of the TOML layer (a wrong type, a value no key accepts, an
+    /// unknown key) name the key with its section, as `validate`'s do:
+    /// the bare message only quoted the line (`listen = 5`), not which
+    /// section's `listen` it was.
+    #[test]
+    fn parse_errors_name_the_key_with_its_section() {
+        let cases = [
+            ("[epmd]\nlisten = 5\n", "epmd.listen"),
+            (
+                "# c\n[dist]\nmax_connections = -1\n",
+                "dist.max_connections",
+            ),
+            (
+                "[dist]\nhandshake_timeout_ms = \"5s\"\n",
+                "dist.handshake_timeout_ms",
+            ),
+            (
+                "[admin]\nlisten = [\n  \"0.0.0.0:1\",\n  \"bad\",\n]\n",
+                "admin.listen",
+            ),
+            ("[tunnel]\nbogus_key = 1\n", "tunnel.bogus_key"),
+            (
+                "[[acl]]\naction = \"allow\"\n[[acl]]\naction = \"maybe\"\n",
+                "acl.action",
+            ),
+            ("[relay]\n\"fast_path\" = \"bpf\"\n", "relay.fast_path"),
+            ("[bogus]\nx = 1\n", "`bogus`"),
+            ("x = 1\n", "`x`"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml(text, "t").unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+            assert!(err.contains("line"), "the location stays: {err}");
+        }
+        assert_eq!(key_at("", 0), None);
+        assert_eq!(key_at("[epmd]\n", 99).as_deref(), Some("epmd"));
     }
 
     #[test]
