@@ -499,10 +499,8 @@ fn epmd_main(args: &[String]) -> ExitCode {
     else {
         return block_on(async move { cli::run_client(&action).await });
     };
-    if daemon {
-        return cli::daemonize(args);
-    }
-    init_logging(LogFormat::Text);
+    // Read before `-daemon` detaches: the daemon's output goes nowhere, so
+    // a bad configuration is said here, by the command that was run.
     let mut config = match std::env::var_os("DISTPROXY_CONFIG") {
         Some(path) => match Config::load(std::path::Path::new(&path)) {
             Ok(c) => c,
@@ -513,6 +511,10 @@ fn epmd_main(args: &[String]) -> ExitCode {
         },
         None => Config::embedded_default(),
     };
+    if daemon {
+        return cli::daemonize(args);
+    }
+    init_logging(LogFormat::Text);
     config.epmd.listen = cli::drop_unavailable_ipv6(listen);
     config.epmd.relaxed_command_check |= relaxed_command_check;
     run(config, None, true)

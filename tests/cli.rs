@@ -180,6 +180,31 @@ fn distproxy_log_filters_and_says_when_it_is_invalid() {
     assert!(stderr.contains(info), "the default is used: {stderr}");
 }
 
+/// `epmd -daemon` (as `erl` starts it) with a bad `$DISTPROXY_CONFIG`
+/// says so and exits 64 before it detaches; the detached daemon's output
+/// goes nowhere, so it exited 0 and the daemon died unseen, leaving the
+/// nodes without an EPMD and nobody told why.
+#[test]
+fn epmd_daemon_reports_a_bad_configuration_before_it_detaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[routing]\nlookup_ttl_ms = 0\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let out = Command::new(BIN)
+        .args(["epmd", "-daemon", "-port", &port, "-address", "127.0.0.1"])
+        .env("DISTPROXY_CONFIG", &bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("routing.lookup_ttl_ms"), "{stderr}");
+}
+
 #[test]
 fn usage_errors_exit_64_and_help_exits_0() {
     assert_eq!(run(&["run", "--no-such-flag"]).0, 64);
