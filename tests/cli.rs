@@ -235,7 +235,8 @@ fn names_reports_an_unreachable_epmd() {
 }
 
 /// `remsh` refuses what it cannot use before starting anything: a name
-/// without a host (64), no cookie (1), an unknown `--via` form (64).
+/// without a host (64), no cookie (1), an unknown `--via` form (64), a
+/// `--via` host that does not resolve (1).
 #[test]
 fn remsh_errors_are_clear_and_early() {
     let remsh = |args: &[&str], home: &str| {
@@ -282,6 +283,30 @@ fn remsh_errors_are_clear_and_early() {
     );
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("pod/NAME"), "{err}");
+
+    // HOST:PORT whose host does not resolve: said so (it was called a
+    // usage error, "expected HOST:PORT", about a HOST:PORT).
+    let (code, err) = remsh(
+        &[
+            "a1@pod-0.svc",
+            "--via",
+            "no-such-host.invalid:43691",
+            "--cookie",
+            "c",
+        ],
+        "/nonexistent",
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot resolve") && err.contains("no-such-host.invalid"),
+        "{err}"
+    );
+    let (code, err) = remsh(
+        &["a1@pod-0.svc", "--via", "127.0.0.1", "--cookie", "c"],
+        "/nonexistent",
+    );
+    assert_eq!(code, 64, "no port: {err}");
+    assert!(err.contains("expected HOST:PORT"), "{err}");
 }
 
 /// `install-module DIR` writes the embedded module, byte for byte the

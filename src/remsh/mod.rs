@@ -113,6 +113,8 @@ pub enum RemshError {
     Bind(#[from] sidecar::BindError),
     #[error(transparent)]
     Probe(#[from] probe::ProbeError),
+    #[error("cannot resolve the host of --via {via:?}: {error}")]
+    Resolve { via: String, error: String },
     #[error("cannot get distproxy_epmd.beam: {0}")]
     Module(String),
     #[error("cannot start {program}: {source}")]
@@ -274,17 +276,31 @@ pub async fn run(opts: RemshOptions) -> Result<ExitStatus, RemshError> {
             (Some(fwd), via)
         }
         None => {
-            let via = opts
+            let usage = || {
+                RemshError::Usage(format!(
+                    "--via {:?}: expected HOST:PORT (e.g. 127.0.0.1:43691) or pod/NAME[.NAMESPACE]",
+                    opts.via
+                ))
+            };
+            // HOST:PORT whose host does not resolve is not a usage error:
+            // say that it does not resolve.
+            let has_port = opts
                 .via
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| {
-                    RemshError::Usage(format!(
-                        "--via {:?}: expected HOST:PORT (e.g. 127.0.0.1:43691) or pod/NAME[.NAMESPACE]",
-                        opts.via
-                    ))
-                })?;
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            let via = match opts.via.to_socket_addrs() {
+                Ok(mut addrs) => addrs.next().ok_or_else(|| RemshError::Resolve {
+                    via: opts.via.clone(),
+                    error: "no address".into(),
+                })?,
+                Err(e) if has_port => {
+                    return Err(RemshError::Resolve {
+                        via: opts.via.clone(),
+                        error: e.to_string(),
+                    })
+                }
+                Err(_) => return Err(usage()),
+            };
             (None, via)
         }
     };
