@@ -158,10 +158,10 @@ fn main() -> ExitCode {
         .and_then(|a| std::path::Path::new(a).file_name())
         .is_some_and(|n| n == "epmd");
     if invoked_as_epmd {
-        return epmd_main(&args[1..]);
+        return epmd_main(&args[1..], LogFormat::Text);
     }
     if args.get(1).map(String::as_str) == Some("epmd") {
-        return epmd_main(&args[2..]);
+        return epmd_main(&args[2..], LogFormat::Text);
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -174,11 +174,12 @@ fn main() -> ExitCode {
             };
         }
     };
-    if let Command::Remsh(_) = cli.command {
+    match cli.command {
         // The shell owns the terminal: only warnings and errors.
-        init_logging_at(cli.log_format, "warn");
-    } else {
-        init_logging(cli.log_format);
+        Command::Remsh(_) => init_logging_at(cli.log_format, "warn"),
+        // Sets up its logging itself, once it knows it serves.
+        Command::Epmd { .. } => {}
+        _ => init_logging(cli.log_format),
     }
     match cli.command {
         Command::Remsh(opts) => remsh(opts),
@@ -205,7 +206,7 @@ fn main() -> ExitCode {
         },
         Command::Names { host, port } => names(&host, port),
         Command::Members { host, port, all } => members(&host, port, all),
-        Command::Epmd { args } => epmd_main(&args),
+        Command::Epmd { args } => epmd_main(&args, cli.log_format),
         Command::Run {
             config,
             epmd_listen,
@@ -481,7 +482,8 @@ fn members(host: &str, port: u16, all: bool) -> ExitCode {
 
 /// `distproxy epmd …` / invoked as `epmd`: serves, or runs one of `epmd`'s
 /// client commands (`distproxy::epmd::cli`).
-fn epmd_main(args: &[String]) -> ExitCode {
+/// `log_format`: `distproxy --log-format json epmd …`.
+fn epmd_main(args: &[String], log_format: LogFormat) -> ExitCode {
     use distproxy::epmd::cli::{self, EpmdAction};
     let action = match cli::parse(args, |k| std::env::var(k).ok()) {
         Ok(a) => a,
@@ -514,7 +516,7 @@ fn epmd_main(args: &[String]) -> ExitCode {
     if daemon {
         return cli::daemonize(args);
     }
-    init_logging(LogFormat::Text);
+    init_logging(log_format);
     config.epmd.listen = cli::drop_unavailable_ipv6(listen);
     config.epmd.relaxed_command_check |= relaxed_command_check;
     run(config, None, true)

@@ -205,6 +205,58 @@ fn epmd_daemon_reports_a_bad_configuration_before_it_detaches() {
     assert!(stderr.contains("routing.lookup_ttl_ms"), "{stderr}");
 }
 
+/// The global `--log-format` before the `epmd` command is honoured: the
+/// drop-in serves and logs JSON lines. It set up logging twice and
+/// panicked (exit 101) with any global option before `epmd`.
+#[test]
+fn epmd_drop_in_serves_with_a_global_log_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[dist]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "epmd", "-port", &port])
+        .args(["-address", "127.0.0.1"])
+        .env("DISTPROXY_CONFIG", &config)
+        .env_remove("DISTPROXY_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let serving = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("distproxy serving") {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(serving, "not serving ({status}):\n{text}");
+    assert_eq!(status.code(), Some(0), "{text}");
+    for line in text.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+    }
+}
+
 #[test]
 fn usage_errors_exit_64_and_help_exits_0() {
     assert_eq!(run(&["run", "--no-such-flag"]).0, 64);
