@@ -40,10 +40,12 @@ pub enum EpmdAction {
 pub enum EpmdUsageError {
     #[error("option {0} needs a value")]
     MissingValue(String),
-    #[error("invalid port {0:?}")]
-    BadPort(String),
-    #[error("invalid address {0:?} in -address")]
-    BadAddress(String),
+    /// A port that is not 1–65535; `from`: `-port` or `ERL_EPMD_PORT`.
+    #[error("invalid port {value:?} in {from}")]
+    BadPort { value: String, from: &'static str },
+    /// `from`: `-address` or `ERL_EPMD_ADDRESS`.
+    #[error("invalid address {value:?} in {from}")]
+    BadAddress { value: String, from: &'static str },
     #[error("unknown option {0}")]
     Unknown(String),
 }
@@ -54,11 +56,10 @@ pub fn parse(
     args: &[String],
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<EpmdAction, EpmdUsageError> {
-    let mut port: u16 = match env("ERL_EPMD_PORT") {
-        Some(p) => p.trim().parse().map_err(|_| EpmdUsageError::BadPort(p))?,
-        None => 4369,
-    };
-    let mut addresses: Option<String> = env("ERL_EPMD_ADDRESS").filter(|a| !a.trim().is_empty());
+    // The environment counts only where no option says otherwise (a bad
+    // ERL_EPMD_PORT does not stop `-port N`).
+    let mut port: Option<u16> = None;
+    let mut addresses: Option<(String, &'static str)> = None;
     let mut relaxed = env("ERL_EPMD_RELAXED_COMMAND_CHECK").is_some();
     let mut daemon = false;
     let mut command: Option<(&str, Option<String>)> = None;
@@ -71,11 +72,8 @@ pub fn parse(
                 .ok_or_else(|| EpmdUsageError::MissingValue(opt.to_string()))
         };
         match arg.as_str() {
-            "-port" => {
-                let p = value("-port")?;
-                port = p.parse().map_err(|_| EpmdUsageError::BadPort(p))?;
-            }
-            "-address" => addresses = Some(value("-address")?),
+            "-port" => port = Some(parse_port(value("-port")?, "-port")?),
+            "-address" => addresses = Some((value("-address")?, "-address")),
             "-daemon" | "-detached" => daemon = true,
             "-relaxed_command_check" => relaxed = true,
             "-d" | "-debug" => {}
@@ -86,23 +84,48 @@ pub fn parse(
             other => return Err(EpmdUsageError::Unknown(other.to_string())),
         }
     }
+    let port = match (port, env("ERL_EPMD_PORT")) {
+        (Some(p), _) => p,
+        (None, Some(p)) => parse_port(p, "ERL_EPMD_PORT")?,
+        (None, None) => 4369,
+    };
+    if addresses.is_none() {
+        addresses = env("ERL_EPMD_ADDRESS")
+            .filter(|a| !a.trim().is_empty())
+            .map(|a| (a, "ERL_EPMD_ADDRESS"));
+    }
     Ok(match command {
         Some(("names", _)) => EpmdAction::Names { port },
         Some(("dump", _)) => EpmdAction::Dump { port },
         Some(("kill", _)) => EpmdAction::Kill { port },
         Some((_, Some(name))) => EpmdAction::Stop { port, name },
         _ => EpmdAction::Serve {
-            listen: listen_addrs(addresses.as_deref(), port)?,
+            listen: listen_addrs(
+                addresses.as_ref().map(|(a, from)| (a.as_str(), *from)),
+                port,
+            )?,
             daemon,
             relaxed_command_check: relaxed,
         },
     })
 }
 
-/// `-address` lists where to listen; like `epmd`, loopback is added when
+/// A port of `-port` or `ERL_EPMD_PORT` (`from`).
+fn parse_port(value: String, from: &'static str) -> Result<u16, EpmdUsageError> {
+    match value.trim().parse::<u16>() {
+        Ok(p) => Ok(p),
+        Err(_) => Err(EpmdUsageError::BadPort { value, from }),
+    }
+}
+
+/// `-address` lists where to listen (`list` and where it came from:
+/// `-address` or `ERL_EPMD_ADDRESS`); like `epmd`, loopback is added when
 /// missing. Without `-address`, all interfaces (IPv4 and IPv6).
-fn listen_addrs(list: Option<&str>, port: u16) -> Result<Vec<SocketAddr>, EpmdUsageError> {
-    let Some(list) = list else {
+fn listen_addrs(
+    list: Option<(&str, &'static str)>,
+    port: u16,
+) -> Result<Vec<SocketAddr>, EpmdUsageError> {
+    let Some((list, from)) = list else {
         return Ok(vec![
             SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
             SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
@@ -114,9 +137,10 @@ fn listen_addrs(list: Option<&str>, port: u16) -> Result<Vec<SocketAddr>, EpmdUs
         .map(str::trim)
         .filter(|p| !p.is_empty())
     {
-        let ip: IpAddr = part
-            .parse()
-            .map_err(|_| EpmdUsageError::BadAddress(part.to_string()))?;
+        let ip: IpAddr = part.parse().map_err(|_| EpmdUsageError::BadAddress {
+            value: part.to_string(),
+            from,
+        })?;
         if !ips.contains(&ip) {
             ips.push(ip);
         }
@@ -410,7 +434,10 @@ mod tests {
         );
         assert_eq!(
             parse(&args(&["-port", "x"]), no_env),
-            Err(EpmdUsageError::BadPort("x".into()))
+            Err(EpmdUsageError::BadPort {
+                value: "x".into(),
+                from: "-port"
+            })
         );
         assert_eq!(
             parse(&args(&["-bogus"]), no_env),
@@ -418,7 +445,34 @@ mod tests {
         );
         assert_eq!(
             parse(&args(&["-address", "nope"]), no_env),
-            Err(EpmdUsageError::BadAddress("nope".into()))
+            Err(EpmdUsageError::BadAddress {
+                value: "nope".into(),
+                from: "-address"
+            })
         );
+    }
+
+    /// A bad value from the environment is named as such (it was blamed
+    /// on `-address`, an option not given), and an option overrides the
+    /// variable: a bad ERL_EPMD_PORT does not stop `-port N -names`.
+    #[test]
+    fn environment_errors_name_the_variable_and_options_override_it() {
+        let bad_env = |k: &str| match k {
+            "ERL_EPMD_PORT" => Some("abc".to_string()),
+            "ERL_EPMD_ADDRESS" => Some("zz".to_string()),
+            _ => None,
+        };
+        let err = parse(&args(&["-names"]), bad_env).unwrap_err();
+        assert_eq!(err.to_string(), "invalid port \"abc\" in ERL_EPMD_PORT");
+        assert_eq!(
+            parse(&args(&["-port", "5", "-names"]), bad_env),
+            Ok(EpmdAction::Names { port: 5 })
+        );
+        let err = parse(&args(&["-port", "5"]), bad_env).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid address \"zz\" in ERL_EPMD_ADDRESS"
+        );
+        assert!(parse(&args(&["-port", "5", "-address", "127.0.0.1"]), bad_env).is_ok());
     }
 }
