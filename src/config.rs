@@ -489,6 +489,41 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Er
     }
 }
 
+/// No two listen addresses (of one key or of two) can be bound at once:
+/// the same port (not 0) and family, and the same address or a wildcard
+/// of that family. `run` would fail to bind the second one (exit 1) after
+/// `check-config` had found nothing wrong.
+fn check_listeners_apart(lists: &[(&'static str, &Vec<SocketAddr>)]) -> Result<(), ConfigError> {
+    let all: Vec<(&'static str, SocketAddr)> = lists
+        .iter()
+        .flat_map(|(key, addrs)| addrs.iter().map(move |a| (*key, *a)))
+        .collect();
+    for (i, (key, addr)) in all.iter().enumerate() {
+        for (earlier_key, earlier) in &all[..i] {
+            let clash = addr.port() != 0
+                && addr.port() == earlier.port()
+                && addr.is_ipv4() == earlier.is_ipv4()
+                && (addr.ip() == earlier.ip()
+                    || addr.ip().is_unspecified()
+                    || earlier.ip().is_unspecified());
+            if clash {
+                let which = if key == earlier_key {
+                    "the same list".to_string()
+                } else {
+                    earlier_key.to_string()
+                };
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!(
+                        "{addr} overlaps {earlier} of {which}: one port can be bound by one listener"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -529,6 +564,11 @@ impl Config {
         if self.dist.listen.is_empty() {
             return invalid("dist.listen", "at least one address is required");
         }
+        check_listeners_apart(&[
+            ("epmd.listen", &self.epmd.listen),
+            ("dist.listen", &self.dist.listen),
+            ("admin.listen", &self.admin.listen),
+        ])?;
         for (key, value) in [
             ("epmd.idle_timeout_ms", self.epmd.idle_timeout_ms),
             ("dist.handshake_timeout_ms", self.dist.handshake_timeout_ms),
@@ -1482,6 +1522,46 @@ mod tests {
         }
         assert_eq!(key_at("", 0), None);
         assert_eq!(key_at("[epmd]\n", 99).as_deref(), Some("epmd"));
+    }
+
+    /// Listen addresses that cannot all be bound are a configuration
+    /// error, not a bind failure at start (`check-config` passed them).
+    #[test]
+    fn overlapping_listen_addresses_are_refused() {
+        let cases = [
+            (
+                "[dist]\nlisten = \"0.0.0.0:4369\"\n",
+                "dist.listen",
+                "epmd.listen",
+            ),
+            (
+                "[epmd]\nlisten = \"0.0.0.0:5000\"\n[admin]\nlisten = \"127.0.0.1:5000\"\n",
+                "admin.listen",
+                "epmd.listen",
+            ),
+            (
+                "[dist]\nlisten = [\"127.0.0.1:5000\", \"127.0.0.1:5000\"]\n",
+                "dist.listen",
+                "the same list",
+            ),
+            (
+                "[admin]\nlisten = [\"[::1]:43691\"]\n",
+                "admin.listen",
+                "dist.listen",
+            ),
+        ];
+        for (text, key, other) in cases {
+            let err = Config::from_toml(text, "t").unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(other), "{text:?}: {err}");
+        }
+        for fine in [
+            // The two families' wildcards (the defaults).
+            "[epmd]\nlisten = [\"0.0.0.0:5000\", \"[::]:5000\"]\n",
+            "[epmd]\nlisten = \"127.0.0.1:0\"\n[dist]\nlisten = \"127.0.0.1:0\"\n",
+            "[epmd]\nlisten = \"127.0.0.1:5000\"\n[admin]\nlisten = \"127.0.0.2:5000\"\n",
+        ] {
+            Config::from_toml(fine, "t").unwrap_or_else(|e| panic!("{fine:?}: {e}"));
+        }
     }
 
     #[test]
