@@ -84,3 +84,79 @@ fn registrations_survive_a_sidecar_kill_9() {
     assert_eq!(a1.ping(&b.node_name("b2")), "pong");
     drop(a2_again.nodes());
 }
+
+/// Status line and body of `GET path` on the sidecar's admin port inside
+/// `pod`, as a kubelet probe sees it; `None` when nothing answers.
+fn probe(pod: &support::Pod, path: &str) -> Option<(u16, String)> {
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{ADMIN_PORT} && \
+         printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+    );
+    let out = pod.run("bash", &["-c", &script]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+    Some((status, body.to_string()))
+}
+
+/// What Kubernetes' probes see through a sidecar's life, with real nodes:
+/// `/readyz` waits for `admin.ready_nodes`, fails when such a node dies
+/// and passes when it is back; on SIGTERM it fails at once (the pod
+/// leaves the Service) while `/healthz` still passes (no restart during
+/// the drain), an established connection keeps carrying rpc, a new one is
+/// refused, and the sidecar exits 0 once `dist.shutdown_grace_ms` is over.
+#[test]
+fn probes_follow_a_sidecars_life_with_real_nodes() {
+    if !e2e_enabled("probes_follow_a_sidecars_life_with_real_nodes", &[]) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar_with(
+        SidecarOptions::default()
+            .config("[admin]\nready_nodes = [\"b1\"]\n[dist]\nshutdown_grace_ms = 2000\n"),
+    );
+    let waiting = Some((503, "not ready: waiting for nodes b1".to_string()));
+    assert_eq!(probe(b, "/readyz"), waiting);
+    assert_eq!(probe(b, "/healthz"), Some((200, "ok".into())));
+
+    let b1 = b.start_erlang("b1");
+    assert_eq!(probe(b, "/readyz"), Some((200, "ready".into())));
+    // A node of ready_nodes that dies makes the pod unready until it is back.
+    b1.kill();
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            probe(b, "/readyz") == waiting
+        }),
+        "{:?}",
+        probe(b, "/readyz")
+    );
+    let _b1 = b.start_erlang("b1");
+    assert_eq!(probe(b, "/readyz"), Some((200, "ready".into())));
+
+    let b1_name = b.node_name("b1");
+    let mut a1 = a.start_erlang("a1");
+    let mut a2 = a.start_erlang("a2");
+    assert_eq!(a1.ping(&b1_name), "pong");
+    sidecar_b.signal("TERM");
+    assert!(
+        poll_until(Duration::from_secs(2), Duration::from_millis(20), || {
+            probe(b, "/readyz") == Some((503, "not ready: shutting down".into()))
+        }),
+        "readiness did not fail on SIGTERM: {:?}",
+        probe(b, "/readyz")
+    );
+    assert_eq!(probe(b, "/healthz"), Some((200, "ok".into())));
+    assert_eq!(a1.rpc_node(&b1_name), b1_name, "the drain cut a1 -> b1");
+    assert_eq!(
+        a2.ping(&b1_name),
+        "pang",
+        "a new connection during the drain"
+    );
+    let status = sidecar_b
+        .wait_exit(Duration::from_secs(6))
+        .expect("the sidecar did not exit after its grace period");
+    assert_eq!(status.code(), Some(0), "{}", sidecar_b.log());
+    assert_eq!(probe(b, "/healthz"), None, "nothing answers once it exited");
+}

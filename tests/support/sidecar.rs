@@ -195,6 +195,12 @@ impl Daemon {
         );
     }
 
+    /// Waits up to `timeout` for the daemon to exit; its status, or `None`
+    /// if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.proc.wait_exit(timeout)
+    }
+
     /// Kills the daemon.
     pub fn stop(&mut self) {
         self.proc.kill();
