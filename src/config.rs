@@ -629,6 +629,43 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+
+    /// The keys whose values differ between `self` and `other`, outside
+    /// what a running sidecar reloads (`[[acl]]`, `dist.acl_default`):
+    /// dotted names, sorted (`limits.write_timeout_ms`).
+    pub fn changes_needing_restart(&self, other: &Config) -> Vec<String> {
+        fn flat(c: &Config) -> std::collections::BTreeMap<String, String> {
+            let mut c = c.clone();
+            c.acl.clear();
+            c.dist.acl_default = Default::default();
+            let mut out = std::collections::BTreeMap::new();
+            if let Ok(toml::Value::Table(sections)) = toml::Value::try_from(&c) {
+                for (section, value) in sections {
+                    match value {
+                        toml::Value::Table(keys) => {
+                            for (key, v) in keys {
+                                out.insert(format!("{section}.{key}"), v.to_string());
+                            }
+                        }
+                        other => {
+                            out.insert(section, other.to_string());
+                        }
+                    }
+                }
+            }
+            out
+        }
+        let (a, b) = (flat(self), flat(other));
+        let mut keys: Vec<String> = a
+            .keys()
+            .chain(b.keys())
+            .filter(|k| a.get(*k) != b.get(*k))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
 }
 
 /// `[[acl]]`: patterns parse, labels are unique and usable as metric
@@ -1522,6 +1559,37 @@ mod tests {
         }
         assert_eq!(key_at("", 0), None);
         assert_eq!(key_at("[epmd]\n", 99).as_deref(), Some("epmd"));
+    }
+
+    #[test]
+    fn changes_needing_restart_leave_out_what_a_reload_applies() {
+        let base = Config::from_toml("[dist]\nmax_connections = 10\n", "t").unwrap();
+        let acl_only = Config::from_toml(
+            "[dist]\nmax_connections = 10\nacl_default = \"deny\"\n\
+             [[acl]]\naction = \"allow\"\ntarget = \"a1\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            base.changes_needing_restart(&acl_only),
+            Vec::<String>::new()
+        );
+        let more = Config::from_toml(
+            "[dist]\nmax_connections = 11\n[limits]\nwrite_timeout_ms = 7\n\
+             [tls]\nca_file = \"/x\"\ncert_file = \"/x\"\nkey_file = \"/x\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            base.changes_needing_restart(&more),
+            [
+                "dist.max_connections",
+                "limits.write_timeout_ms",
+                "tls.ca_file",
+                "tls.cert_file",
+                "tls.key_file"
+            ]
+        );
     }
 
     /// Listen addresses that cannot all be bound are a configuration

@@ -765,3 +765,68 @@ async fn the_certificate_expiry_is_exported_from_the_start() {
         "expiry missing or wrong:\n{text}"
     );
 }
+
+/// SIGHUP (or the file's change) applies `[[acl]]` and `dist.acl_default`
+/// only; a change to any other key of the file is named in a warning that
+/// it waits for a restart. The log said only that the ACL rules were
+/// unchanged, so an operator who edited a limit and sent SIGHUP believed
+/// it applied.
+#[tokio::test]
+async fn a_reload_names_the_changes_that_need_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = write_config(dir.path(), &ports, "");
+    let log = dir.path().join("stderr.log");
+    let p = Proc::spawn(
+        "distproxy",
+        Command::new(distproxy_testkit::distproxy_bin!())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+        &log,
+    );
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            distproxy_testkit::bench::scrape(admin).is_ok()
+        })
+        .await,
+        "sidecar did not start"
+    );
+    let original = std::fs::read_to_string(&config).unwrap();
+    let restart = "not applied until a restart";
+    // An ACL change alone: applied, nothing waits for a restart.
+    std::fs::write(
+        &config,
+        format!("{original}[[acl]]\naction = \"allow\"\ntarget = \"a1\"\n"),
+    )
+    .unwrap();
+    p.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            p.log_text().contains("ACL rules reloaded")
+        })
+        .await,
+        "{}",
+        p.log_text()
+    );
+    assert!(!p.log_text().contains(restart), "{}", p.log_text());
+    // A limit changed too: named.
+    std::fs::write(
+        &config,
+        format!("{original}[limits]\nwrite_timeout_ms = 1234\n[[acl]]\naction = \"allow\"\ntarget = \"a1\"\n"),
+    )
+    .unwrap();
+    p.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            p.log_text()
+                .lines()
+                .any(|l| l.contains(restart) && l.contains("keys=limits.write_timeout_ms"))
+        })
+        .await,
+        "{}",
+        p.log_text()
+    );
+}

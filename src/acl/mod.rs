@@ -225,6 +225,10 @@ struct Source {
     path: PathBuf,
     /// Digest of the file content last looked at.
     digest: Option<u64>,
+    /// The file's configuration when the sidecar started (`None` if it
+    /// could not be read then): what a reload compares the rest of the
+    /// file with, to say which changes wait for a restart.
+    started_with: Option<Config>,
 }
 
 /// The rules in force, shared by every service that judges connections.
@@ -285,10 +289,15 @@ impl AclHandle {
     /// Remembers the file the configuration came from: [`AclHandle::reload`]
     /// and [`AclHandle::watch`] read the rules from it.
     pub fn set_source(&self, path: &Path) {
-        let digest = std::fs::read(path).ok().map(|b| digest(&b));
+        let bytes = std::fs::read(path).ok();
+        let digest = bytes.as_ref().map(|b| digest(b));
+        let started_with = bytes.and_then(|b| {
+            Config::from_toml(&String::from_utf8_lossy(&b), &path.display().to_string()).ok()
+        });
         *lock(&self.source) = Some(Source {
             path: path.to_path_buf(),
             digest,
+            started_with,
         });
     }
 
@@ -311,7 +320,10 @@ impl AclHandle {
                 source,
             })
             .and_then(|b| Config::from_toml(&String::from_utf8_lossy(&b), &origin))
-            .and_then(|c| Acl::from_config(&c));
+            .and_then(|c| {
+                self.warn_of_changes_needing_restart(&c, &origin, why);
+                Acl::from_config(&c)
+            });
         match parsed {
             Ok(acl) if *self.current.load_full() == acl => ReloadOutcome::Unchanged,
             Ok(acl) => {
@@ -328,6 +340,24 @@ impl AclHandle {
                 metrics::counter!(m::ACL_RELOAD_FAILURES).increment(1);
                 ReloadOutcome::Failed(e)
             }
+        }
+    }
+
+    /// Says which keys of the file changed since the start outside
+    /// `[[acl]]` and `dist.acl_default`: they are not applied until a
+    /// restart, and an operator who edited one and sent SIGHUP would
+    /// otherwise be told only that the ACL rules are unchanged.
+    fn warn_of_changes_needing_restart(&self, file: &Config, origin: &str, why: &str) {
+        let keys = match lock(&self.source)
+            .as_ref()
+            .and_then(|s| s.started_with.as_ref())
+        {
+            Some(started) => started.changes_needing_restart(file),
+            None => return,
+        };
+        if !keys.is_empty() {
+            warn!(file = %origin, trigger = why, keys = %keys.join(", "),
+                "configuration changed outside [[acl]] and dist.acl_default; not applied until a restart");
         }
     }
 
