@@ -28,6 +28,7 @@ packages=(
   "erl erlang-nox"
   "erlc erlang-base"
   "elixir elixir"
+  "rebar3 rebar3"
   "ip iproute2"
   "tcpdump tcpdump"
   "python3 python3"

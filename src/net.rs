@@ -4,15 +4,16 @@
 //! Every listener in distproxy runs [`accept_loop`]: it stops on its
 //! shutdown token, asks the listener's [`Admission`] whether to take each
 //! connection (the hook for connection limits), spawns the handler on the
-//! service's task tracker, and logs accept errors at most once a second
+//! service's task tracker, and logs accept errors rate-limited
 //! (an accept error such as `EMFILE` repeats as fast as the loop spins).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::log_safe::Throttle;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -117,6 +118,53 @@ pub fn is_local_peer(peer: IpAddr, local: Option<SocketAddr>) -> bool {
     peer.is_loopback() || local.is_some_and(|l| l.ip().to_canonical() == peer)
 }
 
+/// The specific address a TCP listener of this network namespace on `port`
+/// is bound to, when it is neither a wildcard nor loopback: a node started
+/// with `inet_dist_use_interface` set to the pod's address registers over
+/// loopback but listens only there. Read from `/proc/net/tcp` and
+/// `/proc/net/tcp6`; `None` when there is no such listener or no procfs.
+pub fn bound_listener_address(port: u16) -> Option<IpAddr> {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|path| {
+        let text = std::fs::read_to_string(path).ok()?;
+        listeners_on(&text, port)
+            .into_iter()
+            .find(|ip| !ip.is_loopback() && !ip.is_unspecified())
+    })
+}
+
+/// The local addresses of the listening sockets on `port` in the text of
+/// `/proc/net/tcp` or `/proc/net/tcp6`.
+fn listeners_on(text: &str, port: u16) -> Vec<IpAddr> {
+    const LISTEN: &str = "0A";
+    // The kernel prints each 32-bit word of an address as a host-order
+    // number, and the port as a number.
+    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes);
+    let address = |hex: &str| -> Option<IpAddr> {
+        match hex.len() {
+            8 => Some(IpAddr::from(word(hex)?)),
+            32 => {
+                let mut bytes = [0u8; 16];
+                for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                    chunk.copy_from_slice(&word(hex.get(i * 8..i * 8 + 8)?)?);
+                }
+                Some(IpAddr::from(bytes).to_canonical())
+            }
+            _ => None,
+        }
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let (local, _remote, state) = (fields.next()?, fields.next()?, fields.next()?);
+            let (ip, p) = local.split_once(':')?;
+            (state == LISTEN && u16::from_str_radix(p, 16).ok()? == port)
+                .then(|| address(ip))
+                .flatten()
+        })
+        .collect()
+}
+
 /// Whether the connection was redirected to this socket by NAT (a
 /// kube-proxy-style Service DNAT): the destination the peer dialled, as
 /// conntrack remembers it, is not the socket's local address. False when
@@ -165,10 +213,10 @@ pub struct ConnectionLimit {
     /// With [`ConnectionLimit::evicting`]: connections still being set up,
     /// whose places a new connection may take when the limit is full.
     pending: Option<Arc<PendingQueue>>,
-    /// Refusals are counted one by one but logged at most once a second:
+    /// Refusals are counted one by one but logged rate-limited:
     /// a peer opening connections in a loop must not make a log line of
     /// each.
-    refusals: Arc<Mutex<RateLimitedLog>>,
+    refusals: Arc<Throttle>,
 }
 
 /// A connection's place under a [`ConnectionLimit`]; dropping it frees it.
@@ -324,7 +372,7 @@ impl ConnectionLimit {
             per_source,
             sources: Arc::default(),
             pending: None,
-            refusals: Arc::new(Mutex::new(RateLimitedLog::new(Duration::from_secs(1)))),
+            refusals: Arc::new(Throttle::new()),
         }
     }
 
@@ -431,13 +479,13 @@ impl ConnectionLimit {
         }
     }
 
-    /// Logs (at most once a second) and counts a connection from `peer`
+    /// Logs (rate-limited) and counts a connection from `peer`
     /// closed at accept because of `why`.
     pub fn refused(&self, peer: SocketAddr, why: LimitRefused) {
-        if let Some(skipped) = lock(&self.refusals).allow(Instant::now()) {
+        if let Some(skipped) = self.refusals.allow() {
             warn!(%peer, listener = self.listener, limit = self.max,
                 per_source = self.per_source, skipped,
-                "{why}; closing (logged at most once a second; `skipped`: refusals not logged since)");
+                "{why}; closing (rate-limited; `skipped`: refusals not logged since the previous line)");
         }
         self.count_refused(why.label());
     }
@@ -481,7 +529,7 @@ impl Admission for TotalOnly {
     fn admit(&self, peer: SocketAddr, _local: Option<SocketAddr>) -> Option<ConnPermit> {
         let permit = self.0.try_acquire();
         if permit.is_none() {
-            warn!(%peer, listener = "egress", limit = self.0.max, "connection limit reached; closing");
+            crate::warn_throttled!(%peer, listener = "egress", limit = self.0.max, "connection limit reached; closing");
             metrics::counter!(crate::metrics::CONNECTIONS_REFUSED,
                 "listener" => "egress", "limit" => LimitRefused::Total.label())
             .increment(1);
@@ -560,43 +608,6 @@ impl TcpTuning {
     }
 }
 
-/// Logs repeated errors at most once per period, with the number skipped.
-struct RateLimitedLog {
-    period: Duration,
-    last: Option<Instant>,
-    skipped: u64,
-}
-
-impl RateLimitedLog {
-    fn new(period: Duration) -> RateLimitedLog {
-        RateLimitedLog {
-            period,
-            last: None,
-            skipped: 0,
-        }
-    }
-
-    /// Whether to log an event at `now`: `Some(events skipped since the
-    /// last one logged)`, or `None` within a period of the last one.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.period)
-        {
-            self.skipped += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.skipped))
-    }
-
-    fn accept_failed(&mut self, what: &str, local: Option<SocketAddr>, e: &std::io::Error) {
-        if let Some(skipped) = self.allow(Instant::now()) {
-            warn!(listener = ?local, error = %e, skipped, "{what} accept failed");
-        }
-    }
-}
-
 /// When an accept loop and its connections stop.
 #[derive(Clone, Default)]
 pub struct Stop {
@@ -625,7 +636,7 @@ pub async fn accept_loop<A, H, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let local = listener.local_addr().ok();
-    let mut errors = RateLimitedLog::new(Duration::from_secs(1));
+    let errors = Throttle::new();
     loop {
         let accepted = tokio::select! {
             _ = stop.accepting.cancelled() => break,
@@ -654,7 +665,9 @@ pub async fn accept_loop<A, H, F>(
                 });
             }
             Err(e) => {
-                errors.accept_failed(what, local, &e);
+                if let Some(skipped) = errors.allow() {
+                    warn!(listener = ?local, error = %e, skipped, "{what} accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -709,6 +722,50 @@ pub async fn connect_any(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listeners_are_read_from_proc_net_tcp() {
+        // As this (little-endian) kernel prints them: 198.18.0.11:39109 and
+        // 127.0.0.1:45353 listening, an established connection from
+        // 198.18.0.11:39109, and [fd00:d157::b]:39109 listening.
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0B0012C6:98C5 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:B129 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0
+   2: 0B0012C6:98C5 0C0012C6:D82E 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1
+";
+        let tcp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 57D100FD00000000000000000B000000:98C5 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1 0 100 0 0 10 0
+";
+        if cfg!(target_endian = "little") {
+            assert_eq!(
+                listeners_on(tcp, 39109),
+                vec!["198.18.0.11".parse::<IpAddr>().unwrap()]
+            );
+            assert_eq!(
+                listeners_on(tcp, 45353),
+                vec!["127.0.0.1".parse::<IpAddr>().unwrap()]
+            );
+            assert_eq!(
+                listeners_on(tcp6, 39109),
+                vec!["fd00:d157::b".parse::<IpAddr>().unwrap()]
+            );
+        }
+        assert!(listeners_on(tcp, 1).is_empty());
+        // And as the running kernel prints a real listener.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        assert_eq!(
+            listeners_on(&text, port),
+            vec![IpAddr::from([127, 0, 0, 1])]
+        );
+        assert_eq!(
+            bound_listener_address(port),
+            None,
+            "loopback is not a specific address"
+        );
+        assert!(listeners_on("garbage\n 0: zz:zz 0 0A", 1).is_empty());
+    }
 
     #[test]
     fn open_files_needed_counts_two_per_relayed_connection() {

@@ -5,18 +5,23 @@
 //! named with a Kubernetes-style FQDN (`-name`) next to one with a short
 //! name (`--sname`); a node killed and restarted at once under the same name
 //! while a peer is connected; nodes of `-proto_dist inet6_tcp`, which
-//! register over IPv6, in one pod and across the pods of a dual-stack lab.
+//! register over IPv6, in one pod and across the pods of a dual-stack lab;
+//! a real `mix release` and a rebar3 release with the helper module and
+//! the base manifest's environment (`bin/app start`, `bin/app rpc`).
 //!
-//! Needs root, iproute2, erlang-nox and elixir; fails saying so otherwise,
+//! Needs root, iproute2, erlang-nox, elixir (with `mix`) and rebar3; fails saying so otherwise,
 //! unless `DISTPROXY_SKIP_E2E=1`.
 
 mod support;
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::beam::atom;
 use support::beam::ErlangOptions;
 use support::metrics::{metric_sum, metrics};
+use support::module;
 use support::sidecar::ADMIN_PORT;
 use support::wait::wait_until;
 use support::{e2e_enabled, BeamNode, Pod, DIST_PORT};
@@ -316,6 +321,56 @@ fn a_second_node_under_a_taken_name_fails_as_with_stock_epmd() {
     sidecar.assert_running();
 }
 
+/// A node started with `inet_dist_use_interface` set to its pod's address
+/// (a common way to keep it off other interfaces) registers over loopback
+/// but listens only on the pod address. With stock epmd its peers dial
+/// that address; the sidecar finds the node's listener there when loopback
+/// refuses, so the node is reached from another pod and from its own.
+#[test]
+fn a_node_that_listens_on_the_pod_address_only_is_reached() {
+    if !e2e_enabled(
+        "a_node_that_listens_on_the_pod_address_only_is_reached",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let _sidecar_b = b.spawn_sidecar(&[]);
+    let [o1, o2, o3, o4] = a.addr().octets();
+    let on_pod_address = ErlangOptions {
+        extra_args: [
+            "-kernel".to_string(),
+            "inet_dist_use_interface".to_string(),
+            format!("{{{o1},{o2},{o3},{o4}}}"),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let mut a1 = a.spawn_erlang_with("a1", &on_pod_address);
+    let mut a2 = a.spawn_erlang("a2");
+    let mut b1 = b.spawn_erlang("b1");
+    for n in [&mut a1, &mut a2, &mut b1] {
+        n.wait_ready();
+    }
+    let a1_name = a.node_name("a1");
+    let port = registered_field(a, "a1", "port").expect("a1 registered");
+    let listening = a.run_ok("ss", &["-Htln", &format!("sport = :{port}")]);
+    assert!(
+        listening.contains(&format!("{}:{port}", a.addr()))
+            && !listening.contains(&format!("127.0.0.1:{port}")),
+        "a1 listens on the pod address only: {listening}"
+    );
+    assert_eq!(b1.ping(&a1_name), "pong", "b1 -> a1 from another pod");
+    assert_eq!(b1.rpc_node(&a1_name), a1_name);
+    assert_eq!(a2.ping(&a1_name), "pong", "a2 -> a1 from its own pod");
+    assert_eq!(a1.ping(&b.node_name("b1")), "pong", "a1 -> b1");
+    let failed = sidecar_a.log_lines_containing("failed to connect to node");
+    assert!(failed.is_empty(), "{failed:#?}");
+    sidecar_a.assert_running();
+}
+
 /// Nodes started with `-proto_dist inet6_tcp` register with their EPMD over
 /// `::1` and look each other up over IPv6. OTP's `epmd` listens on both
 /// families, and so does the sidecar's default configuration: both nodes
@@ -557,4 +612,331 @@ fn assert_relayed_over_ipv6(to: &Pod, from: &Pod, short: &str) {
         "pod {}: no connection {peer}* -> {local} (the distribution port over IPv6):\n{sockets}",
         to.name()
     );
+}
+
+/// The manifests' Deployment, whose application container's environment
+/// the release tests start releases with.
+const MANIFEST: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/kubernetes/base/deployment.yaml"
+);
+
+/// The environment the manifests give the application container that
+/// matters to a release, in this order: `ERL_FLAGS` (its `-pa /distproxy`,
+/// the init container's volume, pointing at `dir` instead), then
+/// `RELEASE_MODE` and `CODE_LOADING_MODE` where set, read from
+/// [`MANIFEST`] (`- name:` / `value:` pairs).
+fn manifest_env(dir: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(MANIFEST).expect("read the Deployment manifest");
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let value = |name: &str| {
+        lines.windows(2).find_map(|w| {
+            let declared = w[0].strip_prefix("- name:")?.split_whitespace().next()?;
+            (declared == name).then_some(())?;
+            w[1].strip_prefix("value:")
+                .map(|v| v.trim().trim_matches('"').to_string())
+        })
+    };
+    let flags = value("ERL_FLAGS").expect("the manifest's ERL_FLAGS");
+    assert!(flags.contains("-pa /distproxy "), "{flags}");
+    let flags = flags.replace("-pa /distproxy ", &format!("-pa {} ", dir.display()));
+    let mut env = vec![("ERL_FLAGS".to_string(), flags)];
+    for name in ["RELEASE_MODE", "CODE_LOADING_MODE"] {
+        env.extend(value(name).map(|v| (name.to_string(), v)));
+    }
+    env
+}
+
+/// `(name, value)` pairs as the `&str` pairs `Command::envs` takes.
+fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// Runs a build tool (`mix`, `rebar3`) in `dir` on the host, offline,
+/// with `HOME` in the lab; panics with its output unless it succeeds.
+fn build(lab: &support::Lab, dir: &Path, program: &str, args: &[&str]) {
+    let out = Command::new("timeout")
+        .args(["-k", "2", "60", program])
+        .args(args)
+        .current_dir(dir)
+        .env("HOME", lab.dir())
+        .env("MIX_ENV", "prod")
+        .env_remove("ERL_FLAGS")
+        .env_remove("ELIXIR_ERL_OPTIONS")
+        .env_remove("ERL_LIBS")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {} failed ({}):\n{}",
+        args.join(" "),
+        out.status,
+        output_text(&out)
+    );
+}
+
+/// A tiny `mix release`, generated offline (`mix new`, no dependencies) in
+/// the lab directory; returns the project directory. `module_in_src` puts
+/// `distproxy_epmd.erl` into the project's `src/`, so the release carries
+/// the helper module.
+fn mix_release(lab: &support::Lab, project: &str, module_in_src: bool) -> PathBuf {
+    build(lab, lab.dir(), "mix", &["new", project]);
+    let root = lab.dir().join(project);
+    if module_in_src {
+        std::fs::create_dir_all(root.join("src")).unwrap();
+        std::fs::copy(module::MODULE_SRC, root.join("src/distproxy_epmd.erl")).unwrap();
+    }
+    build(lab, &root, "mix", &["release", "--quiet"]);
+    root
+}
+
+/// `bin/<project> ARGS` of the release in `root`, inside `pod`, with the
+/// environment a Kubernetes user gives it: `RELEASE_DISTRIBUTION=name`,
+/// `RELEASE_NODE`, `RELEASE_COOKIE`, the manifests' `ERL_FLAGS`, and
+/// `extra` (e.g. `RELEASE_MODE`).
+fn release_command(
+    pod: &Pod,
+    root: &Path,
+    project: &str,
+    node: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Command {
+    let bin = root.join(format!("_build/prod/rel/{project}/bin/{project}"));
+    let mut cmd = pod.command("timeout");
+    cmd.args(["-k", "2", "20"]).arg(bin).args(args);
+    cmd.env("RELEASE_DISTRIBUTION", "name")
+        .env("RELEASE_NODE", node)
+        .env("RELEASE_COOKIE", pod.lab().cookie.as_str())
+        .env("RELEASE_TMP", root.join(format!("tmp-{}", pod.name())))
+        // A node that cannot start writes no crash dump into the lab.
+        .env("ERL_CRASH_DUMP_SECONDS", "0");
+    cmd.envs(env.iter().copied());
+    cmd
+}
+
+/// Output of a finished command, stdout and stderr.
+fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Starts the release (`bin/<project> start`, in the foreground) in `pod`
+/// and waits until its node is registered with the pod's sidecar.
+fn start_release(
+    pod: &Pod,
+    root: &Path,
+    project: &str,
+    node: &str,
+    env: &[(&str, &str)],
+) -> support::process::Proc {
+    let cmd = release_command(pod, root, project, node, env, &["start"]);
+    spawn_registered(pod, cmd, node)
+}
+
+/// Spawns `cmd`, a release in the foreground whose node is `node`, its
+/// output in a lab log, and waits until the node is registered with the
+/// pod's sidecar; fails with the log if it exits first.
+fn spawn_registered(pod: &Pod, mut cmd: Command, node: &str) -> support::process::Proc {
+    let short = node.split_once('@').map_or(node, |(s, _)| s).to_string();
+    let log = pod.lab().file(&short, "log");
+    let file = std::fs::File::create(&log).unwrap();
+    cmd.stdout(file.try_clone().unwrap()).stderr(file);
+    let mut proc = support::process::Proc::spawn(&format!("release {node}"), &mut cmd, &log);
+    wait_until(
+        Duration::from_secs(20),
+        &format!("release node {node} to register"),
+        || {
+            assert!(
+                proc.exited().is_none(),
+                "release {node} exited:\n{}",
+                proc.log_text()
+            );
+            pod.epmd_names().contains(&format!("name {short} at port"))
+        },
+    );
+    proc
+}
+
+/// Elixir releases as users deploy them behind the sidecar, with the
+/// manifests' `ERL_FLAGS` (helper module from `-pa`, the init container's
+/// directory), named after the pod's IP through `RELEASE_DISTRIBUTION=name`
+/// and `RELEASE_NODE`, the cookie in `RELEASE_COOKIE`. A release boots in
+/// embedded mode, which loads only the release's modules: with `ERL_FLAGS`
+/// alone the module in the `-pa` directory is undefined and the node stops
+/// at boot with the error deploy/README.md ("Releases") quotes. With the
+/// manifests' whole environment (their `RELEASE_MODE`) it starts; so does a
+/// release that carries the module in embedded mode. Each release node
+/// reaches a node of another pod and is reached from it, and `bin/app rpc`
+/// (as through `kubectl exec`) answers from it.
+#[test]
+fn a_mix_release_with_the_helper_module_boots_in_the_documented_ways() {
+    if !e2e_enabled(
+        "a_mix_release_with_the_helper_module_boots_in_the_documented_ways",
+        &["elixir", "mix"],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let mut sidecars = [a, b].map(|p| p.spawn_sidecar(&[]));
+    let dir = module::install_module(&lab);
+    let manifest = manifest_env(&dir);
+    let env = pairs(&manifest);
+    let flags = [env[0]];
+    let mut a1 = a.spawn_erlang("a1");
+    let plain = mix_release(&lab, "app", false);
+    a1.wait_ready();
+    let node = format!("app@{}", b.addr());
+
+    // Embedded mode (the release's default): the node does not start.
+    let out = release_command(b, &plain, "app", &node, &flags, &["start"])
+        .output()
+        .expect("run bin/app start");
+    let text = output_text(&out);
+    assert!(!out.status.success(), "the release started:\n{text}");
+    assert!(
+        text.contains("{undef,[{distproxy_epmd,start_link,[],[]}"),
+        "not the documented error:\n{text}"
+    );
+    assert!(!b.epmd_names().contains("name app at"));
+
+    // The manifests' environment (RELEASE_MODE=interactive): it starts and
+    // loads the module from -pa.
+    let release = start_release(b, &plain, "app", &node, &env);
+    let check = format!(
+        "IO.puts(inspect({{node(), :code.get_mode(), :net_kernel.epmd_module(), \
+         :code.which(:distproxy_epmd), Node.ping(:\"{}\")}}))",
+        a1.name()
+    );
+    let answer = |root: &Path, project: &str, node: &str| {
+        let out = release_command(b, root, project, node, &env, &["rpc", &check])
+            .output()
+            .expect("run bin/app rpc");
+        assert!(
+            out.status.success(),
+            "bin/{project} rpc:\n{}",
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let module_beam = dir.join("distproxy_epmd.beam");
+    assert_eq!(
+        answer(&plain, "app", &node),
+        format!(
+            "{{:\"{node}\", :interactive, :distproxy_epmd, '{}', :pong}}",
+            module_beam.display()
+        )
+    );
+    assert_eq!(a1.rpc_node(&node), node, "a1 -> the release node");
+    drop(release);
+
+    // The module compiled into the release, ERL_FLAGS alone: embedded mode
+    // kept.
+    let carried = mix_release(&lab, "app2", true);
+    let node2 = format!("app2@{}", b.addr());
+    let _release2 = start_release(b, &carried, "app2", &node2, &flags);
+    // (The boot script loads the module from the first directory of the
+    // code path that has it: the -pa one, the same module.)
+    let got = answer(&carried, "app2", &node2);
+    assert!(
+        got.starts_with(&format!("{{:\"{node2}\", :embedded, :distproxy_epmd, '"))
+            && got.ends_with("/distproxy_epmd.beam', :pong}"),
+        "{got}"
+    );
+    assert_eq!(a1.rpc_node(&node2), node2, "a1 -> the second release node");
+    for s in &mut sidecars {
+        s.assert_running();
+        s.assert_no_misroute();
+    }
+}
+
+/// An Erlang release of rebar3 (relx), its node name and cookie in
+/// `config/vm.args`: with the manifests' `ERL_FLAGS` alone, in embedded
+/// mode (the start script's default), the node stops at boot with the
+/// documented error; with the manifests' whole environment (their
+/// `CODE_LOADING_MODE`) it loads the module from `-pa`, is reached from
+/// another pod and reaches a node there through the tunnel.
+#[test]
+fn a_rebar3_release_with_the_helper_module_boots_with_interactive_loading() {
+    if !e2e_enabled(
+        "a_rebar3_release_with_the_helper_module_boots_with_interactive_loading",
+        &["rebar3"],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let mut sidecars = [a, b].map(|p| p.spawn_sidecar(&[]));
+    let dir = module::install_module(&lab);
+    let manifest = manifest_env(&dir);
+    let env = pairs(&manifest);
+    let mut a1 = a.spawn_erlang("a1");
+    let mut a2 = a.spawn_erlang("a2");
+    build(&lab, lab.dir(), "rebar3", &["new", "release", "rapp"]);
+    let root = lab.dir().join("rapp");
+    let node = format!("rapp@{}", b.addr());
+    std::fs::write(
+        root.join("config/vm.args"),
+        format!("-name {node}\n-setcookie {}\n", lab.cookie()),
+    )
+    .unwrap();
+    build(&lab, &root, "rebar3", &["as", "prod", "release"]);
+    let bin = root.join("_build/prod/rel/rapp/bin/rapp");
+    let foreground = |env: &[(&str, &str)]| {
+        let mut cmd = b.command("timeout");
+        cmd.args(["-k", "2", "20"]).arg(&bin).arg("foreground");
+        cmd.env("ERL_CRASH_DUMP_SECONDS", "0")
+            .envs(env.iter().copied());
+        cmd
+    };
+    for node in [&mut a1, &mut a2] {
+        node.wait_ready();
+    }
+
+    let out = foreground(&env[..1])
+        .output()
+        .expect("run bin/rapp foreground");
+    let text = output_text(&out);
+    assert!(!out.status.success(), "the release started:\n{text}");
+    assert!(
+        text.contains("{undef,[{distproxy_epmd,start_link,[],[]}"),
+        "not the documented error:\n{text}"
+    );
+
+    let _release = spawn_registered(b, foreground(&env), &node);
+    assert_eq!(a1.rpc_node(&node), node, "a1 -> the release node");
+    assert_eq!(a1.rpc(&node, "code", "get_mode", "[]"), "interactive");
+    assert_eq!(
+        a1.rpc(&node, "net_kernel", "epmd_module", "[]"),
+        "distproxy_epmd"
+    );
+    // Its own connection out, through the tunnel: pod A's sidecar routes
+    // it by the preamble.
+    let preamble = || {
+        metric_sum(
+            &metrics(a),
+            "distproxy_routes_total",
+            &[("method", "preamble")],
+        )
+    };
+    let before = preamble();
+    assert_eq!(
+        a1.rpc(&node, "net_adm", "ping", &format!("[{}]", atom(a2.name()))),
+        "pong",
+        "the release node -> a2"
+    );
+    assert_eq!(
+        preamble(),
+        before + 1.0,
+        "the release node -> a2 through the tunnel"
+    );
+    for s in &mut sidecars {
+        s.assert_running();
+        s.assert_no_misroute();
+    }
 }

@@ -11,6 +11,7 @@ use distproxy_testkit::prelude::*;
 use distproxy_testkit::process::Proc;
 use distproxy_testkit::sut::client;
 use distproxy_testkit::sut::proto::Port2Reply;
+use distproxy_testkit::sut::Throttle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Ports {
@@ -431,11 +432,11 @@ async fn the_soft_limit_on_open_files_is_raised_to_the_hard_limit() {
 }
 
 /// A flood of connections beyond a limit is counted one by one but logged
-/// at most once a second (with the number of refusals not logged since):
+/// rate-limited (with the number of refusals not logged since):
 /// a peer that opens connections in a loop must not turn each into a log
 /// line, which would fill the node's disk or the log pipeline.
 #[tokio::test]
-async fn connections_refused_by_a_limit_are_all_counted_and_logged_at_most_once_a_second() {
+async fn connections_refused_by_a_limit_are_all_counted_and_their_logs_rate_limited() {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
     let config = write_config(dir.path(), &ports, "");
@@ -504,8 +505,9 @@ async fn connections_refused_by_a_limit_are_all_counted_and_logged_at_most_once_
         .lines()
         .filter(|l| l.contains("connection limit reached"))
         .count() as u64;
+    let most = u64::from(Throttle::BURST) * (seconds + 1);
     assert!(
-        lines >= 1 && lines <= seconds + 1,
+        lines >= 1 && lines <= most,
         "{lines} log lines for 300 refusals in {seconds} s"
     );
 }
@@ -618,5 +620,113 @@ async fn temporary_state_files_left_by_a_killed_sidecar_are_removed_at_start() {
         .await,
         "{:?}",
         std::fs::read_to_string(&state)
+    );
+}
+
+/// A peer that repeats bad requests as fast as it can connect gets each one
+/// counted, but only a few log lines a second per kind: a flood of garbage
+/// must not become a flood of log lines (disk, CPU, the reader).
+#[tokio::test]
+async fn bad_requests_are_all_counted_and_their_logs_rate_limited() {
+    use distproxy_testkit::bench::{sample, scrape};
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = write_config(dir.path(), &ports, "");
+    let log = dir.path().join("stderr.log");
+    let p = Proc::spawn(
+        "distproxy",
+        Command::new(distproxy_testkit::distproxy_bin!())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+        &log,
+    );
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
+    assert!(
+        eventually(Duration::from_secs(10), || async { scrape(admin).is_ok() }).await,
+        "sidecar did not start"
+    );
+    const ROUNDS: usize = 300;
+    let started = Instant::now();
+    for _ in 0..ROUNDS {
+        for (to, bytes) in [
+            (epmd, &[0u8, 2, b'Q', b'x'][..]),
+            (dist, &b"GET / HTTP/1.1\r\n\r\n"[..]),
+        ] {
+            let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+            s.write_all(bytes).await.unwrap();
+            let mut b = [0u8; 16];
+            let _ = s.read(&mut b).await;
+        }
+    }
+    let bad_epmd = "distproxy_epmd_requests_total{type=\"unknown\",result=\"bad_request\"}";
+    let bad_dist = "distproxy_connections_closed_total{reason=\"bad_frame\"}";
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let text = scrape(admin).unwrap_or_default();
+            sample(&text, bad_epmd) == Some(ROUNDS as f64)
+                && sample(&text, bad_dist) == Some(ROUNDS as f64)
+        })
+        .await,
+        "every bad request counted:\n{}",
+        scrape(admin).unwrap_or_default()
+    );
+    let seconds = started.elapsed().as_secs() + 1;
+    let text = p.log_text();
+    for what in [
+        "malformed epmd request",
+        "closing distribution connection before routing",
+    ] {
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(what)).collect();
+        let burst = Throttle::BURST as usize;
+        assert!(
+            lines.len() >= burst && lines.len() as u64 <= burst as u64 * (seconds + 1),
+            "{} lines of {what:?} for {ROUNDS} bad requests in {seconds} s",
+            lines.len()
+        );
+        assert!(
+            lines[..burst].iter().all(|l| l.contains("skipped=0")),
+            "the first ones are logged as they come: {lines:?}"
+        );
+    }
+    // One more after a quiet period is logged, and says how many were left
+    // out before it: every bad request is either a line or in a line's
+    // `skipped`.
+    tokio::time::sleep(Throttle::PERIOD).await;
+    let mut s = tokio::net::TcpStream::connect(epmd).await.unwrap();
+    s.write_all(&[0u8, 2, b'Q', b'x']).await.unwrap();
+    let _ = s.read(&mut [0u8; 16]).await;
+    let accounted = || {
+        let text = p.log_text();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("malformed epmd request"))
+            .collect();
+        let skipped: usize = lines
+            .iter()
+            .filter_map(|l| {
+                l.split("skipped=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum();
+        (lines.len(), skipped)
+    };
+    let all_there = eventually(Duration::from_secs(5), || async {
+        let (lines, skipped) = accounted();
+        lines + skipped == ROUNDS + 1
+    })
+    .await;
+    let (lines, skipped) = accounted();
+    assert!(
+        all_there && skipped > 0,
+        "{lines} lines + {skipped} skipped for {} bad requests",
+        ROUNDS + 1
     );
 }

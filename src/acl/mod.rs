@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::warn_throttled;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -259,7 +260,7 @@ impl AclHandle {
     pub fn admit(&self, req: &AclRequest<'_>, peer: SocketAddr, path: AclPath) -> bool {
         let decision = self.current.load().decide(req);
         if !decision.allow {
-            warn!(%peer, path = path.label(), initiator = req.initiator, target = req.target,
+            warn_throttled!(%peer, path = path.label(), initiator = req.initiator, target = req.target,
                 identity = ?req.identity, rule = %decision.rule,
                 "distribution connection refused by ACL rule; closing");
             metrics::counter!(m::ACL_DENIED, "rule" => decision.rule.to_string()).increment(1);
@@ -273,7 +274,7 @@ impl AclHandle {
     pub fn admit_unknown_initiator(&self, target: &str, peer: SocketAddr, path: AclPath) -> bool {
         let decision = self.current.load().decide_unknown_initiator(target);
         if !decision.allow {
-            warn!(%peer, path = path.label(), initiator = "(unknown: encrypted)", target,
+            warn_throttled!(%peer, path = path.label(), initiator = "(unknown: encrypted)", target,
                 rule = %decision.rule,
                 "distribution connection refused by ACL rule; closing");
             metrics::counter!(m::ACL_DENIED, "rule" => decision.rule.to_string()).increment(1);

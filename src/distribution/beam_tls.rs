@@ -15,11 +15,12 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::warn_throttled;
 use futures_util::FutureExt;
 use rustls::server::Acceptor;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::forward::{
     self, ConnectionGuard, Direction, Forwarder, Phase, SetupError, SetupErrorKind,
@@ -219,13 +220,13 @@ pub async fn relay_to_node(
         closed(reason::REFUSED_BY_POLICY);
     };
     if ctx.policy == BeamTls::Refuse {
-        warn!(%peer, lookup = ?entry.as_ref().map(|c| &c.node),
+        warn_throttled!(%peer, lookup = ?entry.as_ref().map(|c| &c.node),
             "a node's own TLS distribution (inet_tls_dist) refused (dist.beam_tls = \"refuse\"); closing");
         refused();
         return;
     }
     let Some((target, method)) = forward::correlated_or_single(entry.as_ref(), ctx.registry) else {
-        warn!(%peer, registered = ctx.registry.len(),
+        warn_throttled!(%peer, registered = ctx.registry.len(),
             "unroutable TLS distribution connection: no pending lookup from this peer and not exactly one node registered");
         metrics::counter!(m::BEAM_TLS_CONNECTIONS, "outcome" => outcome::UNROUTABLE).increment(1);
         metrics::counter!(m::ROUTES, "method" => route::UNROUTABLE).increment(1);
@@ -240,7 +241,7 @@ pub async fn relay_to_node(
         return;
     }
     let Some(node) = ctx.registry.get(&target) else {
-        warn!(%peer, %target, "target node is no longer registered; closing");
+        warn_throttled!(%peer, %target, "target node is no longer registered; closing");
         closed(reason::NODE_GONE);
         return;
     };
@@ -251,7 +252,7 @@ pub async fn relay_to_node(
     let (node_stream, _) = match fwd.connect_node(node_addr, false).await {
         Ok(connected) => connected,
         Err(e) => {
-            warn!(%peer, %target, %node_addr, error = %e, "failed to connect to node");
+            warn_throttled!(%peer, %target, %node_addr, error = %e, "failed to connect to node");
             return;
         }
     };

@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::net::ConnPermit;
+use crate::warn_throttled;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::handshake::{self, SendName};
 use super::relay::{self, RelayEnd, RelayStats};
@@ -336,17 +337,40 @@ impl Forwarder {
         let started = Instant::now();
         let mut announced = None;
         let fast = self.fast_path.as_deref().filter(|_| announce);
-        let connect = relay::connect_announced(addr, fast, &mut announced);
-        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(NodeConnectError::Io(e)),
-            Err(_) => Err(NodeConnectError::Timeout(self.connect_timeout)),
+        let mut connected = self.connect_once(addr, fast, &mut announced).await;
+        // A node registers over loopback, but one started with
+        // `inet_dist_use_interface` set to the pod's address listens only
+        // there (as stock epmd's peers would reach it): dial that instead.
+        if let Err(NodeConnectError::Io(e)) = &connected {
+            let elsewhere = (e.kind() == std::io::ErrorKind::ConnectionRefused
+                && addr.ip().is_loopback())
+            .then(|| crate::net::bound_listener_address(addr.port()))
+            .flatten();
+            if let Some(ip) = elsewhere {
+                debug!(node = %addr, at = %ip, "node listens on a pod address only; connecting there");
+                let at = SocketAddr::new(ip, addr.port());
+                connected = self.connect_once(at, fast, &mut announced).await;
+            }
         }
-        .inspect_err(|e| closed(e.reason()))?;
+        let stream = connected.inspect_err(|e| closed(e.reason()))?;
         phase("connect_node", started);
         let _ = stream.set_nodelay(true);
         self.tcp.apply(&stream);
         Ok((stream, announced))
+    }
+
+    async fn connect_once<'f>(
+        &self,
+        addr: SocketAddr,
+        fast: Option<&'f relay::FastPath>,
+        announced: &mut Option<relay::Announced<'f>>,
+    ) -> Result<TcpStream, NodeConnectError> {
+        let connect = relay::connect_announced(addr, fast, announced);
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(NodeConnectError::Io(e)),
+            Err(_) => Err(NodeConnectError::Timeout(self.connect_timeout)),
+        }
     }
 
     /// Relays `a` (the remote side) and `b` (the local node's side) until
@@ -525,7 +549,7 @@ where
     let (mut node_stream, announced) = match fwd.connect_node(node_addr, true).await {
         Ok(connected) => connected,
         Err(e) => {
-            warn!(%peer, %initiator, %target, %node_addr, error = %e, "failed to connect to node");
+            warn_throttled!(%peer, %initiator, %target, %node_addr, error = %e, "failed to connect to node");
             return None;
         }
     };
@@ -534,7 +558,7 @@ where
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
     {
-        warn!(%peer, %initiator, %target, error = %e, "failed to replay handshake to node");
+        warn_throttled!(%peer, %initiator, %target, error = %e, "failed to replay handshake to node");
         closed(reason::NODE_GONE);
         return None;
     }
@@ -557,7 +581,7 @@ where
             let (entry_id, entry_age_ms) = entry
                 .as_ref()
                 .map_or((0, 0), |c| (c.id, c.age.as_millis() as u64));
-            warn!(%peer, %initiator, %target, node_answered = %actual, route = method.label(),
+            warn_throttled!(%peer, %initiator, %target, node_answered = %actual, route = method.label(),
                 entry_id, entry_age_ms, "MISROUTE: node answered with another name; closing");
             closed(reason::MISROUTED);
             return None;

@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::net::ConnPermit;
+use crate::warn_throttled;
 use bytes::BytesMut;
 use futures_util::future::BoxFuture;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::beam_tls::{self, Destination};
 use super::forward::{self, Forwarder, ToNode};
@@ -137,7 +138,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
         let hello = match beam_tls::peek_hello(&stream, deadline).await {
             Ok(hello) => hello,
             Err(e) => {
-                warn!(%peer, error = %e, "closing TLS connection before its ClientHello was complete");
+                warn_throttled!(%peer, error = %e, "closing TLS connection before its ClientHello was complete");
                 // Without a tunnel TLS server it can only have been a node's:
                 // its lookup must not hold the peer's others until it expires.
                 if !tls {
@@ -159,7 +160,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
                 beam_tls::relay_to_node(stream, peer, entry, started, permit, route).await
             }
             Destination::Invalid => {
-                warn!(%peer, "TLS record on the distribution port that is not a ClientHello; closing");
+                warn_throttled!(%peer, "TLS record on the distribution port that is not a ClientHello; closing");
                 closed(reason::BAD_FRAME);
             }
         }
@@ -168,7 +169,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     // `tls.require_tls`: from other hosts, only TLS. Loopback is exempt
     // (local nodes, `kubectl port-forward`).
     if ctx.require_tls && !peer_ip.is_loopback() {
-        warn!(%peer, first_byte = first,
+        warn_throttled!(%peer, first_byte = first,
             "plaintext distribution connection from another host refused (tls.require_tls)");
         // A raw handshake was announced by a lookup: take it, so that the
         // peer's next lookup is not held behind it until it expires.
@@ -194,7 +195,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     let send_name = match forward::read_send_name(&mut stream, &mut buf, deadline).await {
         Ok(s) => s,
         Err(e) => {
-            warn!(%peer, error = %e, entry = ?entry.as_ref().map(|c| (c.id, &c.node)),
+            warn_throttled!(%peer, error = %e, entry = ?entry.as_ref().map(|c| (c.id, &c.node)),
                 "closing distribution connection before routing");
             closed(e.reason());
             return;
@@ -206,7 +207,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     // Choose the target: the peer's oldest pending lookup, else the only node.
     let Some((target, method)) = forward::correlated_or_single(entry.as_ref(), &ctx.registry)
     else {
-        warn!(%peer, %initiator, registered = ctx.registry.len(),
+        warn_throttled!(%peer, %initiator, registered = ctx.registry.len(),
             "unroutable distribution connection: no pending lookup from this peer and not exactly one node registered");
         metrics::counter!(m::ROUTES, "method" => route::UNROUTABLE).increment(1);
         closed(reason::UNROUTABLE);
@@ -223,7 +224,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     }
     metrics::counter!(m::ROUTES, "method" => method.label()).increment(1);
     let Some(node) = ctx.registry.get(&target) else {
-        warn!(%peer, %initiator, %target, "target node is no longer registered; closing");
+        warn_throttled!(%peer, %initiator, %target, "target node is no longer registered; closing");
         closed(reason::NODE_GONE);
         return;
     };

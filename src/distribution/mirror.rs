@@ -34,6 +34,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::warn_throttled;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -163,7 +164,7 @@ impl Mirrors {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         if !crate::net::is_local_peer(peer.ip(), Some(at)) {
-                            warn!(%peer, %at, "same-pod mirror: connection from another host refused");
+                            warn_throttled!(%peer, %at, "same-pod mirror: connection from another host refused");
                             m::record_closed(reason::REFUSED_BY_POLICY);
                             continue;
                         }
@@ -173,7 +174,7 @@ impl Mirrors {
                         });
                     }
                     Err(e) => {
-                        warn!(%at, error = %e, "mirror accept failed");
+                        warn_throttled!(%at, error = %e, "mirror accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
@@ -193,7 +194,7 @@ impl Mirrors {
     async fn connection(&self, stream: TcpStream, peer: SocketAddr, target: SocketAddr) {
         let started = Instant::now();
         let Some(permit) = self.limit.try_acquire() else {
-            warn!(%peer, %target, "same-pod mirror: connection limit reached; closing");
+            warn_throttled!(%peer, %target, "same-pod mirror: connection limit reached; closing");
             m::record_closed(reason::OVER_LIMIT);
             return;
         };
@@ -203,7 +204,7 @@ impl Mirrors {
         let (node_stream, announced) = match self.forward.connect_node(target, true).await {
             Ok(connected) => connected,
             Err(e) => {
-                warn!(%peer, %target, error = %e, "same-pod mirror: failed to connect to node");
+                warn_throttled!(%peer, %target, error = %e, "same-pod mirror: failed to connect to node");
                 return;
             }
         };

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::warn_throttled;
 use bytes::BytesMut;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
@@ -15,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::codec::{CodecError, RequestCodec};
 use super::proto::{self, NodeSpec, ProtoError, Request};
@@ -165,7 +166,7 @@ async fn handle_connection(
         {
             // Well-formed, but a name or extra `epmd` refuses to register:
             // result 1, like a duplicate name.
-            warn!(%peer, error = %reason, "ALIVE2_REQ refused");
+            warn_throttled!(%peer, error = %reason, "ALIVE2_REQ refused");
             count("alive2", "bad_request");
             refuse_alive2(framed.into_inner(), peer, extended, &shared).await;
             return;
@@ -183,7 +184,7 @@ async fn handle_connection(
     let stream = framed.into_inner();
     let req_type = request_type(&request);
     if leftover {
-        warn!(%peer, request = req_type, "bytes after the epmd request; closing without a reply");
+        warn_throttled!(%peer, request = req_type, "bytes after the epmd request; closing without a reply");
         count(req_type, "bad_request");
         return;
     }
@@ -198,7 +199,7 @@ async fn handle_connection(
             | Request::Members { .. }
     ) && !local_peer
     {
-        warn!(%peer, request = req_type, "epmd request only allowed from local peers; closing");
+        warn_throttled!(%peer, request = req_type, "epmd request only allowed from local peers; closing");
         count(req_type, "refused_non_local");
         return;
     }
@@ -295,7 +296,7 @@ async fn respond(
                     Response::reply(out, "ok")
                 }
                 Err(e) => {
-                    warn!(%peer, remote = %node, error = %e, "egress request refused");
+                    warn_throttled!(%peer, remote = %node, error = %e, "egress request refused");
                     proto::encode_egress_resp(&mut out, e.code, 0);
                     Response::reply(out, e.label)
                 }
@@ -320,7 +321,7 @@ async fn respond(
         Request::Stop { name } => {
             let name = String::from_utf8_lossy(&name);
             if !shared.relaxed_command_check {
-                warn!(%peer, node = %name, "STOP_REQ refused: relaxed_command_check is off");
+                warn_throttled!(%peer, node = %name, "STOP_REQ refused: relaxed_command_check is off");
                 return Response {
                     reply: None,
                     result: "refused",
@@ -392,7 +393,7 @@ async fn write_reply(
 fn log_bad_request(peer: SocketAddr, e: &CodecError) {
     match e {
         CodecError::Io(err) => debug!(%peer, error = %err, "epmd connection error"),
-        other => warn!(%peer, error = %other, "malformed epmd request; closing"),
+        other => warn_throttled!(%peer, error = %other, "malformed epmd request; closing"),
     }
 }
 
@@ -488,7 +489,7 @@ async fn serve_port_please(
         LookupOutcome::GaveUp { held } => {
             metrics::counter!(m::LOOKUPS_HELD).increment(1);
             metrics::histogram!(m::LOOKUP_HOLD_SECONDS).record(held.as_secs_f64());
-            warn!(%peer, node = name, held_ms = held.as_millis() as u64,
+            warn_throttled!(%peer, node = name, held_ms = held.as_millis() as u64,
                 "lookup held too long behind lookups for another node; answering not found");
             proto::encode_port2_err(&mut out, 1);
             count(REQ, "held_too_long");
@@ -538,13 +539,13 @@ async fn serve_alive2(
     let registration = match shared.registry.register(spec, peer_ip) {
         Ok(r) => r,
         Err(RegisterError::Duplicate(_)) => {
-            warn!(%peer, node = %name, "ALIVE2_REQ for a name already registered; refused");
+            warn_throttled!(%peer, node = %name, "ALIVE2_REQ for a name already registered; refused");
             count("alive2", "duplicate");
             refuse_alive2(stream, peer, extended, shared).await;
             return;
         }
         Err(RegisterError::Full(max)) => {
-            warn!(%peer, node = %name, max, "ALIVE2_REQ refused: registry full (limits.max_registered_nodes)");
+            warn_throttled!(%peer, node = %name, max, "ALIVE2_REQ refused: registry full (limits.max_registered_nodes)");
             count("alive2", "registry_full");
             refuse_alive2(stream, peer, extended, shared).await;
             return;
@@ -555,7 +556,7 @@ async fn serve_alive2(
     let sent = tokio::time::timeout(shared.write_timeout, stream.write_all(&out)).await;
     if let Err(e) = sent.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
         // `registration` drops here: the node is unregistered at once.
-        warn!(%peer, node = %name, error = %e, "failed to send ALIVE2 reply; unregistered");
+        warn_throttled!(%peer, node = %name, error = %e, "failed to send ALIVE2 reply; unregistered");
         count("alive2", "write_failed");
         return;
     }

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::net::ConnPermit;
+use crate::warn_throttled;
 use bytes::BytesMut;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::preamble::{self, Preamble};
 use super::tls::{self, PeerIdentity, Tls};
@@ -96,7 +97,7 @@ impl Inbound {
         permit: ConnPermit,
     ) {
         let Some(tls) = self.tls.as_ref() else {
-            warn!(%peer, "TLS connection on the distribution port, but [tls] is not configured; closing");
+            warn_throttled!(%peer, "TLS connection on the distribution port, but [tls] is not configured; closing");
             closed(reason::REFUSED_BY_POLICY);
             return;
         };
@@ -116,7 +117,7 @@ impl Inbound {
             }
             Err(e) => {
                 // Counted by reason in distproxy_tls_handshake_failures_total.
-                warn!(%peer, reason = e.reason(), error = %e, "TLS handshake with a peer failed; closing");
+                warn_throttled!(%peer, reason = e.reason(), error = %e, "TLS handshake with a peer failed; closing");
                 closed(reason::TLS_HANDSHAKE_FAILED);
             }
         }
@@ -155,7 +156,7 @@ impl Inbound {
         let preamble = match read {
             Ok(p) => p,
             Err(e) => {
-                warn!(%peer, transport = transport.label(), error = %e,
+                warn_throttled!(%peer, transport = transport.label(), error = %e,
                     "closing tunnel connection: no valid preamble");
                 closed(e.reason());
                 return;
@@ -170,7 +171,7 @@ impl Inbound {
         if self.bind_node_names {
             if let Some(identity) = &identity {
                 if let Err(e) = tls::check_node_binding(identity, initiator) {
-                    warn!(%peer, transport = transport.label(), %target, %initiator, error = %e,
+                    warn_throttled!(%peer, transport = transport.label(), %target, %initiator, error = %e,
                         "tunnel initiator not bound to the peer's certificate (tls.bind_node_names); closing");
                     closed(reason::REFUSED_BY_POLICY);
                     return;
@@ -200,7 +201,7 @@ impl Inbound {
             return;
         }
         let Some(node) = self.registry.get(short) else {
-            warn!(%peer, transport = transport.label(), %target, %initiator,
+            warn_throttled!(%peer, transport = transport.label(), %target, %initiator,
                 registered = self.registry.len(),
                 "tunnel connection for a node not registered here; closing");
             metrics::counter!(m::ROUTES, "method" => route::UNROUTABLE).increment(1);
@@ -214,14 +215,14 @@ impl Inbound {
         let send_name = match forward::read_send_name(&mut stream, &mut buf, deadline).await {
             Ok(s) => s,
             Err(e) => {
-                warn!(%peer, transport = transport.label(), %target, %initiator, error = %e,
+                warn_throttled!(%peer, transport = transport.label(), %target, %initiator, error = %e,
                     "closing tunnel connection before its handshake");
                 closed(e.reason());
                 return;
             }
         };
         if send_name.name != *initiator {
-            warn!(%peer, transport = transport.label(), %target, preamble_initiator = %initiator,
+            warn_throttled!(%peer, transport = transport.label(), %target, preamble_initiator = %initiator,
                 handshake_initiator = %send_name.name,
                 "tunnel preamble and handshake name different initiators; closing");
             closed(reason::REFUSED_BY_POLICY);

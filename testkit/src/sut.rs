@@ -7,6 +7,7 @@ pub use distproxy::client;
 pub use distproxy::config::{self, Config, LoopbackLookups, Millis};
 pub use distproxy::distribution::handshake::{self, Challenge, SendName, Status};
 pub use distproxy::epmd::proto::{self, EgressReply, NodeSpec, Port2Reply, Request};
+pub use distproxy::log_safe::Throttle;
 pub use distproxy::metrics;
 pub use distproxy::remsh;
 pub use distproxy::sidecar::{self, Sidecar};

@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::net::ConnPermit;
+use crate::warn_throttled;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::distribution::forward::{self, ConnectionGuard, Direction};
 use crate::distribution::listener::TLS_HANDSHAKE_BYTE;
@@ -45,10 +46,10 @@ impl EgressManager {
                 // which the tunnel does not carry (this release's module
                 // connects such nodes the stock way).
                 if prefix.first() == Some(&TLS_HANDSHAKE_BYTE) {
-                    warn!(%local_peer, %target, error = %e,
+                    warn_throttled!(%local_peer, %target, error = %e,
                         "closing egress connection: the node uses its own TLS distribution (inet_tls_dist), which egress ports do not carry; update the distproxy_epmd module, which connects such nodes the stock way");
                 } else {
-                    warn!(%local_peer, %target, error = %e, "closing egress connection before its handshake");
+                    warn_throttled!(%local_peer, %target, error = %e, "closing egress connection before its handshake");
                 }
                 closed(e.reason());
                 return;
@@ -59,7 +60,7 @@ impl EgressManager {
         let preamble = match Preamble::new(target, &initiator) {
             Ok(p) => p,
             Err(e) => {
-                warn!(%local_peer, %target, %initiator, error = %e, "cannot build a tunnel preamble; closing");
+                warn_throttled!(%local_peer, %target, %initiator, error = %e, "cannot build a tunnel preamble; closing");
                 closed(reason::BAD_FRAME);
                 return;
             }
@@ -73,7 +74,7 @@ impl EgressManager {
         {
             Ok(a) => a,
             Err(e) => {
-                warn!(%initiator, %target, error = %e, "egress: cannot resolve the remote host; closing");
+                warn_throttled!(%initiator, %target, error = %e, "egress: cannot resolve the remote host; closing");
                 closed(reason::RESOLVE_FAILED);
                 return;
             }
@@ -95,7 +96,7 @@ impl EgressManager {
                     ConnectError::Timeout { .. } => reason::TIMEOUT,
                     ConnectError::Failed { .. } => reason::CONNECT_FAILED,
                 };
-                warn!(%initiator, %target, error = %e, "egress: cannot reach the remote sidecar; closing");
+                warn_throttled!(%initiator, %target, error = %e, "egress: cannot reach the remote sidecar; closing");
                 closed(why);
                 return;
             }
@@ -135,7 +136,7 @@ impl EgressManager {
                 }
                 Err(e) => {
                     // Counted by reason in distproxy_tls_handshake_failures_total.
-                    warn!(%initiator, %target, %remote_addr, reason = e.reason(), error = %e,
+                    warn_throttled!(%initiator, %target, %remote_addr, reason = e.reason(), error = %e,
                     "egress: TLS handshake with the remote sidecar failed; closing");
                     closed(reason::TLS_HANDSHAKE_FAILED);
                 }
@@ -193,12 +194,12 @@ impl EgressManager {
         match tokio::time::timeout(self.settings.preamble_timeout_ms.duration(), sent).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                warn!(%initiator, %target, %remote_addr, error = %e, "egress: failed to send the preamble; closing");
+                warn_throttled!(%initiator, %target, %remote_addr, error = %e, "egress: failed to send the preamble; closing");
                 closed(reason::PEER_CLOSED);
                 return;
             }
             Err(_) => {
-                warn!(%initiator, %target, %remote_addr, "egress: timed out sending the preamble; closing");
+                warn_throttled!(%initiator, %target, %remote_addr, "egress: timed out sending the preamble; closing");
                 closed(reason::TIMEOUT);
                 return;
             }
@@ -225,7 +226,7 @@ impl EgressManager {
             // Not even the node's handshake status came back: the remote
             // sidecar most likely closed the tunnel before routing it, and
             // only its log says why.
-            warn!(%initiator, %target, %remote_addr, transport = transport.label(),
+            warn_throttled!(%initiator, %target, %remote_addr, transport = transport.label(),
                 tx_bytes = stats.tx, %outcome,
                 "tunnel connection ended before the remote node answered: the remote sidecar closes a connection for a node not registered there or one its policy refuses (tls.require_tls against a sidecar without [tls], an ACL rule, tls.bind_node_names; its log says which)");
             return;
