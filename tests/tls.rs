@@ -1142,3 +1142,65 @@ mod tunnel_tls {
         assert_eq!(answered, "b@fake.host");
     }
 }
+
+/// Outgoing handshakes to a sidecar that accepts connections but never
+/// answers (stopped with SIGSTOP, frozen) hold only that address's share of
+/// the outgoing slots: a tunnel to another pod still gets one at once, not
+/// after the stalled handshakes' deadline (with 200 stalled dials to a
+/// frozen pod, a lab ping to a healthy pod took 5.2 s instead of 50 ms).
+#[tokio::test]
+async fn stalled_outgoing_handshakes_to_one_address_leave_slots_for_others() {
+    use distproxy_testkit::sut::tls::per_source_share;
+    let ca = Ca::new("dp-test-ca");
+    let leaf_a = ca.leaf(&[POD_A], 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = SecretDir::create(tmp.path(), &leaf_a.cert_pem, &leaf_a.key_pem, &ca.pem);
+    let a = Tls::load(TlsSettings {
+        max_handshakes: 8,
+        ..settings(&secret, ServerNameVerification::Hostname)
+    })
+    .unwrap();
+    let b = pod(&ca, &ca.leaf(&[POD_B], 2), ServerNameVerification::Hostname);
+    let frozen: std::net::IpAddr = "198.18.0.66".parse().unwrap();
+    let share = per_source_share(8);
+    // Every outgoing slot's worth of dials to the frozen pod: pipes whose
+    // other end never answers.
+    let mut stalled = Vec::new();
+    let mut ends = Vec::new();
+    for _ in 0..8 {
+        let (ours, theirs) = tokio::io::duplex(4096);
+        let tls = Arc::clone(&a);
+        stalled.push(tokio::spawn(async move {
+            tls.connect_to(ours, "pod-c.dp.test", frozen)
+                .await
+                .map(|_| ())
+        }));
+        ends.push(theirs);
+    }
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        a.dials_in_flight(),
+        share,
+        "one address holds its share only"
+    );
+    // A tunnel to another pod handshakes at once (well within the 5 s
+    // deadline the stalled ones hold their slots for).
+    let (addr, server) = serve_once(Arc::clone(&b.tls)).await;
+    let started = std::time::Instant::now();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let dialled = tokio::time::timeout(Duration::from_secs(2), a.connect_to(tcp, POD_B, addr.ip()))
+        .await
+        .expect("the tunnel to another pod waited for the frozen pod's handshakes");
+    dialled.expect("outgoing handshake");
+    server.await.unwrap().expect("server side");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    for task in &stalled {
+        task.abort();
+    }
+    for task in stalled {
+        let _ = task.await;
+    }
+    assert_eq!(a.dials_in_flight(), 0, "slots freed when the dials end");
+}

@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::warn_throttled;
+use futures_util::FutureExt;
 use rustls::server::Acceptor;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
@@ -42,9 +44,24 @@ const MAX_HELLO: usize = 64 * 1024;
 /// below it, so a peer that stalls mid-hello holds only this much.
 const FIRST_PEEK: usize = 4 * 1024;
 
-/// Pause between peeks while a ClientHello is still arriving (it almost
-/// always comes in one segment).
+/// First pause between peeks while a ClientHello is still arriving (it
+/// almost always comes in one segment, its rest within a round trip). A
+/// peek cannot wait for more bytes (it returns at once while any byte is
+/// queued), so the pause doubles while nothing arrives, up to
+/// [`PEEK_RETRY_MAX`], and starts again from here when bytes do: a peer
+/// that stalls mid-hello until the deadline costs a few dozen wake-ups,
+/// not one every 2 ms (2,500 per stalled connection with the default 5 s
+/// deadline, which a few hundred such connections turned into most of a
+/// core).
 const PEEK_RETRY: Duration = Duration::from_millis(2);
+
+/// Longest pause between peeks of a stalled ClientHello.
+const PEEK_RETRY_MAX: Duration = Duration::from_millis(64);
+
+/// The pause after `pause` while no byte arrives.
+fn next_pause(pause: Duration) -> Duration {
+    (pause * 2).min(PEEK_RETRY_MAX)
+}
 
 /// What the ClientHello says about the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +106,10 @@ pub fn classify(bytes: &[u8]) -> Option<Hello> {
     }
 }
 
-/// Peeks at the ClientHello until it is complete (or `deadline`).
+/// Peeks at the ClientHello until it is complete (or `deadline`). A peer
+/// that closes mid-hello ends the peek as closed when its end arrives (a
+/// peek keeps returning the queued bytes, never the end, so the end is
+/// read from the socket's readiness).
 pub async fn peek_hello(
     stream: &TcpStream,
     deadline: tokio::time::Instant,
@@ -100,7 +120,14 @@ pub async fn peek_hello(
     };
     let mut buf = vec![0u8; FIRST_PEEK];
     let mut seen = 0;
+    let mut pause = PEEK_RETRY;
     loop {
+        // Taken before the peek: an end seen here comes after every byte
+        // the peek below returns.
+        let ended = stream
+            .ready(Interest::READABLE)
+            .now_or_never()
+            .is_some_and(|r| r.is_ok_and(|r| r.is_read_closed()));
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Err(_) => return Err(err(SetupErrorKind::Timeout)),
             Ok(Ok(0)) => return Err(err(SetupErrorKind::Closed(seen))),
@@ -109,6 +136,7 @@ pub async fn peek_hello(
         };
         if n > seen {
             seen = n;
+            pause = PEEK_RETRY;
             if let Some(hello) = classify(&buf[..n]) {
                 return Ok(hello);
             }
@@ -121,11 +149,16 @@ pub async fn peek_hello(
                 continue;
             }
         }
+        if ended {
+            return Err(err(SetupErrorKind::Closed(seen)));
+        }
         // A peek returns at once while any byte is queued: wait for more.
-        if tokio::time::Instant::now() + PEEK_RETRY > deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             return Err(err(SetupErrorKind::Timeout));
         }
-        tokio::time::sleep(PEEK_RETRY).await;
+        tokio::time::sleep_until((now + pause).min(deadline)).await;
+        pause = next_pause(pause);
     }
 }
 
@@ -340,13 +373,53 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
         let err = peek_hello(&server, deadline).await.unwrap_err();
         assert_eq!(err.reason(), reason::TIMEOUT);
-        // Closed mid-hello: a peek keeps seeing the queued bytes, not the
-        // end, so this too ends at the deadline (the setup deadline bounds
-        // every connection).
-        drop(client);
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
-        let err = peek_hello(&server, deadline).await.unwrap_err();
-        assert_eq!(err.reason(), reason::TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn a_hello_closed_midway_ends_the_peek_when_the_end_arrives() {
+        use tokio::io::AsyncWriteExt;
+        let hello = client_hello(&[], "pod-b.dp.test");
+        // Closed with the first bytes, and closed after a pause.
+        for pause in [None, Some(Duration::from_millis(100))] {
+            let (mut client, server) = pair().await;
+            client.write_all(&hello[..20]).await.unwrap();
+            let closer = tokio::spawn(async move {
+                if let Some(pause) = pause {
+                    tokio::time::sleep(pause).await;
+                }
+                drop(client);
+            });
+            // A peek keeps returning the 20 queued bytes, never the end:
+            // without the socket's read-closed readiness the peek would
+            // last until this deadline and call it a timeout.
+            let started = tokio::time::Instant::now();
+            let deadline = started + Duration::from_secs(10);
+            let err = peek_hello(&server, deadline).await.unwrap_err();
+            assert_eq!(err.reason(), reason::PEER_CLOSED, "{pause:?}");
+            assert!(
+                matches!(err.kind, SetupErrorKind::Closed(20)),
+                "{:?}",
+                err.kind
+            );
+            assert!(started.elapsed() < Duration::from_secs(5), "{pause:?}");
+            closer.await.unwrap();
+        }
+    }
+
+    #[test]
+    fn a_stalled_hello_is_peeked_a_few_dozen_times_per_deadline() {
+        // Pauses until the default 5 s handshake deadline: few wake-ups
+        // (one every 2 ms was 2,500), and a hello's rest that arrives is
+        // still seen within PEEK_RETRY_MAX.
+        let (mut pause, mut waited, mut peeks) = (PEEK_RETRY, Duration::ZERO, 0);
+        while waited < Duration::from_secs(5) {
+            waited += pause;
+            peeks += 1;
+            assert!(pause <= PEEK_RETRY_MAX);
+            pause = next_pause(pause);
+        }
+        assert!(peeks <= 100, "{peeks} peeks");
+        assert_eq!(next_pause(PEEK_RETRY), PEEK_RETRY * 2);
     }
 
     fn consumed(node: &str) -> Option<Consumed> {

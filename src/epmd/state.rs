@@ -17,6 +17,8 @@
 //! `epmd.probe_interval_ms`; an entry whose port stops answering is dropped.
 //! Remembered creations make a later re-registration of the same name get a
 //! different creation. A corrupt or unreadable file is logged and ignored.
+//! Temporary files a killed sidecar left next to the file are removed at
+//! start.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -212,12 +214,47 @@ pub fn save(path: &Path, state: &StateFile) -> Result<(), StateError> {
     Ok(())
 }
 
+/// The name prefix of `path`'s temporary files ([`create_temporary`]).
+fn temporary_prefix(path: &Path) -> String {
+    let base = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    format!(".{base}.tmp.")
+}
+
+/// Removes the temporary files of `path` that a sidecar killed between
+/// creating one and renaming it (`kill -9`, an OOM kill: a write is a few
+/// milliseconds, and under registration churn the writer is often in one)
+/// left next to it: nothing else removes them, and each holds a whole
+/// registry on the pod's volume. Called once at start, before any write of
+/// this sidecar. Returns how many were removed; a symlink is unlinked, never
+/// followed.
+pub fn remove_leftover_temporaries(path: &Path) -> usize {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let prefix = temporary_prefix(path);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                n.strip_prefix(&prefix).is_some_and(|rest| {
+                    rest.len() == 16 && rest.bytes().all(|b| b.is_ascii_hexdigit())
+                })
+            })
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// A new file next to `path` with an unpredictable name, created with
 /// `O_EXCL` (never an existing file, never through a symlink), mode 0600.
 fn create_temporary(dir: &Path, path: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     use std::hash::{BuildHasher, Hasher};
     use std::os::unix::fs::OpenOptionsExt;
-    let base = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let prefix = temporary_prefix(path);
     let mut last = None;
     for attempt in 0..16u32 {
         // RandomState is seeded from the OS's random source per process and
@@ -225,7 +262,7 @@ fn create_temporary(dir: &Path, path: &Path) -> std::io::Result<(PathBuf, std::f
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(attempt);
         h.write_u32(std::process::id());
-        let tmp = dir.join(format!(".{base}.tmp.{:016x}", h.finish()));
+        let tmp = dir.join(format!("{prefix}{:016x}", h.finish()));
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -276,6 +313,12 @@ async fn answers(addr: SocketAddr) -> bool {
 /// starts the writer that keeps the file up to date. Never fails: problems
 /// with the file are logged.
 pub async fn start(shared: Arc<EpmdCtx>, path: PathBuf) {
+    let leftovers = path.clone();
+    match tokio::task::spawn_blocking(move || remove_leftover_temporaries(&leftovers)).await {
+        Ok(0) | Err(_) => {}
+        Ok(n) => info!(path = %path.display(), removed = n,
+            "removed temporary state files left by a sidecar killed while writing"),
+    }
     match load(&path) {
         Ok(state) => restore(&shared, state).await,
         Err(StateError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -398,6 +441,37 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("registry.json")]);
         let entry = sample().nodes[0].to_entry().unwrap();
         assert_eq!(&entry.spec.extra[..], &[0x00, 0xff, 0x10]);
+    }
+
+    #[test]
+    fn only_this_state_files_leftover_temporaries_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.json");
+        save(&path, &sample()).unwrap();
+        let (leftover, _) = create_temporary(dir.path(), &path).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let link = dir.path().join(".registry.json.tmp.00000000deadbeef");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let kept = [
+            ".other.json.tmp.0123456789abcdef",
+            ".registry.json.tmp.not-hex-at-all!",
+            "registry.json.tmp.0123456789abcdef",
+        ];
+        for name in kept {
+            std::fs::write(dir.path().join(name), "x").unwrap();
+        }
+        assert_eq!(remove_leftover_temporaries(&path), 2);
+        assert!(!leftover.exists() && std::fs::symlink_metadata(&link).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(load(&path).unwrap(), sample());
+        for name in kept {
+            assert!(dir.path().join(name).exists(), "{name} removed");
+        }
+        assert_eq!(
+            remove_leftover_temporaries(&dir.path().join("none/x.json")),
+            0
+        );
     }
 
     #[test]

@@ -119,7 +119,10 @@ impl EgressManager {
         };
         if let Some(tls) = self.tls.as_ref() {
             let tls_start = Instant::now();
-            match tls.connect(remote_stream, &remote.host).await {
+            match tls
+                .connect_to(remote_stream, &remote.host, remote_addr.ip())
+                .await
+            {
                 Ok(remote_tls) => {
                     phase("tls_handshake", tls_start);
                     if let Some(Ok(server)) =

@@ -231,8 +231,13 @@ pub struct Tls {
     /// takes to pass the per-address share) never hold up this sidecar's
     /// own tunnels, which its local nodes asked for.
     dialled: tokio::sync::Semaphore,
-    /// Each remote source's share of them (see [`slots`]).
+    /// Each remote source's share of the incoming slots (see [`slots`]).
     sources: slots::SourceSlots,
+    /// Each remote address's share of the outgoing slots: handshakes with
+    /// a sidecar that accepts connections but never answers (stopped,
+    /// frozen, overloaded) wait in their address's share, so the tunnels
+    /// this pod's nodes open to other pods still get slots.
+    destinations: slots::SourceSlots,
 }
 
 impl fmt::Debug for Tls {
@@ -264,6 +269,7 @@ impl Tls {
             handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
             dialled: tokio::sync::Semaphore::new(settings.max_handshakes),
             sources: slots::SourceSlots::new(settings.max_handshakes),
+            destinations: slots::SourceSlots::new(settings.max_handshakes),
             settings,
             provider,
             current: ArcSwap::from_pointee(generation),
@@ -283,6 +289,11 @@ impl Tls {
     /// slot.
     pub fn handshake_sources(&self) -> usize {
         self.sources.sources()
+    }
+
+    /// Outgoing handshakes holding a slot now (at most `max_handshakes`).
+    pub fn dials_in_flight(&self) -> usize {
+        self.settings.max_handshakes - self.dialled.available_permits()
     }
 
     /// The certificate this sidecar presents now.
@@ -365,6 +376,8 @@ impl Tls {
     /// remote node's name, a DNS name or an IP address); with
     /// `verify_server_name = "hostname"` the server's certificate must name
     /// it. It is not sent (no SNI).
+    /// Takes a global outgoing slot only: connections to another pod's
+    /// sidecar go through [`Tls::connect_to`].
     pub async fn connect<IO>(
         &self,
         io: IO,
@@ -373,7 +386,29 @@ impl Tls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let result = self.connect_inner(io, server_name).await;
+        let result = self.connect_inner(io, server_name, None).await;
+        if let Err(e) = &result {
+            count_failure(Side::Connect, e);
+        }
+        result
+    }
+
+    /// [`Tls::connect`] over a connection to `remote`: the handshake first
+    /// takes one of that address's share of the outgoing slots
+    /// ([`per_source_share`] of `limits.max_tls_handshakes`), so handshakes
+    /// with a sidecar that accepts but never answers (a stopped or frozen
+    /// pod) cannot hold every slot while tunnels to other pods wait for
+    /// one until their deadline.
+    pub async fn connect_to<IO>(
+        &self,
+        io: IO,
+        server_name: &str,
+        remote: IpAddr,
+    ) -> Result<ClientTlsStream<IO>, TlsError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let result = self.connect_inner(io, server_name, Some(remote)).await;
         if let Err(e) = &result {
             count_failure(Side::Connect, e);
         }
@@ -384,6 +419,7 @@ impl Tls {
         &self,
         io: IO,
         server_name: &str,
+        remote: Option<IpAddr>,
     ) -> Result<ClientTlsStream<IO>, TlsError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
@@ -400,6 +436,10 @@ impl Tls {
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.current.load().client));
         let deadline = self.settings.handshake_timeout;
         let handshake = async {
+            let _destination_slot = match remote {
+                Some(ip) => Some(self.destinations.acquire(ip).await),
+                None => None,
+            };
             let _slot = self.dialled.acquire().await;
             connector.connect(name, io).await
         };

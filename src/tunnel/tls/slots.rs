@@ -12,6 +12,11 @@
 //! slot does), not in the global queue. A burst from one pod (its sidecar
 //! dialling for N nodes at once) still completes, a share at a time.
 //! Loopback peers (port forwards) take global slots only.
+//!
+//! Outgoing handshakes are shared the same way by the address dialled
+//! (`Tls::connect_to`): a remote sidecar that accepts connections but never
+//! answers (stopped, frozen) holds at most its share of the outgoing
+//! slots, not every tunnel this pod's nodes open to other pods.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
