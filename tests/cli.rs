@@ -288,7 +288,7 @@ fn names_reports_an_unreachable_epmd() {
 
 /// `remsh` refuses what it cannot use before starting anything: a name
 /// without a host (64), no cookie (1), an unknown `--via` form (64), a
-/// `--via` host that does not resolve (1).
+/// `--via` host that does not resolve (64, as `names --host`).
 #[test]
 fn remsh_errors_are_clear_and_early() {
     let remsh = |args: &[&str], home: &str| {
@@ -348,7 +348,7 @@ fn remsh_errors_are_clear_and_early() {
         ],
         "/nonexistent",
     );
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 64, "{err}");
     assert!(
         err.contains("cannot resolve") && err.contains("no-such-host.invalid"),
         "{err}"

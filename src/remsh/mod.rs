@@ -125,11 +125,15 @@ pub enum RemshError {
 }
 
 impl RemshError {
-    /// Usage and configuration errors exit 64; the others 1.
+    /// Usage and configuration errors exit 64 (a `--via` host that does
+    /// not resolve too, as `distproxy names --host`); the others 1.
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            RemshError::Usage(_) | RemshError::Plan(_) | RemshError::Config(_)
+            RemshError::Usage(_)
+                | RemshError::Plan(_)
+                | RemshError::Config(_)
+                | RemshError::Resolve { .. }
         )
     }
 }
