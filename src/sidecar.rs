@@ -460,6 +460,9 @@ fn open_fast_path(
 ) -> Option<Arc<crate::distribution::relay::FastPath>> {
     use crate::config::FastPath as Wanted;
     let available = metrics::gauge!(crate::metrics::RELAY_FAST_PATH_AVAILABLE);
+    // 0 unless node routes are attached below: without the fast path they
+    // are off too, and a scrape shows 0, not an absent series.
+    metrics::gauge!(crate::metrics::RELAY_NODE_ROUTES_AVAILABLE).set(0.0);
     if relay.fast_path == Wanted::Off {
         available.set(0.0);
         return None;

@@ -527,7 +527,14 @@ async fn a_fresh_sidecar_exports_its_gauges_at_zero() {
         .await
         .unwrap()
         .expect("scrape /metrics");
-    for gauge in ["distproxy_registered_nodes", "distproxy_egress_listeners"] {
+    for gauge in [
+        "distproxy_registered_nodes",
+        "distproxy_egress_listeners",
+        "distproxy_acl_rules",
+        "distproxy_relay_fast_path_available",
+        // Absent (not 0) without the fast path, though documented "else 0".
+        "distproxy_relay_node_routes_available",
+    ] {
         assert_eq!(
             sample(&text, &format!("{gauge} ")),
             Some(0.0),
