@@ -321,4 +321,66 @@ pub fn describe() {
     );
     describe_gauge!(BUILD_INFO, "Build information; value is always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    export_rare_events_at_zero();
+}
+
+/// Exports the counters of rare events at 0 from the start. A counter
+/// whose series first appears at 1 hides its first event from `rate()` and
+/// `increase()` (Prometheus sees no step from 0), so a first misroute or a
+/// first failed certificate reload was invisible on the dashboard and to
+/// alerts built that way.
+fn export_rare_events_at_zero() {
+    for name in [
+        MISROUTES,
+        LOOKUPS_HELD,
+        TLS_RELOADS,
+        TLS_RELOAD_FAILURES,
+        ACL_RELOADS,
+        ACL_RELOAD_FAILURES,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for method in [
+        route::CORRELATED,
+        route::SINGLE_NODE,
+        route::PREAMBLE,
+        route::SAME_POD,
+        route::UNROUTABLE,
+    ] {
+        metrics::counter!(ROUTES, "method" => method).increment(0);
+    }
+    for why in [
+        reason::TIMEOUT,
+        reason::BAD_FRAME,
+        reason::REFUSED_BY_POLICY,
+        reason::NODE_GONE,
+        reason::UNROUTABLE,
+        reason::OVER_LIMIT,
+        reason::CONNECT_FAILED,
+        reason::PEER_CLOSED,
+        reason::EMPTY,
+        reason::MISROUTED,
+        reason::UNKNOWN_NODE,
+        reason::RESOLVE_FAILED,
+        reason::TLS_HANDSHAKE_FAILED,
+    ] {
+        metrics::counter!(CONNECTIONS_CLOSED, "reason" => why).increment(0);
+    }
+}
+
+/// With `[tls]` on: every `side` and `reason` of
+/// [`TLS_HANDSHAKE_FAILURES`] at 0 (see [`export_rare_events_at_zero`]).
+pub fn export_tls_failures_at_zero() {
+    for side in ["accept", "connect"] {
+        for why in [
+            tls_reason::UNKNOWN_CA,
+            tls_reason::BAD_CERT,
+            tls_reason::NO_CLIENT_CERT,
+            tls_reason::NAME_MISMATCH,
+            tls_reason::TIMEOUT,
+            tls_reason::PROTOCOL,
+        ] {
+            metrics::counter!(TLS_HANDSHAKE_FAILURES, "side" => side, "reason" => why).increment(0);
+        }
+    }
 }

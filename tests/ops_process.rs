@@ -514,9 +514,12 @@ async fn connections_refused_by_a_limit_are_all_counted_and_their_logs_rate_limi
 
 /// A fresh sidecar's `/metrics` already has its gauges, at 0: dashboards and
 /// alerts on "no node registered" see a value, not an absent series, before
-/// the first node registers or the first egress listener opens.
+/// the first node registers or the first egress listener opens. So are the
+/// counters of rare events: a series that first appears at 1 shows no
+/// increase, so `rate()` and `increase()` missed the first misroute or
+/// failed reload.
 #[tokio::test]
-async fn a_fresh_sidecar_exports_its_gauges_at_zero() {
+async fn a_fresh_sidecar_exports_its_gauges_and_rare_event_counters_at_zero() {
     use distproxy_testkit::bench::{sample, scrape};
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
@@ -527,18 +530,25 @@ async fn a_fresh_sidecar_exports_its_gauges_at_zero() {
         .await
         .unwrap()
         .expect("scrape /metrics");
-    for gauge in [
+    for series in [
         "distproxy_registered_nodes",
         "distproxy_egress_listeners",
         "distproxy_acl_rules",
         "distproxy_relay_fast_path_available",
         // Absent (not 0) without the fast path, though documented "else 0".
         "distproxy_relay_node_routes_available",
+        // Counters of rare events: a series born at 1 hides its first event
+        // from rate() and increase(), as the dashboard and alerts use them.
+        "distproxy_misroutes_total",
+        "distproxy_tls_reload_failures_total",
+        "distproxy_acl_reload_failures_total",
+        "distproxy_routes_total{method=\"unroutable\"}",
+        "distproxy_connections_closed_total{reason=\"connect_failed\"}",
     ] {
         assert_eq!(
-            sample(&text, &format!("{gauge} ")),
+            sample(&text, &format!("{series} ")),
             Some(0.0),
-            "{gauge} missing or not 0 on a fresh sidecar:\n{text}"
+            "{series} missing or not 0 on a fresh sidecar:\n{text}"
         );
     }
 }
@@ -857,6 +867,15 @@ async fn the_certificate_expiry_is_exported_from_the_start() {
         ),
         Some(not_after.unix_timestamp() as f64),
         "expiry missing or wrong:\n{text}"
+    );
+    // With TLS on, its failures are exported at 0 from the start too.
+    assert_eq!(
+        sample(
+            &text,
+            "distproxy_tls_handshake_failures_total{side=\"accept\",reason=\"unknown_ca\"}"
+        ),
+        Some(0.0),
+        "{text}"
     );
 }
 

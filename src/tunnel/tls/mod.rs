@@ -257,6 +257,7 @@ impl Tls {
         let files = PemFiles::read(&settings)?;
         let generation = build(&settings, &provider, &files)?;
         metrics::gauge!(m::TLS_CERT_NOT_AFTER).set(generation.local.not_after as f64);
+        m::export_tls_failures_at_zero();
         info!(cert = %settings.cert_file.display(), identity = %generation.local,
             verify_server_name = ?settings.verify_server_name, "TLS certificate loaded");
         // Start anyway (the pod's nodes still register, and a renewed file is
