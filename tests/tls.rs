@@ -607,6 +607,48 @@ async fn a_bundle_of_two_cas_accepts_certificates_of_either() {
     assert_eq!(err.reason(), tls_reason::UNKNOWN_CA, "{err}");
 }
 
+/// Records the pod's certificate serial at each INFO event.
+struct SerialAtLogLine {
+    tls: Arc<Tls>,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SerialAtLogLine {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() == tracing::Level::INFO {
+            let serial = self.tls.local_identity().serial;
+            self.seen.lock().unwrap().push(serial);
+        }
+    }
+}
+
+/// "TLS files changed; new connections use the new certificate" is true
+/// when it is written: a connection made as soon as the line appears uses
+/// the new certificate. It was logged before the new one was swapped in.
+#[test]
+fn the_reload_line_is_written_once_the_new_certificate_is_in_force() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let ca = Ca::new("dp-test-ca");
+    let old = ca.leaf(&[POD_A], 0x1101);
+    let new = ca.leaf(&[POD_A], 0x1102);
+    let a = pod(&ca, &old, ServerNameVerification::Hostname);
+    let mut reloader = a.tls.reloader();
+    a.secret.write(&new.cert_pem, &new.key_pem, &ca.pem);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let probe = SerialAtLogLine {
+        tls: Arc::clone(&a.tls),
+        seen: Arc::clone(&seen),
+    };
+    let subscriber = tracing_subscriber::registry().with(probe);
+    let outcome = tracing::subscriber::with_default(subscriber, || reloader.poll());
+    assert!(matches!(outcome, ReloadOutcome::Reloaded(_)), "{outcome:?}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![new.serial_string()],
+        "the certificate in force when the reload was logged"
+    );
+}
+
 #[tokio::test]
 async fn rotation_through_a_symlink_swap_keeps_open_connections() {
     let ca = Ca::new("dp-test-ca");

@@ -326,18 +326,21 @@ impl AclHandle {
             });
         match parsed {
             Ok(acl) if *self.current.load_full() == acl => ReloadOutcome::Unchanged,
+            // In force and counted before the line that says so: whoever
+            // reads the log line (an operator, a test) can connect at once
+            // and be judged by the new rules, and finds the reload counted.
             Ok(acl) => {
-                let rules = acl.len();
-                info!(file = %origin, trigger = why, rules, default = ?acl.default,
-                    "ACL rules reloaded; new connections are judged by them, established ones stay");
-                metrics::counter!(m::ACL_RELOADS).increment(1);
+                let (rules, default) = (acl.len(), acl.default);
                 self.set(acl);
+                metrics::counter!(m::ACL_RELOADS).increment(1);
+                info!(file = %origin, trigger = why, rules, ?default,
+                    "ACL rules reloaded; new connections are judged by them, established ones stay");
                 ReloadOutcome::Reloaded { rules }
             }
             Err(e) => {
+                metrics::counter!(m::ACL_RELOAD_FAILURES).increment(1);
                 warn!(file = %origin, trigger = why, error = %e,
                     "cannot reload ACL rules; the rules in force stay");
-                metrics::counter!(m::ACL_RELOAD_FAILURES).increment(1);
                 ReloadOutcome::Failed(e)
             }
         }
@@ -631,6 +634,56 @@ mod tests {
         assert!(
             !handle.current().decide(&req("b1@x", "a1")).allow,
             "a bad file keeps the rules in force"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Records, at each INFO event, whether `b1 -> a1` is allowed by the
+    /// rules in force at that instant.
+    struct RulesAtLogLine {
+        handle: Arc<AclHandle>,
+        seen: Arc<Mutex<Vec<bool>>>,
+    }
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RulesAtLogLine {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if *event.metadata().level() == tracing::Level::INFO {
+                let allowed = self.handle.current().decide(&req("b1@x", "a1")).allow;
+                lock(&self.seen).push(allowed);
+            }
+        }
+    }
+
+    /// "ACL rules reloaded; new connections are judged by them" is true
+    /// when it is written: a connection made as soon as the line appears
+    /// (as the e2e test does) is judged by the new rules. It was logged
+    /// before the rules were swapped in.
+    #[test]
+    fn the_reload_line_is_written_once_the_new_rules_are_in_force() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let dir = std::env::temp_dir().join(format!("dp-acl-line-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "").unwrap();
+        let handle = AclHandle::new(Acl::allow_all());
+        handle.set_source(&file);
+        std::fs::write(&file, "[[acl]]\naction = \"deny\"\ntarget = \"a1\"\n").unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let probe = RulesAtLogLine {
+            handle: Arc::clone(&handle),
+            seen: Arc::clone(&seen),
+        };
+        let subscriber = tracing_subscriber::registry().with(probe);
+        let outcome = tracing::subscriber::with_default(subscriber, || handle.reload("test"));
+        assert!(matches!(outcome, ReloadOutcome::Reloaded { rules: 1 }));
+        assert_eq!(
+            *lock(&seen),
+            vec![false],
+            "b1 -> a1 still allowed when the reload was logged"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -80,21 +80,22 @@ impl TlsReloader {
             });
         match generation {
             Ok(generation) => {
+                // In force and counted before the line that says so.
                 let identity = generation.local.clone();
+                self.tls.current.store(Arc::new(generation));
+                self.last_failed = None;
+                metrics::gauge!(m::TLS_CERT_NOT_AFTER).set(identity.not_after as f64);
+                metrics::counter!(m::TLS_RELOADS).increment(1);
                 info!(cert = %settings.cert_file.display(),
                     resolved = %resolved(&settings.cert_file).display(),
                     identity = %identity, "TLS files changed; new connections use the new certificate");
-                metrics::gauge!(m::TLS_CERT_NOT_AFTER).set(identity.not_after as f64);
-                metrics::counter!(m::TLS_RELOADS).increment(1);
-                self.tls.current.store(Arc::new(generation));
-                self.last_failed = None;
                 ReloadOutcome::Reloaded(identity)
             }
             Err(e) => {
-                warn!(error = %e, current = %self.tls.current.load().local,
-                    "TLS files changed but cannot be loaded; keeping the current certificate");
                 metrics::counter!(m::TLS_RELOAD_FAILURES).increment(1);
                 self.last_failed = Some(digest);
+                warn!(error = %e, current = %self.tls.current.load().local,
+                    "TLS files changed but cannot be loaded; keeping the current certificate");
                 ReloadOutcome::Failed(e)
             }
         }
