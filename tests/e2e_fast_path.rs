@@ -15,7 +15,7 @@ use std::time::Duration;
 use support::e2e_enabled;
 use support::metrics::{metric_sum, metrics};
 use support::sidecar::SidecarOptions;
-use support::wait::wait_until;
+use support::wait::{poll_until, wait_until};
 
 const FAST: &str = "[relay]\nfast_path = \"sockmap\"\n";
 const BLOB: usize = 16 * 1024 * 1024;
@@ -96,11 +96,13 @@ fn beam_pair_is_relayed_through_the_kernel_fast_path() {
     wait_until(Duration::from_secs(15), "the connection closed", || {
         open(&metrics(b)) == 0.0
     });
-    let ended = sidecar.log_lines_containing("distribution connection ended");
-    assert!(
-        ended.iter().any(|l| l.contains("outcome=closed")),
-        "ended as closed: {ended:?}"
-    );
+    // The line is written once the relay has returned, a moment after the
+    // gauge went down: waited for, not read at once.
+    let ended = || sidecar.log_lines_containing("distribution connection ended");
+    let closed = poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        ended().iter().any(|l| l.contains("outcome=closed"))
+    });
+    assert!(closed, "ended as closed: {:?}", ended());
     sidecar.assert_running();
 }
 

@@ -1025,12 +1025,16 @@ fn stalled_tls_handshakes_from_one_address_do_not_keep_other_pods_out() {
     stop.store(true, Ordering::Release);
     attacker.join().unwrap();
     assert!(timed_out, "no handshake timeout counted\n{}", metrics(a));
+    // Logged once the handshake has returned, a moment after it was
+    // counted: waited for, not read at once.
     let c_addr = c.addr().to_string();
     assert!(
-        sidecar_a
-            .log_lines_containing("TLS handshake with a peer failed")
-            .iter()
-            .any(|l| l.contains(&c_addr) && l.contains("timed out")),
+        poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            sidecar_a
+                .log_lines_containing("TLS handshake with a peer failed")
+                .iter()
+                .any(|l| l.contains(&c_addr) && l.contains("timed out"))
+        }),
         "{}",
         sidecar_a.log()
     );
