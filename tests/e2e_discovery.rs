@@ -358,7 +358,12 @@ fn pods_without_distproxy_are_found_through_names_and_the_host_template() {
     wait_until(FORM_TIMEOUT, "a1 connected to s1", || {
         a1.nodes() == vec![s1_name.clone()]
     });
-    assert_eq!(s1.nodes(), vec![a1.name().to_string()]);
+    // The acceptor marks the connection up on its own side, not
+    // necessarily before the initiator does: waited for as well.
+    let a1_name = a1.name().to_string();
+    wait_until(FORM_TIMEOUT, "s1 connected to a1", || {
+        s1.nodes() == vec![a1_name.clone()]
+    });
     sidecar.assert_no_misroute();
 }
 
