@@ -136,6 +136,18 @@ fn an_elixir_cluster_connects_calls_and_shares_global_names_across_pods() {
 }
 
 /// The host part of a StatefulSet pod's name behind a headless Service.
+/// Limits (`timeout` seconds) on a build tool's run (`mix`, `rebar3`) and
+/// on a release's command or node. Only a hang should reach them: on a
+/// loaded 2-core CI machine `rebar3 as prod release` of a tiny release took
+/// more than the 60 s it had, and a release node started under a 20 s limit
+/// could be killed before the test's calls to it were done (each `rpc`
+/// boots a VM of its own). A release node the test started is killed when
+/// the test drops it.
+const BUILD_TIMEOUT_SECS: &str = "300";
+const RELEASE_TIMEOUT_SECS: &str = "180";
+/// How long a release node may take to boot and register.
+const RELEASE_BOOT: Duration = Duration::from_secs(90);
+
 const FQDN: &str = "app-0.app-headless.my-namespace.svc.cluster.local";
 
 /// An Erlang node named `app@<FQDN>` and one named after the pod's IP
@@ -656,7 +668,7 @@ fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
 /// with `HOME` in the lab; panics with its output unless it succeeds.
 fn build(lab: &support::Lab, dir: &Path, program: &str, args: &[&str]) {
     let out = Command::new("timeout")
-        .args(["-k", "2", "60", program])
+        .args(["-k", "2", BUILD_TIMEOUT_SECS, program])
         .args(args)
         .current_dir(dir)
         .env("HOME", lab.dir())
@@ -705,7 +717,9 @@ fn release_command(
 ) -> Command {
     let bin = root.join(format!("_build/prod/rel/{project}/bin/{project}"));
     let mut cmd = pod.command("timeout");
-    cmd.args(["-k", "2", "20"]).arg(bin).args(args);
+    cmd.args(["-k", "2", RELEASE_TIMEOUT_SECS])
+        .arg(bin)
+        .args(args);
     cmd.env("RELEASE_DISTRIBUTION", "name")
         .env("RELEASE_NODE", node)
         .env("RELEASE_COOKIE", pod.lab().cookie.as_str())
@@ -748,7 +762,7 @@ fn spawn_registered(pod: &Pod, mut cmd: Command, node: &str) -> support::process
     cmd.stdout(file.try_clone().unwrap()).stderr(file);
     let mut proc = support::process::Proc::spawn(&format!("release {node}"), &mut cmd, &log);
     wait_until(
-        Duration::from_secs(20),
+        RELEASE_BOOT,
         &format!("release node {node} to register"),
         || {
             assert!(
@@ -889,7 +903,9 @@ fn a_rebar3_release_with_the_helper_module_boots_with_interactive_loading() {
     let bin = root.join("_build/prod/rel/rapp/bin/rapp");
     let foreground = |env: &[(&str, &str)]| {
         let mut cmd = b.command("timeout");
-        cmd.args(["-k", "2", "20"]).arg(&bin).arg("foreground");
+        cmd.args(["-k", "2", RELEASE_TIMEOUT_SECS])
+            .arg(&bin)
+            .arg("foreground");
         cmd.env("ERL_CRASH_DUMP_SECONDS", "0")
             .envs(env.iter().copied());
         cmd
