@@ -189,12 +189,7 @@ fn epmd_daemon_reports_a_bad_configuration_before_it_detaches() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[routing]\nlookup_ttl_ms = 0\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = distproxy_testkit::ports::free_ports::<1>()[0].to_string();
     let out = Command::new(BIN)
         .args(["epmd", "-daemon", "-port", &port, "-address", "127.0.0.1"])
         .env("DISTPROXY_CONFIG", &bad)
@@ -217,12 +212,7 @@ fn epmd_drop_in_serves_with_a_global_log_format() {
         "[dist]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n",
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = distproxy_testkit::ports::free_ports::<1>()[0].to_string();
     let log = dir.path().join("stderr.log");
     let mut child = Command::new(BIN)
         .args(["--log-format", "json", "epmd", "-port", &port])

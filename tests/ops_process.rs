@@ -60,6 +60,32 @@ async fn spawn(config: &Path, epmd: u16) -> Proc {
     p
 }
 
+/// Starts a sidecar (`distproxy [global...] run --config CONFIG`) with its
+/// stderr in `dir/stderr.log` (read with `Proc::log_text`), once its admin
+/// port answers.
+async fn spawn_logged(dir: &Path, config: &Path, global: &[&str], admin: u16) -> Proc {
+    let log = dir.join("stderr.log");
+    let p = Proc::spawn(
+        "distproxy",
+        Command::new(distproxy_testkit::distproxy_bin!())
+            .args(global)
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+        &log,
+    );
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            distproxy_testkit::bench::scrape(admin).is_ok()
+        })
+        .await,
+        "sidecar did not start"
+    );
+    p
+}
+
 #[tokio::test]
 async fn registrations_survive_kill_9_through_the_state_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -446,25 +472,9 @@ async fn connections_refused_by_a_limit_are_all_counted_and_their_logs_rate_limi
             + "[limits]\nepmd_max_connections = 1\nreserved_local_connections = 0\n",
     )
     .unwrap();
-    let log = dir.path().join("stderr.log");
-    let p = Proc::spawn(
-        "distproxy",
-        Command::new(distproxy_testkit::distproxy_bin!())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-        &log,
-    );
+    let p = spawn_logged(dir.path(), &config, &[], ports.admin).await;
     let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
     let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            distproxy_testkit::bench::scrape(admin).is_ok()
-        })
-        .await,
-        "sidecar did not start"
-    );
     // The one slot, held by a registration (a whole request: never closed
     // to make room); then 300 connections beyond it, each closed at accept.
     let (_held, reply) = client::register(epmd, distproxy_testkit::sidecar::spec("held", 40100))
@@ -649,23 +659,10 @@ async fn bad_requests_are_all_counted_and_their_logs_rate_limited() {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
     let config = write_config(dir.path(), &ports, "");
-    let log = dir.path().join("stderr.log");
-    let p = Proc::spawn(
-        "distproxy",
-        Command::new(distproxy_testkit::distproxy_bin!())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-        &log,
-    );
+    let p = spawn_logged(dir.path(), &config, &[], ports.admin).await;
     let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
     let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
     let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
-    assert!(
-        eventually(Duration::from_secs(10), || async { scrape(admin).is_ok() }).await,
-        "sidecar did not start"
-    );
     const ROUNDS: usize = 300;
     let started = Instant::now();
     for _ in 0..ROUNDS {
@@ -756,27 +753,12 @@ async fn bad_requests_are_all_counted_and_their_logs_rate_limited() {
 /// `\x7f`, which is no JSON escape: a log collector dropped those lines.)
 #[tokio::test]
 async fn json_logs_stay_valid_json_with_control_characters_from_peers() {
-    use distproxy_testkit::bench::scrape;
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
     let config = write_config(dir.path(), &ports, "");
-    let log = dir.path().join("stderr.log");
-    let mut p = Proc::spawn(
-        "distproxy",
-        Command::new(distproxy_testkit::distproxy_bin!())
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-        &log,
-    );
+    let mut p = spawn_logged(dir.path(), &config, &["--log-format", "json"], ports.admin).await;
     let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
     let dist = SocketAddr::from(([127, 0, 0, 1], ports.dist));
-    let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
-    assert!(
-        eventually(Duration::from_secs(10), || async { scrape(admin).is_ok() }).await,
-        "sidecar did not start"
-    );
     // A registration whose node does not listen: the connection routed to
     // it fails with a warning naming both peer-controlled names.
     let node = "evil\u{7f}name\u{85}\"q\\\u{9f}";
@@ -889,24 +871,7 @@ async fn a_reload_names_the_changes_that_need_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
     let config = write_config(dir.path(), &ports, "");
-    let log = dir.path().join("stderr.log");
-    let p = Proc::spawn(
-        "distproxy",
-        Command::new(distproxy_testkit::distproxy_bin!())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-        &log,
-    );
-    let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            distproxy_testkit::bench::scrape(admin).is_ok()
-        })
-        .await,
-        "sidecar did not start"
-    );
+    let p = spawn_logged(dir.path(), &config, &[], ports.admin).await;
     let original = std::fs::read_to_string(&config).unwrap();
     let restart = "not applied until a restart";
     // An ACL change alone: applied, nothing waits for a restart.

@@ -41,6 +41,22 @@ fn pod(ca: &Ca, leaf: &Leaf, verify: ServerNameVerification) -> Pod {
     pod_trusting(&ca.pem, leaf, verify)
 }
 
+/// A pod with `max_handshakes` TLS handshake slots (hostname verification).
+fn pod_with_slots(ca: &Ca, leaf: &Leaf, max_handshakes: usize) -> Pod {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = SecretDir::create(tmp.path(), &leaf.cert_pem, &leaf.key_pem, &ca.pem);
+    let tls = Tls::load(TlsSettings {
+        max_handshakes,
+        ..settings(&secret, ServerNameVerification::Hostname)
+    })
+    .unwrap();
+    Pod {
+        _tmp: tmp,
+        secret,
+        tls,
+    }
+}
+
 fn pod_trusting(ca_pem: &str, leaf: &Leaf, verify: ServerNameVerification) -> Pod {
     let tmp = tempfile::tempdir().unwrap();
     let secret = SecretDir::create(tmp.path(), &leaf.cert_pem, &leaf.key_pem, ca_pem);
@@ -267,14 +283,8 @@ async fn stalled_incoming_handshakes_do_not_hold_up_outgoing_ones() {
 async fn stalled_handshakes_from_one_address_leave_slots_for_others() {
     use distproxy_testkit::sut::tls::per_source_share;
     let ca = Ca::new("dp-test-ca");
-    let leaf_a = ca.leaf(&[POD_A], 1);
-    let tmp = tempfile::tempdir().unwrap();
-    let secret = SecretDir::create(tmp.path(), &leaf_a.cert_pem, &leaf_a.key_pem, &ca.pem);
-    let a = Tls::load(TlsSettings {
-        max_handshakes: 8,
-        ..settings(&secret, ServerNameVerification::Hostname)
-    })
-    .unwrap();
+    let pod_a = pod_with_slots(&ca, &ca.leaf(&[POD_A], 1), 8);
+    let a = Arc::clone(&pod_a.tls);
     let b = pod(&ca, &ca.leaf(&[POD_B], 2), ServerNameVerification::Hostname);
     let attacker: std::net::IpAddr = "198.18.0.66".parse().unwrap();
     let share = per_source_share(8);
@@ -1194,14 +1204,8 @@ mod tunnel_tls {
 async fn stalled_outgoing_handshakes_to_one_address_leave_slots_for_others() {
     use distproxy_testkit::sut::tls::per_source_share;
     let ca = Ca::new("dp-test-ca");
-    let leaf_a = ca.leaf(&[POD_A], 1);
-    let tmp = tempfile::tempdir().unwrap();
-    let secret = SecretDir::create(tmp.path(), &leaf_a.cert_pem, &leaf_a.key_pem, &ca.pem);
-    let a = Tls::load(TlsSettings {
-        max_handshakes: 8,
-        ..settings(&secret, ServerNameVerification::Hostname)
-    })
-    .unwrap();
+    let pod_a = pod_with_slots(&ca, &ca.leaf(&[POD_A], 1), 8);
+    let a = Arc::clone(&pod_a.tls);
     let b = pod(&ca, &ca.leaf(&[POD_B], 2), ServerNameVerification::Hostname);
     let frozen: std::net::IpAddr = "198.18.0.66".parse().unwrap();
     let share = per_source_share(8);
