@@ -38,7 +38,7 @@ const VM_FLAGS: &[&str] = &["+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "n
 pub(crate) fn compile_agent(ebin: &Path) {
     std::fs::create_dir_all(ebin).expect("create ebin directory");
     let out = Command::new("timeout")
-        .args(["-k", "2", "60", "erlc", "-o"])
+        .args(["-k", "2", "300", "erlc", "-o"])
         .arg(ebin)
         .arg(AGENT_SRC)
         .stdin(Stdio::null())

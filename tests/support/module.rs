@@ -68,7 +68,7 @@ pub fn install_module(lab: &Lab) -> PathBuf {
 pub fn compile_erl(src: &Path, ebin: &Path) {
     std::fs::create_dir_all(ebin).unwrap();
     let out = Command::new("timeout")
-        .args(["-k", "2", "60", "erlc", "+warnings_as_errors", "-o"])
+        .args(["-k", "2", "300", "erlc", "+warnings_as_errors", "-o"])
         .arg(ebin)
         .arg(src)
         .stdin(Stdio::null())

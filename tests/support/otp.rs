@@ -157,7 +157,7 @@ fn rootfs_base() -> PathBuf {
 pub fn erlc(otp: Otp, flags: &[&str], src: &Path, ebin: &Path) {
     std::fs::create_dir_all(ebin).expect("create ebin directory");
     let mut cmd = otp.command(None, "timeout");
-    cmd.args(["-k", "2", "60", "erlc"])
+    cmd.args(["-k", "2", "300", "erlc"])
         .args(flags)
         .arg("-o")
         .arg(ebin)
