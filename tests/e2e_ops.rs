@@ -115,7 +115,7 @@ fn probes_follow_a_sidecars_life_with_real_nodes() {
     let _sidecar_a = a.spawn_sidecar(&[]);
     let mut sidecar_b = b.spawn_sidecar_with(
         SidecarOptions::default()
-            .config("[admin]\nready_nodes = [\"b1\"]\n[dist]\nshutdown_grace_ms = 2000\n"),
+            .config("[admin]\nready_nodes = [\"b1\"]\n[dist]\nshutdown_grace_ms = 5000\n"),
     );
     let waiting = Some((503, "not ready: waiting for nodes b1".to_string()));
     assert_eq!(probe(b, "/readyz"), waiting);
@@ -155,7 +155,7 @@ fn probes_follow_a_sidecars_life_with_real_nodes() {
         "a new connection during the drain"
     );
     let status = sidecar_b
-        .wait_exit(Duration::from_secs(6))
+        .wait_exit(Duration::from_secs(10))
         .expect("the sidecar did not exit after its grace period");
     assert_eq!(status.code(), Some(0), "{}", sidecar_b.log());
     assert_eq!(probe(b, "/healthz"), None, "nothing answers once it exited");
