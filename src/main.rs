@@ -497,6 +497,7 @@ fn epmd_main(args: &[String], log_format: LogFormat) -> ExitCode {
         listen,
         daemon,
         relaxed_command_check,
+        packet_timeout,
     } = action
     else {
         return block_on(async move { cli::run_client(&action).await });
@@ -513,6 +514,14 @@ fn epmd_main(args: &[String], log_format: LogFormat) -> ExitCode {
         },
         None => Config::embedded_default(),
     };
+    if let Some(timeout) = packet_timeout {
+        config.epmd.idle_timeout_ms =
+            distproxy::config::Millis(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        if let Err(e) = config.validate() {
+            eprintln!("epmd: -packet_timeout: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
     if daemon {
         return cli::daemonize(args);
     }
