@@ -120,10 +120,23 @@ fn init_logging_at(format: LogFormat, default: &str) {
         LogFormat::Text => builder
             .with_writer(|| EscapingWriter::text(std::io::stderr()))
             .init(),
-        LogFormat::Json => builder
-            .json()
-            .with_writer(|| EscapingWriter::json(std::io::stderr()))
-            .init(),
+        LogFormat::Json => {
+            builder
+                .json()
+                .with_writer(|| EscapingWriter::json(std::io::stderr()))
+                .init();
+            // A panic is a bug; its report stays a JSON line too.
+            std::panic::set_hook(Box::new(|info| {
+                let (message, location) = distproxy::log_safe::panic_report(info);
+                // With RUST_BACKTRACE set; the field is left out otherwise.
+                let backtrace = std::backtrace::Backtrace::capture();
+                let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+                    .then(|| backtrace.to_string());
+                let thread = std::thread::current();
+                error!(%location, thread = thread.name().unwrap_or("unnamed"),
+                    backtrace, "panic: {message}");
+            }));
+        }
     }
     if let Some((value, e)) = invalid {
         warn!(DISTPROXY_LOG = %value, error = %e, filter = default,
