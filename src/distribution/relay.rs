@@ -104,16 +104,21 @@ impl RelayEnd {
     }
 }
 
-/// Copies `r` to `w` until EOF, then shuts `w` down for writing.
-async fn copy_one_way<R, W>(
+/// Copies `r` to `w` until EOF, then shuts `w` down for writing. A write
+/// blocked while `source_closed` says `r`'s peer has gone fails after
+/// `watch`'s linger.
+async fn copy_one_way<R, W, C>(
     mut r: R,
     mut w: W,
     counted: &Counter,
     total: &mut u64,
+    mut watch: Watch,
+    source_closed: C,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    C: Fn() -> bool,
 {
     let mut buf = pool::Slot::default();
     let mut len = INITIAL_BUF;
@@ -123,11 +128,15 @@ where
             w.shutdown().await?;
             return Ok(());
         }
-        w.write_all(buf.filled(n)).await?;
-        // A no-op on TCP; on TLS it sends records a write left buffered
-        // (tokio-rustls returns once the plaintext is taken, even if the
-        // socket would block), which would otherwise wait for the next read.
-        w.flush().await?;
+        // The flush is a no-op on TCP; on TLS it sends records a write left
+        // buffered (tokio-rustls returns once the plaintext is taken, even
+        // if the socket would block), which would otherwise wait for the
+        // next read.
+        let written = async {
+            w.write_all(buf.filled(n)).await?;
+            w.flush().await
+        };
+        watch.write(written, &source_closed).await?;
         *total += n as u64;
         counted.increment(n as u64);
         len = next_buf_len(buf.len(), n);
@@ -135,6 +144,155 @@ where
             // The next read takes a buffer of the new size.
             buf.release();
         }
+    }
+}
+
+/// How often a blocked write looks whether its source has closed.
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// One direction's view of the half-close timeout while its writes are
+/// blocked. A direction whose destination takes nothing (a stopped node,
+/// a full window) reads nothing from its source meanwhile, so its source's
+/// close would go unseen and [`both_ways`] would never start the timeout.
+/// A blocked write therefore looks at its source's readiness every
+/// [`WATCH_INTERVAL`]; once the source has closed, the destination
+/// (`still_open`) has `linger` to take the rest of the bytes, as it would
+/// have to close after a half-close.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Watch {
+    linger: Option<Duration>,
+    still_open: StillOpen,
+    /// When the source was first seen closed during a blocked write.
+    closed_since: Option<tokio::time::Instant>,
+}
+
+impl Watch {
+    pub(crate) fn new(linger: Option<Duration>, still_open: StillOpen) -> Watch {
+        Watch {
+            linger,
+            still_open,
+            closed_since: None,
+        }
+    }
+
+    /// Never gives up (no half-close timeout).
+    #[cfg(test)]
+    pub(crate) fn off() -> Watch {
+        Watch::new(None, StillOpen::Node)
+    }
+
+    /// Runs `write` to its end; while it is blocked, checks
+    /// `source_closed` now and then, and fails once the source has been
+    /// closed for the linger.
+    pub(crate) async fn write<T, F, C>(&mut self, write: F, source_closed: C) -> io::Result<T>
+    where
+        F: std::future::Future<Output = io::Result<T>>,
+        C: Fn() -> bool,
+    {
+        use futures_util::FutureExt;
+        let Some(linger) = self.linger else {
+            return write.await;
+        };
+        tokio::pin!(write);
+        // The common case: the destination takes the bytes at once, and no
+        // timer is set.
+        if let Some(done) = (&mut write).now_or_never() {
+            return done;
+        }
+        loop {
+            let now = tokio::time::Instant::now();
+            let wait = match self.closed_since {
+                Some(since) if now >= since + linger => {
+                    return Err(half_close_expired(self.still_open, linger));
+                }
+                Some(since) => since + linger - now,
+                None => WATCH_INTERVAL,
+            };
+            tokio::select! {
+                biased;
+                done = &mut write => return done,
+                () = tokio::time::sleep(wait) => {
+                    if self.closed_since.is_none() && source_closed() {
+                        self.closed_since = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether the peer of `socket` has closed (FIN or reset), as far as the
+/// reactor has seen; never waits. Bytes it sent before may still be unread.
+pub(crate) fn tcp_read_closed(socket: &TcpStream) -> bool {
+    use futures_util::FutureExt;
+    match socket.ready(tokio::io::Interest::READABLE).now_or_never() {
+        Some(Ok(ready)) => ready.is_read_closed(),
+        Some(Err(_)) => true,
+        None => false,
+    }
+}
+
+/// [`tcp_read_closed`] of the TCP socket under a relayed stream: itself,
+/// or the socket a TLS stream runs over. Other streams (tests' in-memory
+/// pipes) never say closed.
+fn stream_read_closed<S: 'static>(stream: &S) -> bool {
+    let any = stream as &dyn Any;
+    if let Some(tcp) = any.downcast_ref::<TcpStream>() {
+        tcp_read_closed(tcp)
+    } else if let Some(tls) = any.downcast_ref::<tokio_rustls::server::TlsStream<TcpStream>>() {
+        tcp_read_closed(tls.get_ref().0)
+    } else if let Some(tls) = any.downcast_ref::<tokio_rustls::client::TlsStream<TcpStream>>() {
+        tcp_read_closed(tls.get_ref().0)
+    } else {
+        false
+    }
+}
+
+/// One direction's half of a stream shared by both directions of a relay
+/// (as `tokio::io::split`, which leaves no way back to the stream while
+/// split): each poll locks the stream for its duration, and a blocked
+/// write of the other direction may look at the stream between polls
+/// ([`stream_read_closed`]). Both directions run in one task, so the lock
+/// is never contended.
+struct Half<'a, S>(&'a std::sync::Mutex<S>);
+
+impl<S> Half<'_, S> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, S> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Half<'_, S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.lock()).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Half<'_, S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.lock()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.lock()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.lock()).poll_shutdown(cx)
     }
 }
 
@@ -263,11 +421,50 @@ where
         (p, n) => (unbox::<P>(p), unbox::<N>(n)),
     };
     path_taken(m::relay_path::BUFFERED);
-    let (peer_r, peer_w) = tokio::io::split(peer);
-    let (node_r, node_w) = tokio::io::split(node);
-    let to_node = copy_one_way(peer_r, node_w, rx_bytes, rx);
-    let to_peer = copy_one_way(node_r, peer_w, tx_bytes, tx);
-    both_ways(to_node, to_peer, options.half_close_timeout).await
+    buffered_both_ways(
+        peer,
+        node,
+        (rx_bytes, tx_bytes),
+        rx,
+        tx,
+        options.half_close_timeout,
+    )
+    .await
+}
+
+/// Both directions through buffers ([`copy_one_way`]).
+async fn buffered_both_ways<P, N>(
+    peer: P,
+    node: N,
+    (rx_bytes, tx_bytes): (&Counter, &Counter),
+    rx: &mut u64,
+    tx: &mut u64,
+    linger: Option<Duration>,
+) -> io::Result<()>
+where
+    P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    N: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (peer, node) = (std::sync::Mutex::new(peer), std::sync::Mutex::new(node));
+    let peer_closed = || stream_read_closed(&*Half(&peer).lock());
+    let node_closed = || stream_read_closed(&*Half(&node).lock());
+    let to_node = copy_one_way(
+        Half(&peer),
+        Half(&node),
+        rx_bytes,
+        rx,
+        Watch::new(linger, StillOpen::Node),
+        peer_closed,
+    );
+    let to_peer = copy_one_way(
+        Half(&node),
+        Half(&peer),
+        tx_bytes,
+        tx,
+        Watch::new(linger, StillOpen::Peer),
+        node_closed,
+    );
+    both_ways(to_node, to_peer, linger).await
 }
 
 /// Which side kept its direction open past `relay.half_close_timeout_ms`.
@@ -393,19 +590,26 @@ async fn tcp_both_ways(
         }
         path_taken(m::relay_path::SPLICE);
         let ((peer_r, peer_w), (node_r, node_w)) = (p.split(), n.split());
-        let to_node = splice::copy_one_way(peer_r, node_w, rx_bytes, rx);
-        let to_peer = splice::copy_one_way(node_r, peer_w, tx_bytes, tx);
+        let to_node = splice::copy_one_way(
+            peer_r,
+            node_w,
+            rx_bytes,
+            rx,
+            Watch::new(linger, StillOpen::Node),
+        );
+        let to_peer = splice::copy_one_way(
+            node_r,
+            peer_w,
+            tx_bytes,
+            tx,
+            Watch::new(linger, StillOpen::Peer),
+        );
         both_ways(to_node, to_peer, linger).await
     }
     #[cfg(not(target_os = "linux"))]
     {
         path_taken(m::relay_path::BUFFERED);
-        let (mut p, mut n) = (p, n);
-        let (peer_r, peer_w) = p.split();
-        let (node_r, node_w) = n.split();
-        let to_node = copy_one_way(peer_r, node_w, rx_bytes, rx);
-        let to_peer = copy_one_way(node_r, peer_w, tx_bytes, tx);
-        both_ways(to_node, to_peer, linger).await
+        buffered_both_ways(p, n, (rx_bytes, tx_bytes), rx, tx, linger).await
     }
 }
 
@@ -925,6 +1129,98 @@ mod tests {
             other => panic!("expected a timeout, got {other:?}"),
         }
         drop(client);
+    }
+
+    /// A node that stops reading (SIGSTOP) while bytes to it are in
+    /// flight: the direction towards it blocks in a write, and the peer's
+    /// close (its FIN queued behind the bytes the relay has not read)
+    /// must still end the relay after the half-close timeout, on each
+    /// path that copies in user space, instead of when the node wakes.
+    #[tokio::test]
+    async fn splice_relay_ends_when_a_stopped_node_blocks_a_write_after_the_peers_close() {
+        peer_closes_behind_a_blocked_write(false).await;
+    }
+
+    #[tokio::test]
+    async fn buffered_relay_ends_when_a_stopped_node_blocks_a_write_after_the_peers_close() {
+        peer_closes_behind_a_blocked_write(true).await;
+    }
+
+    async fn peer_closes_behind_a_blocked_write(buffered: bool) {
+        use tokio::io::AsyncReadExt;
+        let (mut client, peer_side) = tcp_pair().await;
+        // The node's receive buffer is small and it never reads: writes
+        // towards it block after a few KiB.
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_recv_buffer_size(4096).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let connector = tokio::net::TcpSocket::new_v4().unwrap();
+        connector.set_send_buffer_size(4096).unwrap();
+        let (node_side, server) = tokio::join!(
+            connector.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (node_side, mut server) = (node_side.unwrap(), server.unwrap().0);
+        let linger = std::time::Duration::from_millis(300);
+        let (rx_c, rx_n) = counter();
+        let h = tokio::spawn(async move {
+            let (mut rx, mut tx) = (0, 0);
+            let counters = (&rx_c, &Counter::noop());
+            let done = if buffered {
+                buffered_both_ways(
+                    peer_side,
+                    node_side,
+                    counters,
+                    &mut rx,
+                    &mut tx,
+                    Some(linger),
+                )
+                .await
+            } else {
+                let options = RelayOptions {
+                    half_close_timeout: Some(linger),
+                    ..RelayOptions::default()
+                };
+                tcp_both_ways(peer_side, node_side, counters, &mut rx, &mut tx, options).await
+            };
+            (done, rx)
+        });
+        // More than the node's leg takes (its buffers hold about 14 KiB),
+        // less than the relay's receive window, so the client's FIN
+        // reaches the relay.
+        let sent = vec![5u8; 48 << 10];
+        client.write_all(&sent).await.unwrap();
+        client.shutdown().await.unwrap();
+        let started = std::time::Instant::now();
+        let (done, rx) = tokio::time::timeout(std::time::Duration::from_secs(5), h)
+            .await
+            .expect("the relay ends after the half-close timeout, not when the node reads")
+            .unwrap();
+        assert!(started.elapsed() >= linger, "not before the timeout");
+        let e = done.expect_err("the node never took the bytes");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("the node kept its side open"), "{e}");
+        assert!(rx > 0 && rx < sent.len() as u64, "{rx} bytes relayed");
+        assert_eq!(rx_n.load(std::sync::atomic::Ordering::Relaxed), rx);
+        // The node's leg is closed: once it reads, it gets what was relayed,
+        // then EOF.
+        let mut got = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            server.read_to_end(&mut got),
+        )
+        .await
+        .expect("the node's leg is closed")
+        .unwrap();
+        // (A buffered write cut short is not counted: up to one buffer.)
+        let slack = if buffered { MAX_BUF as u64 } else { 0 };
+        assert!(
+            got.len() as u64 <= rx + slack,
+            "{} bytes of {rx}",
+            got.len()
+        );
+        assert!(got.iter().all(|&b| b == 5));
     }
 
     async fn outlives_a_close(fast: Option<std::sync::Arc<FastPath>>) {

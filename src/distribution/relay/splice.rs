@@ -37,6 +37,14 @@
 //! `splice` into a socket whose peer has gone can raise `SIGPIPE`, like a
 //! `write`; the Rust runtime ignores `SIGPIPE` in binaries, so it shows up
 //! as an `EPIPE` error that ends the relay.
+//!
+//! A write that cannot proceed (the destination, a stopped node, takes
+//! nothing) keeps its direction from reading its source, so the source's
+//! close would go unseen and `relay.half_close_timeout_ms` would never
+//! start: the connection would be held until the destination woke (or
+//! `TCP_USER_TIMEOUT` gave up on it). A blocked write therefore looks at its
+//! source's readiness now and then ([`super::Watch`]); once the source has
+//! closed, the destination has the half-close timeout to take the rest.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -48,6 +56,7 @@ use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::{AsyncWriteExt, Interest};
 
 use super::pool::Slot;
+use super::{tcp_read_closed as source_closed, Watch};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
@@ -130,13 +139,15 @@ enum Burst {
 
 /// Copies `src` to `dst` until EOF, then shuts `dst` down for writing.
 /// Bytes are counted (in `counted` and `total`) once written to `dst`.
+/// A write blocked while `src` has closed fails after `watch`'s linger.
 pub(super) async fn copy_one_way(
     src: ReadHalf<'_>,
     dst: WriteHalf<'_>,
     counted: &Counter,
     total: &mut u64,
+    watch: Watch,
 ) -> io::Result<()> {
-    copy_with(src, dst, counted, total, true).await
+    copy_with(src, dst, counted, total, true, watch).await
 }
 
 async fn copy_with(
@@ -145,6 +156,7 @@ async fn copy_with(
     counted: &Counter,
     total: &mut u64,
     mut can_splice: bool,
+    mut watch: Watch,
 ) -> io::Result<()> {
     let mut small = Slot::default();
     loop {
@@ -152,7 +164,10 @@ async fn copy_with(
         if n == 0 {
             return dst.shutdown().await;
         }
-        dst.write_all(small.filled(n)).await?;
+        let source = src.as_ref();
+        watch
+            .write(dst.write_all(small.filled(n)), || source_closed(source))
+            .await?;
         *total += n as u64;
         counted.increment(n as u64);
         if n < SMALL || !can_splice {
@@ -171,6 +186,7 @@ async fn copy_with(
             pipe,
             counted,
             total,
+            &mut watch,
         ))
         .await?
         {
@@ -189,6 +205,7 @@ async fn splice_burst(
     pipe: Pipe,
     counted: &Counter,
     total: &mut u64,
+    watch: &mut Watch,
 ) -> io::Result<Burst> {
     loop {
         let filled = src.try_io(Interest::READABLE, || {
@@ -201,7 +218,7 @@ async fn splice_burst(
             }
             Ok(n) => {
                 // On error the pipe may hold bytes: it is dropped (closed).
-                drain(&pipe, n, dst, counted, total).await?;
+                drain(&pipe, n, src, dst, counted, total, watch).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 pipe.give_back();
@@ -220,18 +237,19 @@ async fn splice_burst(
 async fn drain(
     pipe: &Pipe,
     mut n: usize,
+    src: &TcpStream,
     dst: &TcpStream,
     counted: &Counter,
     total: &mut u64,
+    watch: &mut Watch,
 ) -> io::Result<()> {
     while n > 0 {
         // Exactly the bytes in the pipe: asking for more would make the
         // kernel send the last piece with MSG_MORE and hold it back.
-        let m = dst
-            .async_io(Interest::WRITABLE, || {
-                Ok(splice(&pipe.r, None, dst, None, n, flags())?)
-            })
-            .await?;
+        let spliced = dst.async_io(Interest::WRITABLE, || {
+            Ok(splice(&pipe.r, None, dst, None, n, flags())?)
+        });
+        let m = watch.write(spliced, || source_closed(src)).await?;
         if m == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -278,7 +296,7 @@ mod tests {
         let (sr, _) = src.split();
         let (_, dw) = dst.split();
         let noop = Counter::noop();
-        let copier = copy_with(sr, dw, &noop, &mut total, false);
+        let copier = copy_with(sr, dw, &noop, &mut total, false, Watch::off());
         let mut got = Vec::new();
         let (c, r) = tokio::join!(copier, b.read_to_end(&mut got));
         c.unwrap();
