@@ -17,7 +17,7 @@
 %% nodes with it.
 -module(dp_test_agent).
 
--export([start/0, blob_receiver/2]).
+-export([start/0, blob_receiver/2, stream_receiver/6]).
 
 %% @doc Starts the agent and returns at once (used with `-s' and from
 %% Elixir's `-e'). Prints `DPREADY <node>' when it is ready for requests.
@@ -90,6 +90,10 @@ handle({rpc, Node, M, F, A}) ->
     io_lib:format("~0p", [rpc:call(Node, M, F, A, 15000)]);
 handle({send_blob, Node, Size}) ->
     send_blob(Node, Size);
+handle({stream, Node, Count, Size, DelayMs}) ->
+    stream(Node, Count, Size, DelayMs, 0);
+handle({stream, Node, Count, Size, DelayMs, PauseMs}) ->
+    stream(Node, Count, Size, DelayMs, PauseMs);
 handle({names, Host}) ->
     case net_adm:names(Host) of
         {ok, L} ->
@@ -152,6 +156,54 @@ blob_receiver(From, Ref) ->
             From ! {blob_md5, Ref, erlang:md5(Bin), byte_size(Bin)}
     after 40000 ->
             exit(no_blob)
+    end.
+
+%% Sends Count copies of one random binary of Size bytes, numbered, to a
+%% fresh process on Node that sleeps DelayMs before each receive (a slow
+%% consumer) and checks each copy's number (order) and MD5 (content).
+%% Counts the sender's busy_dist_port suspensions (system_monitor: one
+%% sender per node at a time). Reply:
+%% "ok <received> <bytes> <in order> <intact> <send ms> <total ms> <busy>"
+%% or "error <reason> <busy>".
+stream(Node, Count, Size, DelayMs, PauseMs) ->
+    Bin = rand:bytes(Size),
+    Md5 = erlang:md5(Bin),
+    Ref = make_ref(),
+    T0 = erlang:monotonic_time(millisecond),
+    Pid = spawn(Node, ?MODULE, stream_receiver,
+                [self(), Ref, Count, Md5, DelayMs, PauseMs > 0]),
+    Mon = erlang:monitor(process, Pid),
+    timer:sleep(PauseMs),
+    [Pid ! {chunk, Ref, I, Bin} || I <- lists:seq(1, Count)],
+    SendMs = erlang:monotonic_time(millisecond) - T0,
+    receive
+                {stream_done, Ref, Got, Bytes, InOrder, Intact} ->
+                    Total = erlang:monotonic_time(millisecond) - T0,
+                    io_lib:format("ok ~b ~b ~p ~p ~b ~b", [Got, Bytes, InOrder, Intact,
+                                                            SendMs, Total]);
+                {'DOWN', Mon, process, Pid, Reason} ->
+                    io_lib:format("error ~0p", [Reason])
+            after 120000 ->
+                    "error timeout"
+            end.
+
+%% @private Runs on the receiving node of stream/5.
+stream_receiver(From, Ref, Count, Md5, DelayMs, Register) ->
+    Register andalso register(dp_stream_receiver, self()),
+    stream_receiver(From, Ref, Count, Md5, DelayMs, 1, 0, true, true).
+
+stream_receiver(From, Ref, Count, _Md5, _DelayMs, I, Bytes, InOrder, Intact)
+  when I > Count ->
+    From ! {stream_done, Ref, Count, Bytes, InOrder, Intact};
+stream_receiver(From, Ref, Count, Md5, DelayMs, I, Bytes, InOrder, Intact) ->
+    timer:sleep(DelayMs),
+    receive
+        {chunk, Ref, N, Bin} ->
+            stream_receiver(From, Ref, Count, Md5, DelayMs, I + 1,
+                            Bytes + byte_size(Bin), InOrder andalso N =:= I,
+                            Intact andalso erlang:md5(Bin) =:= Md5)
+    after 120000 ->
+            exit({stream_stalled, I})
     end.
 
 pid_creation(Pid) ->
