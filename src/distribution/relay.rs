@@ -155,14 +155,17 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 /// a full window) reads nothing from its source meanwhile, so its source's
 /// close would go unseen and [`both_ways`] would never start the timeout.
 /// A blocked write therefore looks at its source's readiness every
-/// [`WATCH_INTERVAL`]; once the source has closed, the destination
-/// (`still_open`) has `linger` to take the rest of the bytes, as it would
-/// have to close after a half-close.
+/// [`WATCH_INTERVAL`]; once the source has closed, a destination
+/// (`still_open`) that takes nothing for `linger` ends the relay, as one
+/// that kept its side open after a half-close would. A destination that is
+/// slow but takes bytes is never cut: each write that completes starts the
+/// watch afresh.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Watch {
     linger: Option<Duration>,
     still_open: StillOpen,
-    /// When the source was first seen closed during a blocked write.
+    /// When the source was first seen closed during the current blocked
+    /// write.
     closed_since: Option<tokio::time::Instant>,
 }
 
@@ -183,7 +186,7 @@ impl Watch {
 
     /// Runs `write` to its end; while it is blocked, checks
     /// `source_closed` now and then, and fails once the source has been
-    /// closed for the linger.
+    /// closed for the linger without the write completing.
     pub(crate) async fn write<T, F, C>(&mut self, write: F, source_closed: C) -> io::Result<T>
     where
         F: std::future::Future<Output = io::Result<T>>,
@@ -193,6 +196,8 @@ impl Watch {
         let Some(linger) = self.linger else {
             return write.await;
         };
+        // The destination took bytes since the last blocked write.
+        self.closed_since = None;
         tokio::pin!(write);
         // The common case: the destination takes the bytes at once, and no
         // timer is set.
@@ -1146,11 +1151,65 @@ mod tests {
         peer_closes_behind_a_blocked_write(true).await;
     }
 
-    async fn peer_closes_behind_a_blocked_write(buffered: bool) {
-        use tokio::io::AsyncReadExt;
-        let (mut client, peer_side) = tcp_pair().await;
-        // The node's receive buffer is small and it never reads: writes
-        // towards it block after a few KiB.
+    /// A node that is slow but keeps reading is not cut off after the
+    /// peer's close: it gets every byte, however long past the timeout.
+    #[tokio::test]
+    async fn a_slow_node_gets_every_byte_after_the_peers_close() {
+        for buffered in [false, true] {
+            use tokio::io::AsyncReadExt;
+            let (mut client, peer_side) = tcp_pair().await;
+            let (node_side, mut server) = small_buffered_pair().await;
+            let linger = std::time::Duration::from_millis(300);
+            let h = tokio::spawn(async move {
+                let (mut rx, mut tx) = (0, 0);
+                let counters = (&Counter::noop(), &Counter::noop());
+                if buffered {
+                    buffered_both_ways(
+                        peer_side,
+                        node_side,
+                        counters,
+                        &mut rx,
+                        &mut tx,
+                        Some(linger),
+                    )
+                    .await
+                } else {
+                    let options = RelayOptions {
+                        half_close_timeout: Some(linger),
+                        ..RelayOptions::default()
+                    };
+                    tcp_both_ways(peer_side, node_side, counters, &mut rx, &mut tx, options).await
+                }
+            });
+            let sent: Vec<u8> = (0..48u32 << 10).map(|i| (i % 251) as u8).collect();
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            // 4 KiB every 50 ms: about 0.6 s, twice the timeout.
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while got.len() < sent.len() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let n = server.read(&mut chunk).await.unwrap();
+                assert!(
+                    n > 0,
+                    "EOF after {} bytes (buffered: {buffered})",
+                    got.len()
+                );
+                got.extend_from_slice(&chunk[..n]);
+            }
+            assert!(got == sent, "buffered: {buffered}");
+            server.shutdown().await.unwrap();
+            let end = tokio::time::timeout(std::time::Duration::from_secs(5), h)
+                .await
+                .expect("the relay ends once both closed")
+                .unwrap();
+            assert!(end.is_ok(), "buffered: {buffered}: {end:?}");
+        }
+    }
+
+    /// A connection whose accepting end ("the node") has small socket
+    /// buffers: writes towards it block after about 14 KiB.
+    async fn small_buffered_pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpSocket::new_v4().unwrap();
         listener.set_recv_buffer_size(4096).unwrap();
         listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -1161,7 +1220,14 @@ mod tests {
             connector.connect(listener.local_addr().unwrap()),
             listener.accept()
         );
-        let (node_side, mut server) = (node_side.unwrap(), server.unwrap().0);
+        (node_side.unwrap(), server.unwrap().0)
+    }
+
+    async fn peer_closes_behind_a_blocked_write(buffered: bool) {
+        use tokio::io::AsyncReadExt;
+        let (mut client, peer_side) = tcp_pair().await;
+        // The node never reads.
+        let (node_side, mut server) = small_buffered_pair().await;
         let linger = std::time::Duration::from_millis(300);
         let (rx_c, rx_n) = counter();
         let h = tokio::spawn(async move {

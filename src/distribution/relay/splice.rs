@@ -44,7 +44,8 @@
 //! start: the connection would be held until the destination woke (or
 //! `TCP_USER_TIMEOUT` gave up on it). A blocked write therefore looks at its
 //! source's readiness now and then ([`super::Watch`]); once the source has
-//! closed, the destination has the half-close timeout to take the rest.
+//! closed, a destination that takes nothing for the half-close timeout ends
+//! the relay.
 
 use std::io;
 use std::os::fd::OwnedFd;
