@@ -687,36 +687,42 @@ pub enum ConnectError {
 }
 
 /// Connects to `port` on each address in turn, within `deadline` in all.
+///
+/// Each attempt gets an equal share of what is left of the deadline, so an
+/// address that drops the SYN (IPv4 filtered between dual-stack pods, say)
+/// cannot use it all up before the next address (the other family) is
+/// tried; an address that refuses at once leaves its share to the others.
 pub async fn connect_any(
     addrs: &[IpAddr],
     port: u16,
     deadline: Duration,
 ) -> Result<(TcpStream, SocketAddr), ConnectError> {
-    let attempt = async {
-        let mut last = None;
-        for &ip in addrs {
-            let addr = SocketAddr::new(ip, port);
-            match TcpStream::connect(addr).await {
-                Ok(s) => return Ok((s, addr)),
-                Err(source) => {
-                    debug!(%addr, error = %source, "connect attempt failed");
-                    last = Some(ConnectError::Failed { addr, source });
-                }
+    let end = tokio::time::Instant::now() + deadline;
+    let timed_out = || ConnectError::Timeout {
+        addrs: addrs.to_vec(),
+        port,
+    };
+    let mut last = None;
+    for (i, &ip) in addrs.iter().enumerate() {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        let share = left / (addrs.len() - i) as u32;
+        let addr = SocketAddr::new(ip, port);
+        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok((s, addr)),
+            Ok(Err(source)) => {
+                debug!(%addr, error = %source, "connect attempt failed");
+                last = Some(ConnectError::Failed { addr, source });
+            }
+            Err(_) => {
+                debug!(%addr, timeout_ms = share.as_millis() as u64, "connect attempt timed out");
+                last = Some(timed_out());
             }
         }
-        Err(last.unwrap_or(ConnectError::Timeout {
-            addrs: Vec::new(),
-            port,
-        }))
-    };
-    tokio::time::timeout(deadline, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ConnectError::Timeout {
-                addrs: addrs.to_vec(),
-                port,
-            })
-        })
+    }
+    Err(last.unwrap_or_else(timed_out))
 }
 
 #[cfg(test)]

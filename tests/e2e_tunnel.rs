@@ -525,3 +525,77 @@ fn module_node_reaches_a_remote_node_at_once_after_its_sidecar_restarted() {
     );
     sidecar_a.assert_no_misroute();
 }
+
+/// A dual-stack cluster where pod A's sidecar takes distribution over IPv6
+/// only (`--dist-listen [::]:43691`, as where only IPv6 is open between
+/// pods). Pod A's name resolves to both families. Pod B's sidecar must try
+/// both: an IPv4 node (`inet_tcp`) and an IPv6 node (`inet6_tcp`) of pod
+/// B, both with the helper module, reach pod A's node through the tunnel,
+/// over IPv6. The tunnel used to resolve A records only (hickory's default
+/// `Ipv4thenIpv6` asks for AAAA only when there is no A record): it found
+/// no sidecar at pod A's IPv4 address, refused the egress requests, and
+/// the nodes fell back to direct connections, refused for the IPv4 node
+/// (pang) and outside the tunnel (so outside mutual TLS) for the IPv6 one.
+#[test]
+fn tunnel_reaches_a_dual_stack_pod_over_ipv6_when_its_ipv4_port_is_closed() {
+    if !e2e_enabled(
+        "tunnel_reaches_a_dual_stack_pod_over_ipv6_when_its_ipv4_port_is_closed",
+        &["ss"],
+    ) {
+        return;
+    }
+    let lab = Lab::new_dual_stack(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let mut sidecar_a = a.spawn_sidecar(&["--dist-listen", "[::]:43691"]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let mut six = support::beam::ErlangOptions::inet6();
+    six.extra_args.extend(with_module(&ebin).extra_args);
+    let mut a1 = a.spawn_erlang("a1");
+    let mut b4 = b.spawn_erlang_with("b4", &with_module(&ebin));
+    let mut b6 = b.spawn_erlang_with("b6", &six);
+    for node in [&mut a1, &mut b4, &mut b6] {
+        node.wait_ready();
+    }
+    let a1_name = a1.name().to_string();
+    assert_eq!(b4.ping(&a1_name), "pong", "IPv4 node b4 -> a1");
+    assert_eq!(b6.ping(&a1_name), "pong", "IPv6 node b6 -> a1");
+    assert_eq!(b6.rpc_node(&a1_name), a1_name, "rpc b6 -> a1");
+
+    let mb = metrics(b);
+    assert_eq!(
+        metric_sum(
+            &mb,
+            "distproxy_epmd_requests_total",
+            &[("type", "egress"), ("result", "no_remote_sidecar")]
+        ),
+        0.0,
+        "pod B's sidecar found pod A's sidecar:\n{mb}"
+    );
+    assert_eq!(
+        metric_sum(
+            &mb,
+            "distproxy_dist_connections_total",
+            &[("direction", "outbound")]
+        ),
+        2.0,
+        "b4's and b6's connections went out through pod B's sidecar:\n{mb}"
+    );
+    // Both arrived at pod A's distribution port over IPv6, from pod B.
+    let local = format!("[{}]:43691", a.addr6());
+    let peer = format!("[{}]:", b.addr6());
+    let sockets = a.run_ok(
+        "ss",
+        &["-Htn", "state", "established", "( sport = :43691 )"],
+    );
+    assert_eq!(
+        sockets
+            .lines()
+            .filter(|l| l.contains(&local) && l.contains(&peer))
+            .count(),
+        2,
+        "pod A: two tunnel connections {peer}* -> {local}:\n{sockets}"
+    );
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
+}

@@ -21,11 +21,17 @@
 //! - IP literals are answered without any lookup. We short-circuit them
 //!   ourselves too (also in `[...]` brackets), so they never depend on the
 //!   resolver's configuration.
+//! - Its default strategy (`Ipv4thenIpv6`) asks for AAAA records only when
+//!   a name has no A record, so in a dual-stack cluster a pod would be
+//!   reached over IPv4 only, even when its sidecar listens on IPv6 only or
+//!   IPv4 is filtered between the pods. We ask for both (`Ipv4AndIpv6`)
+//!   and order the answer ourselves ([`Family`]): the caller tries each
+//!   address in turn.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use hickory_resolver::config::{ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::TokioResolver;
 use tracing::warn;
@@ -44,6 +50,42 @@ pub enum ResolveError {
     NoAddress { host: String },
 }
 
+/// Which address family to try first when a host has both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4 addresses first (what `getaddrinfo` does for unique local
+    /// IPv6 addresses, and what the node of `inet_tcp` would dial).
+    V4First,
+    /// IPv6 addresses first (what a node of `inet6_tcp` would dial).
+    V6First,
+}
+
+impl Family {
+    /// The family a local peer at `ip` speaks: IPv6 first for an IPv6
+    /// peer (an `inet6_tcp` node on `::1`), IPv4 first otherwise.
+    pub fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => Family::V6First,
+            _ => Family::V4First,
+        }
+    }
+
+    /// `addrs` with this family's addresses first, each family in the
+    /// order given, duplicates dropped.
+    pub fn order(self, addrs: &[IpAddr]) -> Vec<IpAddr> {
+        let first_v6 = self == Family::V6First;
+        let mut out: Vec<IpAddr> = Vec::with_capacity(addrs.len());
+        for pass_v6 in [first_v6, !first_v6] {
+            for ip in addrs.iter().map(|ip| ip.to_canonical()) {
+                if ip.is_ipv6() == pass_v6 && !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Resolves remote hosts; cheap to share (the cache is inside).
 pub struct Resolver {
     inner: TokioResolver,
@@ -58,7 +100,10 @@ impl Resolver {
     /// still work), rather than querying servers the pod was never given.
     pub fn from_system_conf() -> Resolver {
         let inner = match TokioResolver::builder_tokio() {
-            Ok(builder) => builder.build(),
+            Ok(mut builder) => {
+                builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+                builder.build()
+            }
             Err(e) => {
                 warn!(error = %e,
                     "cannot read the system resolver configuration; resolving with /etc/hosts only");
@@ -66,7 +111,11 @@ impl Resolver {
                     ResolverConfig::new(),
                     TokioConnectionProvider::default(),
                 )
-                .with_options(ResolverOpts::default())
+                .with_options({
+                    let mut opts = ResolverOpts::default();
+                    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+                    opts
+                })
                 .build()
             }
         };
@@ -88,12 +137,13 @@ impl Resolver {
         }
     }
 
-    /// Addresses of `host`, in the resolver's preference order (IPv4 first by
-    /// default), within `timeout`.
+    /// Addresses of `host` of both families, `family`'s first, within
+    /// `timeout`.
     pub async fn resolve(
         &self,
         host: &str,
         timeout: Duration,
+        family: Family,
     ) -> Result<Vec<IpAddr>, ResolveError> {
         if let Some((pinned, ip)) = &self.pinned {
             let bare = host.strip_suffix('.').unwrap_or(host);
@@ -118,7 +168,7 @@ impl Resolver {
                 host: host.to_owned(),
                 source,
             })?;
-        let addrs: Vec<IpAddr> = lookup.iter().collect();
+        let addrs = family.order(&lookup.iter().collect::<Vec<_>>());
         if addrs.is_empty() {
             return Err(ResolveError::NoAddress {
                 host: host.to_owned(),
@@ -151,11 +201,33 @@ mod tests {
         assert_eq!(ip_literal("[10.1.2.3"), None);
     }
 
+    #[test]
+    fn addresses_are_ordered_by_the_family_asked_for() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let got = [ip("fd00::2"), ip("10.0.0.2"), ip("fd00::3"), ip("10.0.0.3")];
+        assert_eq!(
+            Family::V4First.order(&got),
+            [ip("10.0.0.2"), ip("10.0.0.3"), ip("fd00::2"), ip("fd00::3")]
+        );
+        assert_eq!(
+            Family::V6First.order(&got),
+            [ip("fd00::2"), ip("fd00::3"), ip("10.0.0.2"), ip("10.0.0.3")]
+        );
+        // An IPv4-mapped answer is the IPv4 address, once.
+        assert_eq!(
+            Family::V6First.order(&[ip("::ffff:10.0.0.2"), ip("10.0.0.2")]),
+            [ip("10.0.0.2")]
+        );
+        assert_eq!(Family::of(ip("::1")), Family::V6First);
+        assert_eq!(Family::of(ip("127.0.0.1")), Family::V4First);
+        assert_eq!(Family::of(ip("::ffff:127.0.0.1")), Family::V4First);
+    }
+
     #[tokio::test]
     async fn literals_need_no_lookup() {
         let r = Resolver::from_system_conf();
         let got = r
-            .resolve("127.0.0.1", Duration::from_millis(1))
+            .resolve("127.0.0.1", Duration::from_millis(1), Family::V6First)
             .await
             .unwrap();
         assert_eq!(got, vec![IpAddr::from([127, 0, 0, 1])]);
@@ -166,10 +238,26 @@ mod tests {
         let ip = IpAddr::from([127, 0, 0, 1]);
         let r = Resolver::pinned_only("Pod-0.svc.test.", ip);
         let t = Duration::from_millis(1);
-        assert_eq!(r.resolve("pod-0.svc.test", t).await.unwrap(), vec![ip]);
-        assert_eq!(r.resolve("POD-0.svc.test.", t).await.unwrap(), vec![ip]);
-        assert!(r.resolve("pod-1.svc.test", t).await.is_err());
-        assert!(r.resolve("10.1.2.3", t).await.is_err(), "not even literals");
+        assert_eq!(
+            r.resolve("pod-0.svc.test", t, Family::V4First)
+                .await
+                .unwrap(),
+            vec![ip]
+        );
+        assert_eq!(
+            r.resolve("POD-0.svc.test.", t, Family::V4First)
+                .await
+                .unwrap(),
+            vec![ip]
+        );
+        assert!(r
+            .resolve("pod-1.svc.test", t, Family::V4First)
+            .await
+            .is_err());
+        assert!(
+            r.resolve("10.1.2.3", t, Family::V4First).await.is_err(),
+            "not even literals"
+        );
     }
 
     #[tokio::test]
@@ -177,7 +265,7 @@ mod tests {
         // Every Linux /etc/hosts names localhost; no name server is asked.
         let r = Resolver::from_system_conf();
         let got = r
-            .resolve("localhost", Duration::from_secs(5))
+            .resolve("localhost", Duration::from_secs(5), Family::V4First)
             .await
             .unwrap();
         assert!(got.iter().all(|ip| ip.is_loopback()), "{got:?}");

@@ -19,6 +19,7 @@ use crate::metrics::{reason, record_closed as closed, record_phase as phase};
 use crate::net::{connect_any, ConnectError};
 use crate::node_name::short_name;
 use crate::tunnel::preamble::Preamble;
+use crate::tunnel::resolve::Family;
 
 use super::{EgressManager, RemoteNode};
 
@@ -69,7 +70,13 @@ impl EgressManager {
         let resolve_start = Instant::now();
         let addrs = match self
             .resolver
-            .resolve(&remote.host, self.settings.resolve_timeout_ms.duration())
+            .resolve(
+                &remote.host,
+                self.settings.resolve_timeout_ms.duration(),
+                // The family the node would have dialled itself: an
+                // `inet6_tcp` node reaches its egress port over `::1`.
+                Family::of(local_peer.ip()),
+            )
             .await
         {
             Ok(a) => a,

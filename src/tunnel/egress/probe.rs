@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::TunnelConfig;
 use crate::net::connect_any;
-use crate::tunnel::resolve::Resolver;
+use crate::tunnel::resolve::{Family, Resolver};
 
 use super::lock;
 
@@ -90,7 +90,7 @@ impl RemoteProbe {
             }
         }
         let deadline = self.settings.resolve_timeout.min(self.settings.timeout);
-        let local = match self.resolver.resolve(host, deadline).await {
+        let local = match self.resolver.resolve(host, deadline, Family::V4First).await {
             Ok(addrs) => addrs.iter().any(|&ip| is_local_address(ip)),
             Err(e) => return Err(e.to_string()),
         };
@@ -135,7 +135,7 @@ impl RemoteProbe {
         let probe = async {
             let addrs = self
                 .resolver
-                .resolve(host, s.resolve_timeout)
+                .resolve(host, s.resolve_timeout, Family::V4First)
                 .await
                 .map_err(|e| format!("cannot resolve: {e}"))?;
             connect_any(&addrs, s.port, s.connect_timeout)
