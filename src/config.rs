@@ -6,7 +6,7 @@
 //! binary reads the configuration, then binds, then serves.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -499,6 +499,20 @@ fn check_listeners_apart(lists: &[(&'static str, &Vec<SocketAddr>)]) -> Result<(
         .flat_map(|(key, addrs)| addrs.iter().map(move |a| (*key, *a)))
         .collect();
     for (i, (key, addr)) in all.iter().enumerate() {
+        // IPv6 listeners are IPv6-only (`net::bind_tcp`), which refuses an
+        // IPv4-mapped address at bind time (EINVAL, exit 1).
+        if let IpAddr::V6(v6) = addr.ip() {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!(
+                        "{addr} is an IPv4-mapped IPv6 address, which an IPv6 listener \
+                         (IPv6 only) cannot bind; write {}",
+                        SocketAddr::new(IpAddr::V4(v4), addr.port())
+                    ),
+                });
+            }
+        }
         for (earlier_key, earlier) in &all[..i] {
             let clash = addr.port() != 0
                 && addr.port() == earlier.port()
@@ -1616,6 +1630,17 @@ mod tests {
                 "[admin]\nlisten = [\"[::1]:43691\"]\n",
                 "admin.listen",
                 "dist.listen",
+            ),
+            // IPv4-mapped: an IPv6-only socket cannot bind it.
+            (
+                "[epmd]\nlisten = \"[::ffff:127.0.0.1]:4369\"\n",
+                "epmd.listen",
+                "write 127.0.0.1:4369",
+            ),
+            (
+                "[dist]\nlisten = [\"0.0.0.0:43691\", \"[::ffff:0.0.0.0]:43692\"]\n",
+                "dist.listen",
+                "write 0.0.0.0:43692",
             ),
         ];
         for (text, key, other) in cases {
