@@ -1032,6 +1032,10 @@ pub struct LimitsConfig {
     /// TLS handshakes in flight at once (inbound and outbound).
     #[serde(default = "default_max_tls_handshakes")]
     pub max_tls_handshakes: usize,
+    /// IPv6 sources are counted by their first this many bits by every
+    /// per-source cap (128: each address on its own, as IPv4 addresses are).
+    #[serde(default = "default_ipv6_source_prefix_len")]
+    pub ipv6_source_prefix_len: u8,
 }
 
 fn default_epmd_max_connections() -> usize {
@@ -1061,6 +1065,12 @@ fn default_max_registered_nodes() -> usize {
 fn default_max_tls_handshakes() -> usize {
     64
 }
+/// Each address on its own: in most IPv6 clusters the pods of one
+/// Kubernetes node share a /64 (the node's pod CIDR), so a shorter prefix
+/// would make them share one pod's caps.
+fn default_ipv6_source_prefix_len() -> u8 {
+    128
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -1074,6 +1084,7 @@ impl Default for LimitsConfig {
             write_timeout_ms: default_write_timeout_ms(),
             max_registered_nodes: default_max_registered_nodes(),
             max_tls_handshakes: default_max_tls_handshakes(),
+            ipv6_source_prefix_len: default_ipv6_source_prefix_len(),
         }
     }
 }
@@ -1104,6 +1115,11 @@ impl LimitsConfig {
             "limits.reserved_local_connections",
             self.reserved_local_connections,
             0..=MAX_COUNT,
+        )?;
+        check_range(
+            "limits.ipv6_source_prefix_len",
+            self.ipv6_source_prefix_len,
+            32..=128,
         )?;
         check_ms("limits.write_timeout_ms", self.write_timeout_ms, 1)
     }
@@ -1664,6 +1680,17 @@ mod tests {
         let err =
             Config::from_toml("[routing]\nloopback_lookups = \"sometimes\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("loopback_lookups"), "{err}");
+        for bad in ["16", "129", "300"] {
+            let text = format!("[limits]\nipv6_source_prefix_len = {bad}\n");
+            let err = Config::from_toml(&text, "t").unwrap_err().to_string();
+            assert!(
+                err.contains("limits.ipv6_source_prefix_len"),
+                "{bad}: {err}"
+            );
+        }
+        let c = Config::from_toml("[limits]\nipv6_source_prefix_len = 64\n", "t").unwrap();
+        assert_eq!(c.limits.ipv6_source_prefix_len, 64);
+        assert_eq!(Config::default().limits.ipv6_source_prefix_len, 128);
         let err = Config::from_toml("[dist]\nbeam_tls = \"decrypt\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("beam_tls"), "{err}");
         let c = Config::from_toml("[dist]\nbeam_tls = \"refuse\"\n", "t").unwrap();

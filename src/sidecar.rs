@@ -219,6 +219,7 @@ impl Sidecar {
             limits.dist_max_connections_per_source,
             limits.reserved_local_connections,
         )
+        .grouping_ipv6(limits.ipv6_source_prefix_len)
         .evicting();
         let open_connections = Arc::new(OpenConnections::default());
         // Validated with the rest of the configuration; compiling cannot fail.
@@ -272,6 +273,7 @@ impl Sidecar {
                 limits.epmd_max_connections_per_source,
                 limits.reserved_local_connections,
             )
+            .grouping_ipv6(limits.ipv6_source_prefix_len)
             .evicting(),
             write_timeout: limits.write_timeout_ms.duration(),
             mirrors,
@@ -329,6 +331,7 @@ impl Sidecar {
                         .reserved_local_connections
                         .min(limits.admin_max_connections),
                 )
+                .grouping_ipv6(limits.ipv6_source_prefix_len)
                 .evicting(),
                 write_timeout: limits.write_timeout_ms.duration(),
                 members_json: {

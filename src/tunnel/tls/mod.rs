@@ -104,6 +104,9 @@ pub struct TlsSettings {
     /// each costs tens of KiB until it completes. Waiting for a slot counts
     /// against the handshake's deadline.
     pub max_handshakes: usize,
+    /// Incoming handshakes from IPv6 addresses share a source's slots by
+    /// this prefix (`limits.ipv6_source_prefix_len`; 128: per address).
+    pub ipv6_source_prefix_len: u8,
 }
 
 impl TlsSettings {
@@ -120,6 +123,7 @@ impl TlsSettings {
             handshake_timeout: config.handshake_timeout_ms.duration(),
             reload_interval: config.reload_interval_ms.duration(),
             max_handshakes: limits.max_tls_handshakes,
+            ipv6_source_prefix_len: limits.ipv6_source_prefix_len,
         })
     }
 }
@@ -269,8 +273,13 @@ impl Tls {
         Ok(Arc::new(Tls {
             handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
             dialled: tokio::sync::Semaphore::new(settings.max_handshakes),
-            sources: slots::SourceSlots::new(settings.max_handshakes),
-            destinations: slots::SourceSlots::new(settings.max_handshakes),
+            sources: slots::SourceSlots::new(
+                settings.max_handshakes,
+                settings.ipv6_source_prefix_len,
+            ),
+            // Other pods, each on its own address even where they share a
+            // prefix (the pods of one Kubernetes node share its /64).
+            destinations: slots::SourceSlots::new(settings.max_handshakes, 128),
             settings,
             provider,
             current: ArcSwap::from_pointee(generation),
