@@ -400,23 +400,36 @@ impl Signals {
 }
 
 fn names(host: &str, port: u16) -> ExitCode {
-    let Some(addr) = resolve(host, port) else {
+    let Some(addrs) = resolve_all(host, port) else {
         return ExitCode::from(EX_USAGE);
     };
-    block_on(distproxy::epmd::cli::print_names(addr))
+    block_on(distproxy::epmd::cli::print_names(&addrs))
 }
 
 /// The first address of `host`, or `None` (said on stderr).
-/// An IPv6 literal may be written in brackets (`[fd00::1]`).
 fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
-    let addr = (distproxy::epmd::cli::unbracket_host(host), port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next());
-    if addr.is_none() {
-        eprintln!("distproxy: cannot resolve host {host}");
+    resolve_all(host, port).map(|addrs| addrs[0])
+}
+
+/// Every address of `host` in the system's order (at least one), or `None`
+/// (said on stderr). An IPv6 literal may be written in brackets
+/// (`[fd00::1]`); `HOST:PORT` is refused saying to use `--port`.
+fn resolve_all(host: &str, port: u16) -> Option<Vec<SocketAddr>> {
+    if host.parse::<SocketAddr>().is_ok() {
+        eprintln!(
+            "distproxy: --host {host} has a port; give the host alone and the port with --port"
+        );
+        return None;
     }
-    addr
+    let addrs: Vec<SocketAddr> = (distproxy::epmd::cli::unbracket_host(host), port)
+        .to_socket_addrs()
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    if addrs.is_empty() {
+        eprintln!("distproxy: cannot resolve host {host}");
+        return None;
+    }
+    Some(addrs)
 }
 
 /// Runs a client command on a fresh runtime.

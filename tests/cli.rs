@@ -276,6 +276,20 @@ fn names_reports_an_unreachable_epmd() {
     );
 }
 
+/// `--host` with a port (`[fd00::1]:4369`, `10.0.0.1:4369`) is a usage
+/// error that says to use `--port`, not "cannot resolve host".
+#[test]
+fn names_refuses_a_host_with_a_port_saying_to_use_port() {
+    for host in ["[fd00:d157::2]:4369", "198.18.0.2:4369"] {
+        let (code, _, stderr) = run(&["names", "--host", host]);
+        assert_eq!(code, 64, "{host}: {stderr}");
+        assert!(
+            stderr.contains("--port") && stderr.contains(host),
+            "{host}: {stderr}"
+        );
+    }
+}
+
 /// `remsh` refuses what it cannot use before starting anything: a name
 /// without a host (64), no cookie (1), an unknown `--via` form (64), a
 /// `--via` host that does not resolve (64, as `names --host`).

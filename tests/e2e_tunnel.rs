@@ -528,7 +528,10 @@ fn module_node_reaches_a_remote_node_at_once_after_its_sidecar_restarted() {
 
 /// A dual-stack cluster where pod A's sidecar takes distribution over IPv6
 /// only (`--dist-listen [::]:43691`, as where only IPv6 is open between
-/// pods). Pod A's name resolves to both families. Pod B's sidecar must try
+/// pods) and EPMD over IPv4 only (`--epmd-listen 0.0.0.0:4369`). Pod A's
+/// name resolves to both families. `distproxy names --host` tries each
+/// address while the connection is refused (glibc puts the IPv6 one
+/// first; it used to try that one only and fail). Pod B's sidecar must try
 /// both: an IPv4 node (`inet_tcp`) and an IPv6 node (`inet6_tcp`) of pod
 /// B, both with the helper module, reach pod A's node through the tunnel,
 /// over IPv6. The tunnel used to resolve A records only (hickory's default
@@ -537,9 +540,9 @@ fn module_node_reaches_a_remote_node_at_once_after_its_sidecar_restarted() {
 /// the nodes fell back to direct connections, refused for the IPv4 node
 /// (pang) and outside the tunnel (so outside mutual TLS) for the IPv6 one.
 #[test]
-fn tunnel_reaches_a_dual_stack_pod_over_ipv6_when_its_ipv4_port_is_closed() {
+fn tunnel_and_names_reach_a_dual_stack_pod_on_the_family_it_listens_on() {
     if !e2e_enabled(
-        "tunnel_reaches_a_dual_stack_pod_over_ipv6_when_its_ipv4_port_is_closed",
+        "tunnel_and_names_reach_a_dual_stack_pod_on_the_family_it_listens_on",
         &["ss"],
     ) {
         return;
@@ -547,7 +550,12 @@ fn tunnel_reaches_a_dual_stack_pod_over_ipv6_when_its_ipv4_port_is_closed() {
     let lab = Lab::new_dual_stack(&["a", "b"]);
     let (a, b) = (lab.pod("a"), lab.pod("b"));
     let ebin = compile_module(&lab);
-    let mut sidecar_a = a.spawn_sidecar(&["--dist-listen", "[::]:43691"]);
+    let mut sidecar_a = a.spawn_sidecar_with(support::SidecarOptions::with_args(&[
+        "--epmd-listen",
+        "0.0.0.0:4369",
+        "--dist-listen",
+        "[::]:43691",
+    ]));
     let mut sidecar_b = b.spawn_sidecar(&[]);
     let mut six = support::beam::ErlangOptions::inet6();
     six.extra_args.extend(with_module(&ebin).extra_args);
@@ -558,6 +566,12 @@ fn tunnel_reaches_a_dual_stack_pod_over_ipv6_when_its_ipv4_port_is_closed() {
         node.wait_ready();
     }
     let a1_name = a1.name().to_string();
+    let names = b.run_ok(&support::distproxy_bin(), &["names", "--host", a.host()]);
+    assert!(
+        names.contains("name a1 at port 43691"),
+        "distproxy names --host {} from pod B:\n{names}",
+        a.host()
+    );
     assert_eq!(b4.ping(&a1_name), "pong", "IPv4 node b4 -> a1");
     assert_eq!(b6.ping(&a1_name), "pong", "IPv6 node b6 -> a1");
     assert_eq!(b6.rpc_node(&a1_name), a1_name, "rpc b6 -> a1");
