@@ -24,7 +24,10 @@
 //! - Its default strategy (`Ipv4thenIpv6`) asks for AAAA records only when
 //!   a name has no A record, so in a dual-stack cluster a pod would be
 //!   reached over IPv4 only, even when its sidecar listens on IPv6 only or
-//!   IPv4 is filtered between the pods. We ask for both (`Ipv4AndIpv6`)
+//!   IPv4 is filtered between the pods. Its `Ipv4AndIpv6` waits for both
+//!   answers, so a name found in `/etc/hosts` for one family waits for a
+//!   name server's answer (or timeout) for the other. We run an IPv4-only
+//!   and an IPv6-only resolver side by side instead ([`Resolver::resolve`])
 //!   and order the answer ourselves ([`Family`]): the caller tries each
 //!   address in turn.
 
@@ -86,41 +89,47 @@ impl Family {
     }
 }
 
-/// Resolves remote hosts; cheap to share (the cache is inside).
+/// Resolves remote hosts; cheap to share (the caches are inside).
 pub struct Resolver {
-    inner: TokioResolver,
+    /// A records only, and AAAA records only: two lookups run side by
+    /// side, so one family's slow or dead name server cannot hold up the
+    /// other's answer (see [`Resolver::resolve`]).
+    v4: TokioResolver,
+    v6: TokioResolver,
     /// `distproxy remsh`: this one host resolves to this address, every
     /// other host to nothing (connections go through one forwarded port).
     pinned: Option<(String, IpAddr)>,
 }
+
+/// Once one family has answered with addresses, how long the other one is
+/// waited for (RFC 8305's "Resolution Delay"): a name server that does not
+/// answer AAAA queries (or A queries, in an IPv6-only cluster) costs this,
+/// not the resolve deadline.
+const RESOLUTION_DELAY: Duration = Duration::from_millis(50);
 
 impl Resolver {
     /// A resolver from the system configuration. If it cannot be read, logs
     /// why and uses one with no name servers (IP literals and `/etc/hosts`
     /// still work), rather than querying servers the pod was never given.
     pub fn from_system_conf() -> Resolver {
-        let inner = match TokioResolver::builder_tokio() {
-            Ok(mut builder) => {
-                builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-                builder.build()
-            }
+        let (config, opts) = match hickory_resolver::system_conf::read_system_conf() {
+            Ok(conf) => conf,
             Err(e) => {
                 warn!(error = %e,
                     "cannot read the system resolver configuration; resolving with /etc/hosts only");
-                TokioResolver::builder_with_config(
-                    ResolverConfig::new(),
-                    TokioConnectionProvider::default(),
-                )
-                .with_options({
-                    let mut opts = ResolverOpts::default();
-                    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-                    opts
-                })
-                .build()
+                (ResolverConfig::new(), ResolverOpts::default())
             }
         };
+        let build = |strategy| {
+            let mut opts = opts.clone();
+            opts.ip_strategy = strategy;
+            TokioResolver::builder_with_config(config.clone(), TokioConnectionProvider::default())
+                .with_options(opts)
+                .build()
+        };
         Resolver {
-            inner,
+            v4: build(LookupIpStrategy::Ipv4Only),
+            v6: build(LookupIpStrategy::Ipv6Only),
             pinned: None,
         }
     }
@@ -138,7 +147,11 @@ impl Resolver {
     }
 
     /// Addresses of `host` of both families, `family`'s first, within
-    /// `timeout`.
+    /// `timeout`. A and AAAA are looked up side by side; once one family
+    /// has addresses, the other gets [`RESOLUTION_DELAY`] more, so a name
+    /// that has one family only, or a name server that never answers for
+    /// the other, costs no more than that. An error is the first family's
+    /// (`family`'s) when neither has an address.
     pub async fn resolve(
         &self,
         host: &str,
@@ -158,23 +171,73 @@ impl Resolver {
         if let Some(ip) = ip_literal(host) {
             return Ok(vec![ip]);
         }
-        let lookup = tokio::time::timeout(timeout, self.inner.lookup_ip(host))
-            .await
-            .map_err(|_| ResolveError::Timeout {
-                host: host.to_owned(),
-                timeout,
-            })?
-            .map_err(|source| ResolveError::Lookup {
-                host: host.to_owned(),
-                source,
-            })?;
-        let addrs = family.order(&lookup.iter().collect::<Vec<_>>());
-        if addrs.is_empty() {
-            return Err(ResolveError::NoAddress {
-                host: host.to_owned(),
-            });
+        let (first, second) = match family {
+            Family::V4First => (&self.v4, &self.v6),
+            Family::V6First => (&self.v6, &self.v4),
+        };
+        let (first, second) = (
+            lookup_family(first, host, timeout),
+            lookup_family(second, host, timeout),
+        );
+        tokio::pin!(first, second);
+        let has_addrs =
+            |r: &Result<Vec<IpAddr>, ResolveError>| r.as_ref().is_ok_and(|a| !a.is_empty());
+        // Whichever answers first; the other then waits at most the
+        // resolution delay if the first had addresses.
+        let (a, b) = tokio::select! {
+            a = &mut first => {
+                let b = if has_addrs(&a) {
+                    tokio::time::timeout(RESOLUTION_DELAY, &mut second).await.ok()
+                } else {
+                    Some((&mut second).await)
+                };
+                (Some(a), b)
+            }
+            b = &mut second => {
+                let a = if has_addrs(&b) {
+                    tokio::time::timeout(RESOLUTION_DELAY, &mut first).await.ok()
+                } else {
+                    Some((&mut first).await)
+                };
+                (a, Some(b))
+            }
+        };
+        let mut addrs = Vec::new();
+        let mut error = None;
+        for result in [a, b].into_iter().flatten() {
+            match result {
+                Ok(found) => addrs.extend(found),
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
         }
-        Ok(addrs)
+        let addrs = family.order(&addrs);
+        if !addrs.is_empty() {
+            return Ok(addrs);
+        }
+        Err(error.unwrap_or(ResolveError::NoAddress {
+            host: host.to_owned(),
+        }))
+    }
+}
+
+/// `host`'s addresses from one single-family resolver, within `timeout`.
+async fn lookup_family(
+    resolver: &TokioResolver,
+    host: &str,
+    timeout: Duration,
+) -> Result<Vec<IpAddr>, ResolveError> {
+    match tokio::time::timeout(timeout, resolver.lookup_ip(host)).await {
+        Err(_) => Err(ResolveError::Timeout {
+            host: host.to_owned(),
+            timeout,
+        }),
+        Ok(Err(source)) => Err(ResolveError::Lookup {
+            host: host.to_owned(),
+            source,
+        }),
+        Ok(Ok(found)) => Ok(found.iter().collect()),
     }
 }
 
