@@ -200,6 +200,9 @@ fn main() -> ExitCode {
             Ok(config) => {
                 print!("{}", config.to_toml());
                 eprintln!("configuration {} is valid", file.display());
+                for note in start_notes(&config) {
+                    eprintln!("note: {note}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -491,6 +494,36 @@ fn members(host: &str, port: u16, all: bool) -> ExitCode {
             }
         }
     })
+}
+
+/// What `run` would refuse at start in this environment although the file
+/// is valid: what the file names but only `run` loads (an unset `${VAR}` in
+/// `discovery.host`, `[tls]` files that are not there). `check-config`
+/// says so and still exits 0: the file may be checked where the pod's
+/// environment and Secrets are not.
+fn start_notes(config: &Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Err(e) =
+        distproxy::discovery::Settings::from_config(&config.discovery, |k| std::env::var(k).ok())
+    {
+        notes.push(format!(
+            "{e}: `run` refuses to start unless it is set (in a pod, by its env or the downward API)"
+        ));
+    }
+    let tls = &config.tls;
+    for (key, path) in [
+        ("tls.cert_file", &tls.cert_file),
+        ("tls.key_file", &tls.key_file),
+        ("tls.ca_file", &tls.ca_file),
+    ] {
+        if let Some(path) = path.as_ref().filter(|p| !p.exists()) {
+            notes.push(format!(
+                "`{key}` {} does not exist here: `run` refuses to start without it",
+                path.display()
+            ));
+        }
+    }
+    notes
 }
 
 /// `distproxy epmd …` / invoked as `epmd`: serves, or runs one of `epmd`'s

@@ -203,6 +203,58 @@ fn epmd_daemon_reports_a_bad_configuration_before_it_detaches() {
 /// The global `--log-format` before the `epmd` command is honoured: the
 /// drop-in serves and logs JSON lines. It set up logging twice and
 /// panicked (exit 101) with any global option before `epmd`.
+/// A valid file that `run` would still refuse here (an unset `${VAR}` in
+/// `discovery.host`, `[tls]` files not present) passes `check-config` with
+/// a note for each, so a pipeline checking the file learns it; with the
+/// variable set and the files there, no note.
+#[test]
+fn check_config_notes_what_run_would_refuse_in_this_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    let write = |cert: &std::path::Path| {
+        std::fs::write(
+            &file,
+            format!(
+                "[discovery]\nservice = \"app-headless.ns.svc\"\nhost = \"${{DP_TEST_POD_IP}}\"\n\
+                 [tls]\ncert_file = \"{0}\"\nkey_file = \"{0}\"\nca_file = \"{0}\"\n",
+                cert.display()
+            ),
+        )
+        .unwrap();
+    };
+    let missing = dir.path().join("absent.pem");
+    write(&missing);
+    let out = Command::new(BIN)
+        .args(["check-config", file.to_str().unwrap()])
+        .env_remove("DP_TEST_POD_IP")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("note:") && stderr.contains("DP_TEST_POD_IP"),
+        "{stderr}"
+    );
+    for key in ["tls.cert_file", "tls.key_file", "tls.ca_file"] {
+        assert!(
+            stderr.contains(&format!("`{key}` {}", missing.display())),
+            "{stderr}"
+        );
+    }
+
+    let present = dir.path().join("present.pem");
+    std::fs::write(&present, "x").unwrap();
+    write(&present);
+    let out = Command::new(BIN)
+        .args(["check-config", file.to_str().unwrap()])
+        .env("DP_TEST_POD_IP", "198.18.0.2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("note:"), "{stderr}");
+}
+
 #[test]
 fn epmd_drop_in_serves_with_a_global_log_format() {
     let dir = tempfile::tempdir().unwrap();
