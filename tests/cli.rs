@@ -255,8 +255,9 @@ fn check_config_notes_what_run_would_refuse_in_this_environment() {
     assert!(!stderr.contains("note:"), "{stderr}");
 }
 
-#[test]
-fn epmd_drop_in_serves_with_a_global_log_format() {
+/// A configuration for the `epmd` drop-in that binds nothing but its
+/// EPMD port (distribution on port 0, no admin), in a temporary directory.
+fn epmd_drop_in_config() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(
@@ -264,6 +265,12 @@ fn epmd_drop_in_serves_with_a_global_log_format() {
         "[dist]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n",
     )
     .unwrap();
+    (dir, config)
+}
+
+#[test]
+fn epmd_drop_in_serves_with_a_global_log_format() {
+    let (dir, config) = epmd_drop_in_config();
     let port = distproxy_testkit::ports::free_ports::<1>()[0].to_string();
     let log = dir.path().join("stderr.log");
     let mut child = Command::new(BIN)
@@ -307,13 +314,7 @@ fn epmd_drop_in_serves_with_a_global_log_format() {
 fn epmd_packet_timeout_closes_an_incomplete_request_sooner() {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        "[dist]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n",
-    )
-    .unwrap();
+    let (_dir, config) = epmd_drop_in_config();
     // How long a half-sent request stays open, at most `limit`.
     let held_for = |extra: &[&str], limit: Duration| -> Duration {
         let port = distproxy_testkit::ports::free_ports::<1>()[0];
