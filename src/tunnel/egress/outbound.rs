@@ -221,7 +221,7 @@ impl EgressManager {
         };
         // Freed before relaying: an idle connection holds no setup buffer.
         drop((head, prefix, preamble));
-        let (stats, outcome) = self.forward.relay(guard, remote, local, pre, false).await;
+        let (stats, outcome, _guard) = self.forward.relay(guard, remote, local, pre, false).await;
         if stats.rx == 0 {
             // Not even the node's handshake status came back: the remote
             // sidecar most likely closed the tunnel before routing it, and
