@@ -145,3 +145,74 @@ fn a_draining_tls_sidecar_closes_its_tunnels_cleanly_and_its_pod_is_reached_afte
     assert_eq!(a2.ping(&b.node_name("b1")), "pong");
     sidecar_b.assert_no_misroute();
 }
+
+/// Mid-rollout, a pod whose sidecar has `[tls]` (not required yet) and
+/// nodes with the helper module meets a pod still on the old
+/// configuration, without `[tls]` (the upgrade done in the wrong order):
+/// its nodes' tunnels to the old pod fail at once (no hang), are counted on
+/// both sides, and both logs say why; the old pod's nodes still reach it,
+/// through their plaintext tunnel and through plain distribution.
+#[test]
+fn a_tls_pod_meeting_a_pod_without_tls_fails_fast_and_says_why() {
+    if !e2e_enabled(
+        "a_tls_pod_meeting_a_pod_without_tls_fails_fast_and_says_why",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let opts = with_module(&compile_module(&lab));
+    let ca = Ca::new("dp-e2e-ca");
+    let (config_a, _secret_a) = tls_config(&lab, &ca, a, "");
+    let config_a = config_a.replace("require_tls = true", "require_tls = false");
+    let sidecar_a = a.spawn_sidecar_with(SidecarOptions::default().config(&config_a));
+    let sidecar_b = b.spawn_sidecar(&[]);
+    let mut a1 = a.spawn_erlang_with("a1", &opts);
+    let mut b1 = b.spawn_erlang_with("b1", &opts);
+    let mut b2 = b.spawn_erlang("b2");
+    a1.wait_ready();
+    b1.wait_ready();
+    b2.wait_ready();
+
+    let started = std::time::Instant::now();
+    assert_eq!(a1.ping(&b.node_name("b1")), "pang");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the failed tunnel took {:?}",
+        started.elapsed()
+    );
+    let ma = metrics(a);
+    assert!(
+        metric_sum(
+            &ma,
+            "distproxy_tls_handshake_failures_total",
+            &[("side", "connect")]
+        ) >= 1.0,
+        "{ma}"
+    );
+    let mb = metrics(b);
+    assert!(
+        metric_sum(
+            &mb,
+            "distproxy_connections_closed_total",
+            &[("reason", "refused_by_policy")]
+        ) >= 1.0,
+        "{mb}"
+    );
+    sidecar_b.wait_log(
+        "TLS connection on the distribution port, but [tls] is not configured",
+        1,
+        Duration::from_secs(5),
+    );
+    sidecar_a.wait_log(
+        "the remote sidecar closed the TLS handshake; it may have no [tls]",
+        1,
+        Duration::from_secs(5),
+    );
+
+    // The old pod's nodes reach the new one (require_tls is off there).
+    assert_eq!(b1.ping(&a.node_name("a1")), "pong");
+    assert_eq!(b2.ping(&a.node_name("a1")), "pong");
+    assert_eq!(b2.rpc_node(&a.node_name("a1")), a.node_name("a1"));
+}
