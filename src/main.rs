@@ -120,10 +120,23 @@ fn init_logging_at(format: LogFormat, default: &str) {
         LogFormat::Text => builder
             .with_writer(|| EscapingWriter::text(std::io::stderr()))
             .init(),
-        LogFormat::Json => builder
-            .json()
-            .with_writer(|| EscapingWriter::json(std::io::stderr()))
-            .init(),
+        LogFormat::Json => {
+            builder
+                .json()
+                .with_writer(|| EscapingWriter::json(std::io::stderr()))
+                .init();
+            // A panic is a bug; its report stays a JSON line too.
+            std::panic::set_hook(Box::new(|info| {
+                let (message, location) = distproxy::log_safe::panic_report(info);
+                // With RUST_BACKTRACE set; the field is left out otherwise.
+                let backtrace = std::backtrace::Backtrace::capture();
+                let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+                    .then(|| backtrace.to_string());
+                let thread = std::thread::current();
+                error!(%location, thread = thread.name().unwrap_or("unnamed"),
+                    backtrace, "panic: {message}");
+            }));
+        }
     }
     if let Some((value, e)) = invalid {
         warn!(DISTPROXY_LOG = %value, error = %e, filter = default,
@@ -497,6 +510,7 @@ fn epmd_main(args: &[String], log_format: LogFormat) -> ExitCode {
         listen,
         daemon,
         relaxed_command_check,
+        packet_timeout,
     } = action
     else {
         return block_on(async move { cli::run_client(&action).await });
@@ -513,6 +527,14 @@ fn epmd_main(args: &[String], log_format: LogFormat) -> ExitCode {
         },
         None => Config::embedded_default(),
     };
+    if let Some(timeout) = packet_timeout {
+        config.epmd.idle_timeout_ms =
+            distproxy::config::Millis(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        if let Err(e) = config.validate() {
+            eprintln!("epmd: -packet_timeout: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
     if daemon {
         return cli::daemonize(args);
     }

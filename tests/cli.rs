@@ -247,6 +247,64 @@ fn epmd_drop_in_serves_with_a_global_log_format() {
     }
 }
 
+/// `epmd -packet_timeout N` is the idle deadline of an incomplete request,
+/// as in `epmd`: with 1 s, a request that sends half its length is closed
+/// after about a second; without it the default (10 s) still holds it at
+/// 3 s.
+#[test]
+fn epmd_packet_timeout_closes_an_incomplete_request_sooner() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[dist]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n",
+    )
+    .unwrap();
+    // How long a half-sent request stays open, at most `limit`.
+    let held_for = |extra: &[&str], limit: Duration| -> Duration {
+        let port = distproxy_testkit::ports::free_ports::<1>()[0];
+        let mut child = Command::new(BIN)
+            .args(["epmd", "-port", &port.to_string(), "-address", "127.0.0.1"])
+            .args(extra)
+            .env("DISTPROXY_CONFIG", &config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut conn = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => panic!("epmd not serving: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        // The high byte of a length: a request that never completes.
+        conn.write_all(&[0]).unwrap();
+        conn.set_read_timeout(Some(limit)).unwrap();
+        let start = Instant::now();
+        let mut buf = [0u8; 1];
+        // Closed (0 or a reset), or still open when the timeout ends it.
+        let _ = conn.read(&mut buf);
+        let held = start.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        held
+    };
+    let with_option = held_for(&["-packet_timeout", "1"], Duration::from_secs(8));
+    assert!(
+        with_option >= Duration::from_millis(900) && with_option < Duration::from_secs(6),
+        "closed after {with_option:?} with -packet_timeout 1"
+    );
+    let without = held_for(&[], Duration::from_secs(3));
+    assert!(
+        without >= Duration::from_millis(2900),
+        "the default idle deadline closed it after {without:?}"
+    );
+}
+
 #[test]
 fn usage_errors_exit_64_and_help_exits_0() {
     assert_eq!(run(&["run", "--no-such-flag"]).0, 64);
