@@ -242,6 +242,54 @@ async fn sigterm_drains_in_flight_connections_then_exits_zero() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// SIGTERM, then the grace period ends with connections still relayed
+/// (a rollout's drain: the pods' nodes stay connected): every one of them
+/// is closed and logged with its `distribution connection ended` line
+/// (`outcome=stopped at shutdown`), as docs/operations.md says of every
+/// relayed connection. The accept loop's hard stop used to drop a
+/// connection's task in a race with the relay's own stop, so about half of
+/// the lines were missing (and a TLS leg was cut without close_notify).
+#[tokio::test]
+async fn every_connection_cut_by_the_end_of_the_grace_period_is_logged() {
+    const CONNECTIONS: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = dir.path().join("distproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[epmd]\nlisten = [\"127.0.0.1:{}\"]\n[dist]\nlisten = \"127.0.0.1:{}\"\nshutdown_grace_ms = 500\n[routing]\nloopback_lookups = \"proxy\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+            ports.epmd, ports.dist, ports.admin
+        ),
+    )
+    .unwrap();
+    let mut p = spawn_logged(dir.path(), &config, &[], ports.admin).await;
+    let _pod = FakePod::start(loopback(ports.epmd), &["held"]).await;
+    let mut held = Vec::new();
+    for i in 0..CONNECTIONS {
+        let (s, answered) = dial_as(loopback(ports.dist), &format!("x{i}@remote")).await;
+        assert_eq!(answered, "held@fake.host");
+        held.push(s);
+    }
+    p.signal("TERM");
+    let status = p
+        .wait_exit(Duration::from_secs(10))
+        .expect("did not exit after the grace period");
+    assert_eq!(status.code(), Some(0), "{status}");
+    let log = p.log_text();
+    let ended = log
+        .lines()
+        .filter(|l| {
+            l.contains("distribution connection ended") && l.contains("stopped at shutdown")
+        })
+        .count();
+    assert_eq!(
+        ended, CONNECTIONS,
+        "connections cut without their line:\n{log}"
+    );
+    drop(held);
+}
+
 #[tokio::test]
 async fn second_signal_exits_at_once() {
     let (_dir, mut p, dist, _pod) = running_with_node("idle").await;
