@@ -168,6 +168,81 @@ async fn registrations_survive_kill_9_through_the_state_file() {
     assert_ne!(r4.creation, r1.creation);
 }
 
+/// A node that registers again the moment its sidecar restarts gets the
+/// creation after the remembered one (the file is read before the EPMD
+/// server accepts; it used to race the first registrations and hand out a
+/// random one), and an adoption that finds it registered already says so
+/// at INFO rather than warning.
+#[tokio::test]
+async fn a_node_registering_at_once_after_a_restart_gets_the_next_creation() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("registry.json");
+    let node = FakeNode::start("early", "127.0.0.1:0").await;
+    // A full file of remembered names (what a busy pod accumulates), and
+    // `early` as a live node at its port with creation 7.
+    let mut creations: Vec<String> = (0..999)
+        .map(|i| format!("\"{}{i:04}\": 9", "n".repeat(200)))
+        .collect();
+    creations.push("\"early\": 7".to_string());
+    std::fs::write(
+        &state,
+        format!(
+            "{{\"version\": 1, \"nodes\": [{{\"name\": \"early\", \"port\": {}, \
+             \"node_type\": 77, \"protocol\": 0, \"highest_version\": 6, \
+             \"lowest_version\": 5, \"extra_hex\": \"\", \"addr\": \"127.0.0.1\", \
+             \"creation\": 7}}], \"creations\": {{{}}}}}",
+            node.port,
+            creations.join(", ")
+        ),
+    )
+    .unwrap();
+    let ports = Ports::free();
+    let config = write_config(
+        dir.path(),
+        &ports,
+        &format!("state_file = {:?}", state.display().to_string()),
+    );
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let log = dir.path().join("stderr.log");
+    let p = Proc::spawn(
+        "distproxy",
+        Command::new(distproxy_testkit::distproxy_bin!())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+        &log,
+    );
+    // Registers as soon as the port takes connections.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (_conn, reply) = loop {
+        match client::register(epmd, spec("early", node.port)).await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() > deadline => panic!("no registration: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    };
+    assert_eq!(reply.result, 0);
+    assert_eq!(reply.creation, 8, "not the creation after the remembered 7");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            // Whichever came first: the registration (nothing to adopt)
+            // or the adoption (superseded by the registration).
+            let log = p.log_text();
+            log.contains("remembered node has registered again")
+                || log.contains("adopted node re-registered")
+        })
+        .await,
+        "{}",
+        p.log_text()
+    );
+    assert!(
+        !p.log_text().contains("cannot adopt remembered node"),
+        "{}",
+        p.log_text()
+    );
+}
+
 #[tokio::test]
 async fn corrupt_state_file_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
