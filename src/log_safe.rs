@@ -184,8 +184,53 @@ impl<W: Write> Write for EscapingWriter<W> {
     }
 }
 
+/// What a panic says: its message and where it happened. With
+/// `--log-format json` the binary logs a panic through `tracing` with these
+/// fields, so a log collector gets one more JSON line instead of the
+/// default hook's plain text (which it would drop or split).
+pub fn panic_report(info: &std::panic::PanicHookInfo<'_>) -> (String, String) {
+    let payload = info.payload();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic without a message)".to_string());
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+        .unwrap_or_default();
+    (message, location)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_panic_report_has_the_message_and_where_it_happened() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&seen);
+        // Only this thread's panic is recorded: other tests may panic on
+        // purpose while the hook is set.
+        let me = std::thread::current().id();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().id() == me {
+                sink.lock().unwrap().push(panic_report(info));
+            }
+        }));
+        let line = line!() + 1;
+        let _ = std::panic::catch_unwind(|| panic!("boom {}", 42));
+        let _ = std::panic::catch_unwind(|| std::panic::panic_any(7u8));
+        std::panic::set_hook(previous);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].0, "boom 42");
+        assert!(
+            seen[0].1.starts_with(&format!("src/log_safe.rs:{line}:")),
+            "{:?}",
+            seen[0].1
+        );
+        assert_eq!(seen[1].0, "(a panic without a message)");
+    }
     use super::*;
 
     #[test]

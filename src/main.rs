@@ -120,10 +120,23 @@ fn init_logging_at(format: LogFormat, default: &str) {
         LogFormat::Text => builder
             .with_writer(|| EscapingWriter::text(std::io::stderr()))
             .init(),
-        LogFormat::Json => builder
-            .json()
-            .with_writer(|| EscapingWriter::json(std::io::stderr()))
-            .init(),
+        LogFormat::Json => {
+            builder
+                .json()
+                .with_writer(|| EscapingWriter::json(std::io::stderr()))
+                .init();
+            // A panic is a bug; its report stays a JSON line too.
+            std::panic::set_hook(Box::new(|info| {
+                let (message, location) = distproxy::log_safe::panic_report(info);
+                // With RUST_BACKTRACE set; the field is left out otherwise.
+                let backtrace = std::backtrace::Backtrace::capture();
+                let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+                    .then(|| backtrace.to_string());
+                let thread = std::thread::current();
+                error!(%location, thread = thread.name().unwrap_or("unnamed"),
+                    backtrace, "panic: {message}");
+            }));
+        }
     }
     if let Some((value, e)) = invalid {
         warn!(DISTPROXY_LOG = %value, error = %e, filter = default,
@@ -187,6 +200,9 @@ fn main() -> ExitCode {
             Ok(config) => {
                 print!("{}", config.to_toml());
                 eprintln!("configuration {} is valid", file.display());
+                for note in start_notes(&config) {
+                    eprintln!("note: {note}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -493,6 +509,36 @@ fn members(host: &str, port: u16, all: bool) -> ExitCode {
     })
 }
 
+/// What `run` would refuse at start in this environment although the file
+/// is valid: what the file names but only `run` loads (an unset `${VAR}` in
+/// `discovery.host`, `[tls]` files that are not there). `check-config`
+/// says so and still exits 0: the file may be checked where the pod's
+/// environment and Secrets are not.
+fn start_notes(config: &Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Err(e) =
+        distproxy::discovery::Settings::from_config(&config.discovery, |k| std::env::var(k).ok())
+    {
+        notes.push(format!(
+            "{e}: `run` refuses to start unless it is set (in a pod, by its env or the downward API)"
+        ));
+    }
+    let tls = &config.tls;
+    for (key, path) in [
+        ("tls.cert_file", &tls.cert_file),
+        ("tls.key_file", &tls.key_file),
+        ("tls.ca_file", &tls.ca_file),
+    ] {
+        if let Some(path) = path.as_ref().filter(|p| !p.exists()) {
+            notes.push(format!(
+                "`{key}` {} does not exist here: `run` refuses to start without it",
+                path.display()
+            ));
+        }
+    }
+    notes
+}
+
 /// `distproxy epmd …` / invoked as `epmd`: serves, or runs one of `epmd`'s
 /// client commands (`distproxy::epmd::cli`).
 /// `log_format`: `distproxy --log-format json epmd …`.
@@ -510,6 +556,7 @@ fn epmd_main(args: &[String], log_format: LogFormat) -> ExitCode {
         listen,
         daemon,
         relaxed_command_check,
+        packet_timeout,
     } = action
     else {
         return block_on(async move { cli::run_client(&action).await });
@@ -526,6 +573,14 @@ fn epmd_main(args: &[String], log_format: LogFormat) -> ExitCode {
         },
         None => Config::embedded_default(),
     };
+    if let Some(timeout) = packet_timeout {
+        config.epmd.idle_timeout_ms =
+            distproxy::config::Millis(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        if let Err(e) = config.validate() {
+            eprintln!("epmd: -packet_timeout: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
     if daemon {
         return cli::daemonize(args);
     }

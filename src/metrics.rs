@@ -10,6 +10,8 @@ pub const REGISTERED_NODES: &str = "distproxy_registered_nodes";
 pub const EPMD_REQUESTS: &str = "distproxy_epmd_requests_total";
 pub const LOOKUPS_HELD: &str = "distproxy_lookups_held_total";
 pub const LOOKUP_HOLD_SECONDS: &str = "distproxy_lookup_hold_seconds";
+/// Remote lookups being held back right now (waiting for their turn).
+pub const LOOKUPS_WAITING: &str = "distproxy_lookups_waiting";
 /// Recorded lookups dropped because their requester went away, by reason.
 pub const LOOKUPS_DROPPED: &str = "distproxy_lookups_dropped_total";
 pub const ROUTES: &str = "distproxy_routes_total";
@@ -321,6 +323,11 @@ pub fn describe() {
     );
     describe_gauge!(BUILD_INFO, "Build information; value is always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    describe_gauge!(
+        LOOKUPS_WAITING,
+        "Remote lookups being held back by per-peer serialisation right now."
+    );
+    metrics::gauge!(LOOKUPS_WAITING).set(0.0);
     export_rare_events_at_zero();
 }
 

@@ -645,10 +645,15 @@ pub struct Stop {
     pub connections: CancellationToken,
 }
 
+/// How long a connection task may take to end by itself once the hard stop
+/// fired (a relay logs its end and closes its legs) before it is dropped.
+const HARD_STOP_LINGER: Duration = Duration::from_millis(200);
+
 /// Accepts connections until `stop.accepting`, spawning `handler(stream,
 /// peer, permit)` on `tracker` for each one `admission` takes; each
-/// handler is dropped when `stop.connections` is cancelled, so the hard
-/// stop reaches every task. Accept errors are logged (rate-limited) and
+/// handler is dropped at the latest [`HARD_STOP_LINGER`] after
+/// `stop.connections` is cancelled, so the hard stop reaches every task
+/// (relays, which watch it, end themselves first and log their end). Accept errors are logged (rate-limited) and
 /// the loop goes on after a short pause.
 pub async fn accept_loop<A, H, F>(
     what: &'static str,
@@ -684,10 +689,20 @@ pub async fn accept_loop<A, H, F>(
                             None => std::future::pending().await,
                         }
                     };
+                    let mut task = std::pin::pin!(task);
                     tokio::select! {
-                        _ = hard_stop.cancelled() => {}
+                        // The task first: a relay that sees the hard stop
+                        // itself ends with its line (`stopped at shutdown`);
+                        // dropped in a race with it, it ended unlogged.
+                        biased;
+                        _ = &mut task => {}
                         _ = evicted => {}
-                        _ = task => {}
+                        _ = hard_stop.cancelled() => {
+                            // A task that watches the hard stop finishes
+                            // within this; one waiting elsewhere (a stalled
+                            // handshake) is dropped after it.
+                            let _ = tokio::time::timeout(HARD_STOP_LINGER, task).await;
+                        }
                     }
                 });
             }

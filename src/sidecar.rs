@@ -310,7 +310,10 @@ impl Sidecar {
         }
         tracker.spawn(Arc::clone(&discovery).run(shutdown.clone()));
         if let Some(path) = config.epmd.state_file.clone() {
-            tracker.spawn(crate::epmd::state::start(Arc::clone(&epmd), path));
+            // Before the EPMD server accepts: a node registering again at
+            // once gets the next creation, not a random one.
+            let state = crate::epmd::state::prepare(&registry, &path);
+            tracker.spawn(crate::epmd::state::start(Arc::clone(&epmd), path, state));
         }
         if !listeners.admin.is_empty() {
             let admin = Arc::new(AdminCtx {

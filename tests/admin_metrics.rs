@@ -344,3 +344,54 @@ async fn a_probe_is_answered_while_unfinished_requests_fill_the_limit() {
         "evictions counted: {before} -> {after}"
     );
 }
+
+/// `distproxy_lookups_waiting` shows a lookup held behind another node's
+/// pending answer while it waits, and drops back when it is answered.
+#[tokio::test]
+async fn a_held_lookup_is_in_the_waiting_gauge_until_answered() {
+    let sc = start_with_admin(proxy_config());
+    let admin = sc.admin_addr.unwrap();
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let a = FakeNode::start("waiting_a", "127.0.0.1:0").await;
+    let b = FakeNode::start("waiting_b", "127.0.0.1:0").await;
+    let _ra = client::register(epmd, spec("waiting_a", a.port))
+        .await
+        .unwrap();
+    let _rb = client::register(epmd, spec("waiting_b", b.port))
+        .await
+        .unwrap();
+    let waiting = |m: &Samples| get(m, "distproxy_lookups_waiting", &[]);
+    assert!(
+        scrape(admin)
+            .await
+            .contains_key(&("distproxy_lookups_waiting".to_string(), vec![])),
+        "the gauge is exported before any lookup"
+    );
+
+    client::port_please(epmd, "waiting_a").await.unwrap();
+    // From the same peer, a lookup of another node waits for a's connection.
+    let held = tokio::spawn(async move { client::port_please(epmd, "waiting_b").await });
+    let mut seen = 0.0;
+    for _ in 0..100 {
+        seen = waiting(&scrape(admin).await);
+        if seen >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen >= 1.0, "held lookup not in the gauge: {seen}");
+    assert!(!held.is_finished(), "the lookup of b was not held");
+
+    let (_sa, answered) = dial_as(dist, "peer@remote").await;
+    assert_eq!(answered, "waiting_a@fake.host");
+    held.await.unwrap().unwrap();
+    let mut left = seen;
+    for _ in 0..100 {
+        left = waiting(&scrape(admin).await);
+        if left == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0.0, "an answered lookup is still counted as waiting");
+}

@@ -59,6 +59,7 @@ KNOWN_METRICS = {
     "distproxy_epmd_requests_total",
     "distproxy_lookups_held_total",
     "distproxy_lookup_hold_seconds",
+    "distproxy_lookups_waiting",
     "distproxy_routes_total",
     "distproxy_dist_connections_open",
     "distproxy_dist_connections_total",

@@ -186,20 +186,15 @@ where
     N: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rx, mut tx) = (0u64, 0u64);
-    let result = {
-        let both = copy_both_ways(
-            peer,
-            node,
-            (&rx_bytes, &tx_bytes),
-            &mut rx,
-            &mut tx,
-            options,
-        );
-        tokio::select! {
-            r = both => Some(r),
-            _ = stop.cancelled() => None,
-        }
-    };
+    let result = copy_both_ways(
+        peer,
+        node,
+        (&rx_bytes, &tx_bytes),
+        (&mut rx, &mut tx),
+        stop,
+        options,
+    )
+    .await;
     let stats = RelayStats { rx, tx };
     match result {
         Some(Ok(())) => RelayEnd::Closed(stats),
@@ -241,14 +236,15 @@ fn path_taken(path: &'static str) {
     metrics::counter!(m::RELAY_CONNECTIONS, "path" => path).increment(1);
 }
 
+/// Both directions until they end (`Some`) or `stop` fires (`None`).
 async fn copy_both_ways<P, N>(
     peer: P,
     node: N,
     (rx_bytes, tx_bytes): (&Counter, &Counter),
-    rx: &mut u64,
-    tx: &mut u64,
+    (rx, tx): (&mut u64, &mut u64),
+    stop: &CancellationToken,
     options: RelayOptions<'_>,
-) -> io::Result<()>
+) -> Option<io::Result<()>>
 where
     P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     N: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -258,17 +254,40 @@ where
     let (peer, node): (Owned, Owned) = (Box::new(peer), Box::new(node));
     let (peer, node) = match (peer.downcast::<TcpStream>(), node.downcast::<TcpStream>()) {
         (Ok(p), Ok(n)) => {
-            return tcp_both_ways(*p, *n, (rx_bytes, tx_bytes), rx, tx, options).await
+            // Dropped at the stop: both sockets close (FIN).
+            return tokio::select! {
+                r = tcp_both_ways(*p, *n, (rx_bytes, tx_bytes), rx, tx, options) => Some(r),
+                _ = stop.cancelled() => None,
+            };
         }
         (p, n) => (unbox::<P>(p), unbox::<N>(n)),
     };
     path_taken(m::relay_path::BUFFERED);
-    let (peer_r, peer_w) = tokio::io::split(peer);
-    let (node_r, node_w) = tokio::io::split(node);
-    let to_node = copy_one_way(peer_r, node_w, rx_bytes, rx);
-    let to_peer = copy_one_way(node_r, peer_w, tx_bytes, tx);
-    both_ways(to_node, to_peer, options.half_close_timeout).await
+    let (peer_r, mut peer_w) = tokio::io::split(peer);
+    let (node_r, mut node_w) = tokio::io::split(node);
+    let result = {
+        let to_node = copy_one_way(peer_r, &mut node_w, rx_bytes, rx);
+        let to_peer = copy_one_way(node_r, &mut peer_w, tx_bytes, tx);
+        tokio::select! {
+            r = both_ways(to_node, to_peer, options.half_close_timeout) => Some(r),
+            _ = stop.cancelled() => None,
+        }
+    };
+    if result.is_none() {
+        // Closed deliberately: a TLS leg gets its close_notify, so the far
+        // sidecar sees the end of a connection, not a truncation (it logged
+        // `peer closed connection without sending TLS close_notify`).
+        let _ = tokio::time::timeout(STOP_SHUTDOWN, async {
+            let _ = tokio::join!(peer_w.shutdown(), node_w.shutdown());
+        })
+        .await;
+    }
+    result
 }
+
+/// How long the legs of a relay stopped by the hard stop may take to
+/// close cleanly (TLS close_notify) before they are dropped.
+const STOP_SHUTDOWN: Duration = Duration::from_millis(100);
 
 /// Which side kept its direction open past `relay.half_close_timeout_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

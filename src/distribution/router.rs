@@ -282,6 +282,24 @@ pub enum LookupOutcome {
 /// at most this long (plus the time the joined connections take).
 pub const JOIN_WINDOW: Duration = Duration::from_millis(250);
 
+/// One lookup held right now, in the `lookups_waiting` gauge while it
+/// lives (a dropped lookup future drops it too).
+struct Waiting(metrics::Gauge);
+
+impl Waiting {
+    fn start() -> Waiting {
+        let gauge = metrics::gauge!(crate::metrics::LOOKUPS_WAITING);
+        gauge.increment(1.0);
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 /// Async front of the table: holds lookups until they may be answered.
 pub struct Correlator {
     table: Mutex<CorrelationTable>,
@@ -347,9 +365,13 @@ impl Correlator {
         let start = Instant::now();
         let give_up = start + self.max_hold;
         let gate = self.gate(peer);
+        // Counted in `lookups_waiting` from the first wait until answered,
+        // given up or dropped.
+        let mut waiting: Option<Waiting> = None;
         let (_turn, mut waited) = match gate.try_lock() {
             Ok(turn) => (turn, false),
             Err(_) => {
+                waiting = Some(Waiting::start());
                 // Queued behind other lookups of this peer: join a young
                 // batch for the same node as soon as there is one.
                 let turn = gate.lock();
@@ -396,6 +418,7 @@ impl Correlator {
                 Err(b) => b,
             };
             waited = true;
+            waiting.get_or_insert_with(Waiting::start);
             if Instant::now() >= give_up {
                 return LookupOutcome::GaveUp {
                     held: start.elapsed(),

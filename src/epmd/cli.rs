@@ -3,12 +3,16 @@
 //!
 //! Supported, as documented for `epmd`: `-port N`, `-address LIST`,
 //! `-daemon`, `-relaxed_command_check`, `-names`, `-dump`, `-kill`,
-//! `-stop NAME`, `-d`/`-debug` (accepted, ignored), and the environment
-//! variables `ERL_EPMD_PORT`, `ERL_EPMD_ADDRESS` and
-//! `ERL_EPMD_RELAXED_COMMAND_CHECK`.
+//! `-stop NAME`, `-packet_timeout SECONDS` (the idle deadline of an
+//! incomplete request), `-d`/`-debug` and the debugging delays
+//! `-delay_accept`/`-delay_write SECONDS` (accepted, ignored), and the
+//! environment variables `ERL_EPMD_PORT`, `ERL_EPMD_ADDRESS` and
+//! `ERL_EPMD_RELAXED_COMMAND_CHECK`. `-systemd` (sockets passed by systemd)
+//! is refused with the reason.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use crate::client::{self, ClientError, KillReply, StopReply};
 
@@ -20,6 +24,9 @@ pub enum EpmdAction {
         listen: Vec<SocketAddr>,
         daemon: bool,
         relaxed_command_check: bool,
+        /// `-packet_timeout`: how long an incomplete request may wait
+        /// (`epmd.idle_timeout_ms` when not given).
+        packet_timeout: Option<Duration>,
     },
     Names {
         port: u16,
@@ -46,8 +53,16 @@ pub enum EpmdUsageError {
     /// `from`: `-address` or `ERL_EPMD_ADDRESS`.
     #[error("invalid address {value:?} in {from}")]
     BadAddress { value: String, from: &'static str },
+    /// `-packet_timeout` and the debugging delays take whole seconds.
+    #[error("invalid number of seconds {value:?} for {option}")]
+    BadSeconds { value: String, option: String },
     #[error("unknown option {0}")]
     Unknown(String),
+    #[error("{option} is not supported: {why}")]
+    Unsupported {
+        option: &'static str,
+        why: &'static str,
+    },
 }
 
 /// Parses `epmd`'s arguments (without the program name). `env` looks up
@@ -62,6 +77,7 @@ pub fn parse(
     let mut addresses: Option<(String, &'static str)> = None;
     let mut relaxed = env("ERL_EPMD_RELAXED_COMMAND_CHECK").is_some();
     let mut daemon = false;
+    let mut packet_timeout = None;
     let mut command: Option<(&str, Option<String>)> = None;
 
     let mut it = args.iter();
@@ -77,6 +93,21 @@ pub fn parse(
             "-daemon" | "-detached" => daemon = true,
             "-relaxed_command_check" => relaxed = true,
             "-d" | "-debug" => {}
+            "-packet_timeout" => {
+                let secs = parse_seconds(value(arg)?, arg)?;
+                packet_timeout = Some(Duration::from_secs(secs.max(1)));
+            }
+            // `epmd`'s simulations of a busy server, for debugging it.
+            "-delay_accept" | "-delay_write" => {
+                parse_seconds(value(arg)?, arg)?;
+            }
+            "-systemd" => {
+                return Err(EpmdUsageError::Unsupported {
+                    option: "-systemd",
+                    why: "distproxy binds its own sockets; start it without -systemd \
+                          (and without the epmd.socket unit)",
+                })
+            }
             "-names" => command = Some(("names", None)),
             "-dump" => command = Some(("dump", None)),
             "-kill" => command = Some(("kill", None)),
@@ -106,8 +137,20 @@ pub fn parse(
             )?,
             daemon,
             relaxed_command_check: relaxed,
+            packet_timeout,
         },
     })
+}
+
+/// Whole seconds for `option`.
+fn parse_seconds(value: String, option: &str) -> Result<u64, EpmdUsageError> {
+    value
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| EpmdUsageError::BadSeconds {
+            value,
+            option: option.to_string(),
+        })
 }
 
 /// A port of `-port` or `ERL_EPMD_PORT` (`from`).
@@ -169,7 +212,8 @@ fn listen_addrs(
 
 /// `epmd`'s usage line, printed on a usage error.
 pub const USAGE: &str = "usage: epmd [-port No] [-address List] [-daemon] \
-     [-relaxed_command_check] [-names | -dump | -kill | -stop Name]";
+     [-relaxed_command_check] [-packet_timeout Seconds] \
+     [-names | -dump | -kill | -stop Name]";
 
 /// Runs a client action (`-names`, `-dump`, `-kill`, `-stop`) against the
 /// EPMD on the local host and prints what `epmd` prints. `Serve` is not a
@@ -375,7 +419,48 @@ mod tests {
                 ],
                 daemon: true,
                 relaxed_command_check: false,
+                packet_timeout: None,
             }
+        );
+    }
+
+    /// `epmd`'s other server options: `-packet_timeout` sets the idle
+    /// deadline, the debugging delays are accepted with their value, and
+    /// `-systemd` is refused with its reason rather than as unknown.
+    #[test]
+    fn packet_timeout_applies_debug_delays_pass_and_systemd_is_refused() {
+        let a = parse(
+            &args(&[
+                "-d",
+                "-packet_timeout",
+                "3",
+                "-delay_accept",
+                "1",
+                "-delay_write",
+                "2",
+            ]),
+            no_env,
+        )
+        .unwrap();
+        let EpmdAction::Serve { packet_timeout, .. } = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(packet_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse(&args(&["-packet_timeout", "soon"]), no_env),
+            Err(EpmdUsageError::BadSeconds {
+                value: "soon".into(),
+                option: "-packet_timeout".into()
+            })
+        );
+        assert_eq!(
+            parse(&args(&["-delay_write"]), no_env),
+            Err(EpmdUsageError::MissingValue("-delay_write".into()))
+        );
+        let err = parse(&args(&["-systemd"]), no_env).unwrap_err();
+        assert!(
+            err.to_string().starts_with("-systemd is not supported: "),
+            "{err}"
         );
     }
 

@@ -141,6 +141,12 @@ impl EgressManager {
                     self.send_and_relay(remote_tls, local, preamble, prefix, ctx)
                         .await;
                 }
+                Err(e) if e.closed_by_peer() => {
+                    // Counted by reason in distproxy_tls_handshake_failures_total.
+                    warn_throttled!(%initiator, %target, %remote_addr, reason = e.reason(), error = %e,
+                    "egress: the remote sidecar closed the TLS handshake; it may have no [tls] (a rollout in the wrong order: its log says 'TLS connection on the distribution port, but [tls] is not configured') or have refused the connection (its log says why); closing");
+                    closed(reason::TLS_HANDSHAKE_FAILED);
+                }
                 Err(e) => {
                     // Counted by reason in distproxy_tls_handshake_failures_total.
                     warn_throttled!(%initiator, %target, %remote_addr, reason = e.reason(), error = %e,
@@ -228,7 +234,7 @@ impl EgressManager {
         };
         // Freed before relaying: an idle connection holds no setup buffer.
         drop((head, prefix, preamble));
-        let (stats, outcome) = self.forward.relay(guard, remote, local, pre, false).await;
+        let (stats, outcome, _guard) = self.forward.relay(guard, remote, local, pre, false).await;
         if stats.rx == 0 {
             // Not even the node's handshake status came back: the remote
             // sidecar most likely closed the tunnel before routing it, and

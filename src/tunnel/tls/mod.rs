@@ -156,6 +156,22 @@ impl TlsError {
         }
     }
 
+    /// True when the peer closed or reset the connection during the
+    /// handshake without a TLS alert: on the connecting side, a sidecar
+    /// without `[tls]` (it closes a TLS connection at once) or one that
+    /// refused this connection before TLS (a limit); its own log says which.
+    pub fn closed_by_peer(&self) -> bool {
+        matches!(self, TlsError::Handshake { source, .. }
+        if source.get_ref().is_none_or(|i| i.downcast_ref::<rustls::Error>().is_none())
+            && matches!(
+                source.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            ))
+    }
+
     fn handshake(source: io::Error) -> TlsError {
         TlsError::Handshake {
             reason: classify_io_error(&source),
