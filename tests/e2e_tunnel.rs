@@ -613,3 +613,65 @@ fn tunnel_and_names_reach_a_dual_stack_pod_on_the_family_it_listens_on() {
     sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
 }
+
+/// A dual-stack pod whose IPv4 distribution port drops packets (a network
+/// policy or firewall that lets IPv6 through only): SYNs to it go
+/// unanswered, unlike a closed port's reset. An IPv4 node of pod B with the
+/// module still reaches pod A's node through the tunnel, over IPv6: the
+/// probe gives each address a share of its own bound
+/// (`tunnel.probe_timeout_ms`, 2 s) and the tunnel a share of its connect
+/// deadline (`tunnel.connect_timeout_ms`, 5 s here), so the IPv4 attempt's
+/// silence cannot use up the time of the IPv6 one. (The probe used to
+/// share the connect deadline instead: half of 5 s for the IPv4 address,
+/// more than the probe's own 2 s bound, so the probe failed, the egress
+/// request was refused, and the node's direct connection over IPv4 was
+/// dropped too: pang.)
+#[test]
+fn tunnel_reaches_a_dual_stack_pod_over_ipv6_when_ipv4_drops_packets() {
+    if !e2e_enabled(
+        "tunnel_reaches_a_dual_stack_pod_over_ipv6_when_ipv4_drops_packets",
+        &["iptables"],
+    ) {
+        return;
+    }
+    let lab = Lab::new_dual_stack(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar_with(
+        support::SidecarOptions::default().config("[tunnel]\nconnect_timeout_ms = 5000\n"),
+    );
+    let mut a1 = a.spawn_erlang("a1");
+    let mut b4 = b.spawn_erlang_with("b4", &with_module(&ebin));
+    for node in [&mut a1, &mut b4] {
+        node.wait_ready();
+    }
+    a.run_ok(
+        "iptables",
+        &["-A", "INPUT", "-p", "tcp", "--dport", "43691", "-j", "DROP"],
+    );
+    let a1_name = a1.name().to_string();
+    assert_eq!(b4.ping(&a1_name), "pong", "IPv4 node b4 -> a1 over IPv6");
+    assert_eq!(b4.rpc_node(&a1_name), a1_name, "rpc b4 -> a1");
+    let mb = metrics(b);
+    assert_eq!(
+        metric_sum(
+            &mb,
+            "distproxy_epmd_requests_total",
+            &[("type", "egress"), ("result", "no_remote_sidecar")]
+        ),
+        0.0,
+        "pod B's probe found pod A's sidecar over IPv6:\n{mb}"
+    );
+    let local = format!("[{}]:43691", a.addr6());
+    let sockets = a.run_ok(
+        "ss",
+        &["-Htn", "state", "established", "( sport = :43691 )"],
+    );
+    assert!(
+        sockets.lines().any(|l| l.contains(&local)),
+        "pod A: a tunnel connection to {local}:\n{sockets}"
+    );
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
+}

@@ -132,13 +132,19 @@ impl RemoteProbe {
             }
         }
         let s = &self.settings;
+        let started = Instant::now();
         let probe = async {
             let addrs = self
                 .resolver
                 .resolve(host, s.resolve_timeout, Family::V4First)
                 .await
                 .map_err(|e| format!("cannot resolve: {e}"))?;
-            connect_any(&addrs, s.port, s.connect_timeout)
+            // The addresses share what is left of the probe's bound, not
+            // the longer connect deadline: with a dual-stack host whose
+            // IPv4 address drops the SYN, the IPv6 one must still get its
+            // turn before the bound ends the probe.
+            let left = s.timeout.saturating_sub(started.elapsed());
+            connect_any(&addrs, s.port, s.connect_timeout.min(left))
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string())
