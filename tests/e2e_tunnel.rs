@@ -7,7 +7,8 @@
 //! each connection was routed: through the tunnel preamble, with no EPMD
 //! lookup at all, or by correlation for a node started without the module.
 //!
-//! Needs root, iproute2 and erlang-nox; fails saying so otherwise, unless
+//! Needs root, iproute2 and erlang-nox (and `ss` and `iptables` for the
+//! dual-stack tests); fails saying so otherwise, unless
 //! `DISTPROXY_SKIP_E2E=1`.
 
 mod support;
