@@ -422,11 +422,6 @@ fn names(host: &str, port: u16) -> ExitCode {
     block_on(distproxy::epmd::cli::print_names(&addrs))
 }
 
-/// The first address of `host`, or `None` (said on stderr).
-fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
-    resolve_all(host, port).map(|addrs| addrs[0])
-}
-
 /// Every address of `host` in the system's order (at least one), or `None`
 /// (said on stderr). An IPv6 literal may be written in brackets
 /// (`[fd00::1]`); `HOST:PORT` is refused saying to use `--port`.
@@ -480,11 +475,27 @@ fn remsh(opts: distproxy::remsh::RemshOptions) -> ExitCode {
 /// `distproxy members`: the members request, printed one name a line.
 fn members(host: &str, port: u16, all: bool) -> ExitCode {
     use distproxy::discovery::wire::MembersReply;
-    let Some(addr) = resolve(host, port) else {
+    let Some(addrs) = resolve_all(host, port) else {
         return ExitCode::from(EX_USAGE);
     };
     block_on(async move {
-        match distproxy::client::members(addr, 0, 0).await {
+        // Each address of the host in turn while it refuses (as `names`):
+        // a dual-stack name may list an address the sidecar does not
+        // listen on first.
+        let mut reply = None;
+        for (i, &addr) in addrs.iter().enumerate() {
+            match distproxy::client::members(addr, 0, 0).await {
+                Err(distproxy::client::ClientError::Connect { .. }) if i + 1 < addrs.len() => {}
+                other => {
+                    reply = Some((addr, other));
+                    break;
+                }
+            }
+        }
+        let Some((addr, reply)) = reply else {
+            return ExitCode::FAILURE;
+        };
+        match reply {
             Ok(MembersReply::List { members, .. }) => {
                 for m in members {
                     if !m.hidden() {

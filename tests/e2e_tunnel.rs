@@ -530,8 +530,8 @@ fn module_node_reaches_a_remote_node_at_once_after_its_sidecar_restarted() {
 /// A dual-stack cluster where pod A's sidecar takes distribution over IPv6
 /// only (`--dist-listen [::]:43691`, as where only IPv6 is open between
 /// pods) and EPMD over IPv4 only (`--epmd-listen 0.0.0.0:4369`). Pod A's
-/// name resolves to both families. `distproxy names --host` tries each
-/// address while the connection is refused (glibc puts the IPv6 one
+/// name resolves to both families. `distproxy names --host` (and
+/// `members --host`) tries each address while the connection is refused (glibc puts the IPv6 one
 /// first; it used to try that one only and fail). Pod B's sidecar must try
 /// both: an IPv4 node (`inet_tcp`) and an IPv6 node (`inet6_tcp`) of pod
 /// B, both with the helper module, reach pod A's node through the tunnel,
@@ -571,6 +571,16 @@ fn tunnel_and_names_reach_a_dual_stack_pod_on_the_family_it_listens_on() {
     assert!(
         names.contains("name a1 at port 43691"),
         "distproxy names --host {} from pod B:\n{names}",
+        a.host()
+    );
+    // `members --host` too: it is answered to local peers only, and the
+    // refusal from pod A's IPv4 address means it got past the IPv6 one
+    // (where it used to stop with "Cannot connect").
+    let out = b.run(&support::distproxy_bin(), &["members", "--host", a.host()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("bad reply from epmd at {}:4369", a.addr())),
+        "distproxy members --host {} from pod B:\n{stderr}",
         a.host()
     );
     assert_eq!(b4.ping(&a1_name), "pong", "IPv4 node b4 -> a1");
