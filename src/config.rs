@@ -6,7 +6,7 @@
 //! binary reads the configuration, then binds, then serves.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -448,6 +448,20 @@ fn check_listeners_apart(lists: &[(&'static str, &Vec<SocketAddr>)]) -> Result<(
         .flat_map(|(key, addrs)| addrs.iter().map(move |a| (*key, *a)))
         .collect();
     for (i, (key, addr)) in all.iter().enumerate() {
+        // IPv6 listeners are IPv6-only (`net::bind_tcp`), which refuses an
+        // IPv4-mapped address at bind time (EINVAL, exit 1).
+        if let IpAddr::V6(v6) = addr.ip() {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!(
+                        "{addr} is an IPv4-mapped IPv6 address, which an IPv6 listener \
+                         (IPv6 only) cannot bind; write {}",
+                        SocketAddr::new(IpAddr::V4(v4), addr.port())
+                    ),
+                });
+            }
+        }
         for (earlier_key, earlier) in &all[..i] {
             let clash = addr.port() != 0
                 && addr.port() == earlier.port()
@@ -974,6 +988,10 @@ pub struct LimitsConfig {
     /// TLS handshakes in flight at once (inbound and outbound).
     #[serde(default = "default_max_tls_handshakes")]
     pub max_tls_handshakes: usize,
+    /// IPv6 sources are counted by their first this many bits by every
+    /// per-source cap (128: each address on its own, as IPv4 addresses are).
+    #[serde(default = "default_ipv6_source_prefix_len")]
+    pub ipv6_source_prefix_len: u8,
 }
 
 fn default_epmd_max_connections() -> usize {
@@ -1003,6 +1021,12 @@ fn default_max_registered_nodes() -> usize {
 fn default_max_tls_handshakes() -> usize {
     64
 }
+/// Each address on its own: in most IPv6 clusters the pods of one
+/// Kubernetes node share a /64 (the node's pod CIDR), so a shorter prefix
+/// would make them share one pod's caps.
+fn default_ipv6_source_prefix_len() -> u8 {
+    128
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -1016,6 +1040,7 @@ impl Default for LimitsConfig {
             write_timeout_ms: default_write_timeout_ms(),
             max_registered_nodes: default_max_registered_nodes(),
             max_tls_handshakes: default_max_tls_handshakes(),
+            ipv6_source_prefix_len: default_ipv6_source_prefix_len(),
         }
     }
 }
@@ -1046,6 +1071,11 @@ impl LimitsConfig {
             "limits.reserved_local_connections",
             self.reserved_local_connections,
             0..=MAX_COUNT,
+        )?;
+        check_range(
+            "limits.ipv6_source_prefix_len",
+            self.ipv6_source_prefix_len,
+            32..=128,
         )?;
         check_ms("limits.write_timeout_ms", self.write_timeout_ms, 1)
     }
@@ -1572,6 +1602,17 @@ mod tests {
                 "admin.listen",
                 "dist.listen",
             ),
+            // IPv4-mapped: an IPv6-only socket cannot bind it.
+            (
+                "[epmd]\nlisten = \"[::ffff:127.0.0.1]:4369\"\n",
+                "epmd.listen",
+                "write 127.0.0.1:4369",
+            ),
+            (
+                "[dist]\nlisten = [\"0.0.0.0:43691\", \"[::ffff:0.0.0.0]:43692\"]\n",
+                "dist.listen",
+                "write 0.0.0.0:43692",
+            ),
         ];
         for (text, key, other) in cases {
             let err = Config::from_toml(text, "t").unwrap_err().to_string();
@@ -1594,6 +1635,17 @@ mod tests {
         let err =
             Config::from_toml("[routing]\nloopback_lookups = \"sometimes\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("loopback_lookups"), "{err}");
+        for bad in ["16", "129", "300"] {
+            let text = format!("[limits]\nipv6_source_prefix_len = {bad}\n");
+            let err = Config::from_toml(&text, "t").unwrap_err().to_string();
+            assert!(
+                err.contains("limits.ipv6_source_prefix_len"),
+                "{bad}: {err}"
+            );
+        }
+        let c = Config::from_toml("[limits]\nipv6_source_prefix_len = 64\n", "t").unwrap();
+        assert_eq!(c.limits.ipv6_source_prefix_len, 64);
+        assert_eq!(Config::default().limits.ipv6_source_prefix_len, 128);
         let err = Config::from_toml("[dist]\nbeam_tls = \"decrypt\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("beam_tls"), "{err}");
         let c = Config::from_toml("[dist]\nbeam_tls = \"refuse\"\n", "t").unwrap();

@@ -200,6 +200,9 @@ fn main() -> ExitCode {
             Ok(config) => {
                 print!("{}", config.to_toml());
                 eprintln!("configuration {} is valid", file.display());
+                for note in start_notes(&config) {
+                    eprintln!("note: {note}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -413,23 +416,31 @@ impl Signals {
 }
 
 fn names(host: &str, port: u16) -> ExitCode {
-    let Some(addr) = resolve(host, port) else {
+    let Some(addrs) = resolve_all(host, port) else {
         return ExitCode::from(EX_USAGE);
     };
-    block_on(distproxy::epmd::cli::print_names(addr))
+    block_on(distproxy::epmd::cli::print_names(&addrs))
 }
 
-/// The first address of `host`, or `None` (said on stderr).
-/// An IPv6 literal may be written in brackets (`[fd00::1]`).
-fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
-    let addr = (distproxy::epmd::cli::unbracket_host(host), port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next());
-    if addr.is_none() {
-        eprintln!("distproxy: cannot resolve host {host}");
+/// Every address of `host` in the system's order (at least one), or `None`
+/// (said on stderr). An IPv6 literal may be written in brackets
+/// (`[fd00::1]`); `HOST:PORT` is refused saying to use `--port`.
+fn resolve_all(host: &str, port: u16) -> Option<Vec<SocketAddr>> {
+    if host.parse::<SocketAddr>().is_ok() {
+        eprintln!(
+            "distproxy: --host {host} has a port; give the host alone and the port with --port"
+        );
+        return None;
     }
-    addr
+    let addrs: Vec<SocketAddr> = (distproxy::epmd::cli::unbracket_host(host), port)
+        .to_socket_addrs()
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    if addrs.is_empty() {
+        eprintln!("distproxy: cannot resolve host {host}");
+        return None;
+    }
+    Some(addrs)
 }
 
 /// Runs a client command on a fresh runtime.
@@ -464,11 +475,27 @@ fn remsh(opts: distproxy::remsh::RemshOptions) -> ExitCode {
 /// `distproxy members`: the members request, printed one name a line.
 fn members(host: &str, port: u16, all: bool) -> ExitCode {
     use distproxy::discovery::wire::MembersReply;
-    let Some(addr) = resolve(host, port) else {
+    let Some(addrs) = resolve_all(host, port) else {
         return ExitCode::from(EX_USAGE);
     };
     block_on(async move {
-        match distproxy::client::members(addr, 0, 0).await {
+        // Each address of the host in turn while it refuses (as `names`):
+        // a dual-stack name may list an address the sidecar does not
+        // listen on first.
+        let mut reply = None;
+        for (i, &addr) in addrs.iter().enumerate() {
+            match distproxy::client::members(addr, 0, 0).await {
+                Err(distproxy::client::ClientError::Connect { .. }) if i + 1 < addrs.len() => {}
+                other => {
+                    reply = Some((addr, other));
+                    break;
+                }
+            }
+        }
+        let Some((addr, reply)) = reply else {
+            return ExitCode::FAILURE;
+        };
+        match reply {
             Ok(MembersReply::List { members, .. }) => {
                 for m in members {
                     if !m.hidden() {
@@ -491,6 +518,36 @@ fn members(host: &str, port: u16, all: bool) -> ExitCode {
             }
         }
     })
+}
+
+/// What `run` would refuse at start in this environment although the file
+/// is valid: what the file names but only `run` loads (an unset `${VAR}` in
+/// `discovery.host`, `[tls]` files that are not there). `check-config`
+/// says so and still exits 0: the file may be checked where the pod's
+/// environment and Secrets are not.
+fn start_notes(config: &Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Err(e) =
+        distproxy::discovery::Settings::from_config(&config.discovery, |k| std::env::var(k).ok())
+    {
+        notes.push(format!(
+            "{e}: `run` refuses to start unless it is set (in a pod, by its env or the downward API)"
+        ));
+    }
+    let tls = &config.tls;
+    for (key, path) in [
+        ("tls.cert_file", &tls.cert_file),
+        ("tls.key_file", &tls.key_file),
+        ("tls.ca_file", &tls.ca_file),
+    ] {
+        if let Some(path) = path.as_ref().filter(|p| !p.exists()) {
+            notes.push(format!(
+                "`{key}` {} does not exist here: `run` refuses to start without it",
+                path.display()
+            ));
+        }
+    }
+    notes
 }
 
 /// `distproxy epmd …` / invoked as `epmd`: serves, or runs one of `epmd`'s

@@ -196,6 +196,22 @@ pub fn redirected(stream: &TcpStream) -> bool {
     }
 }
 
+/// What a per-source cap counts `peer` under: its canonical address (an
+/// IPv4-mapped IPv6 address is the IPv4 one), and for IPv6 only its first
+/// `ipv6_prefix_len` bits, so that a peer holding a whole prefix (a /64 is
+/// the usual smallest allocation) can be counted as one source.
+pub fn source_key(peer: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
+    match peer.to_canonical() {
+        IpAddr::V6(v6) if ipv6_prefix_len < 128 => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(ipv6_prefix_len))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+        ip => ip,
+    }
+}
+
 /// Caps on connections open at once: `max` in all, `per_source` from one
 /// address, and `reserved` more usable only by local peers once `max` is
 /// reached (so a flood from outside never keeps a local node from
@@ -210,6 +226,8 @@ pub struct ConnectionLimit {
     max: usize,
     per_source: usize,
     sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// IPv6 sources count by this prefix ([`source_key`]).
+    ipv6_prefix_len: u8,
     /// With [`ConnectionLimit::evicting`]: connections still being set up,
     /// whose places a new connection may take when the limit is full.
     pending: Option<Arc<PendingQueue>>,
@@ -371,6 +389,7 @@ impl ConnectionLimit {
             max,
             per_source,
             sources: Arc::default(),
+            ipv6_prefix_len: 128,
             pending: None,
             refusals: Arc::new(Throttle::new()),
         }
@@ -387,6 +406,14 @@ impl ConnectionLimit {
         self
     }
 
+    /// This limit, counting IPv6 sources by their first `prefix_len` bits
+    /// (`limits.ipv6_source_prefix_len`; 128, every address on its own, by
+    /// default).
+    pub fn grouping_ipv6(mut self, prefix_len: u8) -> ConnectionLimit {
+        self.ipv6_prefix_len = prefix_len.min(128);
+        self
+    }
+
     /// A permit for a connection from `peer` (`local`: inside the pod).
     ///
     /// Local peers are not capped per source: every node of the pod holds
@@ -395,7 +422,7 @@ impl ConnectionLimit {
     /// registering and every local lookup once that many nodes live. They
     /// are bounded by the total and the reserve.
     pub fn acquire(&self, peer: IpAddr, local: bool) -> Result<ConnPermit, LimitRefused> {
-        let ip = peer.to_canonical();
+        let ip = source_key(peer, self.ipv6_prefix_len);
         let mut sources = lock(&self.sources);
         let held = sources.get(&ip).copied().unwrap_or(0);
         if held >= self.per_source && !local {
@@ -618,10 +645,15 @@ pub struct Stop {
     pub connections: CancellationToken,
 }
 
+/// How long a connection task may take to end by itself once the hard stop
+/// fired (a relay logs its end and closes its legs) before it is dropped.
+const HARD_STOP_LINGER: Duration = Duration::from_millis(200);
+
 /// Accepts connections until `stop.accepting`, spawning `handler(stream,
 /// peer, permit)` on `tracker` for each one `admission` takes; each
-/// handler is dropped when `stop.connections` is cancelled, so the hard
-/// stop reaches every task. Accept errors are logged (rate-limited) and
+/// handler is dropped at the latest [`HARD_STOP_LINGER`] after
+/// `stop.connections` is cancelled, so the hard stop reaches every task
+/// (relays, which watch it, end themselves first and log their end). Accept errors are logged (rate-limited) and
 /// the loop goes on after a short pause.
 pub async fn accept_loop<A, H, F>(
     what: &'static str,
@@ -657,10 +689,20 @@ pub async fn accept_loop<A, H, F>(
                             None => std::future::pending().await,
                         }
                     };
+                    let mut task = std::pin::pin!(task);
                     tokio::select! {
-                        _ = hard_stop.cancelled() => {}
+                        // The task first: a relay that sees the hard stop
+                        // itself ends with its line (`stopped at shutdown`);
+                        // dropped in a race with it, it ended unlogged.
+                        biased;
+                        _ = &mut task => {}
                         _ = evicted => {}
-                        _ = task => {}
+                        _ = hard_stop.cancelled() => {
+                            // A task that watches the hard stop finishes
+                            // within this; one waiting elsewhere (a stalled
+                            // handshake) is dropped after it.
+                            let _ = tokio::time::timeout(HARD_STOP_LINGER, task).await;
+                        }
                     }
                 });
             }
@@ -687,36 +729,42 @@ pub enum ConnectError {
 }
 
 /// Connects to `port` on each address in turn, within `deadline` in all.
+///
+/// Each attempt gets an equal share of what is left of the deadline, so an
+/// address that drops the SYN (IPv4 filtered between dual-stack pods, say)
+/// cannot use it all up before the next address (the other family) is
+/// tried; an address that refuses at once leaves its share to the others.
 pub async fn connect_any(
     addrs: &[IpAddr],
     port: u16,
     deadline: Duration,
 ) -> Result<(TcpStream, SocketAddr), ConnectError> {
-    let attempt = async {
-        let mut last = None;
-        for &ip in addrs {
-            let addr = SocketAddr::new(ip, port);
-            match TcpStream::connect(addr).await {
-                Ok(s) => return Ok((s, addr)),
-                Err(source) => {
-                    debug!(%addr, error = %source, "connect attempt failed");
-                    last = Some(ConnectError::Failed { addr, source });
-                }
+    let end = tokio::time::Instant::now() + deadline;
+    let timed_out = || ConnectError::Timeout {
+        addrs: addrs.to_vec(),
+        port,
+    };
+    let mut last = None;
+    for (i, &ip) in addrs.iter().enumerate() {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        let share = left / (addrs.len() - i) as u32;
+        let addr = SocketAddr::new(ip, port);
+        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok((s, addr)),
+            Ok(Err(source)) => {
+                debug!(%addr, error = %source, "connect attempt failed");
+                last = Some(ConnectError::Failed { addr, source });
+            }
+            Err(_) => {
+                debug!(%addr, timeout_ms = share.as_millis() as u64, "connect attempt timed out");
+                last = Some(timed_out());
             }
         }
-        Err(last.unwrap_or(ConnectError::Timeout {
-            addrs: Vec::new(),
-            port,
-        }))
-    };
-    tokio::time::timeout(deadline, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ConnectError::Timeout {
-                addrs: addrs.to_vec(),
-                port,
-            })
-        })
+    }
+    Err(last.unwrap_or_else(timed_out))
 }
 
 #[cfg(test)]
@@ -806,6 +854,44 @@ mod tests {
         assert!(limit.admit(peer, None).is_none());
         drop(first);
         assert!(limit.admit(peer, None).is_some());
+    }
+
+    /// By default every IPv6 address is a source of its own, so a peer
+    /// holding a /64 gets the per-source share once per address; grouped
+    /// by /64 (`limits.ipv6_source_prefix_len = 64`), the whole prefix
+    /// shares one, while another /64 and IPv4 peers keep theirs.
+    #[test]
+    fn ipv6_sources_are_counted_by_the_configured_prefix() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a1, a2) = (ip("fd00:d157::b:1"), ip("fd00:d157::b:2"));
+        let other = ip("fd00:d157:0:1::5");
+        let per_address = ConnectionLimit::with("test", 100, 2, 0);
+        let _held: Vec<_> = [a1, a1, a2, a2]
+            .into_iter()
+            .map(|p| per_address.acquire(p, false).expect("own share"))
+            .collect();
+        let grouped = ConnectionLimit::with("test", 100, 2, 0).grouping_ipv6(64);
+        let _g1 = grouped.acquire(a1, false).expect("first of the /64");
+        let _g2 = grouped.acquire(a2, false).expect("second of the /64");
+        assert_eq!(
+            grouped.acquire(ip("fd00:d157::ffff:9"), false).err(),
+            Some(LimitRefused::PerSource),
+            "a third address of the same /64"
+        );
+        let _o = grouped.acquire(other, false).expect("another /64");
+        let _v4 = grouped.acquire(ip("198.18.0.9"), false).expect("IPv4");
+        let _m = grouped
+            .acquire(ip("::ffff:198.18.0.9"), false)
+            .expect("IPv4-mapped is the IPv4 source");
+        assert_eq!(
+            grouped.acquire(ip("198.18.0.9"), false).err(),
+            Some(LimitRefused::PerSource),
+            "the mapped form counted with the IPv4 address"
+        );
+        assert_eq!(source_key(a2, 64), ip("fd00:d157::"));
+        assert_eq!(source_key(a2, 128), a2);
+        assert_eq!(source_key(ip("fd00:d157::b:2"), 112), ip("fd00:d157::b:0"));
+        assert_eq!(source_key(ip("10.1.2.3"), 64), ip("10.1.2.3"));
     }
 
     #[test]

@@ -219,6 +219,7 @@ impl Sidecar {
             limits.dist_max_connections_per_source,
             limits.reserved_local_connections,
         )
+        .grouping_ipv6(limits.ipv6_source_prefix_len)
         .evicting();
         let open_connections = Arc::new(OpenConnections::default());
         // Validated with the rest of the configuration; compiling cannot fail.
@@ -272,6 +273,7 @@ impl Sidecar {
                 limits.epmd_max_connections_per_source,
                 limits.reserved_local_connections,
             )
+            .grouping_ipv6(limits.ipv6_source_prefix_len)
             .evicting(),
             write_timeout: limits.write_timeout_ms.duration(),
             mirrors,
@@ -308,7 +310,10 @@ impl Sidecar {
         }
         tracker.spawn(Arc::clone(&discovery).run(shutdown.clone()));
         if let Some(path) = config.epmd.state_file.clone() {
-            tracker.spawn(crate::epmd::state::start(Arc::clone(&epmd), path));
+            // Before the EPMD server accepts: a node registering again at
+            // once gets the next creation, not a random one.
+            let state = crate::epmd::state::prepare(&registry, &path);
+            tracker.spawn(crate::epmd::state::start(Arc::clone(&epmd), path, state));
         }
         if !listeners.admin.is_empty() {
             let admin = Arc::new(AdminCtx {
@@ -329,6 +334,7 @@ impl Sidecar {
                         .reserved_local_connections
                         .min(limits.admin_max_connections),
                 )
+                .grouping_ipv6(limits.ipv6_source_prefix_len)
                 .evicting(),
                 write_timeout: limits.write_timeout_ms.duration(),
                 members_json: {

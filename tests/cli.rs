@@ -203,8 +203,61 @@ fn epmd_daemon_reports_a_bad_configuration_before_it_detaches() {
 /// The global `--log-format` before the `epmd` command is honoured: the
 /// drop-in serves and logs JSON lines. It set up logging twice and
 /// panicked (exit 101) with any global option before `epmd`.
+/// A valid file that `run` would still refuse here (an unset `${VAR}` in
+/// `discovery.host`, `[tls]` files not present) passes `check-config` with
+/// a note for each, so a pipeline checking the file learns it; with the
+/// variable set and the files there, no note.
 #[test]
-fn epmd_drop_in_serves_with_a_global_log_format() {
+fn check_config_notes_what_run_would_refuse_in_this_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    let write = |cert: &std::path::Path| {
+        std::fs::write(
+            &file,
+            format!(
+                "[discovery]\nservice = \"app-headless.ns.svc\"\nhost = \"${{DP_TEST_POD_IP}}\"\n\
+                 [tls]\ncert_file = \"{0}\"\nkey_file = \"{0}\"\nca_file = \"{0}\"\n",
+                cert.display()
+            ),
+        )
+        .unwrap();
+    };
+    let missing = dir.path().join("absent.pem");
+    write(&missing);
+    let out = Command::new(BIN)
+        .args(["check-config", file.to_str().unwrap()])
+        .env_remove("DP_TEST_POD_IP")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("note:") && stderr.contains("DP_TEST_POD_IP"),
+        "{stderr}"
+    );
+    for key in ["tls.cert_file", "tls.key_file", "tls.ca_file"] {
+        assert!(
+            stderr.contains(&format!("`{key}` {}", missing.display())),
+            "{stderr}"
+        );
+    }
+
+    let present = dir.path().join("present.pem");
+    std::fs::write(&present, "x").unwrap();
+    write(&present);
+    let out = Command::new(BIN)
+        .args(["check-config", file.to_str().unwrap()])
+        .env("DP_TEST_POD_IP", "198.18.0.2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("note:"), "{stderr}");
+}
+
+/// A configuration for the `epmd` drop-in that binds nothing but its
+/// EPMD port (distribution on port 0, no admin), in a temporary directory.
+fn epmd_drop_in_config() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(
@@ -212,6 +265,12 @@ fn epmd_drop_in_serves_with_a_global_log_format() {
         "[dist]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n",
     )
     .unwrap();
+    (dir, config)
+}
+
+#[test]
+fn epmd_drop_in_serves_with_a_global_log_format() {
+    let (dir, config) = epmd_drop_in_config();
     let port = distproxy_testkit::ports::free_ports::<1>()[0].to_string();
     let log = dir.path().join("stderr.log");
     let mut child = Command::new(BIN)
@@ -255,13 +314,7 @@ fn epmd_drop_in_serves_with_a_global_log_format() {
 fn epmd_packet_timeout_closes_an_incomplete_request_sooner() {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        "[dist]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n",
-    )
-    .unwrap();
+    let (_dir, config) = epmd_drop_in_config();
     // How long a half-sent request stays open, at most `limit`.
     let held_for = |extra: &[&str], limit: Duration| -> Duration {
         let port = distproxy_testkit::ports::free_ports::<1>()[0];
@@ -332,6 +385,20 @@ fn names_reports_an_unreachable_epmd() {
         1,
         "one message, said once: {stderr}"
     );
+}
+
+/// `--host` with a port (`[fd00::1]:4369`, `10.0.0.1:4369`) is a usage
+/// error that says to use `--port`, not "cannot resolve host".
+#[test]
+fn names_refuses_a_host_with_a_port_saying_to_use_port() {
+    for host in ["[fd00:d157::2]:4369", "198.18.0.2:4369"] {
+        let (code, _, stderr) = run(&["names", "--host", host]);
+        assert_eq!(code, 64, "{host}: {stderr}");
+        assert!(
+            stderr.contains("--port") && stderr.contains(host),
+            "{host}: {stderr}"
+        );
+    }
 }
 
 /// `remsh` refuses what it cannot use before starting anything: a name

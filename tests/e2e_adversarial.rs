@@ -480,3 +480,109 @@ fn hostile_peers_are_refused_counted_and_cleaned_up_while_nodes_keep_talking() {
     assert_eq!(s.metric("distproxy_misroutes_total", &[]), 0.0);
     s.sidecar_b.assert_running();
 }
+
+/// An attacker that holds many IPv6 addresses of one /64 (here three of
+/// the lab's prefix) opens idle admin connections from each. By default
+/// every address is a source of its own and gets the per-source cap (4
+/// here) once per address: pod D keeps all 12. With
+/// `limits.ipv6_source_prefix_len = 64`, pod G counts the /64 as one
+/// source: it keeps 4 and refuses 8 as `per_source`.
+#[test]
+fn per_source_caps_group_ipv6_addresses_by_the_configured_prefix() {
+    if !e2e_enabled(
+        "per_source_caps_group_ipv6_addresses_by_the_configured_prefix",
+        &[],
+    ) {
+        return;
+    }
+    const PER_SOURCE: usize = 4;
+    let lab = support::Lab::new_dual_stack(&["d", "g", "x"]);
+    let (d, g, x) = (lab.pod("d"), lab.pod("g"), lab.pod("x"));
+    let config = |prefix: u8| {
+        format!(
+            "[limits]\nadmin_max_connections = 32\n\
+             admin_max_connections_per_source = {PER_SOURCE}\n\
+             ipv6_source_prefix_len = {prefix}\n"
+        )
+    };
+    let _sidecar_d = d.spawn_sidecar_with(SidecarOptions::default().config(&config(128)));
+    let _sidecar_g = g.spawn_sidecar_with(SidecarOptions::default().config(&config(64)));
+    let sources: Vec<std::net::Ipv6Addr> = (1..=3)
+        .map(|i| format!("fd00:d157::ad:{i}").parse().unwrap())
+        .collect();
+    for ip in &sources {
+        x.run_ok(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+    }
+    for pod in [d, g] {
+        let to = SocketAddr::from((pod.addr6(), support::sidecar::ADMIN_PORT));
+        let from = sources.clone();
+        // Open 4 idle connections from each address; keep them until the
+        // sidecar has counted every accept.
+        let conns = x
+            .spawn_in(move || {
+                let mut open = Vec::new();
+                for ip in from {
+                    for _ in 0..PER_SOURCE {
+                        let s = socket2::Socket::new(
+                            socket2::Domain::IPV6,
+                            socket2::Type::STREAM,
+                            None,
+                        )
+                        .unwrap();
+                        s.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
+                        s.connect(&to.into()).unwrap();
+                        open.push(TcpStream::from(s));
+                    }
+                }
+                open
+            })
+            .join()
+            .unwrap();
+        assert_eq!(conns.len(), 3 * PER_SOURCE);
+        let refused = || {
+            metric_sum(
+                &metrics(pod),
+                REFUSED,
+                &[("listener", "admin"), ("limit", "per_source")],
+            )
+        };
+        let want = if pod.name() == "g" { 2 * PER_SOURCE } else { 0 } as f64;
+        if want > 0.0 {
+            poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+                refused() >= want
+            });
+        }
+        // The refused ones are closed by the sidecar; the others stay open.
+        let mut kept = 0;
+        for mut s in conns.iter() {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut b = [0u8; 1];
+            match s.read(&mut b) {
+                Ok(0) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    kept += 1
+                }
+                other => panic!("pod {}: unexpected read {other:?}", pod.name()),
+            }
+        }
+        assert_eq!(refused(), want, "pod {}: per_source refusals", pod.name());
+        let expected = if pod.name() == "g" {
+            PER_SOURCE
+        } else {
+            3 * PER_SOURCE
+        };
+        assert_eq!(kept, expected, "pod {}: idle connections kept", pod.name());
+    }
+}

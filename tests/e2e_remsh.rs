@@ -483,3 +483,55 @@ fn a_shell_through_tls_with_an_operator_certificate() {
     );
     assert!(shell.quit().success());
 }
+
+/// A node named by its pod's IPv6 address (a Deployment in an IPv6-only
+/// cluster: `a6@fd00:…`, running `inet6_tcp`) through the forward. OTP's
+/// `inet_tcp` calls such a host illegal, so the shell's node runs
+/// `inet6_tcp` on `::1` and registers with the ephemeral sidecar there; it
+/// used to run `inet_tcp` and the shell ended with `** Hostname … is
+/// illegal **`.
+#[test]
+fn a_shell_into_a_node_named_by_an_ipv6_address() {
+    if !e2e_enabled(
+        "a_shell_into_a_node_named_by_an_ipv6_address",
+        &["socat", "script"],
+    ) {
+        return;
+    }
+    let lab = Lab::new_dual_stack(&["a", "l"]);
+    let (pod, laptop) = (lab.pod("a"), lab.pod("l"));
+    isolate(laptop);
+    let sidecar = pod.spawn_sidecar(&[]);
+    let a6_name = format!("a6@{}", pod.addr6());
+    let mut six = support::beam::ErlangOptions::inet6();
+    six.name = Some(a6_name.clone());
+    let mut a6 = pod.spawn_erlang_with("a6", &six);
+    a6.wait_ready();
+    let _forward = start_forward(&lab, laptop, pod, FORWARD_PORT);
+    let cookie = cookie_file(&lab).display().to_string();
+    let via = format!("127.0.0.1:{FORWARD_PORT}");
+    let mut shell = Shell::start(
+        &lab,
+        laptop,
+        "a6",
+        &[&a6_name, "--via", &via, "--cookie-file", &cookie],
+        None,
+    );
+    shell.wait_for(&format!("({a6_name})1>"));
+    assert_eq!(shell.evaluating_node("SIX"), a6_name);
+    let remsh: Vec<String> = a6
+        .nodes()
+        .into_iter()
+        .filter(|n| n.starts_with("remsh-"))
+        .collect();
+    assert_eq!(remsh.len(), 1, "a6 nodes(): {remsh:?}");
+    let routed = sidecar.log_lines_containing("tunnel connection routed by preamble");
+    assert!(
+        routed
+            .iter()
+            .any(|l| l.contains(&format!("target={a6_name}"))),
+        "routed by preamble to {a6_name}:\n{routed:#?}"
+    );
+    assert!(shell.quit().success());
+    assert_eq!(a6.rpc_node(&a6_name), a6_name, "a6 lives on");
+}

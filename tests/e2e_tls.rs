@@ -1104,3 +1104,129 @@ fn a_sidecar_without_tls_is_refused_by_a_pod_that_requires_it_and_says_so() {
     a2.wait_ready();
     assert_eq!(a2.ping(a1.name()), "pong");
 }
+
+/// What a Deployment's nodes are called in an IPv6-only cluster: the pod
+/// IP is an IPv6 address, so the names are `a6@fd00:d157::…`, and the
+/// nodes run `inet6_tcp` with the helper module (OTP's `inet_tcp` calls
+/// such a host illegal). Between two dual-stack pods whose sidecars
+/// require mutual TLS and bind node names to certificates: the egress
+/// request, the preamble and `bind_node_names` take the IPv6 literal host
+/// (matched against the certificate's IP SAN, also when written in
+/// another form, `fd00:d157:0:0::…`), and an `inet6_tcp` node reaches an
+/// `inet_tcp` node of the other pod by its DNS name through the tunnel. A
+/// node of pod B that names itself with pod A's address is refused by pod
+/// A: its certificate does not carry that address.
+#[test]
+fn nodes_named_by_ipv6_addresses_use_the_tls_tunnel_with_bound_names() {
+    if !e2e_enabled(
+        "nodes_named_by_ipv6_addresses_use_the_tls_tunnel_with_bound_names",
+        &[],
+    ) {
+        return;
+    }
+    let lab = Lab::new_dual_stack(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let ca = Ca::new("dp-e2e-ca");
+    let leaf = |pod: &Pod, serial| {
+        ca.leaf(
+            &[
+                pod.host(),
+                &pod.addr().to_string(),
+                &pod.addr6().to_string(),
+            ],
+            serial,
+        )
+    };
+    let (mut sidecar_a, _sa) =
+        spawn_tls_sidecar(&lab, a, &leaf(a, 0xa61), &ca.pem, TlsPod::default());
+    let (mut sidecar_b, _sb) =
+        spawn_tls_sidecar(&lab, b, &leaf(b, 0xb61), &ca.pem, TlsPod::default());
+    let six = |name: String| {
+        let mut o = ErlangOptions::inet6();
+        o.name = Some(name);
+        o.extra_args.extend(with_module(&ebin).extra_args);
+        o
+    };
+    let a6_name = format!("a6@{}", a.addr6());
+    let b6_name = format!("b6@{}", b.addr6());
+    // Pod B's address written with its zeros: the same address.
+    let segments = b.addr6().segments();
+    let b7_name = format!(
+        "b7@{:x}:{:x}:0:0::{:x}",
+        segments[0], segments[1], segments[7]
+    );
+    assert_eq!(segments[2..7], [0; 5], "the lab's prefix is fd00:d157::/64");
+    let mut a6 = a.spawn_erlang_with("a6", &six(a6_name.clone()));
+    let mut b6 = b.spawn_erlang_with("b6", &six(b6_name.clone()));
+    let mut b7 = b.spawn_erlang_with("b7", &six(b7_name.clone()));
+    let mut b4 = b.spawn_erlang_with("b4", &with_module(&ebin));
+    let evil_name = format!("evil@{}", a.addr6());
+    let mut evil = b.spawn_erlang_with("evil", &six(evil_name));
+    for node in [&mut a6, &mut b6, &mut b7, &mut b4, &mut evil] {
+        node.wait_ready();
+    }
+    assert_eq!(a6.name(), a6_name);
+
+    assert_eq!(a6.ping(&b6_name), "pong", "a6 -> b6, both named by address");
+    assert_eq!(b6.rpc_node(&a6_name), a6_name, "rpc b6 -> a6");
+    assert_eq!(b7.rpc_node(&a6_name), a6_name, "rpc b7 -> a6");
+    let b4_name = b.node_name("b4");
+    assert_eq!(
+        a6.rpc_node(&b4_name),
+        b4_name,
+        "rpc a6 (inet6) -> b4 (inet)"
+    );
+    assert_eq!(evil.ping(&a6_name), "pang", "evil names itself after pod A");
+
+    let (ma, mb) = (metrics(a), metrics(b));
+    for (pod, text) in [("a", &ma), ("b", &mb)] {
+        assert_eq!(
+            metric_sum(
+                text,
+                "distproxy_epmd_requests_total",
+                &[("type", "port_please2")]
+            ),
+            0.0,
+            "pod {pod}: no EPMD lookup with the module\n{text}"
+        );
+        assert_eq!(
+            metric_sum(text, "distproxy_tls_handshake_failures_total", &[]),
+            0.0,
+            "pod {pod}: TLS handshake failures\n{text}"
+        );
+        assert!(
+            metric_sum(text, "distproxy_routes_total", &[("method", "preamble")]) >= 1.0,
+            "pod {pod}: a connection came in by the tunnel\n{text}"
+        );
+    }
+    // Pod A took b6's and b7's connections, and refused evil's.
+    assert!(
+        metric_sum(
+            &ma,
+            "distproxy_connections_closed_total",
+            &[("reason", "refused_by_policy")]
+        ) >= 1.0,
+        "pod A refused evil\n{ma}"
+    );
+    let refused = sidecar_a.log_lines_containing("not bound to the peer's certificate");
+    assert!(
+        refused.iter().any(|l| l.contains("evil@")),
+        "pod A refused evil for its name: {refused:#?}"
+    );
+    assert!(
+        refused.iter().all(|l| l.contains("evil@")),
+        "pod A refused only evil: {refused:#?}"
+    );
+    assert_eq!(
+        metric_sum(
+            &mb,
+            "distproxy_connections_closed_total",
+            &[("reason", "refused_by_policy")]
+        ),
+        0.0,
+        "pod B refused nothing\n{mb}"
+    );
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
+}

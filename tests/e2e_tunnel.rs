@@ -7,7 +7,8 @@
 //! each connection was routed: through the tunnel preamble, with no EPMD
 //! lookup at all, or by correlation for a node started without the module.
 //!
-//! Needs root, iproute2 and erlang-nox; fails saying so otherwise, unless
+//! Needs root, iproute2 and erlang-nox (and `ss` and `iptables` for the
+//! dual-stack tests); fails saying so otherwise, unless
 //! `DISTPROXY_SKIP_E2E=1`.
 
 mod support;
@@ -524,4 +525,164 @@ fn module_node_reaches_a_remote_node_at_once_after_its_sidecar_restarted() {
         sidecar_a.log()
     );
     sidecar_a.assert_no_misroute();
+}
+
+/// A dual-stack cluster where pod A's sidecar takes distribution over IPv6
+/// only (`--dist-listen [::]:43691`, as where only IPv6 is open between
+/// pods) and EPMD over IPv4 only (`--epmd-listen 0.0.0.0:4369`). Pod A's
+/// name resolves to both families. `distproxy names --host` (and
+/// `members --host`) tries each address while the connection is refused (glibc puts the IPv6 one
+/// first; it used to try that one only and fail). Pod B's sidecar must try
+/// both: an IPv4 node (`inet_tcp`) and an IPv6 node (`inet6_tcp`) of pod
+/// B, both with the helper module, reach pod A's node through the tunnel,
+/// over IPv6. The tunnel used to resolve A records only (hickory's default
+/// `Ipv4thenIpv6` asks for AAAA only when there is no A record): it found
+/// no sidecar at pod A's IPv4 address, refused the egress requests, and
+/// the nodes fell back to direct connections, refused for the IPv4 node
+/// (pang) and outside the tunnel (so outside mutual TLS) for the IPv6 one.
+#[test]
+fn tunnel_and_names_reach_a_dual_stack_pod_on_the_family_it_listens_on() {
+    if !e2e_enabled(
+        "tunnel_and_names_reach_a_dual_stack_pod_on_the_family_it_listens_on",
+        &["ss"],
+    ) {
+        return;
+    }
+    let lab = Lab::new_dual_stack(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let mut sidecar_a = a.spawn_sidecar_with(support::SidecarOptions::with_args(&[
+        "--epmd-listen",
+        "0.0.0.0:4369",
+        "--dist-listen",
+        "[::]:43691",
+    ]));
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let mut six = support::beam::ErlangOptions::inet6();
+    six.extra_args.extend(with_module(&ebin).extra_args);
+    let mut a1 = a.spawn_erlang("a1");
+    let mut b4 = b.spawn_erlang_with("b4", &with_module(&ebin));
+    let mut b6 = b.spawn_erlang_with("b6", &six);
+    for node in [&mut a1, &mut b4, &mut b6] {
+        node.wait_ready();
+    }
+    let a1_name = a1.name().to_string();
+    let names = b.run_ok(&support::distproxy_bin(), &["names", "--host", a.host()]);
+    assert!(
+        names.contains("name a1 at port 43691"),
+        "distproxy names --host {} from pod B:\n{names}",
+        a.host()
+    );
+    // `members --host` too: it is answered to local peers only, and the
+    // refusal from pod A's IPv4 address means it got past the IPv6 one
+    // (where it used to stop with "Cannot connect").
+    let out = b.run(&support::distproxy_bin(), &["members", "--host", a.host()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("bad reply from epmd at {}:4369", a.addr())),
+        "distproxy members --host {} from pod B:\n{stderr}",
+        a.host()
+    );
+    assert_eq!(b4.ping(&a1_name), "pong", "IPv4 node b4 -> a1");
+    assert_eq!(b6.ping(&a1_name), "pong", "IPv6 node b6 -> a1");
+    assert_eq!(b6.rpc_node(&a1_name), a1_name, "rpc b6 -> a1");
+
+    let mb = metrics(b);
+    assert_eq!(
+        metric_sum(
+            &mb,
+            "distproxy_epmd_requests_total",
+            &[("type", "egress"), ("result", "no_remote_sidecar")]
+        ),
+        0.0,
+        "pod B's sidecar found pod A's sidecar:\n{mb}"
+    );
+    assert_eq!(
+        metric_sum(
+            &mb,
+            "distproxy_dist_connections_total",
+            &[("direction", "outbound")]
+        ),
+        2.0,
+        "b4's and b6's connections went out through pod B's sidecar:\n{mb}"
+    );
+    // Both arrived at pod A's distribution port over IPv6, from pod B.
+    let local = format!("[{}]:43691", a.addr6());
+    let peer = format!("[{}]:", b.addr6());
+    let sockets = a.run_ok(
+        "ss",
+        &["-Htn", "state", "established", "( sport = :43691 )"],
+    );
+    assert_eq!(
+        sockets
+            .lines()
+            .filter(|l| l.contains(&local) && l.contains(&peer))
+            .count(),
+        2,
+        "pod A: two tunnel connections {peer}* -> {local}:\n{sockets}"
+    );
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
+}
+
+/// A dual-stack pod whose IPv4 distribution port drops packets (a network
+/// policy or firewall that lets IPv6 through only): SYNs to it go
+/// unanswered, unlike a closed port's reset. An IPv4 node of pod B with the
+/// module still reaches pod A's node through the tunnel, over IPv6: the
+/// probe gives each address a share of its own bound
+/// (`tunnel.probe_timeout_ms`, 2 s) and the tunnel a share of its connect
+/// deadline (`tunnel.connect_timeout_ms`, 5 s here), so the IPv4 attempt's
+/// silence cannot use up the time of the IPv6 one. (The probe used to
+/// share the connect deadline instead: half of 5 s for the IPv4 address,
+/// more than the probe's own 2 s bound, so the probe failed, the egress
+/// request was refused, and the node's direct connection over IPv4 was
+/// dropped too: pang.)
+#[test]
+fn tunnel_reaches_a_dual_stack_pod_over_ipv6_when_ipv4_drops_packets() {
+    if !e2e_enabled(
+        "tunnel_reaches_a_dual_stack_pod_over_ipv6_when_ipv4_drops_packets",
+        &["iptables"],
+    ) {
+        return;
+    }
+    let lab = Lab::new_dual_stack(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let ebin = compile_module(&lab);
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar_with(
+        support::SidecarOptions::default().config("[tunnel]\nconnect_timeout_ms = 5000\n"),
+    );
+    let mut a1 = a.spawn_erlang("a1");
+    let mut b4 = b.spawn_erlang_with("b4", &with_module(&ebin));
+    for node in [&mut a1, &mut b4] {
+        node.wait_ready();
+    }
+    a.run_ok(
+        "iptables",
+        &["-A", "INPUT", "-p", "tcp", "--dport", "43691", "-j", "DROP"],
+    );
+    let a1_name = a1.name().to_string();
+    assert_eq!(b4.ping(&a1_name), "pong", "IPv4 node b4 -> a1 over IPv6");
+    assert_eq!(b4.rpc_node(&a1_name), a1_name, "rpc b4 -> a1");
+    let mb = metrics(b);
+    assert_eq!(
+        metric_sum(
+            &mb,
+            "distproxy_epmd_requests_total",
+            &[("type", "egress"), ("result", "no_remote_sidecar")]
+        ),
+        0.0,
+        "pod B's probe found pod A's sidecar over IPv6:\n{mb}"
+    );
+    let local = format!("[{}]:43691", a.addr6());
+    let sockets = a.run_ok(
+        "ss",
+        &["-Htn", "state", "established", "( sport = :43691 )"],
+    );
+    assert!(
+        sockets.lines().any(|l| l.contains(&local)),
+        "pod A: a tunnel connection to {local}:\n{sockets}"
+    );
+    sidecar_a.assert_no_misroute();
+    sidecar_b.assert_no_misroute();
 }

@@ -168,6 +168,81 @@ async fn registrations_survive_kill_9_through_the_state_file() {
     assert_ne!(r4.creation, r1.creation);
 }
 
+/// A node that registers again the moment its sidecar restarts gets the
+/// creation after the remembered one (the file is read before the EPMD
+/// server accepts; it used to race the first registrations and hand out a
+/// random one), and an adoption that finds it registered already says so
+/// at INFO rather than warning.
+#[tokio::test]
+async fn a_node_registering_at_once_after_a_restart_gets_the_next_creation() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("registry.json");
+    let node = FakeNode::start("early", "127.0.0.1:0").await;
+    // A full file of remembered names (what a busy pod accumulates), and
+    // `early` as a live node at its port with creation 7.
+    let mut creations: Vec<String> = (0..999)
+        .map(|i| format!("\"{}{i:04}\": 9", "n".repeat(200)))
+        .collect();
+    creations.push("\"early\": 7".to_string());
+    std::fs::write(
+        &state,
+        format!(
+            "{{\"version\": 1, \"nodes\": [{{\"name\": \"early\", \"port\": {}, \
+             \"node_type\": 77, \"protocol\": 0, \"highest_version\": 6, \
+             \"lowest_version\": 5, \"extra_hex\": \"\", \"addr\": \"127.0.0.1\", \
+             \"creation\": 7}}], \"creations\": {{{}}}}}",
+            node.port,
+            creations.join(", ")
+        ),
+    )
+    .unwrap();
+    let ports = Ports::free();
+    let config = write_config(
+        dir.path(),
+        &ports,
+        &format!("state_file = {:?}", state.display().to_string()),
+    );
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let log = dir.path().join("stderr.log");
+    let p = Proc::spawn(
+        "distproxy",
+        Command::new(distproxy_testkit::distproxy_bin!())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+        &log,
+    );
+    // Registers as soon as the port takes connections.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (_conn, reply) = loop {
+        match client::register(epmd, spec("early", node.port)).await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() > deadline => panic!("no registration: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    };
+    assert_eq!(reply.result, 0);
+    assert_eq!(reply.creation, 8, "not the creation after the remembered 7");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            // Whichever came first: the registration (nothing to adopt)
+            // or the adoption (superseded by the registration).
+            let log = p.log_text();
+            log.contains("remembered node has registered again")
+                || log.contains("adopted node re-registered")
+        })
+        .await,
+        "{}",
+        p.log_text()
+    );
+    assert!(
+        !p.log_text().contains("cannot adopt remembered node"),
+        "{}",
+        p.log_text()
+    );
+}
+
 #[tokio::test]
 async fn corrupt_state_file_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
@@ -240,6 +315,54 @@ async fn sigterm_drains_in_flight_connections_then_exits_zero() {
         .expect("did not exit within the grace period");
     assert_eq!(status.code(), Some(0), "{status}");
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// SIGTERM, then the grace period ends with connections still relayed
+/// (a rollout's drain: the pods' nodes stay connected): every one of them
+/// is closed and logged with its `distribution connection ended` line
+/// (`outcome=stopped at shutdown`), as docs/operations.md says of every
+/// relayed connection. The accept loop's hard stop used to drop a
+/// connection's task in a race with the relay's own stop, so about half of
+/// the lines were missing (and a TLS leg was cut without close_notify).
+#[tokio::test]
+async fn every_connection_cut_by_the_end_of_the_grace_period_is_logged() {
+    const CONNECTIONS: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = dir.path().join("distproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[epmd]\nlisten = [\"127.0.0.1:{}\"]\n[dist]\nlisten = \"127.0.0.1:{}\"\nshutdown_grace_ms = 500\n[routing]\nloopback_lookups = \"proxy\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+            ports.epmd, ports.dist, ports.admin
+        ),
+    )
+    .unwrap();
+    let mut p = spawn_logged(dir.path(), &config, &[], ports.admin).await;
+    let _pod = FakePod::start(loopback(ports.epmd), &["held"]).await;
+    let mut held = Vec::new();
+    for i in 0..CONNECTIONS {
+        let (s, answered) = dial_as(loopback(ports.dist), &format!("x{i}@remote")).await;
+        assert_eq!(answered, "held@fake.host");
+        held.push(s);
+    }
+    p.signal("TERM");
+    let status = p
+        .wait_exit(Duration::from_secs(10))
+        .expect("did not exit after the grace period");
+    assert_eq!(status.code(), Some(0), "{status}");
+    let log = p.log_text();
+    let ended = log
+        .lines()
+        .filter(|l| {
+            l.contains("distribution connection ended") && l.contains("stopped at shutdown")
+        })
+        .count();
+    assert_eq!(
+        ended, CONNECTIONS,
+        "connections cut without their line:\n{log}"
+    );
+    drop(held);
 }
 
 #[tokio::test]

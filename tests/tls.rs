@@ -34,6 +34,7 @@ fn settings(secret: &SecretDir, verify: ServerNameVerification) -> TlsSettings {
         handshake_timeout: Duration::from_secs(5),
         reload_interval: Duration::from_millis(50),
         max_handshakes: 2,
+        ipv6_source_prefix_len: 128,
     }
 }
 

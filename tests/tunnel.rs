@@ -275,6 +275,53 @@ async fn egress_request_errors_have_result_codes() {
     assert!(off.egress.is_empty());
 }
 
+/// At `tunnel.max_egress_listeners`, a request for another remote node
+/// closes the least recently used listener that has no connection and has
+/// not been used for 10 s, instead of being refused until it idles out
+/// (60 s by default). A listener carrying a connection, or used within the
+/// helper module's cache time, is never taken.
+#[tokio::test]
+async fn at_the_listener_limit_an_unused_listener_makes_room() {
+    let p = pair(&["b", "c", "d"], |c| c.tunnel.max_egress_listeners = 2).await;
+    let epmd = epmd_addr(&p.local);
+    let listeners = &p.local.egress;
+    let port_b = egress_port(epmd, "b@127.0.0.1").await;
+    let (mut busy, answered) = dial_as(loopback(port_b), "a1@pod-a").await;
+    assert_eq!(answered, "b@fake.host");
+    let port_c = egress_port(epmd, "c@127.0.0.1").await;
+    // c was just handed out (a node may be connecting), b is in use.
+    let r = egress(epmd, "d@127.0.0.1").await;
+    assert_eq!(
+        r.result,
+        proto::EGRESS_UNAVAILABLE,
+        "a fresh listener was taken"
+    );
+
+    tokio::time::sleep(Duration::from_millis(10_300)).await;
+    let port_d = egress_port(epmd, "d@127.0.0.1").await;
+    let (_sd, answered) = dial_as(loopback(port_d), "a1@pod-a").await;
+    assert_eq!(answered, "d@fake.host");
+    assert_eq!(listeners.port_of("c@127.0.0.1"), None, "c was not evicted");
+    assert_eq!(
+        listeners.port_of("b@127.0.0.1"),
+        Some(port_b),
+        "b is in use"
+    );
+    assert_eq!(listeners.len(), 2);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            TcpStream::connect(loopback(port_c)).await.is_err()
+        })
+        .await,
+        "the evicted listener still accepts"
+    );
+    // The connection through b was not disturbed.
+    busy.write_all(b"still").await.unwrap();
+    let mut back = [0u8; 5];
+    busy.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still");
+}
+
 #[tokio::test]
 async fn unreachable_remote_closes_the_local_connection() {
     // Nothing listens on the remote port.

@@ -105,7 +105,14 @@ impl Acl {
                 initiator_full: r.initiator.contains('@'),
                 target: Pattern::parse(&r.target).map_err(|e| invalid("acl.target", i, e))?,
                 identity: match &r.identity {
-                    Some(p) => Some(Pattern::parse(p).map_err(|e| invalid("acl.identity", i, e))?),
+                    // An IP address is compared in the form the SANs are
+                    // written in (`IpAddr`'s display: RFC 5952 for IPv6,
+                    // the IPv4 form of a mapped address), so any spelling
+                    // of it matches (`fd00:d157:0:0::3`, `FD00:D157::3`).
+                    Some(p) => Some(
+                        Pattern::parse(&canonical_ip(p))
+                            .map_err(|e| invalid("acl.identity", i, e))?,
+                    ),
                     None => None,
                 },
             });
@@ -413,6 +420,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `pattern` in canonical form when it is one IP address (no glob), as
+/// the peer's IP SANs are written; anything else as it is.
+fn canonical_ip(pattern: &str) -> String {
+    match pattern.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_canonical().to_string(),
+        Err(_) => pattern.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,6 +586,23 @@ mod tests {
             identity = "10.0.0.*"
         "#);
         assert!(!ip.decide(&with(&ops)).allow);
+        // An IPv6 SAN is written as `IpAddr` displays it (inbound.rs); a
+        // rule may spell the address any way.
+        let six = ["fd00:d157::3".to_string()];
+        for spelling in ["fd00:d157::3", "FD00:D157:0:0::3", "fd00:d157:0:0:0:0:0:3"] {
+            let rule = acl(&format!(
+                "[[acl]]\nname = \"six\"\naction = \"allow\"\nidentity = \"{spelling}\"\n"
+            ));
+            assert_eq!(
+                decide(&rule, with(&six)),
+                (true, "six".into()),
+                "{spelling}"
+            );
+        }
+        let other = ["fd00:d157::4".to_string()];
+        let rule =
+            acl("[[acl]]\nname = \"six\"\naction = \"allow\"\nidentity = \"fd00:d157:0::3\"\n");
+        assert_eq!(decide(&rule, with(&other)), (true, "default".into()));
     }
 
     #[test]

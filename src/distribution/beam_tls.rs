@@ -263,7 +263,7 @@ pub async fn relay_to_node(
     // Nothing was read: the node sees the ClientHello first, and the fast
     // path may take the pair at once (no node routes: the handshake has
     // not even started).
-    let (stats, outcome) = fwd
+    let (stats, outcome, _guard) = fwd
         .relay(guard, stream, node_stream, RelayStats::default(), false)
         .await;
     info!(%peer, %target, route = method.label(), transport = "beam_tls",

@@ -375,8 +375,10 @@ impl Forwarder {
 
     /// Relays `a` (the remote side) and `b` (the local node's side) until
     /// either closes or the hard stop, counting the bytes in `pre` that were
-    /// forwarded during setup; `rx` is towards the local node. Drops the
-    /// guard when the relay ends; returns the totals and how it ended.
+    /// forwarded during setup; `rx` is towards the local node. Returns the
+    /// totals, how it ended and the guard: the caller logs the end first
+    /// and then lets the guard go, so whoever sees the open gauge fall can
+    /// already read the connection's end in the log.
     /// `node_routes`: the relay starts where the node has just sent its
     /// challenge and `a` sends one frame (its reply) before it waits, so
     /// the fast path may route local nodes' messages past the sidecar's
@@ -388,7 +390,7 @@ impl Forwarder {
         b: B,
         pre: RelayStats,
         node_routes: bool,
-    ) -> (RelayStats, String)
+    ) -> (RelayStats, String, ConnectionGuard)
     where
         A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -404,7 +406,6 @@ impl Forwarder {
             half_close_timeout: self.half_close_timeout,
         };
         let end = relay::relay(a, b, rx, tx, &self.hard_stop, options).await;
-        drop(guard);
         let stats = end.stats();
         let outcome = match &end {
             RelayEnd::Closed(_) => "closed".to_string(),
@@ -417,6 +418,7 @@ impl Forwarder {
                 tx: stats.tx + pre.tx,
             },
             outcome,
+            guard,
         )
     }
 }
@@ -506,7 +508,7 @@ where
     drop((prefix, node));
     let guard = ConnectionGuard::open(permit, &fwd.open_connections, &target, Direction::Inbound);
     debug!(%peer, %initiator, %target, method = method.label(), "relaying");
-    let (stats, outcome) = fwd
+    let (stats, outcome, _guard) = fwd
         .relay(guard, peer_stream, node_stream, pre, node_routes)
         .await;
     drop(announced);

@@ -224,7 +224,7 @@ impl Mirrors {
         );
         // The relay starts before the handshake: the node (the acceptor)
         // has sent nothing, the initiator at most its `send_name`.
-        let (stats, outcome) = self
+        let (stats, outcome, _guard) = self
             .forward
             .relay(guard, stream, node_stream, RelayStats::default(), true)
             .await;

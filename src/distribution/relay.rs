@@ -349,20 +349,15 @@ where
     N: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rx, mut tx) = (0u64, 0u64);
-    let result = {
-        let both = copy_both_ways(
-            peer,
-            node,
-            (&rx_bytes, &tx_bytes),
-            &mut rx,
-            &mut tx,
-            options,
-        );
-        tokio::select! {
-            r = both => Some(r),
-            _ = stop.cancelled() => None,
-        }
-    };
+    let result = copy_both_ways(
+        peer,
+        node,
+        (&rx_bytes, &tx_bytes),
+        (&mut rx, &mut tx),
+        stop,
+        options,
+    )
+    .await;
     let stats = RelayStats { rx, tx };
     match result {
         Some(Ok(())) => RelayEnd::Closed(stats),
@@ -404,14 +399,15 @@ fn path_taken(path: &'static str) {
     metrics::counter!(m::RELAY_CONNECTIONS, "path" => path).increment(1);
 }
 
+/// Both directions until they end (`Some`) or `stop` fires (`None`).
 async fn copy_both_ways<P, N>(
     peer: P,
     node: N,
     (rx_bytes, tx_bytes): (&Counter, &Counter),
-    rx: &mut u64,
-    tx: &mut u64,
+    (rx, tx): (&mut u64, &mut u64),
+    stop: &CancellationToken,
     options: RelayOptions<'_>,
-) -> io::Result<()>
+) -> Option<io::Result<()>>
 where
     P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     N: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -421,26 +417,38 @@ where
     let (peer, node): (Owned, Owned) = (Box::new(peer), Box::new(node));
     let (peer, node) = match (peer.downcast::<TcpStream>(), node.downcast::<TcpStream>()) {
         (Ok(p), Ok(n)) => {
-            return tcp_both_ways(*p, *n, (rx_bytes, tx_bytes), rx, tx, options).await
+            // Dropped at the stop: both sockets close (FIN).
+            return tokio::select! {
+                r = tcp_both_ways(*p, *n, (rx_bytes, tx_bytes), rx, tx, options) => Some(r),
+                _ = stop.cancelled() => None,
+            };
         }
         (p, n) => (unbox::<P>(p), unbox::<N>(n)),
     };
     path_taken(m::relay_path::BUFFERED);
-    buffered_both_ways(
-        peer,
-        node,
-        (rx_bytes, tx_bytes),
-        rx,
-        tx,
-        options.half_close_timeout,
-    )
-    .await
+    let (peer, node) = (std::sync::Mutex::new(peer), std::sync::Mutex::new(node));
+    let result = tokio::select! {
+        r = buffered_both_ways(&peer, &node, (rx_bytes, tx_bytes), rx, tx, options.half_close_timeout) => Some(r),
+        _ = stop.cancelled() => None,
+    };
+    if result.is_none() {
+        // Closed deliberately: a TLS leg gets its close_notify, so the far
+        // sidecar sees the end of a connection, not a truncation (it logged
+        // `peer closed connection without sending TLS close_notify`).
+        let (mut peer_w, mut node_w) = (Half(&peer), Half(&node));
+        let _ = tokio::time::timeout(STOP_SHUTDOWN, async {
+            let _ = tokio::join!(peer_w.shutdown(), node_w.shutdown());
+        })
+        .await;
+    }
+    result
 }
 
-/// Both directions through buffers ([`copy_one_way`]).
+/// Both directions through buffers ([`copy_one_way`]), each stream shared
+/// by its two directions ([`Half`]).
 async fn buffered_both_ways<P, N>(
-    peer: P,
-    node: N,
+    peer: &std::sync::Mutex<P>,
+    node: &std::sync::Mutex<N>,
     (rx_bytes, tx_bytes): (&Counter, &Counter),
     rx: &mut u64,
     tx: &mut u64,
@@ -450,20 +458,19 @@ where
     P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     N: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (peer, node) = (std::sync::Mutex::new(peer), std::sync::Mutex::new(node));
-    let peer_closed = || stream_read_closed(&*Half(&peer).lock());
-    let node_closed = || stream_read_closed(&*Half(&node).lock());
+    let peer_closed = || stream_read_closed(&*Half(peer).lock());
+    let node_closed = || stream_read_closed(&*Half(node).lock());
     let to_node = copy_one_way(
-        Half(&peer),
-        Half(&node),
+        Half(peer),
+        Half(node),
         rx_bytes,
         rx,
         Watch::new(linger, StillOpen::Node),
         peer_closed,
     );
     let to_peer = copy_one_way(
-        Half(&node),
-        Half(&peer),
+        Half(node),
+        Half(peer),
         tx_bytes,
         tx,
         Watch::new(linger, StillOpen::Peer),
@@ -471,6 +478,10 @@ where
     );
     both_ways(to_node, to_peer, linger).await
 }
+
+/// How long the legs of a relay stopped by the hard stop may take to
+/// close cleanly (TLS close_notify) before they are dropped.
+const STOP_SHUTDOWN: Duration = Duration::from_millis(100);
 
 /// Which side kept its direction open past `relay.half_close_timeout_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -614,7 +625,8 @@ async fn tcp_both_ways(
     #[cfg(not(target_os = "linux"))]
     {
         path_taken(m::relay_path::BUFFERED);
-        buffered_both_ways(p, n, (rx_bytes, tx_bytes), rx, tx, linger).await
+        let (p, n) = (std::sync::Mutex::new(p), std::sync::Mutex::new(n));
+        buffered_both_ways(&p, &n, (rx_bytes, tx_bytes), rx, tx, linger).await
     }
 }
 
@@ -1164,15 +1176,13 @@ mod tests {
                 let (mut rx, mut tx) = (0, 0);
                 let counters = (&Counter::noop(), &Counter::noop());
                 if buffered {
-                    buffered_both_ways(
-                        peer_side,
-                        node_side,
-                        counters,
-                        &mut rx,
-                        &mut tx,
-                        Some(linger),
-                    )
-                    .await
+                    {
+                        let (p, n) = (
+                            std::sync::Mutex::new(peer_side),
+                            std::sync::Mutex::new(node_side),
+                        );
+                        buffered_both_ways(&p, &n, counters, &mut rx, &mut tx, Some(linger)).await
+                    }
                 } else {
                     let options = RelayOptions {
                         half_close_timeout: Some(linger),
@@ -1234,15 +1244,13 @@ mod tests {
             let (mut rx, mut tx) = (0, 0);
             let counters = (&rx_c, &Counter::noop());
             let done = if buffered {
-                buffered_both_ways(
-                    peer_side,
-                    node_side,
-                    counters,
-                    &mut rx,
-                    &mut tx,
-                    Some(linger),
-                )
-                .await
+                {
+                    let (p, n) = (
+                        std::sync::Mutex::new(peer_side),
+                        std::sync::Mutex::new(node_side),
+                    );
+                    buffered_both_ways(&p, &n, counters, &mut rx, &mut tx, Some(linger)).await
+                }
             } else {
                 let options = RelayOptions {
                     half_close_timeout: Some(linger),

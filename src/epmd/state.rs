@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::proto::{validate_name, NodeSpec};
-use super::registry::{NodeEntry, Registration};
+use super::registry::{NodeEntry, RegisterError, Registration, Registry};
 use super::server::EpmdCtx;
 
 const FORMAT_VERSION: u32 = 1;
@@ -309,31 +309,46 @@ async fn answers(addr: SocketAddr) -> bool {
     )
 }
 
-/// Restores the registry from `path` (adopting nodes that still answer) and
-/// starts the writer that keeps the file up to date. Never fails: problems
-/// with the file are logged.
-pub async fn start(shared: Arc<EpmdCtx>, path: PathBuf) {
-    let leftovers = path.clone();
-    match tokio::task::spawn_blocking(move || remove_leftover_temporaries(&leftovers)).await {
-        Ok(0) | Err(_) => {}
-        Ok(n) => info!(path = %path.display(), removed = n,
+/// Reads the state file at `path` before the EPMD server accepts: removes
+/// the temporary files a killed sidecar left, and puts the remembered
+/// creations in force, so a node registering again at once gets the next
+/// creation. Returns what [`start`] adopts. Never fails: problems with the
+/// file are logged.
+pub fn prepare(registry: &Registry, path: &Path) -> Option<StateFile> {
+    match remove_leftover_temporaries(path) {
+        0 => {}
+        n => info!(path = %path.display(), removed = n,
             "removed temporary state files left by a sidecar killed while writing"),
     }
-    match load(&path) {
-        Ok(state) => restore(&shared, state).await,
+    match load(path) {
+        Ok(state) => {
+            for (name, creation) in &state.creations {
+                registry.remember_creation(name, *creation);
+            }
+            Some(state)
+        }
         Err(StateError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             info!(path = %path.display(), "no state file yet; starting with an empty registry");
+            None
         }
-        Err(e) => warn!(error = %e, "ignoring state file"),
+        Err(e) => {
+            warn!(error = %e, "ignoring state file");
+            None
+        }
+    }
+}
+
+/// Adopts the nodes of `state` (from [`prepare`]) that still answer, and
+/// starts the writer that keeps the file at `path` up to date.
+pub async fn start(shared: Arc<EpmdCtx>, path: PathBuf, state: Option<StateFile>) {
+    if let Some(state) = state {
+        restore(&shared, state).await;
     }
     let writer = Arc::clone(&shared);
     shared.tracker.spawn(write_on_change(writer, path));
 }
 
 async fn restore(shared: &Arc<EpmdCtx>, state: StateFile) {
-    for (name, creation) in &state.creations {
-        shared.registry.remember_creation(name, *creation);
-    }
     for stored in state.nodes {
         let Ok(entry) = stored.to_entry() else {
             continue;
@@ -352,6 +367,12 @@ async fn restore(shared: &Arc<EpmdCtx>, state: StateFile) {
                 info!(node = %stored.name, %addr, creation = stored.creation, "adopted node from state file");
                 let prober = Arc::clone(shared);
                 shared.tracker.spawn(probe(prober, registration, addr));
+            }
+            // The node registered again while it was being probed (OTP 24
+            // and later do about 2 s after losing their EPMD): nothing to
+            // adopt.
+            Err(RegisterError::Duplicate(name)) => {
+                info!(node = %name, "remembered node has registered again; not adopted")
             }
             Err(e) => warn!(error = %e, "cannot adopt remembered node"),
         }

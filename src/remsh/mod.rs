@@ -165,8 +165,9 @@ fn cookie(opts: &RemshOptions) -> Result<Option<String>, RemshError> {
     Err(RemshError::NoCookie)
 }
 
-/// The configuration of the ephemeral sidecar.
-fn ephemeral_config(opts: &RemshOptions, via_port: u16) -> Result<Config, RemshError> {
+/// The configuration of the ephemeral sidecar. `inet6`: the shell's node
+/// runs `inet6_tcp` and registers over `::1`, so EPMD listens there.
+fn ephemeral_config(opts: &RemshOptions, via_port: u16, inet6: bool) -> Result<Config, RemshError> {
     let mut config = match &opts.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -177,7 +178,11 @@ fn ephemeral_config(opts: &RemshOptions, via_port: u16) -> Result<Config, RemshE
         config.tls.ca_file = opts.tls_ca.clone().or(config.tls.ca_file);
     }
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
-    config.epmd.listen = vec![loopback];
+    config.epmd.listen = if inet6 {
+        vec![SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))]
+    } else {
+        vec![loopback]
+    };
     config.epmd.state_file = None;
     config.dist.listen = vec![loopback];
     config.dist.advertise_port = None;
@@ -309,7 +314,11 @@ pub async fn run(opts: RemshOptions) -> Result<ExitStatus, RemshError> {
         }
     };
 
-    let config = ephemeral_config(&opts, via.port())?;
+    // A node named by an IPv6 address (a pod IP in an IPv6 cluster) can
+    // only be reached from an `inet6_tcp` node: `inet_tcp` calls that host
+    // illegal.
+    let inet6 = plan::needs_inet6(&target.host);
+    let config = ephemeral_config(&opts, via.port(), inet6)?;
     let mut listeners = sidecar::bind(&config)?;
     let tls = listeners.tls.clone();
     let local = match &opts.name {
@@ -343,6 +352,7 @@ pub async fn run(opts: RemshOptions) -> Result<ExitStatus, RemshError> {
         hidden: opts.hidden,
         ebin: ebin.display().to_string(),
         epmd_port,
+        inet6,
         cookie,
         extra: opts.extra.clone(),
     };

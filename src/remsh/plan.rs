@@ -19,6 +19,9 @@ pub struct ShellPlan {
     pub ebin: String,
     /// Port of the ephemeral EPMD (`ERL_EPMD_PORT`).
     pub epmd_port: u16,
+    /// The local node runs `-proto_dist inet6_tcp` on `::1` (see
+    /// [`needs_inet6`]); its EPMD listens on `::1`.
+    pub inet6: bool,
     /// The cookie, if given (else `erl` reads `~/.erlang.cookie`).
     pub cookie: Option<String>,
     /// Arguments after `--`, passed through.
@@ -39,6 +42,17 @@ pub enum PlanError {
 /// The target, checked: `name@host`, both parts valid.
 pub fn parse_target(target: &str) -> Result<NodeName, PlanError> {
     NodeName::parse(target).map_err(|_| PlanError::BadTarget(target.to_string()))
+}
+
+/// Whether the shell's node must run `inet6_tcp` to reach a node of
+/// `host`: an IPv6 address (`fd00::5`, also in brackets), which OTP's
+/// `inet_tcp` refuses as an illegal host name when it connects.
+pub fn needs_inet6(host: &str) -> bool {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare.parse::<std::net::Ipv6Addr>().is_ok()
 }
 
 /// This side's default name: `remsh-<pid>@<host>`, with the host the first
@@ -80,13 +94,22 @@ impl ShellPlan {
             "false",
             "-connect_all",
             "false",
-            "-kernel",
-            "inet_dist_use_interface",
-            "{127,0,0,1}",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let listen: &[&str] = if self.inet6 {
+            &[
+                "-proto_dist",
+                "inet6_tcp",
+                "-kernel",
+                "inet_dist_use_interface",
+                "{0,0,0,0,0,0,0,1}",
+            ]
+        } else {
+            &["-kernel", "inet_dist_use_interface", "{127,0,0,1}"]
+        };
+        v.extend(listen.iter().map(|s| s.to_string()));
         if self.hidden {
             v.push("-hidden".into());
         }
@@ -147,6 +170,7 @@ mod tests {
             hidden: false,
             ebin: "/tmp/e".into(),
             epmd_port: 40001,
+            inet6: false,
             cookie: Some("SECRET".into()),
             extra: vec!["-kernel".into(), "shell_history".into(), "enabled".into()],
         }
@@ -171,6 +195,46 @@ mod tests {
             ..plan()
         };
         assert!(hidden.command().1.contains(&"-hidden".to_string()));
+    }
+
+    /// A target named by an IPv6 address needs an `inet6_tcp` local node
+    /// on `::1`; any other host keeps `inet_tcp` on 127.0.0.1.
+    #[test]
+    fn an_ipv6_address_target_gets_an_inet6_local_node() {
+        for host in ["fd00:d157::2", "[fd00:d157::2]", "::1"] {
+            assert!(needs_inet6(host), "{host}");
+        }
+        for host in [
+            "10.1.2.3",
+            "pod-a.dp.test",
+            "fd00-d157--2.ns.pod",
+            "[10.1.2.3]",
+        ] {
+            assert!(!needs_inet6(host), "{host}");
+        }
+        let line = ShellPlan {
+            target: "a6@fd00:d157::2".into(),
+            inet6: true,
+            ..plan()
+        }
+        .command()
+        .1
+        .join(" ");
+        assert!(
+            line.contains(
+                "-proto_dist inet6_tcp -kernel inet_dist_use_interface {0,0,0,0,0,0,0,1}"
+            ),
+            "{line}"
+        );
+        assert!(!line.contains("{127,0,0,1}"), "{line}");
+        let (_, iex) = ShellPlan {
+            inet6: true,
+            iex: true,
+            ..plan()
+        }
+        .command();
+        assert!(iex[5].contains("-proto_dist inet6_tcp"), "{}", iex[5]);
+        assert!(!plan().command().1.join(" ").contains("inet6_tcp"));
     }
 
     #[test]

@@ -21,11 +21,20 @@
 //! - IP literals are answered without any lookup. We short-circuit them
 //!   ourselves too (also in `[...]` brackets), so they never depend on the
 //!   resolver's configuration.
+//! - Its default strategy (`Ipv4thenIpv6`) asks for AAAA records only when
+//!   a name has no A record, so in a dual-stack cluster a pod would be
+//!   reached over IPv4 only, even when its sidecar listens on IPv6 only or
+//!   IPv4 is filtered between the pods. Its `Ipv4AndIpv6` waits for both
+//!   answers, so a name found in `/etc/hosts` for one family waits for a
+//!   name server's answer (or timeout) for the other. We run an IPv4-only
+//!   and an IPv6-only resolver side by side instead ([`Resolver::resolve`])
+//!   and order the answer ourselves ([`Family`]): the caller tries each
+//!   address in turn.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use hickory_resolver::config::{ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::TokioResolver;
 use tracing::warn;
@@ -44,34 +53,83 @@ pub enum ResolveError {
     NoAddress { host: String },
 }
 
-/// Resolves remote hosts; cheap to share (the cache is inside).
+/// Which address family to try first when a host has both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4 addresses first (what `getaddrinfo` does for unique local
+    /// IPv6 addresses, and what the node of `inet_tcp` would dial).
+    V4First,
+    /// IPv6 addresses first (what a node of `inet6_tcp` would dial).
+    V6First,
+}
+
+impl Family {
+    /// The family a local peer at `ip` speaks: IPv6 first for an IPv6
+    /// peer (an `inet6_tcp` node on `::1`), IPv4 first otherwise.
+    pub fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => Family::V6First,
+            _ => Family::V4First,
+        }
+    }
+
+    /// `addrs` with this family's addresses first, each family in the
+    /// order given, duplicates dropped.
+    pub fn order(self, addrs: &[IpAddr]) -> Vec<IpAddr> {
+        let first_v6 = self == Family::V6First;
+        let mut out: Vec<IpAddr> = Vec::with_capacity(addrs.len());
+        for pass_v6 in [first_v6, !first_v6] {
+            for ip in addrs.iter().map(|ip| ip.to_canonical()) {
+                if ip.is_ipv6() == pass_v6 && !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Resolves remote hosts; cheap to share (the caches are inside).
 pub struct Resolver {
-    inner: TokioResolver,
+    /// A records only, and AAAA records only: two lookups run side by
+    /// side, so one family's slow or dead name server cannot hold up the
+    /// other's answer (see [`Resolver::resolve`]).
+    v4: TokioResolver,
+    v6: TokioResolver,
     /// `distproxy remsh`: this one host resolves to this address, every
     /// other host to nothing (connections go through one forwarded port).
     pinned: Option<(String, IpAddr)>,
 }
+
+/// Once one family has answered with addresses, how long the other one is
+/// waited for (RFC 8305's "Resolution Delay"): a name server that does not
+/// answer AAAA queries (or A queries, in an IPv6-only cluster) costs this,
+/// not the resolve deadline.
+const RESOLUTION_DELAY: Duration = Duration::from_millis(50);
 
 impl Resolver {
     /// A resolver from the system configuration. If it cannot be read, logs
     /// why and uses one with no name servers (IP literals and `/etc/hosts`
     /// still work), rather than querying servers the pod was never given.
     pub fn from_system_conf() -> Resolver {
-        let inner = match TokioResolver::builder_tokio() {
-            Ok(builder) => builder.build(),
+        let (config, opts) = match hickory_resolver::system_conf::read_system_conf() {
+            Ok(conf) => conf,
             Err(e) => {
                 warn!(error = %e,
                     "cannot read the system resolver configuration; resolving with /etc/hosts only");
-                TokioResolver::builder_with_config(
-                    ResolverConfig::new(),
-                    TokioConnectionProvider::default(),
-                )
-                .with_options(ResolverOpts::default())
-                .build()
+                (ResolverConfig::new(), ResolverOpts::default())
             }
         };
+        let build = |strategy| {
+            let mut opts = opts.clone();
+            opts.ip_strategy = strategy;
+            TokioResolver::builder_with_config(config.clone(), TokioConnectionProvider::default())
+                .with_options(opts)
+                .build()
+        };
         Resolver {
-            inner,
+            v4: build(LookupIpStrategy::Ipv4Only),
+            v6: build(LookupIpStrategy::Ipv6Only),
             pinned: None,
         }
     }
@@ -88,12 +146,17 @@ impl Resolver {
         }
     }
 
-    /// Addresses of `host`, in the resolver's preference order (IPv4 first by
-    /// default), within `timeout`.
+    /// Addresses of `host` of both families, `family`'s first, within
+    /// `timeout`. A and AAAA are looked up side by side; once one family
+    /// has addresses, the other gets [`RESOLUTION_DELAY`] more, so a name
+    /// that has one family only, or a name server that never answers for
+    /// the other, costs no more than that. An error is the first family's
+    /// (`family`'s) when neither has an address.
     pub async fn resolve(
         &self,
         host: &str,
         timeout: Duration,
+        family: Family,
     ) -> Result<Vec<IpAddr>, ResolveError> {
         if let Some((pinned, ip)) = &self.pinned {
             let bare = host.strip_suffix('.').unwrap_or(host);
@@ -108,23 +171,73 @@ impl Resolver {
         if let Some(ip) = ip_literal(host) {
             return Ok(vec![ip]);
         }
-        let lookup = tokio::time::timeout(timeout, self.inner.lookup_ip(host))
-            .await
-            .map_err(|_| ResolveError::Timeout {
-                host: host.to_owned(),
-                timeout,
-            })?
-            .map_err(|source| ResolveError::Lookup {
-                host: host.to_owned(),
-                source,
-            })?;
-        let addrs: Vec<IpAddr> = lookup.iter().collect();
-        if addrs.is_empty() {
-            return Err(ResolveError::NoAddress {
-                host: host.to_owned(),
-            });
+        let (first, second) = match family {
+            Family::V4First => (&self.v4, &self.v6),
+            Family::V6First => (&self.v6, &self.v4),
+        };
+        let (first, second) = (
+            lookup_family(first, host, timeout),
+            lookup_family(second, host, timeout),
+        );
+        tokio::pin!(first, second);
+        let has_addrs =
+            |r: &Result<Vec<IpAddr>, ResolveError>| r.as_ref().is_ok_and(|a| !a.is_empty());
+        // Whichever answers first; the other then waits at most the
+        // resolution delay if the first had addresses.
+        let (a, b) = tokio::select! {
+            a = &mut first => {
+                let b = if has_addrs(&a) {
+                    tokio::time::timeout(RESOLUTION_DELAY, &mut second).await.ok()
+                } else {
+                    Some((&mut second).await)
+                };
+                (Some(a), b)
+            }
+            b = &mut second => {
+                let a = if has_addrs(&b) {
+                    tokio::time::timeout(RESOLUTION_DELAY, &mut first).await.ok()
+                } else {
+                    Some((&mut first).await)
+                };
+                (a, Some(b))
+            }
+        };
+        let mut addrs = Vec::new();
+        let mut error = None;
+        for result in [a, b].into_iter().flatten() {
+            match result {
+                Ok(found) => addrs.extend(found),
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
         }
-        Ok(addrs)
+        let addrs = family.order(&addrs);
+        if !addrs.is_empty() {
+            return Ok(addrs);
+        }
+        Err(error.unwrap_or(ResolveError::NoAddress {
+            host: host.to_owned(),
+        }))
+    }
+}
+
+/// `host`'s addresses from one single-family resolver, within `timeout`.
+async fn lookup_family(
+    resolver: &TokioResolver,
+    host: &str,
+    timeout: Duration,
+) -> Result<Vec<IpAddr>, ResolveError> {
+    match tokio::time::timeout(timeout, resolver.lookup_ip(host)).await {
+        Err(_) => Err(ResolveError::Timeout {
+            host: host.to_owned(),
+            timeout,
+        }),
+        Ok(Err(source)) => Err(ResolveError::Lookup {
+            host: host.to_owned(),
+            source,
+        }),
+        Ok(Ok(found)) => Ok(found.iter().collect()),
     }
 }
 
@@ -151,11 +264,33 @@ mod tests {
         assert_eq!(ip_literal("[10.1.2.3"), None);
     }
 
+    #[test]
+    fn addresses_are_ordered_by_the_family_asked_for() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let got = [ip("fd00::2"), ip("10.0.0.2"), ip("fd00::3"), ip("10.0.0.3")];
+        assert_eq!(
+            Family::V4First.order(&got),
+            [ip("10.0.0.2"), ip("10.0.0.3"), ip("fd00::2"), ip("fd00::3")]
+        );
+        assert_eq!(
+            Family::V6First.order(&got),
+            [ip("fd00::2"), ip("fd00::3"), ip("10.0.0.2"), ip("10.0.0.3")]
+        );
+        // An IPv4-mapped answer is the IPv4 address, once.
+        assert_eq!(
+            Family::V6First.order(&[ip("::ffff:10.0.0.2"), ip("10.0.0.2")]),
+            [ip("10.0.0.2")]
+        );
+        assert_eq!(Family::of(ip("::1")), Family::V6First);
+        assert_eq!(Family::of(ip("127.0.0.1")), Family::V4First);
+        assert_eq!(Family::of(ip("::ffff:127.0.0.1")), Family::V4First);
+    }
+
     #[tokio::test]
     async fn literals_need_no_lookup() {
         let r = Resolver::from_system_conf();
         let got = r
-            .resolve("127.0.0.1", Duration::from_millis(1))
+            .resolve("127.0.0.1", Duration::from_millis(1), Family::V6First)
             .await
             .unwrap();
         assert_eq!(got, vec![IpAddr::from([127, 0, 0, 1])]);
@@ -166,10 +301,26 @@ mod tests {
         let ip = IpAddr::from([127, 0, 0, 1]);
         let r = Resolver::pinned_only("Pod-0.svc.test.", ip);
         let t = Duration::from_millis(1);
-        assert_eq!(r.resolve("pod-0.svc.test", t).await.unwrap(), vec![ip]);
-        assert_eq!(r.resolve("POD-0.svc.test.", t).await.unwrap(), vec![ip]);
-        assert!(r.resolve("pod-1.svc.test", t).await.is_err());
-        assert!(r.resolve("10.1.2.3", t).await.is_err(), "not even literals");
+        assert_eq!(
+            r.resolve("pod-0.svc.test", t, Family::V4First)
+                .await
+                .unwrap(),
+            vec![ip]
+        );
+        assert_eq!(
+            r.resolve("POD-0.svc.test.", t, Family::V4First)
+                .await
+                .unwrap(),
+            vec![ip]
+        );
+        assert!(r
+            .resolve("pod-1.svc.test", t, Family::V4First)
+            .await
+            .is_err());
+        assert!(
+            r.resolve("10.1.2.3", t, Family::V4First).await.is_err(),
+            "not even literals"
+        );
     }
 
     #[tokio::test]
@@ -177,7 +328,7 @@ mod tests {
         // Every Linux /etc/hosts names localhost; no name server is asked.
         let r = Resolver::from_system_conf();
         let got = r
-            .resolve("localhost", Duration::from_secs(5))
+            .resolve("localhost", Duration::from_secs(5), Family::V4First)
             .await
             .unwrap();
         assert!(got.iter().all(|ip| ip.is_loopback()), "{got:?}");

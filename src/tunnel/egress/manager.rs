@@ -35,6 +35,8 @@ struct Egress {
     last_used: Mutex<Instant>,
     /// Connections accepted and not yet ended.
     open: AtomicUsize,
+    /// Cancelled when the listener is evicted to make room for another.
+    evicted: CancellationToken,
 }
 
 impl Egress {
@@ -46,6 +48,12 @@ impl Egress {
         *lock(&self.last_used)
     }
 }
+
+/// How long a listener must have been unused before it can be evicted to
+/// make room at `tunnel.max_egress_listeners`: more than the helper
+/// module's cache of egress answers (5 s), so no node still holds its port
+/// without asking again (which would touch it).
+const EVICTABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Counts an open connection; dropping it ends the count and restarts the
 /// idle clock.
@@ -207,7 +215,7 @@ impl EgressManager {
             existing.touch();
             return Ok(existing.port);
         }
-        if listeners.len() >= config.max_egress_listeners {
+        if listeners.len() >= config.max_egress_listeners && !evict_one_unused(&mut listeners) {
             return Err(EgressError::TooMany(config.max_egress_listeners));
         }
         // Bound synchronously, under the lock, so two requests for the same
@@ -219,6 +227,7 @@ impl EgressManager {
             remote: node,
             last_used: Mutex::new(Instant::now()),
             open: AtomicUsize::new(0),
+            evicted: CancellationToken::new(),
         });
         listeners.insert(remote.to_owned(), Arc::clone(&egress));
         manager.gauge(listeners.len());
@@ -230,6 +239,31 @@ impl EgressManager {
         }
         Ok(port)
     }
+}
+
+/// At the listener limit: closes the least recently used listener that has
+/// no connection and has not been used for [`EVICTABLE_AFTER`], so nodes
+/// that reach many remote nodes over time are not refused while old
+/// listeners wait out their idle period. False when every listener is in
+/// use (the limit then refuses).
+fn evict_one_unused(listeners: &mut HashMap<String, Arc<Egress>>) -> bool {
+    let victim = listeners
+        .iter()
+        .filter(|(_, e)| {
+            e.open.load(Ordering::Acquire) == 0 && e.idle_since().elapsed() >= EVICTABLE_AFTER
+        })
+        .min_by_key(|(_, e)| e.idle_since())
+        .map(|(name, _)| name.clone());
+    let Some(victim) = victim else {
+        return false;
+    };
+    if let Some(egress) = listeners.remove(&victim) {
+        egress.evicted.cancel();
+        info!(remote = %victim, port = egress.port,
+            idle_ms = egress.idle_since().elapsed().as_millis() as u64,
+            "egress listener closed to make room for another (tunnel.max_egress_listeners)");
+    }
+    true
 }
 
 /// How many times a fresh IPv4 port is tried when its IPv6 twin is taken.
@@ -281,10 +315,12 @@ async fn serve_egress(
             accept_egress(listener6, &egress, &manager).await;
         }
     });
-    // The listener closes when either ends: shutdown, or the idle period.
+    // The listener closes when either ends: shutdown, or the idle period;
+    // or when it is evicted (already out of the map).
     tokio::select! {
         _ = accepting => {}
         _ = idle(&egress, &manager) => return,
+        _ = egress.evicted.cancelled() => return,
     }
     // Shutdown: forget the listener so no request is answered with it.
     let mut listeners = lock(&manager.listeners);

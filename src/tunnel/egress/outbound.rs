@@ -19,6 +19,7 @@ use crate::metrics::{reason, record_closed as closed, record_phase as phase};
 use crate::net::{connect_any, ConnectError};
 use crate::node_name::short_name;
 use crate::tunnel::preamble::Preamble;
+use crate::tunnel::resolve::Family;
 
 use super::{EgressManager, RemoteNode};
 
@@ -69,7 +70,13 @@ impl EgressManager {
         let resolve_start = Instant::now();
         let addrs = match self
             .resolver
-            .resolve(&remote.host, self.settings.resolve_timeout_ms.duration())
+            .resolve(
+                &remote.host,
+                self.settings.resolve_timeout_ms.duration(),
+                // The family the node would have dialled itself: an
+                // `inet6_tcp` node reaches its egress port over `::1`.
+                Family::of(local_peer.ip()),
+            )
             .await
         {
             Ok(a) => a,
@@ -133,6 +140,12 @@ impl EgressManager {
                     ctx.transport = crate::tunnel::Transport::Tls;
                     self.send_and_relay(remote_tls, local, preamble, prefix, ctx)
                         .await;
+                }
+                Err(e) if e.closed_by_peer() => {
+                    // Counted by reason in distproxy_tls_handshake_failures_total.
+                    warn_throttled!(%initiator, %target, %remote_addr, reason = e.reason(), error = %e,
+                    "egress: the remote sidecar closed the TLS handshake; it may have no [tls] (a rollout in the wrong order: its log says 'TLS connection on the distribution port, but [tls] is not configured') or have refused the connection (its log says why); closing");
+                    closed(reason::TLS_HANDSHAKE_FAILED);
                 }
                 Err(e) => {
                     // Counted by reason in distproxy_tls_handshake_failures_total.
@@ -221,7 +234,7 @@ impl EgressManager {
         };
         // Freed before relaying: an idle connection holds no setup buffer.
         drop((head, prefix, preamble));
-        let (stats, outcome) = self.forward.relay(guard, remote, local, pre, false).await;
+        let (stats, outcome, _guard) = self.forward.relay(guard, remote, local, pre, false).await;
         if stats.rx == 0 {
             // Not even the node's handshake status came back: the remote
             // sidecar most likely closed the tunnel before routing it, and

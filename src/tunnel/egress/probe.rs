@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::TunnelConfig;
 use crate::net::connect_any;
-use crate::tunnel::resolve::Resolver;
+use crate::tunnel::resolve::{Family, Resolver};
 
 use super::lock;
 
@@ -90,7 +90,7 @@ impl RemoteProbe {
             }
         }
         let deadline = self.settings.resolve_timeout.min(self.settings.timeout);
-        let local = match self.resolver.resolve(host, deadline).await {
+        let local = match self.resolver.resolve(host, deadline, Family::V4First).await {
             Ok(addrs) => addrs.iter().any(|&ip| is_local_address(ip)),
             Err(e) => return Err(e.to_string()),
         };
@@ -132,13 +132,19 @@ impl RemoteProbe {
             }
         }
         let s = &self.settings;
+        let started = Instant::now();
         let probe = async {
             let addrs = self
                 .resolver
-                .resolve(host, s.resolve_timeout)
+                .resolve(host, s.resolve_timeout, Family::V4First)
                 .await
                 .map_err(|e| format!("cannot resolve: {e}"))?;
-            connect_any(&addrs, s.port, s.connect_timeout)
+            // The addresses share what is left of the probe's bound, not
+            // the longer connect deadline: with a dual-stack host whose
+            // IPv4 address drops the SYN, the IPv6 one must still get its
+            // turn before the bound ends the probe.
+            let left = s.timeout.saturating_sub(started.elapsed());
+            connect_any(&addrs, s.port, s.connect_timeout.min(left))
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string())

@@ -104,6 +104,9 @@ pub struct TlsSettings {
     /// each costs tens of KiB until it completes. Waiting for a slot counts
     /// against the handshake's deadline.
     pub max_handshakes: usize,
+    /// Incoming handshakes from IPv6 addresses share a source's slots by
+    /// this prefix (`limits.ipv6_source_prefix_len`; 128: per address).
+    pub ipv6_source_prefix_len: u8,
 }
 
 impl TlsSettings {
@@ -120,6 +123,7 @@ impl TlsSettings {
             handshake_timeout: config.handshake_timeout_ms.duration(),
             reload_interval: config.reload_interval_ms.duration(),
             max_handshakes: limits.max_tls_handshakes,
+            ipv6_source_prefix_len: limits.ipv6_source_prefix_len,
         })
     }
 }
@@ -150,6 +154,22 @@ impl TlsError {
             TlsError::PeerCertificate(_) => tls_reason::BAD_CERT,
             TlsError::ServerName(_) => tls_reason::NAME_MISMATCH,
         }
+    }
+
+    /// True when the peer closed or reset the connection during the
+    /// handshake without a TLS alert: on the connecting side, a sidecar
+    /// without `[tls]` (it closes a TLS connection at once) or one that
+    /// refused this connection before TLS (a limit); its own log says which.
+    pub fn closed_by_peer(&self) -> bool {
+        matches!(self, TlsError::Handshake { source, .. }
+        if source.get_ref().is_none_or(|i| i.downcast_ref::<rustls::Error>().is_none())
+            && matches!(
+                source.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            ))
     }
 
     fn handshake(source: io::Error) -> TlsError {
@@ -269,8 +289,13 @@ impl Tls {
         Ok(Arc::new(Tls {
             handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
             dialled: tokio::sync::Semaphore::new(settings.max_handshakes),
-            sources: slots::SourceSlots::new(settings.max_handshakes),
-            destinations: slots::SourceSlots::new(settings.max_handshakes),
+            sources: slots::SourceSlots::new(
+                settings.max_handshakes,
+                settings.ipv6_source_prefix_len,
+            ),
+            // Other pods, each on its own address even where they share a
+            // prefix (the pods of one Kubernetes node share its /64).
+            destinations: slots::SourceSlots::new(settings.max_handshakes, 128),
             settings,
             provider,
             current: ArcSwap::from_pointee(generation),

@@ -37,6 +37,8 @@ type Sources = Arc<Mutex<HashMap<IpAddr, (Arc<Semaphore>, usize)>>>;
 /// Every remote source's slots.
 pub(super) struct SourceSlots {
     share: usize,
+    /// IPv6 addresses count by this prefix ([`crate::net::source_key`]).
+    ipv6_prefix_len: u8,
     sources: Sources,
 }
 
@@ -53,16 +55,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SourceSlots {
-    pub(super) fn new(max: usize) -> SourceSlots {
+    pub(super) fn new(max: usize, ipv6_prefix_len: u8) -> SourceSlots {
         SourceSlots {
             share: share(max),
+            ipv6_prefix_len,
             sources: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
     /// Waits for one of `ip`'s slots.
     pub(super) async fn acquire(&self, ip: IpAddr) -> SourceSlot {
-        let ip = ip.to_canonical();
+        let ip = crate::net::source_key(ip, self.ipv6_prefix_len);
         let semaphore = {
             let mut sources = lock(&self.sources);
             let (semaphore, users) = sources
