@@ -1175,21 +1175,8 @@ mod tests {
             let h = tokio::spawn(async move {
                 let (mut rx, mut tx) = (0, 0);
                 let counters = (&Counter::noop(), &Counter::noop());
-                if buffered {
-                    {
-                        let (p, n) = (
-                            std::sync::Mutex::new(peer_side),
-                            std::sync::Mutex::new(node_side),
-                        );
-                        buffered_both_ways(&p, &n, counters, &mut rx, &mut tx, Some(linger)).await
-                    }
-                } else {
-                    let options = RelayOptions {
-                        half_close_timeout: Some(linger),
-                        ..RelayOptions::default()
-                    };
-                    tcp_both_ways(peer_side, node_side, counters, &mut rx, &mut tx, options).await
-                }
+                let both = (&mut rx, &mut tx);
+                relay_with_linger(buffered, peer_side, node_side, counters, both, linger).await
             });
             let sent: Vec<u8> = (0..48u32 << 10).map(|i| (i % 251) as u8).collect();
             client.write_all(&sent).await.unwrap();
@@ -1214,6 +1201,28 @@ mod tests {
                 .expect("the relay ends once both closed")
                 .unwrap();
             assert!(end.is_ok(), "buffered: {buffered}: {end:?}");
+        }
+    }
+
+    /// Relays `peer` and `node` with a half-close timeout of `linger`, on
+    /// the buffered path (as TLS streams are) or the splice path.
+    async fn relay_with_linger(
+        buffered: bool,
+        peer: TcpStream,
+        node: TcpStream,
+        counters: (&Counter, &Counter),
+        (rx, tx): (&mut u64, &mut u64),
+        linger: std::time::Duration,
+    ) -> io::Result<()> {
+        if buffered {
+            let (p, n) = (std::sync::Mutex::new(peer), std::sync::Mutex::new(node));
+            buffered_both_ways(&p, &n, counters, rx, tx, Some(linger)).await
+        } else {
+            let options = RelayOptions {
+                half_close_timeout: Some(linger),
+                ..RelayOptions::default()
+            };
+            tcp_both_ways(peer, node, counters, rx, tx, options).await
         }
     }
 
@@ -1243,21 +1252,9 @@ mod tests {
         let h = tokio::spawn(async move {
             let (mut rx, mut tx) = (0, 0);
             let counters = (&rx_c, &Counter::noop());
-            let done = if buffered {
-                {
-                    let (p, n) = (
-                        std::sync::Mutex::new(peer_side),
-                        std::sync::Mutex::new(node_side),
-                    );
-                    buffered_both_ways(&p, &n, counters, &mut rx, &mut tx, Some(linger)).await
-                }
-            } else {
-                let options = RelayOptions {
-                    half_close_timeout: Some(linger),
-                    ..RelayOptions::default()
-                };
-                tcp_both_ways(peer_side, node_side, counters, &mut rx, &mut tx, options).await
-            };
+            let both = (&mut rx, &mut tx);
+            let done =
+                relay_with_linger(buffered, peer_side, node_side, counters, both, linger).await;
             (done, rx)
         });
         // More than the node's leg takes (its buffers hold about 14 KiB),
