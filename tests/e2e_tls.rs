@@ -83,6 +83,13 @@ fn pod_leaf(ca: &Ca, pod: &Pod, serial: u64) -> Leaf {
     ca.leaf(&[pod.host(), &pod.addr().to_string()], serial)
 }
 
+/// A certificate for a pod of a dual-stack lab: its host name and both
+/// addresses.
+fn dual_stack_leaf(ca: &Ca, pod: &Pod, serial: u64) -> Leaf {
+    let (v4, v6) = (pod.addr().to_string(), pod.addr6().to_string());
+    ca.leaf(&[pod.host(), &v4, &v6], serial)
+}
+
 // ---------------------------------------------------------------------------
 // Packet capture on the lab's bridge
 
@@ -735,16 +742,7 @@ fn inet6_nodes_use_the_tls_tunnel_between_dual_stack_pods() {
     let (a, b) = (lab.pod("a"), lab.pod("b"));
     let ebin = compile_module(&lab);
     let ca = Ca::new("dp-e2e-ca");
-    let leaf = |pod: &Pod, serial| {
-        ca.leaf(
-            &[
-                pod.host(),
-                &pod.addr().to_string(),
-                &pod.addr6().to_string(),
-            ],
-            serial,
-        )
-    };
+    let leaf = |pod: &Pod, serial| dual_stack_leaf(&ca, pod, serial);
     let (mut sidecar_a, _sa) =
         spawn_tls_sidecar(&lab, a, &leaf(a, 0xa6), &ca.pem, TlsPod::default());
     let (mut sidecar_b, _sb) =
@@ -1128,16 +1126,7 @@ fn nodes_named_by_ipv6_addresses_use_the_tls_tunnel_with_bound_names() {
     let (a, b) = (lab.pod("a"), lab.pod("b"));
     let ebin = compile_module(&lab);
     let ca = Ca::new("dp-e2e-ca");
-    let leaf = |pod: &Pod, serial| {
-        ca.leaf(
-            &[
-                pod.host(),
-                &pod.addr().to_string(),
-                &pod.addr6().to_string(),
-            ],
-            serial,
-        )
-    };
+    let leaf = |pod: &Pod, serial| dual_stack_leaf(&ca, pod, serial);
     let (mut sidecar_a, _sa) =
         spawn_tls_sidecar(&lab, a, &leaf(a, 0xa61), &ca.pem, TlsPod::default());
     let (mut sidecar_b, _sb) =
