@@ -61,6 +61,28 @@ pub async fn request_to_eof(addr: SocketAddr, req: &Request) -> Result<Vec<u8>, 
 }
 
 /// NAMES_REQ: the server's port and the text listing.
+/// Runs `request` against each of `addrs` in turn while the connection is
+/// refused (a dual-stack name may list first an address the EPMD does not
+/// listen on), and returns the address that answered, or the last one,
+/// with its result. `addrs` must not be empty.
+pub async fn each_address_while_refused<T, F, Fut>(
+    addrs: &[SocketAddr],
+    request: F,
+) -> (SocketAddr, Result<T, ClientError>)
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let (last, rest) = addrs.split_last().expect("at least one address");
+    for &addr in rest {
+        match request(addr).await {
+            Err(ClientError::Connect { .. }) => {}
+            other => return (addr, other),
+        }
+    }
+    (*last, request(*last).await)
+}
+
 pub async fn names(addr: SocketAddr) -> Result<(u32, String), ClientError> {
     let reply = request_to_eof(addr, &Request::Names).await?;
     port_and_text(addr, &reply, "names")

@@ -479,22 +479,10 @@ fn members(host: &str, port: u16, all: bool) -> ExitCode {
         return ExitCode::from(EX_USAGE);
     };
     block_on(async move {
-        // Each address of the host in turn while it refuses (as `names`):
-        // a dual-stack name may list an address the sidecar does not
-        // listen on first.
-        let mut reply = None;
-        for (i, &addr) in addrs.iter().enumerate() {
-            match distproxy::client::members(addr, 0, 0).await {
-                Err(distproxy::client::ClientError::Connect { .. }) if i + 1 < addrs.len() => {}
-                other => {
-                    reply = Some((addr, other));
-                    break;
-                }
-            }
-        }
-        let Some((addr, reply)) = reply else {
-            return ExitCode::FAILURE;
-        };
+        let (addr, reply) = distproxy::client::each_address_while_refused(&addrs, |addr| {
+            distproxy::client::members(addr, 0, 0)
+        })
+        .await;
         match reply {
             Ok(MembersReply::List { members, .. }) => {
                 for m in members {

@@ -298,25 +298,21 @@ fn responded_with(reply: &str) -> ExitCode {
 /// The host's addresses are tried in turn while the connection is refused
 /// (a dual-stack host whose EPMD listens on one family only).
 pub async fn print_names(addrs: &[SocketAddr]) -> ExitCode {
-    for (i, &addr) in addrs.iter().enumerate() {
-        match client::names(addr).await {
-            Ok((epmd_port, text)) => {
-                println!("epmd: up and running on port {epmd_port} with data:");
-                print!("{text}");
-                return ExitCode::SUCCESS;
-            }
-            Err(client::ClientError::Connect { .. }) if i + 1 < addrs.len() => {}
-            Err(client::ClientError::Connect { source, .. }) => {
-                eprintln!("epmd: Cannot connect to epmd at {addr}: {source}");
-                return ExitCode::FAILURE;
-            }
-            Err(e) => {
-                eprintln!("epmd: {e}");
-                return ExitCode::FAILURE;
-            }
+    match client::each_address_while_refused(addrs, client::names).await {
+        (_, Ok((epmd_port, text))) => {
+            println!("epmd: up and running on port {epmd_port} with data:");
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        (addr, Err(client::ClientError::Connect { source, .. })) => {
+            eprintln!("epmd: Cannot connect to epmd at {addr}: {source}");
+            ExitCode::FAILURE
+        }
+        (_, Err(e)) => {
+            eprintln!("epmd: {e}");
+            ExitCode::FAILURE
         }
     }
-    ExitCode::FAILURE
 }
 
 /// `-daemon`: starts a detached copy of this program without `-daemon`, in
