@@ -633,12 +633,19 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SerialAtLogLine {
     }
 }
 
+/// Held by the tests that reach the reloader's log lines. `tracing` caches
+/// each callsite's interest process-wide, computed by the first thread to
+/// reach it: a test reloading with no subscriber at the same moment as the
+/// one capturing the line could cache "never" and hide it.
+static RELOAD_LINES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// "TLS files changed; new connections use the new certificate" is true
 /// when it is written: a connection made as soon as the line appears uses
 /// the new certificate. It was logged before the new one was swapped in.
 #[test]
 fn the_reload_line_is_written_once_the_new_certificate_is_in_force() {
     use tracing_subscriber::layer::SubscriberExt;
+    let _serial = RELOAD_LINES.blocking_lock();
     let ca = Ca::new("dp-test-ca");
     let old = ca.leaf(&[POD_A], 0x1101);
     let new = ca.leaf(&[POD_A], 0x1102);
@@ -651,7 +658,12 @@ fn the_reload_line_is_written_once_the_new_certificate_is_in_force() {
         seen: Arc::clone(&seen),
     };
     let subscriber = tracing_subscriber::registry().with(probe);
-    let outcome = tracing::subscriber::with_default(subscriber, || reloader.poll());
+    let outcome = tracing::subscriber::with_default(subscriber, || {
+        // The line's interest may have been cached as "never" by a test
+        // that reloaded with no subscriber.
+        tracing::callsite::rebuild_interest_cache();
+        reloader.poll()
+    });
     assert!(matches!(outcome, ReloadOutcome::Reloaded(_)), "{outcome:?}");
     assert_eq!(
         *seen.lock().unwrap(),
@@ -662,6 +674,7 @@ fn the_reload_line_is_written_once_the_new_certificate_is_in_force() {
 
 #[tokio::test]
 async fn rotation_through_a_symlink_swap_keeps_open_connections() {
+    let _serial = RELOAD_LINES.lock().await;
     let ca = Ca::new("dp-test-ca");
     let a_old = ca.leaf(&[POD_A], 0x1001);
     let a_new = ca.leaf(&[POD_A, "rotated.pod-a.dp.test"], 0x1002);
@@ -718,6 +731,7 @@ async fn rotation_through_a_symlink_swap_keeps_open_connections() {
 
 #[tokio::test]
 async fn bad_new_files_keep_the_old_certificate() {
+    let _serial = RELOAD_LINES.lock().await;
     let handle = prometheus();
     let ca = Ca::new("dp-test-ca");
     let a_leaf = ca.leaf(&[POD_A], 0x3001);
@@ -816,6 +830,7 @@ async fn bad_new_files_keep_the_old_certificate() {
 
 #[tokio::test]
 async fn the_reloader_task_picks_up_changes_by_itself() {
+    let _serial = RELOAD_LINES.lock().await;
     let ca = Ca::new("dp-test-ca");
     let a = pod(
         &ca,

@@ -641,8 +641,15 @@ mod tests {
         assert_eq!(c, again);
     }
 
+    /// Held by the tests that reach `reload`'s log lines. `tracing` caches
+    /// each callsite's interest process-wide, computed by the first thread
+    /// to reach it: a test reloading with no subscriber at the same moment
+    /// as the one capturing the line could cache "never" and hide it.
+    static RELOAD_LINES: Mutex<()> = Mutex::new(());
+
     #[test]
     fn reload_swaps_rules_and_keeps_them_on_a_bad_file() {
+        let _serial = lock(&RELOAD_LINES);
         let dir = std::env::temp_dir().join(format!("dp-acl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
@@ -698,6 +705,7 @@ mod tests {
     #[test]
     fn the_reload_line_is_written_once_the_new_rules_are_in_force() {
         use tracing_subscriber::layer::SubscriberExt;
+        let _serial = lock(&RELOAD_LINES);
         let dir = std::env::temp_dir().join(format!("dp-acl-line-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
@@ -711,7 +719,12 @@ mod tests {
             seen: Arc::clone(&seen),
         };
         let subscriber = tracing_subscriber::registry().with(probe);
-        let outcome = tracing::subscriber::with_default(subscriber, || handle.reload("test"));
+        let outcome = tracing::subscriber::with_default(subscriber, || {
+            // The line's interest may have been cached as "never" by the
+            // other test, which ran with no subscriber.
+            tracing::callsite::rebuild_interest_cache();
+            handle.reload("test")
+        });
         assert!(matches!(outcome, ReloadOutcome::Reloaded { rules: 1 }));
         assert_eq!(
             *lock(&seen),
