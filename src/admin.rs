@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::distribution::forward::OpenConnections;
+use crate::distribution::node_stats::NodeStats;
 use crate::epmd::registry::Registry;
 use crate::net::{accept_loop, write_all_within, ConnPermit, ConnectionLimit, Stop, WriteError};
 
@@ -30,7 +30,9 @@ pub struct AdminCtx {
     pub hard_stop: CancellationToken,
     /// `admin.ready_nodes`.
     pub ready_nodes: Vec<String>,
-    pub open_connections: Arc<OpenConnections>,
+    /// Per-node counts: `/nodes`' `open_connections` and the node-labelled
+    /// metric families, appended to the exporter's.
+    pub node_stats: Arc<NodeStats>,
     /// `limits.admin_max_connections` (requests served at once) and its
     /// per-source cap.
     pub limit: ConnectionLimit,
@@ -200,7 +202,7 @@ pub fn route(path: &str, shared: &AdminCtx) -> Response {
             Some(handle) => Response {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: handle.render(),
+                body: handle.render() + &shared.node_stats.render(),
             },
             None => Response::text(503, "metrics recorder not installed\n"),
         },
@@ -259,7 +261,7 @@ fn nodes_json(shared: &AdminCtx) -> String {
                 "lowest_version": n.spec.lowest_version,
                 "creation": n.creation,
                 "adopted": n.adopted,
-                "open_connections": shared.open_connections.get(&n.spec.name),
+                "open_connections": shared.node_stats.open_connections(&n.spec.name),
             })
         })
         .collect();

@@ -269,6 +269,14 @@ pub struct AdminConfig {
     /// /readyz answers 200 only once these node names are registered.
     #[serde(default)]
     pub ready_nodes: Vec<String>,
+    /// How long the node-labelled series of a node that left
+    /// (unregistered, no connection open) are still exported.
+    #[serde(default = "default_node_series_retention_ms")]
+    pub node_series_retention_ms: Millis,
+}
+
+fn default_node_series_retention_ms() -> Millis {
+    Millis(600_000)
 }
 
 /// Where loopback lookups are sent.
@@ -391,6 +399,7 @@ impl Default for AdminConfig {
         Self {
             listen: default_admin_listen(),
             ready_nodes: Vec::new(),
+            node_series_retention_ms: default_node_series_retention_ms(),
         }
     }
 }

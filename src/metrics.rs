@@ -15,9 +15,17 @@ pub const LOOKUPS_WAITING: &str = "distproxy_lookups_waiting";
 /// Recorded lookups dropped because their requester went away, by reason.
 pub const LOOKUPS_DROPPED: &str = "distproxy_lookups_dropped_total";
 pub const ROUTES: &str = "distproxy_routes_total";
+// The node-labelled families are rendered by
+// `distribution::node_stats`, which drops a node's series after it left.
 pub const DIST_CONNECTIONS_OPEN: &str = "distproxy_dist_connections_open";
+pub const DIST_CONNECTIONS_OPEN_HELP: &str =
+    "Distribution connections being relayed, by local node and direction.";
 pub const DIST_CONNECTIONS: &str = "distproxy_dist_connections_total";
+pub const DIST_CONNECTIONS_HELP: &str =
+    "Distribution connections relayed, by local node and direction.";
 pub const RELAYED_BYTES: &str = "distproxy_relayed_bytes_total";
+pub const RELAYED_BYTES_HELP: &str =
+    "Bytes relayed, by local node and direction (rx: to the node, tx: from it).";
 pub const HANDSHAKE_PHASE_SECONDS: &str = "distproxy_handshake_phase_seconds";
 pub const CONNECTIONS_CLOSED: &str = "distproxy_connections_closed_total";
 pub const MISROUTES: &str = "distproxy_misroutes_total";
@@ -240,19 +248,6 @@ pub fn describe() {
     describe_counter!(
         ROUTES,
         "Routing decisions for incoming distribution connections, by method."
-    );
-    describe_gauge!(
-        DIST_CONNECTIONS_OPEN,
-        "Distribution connections being relayed, by local node and direction."
-    );
-    describe_counter!(
-        DIST_CONNECTIONS,
-        "Distribution connections relayed, by local node and direction."
-    );
-    describe_counter!(
-        RELAYED_BYTES,
-        Unit::Bytes,
-        "Bytes relayed, by local node and direction (rx: to the node, tx: from it)."
     );
     describe_histogram!(
         HANDSHAKE_PHASE_SECONDS,

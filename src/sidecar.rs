@@ -20,8 +20,9 @@ use crate::acl::{Acl, AclHandle, ReloadOutcome};
 use crate::admin::AdminCtx;
 use crate::config::Config;
 use crate::discovery::Discovery;
-use crate::distribution::forward::{Forwarder, OpenConnections};
+use crate::distribution::forward::Forwarder;
 use crate::distribution::listener::DistCtx;
+use crate::distribution::node_stats::NodeStats;
 use crate::distribution::router::Correlator;
 use crate::epmd::registry::Registry;
 use crate::epmd::server::EpmdCtx;
@@ -221,7 +222,10 @@ impl Sidecar {
         )
         .grouping_ipv6(limits.ipv6_source_prefix_len)
         .evicting();
-        let open_connections = Arc::new(OpenConnections::default());
+        let node_stats = Arc::new(NodeStats::new(
+            Arc::clone(&registry),
+            config.admin.node_series_retention_ms.duration(),
+        ));
         // Validated with the rest of the configuration; compiling cannot fail.
         let acl = AclHandle::new(Acl::from_config(&config).unwrap_or_else(|e| {
             warn!(error = %e, "invalid [[acl]] rules; refusing every connection");
@@ -230,7 +234,7 @@ impl Sidecar {
         let forward = Forwarder {
             connect_timeout: config.dist.connect_timeout_ms.duration(),
             handshake_timeout: config.dist.handshake_timeout_ms.duration(),
-            open_connections: Arc::clone(&open_connections),
+            node_stats: Arc::clone(&node_stats),
             hard_stop: hard_stop.clone(),
             tcp: config.tcp.tuning(),
             fast_path: open_fast_path(&config.relay, &dist_addrs),
@@ -322,7 +326,7 @@ impl Sidecar {
                 shutdown: shutdown.clone(),
                 hard_stop: hard_stop.clone(),
                 ready_nodes: config.admin.ready_nodes.clone(),
-                open_connections,
+                node_stats,
                 // Full, it closes the oldest connection still sending its
                 // request to make room: a slowloris cannot keep the
                 // kubelet's probes out.

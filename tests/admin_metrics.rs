@@ -395,3 +395,91 @@ async fn a_held_lookup_is_in_the_waiting_gauge_until_answered() {
     }
     assert_eq!(left, 0.0, "an answered lookup is still counted as waiting");
 }
+
+/// A node that left (unregistered, its connection closed) keeps its
+/// node-labelled series for `admin.node_series_retention_ms`, so a scrape
+/// sees its final counts, and then they are gone: a pod whose nodes come
+/// and go under new names does not export every name it ever saw. A node
+/// still registered keeps its series however long it stays idle.
+#[tokio::test]
+async fn a_node_that_left_has_its_series_dropped_after_the_retention() {
+    // Long enough that the scrapes before and just after the node leaves
+    // fall inside it on a loaded machine.
+    const RETENTION_MS: u64 = 3_000;
+    let mut config = proxy_config();
+    config.admin.node_series_retention_ms = distproxy_testkit::sut::config::Millis(RETENTION_MS);
+    let sc = start_with_admin(config);
+    let admin = sc.admin_addr.unwrap();
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let node = FakeNode::start("leaving_node", "127.0.0.1:0").await;
+    let registration = client::register(epmd, spec("leaving_node", node.port))
+        .await
+        .unwrap();
+    client::port_please(epmd, "leaving_node").await.unwrap();
+    let (mut s, answered) = dial_as(dist, "peer@remote").await;
+    assert_eq!(answered, "leaving_node@fake.host");
+    s.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo).await.unwrap();
+    s.shutdown().await.unwrap();
+    let _ = s.read_to_end(&mut Vec::new()).await;
+    drop(s);
+
+    let series = |m: &Samples| {
+        let mut found: Vec<String> = m
+            .keys()
+            .filter(|(_, labels)| {
+                labels
+                    .iter()
+                    .any(|(k, v)| k == "node" && v == "leaving_node")
+            })
+            .map(|(name, labels)| format!("{name}{labels:?}"))
+            .collect();
+        found.sort();
+        found
+    };
+    // Registered: kept past the retention, idle.
+    tokio::time::sleep(Duration::from_millis(RETENTION_MS + 500)).await;
+    let registered = scrape(admin).await;
+    assert_eq!(
+        series(&registered).len(),
+        4,
+        "open, total, rx, tx: {:?}",
+        series(&registered)
+    );
+    assert_eq!(
+        get(
+            &registered,
+            "distproxy_dist_connections_total",
+            &[("node", "leaving_node"), ("direction", "inbound")]
+        ),
+        1.0
+    );
+
+    // Gone: still there at once, with its final counts...
+    drop(registration);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            sc.registry.get("leaving_node").is_none()
+        })
+        .await
+    );
+    let just_left = scrape(admin).await;
+    assert_eq!(series(&just_left), series(&registered));
+    assert!(
+        get(
+            &just_left,
+            "distproxy_relayed_bytes_total",
+            &[("node", "leaving_node"), ("direction", "tx")]
+        ) >= 4.0
+    );
+    // ...and dropped once the retention has passed.
+    assert!(
+        eventually(Duration::from_millis(RETENTION_MS + 5_000), || async {
+            series(&scrape(admin).await).is_empty()
+        })
+        .await,
+        "still exported: {:?}",
+        series(&scrape(admin).await)
+    );
+}

@@ -58,6 +58,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("epmd::proto", Layer::Core),
     ("epmd::codec", Layer::Core),
     ("epmd::registry", Layer::Core),
+    ("distribution::node_stats", Layer::Core),
     ("distribution", Layer::Core),
     ("distribution::handshake", Layer::Core),
     ("distribution::router", Layer::Core),

@@ -258,7 +258,7 @@ pub async fn relay_to_node(
     };
     metrics::counter!(m::ROUTES, "method" => method.label()).increment(1);
     metrics::counter!(m::BEAM_TLS_CONNECTIONS, "outcome" => outcome::ROUTED).increment(1);
-    let guard = ConnectionGuard::open(permit, &fwd.open_connections, &target, Direction::Inbound);
+    let guard = ConnectionGuard::open(permit, &fwd.node_stats, &target, Direction::Inbound);
     debug!(%peer, %target, method = method.label(), "relaying a node's own TLS distribution");
     // Nothing was read: the node sees the ClientHello first, and the fast
     // path may take the pair at once (no node routes: the handshake has

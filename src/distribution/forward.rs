@@ -6,10 +6,9 @@
 //! Nothing here knows how a connection was routed; callers (the listener,
 //! the tunnel's inbound and outbound paths) pass what they decided.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::net::ConnPermit;
@@ -21,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::handshake::{self, SendName};
+pub use super::node_stats::Direction;
+use super::node_stats::{ByteCounters, NodeStats};
 use super::relay::{self, RelayEnd, RelayStats};
 use crate::epmd::registry::{NodeEntry, Registry};
 use crate::metrics::{self as m, reason, record_closed as closed, record_phase as phase, route};
@@ -202,75 +203,35 @@ pub fn correlated_or_single(
     }
 }
 
-/// Relayed connections per local node, for `/nodes`.
-#[derive(Default)]
-pub struct OpenConnections(Mutex<HashMap<String, u64>>);
-
-impl OpenConnections {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Connections relayed for `node` now.
-    pub fn get(&self, node: &str) -> u64 {
-        self.lock().get(node).copied().unwrap_or(0)
-    }
-}
-
-/// Direction of a relayed connection, as labelled in metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// From a peer to a local node.
-    Inbound,
-    /// From a local node to a remote sidecar.
-    Outbound,
-    /// From a node of this pod to another, through a mirror listener.
-    SamePod,
-}
-
-impl Direction {
-    fn label(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-            Direction::SamePod => "same_pod",
-        }
-    }
-}
-
-/// One relayed connection, counted: holds the connection-limit permit, the
-/// open-connections gauge and the `/nodes` count until dropped.
+/// One relayed connection, counted: holds the connection-limit permit and
+/// the node's counts ([`NodeStats`]: `/nodes` and the node-labelled
+/// metrics) until dropped.
 pub struct ConnectionGuard {
     _permit: ConnPermit,
-    open: metrics::Gauge,
-    counts: Arc<OpenConnections>,
+    stats: Arc<NodeStats>,
     node: String,
+    direction: Direction,
+    bytes: ByteCounters,
 }
 
 impl ConnectionGuard {
     /// Starts counting a connection relayed for local node `node`.
     pub fn open(
         permit: ConnPermit,
-        counts: &Arc<OpenConnections>,
+        stats: &Arc<NodeStats>,
         node: &str,
         direction: Direction,
     ) -> ConnectionGuard {
         // Set up: a newer connection can no longer take its place.
         let mut permit = permit;
         permit.claim();
-        let labels = [
-            ("node", node.to_string()),
-            ("direction", direction.label().to_string()),
-        ];
-        metrics::counter!(m::DIST_CONNECTIONS, &labels).increment(1);
-        let open = metrics::gauge!(m::DIST_CONNECTIONS_OPEN, &labels);
-        open.increment(1.0);
-        *counts.lock().entry(node.to_string()).or_default() += 1;
+        let bytes = stats.opened(node, direction);
         ConnectionGuard {
             _permit: permit,
-            open,
-            counts: Arc::clone(counts),
+            stats: Arc::clone(stats),
             node: node.to_string(),
+            direction,
+            bytes,
         }
     }
 
@@ -282,14 +243,7 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.open.decrement(1.0);
-        let mut map = self.counts.lock();
-        if let Some(n) = map.get_mut(&self.node) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.node);
-            }
-        }
+        self.stats.closed(&self.node, self.direction);
     }
 }
 
@@ -302,7 +256,8 @@ pub struct Forwarder {
     /// Deadline for the node's status and challenge
     /// (`dist.handshake_timeout_ms`).
     pub handshake_timeout: Duration,
-    pub open_connections: Arc<OpenConnections>,
+    /// Per-node counts: `/nodes` and the node-labelled metrics.
+    pub node_stats: Arc<NodeStats>,
     /// Ends relays (grace period over).
     pub hard_stop: CancellationToken,
     /// Keepalive and `TCP_USER_TIMEOUT` for both legs (`[tcp]`).
@@ -395,9 +350,7 @@ impl Forwarder {
         A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let node = guard.node().to_owned();
-        let rx = metrics::counter!(m::RELAYED_BYTES, "node" => node.clone(), "direction" => "rx");
-        let tx = metrics::counter!(m::RELAYED_BYTES, "node" => node, "direction" => "tx");
+        let (rx, tx) = (guard.bytes.rx.clone(), guard.bytes.tx.clone());
         rx.increment(pre.rx);
         tx.increment(pre.tx);
         let options = relay::RelayOptions {
@@ -506,7 +459,7 @@ where
     // What setup needed is freed before relaying: an idle relayed
     // connection holds only its sockets and counts.
     drop((prefix, node));
-    let guard = ConnectionGuard::open(permit, &fwd.open_connections, &target, Direction::Inbound);
+    let guard = ConnectionGuard::open(permit, &fwd.node_stats, &target, Direction::Inbound);
     debug!(%peer, %initiator, %target, method = method.label(), "relaying");
     let (stats, outcome, _guard) = fwd
         .relay(guard, peer_stream, node_stream, pre, node_routes)

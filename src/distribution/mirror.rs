@@ -216,12 +216,8 @@ impl Mirrors {
             .map(|n| n.spec.name)
             .unwrap_or_else(|| "unknown".to_string());
         metrics::counter!(m::ROUTES, "method" => m::route::SAME_POD).increment(1);
-        let guard = ConnectionGuard::open(
-            permit,
-            &self.forward.open_connections,
-            &node,
-            Direction::SamePod,
-        );
+        let guard =
+            ConnectionGuard::open(permit, &self.forward.node_stats, &node, Direction::SamePod);
         // The relay starts before the handshake: the node (the acceptor)
         // has sent nothing, the initiator at most its `send_name`.
         let (stats, outcome, _guard) = self

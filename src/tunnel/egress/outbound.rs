@@ -222,7 +222,7 @@ impl EgressManager {
         let local_node = short_name(initiator);
         let guard = ConnectionGuard::open(
             permit,
-            &self.forward.open_connections,
+            &self.forward.node_stats,
             local_node,
             Direction::Outbound,
         );
