@@ -126,6 +126,16 @@ fn relayed(pod: &Pod, direction: &str) -> f64 {
     metric_sum(&metrics(pod), RELAYED, &[("direction", direction)])
 }
 
+/// What `pod`'s sidecar relayed towards its nodes since `since`, once it
+/// reaches `payload` or 5 s have passed: a relay counts a write once it
+/// returns, which may be just after the node has read the bytes.
+fn relayed_since(pod: &Pod, since: f64, payload: f64) -> f64 {
+    poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        relayed(pod, "rx") - since >= payload
+    });
+    relayed(pod, "rx") - since
+}
+
 /// Waits until `pod`'s sidecar relayed `bytes` more towards its nodes than
 /// `since`: the transfer is under way.
 fn wait_relayed(pod: &Pod, since: f64, bytes: usize) {
@@ -337,8 +347,8 @@ fn stopped_receiver_gets_backpressure(tls: bool) {
     }
     // Every byte is counted once on B's side, with the distribution
     // protocol's framing on top (a header per 64 KiB fragment: 0.03 %).
-    let counted = relayed(b, "rx") - rx_before;
     let payload = (count * SIZE) as f64;
+    let counted = relayed_since(b, rx_before, payload);
     assert!(
         counted >= payload && counted < payload * 1.001,
         "relayed rx {counted} for a payload of {payload}"
@@ -590,8 +600,8 @@ fn eight_pairs_streaming_at_once_share_the_sidecar_and_are_counted() {
         after - before < RSS_GROWTH_KIB,
         "pod B's sidecar grew from {before} to {after} KiB"
     );
-    let counted = relayed(b, "rx") - rx_before;
     let payload = (8 * COUNT * SIZE) as f64;
+    let counted = relayed_since(b, rx_before, payload);
     assert!(
         counted >= payload && counted < payload * 1.001,
         "relayed rx {counted} for a payload of {payload}"
