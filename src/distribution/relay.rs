@@ -476,7 +476,12 @@ where
         Watch::new(linger, StillOpen::Peer),
         node_closed,
     );
-    both_ways(to_node, to_peer, linger).await
+    let end = both_ways(to_node, to_peer, linger).await;
+    if half_close_did_expire(&end) {
+        reset_stream_when_closed(&*Half(peer).lock());
+        reset_stream_when_closed(&*Half(node).lock());
+    }
+    end
 }
 
 /// How long the legs of a relay stopped by the hard stop may take to
@@ -507,17 +512,60 @@ impl StillOpen {
 pub(crate) fn half_close_expired(still_open: StillOpen, after: Duration) -> io::Error {
     metrics::counter!(m::RELAY_HALF_CLOSE_TIMEOUTS, "still_open" => still_open.label())
         .increment(1);
-    let (closed, open) = match still_open {
-        StillOpen::Node => ("peer", "node"),
-        StillOpen::Peer => ("node", "peer"),
-    };
     io::Error::new(
         io::ErrorKind::TimedOut,
-        format!(
-            "the {open} kept its side open {} ms after the {closed} closed (relay.half_close_timeout_ms)",
-            after.as_millis()
-        ),
+        HalfCloseExpired { still_open, after },
     )
+}
+
+/// The error of a relay ended by `relay.half_close_timeout_ms`.
+#[derive(Debug)]
+struct HalfCloseExpired {
+    still_open: StillOpen,
+    after: Duration,
+}
+
+impl std::fmt::Display for HalfCloseExpired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (closed, open) = match self.still_open {
+            StillOpen::Node => ("peer", "node"),
+            StillOpen::Peer => ("node", "peer"),
+        };
+        write!(
+            f,
+            "the {open} kept its side open {} ms after the {closed} closed (relay.half_close_timeout_ms)",
+            self.after.as_millis()
+        )
+    }
+}
+
+impl std::error::Error for HalfCloseExpired {}
+
+/// Whether `result` is a relay ended by `relay.half_close_timeout_ms`.
+fn half_close_did_expire<T>(result: &io::Result<T>) -> bool {
+    matches!(result, Err(e) if e.get_ref().is_some_and(|inner| inner.is::<HalfCloseExpired>()))
+}
+
+/// Makes closing `socket` send a reset instead of a FIN. A relay ended by
+/// the half-close timeout has bytes queued for a side that stopped
+/// reading; a FIN would wait behind them for as long as that side stays
+/// stopped, so the far end (a node, or the other pod's sidecar relaying
+/// to it) would never see the connection end.
+fn reset_when_closed<S: std::os::fd::AsFd>(socket: &S) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
+}
+
+/// [`reset_when_closed`] for the TCP socket under a relayed stream:
+/// itself, or the socket a TLS stream runs over.
+fn reset_stream_when_closed<S: 'static>(stream: &S) {
+    let any = stream as &dyn Any;
+    if let Some(tcp) = any.downcast_ref::<TcpStream>() {
+        reset_when_closed(tcp);
+    } else if let Some(tls) = any.downcast_ref::<tokio_rustls::server::TlsStream<TcpStream>>() {
+        reset_when_closed(tls.get_ref().0);
+    } else if let Some(tls) = any.downcast_ref::<tokio_rustls::client::TlsStream<TcpStream>>() {
+        reset_when_closed(tls.get_ref().0);
+    }
 }
 
 /// Runs both directions to their end, as `try_join!` would, except that
@@ -591,7 +639,13 @@ async fn tcp_both_ways(
             let counters = (rx_bytes, tx_bytes);
             let routes = options.node_routes;
             match sockmap::relay(fp, &ps, &ns, counters, (rx, tx), routes, linger, taken).await {
-                Ok(end) => return end,
+                Ok(end) => {
+                    if half_close_did_expire(&end) {
+                        reset_when_closed(&ps);
+                        reset_when_closed(&ns);
+                    }
+                    return end;
+                }
                 Err(why) => {
                     let reason = match why {
                         sockmap::NotTaken::Full => m::relay_path::FULL,
@@ -620,7 +674,12 @@ async fn tcp_both_ways(
             tx,
             Watch::new(linger, StillOpen::Peer),
         );
-        both_ways(to_node, to_peer, linger).await
+        let end = both_ways(to_node, to_peer, linger).await;
+        if half_close_did_expire(&end) {
+            reset_when_closed(&p);
+            reset_when_closed(&n);
+        }
+        end
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -1274,16 +1333,25 @@ mod tests {
         assert!(e.to_string().contains("the node kept its side open"), "{e}");
         assert!(rx > 0 && rx < sent.len() as u64, "{rx} bytes relayed");
         assert_eq!(rx_n.load(std::sync::atomic::Ordering::Relaxed), rx);
-        // The node's leg is closed: once it reads, it gets what was relayed,
-        // then EOF.
+        // The node's leg was reset: a FIN would wait behind the bytes the
+        // node never took, so a far end relaying to it (the other pod's
+        // sidecar) would not see the connection end while the node stays
+        // stopped. Once it reads, it gets at most what was relayed.
         let mut got = Vec::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            server.read_to_end(&mut got),
-        )
+        let mut chunk = [0u8; 4096];
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match server.read(&mut chunk).await {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
         .await
-        .expect("the node's leg is closed")
-        .unwrap();
+        .expect("the node's leg is closed");
+        let e = end.expect_err("a reset, not a FIN behind the unsent bytes");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
         // (A buffered write cut short is not counted: up to one buffer.)
         let slack = if buffered { MAX_BUF as u64 } else { 0 };
         assert!(
