@@ -21,8 +21,11 @@
 //!
 //! Failure rules: a DNS failure keeps the previous list (a name-server blip
 //! must not dissolve the cluster); an empty answer empties it. A pod listed
-//! in DNS that does not answer keeps its previous nodes until it leaves DNS.
-//! Each failure counts in `distproxy_discovery_refresh_errors_total`.
+//! in DNS that does not answer keeps its previous nodes until it leaves DNS
+//! or another address answers for its host part. Each failure counts in
+//! `distproxy_discovery_refresh_errors_total` and is warned about when it
+//! begins. Other pods' answers are untrusted: a name that cannot be a node
+//! name (`@`, white space, control characters) is no member.
 //!
 //! Layers: [`wire`] and [`naming`] are pure (core); the rest is a service
 //! that knows the EPMD registry and wire format, answers the EPMD server
