@@ -493,6 +493,22 @@ impl std::io::Write for Lines {
 }
 
 impl Lines {
+    /// Captures this thread's `INFO` and higher lines while the guard lives.
+    fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer({
+                let lines = lines.clone();
+                move || lines.clone()
+            })
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
+        (lines, guard)
+    }
+
     fn matching(&self, level: &str, text: &str) -> usize {
         let all = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
         all.lines()
@@ -510,17 +526,7 @@ async fn a_lasting_failure_is_one_warning_not_one_per_refresh() {
     let _serial = LOG_LINES.lock().await;
     let ip = IpAddr::from([127, 0, 6, 1]);
     let port = free_port(ip).await;
-    let lines = Lines::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer({
-            let lines = lines.clone();
-            move || lines.clone()
-        })
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _log = tracing::subscriber::set_default(subscriber);
-    tracing::callsite::rebuild_interest_cache();
+    let (lines, _log) = Lines::capture();
     let registry = Arc::new(Registry::new());
     let discovery = Discovery::new(settings(port), Arc::clone(&registry));
 
@@ -549,4 +555,44 @@ async fn a_lasting_failure_is_one_warning_not_one_per_refresh() {
     assert_eq!(lines.matching("INFO", "pod answers again"), 1);
     assert_eq!(lines.matching("INFO", "the service resolves again"), 1);
     assert_eq!(lines.matching("WARN", ""), 2, "no other warning");
+}
+
+/// Every pod's `discovery.host` set to the Service name (a copy-paste
+/// mistake): their nodes' names would name no single pod, and the pods
+/// claiming this pod's host are taken for it. Warned about once, when it
+/// begins, and again only for a host part newly shared.
+#[tokio::test]
+async fn pods_answering_with_one_host_part_are_warned_about_once() {
+    let _serial = LOG_LINES.lock().await;
+    let ip = |last: u8| IpAddr::from([127, 0, 7, last]);
+    let port = free_port(ip(1)).await;
+    let at = |last: u8| SocketAddr::new(ip(last), port);
+    let (lines, _log) = Lines::capture();
+    let _a = fake_sidecar(at(1), "svc.test", &["a1"]).await;
+    let _b = fake_sidecar(at(2), "svc.test", &["b1"]).await;
+    let _c = fake_sidecar(at(3), "pod-c.test", &["c1"]).await;
+    let registry = Arc::new(Registry::new());
+    let discovery = Discovery::new(settings(port), Arc::clone(&registry));
+    for _ in 0..3 {
+        discovery.refresh_from(Ok(vec![ip(1), ip(2), ip(3)])).await;
+    }
+    assert_eq!(lines.matching("WARN", "same host part"), 1);
+    assert_eq!(lines.matching("WARN", "svc.test"), 1);
+
+    // Two more pods claim this pod's host (pod-0.test).
+    let _d = fake_sidecar(at(4), "pod-0.test", &["d1"]).await;
+    let _e = fake_sidecar(at(5), "pod-0.test", &["e1"]).await;
+    for _ in 0..2 {
+        discovery.refresh_from(Ok((1..=5).map(ip).collect())).await;
+    }
+    assert_eq!(lines.matching("WARN", "same host part"), 2);
+    assert_eq!(lines.matching("WARN", "pod-0.test"), 1);
+
+    // A single pod per host part again: nothing more to say.
+    discovery.refresh_from(Ok(vec![ip(1), ip(3)])).await;
+    assert_eq!(
+        names(&discovery.snapshot().members),
+        ["a1@svc.test", "c1@pod-c.test"]
+    );
+    assert_eq!(lines.matching("WARN", "same host part"), 2);
 }

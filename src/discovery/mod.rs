@@ -171,6 +171,9 @@ pub struct Discovery {
     settings: Settings,
     registry: Arc<Registry>,
     state: watch::Sender<Arc<Snapshot>>,
+    /// Host parts last seen answered by more than one address (warned about
+    /// once, when they appear).
+    shared_hosts: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl Discovery {
@@ -179,6 +182,7 @@ impl Discovery {
             settings,
             registry,
             state: watch::channel(Arc::new(Snapshot::default())).0,
+            shared_hosts: std::sync::Mutex::default(),
         })
     }
 
@@ -402,7 +406,28 @@ impl Discovery {
                 pod.nodes.clear();
             }
         }
+        self.warn_shared_hosts(&pods);
         self.publish(&previous, pods, None, true);
+    }
+
+    /// Warns when pods begin to answer with one host part (every pod's
+    /// `discovery.host` set to the Service name, say): their nodes' names
+    /// then name no single pod, and those claiming this pod's host are
+    /// taken for this pod and left out.
+    fn warn_shared_hosts(&self, pods: &[PodState]) {
+        let mut seen = BTreeSet::new();
+        let shared: BTreeSet<String> = pods
+            .iter()
+            .filter(|p| p.error.is_none())
+            .filter(|p| !seen.insert(p.host.as_str()))
+            .map(|p| p.host.clone())
+            .collect();
+        let mut last = self.shared_hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let new: Vec<&String> = shared.difference(&last).collect();
+        if !new.is_empty() {
+            warn!(hosts = ?new, "discovery: more than one pod answers with the same host part; each pod's discovery.host must name that pod alone");
+        }
+        *last = shared;
     }
 
     /// Asks every pod, at most `max_concurrent_queries` at once, each within
