@@ -472,3 +472,180 @@ fn a_failing_name_server_keeps_the_members() {
         assert!(errors > errors_before, "rcode {rcode}: counted as resolve");
     }
 }
+
+/// ALIVE2 for `name` sent from inside `pod` to its sidecar: a node as far
+/// as the member list goes, registered while the returned stream is open.
+fn fake_node(pod: &Pod, name: &str, port: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let name = name.to_string();
+    pod.spawn_in(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", 4369)).expect("the pod's EPMD");
+        let mut body = vec![b'x'];
+        body.extend(port.to_be_bytes());
+        body.extend([77, 0]); // normal node, TCP
+        body.extend(6u16.to_be_bytes());
+        body.extend(5u16.to_be_bytes());
+        body.extend((name.len() as u16).to_be_bytes());
+        body.extend(name.as_bytes());
+        body.extend(0u16.to_be_bytes());
+        let mut req = (body.len() as u16).to_be_bytes().to_vec();
+        req.extend(body);
+        s.write_all(&req).unwrap();
+        let mut reply = [0u8; 2];
+        s.read_exact(&mut reply).unwrap();
+        assert!(
+            matches!(reply, [b'v' | b'y', 0]),
+            "ALIVE2 of {name}: {reply:?}"
+        );
+        s
+    })
+    .join()
+    .unwrap()
+}
+
+/// A pod whose network is cut while it stays in DNS keeps its nodes in the
+/// other pods' members (it may come back), marked with the error; the
+/// others' refreshes go on at their pace, each failure is counted as
+/// `query_timeout` but warned about once; `/members`, `distproxy members`
+/// and the gauges agree; when its record goes, its nodes go by the next
+/// refresh. Nodes are plain registrations: only the member list matters.
+#[test]
+fn a_pod_cut_off_is_kept_while_listed_and_delays_no_other_pod() {
+    if !e2e_enabled(
+        "a_pod_cut_off_is_kept_while_listed_and_delays_no_other_pod",
+        &["dnsmasq", "iptables"],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b", "c", "n"]);
+    let mut dns = Dns::start(lab.pod("n"), lab.dir());
+    let (a, b, c) = (lab.pod("a"), lab.pod("b"), lab.pod("c"));
+    dns.set_records(&[a, b, c]);
+    let mut sidecars: Vec<Daemon> = [a, b, c]
+        .iter()
+        .map(|p| {
+            dns.serve(p);
+            p.spawn_sidecar_with(SidecarOptions::default().config(&format!(
+                "[discovery]\nservice = \"{SERVICE}\"\nhost = \"{}\"\n\
+                 refresh_interval_ms = 500\nquery_timeout_ms = 1000\n",
+                p.host()
+            )))
+        })
+        .collect();
+    let mut held = Vec::new();
+    let mut expected = Vec::new();
+    for pod in [a, b, c] {
+        for i in 1..=3 {
+            let short = format!("{}{i}", pod.name());
+            held.push(fake_node(pod, &short, 40000 + i));
+            expected.push(pod.node_name(&short));
+        }
+    }
+    let expected = sorted(expected);
+    wait_until(Duration::from_secs(15), "nine members in pod a", || {
+        member_names(&members_json(a)) == expected
+    });
+    let cli = |pod: &Pod| {
+        sorted(
+            pod.run_ok(&support::distproxy_bin(), &["members"])
+                .lines()
+                .map(String::from)
+                .collect(),
+        )
+    };
+    let gauges = |pod: &Pod| {
+        let text = metrics(pod);
+        (
+            metric_sum(&text, "distproxy_discovery_members", &[]),
+            metric_sum(&text, "distproxy_discovery_pods", &[]),
+        )
+    };
+    assert_eq!(gauges(a), (9.0, 3.0));
+    let timeouts = |pod: &Pod| {
+        metric_sum(
+            &metrics(pod),
+            "distproxy_discovery_refresh_errors_total",
+            &[("reason", "query_timeout")],
+        )
+    };
+    assert_eq!(timeouts(a), 0.0);
+
+    // Pods starting together may have refused each other's first query.
+    let warned_about_c = || {
+        sidecars[0]
+            .log_lines_containing("pod did not answer")
+            .iter()
+            .filter(|l| l.contains(&format!("pod={} ", c.addr())))
+            .count()
+    };
+    let warned_before = warned_about_c();
+
+    // Pod c's network is cut; a node registers in pod b.
+    support::faults::isolate(c);
+    let cut_at = refreshes(&members_json(a));
+    held.push(fake_node(b, "b4", 40004));
+    let with_b4 = sorted(
+        expected
+            .iter()
+            .cloned()
+            .chain([b.node_name("b4")])
+            .collect(),
+    );
+    // Three refreshes, each at most one query timeout (1 s) plus the
+    // interval (0.5 s) even though pod c never answers.
+    let mut json = members_json(a);
+    wait_until(Duration::from_secs(8), "three refreshes of pod a", || {
+        json = members_json(a);
+        refreshes(&json) >= cut_at + 4
+    });
+    assert_eq!(
+        member_names(&json),
+        with_b4,
+        "b4 joined, c's nodes kept\n{json:#}"
+    );
+    let pod_c = json["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["addr"] == c.addr().to_string())
+        .cloned()
+        .unwrap_or_else(|| panic!("pod c in {json:#}"));
+    assert!(
+        pod_c["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timed out")),
+        "{pod_c:#}"
+    );
+    assert_eq!(
+        pod_c["nodes"].as_array().map(Vec::len),
+        Some(3),
+        "{pod_c:#}"
+    );
+    assert!(timeouts(a) >= 3.0, "every failed refresh counted");
+    assert_eq!(
+        warned_about_c(),
+        warned_before + 1,
+        "one warning while it lasts:\n{}",
+        sidecars[0].log()
+    );
+    assert_eq!(cli(a), with_b4, "`distproxy members` in pod a");
+    assert_eq!(gauges(a), (10.0, 3.0));
+
+    // Pod c leaves DNS: its nodes leave by the next refresh.
+    dns.set_records(&[a, b]);
+    let without_c: Vec<String> = with_b4
+        .iter()
+        .filter(|n| !n.starts_with('c'))
+        .cloned()
+        .collect();
+    wait_until(
+        Duration::from_secs(5),
+        "pod c out of pod a's members",
+        || member_names(&members_json(a)) == without_c,
+    );
+    assert_eq!(cli(a), without_c);
+    assert_eq!(gauges(a), (7.0, 2.0));
+    for sidecar in &mut sidecars[..2] {
+        sidecar.assert_running();
+    }
+}

@@ -21,8 +21,11 @@
 //!
 //! Failure rules: a DNS failure keeps the previous list (a name-server blip
 //! must not dissolve the cluster); an empty answer empties it. A pod listed
-//! in DNS that does not answer keeps its previous nodes until it leaves DNS.
-//! Each failure counts in `distproxy_discovery_refresh_errors_total`.
+//! in DNS that does not answer keeps its previous nodes until it leaves DNS
+//! or another address answers for its host part. Each failure counts in
+//! `distproxy_discovery_refresh_errors_total` and is warned about when it
+//! begins. Other pods' answers are untrusted: a name that cannot be a node
+//! name (`@`, white space, control characters) is no member.
 //!
 //! Layers: [`wire`] and [`naming`] are pure (core); the rest is a service
 //! that knows the EPMD registry and wire format, answers the EPMD server
@@ -52,6 +55,7 @@ use crate::config::DiscoveryConfig;
 use crate::epmd::registry::Registry;
 use crate::epmd::server::DiscoveryAnswers;
 use crate::metrics as m;
+use crate::warn_throttled;
 use naming::{HostTemplate, NamingError};
 use query::{PodAnswer, Source};
 use wire::Entry;
@@ -167,6 +171,9 @@ pub struct Discovery {
     settings: Settings,
     registry: Arc<Registry>,
     state: watch::Sender<Arc<Snapshot>>,
+    /// Host parts last seen answered by more than one address (warned about
+    /// once, when they appear).
+    shared_hosts: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl Discovery {
@@ -175,6 +182,7 @@ impl Discovery {
             settings,
             registry,
             state: watch::channel(Arc::new(Snapshot::default())).0,
+            shared_hosts: std::sync::Mutex::default(),
         })
     }
 
@@ -265,25 +273,48 @@ impl Discovery {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!(%service, interval_ms = self.settings.refresh_interval.as_millis() as u64,
             host = ?self.settings.host, "discovery started");
-        loop {
+        'run: loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
+                    // A refresh can wait up to resolve_timeout and
+                    // query_timeout for a dead pod; this pod's own changes
+                    // are published meanwhile, not after it.
                     let refresh = self.refresh(&resolver, &service);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = refresh => {}
+                    tokio::pin!(refresh);
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break 'run,
+                            _ = &mut refresh => break,
+                            changed = registry.changed() => {
+                                if changed.is_err() {
+                                    break 'run;
+                                }
+                                self.publish_local();
+                            }
+                        }
                     }
                 }
                 changed = registry.changed() => {
                     if changed.is_err() {
                         break;
                     }
-                    let previous = self.snapshot();
-                    self.publish(&previous, previous.pods.clone(), previous.dns_error.clone(), false);
+                    self.publish_local();
                 }
             }
         }
+    }
+
+    /// Publishes a change of this pod's registry: the other pods as they
+    /// were last seen.
+    fn publish_local(&self) {
+        let previous = self.snapshot();
+        self.publish(
+            &previous,
+            previous.pods.clone(),
+            previous.dns_error.clone(),
+            false,
+        );
     }
 
     /// One full refresh.
@@ -294,32 +325,57 @@ impl Discovery {
 
     /// One full refresh from the service's addresses (or why they could not
     /// be had): asks every pod and publishes the result.
+    ///
+    /// A failure is counted every time but logged as a warning only when it
+    /// begins (a pod listed for hours without answering is one line, not one
+    /// per refresh); its repeats are debug lines.
     pub async fn refresh_from(&self, addrs: Result<Vec<IpAddr>, String>) {
-        let previous = self.snapshot();
         let addrs = match addrs {
             Ok(addrs) => addrs,
             Err(e) => {
-                warn!(error = %e, "discovery: cannot resolve the service; keeping the previous members");
+                let previous = self.snapshot();
                 count_error(m::discovery_reason::RESOLVE);
+                if previous.dns_error.is_none() {
+                    warn!(error = %e, "discovery: cannot resolve the service; keeping the previous members");
+                } else {
+                    debug!(error = %e, "discovery: still cannot resolve the service");
+                }
                 self.publish(&previous, previous.pods.clone(), Some(e), true);
                 return;
             }
         };
         let answers = self.query_all(&addrs).await;
+        // Read after the queries: this pod's changes may have been
+        // published while they ran.
+        let previous = self.snapshot();
+        if previous.dns_error.is_some() {
+            info!("discovery: the service resolves again");
+        }
         let mut pods = Vec::with_capacity(answers.len());
         for (ip, answer) in answers {
+            let before = previous.pods.iter().find(|p| p.addr == Some(ip));
             match answer {
-                Ok(a) => pods.push(PodState {
-                    addr: Some(ip),
-                    host: a.host,
-                    source: a.source,
-                    nodes: a.nodes,
-                    error: None,
-                }),
+                Ok(a) => {
+                    if before.is_some_and(|b| b.error.is_some()) {
+                        info!(pod = %ip, host = %a.host, "discovery: pod answers again");
+                    }
+                    pods.push(PodState {
+                        addr: Some(ip),
+                        host: a.host,
+                        source: a.source,
+                        nodes: a.nodes,
+                        error: None,
+                    })
+                }
                 Err(e) => {
                     count_error(e.label());
-                    let before = previous.pods.iter().find(|p| p.addr == Some(ip));
-                    debug!(pod = %ip, error = %e, kept = before.is_some(), "discovery: pod did not answer");
+                    let kept = before.is_some_and(|b| !b.nodes.is_empty());
+                    if before.is_none_or(|b| b.error.is_none()) {
+                        // Many pods can fail at once (a partition).
+                        warn_throttled!(pod = %ip, error = %e, kept, "discovery: pod did not answer");
+                    } else {
+                        debug!(pod = %ip, error = %e, kept, "discovery: pod still does not answer");
+                    }
                     if let Some(before) = before {
                         pods.push(PodState {
                             error: Some(e.to_string()),
@@ -337,7 +393,41 @@ impl Discovery {
                 }
             }
         }
+        // A host part names one pod: what an address that no longer answers
+        // last said is superseded by another address answering for the same
+        // host now (the pod moved), so none of its old nodes linger.
+        let answered: BTreeSet<String> = pods
+            .iter()
+            .filter(|p| p.error.is_none())
+            .map(|p| p.host.clone())
+            .collect();
+        for pod in pods.iter_mut() {
+            if pod.error.is_some() && answered.contains(&pod.host) {
+                pod.nodes.clear();
+            }
+        }
+        self.warn_shared_hosts(&pods);
         self.publish(&previous, pods, None, true);
+    }
+
+    /// Warns when pods begin to answer with one host part (every pod's
+    /// `discovery.host` set to the Service name, say): their nodes' names
+    /// then name no single pod, and those claiming this pod's host are
+    /// taken for this pod and left out.
+    fn warn_shared_hosts(&self, pods: &[PodState]) {
+        let mut seen = BTreeSet::new();
+        let shared: BTreeSet<String> = pods
+            .iter()
+            .filter(|p| p.error.is_none())
+            .filter(|p| !seen.insert(p.host.as_str()))
+            .map(|p| p.host.clone())
+            .collect();
+        let mut last = self.shared_hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let new: Vec<&String> = shared.difference(&last).collect();
+        if !new.is_empty() {
+            warn!(hosts = ?new, "discovery: more than one pod answers with the same host part; each pod's discovery.host must name that pod alone");
+        }
+        *last = shared;
     }
 
     /// Asks every pod, at most `max_concurrent_queries` at once, each within
@@ -396,8 +486,7 @@ impl Discovery {
                 continue;
             }
             for node in &pod.nodes {
-                let full_name = format!("{}@{}", node.name, pod.host);
-                if crate::epmd::proto::validate_name(full_name.as_bytes()).is_ok() {
+                if let Some(full_name) = member_name(&node.name, &pod.host) {
                     members.entry(full_name).or_insert(node.node_type);
                 }
             }
@@ -479,6 +568,24 @@ impl DiscoveryAnswers for Discovery {
         self.encode_members_reply(known_version, wait_ms, shutdown, out)
             .boxed()
     }
+}
+
+/// The full name `short@host` of a member, or `None` when the two cannot
+/// form one: a short name with `@`, white space or a control character
+/// (EPMD registers such names, but they would split wrongly, or start a
+/// false line in `distproxy members`), a host part
+/// [`naming::check_host`] refuses, or a name too long for EPMD.
+fn member_name(short: &str, host: &str) -> Option<String> {
+    if short
+        .chars()
+        .any(|c| c == '@' || c.is_whitespace() || c.is_control())
+        || naming::check_host(host).is_err()
+    {
+        return None;
+    }
+    let full = format!("{short}@{host}");
+    crate::epmd::proto::validate_name(full.as_bytes()).ok()?;
+    Some(full)
 }
 
 /// This pod's registered nodes, sorted by name.

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::naming::HostTemplate;
+use super::naming::{self, HostTemplate};
 use super::wire::{self, Entry, PodInfo, MAX_REPLY_BYTES};
 use crate::epmd::proto::{self, Request, NODE_TYPE_NORMAL};
 
@@ -91,11 +91,16 @@ async fn query(addr: SocketAddr, template: Option<&HostTemplate>) -> Result<PodA
     if !reply.is_empty() {
         match wire::decode_pod_info(&reply) {
             Ok(PodInfo::Known { host, nodes }) => {
+                // The host part becomes part of every member's name.
+                naming::check_host(&host).map_err(|e| QueryError::BadReply {
+                    addr,
+                    reason: e.to_string(),
+                })?;
                 return Ok(PodAnswer {
                     host,
                     source: Source::Sidecar,
                     nodes,
-                })
+                });
             }
             Ok(PodInfo::Unknown { .. }) => {} // a sidecar without discovery.host
             Err(e) => {
