@@ -421,7 +421,7 @@ async fn names_and_hosts_a_node_name_cannot_hold_are_no_members() {
 }
 
 /// Garbage, a reply past the size limit, a reply dripped byte by byte and
-/// three silent pods: each ends within `query_timeout_ms` as a bad reply or
+/// six silent pods: each ends within `query_timeout_ms` as a bad reply or
 /// a timeout, and the twelve pods of three nodes beside them are all asked
 /// at once, so the refresh takes about one timeout, not one per bad pod.
 #[tokio::test]
@@ -446,16 +446,15 @@ async fn bad_peers_cost_one_timeout_and_twelve_pods_are_asked_at_once() {
             });
         }
     });
-    let _silent = [
-        silent(at(23)).await,
-        silent(at(24)).await,
-        silent(at(25)).await,
-    ];
+    let mut _silent = Vec::new();
+    for last in 23..=28 {
+        _silent.push(silent(at(last)).await);
+    }
     let mut settings = settings(port);
     settings.query_timeout = Duration::from_millis(1000);
     let registry = Arc::new(Registry::new());
     let discovery = Discovery::new(settings, Arc::clone(&registry));
-    let addrs: Vec<IpAddr> = (1..=12).chain(20..=25).map(ip).collect();
+    let addrs: Vec<IpAddr> = (1..=12).chain(20..=28).map(ip).collect();
 
     let started = std::time::Instant::now();
     discovery.refresh_from(Ok(addrs)).await;
@@ -467,9 +466,10 @@ async fn bad_peers_cost_one_timeout_and_twelve_pods_are_asked_at_once() {
     assert!(error(21).contains("exceeds"), "{}", error(21));
     assert!(error(22).starts_with("timed out"), "{}", error(22));
     assert!(error(23).starts_with("timed out"), "{}", error(23));
-    // Four pods time out: one timeout (1 s), not four after each other.
+    // Seven pods time out: one timeout (1 s), not seven after each other
+    // (the bound leaves a loaded machine 3 s of slack).
     assert!(took >= Duration::from_millis(1000), "{took:?}");
-    assert!(took < Duration::from_millis(3000), "{took:?}");
+    assert!(took < Duration::from_millis(4000), "{took:?}");
 }
 
 /// Held by the tests whose refreshes reach the failure log lines. `tracing`
