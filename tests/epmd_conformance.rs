@@ -101,6 +101,9 @@ impl Pair {
         );
         let mut config = test_config();
         config.epmd.relaxed_command_check = relaxed;
+        // The default (10 s), well past SILENT_WAIT: a request left
+        // incomplete must still be open when a session stops waiting.
+        config.epmd.idle_timeout_ms = Millis(10_000);
         let sidecar = start(config);
         Some(Pair {
             otp,
@@ -698,7 +701,7 @@ async fn malformed_requests_match_epmd() {
     assert_eq!(o, Seen::new(b"", End::Closed));
 
     // A length beyond the data: both wait for the rest (epmd for 60 s,
-    // distproxy for epmd.idle_timeout_ms, 2 s in this test).
+    // distproxy for epmd.idle_timeout_ms, 10 s).
     let [(_, o), (_, d)] = p.both(&[0, 16, b'z', b'a']).await;
     assert_eq!((o.end, d.end), (End::Open, End::Open));
     assert!(o.reply.is_empty() && d.reply.is_empty());
