@@ -237,20 +237,25 @@ pub(crate) fn tcp_read_closed(socket: &TcpStream) -> bool {
     }
 }
 
-/// [`tcp_read_closed`] of the TCP socket under a relayed stream: itself,
-/// or the socket a TLS stream runs over. Other streams (tests' in-memory
-/// pipes) never say closed.
-fn stream_read_closed<S: 'static>(stream: &S) -> bool {
+/// The TCP socket under a relayed stream: itself, or the socket a TLS
+/// stream runs over; `None` for other streams (tests' in-memory pipes).
+fn tcp_under<S: 'static>(stream: &S) -> Option<&TcpStream> {
     let any = stream as &dyn Any;
-    if let Some(tcp) = any.downcast_ref::<TcpStream>() {
-        tcp_read_closed(tcp)
-    } else if let Some(tls) = any.downcast_ref::<tokio_rustls::server::TlsStream<TcpStream>>() {
-        tcp_read_closed(tls.get_ref().0)
-    } else if let Some(tls) = any.downcast_ref::<tokio_rustls::client::TlsStream<TcpStream>>() {
-        tcp_read_closed(tls.get_ref().0)
-    } else {
-        false
-    }
+    any.downcast_ref::<TcpStream>()
+        .or_else(|| {
+            any.downcast_ref::<tokio_rustls::server::TlsStream<TcpStream>>()
+                .map(|tls| tls.get_ref().0)
+        })
+        .or_else(|| {
+            any.downcast_ref::<tokio_rustls::client::TlsStream<TcpStream>>()
+                .map(|tls| tls.get_ref().0)
+        })
+}
+
+/// [`tcp_read_closed`] of the TCP socket under a relayed stream
+/// ([`tcp_under`]); other streams never say closed.
+fn stream_read_closed<S: 'static>(stream: &S) -> bool {
+    tcp_under(stream).is_some_and(tcp_read_closed)
 }
 
 /// One direction's half of a stream shared by both directions of a relay
@@ -555,16 +560,11 @@ fn reset_when_closed<S: std::os::fd::AsFd>(socket: &S) {
     let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 
-/// [`reset_when_closed`] for the TCP socket under a relayed stream:
-/// itself, or the socket a TLS stream runs over.
+/// [`reset_when_closed`] for the TCP socket under a relayed stream
+/// ([`tcp_under`]).
 fn reset_stream_when_closed<S: 'static>(stream: &S) {
-    let any = stream as &dyn Any;
-    if let Some(tcp) = any.downcast_ref::<TcpStream>() {
+    if let Some(tcp) = tcp_under(stream) {
         reset_when_closed(tcp);
-    } else if let Some(tls) = any.downcast_ref::<tokio_rustls::server::TlsStream<TcpStream>>() {
-        reset_when_closed(tls.get_ref().0);
-    } else if let Some(tls) = any.downcast_ref::<tokio_rustls::client::TlsStream<TcpStream>>() {
-        reset_when_closed(tls.get_ref().0);
     }
 }
 
