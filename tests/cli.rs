@@ -268,37 +268,58 @@ fn epmd_drop_in_config() -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, config)
 }
 
+/// Starts `distproxy [global] epmd -port P -address 127.0.0.1 [extra]`
+/// with its log in `log`, and waits until it serves. A port another test
+/// took first makes it exit (and a connection would reach that test's
+/// server), so it tries another port.
+fn spawn_serving_drop_in(
+    global: &[&str],
+    extra: &[&str],
+    config: &std::path::Path,
+    log: &std::path::Path,
+) -> (std::process::Child, u16) {
+    use std::time::{Duration, Instant};
+    for _ in 0..5 {
+        let port = distproxy_testkit::ports::free_ports::<1>()[0];
+        let mut child = Command::new(BIN)
+            .args(global)
+            .args(["epmd", "-port", &port.to_string(), "-address", "127.0.0.1"])
+            .args(extra)
+            .env("DISTPROXY_CONFIG", config)
+            .env_remove("DISTPROXY_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::fs::read_to_string(log).is_ok_and(|t| t.contains("distproxy serving")) {
+                return (child, port);
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!(
+        "the epmd drop-in never served:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 #[test]
 fn epmd_drop_in_serves_with_a_global_log_format() {
     let (dir, config) = epmd_drop_in_config();
-    let port = distproxy_testkit::ports::free_ports::<1>()[0].to_string();
     let log = dir.path().join("stderr.log");
-    let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "epmd", "-port", &port])
-        .args(["-address", "127.0.0.1"])
-        .env("DISTPROXY_CONFIG", &config)
-        .env_remove("DISTPROXY_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let serving = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("distproxy serving") {
-            break true;
-        }
-        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let (mut child, _) = spawn_serving_drop_in(&["--log-format", "json"], &[], &config, &log);
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
     let status = child.wait().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(serving, "not serving ({status}):\n{text}");
     assert_eq!(status.code(), Some(0), "{text}");
     for line in text.lines() {
         serde_json::from_str::<serde_json::Value>(line)
@@ -314,26 +335,12 @@ fn epmd_drop_in_serves_with_a_global_log_format() {
 fn epmd_packet_timeout_closes_an_incomplete_request_sooner() {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
-    let (_dir, config) = epmd_drop_in_config();
+    let (dir, config) = epmd_drop_in_config();
+    let log = dir.path().join("packet-timeout.log");
     // How long a half-sent request stays open, at most `limit`.
     let held_for = |extra: &[&str], limit: Duration| -> Duration {
-        let port = distproxy_testkit::ports::free_ports::<1>()[0];
-        let mut child = Command::new(BIN)
-            .args(["epmd", "-port", &port.to_string(), "-address", "127.0.0.1"])
-            .args(extra)
-            .env("DISTPROXY_CONFIG", &config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut conn = loop {
-            match std::net::TcpStream::connect(("127.0.0.1", port)) {
-                Ok(c) => break c,
-                Err(e) if Instant::now() > deadline => panic!("epmd not serving: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
+        let (mut child, port) = spawn_serving_drop_in(&[], extra, &config, &log);
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         // The high byte of a length: a request that never completes.
         conn.write_all(&[0]).unwrap();
         conn.set_read_timeout(Some(limit)).unwrap();
