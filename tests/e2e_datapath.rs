@@ -608,9 +608,12 @@ fn eight_pairs_streaming_at_once_share_the_sidecar_and_are_counted() {
     );
 }
 
-/// b1 is stopped, then a1 sends it one 1 MiB message, which the relay
-/// cannot hand on, and gives up on b1 after net_ticktime; a1's close
-/// reaches the sidecar behind those bytes. The sidecar ends the connection
+/// b1 is stopped, then a1 sends it one 4.5 MiB message, which the relay
+/// cannot hand on in full, and gives up on b1 after net_ticktime; a1's
+/// close reaches the sidecar behind those bytes. (b1's socket takes about
+/// 4 MB while it is stopped, and the sidecar's side about 2 MB more: a
+/// message past their sum would keep a1's close in a1's own socket, the
+/// documented case that `tcp.user_timeout_ms` ends.) The sidecar ends the connection
 /// `relay.half_close_timeout_ms` (1 s) later, with the default
 /// `tcp.user_timeout_ms` (30 s), as its end line says. (It used to miss
 /// the close while its write to b1 was blocked and hold the connection
@@ -634,7 +637,7 @@ fn receiver_stopped_with_bytes_in_flight(tls: bool) {
 
     // The receiver is spawned on b1, then b1 is stopped, then a1 sends.
     const PAUSE_MS: u64 = 3_000;
-    const IN_FLIGHT: usize = 6 * MIB;
+    const IN_FLIGHT: usize = 9 * MIB / 2;
     let asked = Instant::now();
     let id = a1.send(&format!(
         "{{stream, {}, 1, {IN_FLIGHT}, 0, {PAUSE_MS}}}",
