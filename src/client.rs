@@ -60,7 +60,6 @@ pub async fn request_to_eof(addr: SocketAddr, req: &Request) -> Result<Vec<u8>, 
         .map_err(|_| ClientError::Timeout { addr })?
 }
 
-/// NAMES_REQ: the server's port and the text listing.
 /// Runs `request` against each of `addrs` in turn while the connection is
 /// refused (a dual-stack name may list first an address the EPMD does not
 /// listen on), and returns the address that answered, or the last one,
@@ -83,6 +82,7 @@ where
     (*last, request(*last).await)
 }
 
+/// NAMES_REQ: the server's port and the text listing.
 pub async fn names(addr: SocketAddr) -> Result<(u32, String), ClientError> {
     let reply = request_to_eof(addr, &Request::Names).await?;
     port_and_text(addr, &reply, "names")
