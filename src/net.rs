@@ -275,19 +275,20 @@ impl ConnPermit {
 #[derive(Default)]
 struct Pending {
     next_id: u64,
-    queue: std::collections::VecDeque<(u64, Held, CancellationToken)>,
+    /// Each with whether its peer is local (inside the pod).
+    queue: std::collections::VecDeque<(u64, Held, CancellationToken, bool)>,
 }
 
 #[derive(Default)]
 struct PendingQueue(Mutex<Pending>);
 
 impl PendingQueue {
-    fn push(self: &Arc<Self>, held: Held) -> PendingTicket {
+    fn push(self: &Arc<Self>, held: Held, local: bool) -> PendingTicket {
         let mut p = lock(&self.0);
         p.next_id += 1;
         let id = p.next_id;
         let evicted = CancellationToken::new();
-        p.queue.push_back((id, held, evicted.clone()));
+        p.queue.push_back((id, held, evicted.clone(), local));
         PendingTicket {
             queue: Arc::clone(self),
             id,
@@ -302,11 +303,18 @@ impl PendingQueue {
     }
 
     /// Ends the oldest connection still being set up and frees its place;
-    /// false if there is none.
-    fn evict_oldest(&self) -> bool {
-        let oldest = lock(&self.0).queue.pop_front();
+    /// false if there is none. For a remote newcomer (`for_local` false)
+    /// only remote peers' connections are candidates: a local peer's place
+    /// (perhaps from the reserve, which a remote peer cannot use) is never
+    /// taken from outside the pod.
+    fn evict_oldest(&self, for_local: bool) -> bool {
+        let oldest = {
+            let mut p = lock(&self.0);
+            let at = p.queue.iter().position(|e| for_local || !e.3);
+            at.and_then(|at| p.queue.remove(at))
+        };
         match oldest {
-            Some((_, held, evicted)) => {
+            Some((_, held, evicted, _)) => {
                 evicted.cancel();
                 drop(held);
                 true
@@ -400,7 +408,8 @@ impl ConnectionLimit {
     /// peers that open connections and stall them (from as many addresses
     /// as it takes to pass the per-source cap) cannot keep out a peer whose
     /// connection sets up at once. Connections that claimed their place are
-    /// never ended for room.
+    /// never ended for room, and a local peer's connection never for a
+    /// remote peer's.
     pub fn evicting(mut self) -> ConnectionLimit {
         self.pending = Some(Arc::default());
         self
@@ -446,7 +455,7 @@ impl ConnectionLimit {
         Ok(match &self.pending {
             Some(queue) => ConnPermit {
                 held: None,
-                pending: Some(queue.push(held)),
+                pending: Some(queue.push(held, local)),
             },
             None => ConnPermit {
                 held: Some(held),
@@ -462,7 +471,9 @@ impl ConnectionLimit {
     pub fn try_acquire(&self) -> Option<ConnPermit> {
         let permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(p) => p,
-            Err(_) if self.make_room(None) => Arc::clone(&self.permits).try_acquire_owned().ok()?,
+            Err(_) if self.make_room(None, true) => {
+                Arc::clone(&self.permits).try_acquire_owned().ok()?
+            }
             Err(_) => return None,
         };
         Some(ConnPermit {
@@ -484,9 +495,10 @@ impl ConnectionLimit {
 
     /// Under an evicting limit, ends the oldest connection not yet set up
     /// (counted, logged at debug level) so that `for_peer` can take its
-    /// place; false when there is none.
-    fn make_room(&self, for_peer: Option<SocketAddr>) -> bool {
-        if !self.pending.as_ref().is_some_and(|q| q.evict_oldest()) {
+    /// place; false when there is none. A remote peer (`local` false) only
+    /// ends remote peers' connections.
+    fn make_room(&self, for_peer: Option<SocketAddr>, local: bool) -> bool {
+        if !self.pending.as_ref().is_some_and(|q| q.evict_oldest(local)) {
             return false;
         }
         debug!(peer = ?for_peer, listener = self.listener,
@@ -524,7 +536,7 @@ impl Admission for ConnectionLimit {
         let local = is_local_peer(peer.ip(), local);
         let refused = match self.acquire(peer.ip(), local) {
             Ok(p) => return Some(p),
-            Err(LimitRefused::Total) if self.make_room(Some(peer)) => {
+            Err(LimitRefused::Total) if self.make_room(Some(peer), local) => {
                 match self.acquire(peer.ip(), local) {
                     Ok(p) => return Some(p),
                     Err(why) => why,
@@ -980,6 +992,36 @@ mod tests {
         assert!(limit.admit(a, Some(own)).is_none());
         drop(third);
         assert!(limit.admit(a, Some(own)).is_some());
+    }
+
+    /// A storm from outside ends the oldest remote connections still being
+    /// set up, never a local one: a local lookup or registration that has
+    /// not sent its request yet (perhaps on the reserve, which the remote
+    /// newcomer could not use anyway) was ended, and the newcomer refused.
+    #[test]
+    fn a_remote_newcomer_never_takes_a_local_peers_place() {
+        let limit = ConnectionLimit::with("test", 1, 1, 1).evicting();
+        let own: SocketAddr = "10.0.0.200:4369".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let remote = |i: u8| SocketAddr::from(([10, 0, 0, i], 1000));
+        let first = limit.admit(remote(1), Some(own)).expect("first remote");
+        let first_evicted = ConnectionLimit::evicted(&first).unwrap();
+        let lookup = limit.admit(local, Some(own)).expect("the reserve");
+        let lookup_evicted = ConnectionLimit::evicted(&lookup).unwrap();
+        let mut storm = Vec::new();
+        for i in 2..10 {
+            let permit = limit.admit(remote(i), Some(own));
+            assert!(permit.is_some(), "remote {i} takes the oldest remote place");
+            storm.push(permit);
+            assert!(first_evicted.is_cancelled());
+            assert!(
+                !lookup_evicted.is_cancelled(),
+                "remote {i} ended the local lookup"
+            );
+        }
+        // Another local peer may still take the local one's place.
+        let _second = limit.admit(local, Some(own)).expect("a local newcomer");
+        assert!(lookup_evicted.is_cancelled());
     }
 
     #[test]
