@@ -92,7 +92,8 @@ pub fn host_lacks_ipv6(e: &std::io::Error) -> bool {
 pub trait Admission: Send + Sync + 'static {
     type Permit: Send + 'static;
     /// `None`: the connection is closed at once (the implementation logs
-    /// and counts why). `local` is the listener's own address.
+    /// and counts why). `local` is the address the connection arrived on
+    /// (a specific one even under a wildcard listener).
     fn admit(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Option<Self::Permit>;
     /// Cancelled when the connection holding `permit` must end to make
     /// room for a newer one (`None`: never).
@@ -688,7 +689,11 @@ pub async fn accept_loop<A, H, F>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Some(permit) = admission.admit(peer, local) else {
+                // The address the connection arrived on, not the
+                // listener's (a wildcard): a peer at the pod's own address
+                // is inside the pod, as the handlers judge it too.
+                let arrived_on = stream.local_addr().ok().or(local);
+                let Some(permit) = admission.admit(peer, arrived_on) else {
                     continue;
                 };
                 let evicted = A::evicted(&permit);

@@ -14,6 +14,9 @@
 //! by the sidecar in bounded time, `/metrics` counts the refusals, and the
 //! sidecar's open file descriptors are back to their level before.
 //!
+//! Also: per-source caps by IPv6 prefix, and a peer at the pod's own
+//! address admitted as local (no per-source cap).
+//!
 //! Needs root, iproute2 and erlang-nox; fails saying so otherwise, unless
 //! `DISTPROXY_SKIP_E2E=1`.
 
@@ -585,4 +588,55 @@ fn per_source_caps_group_ipv6_addresses_by_the_configured_prefix() {
         };
         assert_eq!(kept, expected, "pod {}: idle connections kept", pod.name());
     }
+}
+
+/// A peer at the pod's own address is inside the pod (the rule of OTP's
+/// `epmd`, and the docs'): a node of the pod looking up another through the
+/// pod's hostname connects from it. Admission judged it by the listener's
+/// wildcard address instead, so such a peer got the per-source cap of a
+/// remote one (here: 4 of 8 lookups closed at accept), no reserved room, and
+/// could be ended to make room for connections from outside.
+#[test]
+fn a_peer_at_the_pods_own_address_is_admitted_as_local() {
+    if !e2e_enabled("a_peer_at_the_pods_own_address_is_admitted_as_local", &[]) {
+        return;
+    }
+    const PER_SOURCE: usize = 4;
+    const LOOKUPS: usize = 2 * PER_SOURCE;
+    let lab = support::Lab::new(&["l"]);
+    let l = lab.pod("l");
+    let _sidecar = l.spawn_sidecar_with(SidecarOptions::default().config(&format!(
+        "[limits]\nepmd_max_connections = 64\n\
+         epmd_max_connections_per_source = {PER_SOURCE}\n"
+    )));
+    let epmd = SocketAddr::from((l.addr(), EPMD_PORT));
+    // Open them all first, as nodes asking at once do, then ask NAMES on
+    // each.
+    let replies = l
+        .spawn_in(move || {
+            let conns: Vec<TcpStream> = (0..LOOKUPS)
+                .map(|_| TcpStream::connect(epmd).unwrap())
+                .collect();
+            std::thread::sleep(Duration::from_millis(300));
+            conns
+                .into_iter()
+                .map(|mut c| {
+                    let _ = c.write_all(&[0, 1, b'n']);
+                    read_to_close(&mut c, Duration::from_secs(5)).0
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap();
+    let answered = replies
+        .iter()
+        .filter(|r| r.starts_with(&u32::from(EPMD_PORT).to_be_bytes()))
+        .count();
+    assert_eq!(answered, LOOKUPS, "NAMES answered from the pod's address");
+    let refused = metric_sum(
+        &metrics(l),
+        REFUSED,
+        &[("listener", "epmd"), ("limit", "per_source")],
+    );
+    assert_eq!(refused, 0.0, "per_source refusals of a local peer");
 }
