@@ -250,6 +250,55 @@ async fn a_held_lookup_whose_requester_closes_leaves_no_phantom_entry() {
     assert_eq!(answered, "c@fake.host");
 }
 
+/// A requester that half-closes after its lookup (`nc`, `socat`, a script
+/// reading after EOF) is answered as by `epmd`, at once or after a hold,
+/// and leaves no entry behind. It got nothing: its EOF was taken for its
+/// going away.
+#[tokio::test]
+async fn a_requester_that_half_closes_is_answered_and_records_nothing() {
+    let mut cfg = proxy_config();
+    cfg.routing.lookup_ttl_ms = Millis(60_000);
+    let sc = start(cfg);
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    let a = FakeNode::start("a", "127.0.0.1:0").await;
+    let b = FakeNode::start("b", "127.0.0.1:0").await;
+    let _ra = client::register(epmd, spec("a", a.port)).await.unwrap();
+    let _rb = client::register(epmd, spec("b", b.port)).await.unwrap();
+    let peer: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let advertised = sc.correlator.ports()[0];
+    let half_closed_lookup = |name: &'static str| async move {
+        let mut s = send_lookup(epmd, name).await;
+        s.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
+            .await
+            .expect("no answer within 5 s")
+            .unwrap();
+        reply
+    };
+    // Answered at once: the port, and no entry.
+    let reply = half_closed_lookup("a").await;
+    assert_eq!(reply[..2], [b'w', 0], "reply {reply:?}");
+    assert_eq!(u16::from_be_bytes([reply[2], reply[3]]), advertised);
+    assert!(
+        sc.correlator.pending(peer).is_empty(),
+        "entry left: {:?}",
+        sc.correlator.pending(peer)
+    );
+    // Held behind a real lookup of a: answered too, nothing recorded.
+    let mut first = send_lookup(epmd, "a").await;
+    let mut reply = Vec::new();
+    first.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply[..2], [b'w', 0]);
+    let reply = half_closed_lookup("b").await;
+    assert_eq!(reply[..2], [b'w', 0], "reply {reply:?}");
+    assert_eq!(u16::from_be_bytes([reply[2], reply[3]]), advertised);
+    assert_eq!(sc.correlator.pending(peer), vec!["a".to_string()]);
+    let (_sa, answered) = dial_as(dist, "x@remote").await;
+    assert_eq!(answered, "a@fake.host");
+    assert!(sc.correlator.pending(peer).is_empty());
+}
+
 /// A connection that dies before its first frame still takes its entry.
 #[tokio::test]
 async fn a_connection_closed_before_its_handshake_consumes_its_entry() {

@@ -409,7 +409,8 @@ fn advertise_to(shared: &EpmdCtx, peer: IpAddr) -> bool {
 /// outlive its requester: while the lookup is held the socket is watched (a
 /// requester that closes records nothing), it is checked again right before
 /// the answer, and the entry is cancelled when the requester is gone by then
-/// or the answer cannot be written.
+/// or the answer cannot be written. A requester that closed its side is
+/// still answered (it may only have half-closed, and read on).
 async fn serve_port_please(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -445,13 +446,22 @@ async fn serve_port_please(
             return;
         }
     }
+    // A requester that closed its side may only have half-closed (`nc`,
+    // `socat` and scripts send their request, then EOF, then read): it is
+    // still answered, as by `epmd`, but nothing is recorded for it, since
+    // no node setup half-closes.
     let outcome = tokio::select! {
+        // A lookup answered at once wins over an EOF already there.
+        biased;
         o = shared.correlator.record_lookup(peer_ip, name) => o,
         () = requester_closed(&stream) => {
             // Dropping record_lookup's future recorded nothing.
             metrics::counter!(m::LOOKUPS_DROPPED, "reason" => "requester_closed").increment(1);
             debug!(%peer, node = name, "requester closed while its lookup was held; dropped");
             count(REQ, "requester_closed");
+            let port = shared.correlator.ports()[0];
+            proto::encode_port2_ok(&mut out, &node.spec, port);
+            answer(shared, stream, peer, &out).await;
             return;
         }
     };
@@ -462,13 +472,6 @@ async fn serve_port_please(
                 metrics::histogram!(m::LOOKUP_HOLD_SECONDS).record(held.as_secs_f64());
                 debug!(%peer, node = name, held_ms = held.as_millis() as u64, "lookup held by serialisation");
             }
-            if requester_gone_now(&stream) {
-                shared.correlator.cancel(peer_ip, reservation);
-                metrics::counter!(m::LOOKUPS_DROPPED, "reason" => "requester_closed").increment(1);
-                debug!(%peer, node = name, "requester closed as its lookup was answered; entry cancelled");
-                count(REQ, "requester_closed");
-                return;
-            }
             // The node may have re-registered while we waited.
             let spec = shared
                 .registry
@@ -476,6 +479,14 @@ async fn serve_port_please(
                 .map(|n| n.spec)
                 .unwrap_or(node.spec);
             proto::encode_port2_ok(&mut out, &spec, reservation.port);
+            if requester_gone_now(&stream) {
+                shared.correlator.cancel(peer_ip, reservation);
+                metrics::counter!(m::LOOKUPS_DROPPED, "reason" => "requester_closed").increment(1);
+                debug!(%peer, node = name, "requester closed as its lookup was answered; entry cancelled");
+                count(REQ, "requester_closed");
+                answer(shared, stream, peer, &out).await;
+                return;
+            }
             if !write_reply(&mut stream, peer, &out, shared.write_timeout).await {
                 shared.correlator.cancel(peer_ip, reservation);
                 metrics::counter!(m::LOOKUPS_DROPPED, "reason" => "write_failed").increment(1);
