@@ -217,6 +217,64 @@ async fn a_silent_preamble_connection_times_out() {
     closed_by_timeout(&mut s, since, Duration::from_millis(200), "silent preamble").await;
 }
 
+/// The preamble and the `send_name` after it are due by deadlines from the
+/// accept, not by a fresh wait for each step: a peer that sends its first
+/// byte just before the first-byte deadline, then trickles the preamble, or
+/// sends the preamble and then trickles the `send_name`, is closed
+/// `max(preamble, handshake)` after it connected. It was closed only after
+/// the first-byte wait plus each step's full timeout (up to 3 times as long).
+#[tokio::test]
+async fn a_trickled_preamble_or_send_name_is_closed_at_the_deadline_from_accept() {
+    const TIMEOUT: Duration = Duration::from_millis(1000);
+    let mut config = config();
+    config.tunnel.preamble_timeout_ms = Millis(TIMEOUT.as_millis() as u64);
+    config.dist.handshake_timeout_ms = Millis(TIMEOUT.as_millis() as u64);
+    let sc = start(config);
+    let _pod = FakePod::start(epmd_addr(&sc), &["b"]).await;
+    let dist = dist_addr(&sc);
+    let mut preamble = BytesMut::new();
+    Preamble::new("b@pod-r", "x@pod-a")
+        .unwrap()
+        .encode(&mut preamble);
+    let send_name = frames::send_name("x@pod-a").to_vec();
+    // (bytes sent at once after the first-byte wait, bytes trickled)
+    let cases = [
+        (
+            "trickled preamble",
+            preamble[..1].to_vec(),
+            [&preamble[1..], &send_name[..]].concat(),
+        ),
+        ("trickled send_name", preamble.to_vec(), send_name.clone()),
+    ];
+    for (what, at_once, trickled) in cases {
+        let since = std::time::Instant::now();
+        let s = TcpStream::connect(dist).await.unwrap();
+        let (mut rd, mut wr) = s.into_split();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(TIMEOUT - Duration::from_millis(100)).await;
+            if wr.write_all(&at_once).await.is_err() {
+                return;
+            }
+            for b in trickled {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if wr.write_all(&[b]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got)).await;
+        let closed_after = since.elapsed();
+        writer.abort();
+        assert!(got.is_empty(), "{what}: got {got:?}");
+        assert!(
+            closed_after >= TIMEOUT - Duration::from_millis(50)
+                && closed_after < TIMEOUT + Duration::from_millis(500),
+            "{what}: closed after {closed_after:?}, deadline {TIMEOUT:?} from accept"
+        );
+    }
+}
+
 #[tokio::test]
 async fn egress_listener_closes_when_idle_and_reopens_on_request() {
     let p = pair(&["b", "c"], |c| {

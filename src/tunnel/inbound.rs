@@ -33,9 +33,11 @@ pub struct Inbound {
     pub tls: Option<Arc<Tls>>,
     /// `tls.bind_node_names`.
     pub bind_node_names: bool,
-    /// Deadline for the preamble (`tunnel.preamble_timeout_ms`).
+    /// Deadline for the preamble (`tunnel.preamble_timeout_ms`), from
+    /// accept (plain) or the end of the TLS handshake.
     pub preamble_timeout: Duration,
-    /// Deadline for the `send_name` after it (`dist.handshake_timeout_ms`).
+    /// Deadline for the `send_name` after it (`dist.handshake_timeout_ms`,
+    /// from the same start, and never before the preamble's).
     pub handshake_timeout: Duration,
     pub forward: Forwarder,
     /// `[[acl]]`: judged after the preamble, before the node is contacted.
@@ -138,13 +140,25 @@ impl Inbound {
             started,
             permit,
         } = conn;
-        let entered = tokio::time::Instant::now();
+        // The preamble and the `send_name` after it are one phase, with
+        // deadlines absolute from its start: the accept for a plain
+        // connection (whose first byte was waited for within it), the end
+        // of the TLS handshake (a phase with a deadline of its own) inside
+        // TLS. The egress side sends both at once, so the `send_name` is
+        // due by the later of the two; a peer trickling bytes no longer
+        // gets a fresh wait for each step.
+        let phase_start = match transport {
+            Transport::Plain => tokio::time::Instant::from_std(started),
+            Transport::Tls => tokio::time::Instant::now(),
+        };
+        let preamble_deadline = phase_start + self.preamble_timeout;
+        let send_name_deadline = preamble_deadline.max(phase_start + self.handshake_timeout);
         let mut buf = BytesMut::with_capacity(512);
         let read = forward::read_until(
             &mut stream,
             &mut buf,
             Phase::Preamble,
-            entered + self.preamble_timeout,
+            preamble_deadline,
             |b| {
                 Ok::<_, preamble::PreambleError>(preamble::parse(b)?.map(|(p, used)| {
                     let _ = b.split_to(used);
@@ -211,8 +225,9 @@ impl Inbound {
 
         // The send_name that follows must be the preamble's initiator: the
         // preamble is what policy (and TLS name binding) judged.
-        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
-        let send_name = match forward::read_send_name(&mut stream, &mut buf, deadline).await {
+        let send_name = match forward::read_send_name(&mut stream, &mut buf, send_name_deadline)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 warn_throttled!(%peer, transport = transport.label(), %target, %initiator, error = %e,
