@@ -276,20 +276,51 @@ impl ConnPermit {
 #[derive(Default)]
 struct Pending {
     next_id: u64,
-    /// Each with whether its peer is local (inside the pod).
-    queue: std::collections::VecDeque<(u64, Held, CancellationToken, bool)>,
+    queue: std::collections::VecDeque<PendingEntry>,
+    /// Entries of the queue per source, and whether that source is local.
+    by_source: HashMap<IpAddr, (usize, bool)>,
+}
+
+struct PendingEntry {
+    id: u64,
+    held: Held,
+    evicted: CancellationToken,
+    /// Its peer is inside the pod.
+    local: bool,
+    /// Its source ([`source_key`]).
+    source: IpAddr,
+}
+
+impl Pending {
+    fn remove(&mut self, at: usize) -> Option<PendingEntry> {
+        let entry = self.queue.remove(at)?;
+        if let Some((n, _)) = self.by_source.get_mut(&entry.source) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_source.remove(&entry.source);
+            }
+        }
+        Some(entry)
+    }
 }
 
 #[derive(Default)]
 struct PendingQueue(Mutex<Pending>);
 
 impl PendingQueue {
-    fn push(self: &Arc<Self>, held: Held, local: bool) -> PendingTicket {
+    fn push(self: &Arc<Self>, held: Held, local: bool, source: IpAddr) -> PendingTicket {
         let mut p = lock(&self.0);
         p.next_id += 1;
         let id = p.next_id;
         let evicted = CancellationToken::new();
-        p.queue.push_back((id, held, evicted.clone(), local));
+        p.queue.push_back(PendingEntry {
+            id,
+            held,
+            evicted: evicted.clone(),
+            local,
+            source,
+        });
+        p.by_source.entry(source).or_insert((0, local)).0 += 1;
         PendingTicket {
             queue: Arc::clone(self),
             id,
@@ -299,25 +330,39 @@ impl PendingQueue {
 
     fn take(&self, id: u64) -> Option<Held> {
         let mut p = lock(&self.0);
-        let at = p.queue.iter().position(|e| e.0 == id)?;
-        p.queue.remove(at).map(|e| e.1)
+        let at = p.queue.iter().position(|e| e.id == id)?;
+        p.remove(at).map(|e| e.held)
     }
 
-    /// Ends the oldest connection still being set up and frees its place;
-    /// false if there is none. For a remote newcomer (`for_local` false)
-    /// only remote peers' connections are candidates: a local peer's place
-    /// (perhaps from the reserve, which a remote peer cannot use) is never
-    /// taken from outside the pod.
+    /// Ends a connection still being set up and frees its place; false if
+    /// there is none. The one ended is the oldest of the source holding
+    /// the most such places: stalled connections from a few addresses
+    /// take each other's places, not that of a peer with one connection
+    /// setting up (a node's, which a storm of newer connections would
+    /// otherwise end before it is routed). For a remote newcomer
+    /// (`for_local` false) only remote peers' connections are candidates:
+    /// a local peer's place (perhaps from the reserve, which a remote peer
+    /// cannot use) is never taken from outside the pod.
     fn evict_oldest(&self, for_local: bool) -> bool {
         let oldest = {
             let mut p = lock(&self.0);
-            let at = p.queue.iter().position(|e| for_local || !e.3);
-            at.and_then(|at| p.queue.remove(at))
+            let most = p
+                .by_source
+                .values()
+                .filter(|(_, local)| for_local || !local)
+                .map(|(n, _)| *n)
+                .max();
+            let at = most.and_then(|most| {
+                p.queue.iter().position(|e| {
+                    (for_local || !e.local) && p.by_source.get(&e.source).map(|s| s.0) == Some(most)
+                })
+            });
+            at.and_then(|at| p.remove(at))
         };
         match oldest {
-            Some((_, held, evicted, _)) => {
-                evicted.cancel();
-                drop(held);
+            Some(entry) => {
+                entry.evicted.cancel();
+                drop(entry.held);
                 true
             }
             None => false,
@@ -405,7 +450,8 @@ impl ConnectionLimit {
     }
 
     /// This limit, making room when it is full by ending the oldest
-    /// connection not yet set up ([`ConnPermit::claim`]) for the new one:
+    /// connection not yet set up ([`ConnPermit::claim`]) of the source
+    /// holding the most such connections, for the new one:
     /// peers that open connections and stall them (from as many addresses
     /// as it takes to pass the per-source cap) cannot keep out a peer whose
     /// connection sets up at once. Connections that claimed their place are
@@ -456,7 +502,7 @@ impl ConnectionLimit {
         Ok(match &self.pending {
             Some(queue) => ConnPermit {
                 held: None,
-                pending: Some(queue.push(held, local)),
+                pending: Some(queue.push(held, local, ip)),
             },
             None => ConnPermit {
                 held: Some(held),
@@ -997,6 +1043,41 @@ mod tests {
         assert!(limit.admit(a, Some(own)).is_none());
         drop(third);
         assert!(limit.admit(a, Some(own)).is_some());
+    }
+
+    /// When the limit is full, a newcomer takes a place of the source
+    /// holding the most connections still being set up, not the oldest
+    /// connection overall: a node's connection, alone from its address,
+    /// outlives a storm of stalled ones from fewer addresses than places,
+    /// however many arrive after it.
+    #[test]
+    fn a_newcomer_takes_a_place_of_the_source_holding_the_most() {
+        let limit = ConnectionLimit::with("test", 4, 4, 0).evicting();
+        let node: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let storm: SocketAddr = "10.0.0.2:1000".parse().unwrap();
+        let node_conn = limit.admit(node, None).expect("the node's");
+        let node_evicted = ConnectionLimit::evicted(&node_conn).unwrap();
+        let stalled: Vec<_> = (0..3)
+            .map(|_| limit.admit(storm, None).expect("within the per-source cap"))
+            .collect();
+        let tokens: Vec<_> = stalled
+            .iter()
+            .map(|p| ConnectionLimit::evicted(p).unwrap())
+            .collect();
+        let mut newer = Vec::new();
+        // The storm goes on from its address and a second one.
+        for i in 0..40u8 {
+            let from = SocketAddr::from(([10, 0, 0, 2 + i % 2], 1000));
+            newer.push(limit.admit(from, None).expect("a place made"));
+            assert!(
+                !node_evicted.is_cancelled(),
+                "newcomer {i} ended the node's connection"
+            );
+        }
+        assert!(
+            tokens.iter().all(|t| t.is_cancelled()),
+            "the storm's places went first"
+        );
     }
 
     /// A storm from outside ends the oldest remote connections still being
