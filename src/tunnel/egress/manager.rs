@@ -80,7 +80,7 @@ pub struct EgressManager {
     pub(super) tracker: TaskTracker,
     listeners: Mutex<HashMap<String, Arc<Egress>>>,
     pub(super) resolver: Arc<Resolver>,
-    probe: RemoteProbe,
+    pub(super) probe: RemoteProbe,
     /// This pod's nodes: a node of this pod is answered with its own port.
     registry: Arc<Registry>,
 }
@@ -183,9 +183,16 @@ impl EgressManager {
                 _ => Err(EgressError::LocalNotRegistered(node.full)),
             };
         }
-        // Before the first listener for a remote node opens (`probe`).
-        if self.settings.probe_remote && self.port_of(remote).is_none() {
-            if let Err(why) = self.probe.check(&node.host).await {
+        // Before the first listener for a remote node opens (`probe`);
+        // an open one is not handed out while its host is remembered
+        // without a sidecar (its last connection could not reach one).
+        if self.settings.probe_remote {
+            let checked = if self.port_of(remote).is_none() {
+                self.probe.check(&node.host).await
+            } else {
+                self.probe.known_failure(&node.host).map_or(Ok(()), Err)
+            };
+            if let Err(why) = checked {
                 return Err(EgressError::NoRemoteSidecar {
                     host: node.host,
                     port,

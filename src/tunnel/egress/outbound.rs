@@ -105,6 +105,14 @@ impl EgressManager {
                 };
                 warn_throttled!(%initiator, %target, error = %e, "egress: cannot reach the remote sidecar; closing");
                 closed(why);
+                // The host's sidecar is gone (a pod rolled back or replaced
+                // by one without distproxy under the same name): its nodes'
+                // next egress requests are refused, so they fall back to
+                // the stock way, as for a pod never seen with a sidecar.
+                if self.settings.probe_remote {
+                    self.probe
+                        .remember_failure(&remote.host, format!("egress connect failed: {e}"));
+                }
                 return;
             }
         };

@@ -6,7 +6,8 @@
 //! nodes that use the tunnel module. One probe per host runs at a time;
 //! concurrent requests for nodes of that host wait for it and read its
 //! result. A success is remembered for `tunnel.probe_success_ttl_ms`, a
-//! failure for `tunnel.probe_failure_ttl_ms`; a probe never takes longer
+//! failure for `tunnel.probe_failure_ttl_ms` (also one an egress connection
+//! met: a pod that dropped its sidecar); a probe never takes longer
 //! than `tunnel.probe_timeout_ms` (the Erlang module waits 3 s for the egress
 //! reply before it falls back on its own). The probe connection is closed
 //! without a byte.
@@ -100,14 +101,25 @@ impl RemoteProbe {
         Ok(local)
     }
 
-    /// Remembers that `host` has no reachable sidecar (for the failure TTL).
+    /// Remembers that `host` has no reachable sidecar (for the failure TTL),
+    /// forgetting that one was seen there.
     pub fn remember_failure(&self, host: &str, why: String) {
+        lock(&self.sidecar_seen).remove(host);
         let mut cache = lock(&self.no_sidecar);
         cache.retain(|_, (until, _)| *until > Instant::now());
         cache.insert(
             host.to_owned(),
             (Instant::now() + self.settings.failure_ttl, why),
         );
+    }
+
+    /// Why `host` is remembered without a reachable sidecar, if it is (no
+    /// probe).
+    pub fn known_failure(&self, host: &str) -> Option<String> {
+        lock(&self.no_sidecar)
+            .get(host)
+            .filter(|(until, _)| *until > Instant::now())
+            .map(|(_, why)| why.clone())
     }
 
     /// Checks that something answers on `host`'s tunnel port, from memory
