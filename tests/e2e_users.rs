@@ -6,6 +6,10 @@
 //! name (`--sname`); a node killed and restarted at once under the same name
 //! while a peer is connected; nodes of `-proto_dist inet6_tcp`, which
 //! register over IPv6, in one pod and across the pods of a dual-stack lab;
+//! `erl_call`, a `-hidden` node, a node of `-dist_listen false`, one pinned
+//! with `inet_dist_listen_min/max`, distribution started, stopped and
+//! started again under another name at run time, `pg` and
+//! `erlang:monitor_node/2` across sidecar and stock-`epmd` pods;
 //! a real `mix release` and a rebar3 release with the helper module and
 //! the base manifest's environment (`bin/app start`, `bin/app rpc`).
 //!
@@ -331,6 +335,147 @@ fn a_second_node_under_a_taken_name_fails_as_with_stock_epmd() {
         .http_get(support::sidecar::ADMIN_PORT, "/nodes")
         .contains("\"taken\""));
     sidecar.assert_running();
+}
+
+/// OTP's own tools and ways to start distribution, against sidecar pods
+/// from a sidecar pod and from a stock-`epmd` pod: `erl_call` (a C node:
+/// EPMD lookup, then its own handshake) reaches each of two nodes of a
+/// pod; a `-hidden` node is connected but hidden; a node of
+/// `-dist_listen false` (outgoing only, never registered) and one pinned
+/// to a port with `inet_dist_listen_min/max` are reached and reach others;
+/// distribution started at run time (`net_kernel:start/2`), stopped and
+/// started again under another name leaves only the new name listed and
+/// reachable; `pg` groups span pods; `erlang:monitor_node/2` delivers
+/// `nodedown` when the remote node halts.
+#[test]
+fn erl_call_hidden_outgoing_only_and_run_time_distribution_across_pods() {
+    if !e2e_enabled(
+        "erl_call_hidden_outgoing_only_and_run_time_distribution_across_pods",
+        &["erl_call"],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b", "s"]);
+    let (a, b, s) = (lab.pod("a"), lab.pod("b"), lab.pod("s"));
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let _epmd_s = s.spawn_stock_epmd();
+    let args = |a: &str| ErlangOptions {
+        extra_args: a.split(' ').map(String::from).collect(),
+        ..Default::default()
+    };
+    let mut a1 = a.spawn_erlang("a1");
+    let mut a2 = a.spawn_erlang("a2");
+    let mut pinned = a.spawn_erlang_with(
+        "p1",
+        &args("-kernel inet_dist_listen_min 45100 inet_dist_listen_max 45100"),
+    );
+    let mut hidden = b.spawn_erlang_with("h1", &args("-hidden"));
+    let mut outgoing = b.spawn_erlang_with("o1", &args("-dist_listen false"));
+    let mut late = b.spawn_erlang_with(
+        "rt",
+        &ErlangOptions {
+            no_name: true,
+            ..Default::default()
+        },
+    );
+    let mut s1 = s.spawn_erlang("s1");
+    for node in [
+        &mut a1,
+        &mut a2,
+        &mut pinned,
+        &mut hidden,
+        &mut outgoing,
+        &mut late,
+        &mut s1,
+    ] {
+        node.wait_ready();
+    }
+    let (a1_name, a2_name, p1_name) = (a.node_name("a1"), a.node_name("a2"), a.node_name("p1"));
+    let h1_name = b.node_name("h1");
+
+    // erl_call from another sidecar pod and from a stock pod, to each node.
+    for (from, target) in [(b, &a2_name), (b, &a1_name), (s, &a2_name), (s, &a1_name)] {
+        let out = from.run_ok(
+            "erl_call",
+            &["-name", target, "-c", lab.cookie(), "-a", "erlang node"],
+        );
+        assert_eq!(
+            out.trim(),
+            atom(target),
+            "erl_call from pod {}",
+            from.name()
+        );
+    }
+
+    assert_eq!(hidden.ping(&a2_name), "pong");
+    assert_eq!(a2.eval("nodes(hidden)."), format!("[{}]", atom(&h1_name)));
+    assert!(!a2.nodes().contains(&h1_name), "a hidden node in nodes()");
+
+    assert_eq!(outgoing.ping(&a1_name), "pong");
+    assert_eq!(outgoing.ping(s1.name()), "pong");
+    assert_eq!(outgoing.rpc_node(&p1_name), p1_name);
+    assert_eq!(s1.rpc_node(&p1_name), p1_name, "stock pod -> pinned port");
+    let b_names = s1.names(b.host()).expect("names of pod B");
+    assert!(
+        !b_names.iter().any(|(n, _)| n == "o1"),
+        "a node of -dist_listen false registered: {b_names:?}"
+    );
+
+    // Distribution started at run time, stopped, started under another name.
+    let start = |node: &mut BeamNode, name: &str| {
+        node.eval(&format!(
+            "element(1, net_kernel:start(['{name}', longnames]))."
+        ))
+    };
+    let (rt1, rt2) = (b.node_name("rt1"), b.node_name("rt2"));
+    assert_eq!(start(&mut late, &rt1), "ok");
+    assert_eq!(s1.rpc_node(&rt1), rt1);
+    assert_eq!(a1.ping(&rt1), "pong");
+    assert_eq!(late.eval("net_kernel:stop()."), "ok");
+    assert_eq!(start(&mut late, &rt2), "ok");
+    let names: Vec<String> = s1
+        .names(b.host())
+        .expect("names of pod B")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        names.contains(&"rt2".to_string()) && !names.contains(&"rt1".to_string()),
+        "pod B lists {names:?}"
+    );
+    assert_eq!(a2.rpc_node(&rt2), rt2);
+    assert_eq!(a1.ping(&rt1), "pang", "the old name is gone");
+
+    // pg across pods: a group joined on a1 is seen from rt2 (pod B).
+    assert_eq!(
+        a1.eval("{ok, P} = pg:start(dp_scope), unlink(P), ok = pg:join(dp_scope, grp, whereis(init)), ok."),
+        "ok"
+    );
+    assert_eq!(
+        late.eval("{ok, P} = pg:start(dp_scope), unlink(P), ok."),
+        "ok"
+    );
+    assert_eq!(late.ping(&a1_name), "pong");
+    wait_until(Duration::from_secs(10), "rt2 to see a1's pg member", || {
+        late.eval("[node(P) || P <- pg:get_members(dp_scope, grp)].")
+            == format!("[{}]", atom(&a1_name))
+    });
+
+    // monitor_node: a2 halts, s1 (stock pod) gets nodedown.
+    let wait_down = s1.send(&format!(
+        "{{eval, \"erlang:monitor_node({}, true), receive {{nodedown, N}} -> N after 15000 -> timeout end.\"}}",
+        atom(&a2_name)
+    ));
+    assert_eq!(s1.ping(&a2_name), "pong");
+    std::thread::sleep(Duration::from_millis(200));
+    a2.halt();
+    assert_eq!(s1.recv(wait_down, Duration::from_secs(20)), atom(&a2_name));
+
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        sidecar.assert_running();
+        sidecar.assert_no_misroute();
+    }
 }
 
 /// A node started with `inet_dist_use_interface` set to its pod's address
