@@ -183,16 +183,11 @@ impl EgressManager {
                 _ => Err(EgressError::LocalNotRegistered(node.full)),
             };
         }
-        // Before the first listener for a remote node opens (`probe`);
-        // an open one is not handed out while its host is remembered
-        // without a sidecar (its last connection could not reach one).
+        // Before a listener's port is handed out (`probe`): from memory
+        // while its host's answer is remembered; a host whose sidecar an
+        // egress connection could not reach is probed again.
         if self.settings.probe_remote {
-            let checked = if self.port_of(remote).is_none() {
-                self.probe.check(&node.host).await
-            } else {
-                self.probe.known_failure(&node.host).map_or(Ok(()), Err)
-            };
-            if let Err(why) = checked {
+            if let Err(why) = self.probe.check(&node.host).await {
                 return Err(EgressError::NoRemoteSidecar {
                     host: node.host,
                     port,
