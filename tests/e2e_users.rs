@@ -9,7 +9,10 @@
 //! `erl_call`, a `-hidden` node, a node of `-dist_listen false`, one pinned
 //! with `inet_dist_listen_min/max`, distribution started, stopped and
 //! started again under another name at run time, `pg` and
-//! `erlang:monitor_node/2` across sidecar and stock-`epmd` pods;
+//! `erlang:monitor_node/2` across sidecar and stock-`epmd` pods; sidecars
+//! and nodes on another EPMD port (`ERL_EPMD_PORT`), with and without the
+//! helper module; a pod whose nodes keep their stock flags (they start
+//! `epmd` themselves and listen on every interface) behind the sidecar;
 //! a real `mix release` and a rebar3 release with the helper module and
 //! the base manifest's environment (`bin/app start`, `bin/app rpc`).
 //!
@@ -257,6 +260,131 @@ fn fqdn_and_short_names_and_an_immediate_restart_under_the_same_name() {
     sidecar_b.assert_running();
     sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
+}
+
+/// Pods whose EPMD port is not 4369: the sidecars listen on 4370
+/// (`--epmd-listen`) and every node runs with `ERL_EPMD_PORT=4370`, as
+/// with a stock `epmd -port 4370`. Plain nodes register there and reach
+/// each other across pods (lookups on 4370, connections on the one
+/// distribution port); a node with the helper module asks that port for
+/// its egress ports and tunnels, both ways; `epmd -port 4370 -names` lists
+/// the pod's nodes, and nothing listens on 4369.
+#[test]
+fn nodes_and_sidecars_on_another_epmd_port_through_erl_epmd_port() {
+    if !e2e_enabled(
+        "nodes_and_sidecars_on_another_epmd_port_through_erl_epmd_port",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let sidecar = support::SidecarOptions::with_args(&[
+        "--epmd-listen",
+        "0.0.0.0:4370",
+        "--epmd-listen",
+        "[::]:4370",
+    ])
+    .wait_ports(&[4370, DIST_PORT]);
+    let mut sidecar_a = a.spawn_sidecar_with(sidecar.clone());
+    let mut sidecar_b = b.spawn_sidecar_with(sidecar);
+    let env = vec![("ERL_EPMD_PORT".to_string(), "4370".to_string())];
+    let plain = ErlangOptions {
+        env: env.clone(),
+        ..Default::default()
+    };
+    let tunnelled = ErlangOptions {
+        env,
+        ..module::with_module(&module::compile_module(&lab))
+    };
+    let mut a1 = a.spawn_erlang_with("a1", &plain);
+    let mut a2 = a.spawn_erlang_with("a2", &plain);
+    let mut b1 = b.spawn_erlang_with("b1", &plain);
+    let mut bm = b.spawn_erlang_with("bm", &tunnelled);
+    for node in [&mut a1, &mut a2, &mut b1, &mut bm] {
+        node.wait_ready();
+    }
+    let (a1_name, a2_name, bm_name) = (a.node_name("a1"), a.node_name("a2"), b.node_name("bm"));
+    for target in [&a2_name, &a1_name] {
+        assert_eq!(b1.rpc_node(target), *target, "b1 -> {target}");
+        assert_eq!(bm.rpc_node(target), *target, "bm -> {target}");
+    }
+    assert_eq!(a1.rpc_node(&bm_name), bm_name);
+    let preamble = metric_sum(
+        &metrics(a),
+        "distproxy_routes_total",
+        &[("method", "preamble")],
+    );
+    assert!(
+        preamble >= 2.0,
+        "bm's connections were not tunnelled: {preamble}"
+    );
+    let names = a.run_ok("epmd", &["-port", "4370", "-names"]);
+    assert!(
+        names.contains("name a1 at port") && names.contains("name a2 at port"),
+        "{names}"
+    );
+    assert!(
+        !a.listening_tcp().iter().any(|l| l.addr.port() == 4369),
+        "something listens on 4369 in pod A"
+    );
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        sidecar.assert_running();
+        sidecar.assert_no_misroute();
+    }
+}
+
+/// A pod moved from stock `epmd` to the sidecar without touching its
+/// nodes' flags: they start `epmd` themselves (`-start_epmd true`, which
+/// finds the port taken and leaves the sidecar in place) and listen on
+/// every interface. They register with the sidecar and are reached from
+/// another sidecar pod, from a stock pod and from each other, and reach
+/// the stock pod the stock way.
+#[test]
+fn a_pod_keeping_its_nodes_stock_flags_is_reached_behind_the_sidecar() {
+    if !e2e_enabled(
+        "a_pod_keeping_its_nodes_stock_flags_is_reached_behind_the_sidecar",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b", "s"]);
+    let (a, b, s) = (lab.pod("a"), lab.pod("b"), lab.pod("s"));
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let _epmd_s = s.spawn_stock_epmd();
+    // After the harness's `-start_epmd false`; the harness adds no
+    // interface of its own when the caller names one.
+    let stock_flags = ErlangOptions {
+        extra_args: "-start_epmd true -kernel inet_dist_use_interface {0,0,0,0}"
+            .split(' ')
+            .map(String::from)
+            .collect(),
+        ..Default::default()
+    };
+    let mut a1 = a.spawn_erlang_with("a1", &stock_flags);
+    let mut a2 = a.spawn_erlang_with("a2", &stock_flags);
+    let mut b1 = b.spawn_erlang("b1");
+    let mut s1 = s.spawn_erlang("s1");
+    for node in [&mut a1, &mut a2, &mut b1, &mut s1] {
+        node.wait_ready();
+    }
+    let (a1_name, a2_name, s1_name) = (a.node_name("a1"), a.node_name("a2"), s.node_name("s1"));
+    let registered = a.epmd_names();
+    assert!(
+        registered.contains("name a1 at port") && registered.contains("name a2 at port"),
+        "{registered}"
+    );
+    for target in [&a2_name, &a1_name] {
+        assert_eq!(b1.rpc_node(target), *target, "b1 -> {target}");
+        assert_eq!(s1.rpc_node(target), *target, "s1 -> {target}");
+    }
+    assert_eq!(a1.rpc_node(&a2_name), a2_name);
+    assert_eq!(a2.rpc_node(&s1_name), s1_name);
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        sidecar.assert_running();
+        sidecar.assert_no_misroute();
+    }
 }
 
 /// What `erl` reports when started under a name already taken, with a stock
