@@ -13,6 +13,7 @@
 //! and nodes on another EPMD port (`ERL_EPMD_PORT`), with and without the
 //! helper module; a pod whose nodes keep their stock flags (they start
 //! `epmd` themselves and listen on every interface) behind the sidecar;
+//! short names between a sidecar pod and a stock pod, both ways;
 //! a real `mix release` and a rebar3 release with the helper module and
 //! the base manifest's environment (`bin/app start`, `bin/app rpc`).
 //!
@@ -385,6 +386,54 @@ fn a_pod_keeping_its_nodes_stock_flags_is_reached_behind_the_sidecar() {
         sidecar.assert_running();
         sidecar.assert_no_misroute();
     }
+}
+
+/// Short names (`-sname`) between a sidecar pod and a stock-`epmd` pod,
+/// both ways: two plain nodes of the sidecar pod (told apart by
+/// correlation) and one with the helper module (which falls back to the
+/// stock way for the stock pod), and a node of the stock pod.
+#[test]
+fn short_names_between_a_sidecar_pod_and_a_stock_pod_both_ways() {
+    if !e2e_enabled(
+        "short_names_between_a_sidecar_pod_and_a_stock_pod_both_ways",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "s"]);
+    let (a, s) = (lab.pod("a"), lab.pod("s"));
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let _epmd_s = s.spawn_stock_epmd();
+    let short = |name: &str, base: ErlangOptions| ErlangOptions {
+        name: Some(name.to_string()),
+        short_names: true,
+        ..base
+    };
+    let ebin = module::compile_module(&lab);
+    let mut a1 = a.spawn_erlang_with("a1", &short("a1@pod-a", ErlangOptions::default()));
+    let mut a2 = a.spawn_erlang_with("a2", &short("a2@pod-a", ErlangOptions::default()));
+    let mut am = a.spawn_erlang_with("am", &short("am@pod-a", module::with_module(&ebin)));
+    let mut s1 = s.spawn_erlang_with("s1", &short("s1@pod-s", ErlangOptions::default()));
+    for node in [&mut a1, &mut a2, &mut am, &mut s1] {
+        node.wait_ready();
+    }
+    for target in ["a2@pod-a", "a1@pod-a", "am@pod-a"] {
+        assert_eq!(s1.rpc_node(target), target, "s1 -> {target}");
+    }
+    s1.halt();
+    let mut s1 = s.spawn_erlang_with("s1", &short("s1@pod-s", ErlangOptions::default()));
+    s1.wait_ready();
+    for node in [&mut a1, &mut a2, &mut am] {
+        assert_eq!(
+            node.rpc_node("s1@pod-s"),
+            "s1@pod-s",
+            "{} -> s1",
+            node.name()
+        );
+    }
+    assert_eq!(s1.nodes().len(), 3);
+    sidecar_a.assert_running();
+    sidecar_a.assert_no_misroute();
 }
 
 /// What `erl` reports when started under a name already taken, with a stock
