@@ -730,6 +730,40 @@ fn a_node_that_listens_on_the_pod_address_only_is_reached() {
         "ap -> b1"
     );
     assert_eq!(b1.rpc_node(&ap_name), ap_name, "b1 -> ap");
+    // A plain node's same-pod lookup of am opens a mirror listener on the
+    // pod address at am's port, next to am's own loopback listener: am is
+    // still handed out to module nodes as a loopback node. (Both new nodes
+    // without `connect_all`, so that `global` connects neither to am.)
+    let am_name = a.node_name("am");
+    let alone = |mut o: ErlangOptions| {
+        o.extra_args
+            .extend(["-connect_all", "false"].map(String::from));
+        o
+    };
+    let mut a3 = a.spawn_erlang_with("a3", &alone(ErlangOptions::default()));
+    let mut am2 = a.spawn_erlang_with("am2", &alone(module::with_module(&ebin)));
+    a3.wait_ready();
+    am2.wait_ready();
+    assert_eq!(a3.rpc_node(&am_name), am_name);
+    sidecar_a.wait_log(
+        "same-pod mirror listener opened node=am ",
+        1,
+        Duration::from_secs(5),
+    );
+    let refused = || {
+        metric_sum(
+            &metrics(a),
+            "distproxy_epmd_requests_total",
+            &[("type", "egress"), ("result", "local_not_on_loopback")],
+        )
+    };
+    let before = refused();
+    assert!(
+        before >= 2.0,
+        "am -> a1 and am -> ap were not refused: {before}"
+    );
+    assert_eq!(am2.rpc_node(&am_name), am_name, "am2 -> am, same pod");
+    assert_eq!(refused(), before, "am was refused as off loopback");
     let failed = sidecar_a.log_lines_containing("failed to connect to node");
     assert!(failed.is_empty(), "{failed:#?}");
     sidecar_a.assert_running();

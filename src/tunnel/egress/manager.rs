@@ -185,7 +185,7 @@ impl EgressManager {
                     // not listen there: the caller, which would dial its
                     // loopback port, falls back to the stock way (a
                     // same-pod lookup, answered with the node's port).
-                    match crate::net::bound_listener_address(local.spec.port) {
+                    match crate::net::listens_off_loopback_only(local.spec.port) {
                         Some(at) => Err(EgressError::LocalNotOnLoopback {
                             node: node.full,
                             at,
