@@ -869,11 +869,11 @@ pub struct TunnelConfig {
     /// (inbound, after the first byte).
     #[serde(default = "default_preamble_timeout_ms")]
     pub preamble_timeout_ms: Millis,
-    /// Before the first egress listener for a remote node opens, check that
-    /// something answers on the remote host's `remote_port`; if not, refuse
-    /// the egress request so the node falls back to a direct connection
-    /// (pods without distproxy stay reachable). Failures are remembered for
-    /// a few seconds.
+    /// Before an egress listener's port is handed out, check that something
+    /// answers on the remote host's `remote_port`; if not, refuse the egress
+    /// request so the node falls back to a direct connection (pods without
+    /// distproxy stay reachable). Answers are remembered; a success is
+    /// forgotten when an egress connection cannot reach that sidecar.
     #[serde(default = "default_probe_remote")]
     pub probe_remote: bool,
     /// Upper bound for one probe of a remote host (resolve and connect).

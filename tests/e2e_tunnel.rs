@@ -432,6 +432,69 @@ fn module_falls_back_to_a_direct_connection_for_a_pod_without_sidecar() {
     sidecar_a.assert_no_misroute();
 }
 
+/// A pod rolled back from distproxy to stock `epmd` under the same host
+/// name (a StatefulSet pod, or a mixed deployment's pod replaced): a node
+/// with the helper module that reached its node through the tunnel reaches
+/// the new incarnation the stock way within the remembered failure and the
+/// module's cache (5 s each), as the docs promise for pods without
+/// distproxy. The egress listener opened for the node outlived the remote
+/// sidecar, and an open listener was handed out without a probe, each
+/// attempt keeping it from going idle: every attempt failed for as long as
+/// the node kept trying.
+#[test]
+fn module_node_reaches_a_pod_that_dropped_its_sidecar() {
+    if !e2e_enabled("module_node_reaches_a_pod_that_dropped_its_sidecar", &[]) {
+        return;
+    }
+    let lab = Lab::new(&["a", "s"]);
+    let (a, s) = (lab.pod("a"), lab.pod("s"));
+    let ebin = compile_module(&lab);
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_s = s.spawn_sidecar(&[]);
+    let mut a1 = a.spawn_erlang_with("a1", &with_module(&ebin));
+    let mut s1 = s.spawn_erlang("s1");
+    a1.wait_ready();
+    s1.wait_ready();
+    let s1_name = s1.name().to_string();
+    assert_eq!(a1.ping(&s1_name), "pong", "through the tunnel");
+    let outbound = |pod: &Pod| {
+        metric_sum(
+            &metrics(pod),
+            "distproxy_dist_connections_total",
+            &[("direction", "outbound")],
+        )
+    };
+    assert!(outbound(a) >= 1.0, "a1 -> s1 did not use the tunnel");
+
+    // Pod S now runs stock epmd, and s1 again, the stock way.
+    s1.halt();
+    sidecar_s.stop();
+    let _epmd_s = s.spawn_stock_epmd();
+    let mut s1 = s.start_erlang("s1");
+    let mut attempts = Vec::new();
+    let reached = poll_until(Duration::from_secs(20), Duration::from_millis(500), || {
+        let answer = a1.ping(&s1_name);
+        attempts.push(answer.clone());
+        answer == "pong"
+    });
+    assert!(
+        reached,
+        "a1 never reached s1 after pod S dropped its sidecar: {attempts:?}\n{}",
+        sidecar_a.log()
+    );
+    assert_eq!(a1.rpc_node(&s1_name), s1_name);
+    assert!(
+        metric_sum(
+            &metrics(a),
+            "distproxy_epmd_requests_total",
+            &[("type", "egress"), ("result", "no_remote_sidecar")],
+        ) >= 1.0,
+        "the egress request was not refused once pod S had no sidecar"
+    );
+    assert_eq!(s1.ping(a1.name()), "pong", "stock pod -> sidecar pod");
+    sidecar_a.assert_no_misroute();
+}
+
 /// A node of the pod restarts (SIGKILL, then the same name at once, on a
 /// new port): its neighbour with the helper module reaches the new
 /// incarnation at its first attempt, as a stock node would. The sidecar

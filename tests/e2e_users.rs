@@ -6,6 +6,14 @@
 //! name (`--sname`); a node killed and restarted at once under the same name
 //! while a peer is connected; nodes of `-proto_dist inet6_tcp`, which
 //! register over IPv6, in one pod and across the pods of a dual-stack lab;
+//! `erl_call`, a `-hidden` node, a node of `-dist_listen false`, one pinned
+//! with `inet_dist_listen_min/max`, distribution started, stopped and
+//! started again under another name at run time, `pg` and
+//! `erlang:monitor_node/2` across sidecar and stock-`epmd` pods; sidecars
+//! and nodes on another EPMD port (`ERL_EPMD_PORT`), with and without the
+//! helper module; a pod whose nodes keep their stock flags (they start
+//! `epmd` themselves and listen on every interface) behind the sidecar;
+//! short names between a sidecar pod and a stock pod, both ways;
 //! a real `mix release` and a rebar3 release with the helper module and
 //! the base manifest's environment (`bin/app start`, `bin/app rpc`).
 //!
@@ -255,6 +263,179 @@ fn fqdn_and_short_names_and_an_immediate_restart_under_the_same_name() {
     sidecar_b.assert_no_misroute();
 }
 
+/// Pods whose EPMD port is not 4369: the sidecars listen on 4370
+/// (`--epmd-listen`) and every node runs with `ERL_EPMD_PORT=4370`, as
+/// with a stock `epmd -port 4370`. Plain nodes register there and reach
+/// each other across pods (lookups on 4370, connections on the one
+/// distribution port); a node with the helper module asks that port for
+/// its egress ports and tunnels, both ways; `epmd -port 4370 -names` lists
+/// the pod's nodes, and nothing listens on 4369.
+#[test]
+fn nodes_and_sidecars_on_another_epmd_port_through_erl_epmd_port() {
+    if !e2e_enabled(
+        "nodes_and_sidecars_on_another_epmd_port_through_erl_epmd_port",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let sidecar = support::SidecarOptions::with_args(&[
+        "--epmd-listen",
+        "0.0.0.0:4370",
+        "--epmd-listen",
+        "[::]:4370",
+    ])
+    .wait_ports(&[4370, DIST_PORT]);
+    let mut sidecar_a = a.spawn_sidecar_with(sidecar.clone());
+    let mut sidecar_b = b.spawn_sidecar_with(sidecar);
+    let env = vec![("ERL_EPMD_PORT".to_string(), "4370".to_string())];
+    let plain = ErlangOptions {
+        env: env.clone(),
+        ..Default::default()
+    };
+    let tunnelled = ErlangOptions {
+        env,
+        ..module::with_module(&module::compile_module(&lab))
+    };
+    let mut a1 = a.spawn_erlang_with("a1", &plain);
+    let mut a2 = a.spawn_erlang_with("a2", &plain);
+    let mut b1 = b.spawn_erlang_with("b1", &plain);
+    let mut bm = b.spawn_erlang_with("bm", &tunnelled);
+    for node in [&mut a1, &mut a2, &mut b1, &mut bm] {
+        node.wait_ready();
+    }
+    let (a1_name, a2_name, bm_name) = (a.node_name("a1"), a.node_name("a2"), b.node_name("bm"));
+    for target in [&a2_name, &a1_name] {
+        assert_eq!(b1.rpc_node(target), *target, "b1 -> {target}");
+        assert_eq!(bm.rpc_node(target), *target, "bm -> {target}");
+    }
+    assert_eq!(a1.rpc_node(&bm_name), bm_name);
+    let preamble = metric_sum(
+        &metrics(a),
+        "distproxy_routes_total",
+        &[("method", "preamble")],
+    );
+    assert!(
+        preamble >= 2.0,
+        "bm's connections were not tunnelled: {preamble}"
+    );
+    let names = a.run_ok("epmd", &["-port", "4370", "-names"]);
+    assert!(
+        names.contains("name a1 at port") && names.contains("name a2 at port"),
+        "{names}"
+    );
+    assert!(
+        !a.listening_tcp().iter().any(|l| l.addr.port() == 4369),
+        "something listens on 4369 in pod A"
+    );
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        sidecar.assert_running();
+        sidecar.assert_no_misroute();
+    }
+}
+
+/// A pod moved from stock `epmd` to the sidecar without touching its
+/// nodes' flags: they start `epmd` themselves (`-start_epmd true`, which
+/// finds the port taken and leaves the sidecar in place) and listen on
+/// every interface. They register with the sidecar and are reached from
+/// another sidecar pod, from a stock pod and from each other, and reach
+/// the stock pod the stock way.
+#[test]
+fn a_pod_keeping_its_nodes_stock_flags_is_reached_behind_the_sidecar() {
+    if !e2e_enabled(
+        "a_pod_keeping_its_nodes_stock_flags_is_reached_behind_the_sidecar",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b", "s"]);
+    let (a, b, s) = (lab.pod("a"), lab.pod("b"), lab.pod("s"));
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let _epmd_s = s.spawn_stock_epmd();
+    // After the harness's `-start_epmd false`; the harness adds no
+    // interface of its own when the caller names one.
+    let stock_flags = ErlangOptions {
+        extra_args: "-start_epmd true -kernel inet_dist_use_interface {0,0,0,0}"
+            .split(' ')
+            .map(String::from)
+            .collect(),
+        ..Default::default()
+    };
+    let mut a1 = a.spawn_erlang_with("a1", &stock_flags);
+    let mut a2 = a.spawn_erlang_with("a2", &stock_flags);
+    let mut b1 = b.spawn_erlang("b1");
+    let mut s1 = s.spawn_erlang("s1");
+    for node in [&mut a1, &mut a2, &mut b1, &mut s1] {
+        node.wait_ready();
+    }
+    let (a1_name, a2_name, s1_name) = (a.node_name("a1"), a.node_name("a2"), s.node_name("s1"));
+    let registered = a.epmd_names();
+    assert!(
+        registered.contains("name a1 at port") && registered.contains("name a2 at port"),
+        "{registered}"
+    );
+    for target in [&a2_name, &a1_name] {
+        assert_eq!(b1.rpc_node(target), *target, "b1 -> {target}");
+        assert_eq!(s1.rpc_node(target), *target, "s1 -> {target}");
+    }
+    assert_eq!(a1.rpc_node(&a2_name), a2_name);
+    assert_eq!(a2.rpc_node(&s1_name), s1_name);
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        sidecar.assert_running();
+        sidecar.assert_no_misroute();
+    }
+}
+
+/// Short names (`-sname`) between a sidecar pod and a stock-`epmd` pod,
+/// both ways: two plain nodes of the sidecar pod (told apart by
+/// correlation) and one with the helper module (which falls back to the
+/// stock way for the stock pod), and a node of the stock pod.
+#[test]
+fn short_names_between_a_sidecar_pod_and_a_stock_pod_both_ways() {
+    if !e2e_enabled(
+        "short_names_between_a_sidecar_pod_and_a_stock_pod_both_ways",
+        &[],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "s"]);
+    let (a, s) = (lab.pod("a"), lab.pod("s"));
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let _epmd_s = s.spawn_stock_epmd();
+    let short = |name: &str, base: ErlangOptions| ErlangOptions {
+        name: Some(name.to_string()),
+        short_names: true,
+        ..base
+    };
+    let ebin = module::compile_module(&lab);
+    let mut a1 = a.spawn_erlang_with("a1", &short("a1@pod-a", ErlangOptions::default()));
+    let mut a2 = a.spawn_erlang_with("a2", &short("a2@pod-a", ErlangOptions::default()));
+    let mut am = a.spawn_erlang_with("am", &short("am@pod-a", module::with_module(&ebin)));
+    let mut s1 = s.spawn_erlang_with("s1", &short("s1@pod-s", ErlangOptions::default()));
+    for node in [&mut a1, &mut a2, &mut am, &mut s1] {
+        node.wait_ready();
+    }
+    for target in ["a2@pod-a", "a1@pod-a", "am@pod-a"] {
+        assert_eq!(s1.rpc_node(target), target, "s1 -> {target}");
+    }
+    s1.halt();
+    let mut s1 = s.spawn_erlang_with("s1", &short("s1@pod-s", ErlangOptions::default()));
+    s1.wait_ready();
+    for node in [&mut a1, &mut a2, &mut am] {
+        assert_eq!(
+            node.rpc_node("s1@pod-s"),
+            "s1@pod-s",
+            "{} -> s1",
+            node.name()
+        );
+    }
+    assert_eq!(s1.nodes().len(), 3);
+    sidecar_a.assert_running();
+    sidecar_a.assert_no_misroute();
+}
+
 /// What `erl` reports when started under a name already taken, with a stock
 /// `epmd` (pod S) and with the sidecar (pod D): the node does not start, in
 /// the same words, and the node holding the name is undisturbed.
@@ -333,11 +514,155 @@ fn a_second_node_under_a_taken_name_fails_as_with_stock_epmd() {
     sidecar.assert_running();
 }
 
+/// OTP's own tools and ways to start distribution, against sidecar pods
+/// from a sidecar pod and from a stock-`epmd` pod: `erl_call` (a C node:
+/// EPMD lookup, then its own handshake) reaches each of two nodes of a
+/// pod; a `-hidden` node is connected but hidden; a node of
+/// `-dist_listen false` (outgoing only, never registered) and one pinned
+/// to a port with `inet_dist_listen_min/max` are reached and reach others;
+/// distribution started at run time (`net_kernel:start/2`), stopped and
+/// started again under another name leaves only the new name listed and
+/// reachable; `pg` groups span pods; `erlang:monitor_node/2` delivers
+/// `nodedown` when the remote node halts.
+#[test]
+fn erl_call_hidden_outgoing_only_and_run_time_distribution_across_pods() {
+    if !e2e_enabled(
+        "erl_call_hidden_outgoing_only_and_run_time_distribution_across_pods",
+        &["erl_call"],
+    ) {
+        return;
+    }
+    let lab = support::Lab::new(&["a", "b", "s"]);
+    let (a, b, s) = (lab.pod("a"), lab.pod("b"), lab.pod("s"));
+    let mut sidecar_a = a.spawn_sidecar(&[]);
+    let mut sidecar_b = b.spawn_sidecar(&[]);
+    let _epmd_s = s.spawn_stock_epmd();
+    let args = |a: &str| ErlangOptions {
+        extra_args: a.split(' ').map(String::from).collect(),
+        ..Default::default()
+    };
+    let mut a1 = a.spawn_erlang("a1");
+    let mut a2 = a.spawn_erlang("a2");
+    let mut pinned = a.spawn_erlang_with(
+        "p1",
+        &args("-kernel inet_dist_listen_min 45100 inet_dist_listen_max 45100"),
+    );
+    let mut hidden = b.spawn_erlang_with("h1", &args("-hidden"));
+    let mut outgoing = b.spawn_erlang_with("o1", &args("-dist_listen false"));
+    let mut late = b.spawn_erlang_with(
+        "rt",
+        &ErlangOptions {
+            no_name: true,
+            ..Default::default()
+        },
+    );
+    let mut s1 = s.spawn_erlang("s1");
+    for node in [
+        &mut a1,
+        &mut a2,
+        &mut pinned,
+        &mut hidden,
+        &mut outgoing,
+        &mut late,
+        &mut s1,
+    ] {
+        node.wait_ready();
+    }
+    let (a1_name, a2_name, p1_name) = (a.node_name("a1"), a.node_name("a2"), a.node_name("p1"));
+    let h1_name = b.node_name("h1");
+
+    // erl_call from another sidecar pod and from a stock pod, to each node.
+    for (from, target) in [(b, &a2_name), (b, &a1_name), (s, &a2_name), (s, &a1_name)] {
+        let out = from.run_ok(
+            "erl_call",
+            &["-name", target, "-c", lab.cookie(), "-a", "erlang node"],
+        );
+        assert_eq!(
+            out.trim(),
+            atom(target),
+            "erl_call from pod {}",
+            from.name()
+        );
+    }
+
+    assert_eq!(hidden.ping(&a2_name), "pong");
+    assert_eq!(a2.eval("nodes(hidden)."), format!("[{}]", atom(&h1_name)));
+    assert!(!a2.nodes().contains(&h1_name), "a hidden node in nodes()");
+
+    assert_eq!(outgoing.ping(&a1_name), "pong");
+    assert_eq!(outgoing.ping(s1.name()), "pong");
+    assert_eq!(outgoing.rpc_node(&p1_name), p1_name);
+    assert_eq!(s1.rpc_node(&p1_name), p1_name, "stock pod -> pinned port");
+    let b_names = s1.names(b.host()).expect("names of pod B");
+    assert!(
+        !b_names.iter().any(|(n, _)| n == "o1"),
+        "a node of -dist_listen false registered: {b_names:?}"
+    );
+
+    // Distribution started at run time, stopped, started under another name.
+    let start = |node: &mut BeamNode, name: &str| {
+        node.eval(&format!(
+            "element(1, net_kernel:start(['{name}', longnames]))."
+        ))
+    };
+    let (rt1, rt2) = (b.node_name("rt1"), b.node_name("rt2"));
+    assert_eq!(start(&mut late, &rt1), "ok");
+    assert_eq!(s1.rpc_node(&rt1), rt1);
+    assert_eq!(a1.ping(&rt1), "pong");
+    assert_eq!(late.eval("net_kernel:stop()."), "ok");
+    assert_eq!(start(&mut late, &rt2), "ok");
+    let names: Vec<String> = s1
+        .names(b.host())
+        .expect("names of pod B")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        names.contains(&"rt2".to_string()) && !names.contains(&"rt1".to_string()),
+        "pod B lists {names:?}"
+    );
+    assert_eq!(a2.rpc_node(&rt2), rt2);
+    assert_eq!(a1.ping(&rt1), "pang", "the old name is gone");
+
+    // pg across pods: a group joined on a1 is seen from rt2 (pod B).
+    assert_eq!(
+        a1.eval("{ok, P} = pg:start(dp_scope), unlink(P), ok = pg:join(dp_scope, grp, whereis(init)), ok."),
+        "ok"
+    );
+    assert_eq!(
+        late.eval("{ok, P} = pg:start(dp_scope), unlink(P), ok."),
+        "ok"
+    );
+    assert_eq!(late.ping(&a1_name), "pong");
+    wait_until(Duration::from_secs(10), "rt2 to see a1's pg member", || {
+        late.eval("[node(P) || P <- pg:get_members(dp_scope, grp)].")
+            == format!("[{}]", atom(&a1_name))
+    });
+
+    // monitor_node: a2 halts, s1 (stock pod) gets nodedown.
+    let wait_down = s1.send(&format!(
+        "{{eval, \"erlang:monitor_node({}, true), receive {{nodedown, N}} -> N after 15000 -> timeout end.\"}}",
+        atom(&a2_name)
+    ));
+    assert_eq!(s1.ping(&a2_name), "pong");
+    std::thread::sleep(Duration::from_millis(200));
+    a2.halt();
+    assert_eq!(s1.recv(wait_down, Duration::from_secs(20)), atom(&a2_name));
+
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        sidecar.assert_running();
+        sidecar.assert_no_misroute();
+    }
+}
+
 /// A node started with `inet_dist_use_interface` set to its pod's address
 /// (a common way to keep it off other interfaces) registers over loopback
 /// but listens only on the pod address. With stock epmd its peers dial
 /// that address; the sidecar finds the node's listener there when loopback
-/// refuses, so the node is reached from another pod and from its own.
+/// refuses, so the node is reached from another pod and from its own,
+/// also by a node of its own pod with the helper module (the module once
+/// got the node's loopback port for it, where nothing listened: `pang`),
+/// and with the module itself.
 #[test]
 fn a_node_that_listens_on_the_pod_address_only_is_reached() {
     if !e2e_enabled(
@@ -360,10 +685,19 @@ fn a_node_that_listens_on_the_pod_address_only_is_reached() {
         .into(),
         ..Default::default()
     };
+    let ebin = module::compile_module(&lab);
+    let on_pod_address_with_module = {
+        let mut o = module::with_module(&ebin);
+        o.extra_args
+            .extend(on_pod_address.extra_args.iter().cloned());
+        o
+    };
     let mut a1 = a.spawn_erlang_with("a1", &on_pod_address);
     let mut a2 = a.spawn_erlang("a2");
+    let mut am = a.spawn_erlang_with("am", &module::with_module(&ebin));
+    let mut ap = a.spawn_erlang_with("ap", &on_pod_address_with_module);
     let mut b1 = b.spawn_erlang("b1");
-    for n in [&mut a1, &mut a2, &mut b1] {
+    for n in [&mut a1, &mut a2, &mut am, &mut ap, &mut b1] {
         n.wait_ready();
     }
     let a1_name = a.node_name("a1");
@@ -378,6 +712,58 @@ fn a_node_that_listens_on_the_pod_address_only_is_reached() {
     assert_eq!(b1.rpc_node(&a1_name), a1_name);
     assert_eq!(a2.ping(&a1_name), "pong", "a2 -> a1 from its own pod");
     assert_eq!(a1.ping(&b.node_name("b1")), "pong", "a1 -> b1");
+    let ap_name = a.node_name("ap");
+    assert_eq!(
+        am.rpc_node(&a1_name),
+        a1_name,
+        "module node -> a1, same pod"
+    );
+    assert_eq!(
+        am.rpc_node(&ap_name),
+        ap_name,
+        "module node -> ap, same pod"
+    );
+    assert_eq!(ap.rpc_node(&a1_name), a1_name, "ap -> a1, same pod");
+    assert_eq!(
+        ap.rpc_node(&b.node_name("b1")),
+        b.node_name("b1"),
+        "ap -> b1"
+    );
+    assert_eq!(b1.rpc_node(&ap_name), ap_name, "b1 -> ap");
+    // A plain node's same-pod lookup of am opens a mirror listener on the
+    // pod address at am's port, next to am's own loopback listener: am is
+    // still handed out to module nodes as a loopback node. (Both new nodes
+    // without `connect_all`, so that `global` connects neither to am.)
+    let am_name = a.node_name("am");
+    let alone = |mut o: ErlangOptions| {
+        o.extra_args
+            .extend(["-connect_all", "false"].map(String::from));
+        o
+    };
+    let mut a3 = a.spawn_erlang_with("a3", &alone(ErlangOptions::default()));
+    let mut am2 = a.spawn_erlang_with("am2", &alone(module::with_module(&ebin)));
+    a3.wait_ready();
+    am2.wait_ready();
+    assert_eq!(a3.rpc_node(&am_name), am_name);
+    sidecar_a.wait_log(
+        "same-pod mirror listener opened node=am ",
+        1,
+        Duration::from_secs(5),
+    );
+    let refused = || {
+        metric_sum(
+            &metrics(a),
+            "distproxy_epmd_requests_total",
+            &[("type", "egress"), ("result", "local_not_on_loopback")],
+        )
+    };
+    let before = refused();
+    assert!(
+        before >= 2.0,
+        "am -> a1 and am -> ap were not refused: {before}"
+    );
+    assert_eq!(am2.rpc_node(&am_name), am_name, "am2 -> am, same pod");
+    assert_eq!(refused(), before, "am was refused as off loopback");
     let failed = sidecar_a.log_lines_containing("failed to connect to node");
     assert!(failed.is_empty(), "{failed:#?}");
     sidecar_a.assert_running();

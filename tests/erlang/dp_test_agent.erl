@@ -86,6 +86,13 @@ handle({rpc_node, Node}) ->
 handle({rpc_node_all, Nodes}) ->
     Results = pmap(fun rpc_node/1, Nodes),
     join([[atom_to_list(N), $=, R] || {N, R} <- Results]);
+handle({eval, Src}) ->
+    %% An Erlang expression sequence (a string ending in a dot), evaluated
+    %% on this node; the value printed with ~0p.
+    {ok, Tokens, _} = erl_scan:string(Src),
+    {ok, Exprs} = erl_parse:parse_exprs(Tokens),
+    {value, Value, _} = erl_eval:exprs(Exprs, []),
+    io_lib:format("~0p", [Value]);
 handle({rpc, Node, M, F, A}) ->
     io_lib:format("~0p", [rpc:call(Node, M, F, A, 15000)]);
 handle({send_blob, Node, Size}) ->

@@ -104,6 +104,10 @@ pub struct ErlangOptions {
     pub name: Option<String>,
     /// Start with `-sname` instead of `-name`.
     pub short_names: bool,
+    /// Start without a node name (no `-name`): distribution is started at
+    /// run time (`net_kernel:start/2`, through [`BeamNode::eval`]). The
+    /// node is ready when its agent is, not when it is registered.
+    pub no_name: bool,
     /// Further `erl` arguments, e.g. `-pa DIR -epmd_module distproxy_epmd`
     /// (for Elixir nodes: appended to `--erl`).
     pub extra_args: Vec<String>,
@@ -165,7 +169,11 @@ impl BeamNode {
         let mut cmd = match kind {
             NodeKind::Erlang => {
                 let mut cmd = pod.otp_command(otp, "erl");
-                cmd.args(["-noshell", name_flag, &name, "-setcookie", &lab.cookie]);
+                cmd.arg("-noshell");
+                if !options.no_name {
+                    cmd.args([name_flag, &name]);
+                }
+                cmd.args(["-setcookie", &lab.cookie]);
                 cmd.args(["-start_epmd", "false"]);
                 if loopback_only {
                     cmd.args(["-kernel", "inet_dist_use_interface", "{127,0,0,1}"]);
@@ -400,6 +408,13 @@ impl BeamNode {
             atom(module),
             atom(function)
         ))
+    }
+
+    /// Evaluates the Erlang expressions `src` (ending in a dot) on this
+    /// node; the value printed with `~0p`, or the error.
+    pub fn eval(&mut self, src: &str) -> String {
+        let quoted = src.replace('\\', "\\\\").replace('"', "\\\"");
+        self.call(&format!("{{eval, \"{quoted}\"}}"))
     }
 
     /// `nodes()`, sorted.

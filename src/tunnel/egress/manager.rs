@@ -80,7 +80,7 @@ pub struct EgressManager {
     pub(super) tracker: TaskTracker,
     listeners: Mutex<HashMap<String, Arc<Egress>>>,
     pub(super) resolver: Arc<Resolver>,
-    probe: RemoteProbe,
+    pub(super) probe: RemoteProbe,
     /// This pod's nodes: a node of this pod is answered with its own port.
     registry: Arc<Registry>,
 }
@@ -179,12 +179,27 @@ impl EgressManager {
         };
         if this_pod {
             return match self.registry.get(short_name(&node.full)) {
-                Some(local) if local.addr.is_loopback() => Ok(local.spec.port),
+                Some(local) if local.addr.is_loopback() => {
+                    // A node started with `inet_dist_use_interface` set to
+                    // the pod's address registers over loopback but does
+                    // not listen there: the caller, which would dial its
+                    // loopback port, falls back to the stock way (a
+                    // same-pod lookup, answered with the node's port).
+                    match crate::net::listens_off_loopback_only(local.spec.port) {
+                        Some(at) => Err(EgressError::LocalNotOnLoopback {
+                            node: node.full,
+                            at,
+                        }),
+                        None => Ok(local.spec.port),
+                    }
+                }
                 _ => Err(EgressError::LocalNotRegistered(node.full)),
             };
         }
-        // Before the first listener for a remote node opens (`probe`).
-        if self.settings.probe_remote && self.port_of(remote).is_none() {
+        // Before a listener's port is handed out (`probe`): from memory
+        // while its host's answer is remembered; a host whose sidecar an
+        // egress connection could not reach is probed again.
+        if self.settings.probe_remote {
             if let Err(why) = self.probe.check(&node.host).await {
                 return Err(EgressError::NoRemoteSidecar {
                     host: node.host,

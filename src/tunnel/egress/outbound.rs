@@ -105,6 +105,11 @@ impl EgressManager {
                 };
                 warn_throttled!(%initiator, %target, error = %e, "egress: cannot reach the remote sidecar; closing");
                 closed(why);
+                // The host's sidecar may be gone (a pod rolled back, or
+                // replaced by one without distproxy under the same name):
+                // the next egress request probes it again, and is refused
+                // (the node falls back to the stock way) if nothing answers.
+                self.probe.forget_success(&remote.host);
                 return;
             }
         };

@@ -1,12 +1,15 @@
 //! "Does a sidecar answer on that host?" and "is that host this pod?",
-//! asked before an egress listener is handed out, with remembered answers.
+//! asked before an egress listener's port is handed out, with remembered
+//! answers.
 //!
 //! With `tunnel.probe_remote`, a node whose egress request is refused falls
 //! back to stock behaviour, so a pod without distproxy stays reachable from
 //! nodes that use the tunnel module. One probe per host runs at a time;
 //! concurrent requests for nodes of that host wait for it and read its
 //! result. A success is remembered for `tunnel.probe_success_ttl_ms`, a
-//! failure for `tunnel.probe_failure_ttl_ms`; a probe never takes longer
+//! failure for `tunnel.probe_failure_ttl_ms`; a success is forgotten when
+//! an egress connection cannot reach the host's sidecar (a pod that dropped
+//! it), so the next request probes again; a probe never takes longer
 //! than `tunnel.probe_timeout_ms` (the Erlang module waits 3 s for the egress
 //! reply before it falls back on its own). The probe connection is closed
 //! without a byte.
@@ -108,6 +111,12 @@ impl RemoteProbe {
             host.to_owned(),
             (Instant::now() + self.settings.failure_ttl, why),
         );
+    }
+
+    /// Forgets that a sidecar answered on `host` (an egress connection could
+    /// not reach it): the next [`check`](Self::check) probes again.
+    pub fn forget_success(&self, host: &str) {
+        lock(&self.sidecar_seen).remove(host);
     }
 
     /// Checks that something answers on `host`'s tunnel port, from memory
