@@ -514,3 +514,30 @@ fn install_module_writes_the_committed_beam() {
     assert!(stderr.contains(file.to_str().unwrap()), "{stderr}");
     assert_eq!(run(&["install-module"]).0, 64, "DIR is required");
 }
+
+/// A key that is not the certificate's (a Secret assembled from two
+/// issuances) stops `run` with exit 64 and an error naming `tls.key_file`
+/// and its path, and says what is wrong in words.
+#[test]
+fn run_refuses_a_key_of_another_certificate_and_names_it() {
+    use distproxy_testkit::certs::{Ca, SecretDir};
+    let ca = Ca::new("dp-cli-ca");
+    let leaf = ca.leaf(&["pod-a.dp.test"], 1);
+    let other = ca.leaf(&["pod-a.dp.test"], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = SecretDir::create(dir.path(), &leaf.cert_pem, &other.key_pem, &ca.pem);
+    let tls = format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+        secret.cert_file().display(),
+        secret.key_file().display(),
+        secret.ca_file().display()
+    );
+    let (code, stderr) = run_config(&tls, &[]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("tls.key_file")
+            && stderr.contains(&secret.key_file().display().to_string())
+            && stderr.contains("is not the private key of the certificate in"),
+        "{stderr}"
+    );
+}

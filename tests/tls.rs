@@ -1148,6 +1148,86 @@ mod tunnel_tls {
         assert!(closed_without_reply(&mut s).await);
     }
 
+    /// A peer that completes the mutual handshake and then sends a record
+    /// that does not decrypt is counted as `bad_frame` (it was counted as
+    /// `peer_closed`, which sent operators looking for a peer that left); a
+    /// close_notify at once is a peer closing. Neither touches a tunnel set
+    /// up next to them.
+    #[tokio::test]
+    async fn garbage_or_close_notify_right_after_the_handshake_is_closed_and_counted() {
+        let handle = prometheus();
+        let ca = Ca::new("dp-test-ca");
+        let p = tls_pair(
+            &ca.pem,
+            &ca.leaf(&["127.0.0.1"], 0x8101),
+            &ca.leaf(&["127.0.0.1"], 0x8102),
+            |c| c.tls.require_tls = true,
+        )
+        .await;
+        let peer = pod(
+            &ca,
+            &ca.leaf(&["127.0.0.1"], 0x8103),
+            ServerNameVerification::Hostname,
+        );
+        let closed = |reason: &str| {
+            counter(
+                &handle.render(),
+                "distproxy_connections_closed_total",
+                &[("reason", reason)],
+            )
+        };
+        let remote = dist_addr(&p.remote);
+        // A tunnel set up before, relaying throughout.
+        let port = egress_port(epmd_addr(&p.local), "b@127.0.0.1").await;
+        let (mut good, answered) =
+            dial_as(SocketAddr::from(([127, 0, 0, 1], port)), "x@127.0.0.1").await;
+        assert_eq!(answered, "b@fake.host");
+
+        let bad_before = closed("bad_frame");
+        let mut s = dial(&peer.tls, remote, "127.0.0.1").await.unwrap();
+        // An application-data record of the right shape that no key opens.
+        let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+        record.extend((0..0x40u8).map(|i| i.wrapping_mul(37)));
+        s.get_mut().0.write_all(&record).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let end = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("closed, not left open");
+        assert!(!matches!(end, Ok(n) if n > 0), "{end:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "closed at once, not at the preamble deadline ({:?})",
+            started.elapsed()
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                closed("bad_frame") >= bad_before + 1.0
+            })
+            .await,
+            "a record that does not decrypt is a bad frame: {}",
+            handle.render()
+        );
+
+        let gone_before = closed("peer_closed");
+        let mut s = dial(&peer.tls, remote, "127.0.0.1").await.unwrap();
+        s.shutdown().await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                closed("peer_closed") >= gone_before + 1.0
+            })
+            .await,
+            "{}",
+            handle.render()
+        );
+
+        // The tunnel next to them still relays.
+        good.write_all(b"still here").await.unwrap();
+        let mut back = [0u8; 10];
+        good.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"still here");
+    }
+
     #[tokio::test]
     async fn without_tls_configured_the_remote_refuses_a_client_hello_and_plain_works() {
         // The remote has TLS; a local sidecar without it still reaches it in

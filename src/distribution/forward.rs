@@ -94,6 +94,12 @@ impl SetupError {
         match self.kind {
             SetupErrorKind::Timeout => reason::TIMEOUT,
             SetupErrorKind::Bad(_) => reason::BAD_FRAME,
+            // Inside TLS, a record that does not decrypt or parse (rustls
+            // reports it as `InvalidData`): the peer sent garbage, it did
+            // not go away.
+            SetupErrorKind::Io(ref e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                reason::BAD_FRAME
+            }
             SetupErrorKind::Closed(_) | SetupErrorKind::Io(_) => reason::PEER_CLOSED,
         }
     }

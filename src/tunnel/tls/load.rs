@@ -154,11 +154,17 @@ pub(super) fn build(
 
     let versions = &[&rustls::version::TLS13];
     let key_err = |e: rustls::Error| {
-        invalid(
-            "tls.key_file",
-            &s.key_file,
-            format!("unusable with {}: {e}", s.cert_file.display()),
-        )
+        let message = match e {
+            // A Secret put together from two issuances (or a half-done
+            // manual rotation): say so, not rustls' "keys may not be
+            // consistent".
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => format!(
+                "is not the private key of the certificate in {} (a key and certificate of different issuances?)",
+                s.cert_file.display()
+            ),
+            e => format!("unusable with {}: {e}", s.cert_file.display()),
+        };
+        invalid("tls.key_file", &s.key_file, message)
     };
 
     let client_verifier =
