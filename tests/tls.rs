@@ -1138,6 +1138,15 @@ mod tunnel_tls {
             |_| {},
         )
         .await;
+        let handle = prometheus();
+        let unknown_ca = || {
+            counter(
+                &handle.render(),
+                "distproxy_tls_handshake_failures_total",
+                &[("side", "connect"), ("reason", "unknown_ca")],
+            )
+        };
+        let before = unknown_ca();
         let port = egress_port(epmd_addr(&p.local), "b@127.0.0.1").await;
         let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
             .await
@@ -1146,6 +1155,15 @@ mod tunnel_tls {
             .await
             .unwrap();
         assert!(closed_without_reply(&mut s).await);
+        // The refused side sees the remote's alert and counts it too.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                unknown_ca() >= before + 1.0
+            })
+            .await,
+            "{}",
+            handle.render()
+        );
     }
 
     /// A peer that completes the mutual handshake and then sends a record
@@ -1226,6 +1244,49 @@ mod tunnel_tls {
         let mut back = [0u8; 10];
         good.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"still here");
+    }
+
+    /// In TLS 1.3 the client's handshake is over before the server has
+    /// judged the client certificate: a remote sidecar that refuses this
+    /// one's certificate (expired here; another CA or a missing client-auth
+    /// usage alike) answers with an alert on the first read. The dialling
+    /// side counts that as a failed handshake on its side (it counted
+    /// nothing, and logged that the remote node did not answer, blaming
+    /// policy), so the pod whose certificate is wrong shows it in its own
+    /// metrics.
+    #[tokio::test]
+    async fn a_remote_refusing_this_sidecars_certificate_is_counted_on_the_connect_side() {
+        let handle = prometheus();
+        let ca = Ca::new("dp-test-ca");
+        let expired = ca.leaf_with(&["127.0.0.1"], 0x8202, |p| {
+            p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        });
+        let p = tls_pair(&ca.pem, &ca.leaf(&["127.0.0.1"], 0x8201), &expired, |_| {}).await;
+        let refused = || {
+            counter(
+                &handle.render(),
+                "distproxy_tls_handshake_failures_total",
+                &[("side", "connect"), ("reason", "bad_cert")],
+            )
+        };
+        let before = refused();
+        let port = egress_port(epmd_addr(&p.local), "b@127.0.0.1").await;
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .unwrap();
+        s.write_all(&frames::send_name("x@127.0.0.1"))
+            .await
+            .unwrap();
+        assert!(closed_without_reply(&mut s).await);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                refused() >= before + 1.0
+            })
+            .await,
+            "{}",
+            handle.render()
+        );
     }
 
     #[tokio::test]

@@ -351,7 +351,7 @@ impl Forwarder {
         b: B,
         pre: RelayStats,
         node_routes: bool,
-    ) -> (RelayStats, String, ConnectionGuard)
+    ) -> (RelayStats, RelayEnd, ConnectionGuard)
     where
         A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -366,17 +366,12 @@ impl Forwarder {
         };
         let end = relay::relay(a, b, rx, tx, &self.hard_stop, options).await;
         let stats = end.stats();
-        let outcome = match &end {
-            RelayEnd::Closed(_) => "closed".to_string(),
-            RelayEnd::Failed(_, e) => format!("error: {e}"),
-            RelayEnd::Stopped(_) => "stopped at shutdown".to_string(),
-        };
         (
             RelayStats {
                 rx: stats.rx + pre.rx,
                 tx: stats.tx + pre.tx,
             },
-            outcome,
+            end,
             guard,
         )
     }

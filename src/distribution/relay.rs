@@ -96,6 +96,16 @@ pub enum RelayEnd {
     Stopped(RelayStats),
 }
 
+impl std::fmt::Display for RelayEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayEnd::Closed(_) => f.write_str("closed"),
+            RelayEnd::Failed(_, e) => write!(f, "error: {e}"),
+            RelayEnd::Stopped(_) => f.write_str("stopped at shutdown"),
+        }
+    }
+}
+
 impl RelayEnd {
     pub fn stats(&self) -> RelayStats {
         match self {

@@ -14,7 +14,7 @@ use tracing::{debug, info};
 
 use crate::distribution::forward::{self, ConnectionGuard, Direction};
 use crate::distribution::listener::TLS_HANDSHAKE_BYTE;
-use crate::distribution::relay::RelayStats;
+use crate::distribution::relay::{RelayEnd, RelayStats};
 use crate::metrics::{reason, record_closed as closed, record_phase as phase};
 use crate::net::{connect_any, ConnectError};
 use crate::node_name::short_name;
@@ -241,6 +241,14 @@ impl EgressManager {
         drop((head, prefix, preamble));
         let (stats, outcome, _guard) = self.forward.relay(guard, remote, local, pre, false).await;
         if stats.rx == 0 {
+            if let RelayEnd::Failed(_, e) = &outcome {
+                if let Some(why) = crate::tunnel::tls::count_refusal_after_handshake(e) {
+                    warn_throttled!(%initiator, %target, %remote_addr, reason = why, error = %e,
+                        "egress: the remote sidecar ended the TLS session with an alert before its node answered: it refused this sidecar's certificate (tls.cert_file expired, not valid yet, of a CA it does not trust, or not for client use; its log says which); closing");
+                    closed(reason::TLS_HANDSHAKE_FAILED);
+                    return;
+                }
+            }
             // Not even the node's handshake status came back: the remote
             // sidecar most likely closed the tunnel before routing it, and
             // only its log says why.

@@ -217,6 +217,25 @@ pub fn classify(e: &rustls::Error) -> &'static str {
 }
 
 /// Which side of a handshake (`side` label of the failure counter).
+/// For an outgoing tunnel whose first read failed before a byte came
+/// back: the `reason` label when that failure is the remote sidecar's alert
+/// refusing this sidecar's certificate. In TLS 1.3 the client's handshake
+/// ends before the server has judged the client certificate, so the
+/// server's refusal (unknown CA, expired, wrong usage) arrives as an alert
+/// on the first read, not from the handshake. Counts it in
+/// `distproxy_tls_handshake_failures_total{side="connect"}` like a failed
+/// handshake; `None` (nothing counted) for any other error.
+pub fn count_refusal_after_handshake(e: &io::Error) -> Option<&'static str> {
+    let alert = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .filter(|e| matches!(e, rustls::Error::AlertReceived(_)))?;
+    let reason = classify(alert);
+    metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "side" => Side::Connect.label(), "reason" => reason)
+        .increment(1);
+    Some(reason)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Accept,
