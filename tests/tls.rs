@@ -923,6 +923,29 @@ fn loading_reports_which_file_is_wrong() {
     );
 }
 
+/// A key protected by a passphrase (`openssl pkcs8 -topk8 -v2 aes256`, or
+/// `genrsa -aes256`) is named as encrypted: it was reported as a file that
+/// "contains no private key".
+#[test]
+fn an_encrypted_key_is_named_as_such() {
+    let ca = Ca::new("dp-test-ca");
+    let leaf = ca.leaf(&[POD_A], 1);
+    for key in [
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIFHDBOBgkqhkiG9w0BBQ0wQTApBgkqhkiG9w0BBQwwHAQI\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,00112233445566778899AABBCCDDEEFF\n\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let secret = SecretDir::create(tmp.path(), &leaf.cert_pem, key, &ca.pem);
+        let err = Tls::load(settings(&secret, ServerNameVerification::Hostname))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tls.key_file") && err.contains("encrypted private key"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn serial_strings_match_the_certificates() {
     let ca = Ca::new("dp-test-ca");

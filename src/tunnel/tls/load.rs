@@ -120,6 +120,15 @@ pub(super) fn build(
     let local = PeerIdentity::from_der(leaf.as_ref())
         .map_err(|e| invalid("tls.cert_file", &s.cert_file, e))?;
 
+    if is_encrypted_key(&files.key) {
+        return Err(invalid(
+            "tls.key_file",
+            &s.key_file,
+            "is an encrypted private key; distproxy reads unencrypted keys only \
+             (PKCS#8, PKCS#1 or SEC1 PEM, as cert-manager writes them)"
+                .to_string(),
+        ));
+    }
     let key = match PrivateKeyDer::from_pem_slice(&files.key) {
         Ok(k) => k,
         Err(rustls::pki_types::pem::Error::NoItemsFound) => {
@@ -214,6 +223,15 @@ pub(super) fn build(
         local,
         digest: files.digest(),
     })
+}
+
+/// A PEM private key protected by a passphrase, which rustls skips as an
+/// unknown section ("contains no private key" would send the user looking
+/// for a missing key): PKCS#8 `ENCRYPTED PRIVATE KEY`, or OpenSSL's
+/// traditional `Proc-Type: 4,ENCRYPTED` header.
+fn is_encrypted_key(pem: &[u8]) -> bool {
+    let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+    has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
 }
 
 /// `verify_server_name = "ca_only"`: WebPKI verification of the chain
