@@ -542,6 +542,17 @@ fn another_ca_and_unbound_node_names_are_refused() {
         ) >= 1.0,
         "pod a refused e's server certificate\n{ma}"
     );
+    // Pod E sees its own certificate refused: in TLS 1.3 that is an alert
+    // after its handshake, counted on its connect side all the same.
+    let me = metrics(e);
+    assert!(
+        metric_sum(
+            &me,
+            "distproxy_tls_handshake_failures_total",
+            &[("side", "connect"), ("reason", "unknown_ca")]
+        ) >= 1.0,
+        "pod e counts the refusal of its own certificate\n{me}"
+    );
 
     let refused_before = metric_sum(
         &ma,
