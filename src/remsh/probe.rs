@@ -190,6 +190,15 @@ where
         {
             Err(ProbeError::Refused { via, node, local })
         }
+        // The pod's alert refusing this client's certificate: in TLS 1.3 it
+        // comes after the client's handshake is over, on the first read.
+        Err(e) if crate::tunnel::tls::is_alert(&e) => Err(ProbeError::Tls {
+            via,
+            source: TlsError::Handshake {
+                reason: crate::tunnel::tls::classify_io_error(&e),
+                source: e,
+            },
+        }),
         Err(e) => Err(ProbeError::Protocol {
             via,
             reason: e.to_string(),

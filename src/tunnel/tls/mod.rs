@@ -226,14 +226,21 @@ pub fn classify(e: &rustls::Error) -> &'static str {
 /// `distproxy_tls_handshake_failures_total{side="connect"}` like a failed
 /// handshake; `None` (nothing counted) for any other error.
 pub fn count_refusal_after_handshake(e: &io::Error) -> Option<&'static str> {
-    let alert = e
-        .get_ref()
-        .and_then(|i| i.downcast_ref::<rustls::Error>())
-        .filter(|e| matches!(e, rustls::Error::AlertReceived(_)))?;
-    let reason = classify(alert);
+    if !is_alert(e) {
+        return None;
+    }
+    let reason = classify_io_error(e);
     metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "side" => Side::Connect.label(), "reason" => reason)
         .increment(1);
     Some(reason)
+}
+
+/// Whether `e` is a TLS alert the peer sent (a refusal, after the
+/// handshake in TLS 1.3 when it is of this side's certificate).
+pub fn is_alert(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::AlertReceived(_)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
