@@ -828,6 +828,83 @@ async fn bad_new_files_keep_the_old_certificate() {
     }
 }
 
+/// A renewal issued by a clock a little ahead of this one is not valid
+/// yet: the current certificate stays in force until the new one's
+/// `notBefore`, then the new one is taken, so peers never see a gap; and
+/// when the current one is outside its validity too, the new one is taken
+/// at once.
+#[tokio::test]
+async fn a_renewal_not_valid_yet_waits_while_the_current_certificate_is_valid() {
+    let _serial = RELOAD_LINES.lock().await;
+    let handle = prometheus();
+    let ca = Ca::new("dp-test-ca");
+    let a_leaf = ca.leaf(&[POD_A], 0x3101);
+    let a = pod(&ca, &a_leaf, ServerNameVerification::Hostname);
+    let b = pod(
+        &ca,
+        &ca.leaf(&[POD_B], 0x3102),
+        ServerNameVerification::Hostname,
+    );
+    let mut reloader = a.tls.reloader();
+    let failures_before = counter(&handle.render(), "distproxy_tls_reload_failures_total", &[]);
+    // Whole seconds, as X.509 keeps them.
+    let valid_from = (time::OffsetDateTime::now_utc() + time::Duration::seconds(3))
+        .replace_nanosecond(0)
+        .unwrap();
+    let early = ca.leaf_with(&[POD_A], 0x3103, |p| p.not_before = valid_from);
+    a.secret.write(&early.cert_pem, &early.key_pem, &ca.pem);
+    for _ in 0..2 {
+        match reloader.poll() {
+            ReloadOutcome::Waiting(id) => assert_eq!(id.serial, early.serial_string()),
+            other => panic!("expected a wait for notBefore, got {other:?}"),
+        }
+        let (addr, server) = serve_once(Arc::clone(&a.tls)).await;
+        let mut c = dial(&b.tls, addr, POD_A).await.unwrap();
+        echo(&mut c, b"x").await.unwrap();
+        assert_eq!(server_identity(&c).serial, a_leaf.serial_string());
+        server.await.unwrap().unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match reloader.poll() {
+            ReloadOutcome::Reloaded(id) => {
+                assert_eq!(id.serial, early.serial_string());
+                break;
+            }
+            ReloadOutcome::Waiting(_) => {
+                assert!(std::time::Instant::now() < deadline, "still waiting");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!("expected the wait to end in a reload, got {other:?}"),
+        }
+    }
+    assert!(time::OffsetDateTime::now_utc() >= valid_from);
+    let (addr, server) = serve_once(Arc::clone(&a.tls)).await;
+    let mut c = dial(&b.tls, addr, POD_A).await.unwrap();
+    echo(&mut c, b"x").await.unwrap();
+    assert_eq!(server_identity(&c).serial, early.serial_string());
+    server.await.unwrap().unwrap();
+    let failures_after = counter(&handle.render(), "distproxy_tls_reload_failures_total", &[]);
+    assert_eq!(failures_after, failures_before, "a wait is no failure");
+
+    // A pod whose certificate has expired takes a not-yet-valid renewal
+    // at once: it is the one that will work first.
+    let expired = ca.leaf_with(&[POD_A], 0x3104, |p| {
+        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    });
+    let c = pod(&ca, &expired, ServerNameVerification::Hostname);
+    let mut reloader = c.tls.reloader();
+    let early = ca.leaf_with(&[POD_A], 0x3105, |p| {
+        p.not_before = time::OffsetDateTime::now_utc() + time::Duration::minutes(10)
+    });
+    c.secret.write(&early.cert_pem, &early.key_pem, &ca.pem);
+    match reloader.poll() {
+        ReloadOutcome::Reloaded(id) => assert_eq!(id.serial, early.serial_string()),
+        other => panic!("expected the renewal taken at once, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn the_reloader_task_picks_up_changes_by_itself() {
     let _serial = RELOAD_LINES.lock().await;

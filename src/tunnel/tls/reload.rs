@@ -21,6 +21,10 @@ pub enum ReloadOutcome {
     Reloaded(PeerIdentity),
     /// New contents that cannot be used; the previous ones stay.
     Failed(TlsLoadError),
+    /// A new certificate that is not valid yet (issued by a clock ahead of
+    /// this one) while the current one still is: the current one stays
+    /// until the new one's `notBefore`, then the new one is taken.
+    Waiting(PeerIdentity),
 }
 
 /// Watches the three files and swaps in new configurations when their
@@ -29,6 +33,8 @@ pub struct TlsReloader {
     tls: Arc<Tls>,
     /// Digest of the last state that failed, so it is reported once.
     last_failed: Option<u64>,
+    /// Digest of the not-yet-valid state waited for, so it is logged once.
+    last_waiting: Option<u64>,
 }
 
 impl TlsReloader {
@@ -36,6 +42,7 @@ impl TlsReloader {
         TlsReloader {
             tls,
             last_failed: None,
+            last_waiting: None,
         }
     }
 
@@ -53,37 +60,57 @@ impl TlsReloader {
         };
         if digest == self.tls.current.load().digest {
             self.last_failed = None;
+            self.last_waiting = None;
             return ReloadOutcome::Unchanged;
         }
         if self.last_failed == Some(digest) {
             return ReloadOutcome::Unchanged;
         }
         // An expired certificate is refused by every peer: keep the current
-        // one rather than swap it in. (One not valid yet is taken, with a
-        // warning: it becomes valid by itself, and the file may not change
-        // again.)
+        // one rather than swap it in. One not valid yet (a clock ahead of
+        // this one issued it) waits while the current one is still valid,
+        // so a rotation never leaves a gap; it is taken at once, with a
+        // warning, when the current one is outside its validity too.
         let now = unix_now();
-        let generation = files
-            .and_then(|f| build(settings, &self.tls.provider, &f))
-            .and_then(|g| match g.local.validity_problem(now) {
+        let current_valid = self
+            .tls
+            .current
+            .load()
+            .local
+            .validity_problem(now)
+            .is_none();
+        let generation = match files.and_then(|f| build(settings, &self.tls.provider, &f)) {
+            Ok(g) => match g.local.validity_problem(now) {
                 Some(problem) if now > g.local.not_after => Err(TlsLoadError::Invalid {
                     what: "tls.cert_file",
                     path: settings.cert_file.clone(),
                     message: problem,
                 }),
+                Some(problem) if current_valid => {
+                    if self.last_waiting != Some(digest) {
+                        self.last_waiting = Some(digest);
+                        info!(cert = %settings.cert_file.display(), %problem,
+                            current = %self.tls.current.load().local,
+                            "new TLS certificate is not valid yet; keeping the current one until it is");
+                    }
+                    return ReloadOutcome::Waiting(g.local.clone());
+                }
                 Some(problem) => {
                     warn!(cert = %settings.cert_file.display(), %problem,
-                        "new TLS certificate is not valid yet; peers refuse it until it is");
+                        "new TLS certificate is not valid yet, nor is the current one; taking the new one (peers refuse it until it is valid)");
                     Ok(g)
                 }
                 None => Ok(g),
-            });
+            },
+            Err(e) => Err(e),
+        };
         match generation {
             Ok(generation) => {
                 // In force and counted before the line that says so.
                 let identity = generation.local.clone();
                 self.tls.current.store(Arc::new(generation));
                 self.last_failed = None;
+                self.last_waiting = None;
                 metrics::gauge!(m::TLS_CERT_NOT_AFTER).set(identity.not_after as f64);
                 metrics::counter!(m::TLS_RELOADS).increment(1);
                 info!(cert = %settings.cert_file.display(),
