@@ -179,20 +179,7 @@ impl EgressManager {
         };
         if this_pod {
             return match self.registry.get(short_name(&node.full)) {
-                Some(local) if local.addr.is_loopback() => {
-                    // A node started with `inet_dist_use_interface` set to
-                    // the pod's address registers over loopback but does
-                    // not listen there: the caller, which would dial its
-                    // loopback port, falls back to the stock way (a
-                    // same-pod lookup, answered with the node's port).
-                    match crate::net::listens_off_loopback_only(local.spec.port) {
-                        Some(at) => Err(EgressError::LocalNotOnLoopback {
-                            node: node.full,
-                            at,
-                        }),
-                        None => Ok(local.spec.port),
-                    }
-                }
+                Some(local) if local.addr.is_loopback() => Ok(local.spec.port),
                 _ => Err(EgressError::LocalNotRegistered(node.full)),
             };
         }
