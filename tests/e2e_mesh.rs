@@ -13,12 +13,21 @@
 //! (`connect_all`), every node pinging one seed, `global` connecting the
 //! rest.
 //!
+//! A node with the module keeps taking incoming connections while the
+//! sidecar is slow to answer one of its egress requests (net_kernel asks
+//! the epmd module about every node it connects to).
+//!
 //! The timings of larger layouts, against stock epmd, are in
 //! `benches/mesh.rs`.
 
 mod support;
 
+use std::time::Duration;
+
 use support::mesh::{assert_full_mesh, start_mesh, MeshLayout, MeshMode, MeshReport};
+use support::module::{compile_module, with_module};
+use support::wait::poll_until;
+use support::{Lab, SidecarOptions, DIST_PORT};
 
 const PODS: usize = 3;
 const NODES: usize = 4;
@@ -119,4 +128,79 @@ fn module_nodes_joining_through_one_seed_form_the_full_mesh() {
         return;
     }
     seeded_join(MeshMode::ModulePeers);
+}
+
+/// An address of the lab's subnet that no pod has: a SYN to it gets no
+/// answer (ARP fails), so the sidecar's probe of a host there lasts until
+/// its deadline.
+const SILENT_ADDR: &str = "198.18.0.250";
+
+/// OTP's net_kernel asks the epmd module about every node it is about to
+/// connect to (`inet_tcp_dist:select/1`), in its own process. The module
+/// answered that with the sidecar's egress request, so while the sidecar
+/// was probing a remote host (up to `tunnel.probe_timeout_ms`), or only
+/// busy, the whole node's distribution waited: no incoming handshake was
+/// answered. In a large mesh all connecting at once, that left many nodes
+/// answering nobody for seconds (1,297 of 3,540 pings of a 6 × 10 mesh
+/// failed in the first round). Here a1 connects to a node of a host whose
+/// probe hangs, and b1 pings a1 meanwhile: b1 must get `pong` while that
+/// probe is still waiting.
+#[test]
+fn a_slow_egress_answer_does_not_stop_a_module_node_accepting() {
+    if !support::e2e_enabled(
+        "a_slow_egress_answer_does_not_stop_a_module_node_accepting",
+        &["ss"],
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["a", "b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    // A host name that resolves, in pod A, to an address nothing answers
+    // on; added before the sidecar starts (it reads the hosts file then).
+    let hosts = std::path::Path::new("/etc/netns")
+        .join(a.ns())
+        .join("hosts");
+    let mut text = std::fs::read_to_string(&hosts).expect("read pod A's hosts file");
+    text.push_str(&format!("{SILENT_ADDR} pod-z.dp.test\n"));
+    std::fs::write(&hosts, text).expect("write pod A's hosts file");
+    let _sidecar_a = a.spawn_sidecar_with(
+        SidecarOptions::default()
+            .config("[tunnel]\nprobe_timeout_ms = 2900\nconnect_timeout_ms = 5000\n"),
+    );
+    let _sidecar_b = b.spawn_sidecar(&[]);
+    let ebin = compile_module(&lab);
+    let mut a1 = a.spawn_erlang_with("a1", &with_module(&ebin));
+    let mut b1 = b.spawn_erlang("b1");
+    a1.wait_ready();
+    b1.wait_ready();
+
+    let silent = a1.send("{ping, 'z1@pod-z.dp.test'}");
+    // The sidecar's probe: a connection to the tunnel port being opened
+    // (a1's own fallback, to EPMD's port there, comes after it).
+    let probe_dst = format!("{SILENT_ADDR}:{DIST_PORT}");
+    let probing = || {
+        a.run_ok("ss", &["-Htn", "state", "syn-sent", "dst", &probe_dst])
+            .lines()
+            .count()
+            > 0
+    };
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(20), probing),
+        "pod A's sidecar never probed pod-z (no SYN to {SILENT_ADDR})"
+    );
+    assert_eq!(
+        b1.ping(a1.name()),
+        "pong",
+        "b1 -> a1 while a1 waits for pod-z"
+    );
+    assert!(
+        probing(),
+        "b1 was answered only after the probe of pod-z ended: a1's net_kernel waited for the sidecar's egress answer"
+    );
+    assert_eq!(
+        a1.recv(silent, Duration::from_secs(30)),
+        "pang",
+        "a1 -> z1 (nothing there)"
+    );
+    assert_eq!(a1.nodes(), vec![b1.name().to_string()]);
 }

@@ -206,15 +206,37 @@ names(Host) ->
 %% A node of its own TLS distribution (`-proto_dist inet_tls') connects the
 %% stock way: the tunnel carries plain distribution only, and the remote
 %% sidecar routes the node's TLS without decrypting it.
+%%
+%% net_kernel itself calls this too, to pick the distribution module for
+%% a node it is about to connect to (`inet_tcp_dist:select/1', in OTP 25 and
+%% later), and only looks at whether the answer is `{ok, ...}'. There it
+%% gets `erl_epmd''s answer (the host resolved, as without this module), and
+%% asks the sidecar only if that fails: a request to the sidecar made from
+%% net_kernel would stop the whole node's distribution (every incoming
+%% handshake, every other connection being set up) for the request's round
+%% trip, and for a remote host's first probe. The setup process that follows
+%% asks the sidecar for the port it connects to.
 address_please(Name, Host, Family) when Family =:= inet; Family =:= inet6 ->
+    case self() =:= whereis(net_kernel) of
+        true ->
+            case erl_epmd:address_please(Name, Host, Family) of
+                {ok, _} = Stock -> Stock;
+                {ok, _, _, _} = Stock -> Stock;
+                _ -> egress_address_please(Name, Host, Family)
+            end;
+        false ->
+            egress_address_please(Name, Host, Family)
+    end;
+address_please(Name, Host, Family) ->
+    erl_epmd:address_please(Name, Host, Family).
+
+egress_address_please(Name, Host, Family) ->
     case plain_tcp_dist() andalso cached_egress_port(Name, Host, Family) of
         {ok, Port, Version} ->
             {ok, loopback(Family), Port, Version};
         _StockWay ->
             erl_epmd:address_please(Name, Host, Family)
-    end;
-address_please(Name, Host, Family) ->
-    erl_epmd:address_please(Name, Host, Family).
+    end.
 
 %% Whether this node's distribution is plain TCP (`inet_tcp_dist', the
 %% default, or `inet6_tcp_dist'), which the tunnel carries.
