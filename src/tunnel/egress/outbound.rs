@@ -110,6 +110,8 @@ impl EgressManager {
                 // the next egress request probes it again, and is refused
                 // (the node falls back to the stock way) if nothing answers.
                 self.probe.forget_success(&remote.host);
+                // And its addresses: the pod may have moved.
+                self.resolver.forget(&remote.host);
                 return;
             }
         };

@@ -171,6 +171,7 @@ impl RemoteProbe {
             }
             Err(why) => {
                 self.remember_failure(host, why.clone());
+                self.resolver.forget(host);
                 Err(why)
             }
         }
