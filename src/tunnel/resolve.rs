@@ -31,11 +31,10 @@
 //!   and order the answer ourselves ([`Family`]): the caller tries each
 //!   address in turn.
 //!
-//! A host's addresses are remembered for [`RECENT_TTL`] once found, and
-//! concurrent lookups of one host wait for the first one's answer: when a
+//! A host's addresses are remembered for [`RECENT_TTL`] once found: when a
 //! pod's nodes all connect to another pod's nodes at once (a cluster
 //! forming), hundreds of egress connections resolve the same host within
-//! a second. A name found only in `/etc/hosts` still made each of them wait
+//! a few seconds. A name found only in `/etc/hosts` still made each of them wait
 //! for the other family's name server ([`RESOLUTION_DELAY`], longer under
 //! load: 0.5 s on average per connection in a 6 × 10 mesh of debug
 //! sidecars), which hickory does not remember. An egress connection that
@@ -43,7 +42,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
@@ -113,8 +112,6 @@ pub struct Resolver {
     pinned: Option<(String, IpAddr)>,
     /// Answers found, per (host, family), and until when they are used.
     recent: Mutex<HashMap<Key, (Instant, Vec<IpAddr>)>>,
-    /// One lookup per (host, family) at a time; concurrent ones wait for it.
-    inflight: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A host (ASCII lowercase, no trailing dot) and the family asked first.
@@ -122,7 +119,7 @@ type Key = (String, Family);
 
 /// How long a host's addresses are used without resolving it again.
 pub const RECENT_TTL: Duration = Duration::from_secs(2);
-/// Hosts remembered before expired answers and idle gates are swept.
+/// Hosts remembered before expired answers are swept.
 const SWEEP_ABOVE: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -177,7 +174,6 @@ impl Resolver {
             v6,
             pinned: None,
             recent: Mutex::new(HashMap::new()),
-            inflight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -234,37 +230,19 @@ impl Resolver {
         if let Some(addrs) = self.remembered(&key) {
             return Ok(addrs);
         }
-        let gate = {
-            let mut inflight = lock(&self.inflight);
-            if inflight.len() > SWEEP_ABOVE {
-                inflight.retain(|_, g| Arc::strong_count(g) > 1);
+        // Lookups of one host started before the first answer each ask
+        // (none waits for another: a queue of waiters, each woken in turn,
+        // took longer than the deadline under load).
+        let found = self.lookup(host, timeout, family).await;
+        if let Ok(addrs) = &found {
+            let mut recent = lock(&self.recent);
+            if recent.len() > SWEEP_ABOVE {
+                let now = Instant::now();
+                recent.retain(|_, (until, _)| *until > now);
             }
-            Arc::clone(inflight.entry(key.clone()).or_default())
-        };
-        // Waiting for another caller's lookup counts against the deadline.
-        let looked_up = tokio::time::timeout(timeout, async {
-            let _turn = gate.lock().await;
-            if let Some(addrs) = self.remembered(&key) {
-                return Ok(addrs);
-            }
-            let found = self.lookup(host, timeout, family).await;
-            if let Ok(addrs) = &found {
-                let mut recent = lock(&self.recent);
-                if recent.len() > SWEEP_ABOVE {
-                    let now = Instant::now();
-                    recent.retain(|_, (until, _)| *until > now);
-                }
-                recent.insert(key.clone(), (Instant::now() + RECENT_TTL, addrs.clone()));
-            }
-            found
-        })
-        .await;
-        looked_up.unwrap_or_else(|_| {
-            Err(ResolveError::Timeout {
-                host: host.to_owned(),
-                timeout,
-            })
-        })
+            recent.insert(key, (Instant::now() + RECENT_TTL, addrs.clone()));
+        }
+        found
     }
 
     /// [`Resolver::resolve`] without the memory: both families asked.
@@ -356,6 +334,7 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn ip_literals() {
@@ -481,7 +460,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_burst_of_lookups_of_one_host_asks_the_name_server_once() {
+    async fn a_host_found_is_not_asked_for_again_at_once() {
         use hickory_resolver::config::{NameServerConfigGroup, ResolveHosts};
         use std::sync::atomic::Ordering;
         let (port, a, aaaa) = fake_name_server();
@@ -497,6 +476,8 @@ mod tests {
         let r = Arc::new(Resolver::from_config(config, opts));
         let expected = vec![IpAddr::from([10, 1, 2, 3])];
         let t = Duration::from_secs(5);
+        let first = r.resolve("pod-b.dp.test", t, Family::V4First).await;
+        assert_eq!(first.unwrap(), expected);
         let burst: Vec<_> = (0..20)
             .map(|_| {
                 let r = Arc::clone(&r);

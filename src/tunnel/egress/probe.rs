@@ -119,9 +119,31 @@ impl RemoteProbe {
         lock(&self.sidecar_seen).remove(host);
     }
 
+    /// The remembered answer about `host`, while it is believed.
+    fn remembered(&self, host: &str) -> Option<Result<(), String>> {
+        if let Some((until, why)) = lock(&self.no_sidecar).get(host) {
+            if *until > Instant::now() {
+                return Some(Err(why.clone()));
+            }
+        }
+        if let Some(until) = lock(&self.sidecar_seen).get(host) {
+            if *until > Instant::now() {
+                return Some(Ok(()));
+            }
+        }
+        None
+    }
+
     /// Checks that something answers on `host`'s tunnel port, from memory
     /// when it can. The error is why not, for the egress reply's log.
     pub async fn check(&self, host: &str) -> Result<(), String> {
+        // From memory without queueing: every node of a pod asking for the
+        // nodes of one host at once would otherwise pass the gate one after
+        // the other, and under load the last ones waited past the module's
+        // reply deadline and fell back to a direct connection.
+        if let Some(remembered) = self.remembered(host) {
+            return remembered;
+        }
         let gate = {
             let mut probing = lock(&self.probing);
             if probing.len() > SWEEP_ABOVE {
@@ -130,15 +152,8 @@ impl RemoteProbe {
             Arc::clone(probing.entry(host.to_owned()).or_default())
         };
         let _turn = gate.lock().await;
-        if let Some((until, why)) = lock(&self.no_sidecar).get(host) {
-            if *until > Instant::now() {
-                return Err(why.clone());
-            }
-        }
-        if let Some(until) = lock(&self.sidecar_seen).get(host) {
-            if *until > Instant::now() {
-                return Ok(());
-            }
+        if let Some(remembered) = self.remembered(host) {
+            return remembered;
         }
         let s = &self.settings;
         let started = Instant::now();
@@ -229,5 +244,31 @@ mod tests {
         if reopened.is_ok() {
             assert_eq!(p.check("127.0.0.1").await, Err(why));
         }
+    }
+
+    /// A remembered answer does not queue behind the host's gate (held here
+    /// as by a probe in progress, or by the many requests of a pod's nodes
+    /// all asking at once).
+    #[tokio::test]
+    async fn remembered_answers_do_not_wait_for_the_gate() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let p = probe(port, Duration::from_secs(60));
+        assert_eq!(p.check("127.0.0.1").await, Ok(()));
+        let gate = Arc::clone(lock(&p.probing).entry("127.0.0.1".into()).or_default());
+        let _held = gate.lock().await;
+        let answer = tokio::time::timeout(Duration::from_secs(1), p.check("127.0.0.1")).await;
+        assert_eq!(
+            answer,
+            Ok(Ok(())),
+            "a remembered success waited for the gate"
+        );
+        p.remember_failure("127.0.0.1", "gone".into());
+        let answer = tokio::time::timeout(Duration::from_secs(1), p.check("127.0.0.1")).await;
+        assert_eq!(
+            answer,
+            Ok(Err("gone".into())),
+            "a remembered failure waited for the gate"
+        );
     }
 }
