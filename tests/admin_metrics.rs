@@ -37,7 +37,17 @@ fn start_with_admin(mut config: distproxy_testkit::sut::config::Config) -> Sidec
     Sidecar::start_with(config, listeners, Some(prometheus()))
 }
 
+/// Held (shared) by every `/metrics` request of these tests: a render
+/// folds the histograms' samples, which
+/// `histogram_samples_are_folded_without_a_scrape` must see done without one.
+static SCRAPES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let _scrape = if path == "/metrics" {
+        Some(SCRAPES.read().await)
+    } else {
+        None
+    };
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await
@@ -481,5 +491,57 @@ async fn a_node_that_left_has_its_series_dropped_after_the_retention() {
         .await,
         "still exported: {:?}",
         series(&scrape(admin).await)
+    );
+}
+
+/// Bytes the allocator has handed out and not got back (every arena).
+fn heap_in_use() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    unsafe { libc::mallinfo2() }.uordblks
+}
+
+/// The exporter keeps every histogram sample recorded since its last
+/// render until something folds them into their buckets: a sidecar nobody
+/// scrapes (no Prometheus, or `admin.listen` off) grew by about 8 bytes per
+/// handshake phase and held lookup for as long as it ran. The sidecar folds
+/// them itself every `UPKEEP_INTERVAL`.
+#[tokio::test(flavor = "multi_thread")]
+async fn histogram_samples_are_folded_without_a_scrape() {
+    const SAMPLES: usize = 1_000_000;
+    let handle = prometheus();
+    let config = proxy_config(); // no admin endpoint: nothing scrapes it
+    let listeners = sidecar::bind(&config).unwrap();
+    let _sc = Sidecar::start_with(config, listeners, Some(handle));
+    // No other test of this file renders /metrics meanwhile.
+    let _no_scrapes = SCRAPES.write().await;
+    let phase = metrics::histogram!(
+        distproxy_testkit::sut::metrics::HANDSHAKE_PHASE_SECONDS,
+        "phase" => "upkeep_test"
+    );
+    let before = heap_in_use();
+    for _ in 0..SAMPLES {
+        phase.record(0.001);
+    }
+    let recorded = heap_in_use();
+    let grown = recorded.saturating_sub(before);
+    assert!(
+        grown >= SAMPLES * 4,
+        "{SAMPLES} samples took only {grown} bytes: nothing to fold"
+    );
+    let deadline =
+        tokio::time::Instant::now() + distproxy_testkit::sut::metrics::UPKEEP_INTERVAL * 3;
+    let mut now = recorded;
+    while tokio::time::Instant::now() < deadline {
+        // A sample now and then lets the folded blocks' deferred frees run.
+        phase.record(0.001);
+        now = heap_in_use();
+        if now + grown / 2 <= recorded {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "samples not folded without a scrape: heap {before} -> {recorded} after recording, {now} after {:?}",
+        distproxy_testkit::sut::metrics::UPKEEP_INTERVAL * 3
     );
 }
