@@ -275,7 +275,7 @@ pub fn describe() {
     describe_histogram!(
         HANDSHAKE_PHASE_SECONDS,
         Unit::Seconds,
-        "Duration of connection set-up phases (first_frame, connect_node, node_challenge; tunnel: preamble, egress_first_frame, resolve, connect_remote, send_preamble)."
+        "Duration of connection set-up phases (first_frame, connect_node, node_challenge; tunnel: preamble, egress_first_frame, resolve, connect_remote, send_preamble, tls_handshake)."
     );
     describe_counter!(
         CONNECTIONS_CLOSED,
