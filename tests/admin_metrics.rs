@@ -545,3 +545,74 @@ async fn histogram_samples_are_folded_without_a_scrape() {
         distproxy_testkit::sut::metrics::UPKEEP_INTERVAL * 3
     );
 }
+
+/// Connections that send a whole request and never read its answer (one
+/// larger than the socket buffers), from as many addresses as it takes to
+/// pass the per-source cap, held every admin place until
+/// `limits.write_timeout_ms`: the kubelet's liveness probe was refused at
+/// accept for as long as they kept coming, and the sidecar restarted. Such
+/// a connection now makes room for a new one as one still sending its
+/// request does.
+#[tokio::test]
+async fn a_probe_is_answered_while_unread_responses_fill_the_limit() {
+    let mut cfg = proxy_config();
+    cfg.limits.admin_max_connections = 4;
+    cfg.limits.reserved_local_connections = 0;
+    cfg.limits.write_timeout_ms = distproxy_testkit::sut::config::Millis(60_000);
+    cfg.limits.max_registered_nodes = NODES.into();
+    cfg.limits.epmd_max_connections = usize::from(NODES) + 64;
+    let sc = start_with_admin(cfg);
+    let admin = sc.admin_addr.unwrap();
+    let epmd = epmd_addr(&sc);
+    // A /nodes answer of about 4 MB, more than the socket buffers of a
+    // peer that does not read take (on loopback, whose large segments let
+    // the send buffer grow past a megabyte).
+    const NODES: u16 = 6000;
+    let mut registrations = Vec::new();
+    for i in 0..NODES {
+        let name = format!("{}{i}", "unread_response_node_".repeat(10));
+        registrations.push(
+            client::register(epmd, spec(&name, 20_000 + (i % 1000)))
+                .await
+                .unwrap(),
+        );
+    }
+    let before = get(
+        &scrape(admin).await,
+        "distproxy_connections_refused_total",
+        &[("listener", "admin"), ("limit", "evicted")],
+    );
+    let mut unread = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(1).unwrap();
+        let mut s = socket.connect(admin).await.unwrap();
+        s.write_all(b"GET /nodes HTTP/1.1\r\n\r\n").await.unwrap();
+        unread.push(s);
+    }
+    // Every place is taken once the server is stuck writing the four.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = async {
+        let mut s = TcpStream::connect(admin).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .expect("the probe waited for a response nobody reads");
+    assert!(
+        matches!(&answer, Ok(out) if out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\nok\n")),
+        "the probe was refused: {answer:?}"
+    );
+    let after = get(
+        &scrape(admin).await,
+        "distproxy_connections_refused_total",
+        &[("listener", "admin"), ("limit", "evicted")],
+    );
+    assert!(
+        after >= before + 1.0,
+        "evictions counted: {before} -> {after}"
+    );
+}
