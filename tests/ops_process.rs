@@ -320,7 +320,7 @@ async fn sigterm_drains_in_flight_connections_then_exits_zero() {
 /// SIGTERM, then the grace period ends with connections still relayed
 /// (a rollout's drain: the pods' nodes stay connected): every one of them
 /// is closed and logged with its `distribution connection ended` line
-/// (`outcome=stopped at shutdown`), as docs/operations.md says of every
+/// (`outcome="stopped at shutdown"`), as docs/operations.md says of every
 /// relayed connection. The accept loop's hard stop used to drop a
 /// connection's task in a race with the relay's own stop, so about half of
 /// the lines were missing (and a TLS leg was cut without close_notify).
