@@ -37,10 +37,9 @@ fn start_with_admin(mut config: distproxy_testkit::sut::config::Config) -> Sidec
     Sidecar::start_with(config, listeners, Some(prometheus()))
 }
 
-/// Held shared by every test of this file but one,
-/// `histogram_samples_are_folded_without_a_scrape`, which holds it alone:
-/// it must see samples folded without a scrape (a render folds them) and
-/// measures the heap.
+/// Held shared by most tests of this file, alone by those that must see
+/// nothing else happen meanwhile: `histogram_samples_are_folded_without_a_scrape`
+/// (no scrape, which folds the samples, and a quiet heap) and exact counts.
 static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -612,5 +611,60 @@ async fn a_probe_is_answered_while_unread_responses_fill_the_limit() {
     assert!(
         after >= before + 1.0,
         "evictions counted: {before} -> {after}"
+    );
+}
+
+/// A node that does not accept within `dist.connect_timeout_ms` (its
+/// accept queue full, a hung node) is a connection to the node that
+/// failed: counted as `connect_failed`, as operations.md says ("timed out
+/// connecting to node"), not as `timeout`, the peer's own slowness.
+#[tokio::test]
+async fn a_node_that_does_not_accept_in_time_counts_as_connect_failed() {
+    // Exact counts: no other test's connections meanwhile.
+    let _alone = ALONE.write().await;
+    let mut cfg = proxy_config();
+    cfg.dist.connect_timeout_ms = distproxy_testkit::sut::config::Millis(300);
+    let sc = start_with_admin(cfg);
+    let admin = sc.admin_addr.unwrap();
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    // A "node" that never accepts: once its accept queue is full, the
+    // kernel drops further SYNs.
+    let hung = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hung.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    hung.listen(0).unwrap();
+    let hung_addr = hung.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(hung_addr)).await
+    {
+        queued.push(s);
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    let _r = client::register(epmd, spec("hung_node", hung_addr.port()))
+        .await
+        .unwrap();
+    let closed =
+        |m: &Samples, why: &str| get(m, "distproxy_connections_closed_total", &[("reason", why)]);
+    let before = scrape(admin).await;
+    client::port_please(epmd, "hung_node").await.unwrap();
+    let mut s = TcpStream::connect(dist).await.unwrap();
+    s.write_all(&distproxy_testkit::frames::send_name("peer@remote"))
+        .await
+        .unwrap();
+    assert!(
+        distproxy_testkit::peer::closed_without_reply(&mut s).await,
+        "relayed to a node that never accepted"
+    );
+    let after = scrape(admin).await;
+    assert_eq!(
+        closed(&after, "connect_failed") - closed(&before, "connect_failed"),
+        1.0,
+        "not counted as connect_failed"
+    );
+    assert_eq!(
+        closed(&after, "timeout"),
+        closed(&before, "timeout"),
+        "counted as the peer's timeout"
     );
 }
