@@ -35,6 +35,8 @@ pub const BEAM_TLS_CONNECTIONS: &str = "distproxy_dist_beam_tls_connections_tota
 /// Connections closed at accept by a limit (`listener`: epmd, admin,
 /// distribution, egress; `limit`: total or per_source).
 pub const CONNECTIONS_REFUSED: &str = "distproxy_connections_refused_total";
+/// Accepts that failed, by `listener` (most often `EMFILE`: out of descriptors).
+pub const ACCEPT_FAILURES: &str = "distproxy_accept_failures_total";
 /// Replies abandoned because the peer did not read them in time.
 pub const WRITE_TIMEOUTS: &str = "distproxy_write_timeouts_total";
 /// Relayed connections by data path (`path`, see [`relay_path`]).
@@ -339,6 +341,10 @@ pub fn describe() {
         DISCOVERY_REFRESH_ERRORS,
         "Discovery failures (service resolution, pod queries), by reason."
     );
+    describe_counter!(
+        ACCEPT_FAILURES,
+        "Accepts that failed on a listener (epmd, distribution, admin, egress, mirror), most often out of open files (EMFILE); each is retried after 50 ms."
+    );
     describe_gauge!(BUILD_INFO, "Build information; value is always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     describe_gauge!(
@@ -364,6 +370,9 @@ fn export_rare_events_at_zero() {
         ACL_RELOAD_FAILURES,
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for listener in ["epmd", "distribution", "admin"] {
+        metrics::counter!(ACCEPT_FAILURES, "listener" => listener).increment(0);
     }
     for method in [
         route::CORRELATED,

@@ -789,6 +789,7 @@ pub async fn accept_loop<A, H, F>(
                 });
             }
             Err(e) => {
+                metrics::counter!(crate::metrics::ACCEPT_FAILURES, "listener" => what).increment(1);
                 if let Some(skipped) = errors.allow() {
                     warn!(listener = ?local, error = %e, skipped, "{what} accept failed");
                 }
