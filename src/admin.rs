@@ -98,7 +98,13 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn handle(mut stream: TcpStream, shared: &AdminCtx, mut permit: ConnPermit) {
+/// The connection's place (`permit`) is never claimed: until its response
+/// is written it can be closed to make room for a newer connection
+/// (`limits.admin_max_connections`, an evicting limit), so peers that send
+/// a request and never read its answer cannot keep the kubelet's probes
+/// out for `limits.write_timeout_ms` each, any more than peers that never
+/// finish their request can.
+async fn handle(mut stream: TcpStream, shared: &AdminCtx, _permit: ConnPermit) {
     let mut head = Vec::with_capacity(512);
     let read = async {
         let mut chunk = [0u8; 1024];
@@ -115,11 +121,6 @@ async fn handle(mut stream: TcpStream, shared: &AdminCtx, mut permit: ConnPermit
     let request = tokio::time::timeout(HEAD_TIMEOUT, read)
         .await
         .unwrap_or(HeadRequest::Incomplete);
-    // A whole request: no longer closed to make room for a newer
-    // connection (`limits.admin_max_connections`, an evicting limit).
-    if !permit.claim() {
-        return;
-    }
     let (is_head, response) = match request {
         HeadRequest::Get { path, head_only } => (head_only, route(&path, shared)),
         HeadRequest::MethodNotAllowed => (false, Response::text(405, "only GET and HEAD\n")),

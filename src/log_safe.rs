@@ -15,9 +15,15 @@
 //! site per second, each carrying how many were left out before it (the
 //! counters still count every one).
 
+use std::fmt;
 use std::io::{self, Write};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::FormatFields;
 
 /// Lets the first [`Throttle::BURST`] events of each [`Throttle::PERIOD`]
 /// through and counts the others, so that a few events are all logged and
@@ -184,6 +190,98 @@ impl<W: Write> Write for EscapingWriter<W> {
     }
 }
 
+/// The text format's fields: `name=value` pairs separated by spaces, as
+/// tracing's default, except that a value written through `Display` or
+/// `Debug` (`%peer`, `?identity`) is quoted when it holds a space, `=`, `"`
+/// or nothing, as string fields always are. A peer-supplied name `x y=z`
+/// then stays one field (`target="x y=z"`) instead of adding a fake `y`
+/// field to the line for a log parser.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TextFields;
+
+impl<'writer> FormatFields<'writer> for TextFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut visitor = TextVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct TextVisitor<'writer> {
+    writer: Writer<'writer>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl TextVisitor<'_> {
+    /// Writes one field, `value` already formatted, after a space unless
+    /// it is the first.
+    fn write(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        // `log` records' metadata, which the event's header already shows.
+        if name.starts_with("log.") {
+            return;
+        }
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        let pad = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        self.result = if name == "message" {
+            write!(self.writer, "{pad}{value}")
+        } else {
+            write!(self.writer, "{pad}{name}={value}")
+        };
+    }
+
+    /// Writes a field whose text came from `Display` or `Debug`, quoted
+    /// if it needs to be.
+    fn write_text(&mut self, field: &Field, text: &str) {
+        let needs_quotes = field.name() != "message"
+            && (text.is_empty()
+                || text.contains(|c: char| c.is_whitespace() || c == '=' || c == '"'));
+        if needs_quotes {
+            let escaped = text.replace('\\', "\\\\").replace('"', "\\\"");
+            self.write(field, format_args!("\"{escaped}\""));
+        } else {
+            self.write(field, format_args!("{text}"));
+        }
+    }
+}
+
+impl Visit for TextVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.write(field, format_args!("{value}"));
+        } else {
+            // Quoted and escaped, as tracing's default writes strings.
+            self.write(field, format_args!("{value:?}"));
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        let mut text = value.to_string();
+        let mut source = value.source();
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        self.write_text(field, &text);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.write_text(field, &format!("{value:?}"));
+    }
+}
+
 /// What a panic says: its message and where it happened. With
 /// `--log-format json` the binary logs a panic through `tracing` with these
 /// fields, so a log collector gets one more JSON line instead of the
@@ -265,6 +363,51 @@ mod tests {
         let mut w = EscapingWriter::text(Vec::new());
         w.write_all("node=a1@hôst\n".as_bytes()).unwrap();
         assert_eq!(w.into_inner(), "node=a1@hôst\n".as_bytes());
+    }
+
+    /// One text line logged through [`TextFields`], without time or level.
+    fn text_line(log: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(TextFields)
+            .with_writer(move || writer.clone())
+            .without_time()
+            .with_level(false)
+            .with_target(false)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        let bytes = sink.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// A peer-supplied value written with `%` used to go out raw, so a name
+    /// `x y=z` read as two fields; now it is one quoted field, and plain
+    /// values, strings and the message are written as before.
+    #[test]
+    fn a_displayed_value_with_a_space_or_equals_sign_stays_one_field() {
+        let target = "b1 rule=allow-all";
+        let line = text_line(|| {
+            tracing::warn!(peer = %"198.18.1.3:4000", target = %target, name = "s\"q",
+                identity = ?Some("ops"), empty = %"", n = 3, "refused; closing")
+        });
+        assert_eq!(
+            line,
+            "refused; closing peer=198.18.1.3:4000 target=\"b1 rule=allow-all\" \
+             name=\"s\\\"q\" identity=\"Some(\\\"ops\\\")\" empty=\"\" n=3\n"
+        );
     }
 
     /// The JSON format leaves DEL and C1 characters raw in its strings;

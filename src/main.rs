@@ -118,6 +118,7 @@ fn init_logging_at(format: LogFormat, default: &str) {
         .with_ansi(false);
     match format {
         LogFormat::Text => builder
+            .fmt_fields(distproxy::log_safe::TextFields)
             .with_writer(|| EscapingWriter::text(std::io::stderr()))
             .init(),
         LogFormat::Json => {

@@ -35,6 +35,8 @@ pub const BEAM_TLS_CONNECTIONS: &str = "distproxy_dist_beam_tls_connections_tota
 /// Connections closed at accept by a limit (`listener`: epmd, admin,
 /// distribution, egress; `limit`: total or per_source).
 pub const CONNECTIONS_REFUSED: &str = "distproxy_connections_refused_total";
+/// Accepts that failed, by `listener` (most often `EMFILE`: out of descriptors).
+pub const ACCEPT_FAILURES: &str = "distproxy_accept_failures_total";
 /// Replies abandoned because the peer did not read them in time.
 pub const WRITE_TIMEOUTS: &str = "distproxy_write_timeouts_total";
 /// Relayed connections by data path (`path`, see [`relay_path`]).
@@ -194,6 +196,29 @@ pub fn prometheus_builder(
         })
 }
 
+/// How often [`upkeep`] folds recorded histogram samples into their buckets.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds the histograms' recorded samples into their buckets every
+/// [`UPKEEP_INTERVAL`] until `stop`. The exporter keeps every sample
+/// recorded since the last render (about 8 bytes each, several per
+/// connection and one per held lookup) and only a render or this folds
+/// them, so a sidecar that nobody scrapes (no Prometheus, or
+/// `admin.listen` off) grew for as long as it ran.
+pub async fn upkeep(
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => handle.run_upkeep(),
+        }
+    }
+}
+
 /// Registers descriptions with whatever recorder is installed.
 pub fn describe() {
     describe_counter!(
@@ -252,7 +277,7 @@ pub fn describe() {
     describe_histogram!(
         HANDSHAKE_PHASE_SECONDS,
         Unit::Seconds,
-        "Duration of connection set-up phases (first_frame, connect_node, node_challenge; tunnel: preamble, egress_first_frame, resolve, connect_remote, send_preamble)."
+        "Duration of connection set-up phases (first_frame, connect_node, node_challenge; tunnel: preamble, egress_first_frame, resolve, connect_remote, send_preamble, tls_handshake)."
     );
     describe_counter!(
         CONNECTIONS_CLOSED,
@@ -316,6 +341,10 @@ pub fn describe() {
         DISCOVERY_REFRESH_ERRORS,
         "Discovery failures (service resolution, pod queries), by reason."
     );
+    describe_counter!(
+        ACCEPT_FAILURES,
+        "Accepts that failed on a listener (epmd, distribution, admin, egress, mirror), most often out of open files (EMFILE); each is retried after 50 ms."
+    );
     describe_gauge!(BUILD_INFO, "Build information; value is always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     describe_gauge!(
@@ -341,6 +370,9 @@ fn export_rare_events_at_zero() {
         ACL_RELOAD_FAILURES,
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for listener in ["epmd", "distribution", "admin"] {
+        metrics::counter!(ACCEPT_FAILURES, "listener" => listener).increment(0);
     }
     for method in [
         route::CORRELATED,

@@ -133,6 +133,25 @@ pub fn bound_listener_address(port: u16) -> Option<IpAddr> {
     })
 }
 
+/// The specific address a node on `port` listens on when nothing listens
+/// on that port on loopback or a wildcard address: a node that registered
+/// over loopback but cannot be dialled there. (A same-pod mirror listener
+/// on the pod's address, next to the node's loopback one, is not such a
+/// case.) `None` also when there is no procfs.
+pub fn listens_off_loopback_only(port: u16) -> Option<IpAddr> {
+    let mut all = Vec::new();
+    for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        // No tcp6 file on a kernel without IPv6.
+        if let Ok(text) = std::fs::read_to_string(path) {
+            all.extend(listeners_on(&text, port));
+        }
+    }
+    if all.iter().any(|ip| ip.is_loopback() || ip.is_unspecified()) {
+        return None;
+    }
+    all.first().copied()
+}
+
 /// The local addresses of the listening sockets on `port` in the text of
 /// `/proc/net/tcp` or `/proc/net/tcp6`.
 fn listeners_on(text: &str, port: u16) -> Vec<IpAddr> {
@@ -770,6 +789,7 @@ pub async fn accept_loop<A, H, F>(
                 });
             }
             Err(e) => {
+                metrics::counter!(crate::metrics::ACCEPT_FAILURES, "listener" => what).increment(1);
                 if let Some(skipped) = errors.allow() {
                     warn!(listener = ?local, error = %e, skipped, "{what} accept failed");
                 }

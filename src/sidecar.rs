@@ -319,6 +319,10 @@ impl Sidecar {
             let state = crate::epmd::state::prepare(&registry, &path);
             tracker.spawn(crate::epmd::state::start(Arc::clone(&epmd), path, state));
         }
+        // Also without an admin endpoint: the recorder is installed anyway.
+        if let Some(handle) = &prometheus {
+            tokio::spawn(crate::metrics::upkeep(handle.clone(), hard_stop.clone()));
+        }
         if !listeners.admin.is_empty() {
             let admin = Arc::new(AdminCtx {
                 registry: Arc::clone(&registry),

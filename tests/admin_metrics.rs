@@ -37,6 +37,11 @@ fn start_with_admin(mut config: distproxy_testkit::sut::config::Config) -> Sidec
     Sidecar::start_with(config, listeners, Some(prometheus()))
 }
 
+/// Held shared by most tests of this file, alone by those that must see
+/// nothing else happen meanwhile: `histogram_samples_are_folded_without_a_scrape`
+/// (no scrape, which folds the samples, and a quiet heap) and exact counts.
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
@@ -92,6 +97,7 @@ fn get(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test]
 async fn metrics_follow_the_traffic() {
+    let _shared = ALONE.read().await;
     let sc = start_with_admin(proxy_config());
     let admin = sc.admin_addr.unwrap();
     let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
@@ -272,6 +278,7 @@ async fn metrics_follow_the_traffic() {
 
 #[tokio::test]
 async fn health_readiness_and_unknown_paths() {
+    let _shared = ALONE.read().await;
     let mut cfg = proxy_config();
     cfg.admin.ready_nodes = vec!["needed".into()];
     let sc = start_with_admin(cfg);
@@ -305,6 +312,7 @@ async fn health_readiness_and_unknown_paths() {
 /// complete request is closed to make room, and counted.
 #[tokio::test]
 async fn a_probe_is_answered_while_unfinished_requests_fill_the_limit() {
+    let _shared = ALONE.read().await;
     let mut cfg = proxy_config();
     cfg.limits.admin_max_connections = 4;
     cfg.limits.reserved_local_connections = 0;
@@ -349,6 +357,7 @@ async fn a_probe_is_answered_while_unfinished_requests_fill_the_limit() {
 /// pending answer while it waits, and drops back when it is answered.
 #[tokio::test]
 async fn a_held_lookup_is_in_the_waiting_gauge_until_answered() {
+    let _shared = ALONE.read().await;
     let sc = start_with_admin(proxy_config());
     let admin = sc.admin_addr.unwrap();
     let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
@@ -403,6 +412,7 @@ async fn a_held_lookup_is_in_the_waiting_gauge_until_answered() {
 /// still registered keeps its series however long it stays idle.
 #[tokio::test]
 async fn a_node_that_left_has_its_series_dropped_after_the_retention() {
+    let _shared = ALONE.read().await;
     // Long enough that the scrapes before and just after the node leaves
     // fall inside it on a loaded machine.
     const RETENTION_MS: u64 = 3_000;
@@ -481,5 +491,180 @@ async fn a_node_that_left_has_its_series_dropped_after_the_retention() {
         .await,
         "still exported: {:?}",
         series(&scrape(admin).await)
+    );
+}
+
+/// Bytes the allocator has handed out and not got back (every arena).
+fn heap_in_use() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    unsafe { libc::mallinfo2() }.uordblks
+}
+
+/// The exporter keeps every histogram sample recorded since its last
+/// render until something folds them into their buckets: a sidecar nobody
+/// scrapes (no Prometheus, or `admin.listen` off) grew by about 8 bytes per
+/// handshake phase and held lookup for as long as it ran. The sidecar folds
+/// them itself every `UPKEEP_INTERVAL`.
+#[tokio::test(flavor = "multi_thread")]
+async fn histogram_samples_are_folded_without_a_scrape() {
+    const SAMPLES: usize = 1_000_000;
+    let handle = prometheus();
+    let config = proxy_config(); // no admin endpoint: nothing scrapes it
+    let listeners = sidecar::bind(&config).unwrap();
+    let _sc = Sidecar::start_with(config, listeners, Some(handle));
+    // No other test of this file renders /metrics or allocates meanwhile.
+    let _alone = ALONE.write().await;
+    let phase = metrics::histogram!(
+        distproxy_testkit::sut::metrics::HANDSHAKE_PHASE_SECONDS,
+        "phase" => "upkeep_test"
+    );
+    // Kept, they take about 16 bytes each (16 MB); folded, nothing.
+    let before = heap_in_use();
+    for _ in 0..SAMPLES {
+        phase.record(0.001);
+    }
+    let recorded = heap_in_use();
+    let deadline =
+        tokio::time::Instant::now() + distproxy_testkit::sut::metrics::UPKEEP_INTERVAL * 3;
+    let mut now = recorded;
+    while tokio::time::Instant::now() < deadline {
+        // A sample now and then lets the folded blocks' deferred frees run.
+        phase.record(0.001);
+        now = heap_in_use();
+        if now < before + SAMPLES * 4 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "samples not folded without a scrape: heap {before} -> {recorded} after recording, {now} after {:?}",
+        distproxy_testkit::sut::metrics::UPKEEP_INTERVAL * 3
+    );
+}
+
+/// Connections that send a whole request and never read its answer (one
+/// larger than the socket buffers), from as many addresses as it takes to
+/// pass the per-source cap, held every admin place until
+/// `limits.write_timeout_ms`: the kubelet's liveness probe was refused at
+/// accept for as long as they kept coming, and the sidecar restarted. Such
+/// a connection now makes room for a new one as one still sending its
+/// request does.
+#[tokio::test]
+async fn a_probe_is_answered_while_unread_responses_fill_the_limit() {
+    let _shared = ALONE.read().await;
+    let mut cfg = proxy_config();
+    cfg.limits.admin_max_connections = 4;
+    cfg.limits.reserved_local_connections = 0;
+    cfg.limits.write_timeout_ms = distproxy_testkit::sut::config::Millis(60_000);
+    cfg.limits.max_registered_nodes = NODES.into();
+    cfg.limits.epmd_max_connections = usize::from(NODES) + 64;
+    let sc = start_with_admin(cfg);
+    let admin = sc.admin_addr.unwrap();
+    let epmd = epmd_addr(&sc);
+    // A /nodes answer of about 4 MB, more than the socket buffers of a
+    // peer that does not read take (on loopback, whose large segments let
+    // the send buffer grow past a megabyte).
+    const NODES: u16 = 6000;
+    let mut registrations = Vec::new();
+    for i in 0..NODES {
+        let name = format!("{}{i}", "unread_response_node_".repeat(10));
+        registrations.push(
+            client::register(epmd, spec(&name, 20_000 + (i % 1000)))
+                .await
+                .unwrap(),
+        );
+    }
+    let before = get(
+        &scrape(admin).await,
+        "distproxy_connections_refused_total",
+        &[("listener", "admin"), ("limit", "evicted")],
+    );
+    let mut unread = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(1).unwrap();
+        let mut s = socket.connect(admin).await.unwrap();
+        s.write_all(b"GET /nodes HTTP/1.1\r\n\r\n").await.unwrap();
+        unread.push(s);
+    }
+    // Every place is taken once the server is stuck writing the four.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = async {
+        let mut s = TcpStream::connect(admin).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .expect("the probe waited for a response nobody reads");
+    assert!(
+        matches!(&answer, Ok(out) if out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\nok\n")),
+        "the probe was refused: {answer:?}"
+    );
+    let after = get(
+        &scrape(admin).await,
+        "distproxy_connections_refused_total",
+        &[("listener", "admin"), ("limit", "evicted")],
+    );
+    assert!(
+        after >= before + 1.0,
+        "evictions counted: {before} -> {after}"
+    );
+}
+
+/// A node that does not accept within `dist.connect_timeout_ms` (its
+/// accept queue full, a hung node) is a connection to the node that
+/// failed: counted as `connect_failed`, as operations.md says ("timed out
+/// connecting to node"), not as `timeout`, the peer's own slowness.
+#[tokio::test]
+async fn a_node_that_does_not_accept_in_time_counts_as_connect_failed() {
+    // Exact counts: no other test's connections meanwhile.
+    let _alone = ALONE.write().await;
+    let mut cfg = proxy_config();
+    cfg.dist.connect_timeout_ms = distproxy_testkit::sut::config::Millis(300);
+    let sc = start_with_admin(cfg);
+    let admin = sc.admin_addr.unwrap();
+    let (epmd, dist) = (epmd_addr(&sc), dist_addr(&sc));
+    // A "node" that never accepts: once its accept queue is full, the
+    // kernel drops further SYNs.
+    let hung = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hung.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    hung.listen(0).unwrap();
+    let hung_addr = hung.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(hung_addr)).await
+    {
+        queued.push(s);
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    let _r = client::register(epmd, spec("hung_node", hung_addr.port()))
+        .await
+        .unwrap();
+    let closed =
+        |m: &Samples, why: &str| get(m, "distproxy_connections_closed_total", &[("reason", why)]);
+    let before = scrape(admin).await;
+    client::port_please(epmd, "hung_node").await.unwrap();
+    let mut s = TcpStream::connect(dist).await.unwrap();
+    s.write_all(&distproxy_testkit::frames::send_name("peer@remote"))
+        .await
+        .unwrap();
+    assert!(
+        distproxy_testkit::peer::closed_without_reply(&mut s).await,
+        "relayed to a node that never accepted"
+    );
+    let after = scrape(admin).await;
+    assert_eq!(
+        closed(&after, "connect_failed") - closed(&before, "connect_failed"),
+        1.0,
+        "not counted as connect_failed"
+    );
+    assert_eq!(
+        closed(&after, "timeout"),
+        closed(&before, "timeout"),
+        "counted as the peer's timeout"
     );
 }

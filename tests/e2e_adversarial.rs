@@ -14,7 +14,8 @@
 //! by the sidecar in bounded time, `/metrics` counts the refusals, and the
 //! sidecar's open file descriptors are back to their level before.
 //!
-//! Also: per-source caps by IPv6 prefix, and a peer at the pod's own
+//! Also: per-source caps by IPv6 prefix, held lookups from a few addresses
+//! that fill the EPMD total, and a peer at the pod's own
 //! address admitted as local (no per-source cap).
 //!
 //! Needs root, iproute2 and erlang-nox; fails saying so otherwise, unless
@@ -639,4 +640,128 @@ fn a_peer_at_the_pods_own_address_is_admitted_as_local() {
         &[("listener", "epmd"), ("limit", "per_source")],
     );
     assert_eq!(refused, 0.0, "per_source refusals of a local peer");
+}
+
+/// `PORT_PLEASE2_REQ` for `name`.
+fn port_please(name: &str) -> Vec<u8> {
+    let mut req = ((name.len() + 1) as u16).to_be_bytes().to_vec();
+    req.push(122);
+    req.extend_from_slice(name.as_bytes());
+    req
+}
+
+/// Lookups held by correlation keep their EPMD connections open. An
+/// attacker on a few addresses that looks up one node (and never connects)
+/// and then another holds every later lookup for up to
+/// `routing.max_hold_ms`; those places could not be taken by a newcomer, so
+/// with the total full a real peer's lookup was closed at accept. A held
+/// lookup's place can now be taken, from the source holding the most.
+#[test]
+fn held_lookups_from_a_few_addresses_do_not_keep_a_real_lookup_out() {
+    if !e2e_enabled(
+        "held_lookups_from_a_few_addresses_do_not_keep_a_real_lookup_out",
+        &[],
+    ) {
+        return;
+    }
+    const ATTACKERS: u8 = 4;
+    /// Held lookups per attacker address.
+    const HELD_EACH: usize = 2;
+    const HELD: usize = ATTACKERS as usize * HELD_EACH;
+    const PER_SOURCE: usize = 4;
+    /// The whole EPMD total: the held lookups and the two nodes'
+    /// registrations.
+    const TOTAL: usize = HELD + 2;
+    let lab = support::Lab::new(&["l", "p", "x"]);
+    let (l, p, x) = (lab.pod("l"), lab.pod("p"), lab.pod("x"));
+    // Long enough that no hold or answered lookup ends during the test.
+    let _sidecar = l.spawn_sidecar_with(SidecarOptions::default().config(&format!(
+        "[routing]\nlookup_ttl_ms = 20000\nmax_hold_ms = 15000\n\
+         [limits]\nepmd_max_connections = {TOTAL}\n\
+         epmd_max_connections_per_source = {PER_SOURCE}\n"
+    )));
+    let mut l1 = l.spawn_erlang("l1");
+    let mut l2 = l.spawn_erlang("l2");
+    l1.wait_ready();
+    l2.wait_ready();
+    let epmd = SocketAddr::from((l.addr(), EPMD_PORT));
+    let sources: Vec<std::net::Ipv4Addr> = (0..ATTACKERS)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(u32::from(x.addr()) + 100 + u32::from(i));
+            x.run_ok("ip", &["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+            ip
+        })
+        .collect();
+    // From each address: one lookup of l1, answered (its entry waits for a
+    // connection that never comes), then lookups of l2, held behind it.
+    let mut held = x
+        .spawn_in(move || {
+            let connect_from = |ip: std::net::Ipv4Addr| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                s.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
+                s.connect(&epmd.into()).unwrap();
+                TcpStream::from(s)
+            };
+            for &ip in &sources {
+                let mut first = connect_from(ip);
+                first.write_all(&port_please("l1")).unwrap();
+                let (answer, closed) = read_to_close(&mut first, Duration::from_secs(5));
+                assert!(
+                    closed && answer.starts_with(&[119, 0]),
+                    "{ip}: l1 answered: {answer:?}"
+                );
+            }
+            // Every answered lookup's place is free again before the holds.
+            std::thread::sleep(Duration::from_millis(300));
+            let mut held = Vec::new();
+            for &ip in &sources {
+                for _ in 0..HELD_EACH {
+                    let mut s = connect_from(ip);
+                    let _ = s.write_all(&port_please("l2"));
+                    held.push(s);
+                }
+            }
+            held
+        })
+        .join()
+        .unwrap();
+    let held_metric = || metric_sum(&metrics(l), "distproxy_lookups_waiting", &[]);
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            held_metric() >= HELD as f64
+        }),
+        "lookups held: {}\n{}",
+        held_metric(),
+        metrics(l)
+            .lines()
+            .filter(|l| l.contains("epmd") || l.contains("lookup"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // A real peer in another pod looks l2 up: answered, in place of one of
+    // the attacker's held lookups.
+    let answer = p
+        .spawn_in(move || {
+            let mut s = TcpStream::connect(epmd).unwrap();
+            let _ = s.write_all(&port_please("l2"));
+            read_to_close(&mut s, Duration::from_secs(5))
+        })
+        .join()
+        .unwrap();
+    assert!(
+        answer.1 && answer.0.starts_with(&[119, 0]),
+        "the real peer's lookup was not answered: {answer:?}"
+    );
+    let evicted = metric_sum(
+        &metrics(l),
+        REFUSED,
+        &[("listener", "epmd"), ("limit", "evicted")],
+    );
+    assert_eq!(evicted, 1.0, "one held lookup's place taken");
+    let closed = held.iter_mut().map(closed_by_peer).filter(|c| *c).count();
+    assert_eq!(closed, 1, "one held lookup ended");
+    drop(held);
+    // The pod's own registrations and lookups were never in the way.
+    assert_eq!(l1.ping(&l.node_name("l2")), "pong");
 }

@@ -659,7 +659,10 @@ fn erl_call_hidden_outgoing_only_and_run_time_distribution_across_pods() {
 /// (a common way to keep it off other interfaces) registers over loopback
 /// but listens only on the pod address. With stock epmd its peers dial
 /// that address; the sidecar finds the node's listener there when loopback
-/// refuses, so the node is reached from another pod and from its own.
+/// refuses, so the node is reached from another pod and from its own,
+/// also by a node of its own pod with the helper module (the module once
+/// got the node's loopback port for it, where nothing listened: `pang`),
+/// and with the module itself.
 #[test]
 fn a_node_that_listens_on_the_pod_address_only_is_reached() {
     if !e2e_enabled(
@@ -682,10 +685,19 @@ fn a_node_that_listens_on_the_pod_address_only_is_reached() {
         .into(),
         ..Default::default()
     };
+    let ebin = module::compile_module(&lab);
+    let on_pod_address_with_module = {
+        let mut o = module::with_module(&ebin);
+        o.extra_args
+            .extend(on_pod_address.extra_args.iter().cloned());
+        o
+    };
     let mut a1 = a.spawn_erlang_with("a1", &on_pod_address);
     let mut a2 = a.spawn_erlang("a2");
+    let mut am = a.spawn_erlang_with("am", &module::with_module(&ebin));
+    let mut ap = a.spawn_erlang_with("ap", &on_pod_address_with_module);
     let mut b1 = b.spawn_erlang("b1");
-    for n in [&mut a1, &mut a2, &mut b1] {
+    for n in [&mut a1, &mut a2, &mut am, &mut ap, &mut b1] {
         n.wait_ready();
     }
     let a1_name = a.node_name("a1");
@@ -700,6 +712,58 @@ fn a_node_that_listens_on_the_pod_address_only_is_reached() {
     assert_eq!(b1.rpc_node(&a1_name), a1_name);
     assert_eq!(a2.ping(&a1_name), "pong", "a2 -> a1 from its own pod");
     assert_eq!(a1.ping(&b.node_name("b1")), "pong", "a1 -> b1");
+    let ap_name = a.node_name("ap");
+    assert_eq!(
+        am.rpc_node(&a1_name),
+        a1_name,
+        "module node -> a1, same pod"
+    );
+    assert_eq!(
+        am.rpc_node(&ap_name),
+        ap_name,
+        "module node -> ap, same pod"
+    );
+    assert_eq!(ap.rpc_node(&a1_name), a1_name, "ap -> a1, same pod");
+    assert_eq!(
+        ap.rpc_node(&b.node_name("b1")),
+        b.node_name("b1"),
+        "ap -> b1"
+    );
+    assert_eq!(b1.rpc_node(&ap_name), ap_name, "b1 -> ap");
+    // A plain node's same-pod lookup of am opens a mirror listener on the
+    // pod address at am's port, next to am's own loopback listener: am is
+    // still handed out to module nodes as a loopback node. (Both new nodes
+    // without `connect_all`, so that `global` connects neither to am.)
+    let am_name = a.node_name("am");
+    let alone = |mut o: ErlangOptions| {
+        o.extra_args
+            .extend(["-connect_all", "false"].map(String::from));
+        o
+    };
+    let mut a3 = a.spawn_erlang_with("a3", &alone(ErlangOptions::default()));
+    let mut am2 = a.spawn_erlang_with("am2", &alone(module::with_module(&ebin)));
+    a3.wait_ready();
+    am2.wait_ready();
+    assert_eq!(a3.rpc_node(&am_name), am_name);
+    sidecar_a.wait_log(
+        "same-pod mirror listener opened node=am ",
+        1,
+        Duration::from_secs(5),
+    );
+    let refused = || {
+        metric_sum(
+            &metrics(a),
+            "distproxy_epmd_requests_total",
+            &[("type", "egress"), ("result", "local_not_on_loopback")],
+        )
+    };
+    let before = refused();
+    assert!(
+        before >= 2.0,
+        "am -> a1 and am -> ap were not refused: {before}"
+    );
+    assert_eq!(am2.rpc_node(&am_name), am_name, "am2 -> am, same pod");
+    assert_eq!(refused(), before, "am was refused as off loopback");
     let failed = sidecar_a.log_lines_containing("failed to connect to node");
     assert!(failed.is_empty(), "{failed:#?}");
     sidecar_a.assert_running();

@@ -320,7 +320,7 @@ async fn sigterm_drains_in_flight_connections_then_exits_zero() {
 /// SIGTERM, then the grace period ends with connections still relayed
 /// (a rollout's drain: the pods' nodes stay connected): every one of them
 /// is closed and logged with its `distribution connection ended` line
-/// (`outcome=stopped at shutdown`), as docs/operations.md says of every
+/// (`outcome="stopped at shutdown"`), as docs/operations.md says of every
 /// relayed connection. The accept loop's hard stop used to drop a
 /// connection's task in a race with the relay's own stop, so about half of
 /// the lines were missing (and a TLS leg was cut without close_notify).
@@ -677,6 +677,7 @@ async fn a_fresh_sidecar_exports_its_gauges_and_rare_event_counters_at_zero() {
         "distproxy_acl_reload_failures_total",
         "distproxy_routes_total{method=\"unroutable\"}",
         "distproxy_connections_closed_total{reason=\"connect_failed\"}",
+        "distproxy_accept_failures_total{listener=\"epmd\"}",
     ] {
         assert_eq!(
             sample(&text, &format!("{series} ")),
@@ -684,6 +685,82 @@ async fn a_fresh_sidecar_exports_its_gauges_and_rare_event_counters_at_zero() {
             "{series} missing or not 0 on a fresh sidecar:\n{text}"
         );
     }
+}
+
+/// Out of descriptors (`EMFILE`), a listener's accepts fail: each is
+/// counted by listener and logged (rate-limited), the listener retries, and
+/// once descriptors are free again new connections are served. The failures
+/// were logged only, so nothing an alert could watch showed that the pod
+/// was turning peers away.
+#[tokio::test]
+async fn accepts_failing_for_lack_of_descriptors_are_counted_and_recovered_from() {
+    use distproxy_testkit::bench::{sample, scrape};
+    assert!(
+        Command::new("prlimit").arg("--version").output().is_ok(),
+        "this test needs prlimit (Debian package util-linux)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let config = write_config(dir.path(), &ports, "");
+    let log = dir.path().join("stderr.log");
+    // Enough for the listeners and the runtime, not for the flood below.
+    let p = Proc::spawn(
+        "distproxy",
+        Command::new("prlimit")
+            .arg("--nofile=48:48")
+            .arg(distproxy_testkit::distproxy_bin!())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+        &log,
+    );
+    let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            distproxy_testkit::bench::scrape(admin).is_ok()
+        })
+        .await,
+        "sidecar did not start"
+    );
+    // More idle EPMD connections than descriptors left: the kernel completes
+    // them (the backlog), the sidecar cannot accept them all.
+    let mut flood = Vec::new();
+    for _ in 0..64 {
+        flood.push(tokio::net::TcpStream::connect(epmd).await.unwrap());
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            p.log_text().contains("epmd accept failed")
+        })
+        .await,
+        "no accept failure logged:\n{}",
+        p.log_text()
+    );
+    drop(flood);
+    // Descriptors free again: served as before.
+    let mut text = None;
+    for _ in 0..100 {
+        text = tokio::task::spawn_blocking(move || scrape(admin))
+            .await
+            .unwrap()
+            .ok();
+        if text.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = text.expect("the admin endpoint answers again");
+    let failures = sample(&text, "distproxy_accept_failures_total{listener=\"epmd\"} ");
+    assert!(
+        failures.is_some_and(|n| n >= 1.0),
+        "accept failures counted: {failures:?}"
+    );
+    let (port, names) = client::names(epmd)
+        .await
+        .expect("NAMES answered after the flood");
+    assert_eq!((port, names.as_str()), (u32::from(ports.epmd), ""));
 }
 
 /// Voluntary context switches of every thread of `pid`: how often its

@@ -387,12 +387,11 @@ pub enum NodeConnectError {
 }
 
 impl NodeConnectError {
-    /// The `reason` label of the closed connection.
+    /// The `reason` label of the closed connection: `connect_failed` either
+    /// way; a node that does not accept in time (hung, its accept queue
+    /// full) is the node's failure, not the peer's `timeout`.
     pub fn reason(&self) -> &'static str {
-        match self {
-            NodeConnectError::Timeout(_) => reason::TIMEOUT,
-            NodeConnectError::Io(_) => reason::CONNECT_FAILED,
-        }
+        reason::CONNECT_FAILED
     }
 }
 

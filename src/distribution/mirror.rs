@@ -174,6 +174,7 @@ impl Mirrors {
                         });
                     }
                     Err(e) => {
+                        metrics::counter!(m::ACCEPT_FAILURES, "listener" => "mirror").increment(1);
                         warn_throttled!(%at, error = %e, "mirror accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }

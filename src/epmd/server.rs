@@ -179,8 +179,12 @@ async fn handle_connection(
         Ok(Some(Ok(req))) => req,
     };
     // A whole request: its connection can no longer be closed to make room
-    // for a newer one (a held lookup, a registration).
-    permit.claim();
+    // for a newer one (a registration, an answer being written). A lookup
+    // is claimed when its hold is over: lookups held from a few addresses
+    // would otherwise fill the limit with places no newcomer may take.
+    if !matches!(request, Request::PortPlease2 { .. }) {
+        permit.claim();
+    }
     let stream = framed.into_inner();
     let req_type = request_type(&request);
     if leftover {
@@ -210,7 +214,7 @@ async fn handle_connection(
         }
         Request::PortPlease2 { name } => {
             let local_ip = local.map(|a| canonical(a.ip()));
-            serve_port_please(stream, peer, peer_ip, local_ip, &name, &shared).await;
+            serve_port_please(stream, peer, peer_ip, local_ip, &name, &shared, permit).await;
         }
         request => {
             let epmd_port = local.map_or(DEFAULT_EPMD_PORT, |a| a.port());
@@ -411,6 +415,10 @@ fn advertise_to(shared: &EpmdCtx, peer: IpAddr) -> bool {
 /// the answer, and the entry is cancelled when the requester is gone by then
 /// or the answer cannot be written. A requester that closed its side is
 /// still answered (it may only have half-closed, and read on).
+///
+/// While held, the lookup's place under `limits.epmd_max_connections` may
+/// be taken by a newer connection (the task is then dropped, which records
+/// nothing); it is claimed once the hold is over, before the answer.
 async fn serve_port_please(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -418,6 +426,7 @@ async fn serve_port_please(
     local_ip: Option<IpAddr>,
     name: &str,
     shared: &Arc<EpmdCtx>,
+    mut permit: crate::net::ConnPermit,
 ) {
     const REQ: &str = "port_please2";
     let mut out = BytesMut::new();
@@ -465,6 +474,13 @@ async fn serve_port_please(
             return;
         }
     };
+    if !permit.claim() {
+        // Its place was taken as the hold ended: the task is being ended.
+        if let LookupOutcome::Recorded { reservation, .. } = outcome {
+            shared.correlator.cancel(peer_ip, reservation);
+        }
+        return;
+    }
     match outcome {
         LookupOutcome::Recorded { reservation, held } => {
             if let Some(held) = held {

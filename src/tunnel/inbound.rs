@@ -176,7 +176,9 @@ impl Inbound {
                 return;
             }
         };
-        phase("preamble", started);
+        // From the phase's start: inside TLS, not the handshake before it
+        // (timed as `tls_handshake`).
+        phase("preamble", phase_start.into_std());
         let Preamble { target, initiator } = &preamble;
 
         // Name binding: the initiator's host must be a SAN of the client

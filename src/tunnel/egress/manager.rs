@@ -24,6 +24,7 @@ use crate::node_name::short_name;
 use crate::tunnel::resolve::Resolver;
 use crate::tunnel::tls::Tls;
 
+use super::local_nodes::ListenerChecks;
 use super::probe::{ProbeSettings, RemoteProbe};
 use super::{lock, EgressError, RemoteNode};
 
@@ -83,6 +84,8 @@ pub struct EgressManager {
     pub(super) probe: RemoteProbe,
     /// This pod's nodes: a node of this pod is answered with its own port.
     registry: Arc<Registry>,
+    /// Whether each of them can be dialled on loopback.
+    local_listeners: ListenerChecks,
 }
 
 /// What an [`EgressManager`] is built from.
@@ -130,6 +133,7 @@ impl EgressManager {
             resolver,
             probe,
             registry: settings.registry,
+            local_listeners: ListenerChecks::default(),
         })
     }
 
@@ -179,7 +183,24 @@ impl EgressManager {
         };
         if this_pod {
             return match self.registry.get(short_name(&node.full)) {
-                Some(local) if local.addr.is_loopback() => Ok(local.spec.port),
+                Some(local) if local.addr.is_loopback() => {
+                    // A node started with `inet_dist_use_interface` set to
+                    // the pod's address registers over loopback but does
+                    // not listen there: the caller, which would dial its
+                    // loopback port, falls back to the stock way (a
+                    // same-pod lookup, answered with the node's port).
+                    match self
+                        .local_listeners
+                        .off_loopback(&local, &self.registry)
+                        .await
+                    {
+                        Some(at) => Err(EgressError::LocalNotOnLoopback {
+                            node: node.full,
+                            at,
+                        }),
+                        None => Ok(local.spec.port),
+                    }
+                }
                 _ => Err(EgressError::LocalNotRegistered(node.full)),
             };
         }

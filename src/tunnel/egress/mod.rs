@@ -20,8 +20,10 @@
 //!
 //! - [`manager`]: the listeners: create on request, reuse, limit, idle close.
 //! - [`probe`]: is there a sidecar on that host, is that host this pod.
+//! - [`local_nodes`]: can a node of this pod be dialled on loopback.
 //! - [`outbound`]: one egress connection, from `send_name` to relaying.
 
+mod local_nodes;
 mod manager;
 mod outbound;
 mod probe;
@@ -49,6 +51,8 @@ pub enum EgressError {
     Bind(std::io::Error),
     #[error("{0} is a node of this pod, but it is not registered here")]
     LocalNotRegistered(String),
+    #[error("{node} is a node of this pod that listens on {at} only, not on loopback: it is reached the stock way")]
+    LocalNotOnLoopback { node: String, at: std::net::IpAddr },
     #[error("no sidecar answers at {host} port {port}: {why}")]
     NoRemoteSidecar {
         host: String,
@@ -63,9 +67,10 @@ impl EgressError {
         match self {
             EgressError::Disabled => proto::EGRESS_REFUSED,
             EgressError::BadName(_) => proto::EGRESS_BAD_NAME,
-            EgressError::TooMany(_) | EgressError::Bind(_) | EgressError::LocalNotRegistered(_) => {
-                proto::EGRESS_UNAVAILABLE
-            }
+            EgressError::TooMany(_)
+            | EgressError::Bind(_)
+            | EgressError::LocalNotRegistered(_)
+            | EgressError::LocalNotOnLoopback { .. } => proto::EGRESS_UNAVAILABLE,
             EgressError::NoRemoteSidecar { .. } => proto::EGRESS_NO_REMOTE_SIDECAR,
         }
     }
@@ -78,6 +83,7 @@ impl EgressError {
             EgressError::TooMany(_) => "limit_reached",
             EgressError::Bind(_) => "bind_failed",
             EgressError::LocalNotRegistered(_) => "local_not_registered",
+            EgressError::LocalNotOnLoopback { .. } => "local_not_on_loopback",
             EgressError::NoRemoteSidecar { .. } => "no_remote_sidecar",
         }
     }
