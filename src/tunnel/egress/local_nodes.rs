@@ -10,8 +10,9 @@
 //! milliseconds in a pod holding thousands of connections: too much for
 //! every request of a forming mesh (a 4 × 12 mesh of module nodes once took
 //! four times as long with a read per request). It is read once per
-//! registration (name and creation), off the runtime; a node cannot move its
-//! listener without registering again.
+//! registration (name, creation and port), off the runtime, as soon as the
+//! node registers; a request that comes first waits for that read. A node
+//! cannot move its listener without registering again.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -88,6 +89,38 @@ impl ListenerChecks {
             .await
     }
 
+    /// Reads where each node of the pod listens as soon as it registers,
+    /// until `stop`: a module node's first egress request for it then
+    /// finds the answer ready instead of waiting for the read.
+    pub(super) async fn read_on_registration(
+        self: Arc<Self>,
+        registry: Arc<Registry>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut changes = registry.subscribe();
+        loop {
+            for node in registry.list() {
+                if node.addr.is_loopback() && !self.has_check(&node) {
+                    let (checks, registry) = (Arc::clone(&self), Arc::clone(&registry));
+                    tokio::spawn(async move {
+                        checks.off_loopback(&node, &registry).await;
+                    });
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Whether `node`'s registration is read or being read.
+    fn has_check(&self, node: &NodeEntry) -> bool {
+        lock(&self.checks)
+            .get(&node.spec.name)
+            .is_some_and(|c| c.creation == node.creation && c.port == node.spec.port)
+    }
+
     /// Checks held (for tests: bounded by the nodes registered).
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -160,11 +193,37 @@ mod tests {
         }
         assert_eq!(READS.load(Ordering::SeqCst), 2, "one read per registration");
 
+        // Read as soon as registered, before any request asks.
+        let ready = registry.register(spec("a2", 4003), loopback).unwrap();
+        let before = READS.load(Ordering::SeqCst);
+        let checks = Arc::new(checks);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let watcher = tokio::spawn(
+            Arc::clone(&checks).read_on_registration(Arc::clone(&registry), stop.clone()),
+        );
+        for _ in 0..100 {
+            if checks.has_check(ready.entry()) && READS.load(Ordering::SeqCst) > before {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            READS.load(Ordering::SeqCst),
+            before + 1,
+            "a2 read on registration"
+        );
+        assert_eq!(checks.off_loopback(ready.entry(), &registry).await, None);
+        assert_eq!(READS.load(Ordering::SeqCst), before + 1, "and not again");
+        stop.cancel();
+        watcher.await.unwrap();
+        drop(ready);
+
         // ap restarts on loopback: its new registration is read again.
         drop(ap);
         let ap = registry.register(spec("ap", 4002), loopback).unwrap();
+        let reads = READS.load(Ordering::SeqCst);
         assert_eq!(checks.off_loopback(ap.entry(), &registry).await, None);
-        assert_eq!(READS.load(Ordering::SeqCst), 3);
+        assert_eq!(READS.load(Ordering::SeqCst), reads + 1);
 
         // Nodes that come and go leave no checks behind.
         drop((a1, ap));

@@ -85,7 +85,7 @@ pub struct EgressManager {
     /// This pod's nodes: a node of this pod is answered with its own port.
     registry: Arc<Registry>,
     /// Whether each of them can be dialled on loopback.
-    local_listeners: ListenerChecks,
+    local_listeners: Arc<ListenerChecks>,
 }
 
 /// What an [`EgressManager`] is built from.
@@ -120,6 +120,11 @@ impl EgressManager {
         );
         // Scrapes show the gauge from the start, not from the first listener.
         metrics::gauge!(m::EGRESS_LISTENERS).set(0.0);
+        let local_listeners = Arc::new(ListenerChecks::default());
+        settings.tracker.spawn(
+            Arc::clone(&local_listeners)
+                .read_on_registration(Arc::clone(&settings.registry), settings.shutdown.clone()),
+        );
         Arc::new_cyclic(|me| EgressManager {
             me: me.clone(),
             settings: settings.tunnel,
@@ -133,7 +138,7 @@ impl EgressManager {
             resolver,
             probe,
             registry: settings.registry,
-            local_listeners: ListenerChecks::default(),
+            local_listeners,
         })
     }
 
