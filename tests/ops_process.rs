@@ -536,27 +536,33 @@ async fn sigterm_with_stalled_epmd_peers_exits_when_the_grace_period_ends() {
     drop(held);
 }
 
+/// `distproxy run --config CONFIG` under `prlimit --nofile=SOFT:HARD`
+/// (which execs it: the same process), stdout discarded.
+fn with_open_files_limit(limits: &str, config: &Path) -> Command {
+    assert!(
+        Command::new("prlimit").arg("--version").output().is_ok(),
+        "this test needs prlimit (Debian package util-linux)"
+    );
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--nofile={limits}"))
+        .arg(distproxy_testkit::distproxy_bin!())
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null());
+    cmd
+}
+
 /// Started with a soft limit on open files of 256 (container runtimes may
 /// start processes with 1,024: containerd 2 does), the sidecar raises it to
 /// the hard limit: 10,000 relayed connections need 20,000 descriptors.
 #[tokio::test]
 async fn the_soft_limit_on_open_files_is_raised_to_the_hard_limit() {
-    assert!(
-        Command::new("prlimit").arg("--version").output().is_ok(),
-        "this test needs prlimit (Debian package util-linux)"
-    );
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
     let config = write_config(dir.path(), &ports, "");
     let p = Proc::spawn_unlogged(
         "distproxy",
-        Command::new("prlimit")
-            .arg("--nofile=256:4096")
-            .arg(distproxy_testkit::distproxy_bin!())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit()),
+        with_open_files_limit("256:4096", &config).stderr(Stdio::inherit()),
     );
     let addr = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
     assert!(
@@ -695,10 +701,6 @@ async fn a_fresh_sidecar_exports_its_gauges_and_rare_event_counters_at_zero() {
 #[tokio::test]
 async fn accepts_failing_for_lack_of_descriptors_are_counted_and_recovered_from() {
     use distproxy_testkit::bench::{sample, scrape};
-    assert!(
-        Command::new("prlimit").arg("--version").output().is_ok(),
-        "this test needs prlimit (Debian package util-linux)"
-    );
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
     let config = write_config(dir.path(), &ports, "");
@@ -706,13 +708,7 @@ async fn accepts_failing_for_lack_of_descriptors_are_counted_and_recovered_from(
     // Enough for the listeners and the runtime, not for the flood below.
     let p = Proc::spawn(
         "distproxy",
-        Command::new("prlimit")
-            .arg("--nofile=48:48")
-            .arg(distproxy_testkit::distproxy_bin!())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
+        with_open_files_limit("48:48", &config).stderr(std::fs::File::create(&log).unwrap()),
         &log,
     );
     let epmd = SocketAddr::from(([127, 0, 0, 1], ports.epmd));
