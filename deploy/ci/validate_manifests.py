@@ -75,6 +75,7 @@ KNOWN_METRICS = {
     "distproxy_tls_reload_failures_total",
     "distproxy_tls_certificate_not_after_timestamp_seconds",
     "distproxy_connections_refused_total",
+    "distproxy_accept_failures_total",
     "distproxy_write_timeouts_total",
     "distproxy_lookups_dropped_total",
     "distproxy_discovery_members",
