@@ -36,6 +36,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("tunnel", Layer::Service),
     ("tunnel::inbound", Layer::Service),
     ("tunnel::egress", Layer::Service),
+    ("tunnel::egress::local_nodes", Layer::Service),
     ("tunnel::egress::manager", Layer::Service),
     ("tunnel::egress::probe", Layer::Service),
     ("tunnel::egress::outbound", Layer::Service),
