@@ -86,6 +86,15 @@ async fn scrape(addr: SocketAddr) -> Samples {
     out
 }
 
+/// Admin connections closed to make room for a newer one.
+async fn admin_evictions(admin: SocketAddr) -> f64 {
+    get(
+        &scrape(admin).await,
+        "distproxy_connections_refused_total",
+        &[("listener", "admin"), ("limit", "evicted")],
+    )
+}
+
 fn get(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut l: Vec<(String, String)> = labels
         .iter()
@@ -318,11 +327,7 @@ async fn a_probe_is_answered_while_unfinished_requests_fill_the_limit() {
     cfg.limits.reserved_local_connections = 0;
     let sc = start_with_admin(cfg);
     let admin = sc.admin_addr.unwrap();
-    let before = get(
-        &scrape(admin).await,
-        "distproxy_connections_refused_total",
-        &[("listener", "admin"), ("limit", "evicted")],
-    );
+    let before = admin_evictions(admin).await;
     let mut stalled = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(admin).await.unwrap();
@@ -342,11 +347,7 @@ async fn a_probe_is_answered_while_unfinished_requests_fill_the_limit() {
     // The oldest stalled connection made room: closed without a response;
     // the others are still open.
     distproxy_testkit::peer::assert_only_the_oldest_was_evicted(&mut stalled).await;
-    let after = get(
-        &scrape(admin).await,
-        "distproxy_connections_refused_total",
-        &[("listener", "admin"), ("limit", "evicted")],
-    );
+    let after = admin_evictions(admin).await;
     assert!(
         after >= before + 1.0,
         "evictions counted: {before} -> {after}"
@@ -574,11 +575,7 @@ async fn a_probe_is_answered_while_unread_responses_fill_the_limit() {
                 .unwrap(),
         );
     }
-    let before = get(
-        &scrape(admin).await,
-        "distproxy_connections_refused_total",
-        &[("listener", "admin"), ("limit", "evicted")],
-    );
+    let before = admin_evictions(admin).await;
     let mut unread = Vec::new();
     for _ in 0..4 {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -603,11 +600,7 @@ async fn a_probe_is_answered_while_unread_responses_fill_the_limit() {
         matches!(&answer, Ok(out) if out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\nok\n")),
         "the probe was refused: {answer:?}"
     );
-    let after = get(
-        &scrape(admin).await,
-        "distproxy_connections_refused_total",
-        &[("listener", "admin"), ("limit", "evicted")],
-    );
+    let after = admin_evictions(admin).await;
     assert!(
         after >= before + 1.0,
         "evictions counted: {before} -> {after}"
