@@ -21,6 +21,10 @@ const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+/// Elements freed after an RCU grace period, not recycled at once: a
+/// program still reading a replaced route sees its old value whole.
+const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
 const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_PROG_TYPE_SK_SKB: u32 = 14;
@@ -33,6 +37,8 @@ const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+const BPF_FUNC_MAP_UPDATE_ELEM: i32 = 2;
+const BPF_FUNC_SKC_TO_TCP_SOCK: i32 = 137;
 const BPF_FUNC_GET_SOCKET_COOKIE: i32 = 46;
 const BPF_FUNC_SOCK_HASH_UPDATE: i32 = 70;
 const BPF_FUNC_MSG_REDIRECT_HASH: i32 = 71;
@@ -42,6 +48,7 @@ const SK_DROP: i32 = 0;
 const SK_PASS: i32 = 1;
 
 const SO_COOKIE: libc::c_int = 57;
+const SO_MEMINFO: libc::c_int = 55;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 const SIOCINQ: libc::c_ulong = 0x541B;
 const SIOCOUTQ: libc::c_ulong = 0x5411;
@@ -117,6 +124,51 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
     }
 }
 
+/// A program under construction, with named jump targets.
+#[derive(Default)]
+struct Asm {
+    code: Vec<Insn>,
+    labels: Vec<(&'static str, usize)>,
+    jumps: Vec<(usize, &'static str)>,
+}
+
+impl Asm {
+    fn op(&mut self, i: Insn) -> &mut Asm {
+        self.code.push(i);
+        self
+    }
+
+    /// A jump instruction to `label` (defined before or after).
+    fn jump(&mut self, i: Insn, label: &'static str) -> &mut Asm {
+        self.jumps.push((self.code.len(), label));
+        self.op(i)
+    }
+
+    fn label(&mut self, name: &'static str) -> &mut Asm {
+        self.labels.push((name, self.code.len()));
+        self
+    }
+
+    /// `dst` = the map `fd` (two slots).
+    fn map(&mut self, dst: u8, fd: i32) -> &mut Asm {
+        self.op(insn(LD_MAP_FD, dst, 1, 0, fd))
+            .op(insn(0, 0, 0, 0, 0))
+    }
+
+    fn finish(mut self) -> Vec<Insn> {
+        for &(at, label) in &self.jumps {
+            let to = self
+                .labels
+                .iter()
+                .find(|(l, _)| *l == label)
+                .map(|&(_, to)| to)
+                .unwrap_or_else(|| panic!("undefined label {label}"));
+            self.code[at].off = (to as isize - at as isize - 1) as i16;
+        }
+        self.code
+    }
+}
+
 /// `BPF_LD | BPF_IMM | BPF_DW` with `BPF_PSEUDO_MAP_FD`: a map's address,
 /// two instruction slots.
 const LD_MAP_FD: u8 = 0x18;
@@ -124,6 +176,7 @@ const LD_MAP_FD: u8 = 0x18;
 const LD_IMM64: u8 = 0x18;
 /// `BPF_LDX | BPF_MEM | BPF_W`: `skb->len` is the first field.
 const LDX_W: u8 = 0x61;
+const LDX_DW: u8 = 0x79;
 const MOV64_REG: u8 = 0xbf;
 const MOV64_IMM: u8 = 0xb7;
 const ADD64_IMM: u8 = 0x07;
@@ -134,6 +187,11 @@ const JA: u8 = 0x05;
 const JEQ_IMM: u8 = 0x15;
 const JNE_IMM: u8 = 0x55;
 const JNE_REG: u8 = 0x5d;
+/// Unsigned `>` between registers.
+const JGT_REG: u8 = 0x2d;
+/// `BPF_ALU` (32-bit) subtraction of a register.
+const SUB32_REG: u8 = 0x1c;
+const SUB64_REG: u8 = 0x1f;
 /// `BPF_JMP32`: the low 32 bits only.
 const JEQ32_IMM: u8 = 0x16;
 const JNE32_IMM: u8 = 0x56;
@@ -232,7 +290,9 @@ pub(super) fn remote_port_field(port: u16) -> u32 {
 /// The `sock_ops` program, attached to the cgroup of the BEAM nodes: when
 /// a TCP connection of the sidecar's network namespace is established, it
 /// puts the socket into the node sockhash `nodes` (under its [`NodeKey`])
-/// if it is a node's end of a relayed connection:
+/// if it is a node's end of a relayed connection, and notes where its
+/// sequence numbers start in `bases` (the back-pressure check counts the
+/// bytes the node queued on its own socket from there):
 ///
 /// ```text
 /// if family != AF_INET or netns cookie != netns: return 1
@@ -240,119 +300,173 @@ pub(super) fn remote_port_field(port: u16) -> u32 {
 /// active (the node dialled):   remote_port in dist_ports and local_ip4 == remote_ip4
 /// passive (the node accepted): key in expected              ; the sidecar dialled it
 /// bpf_sock_hash_update(ctx, nodes, key, BPF_ANY)
+/// bases[key] = snd_nxt                                      ; nothing sent yet
 /// return 1
 /// ```
 pub(super) fn sock_ops_program(
     nodes: i32,
     expected: i32,
     dist_ports: i32,
+    bases: i32,
     netns: u64,
 ) -> Vec<Insn> {
-    let out = 42;
-    let mut p = vec![
-        insn(MOV64_REG, 6, 1, 0, 0),
-        insn(LDX_W, 2, 6, 20, 0),
-        insn(JNE32_IMM, 2, 0, 0, AF_INET), // -> out
-        insn(MOV64_REG, 1, 6, 0, 0),
-        insn(CALL, 0, 0, 0, BPF_FUNC_GET_NETNS_COOKIE),
-        insn(LD_IMM64, 2, 0, 0, netns as u32 as i32),
-        insn(0, 0, 0, 0, (netns >> 32) as u32 as i32),
-        insn(JNE_REG, 0, 2, 0, 0), // -> out
-        insn(LDX_W, 2, 6, 28, 0),
-        insn(STX_W, 10, 2, -16, 0),
-        insn(LDX_W, 2, 6, 24, 0),
-        insn(STX_W, 10, 2, -12, 0),
-        insn(LDX_W, 2, 6, 68, 0),
-        insn(STX_W, 10, 2, -8, 0),
-        insn(LDX_W, 2, 6, 64, 0),
-        insn(STX_W, 10, 2, -4, 0),
-        insn(LDX_W, 2, 6, 0, 0),
-        insn(JEQ32_IMM, 2, 0, 0, PASSIVE_ESTABLISHED), // -> passive
-        insn(JNE32_IMM, 2, 0, 0, ACTIVE_ESTABLISHED),  // -> out
-        // active: a local connection to a distribution port
-        insn(LDX_W, 2, 10, -16, 0),
-        insn(LDX_W, 3, 10, -12, 0),
-        insn(JNE32_REG, 2, 3, 0, 0), // -> out
-        insn(LD_MAP_FD, 1, 1, 0, dist_ports),
-        insn(0, 0, 0, 0, 0),
-        insn(MOV64_REG, 2, 10, 0, 0),
-        insn(ADD64_IMM, 2, 0, 0, -4),
-        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
-        insn(JA, 0, 0, 0, 0), // -> found?
-        // passive: a connection the sidecar announced
-        insn(LD_MAP_FD, 1, 1, 0, expected),
-        insn(0, 0, 0, 0, 0),
-        insn(MOV64_REG, 2, 10, 0, 0),
-        insn(ADD64_IMM, 2, 0, 0, -16),
-        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
-        // found?
-        insn(JEQ_IMM, 0, 0, 0, 0), // -> out
-        insn(MOV64_REG, 1, 6, 0, 0),
-        insn(LD_MAP_FD, 2, 1, 0, nodes),
-        insn(0, 0, 0, 0, 0),
-        insn(MOV64_REG, 3, 10, 0, 0),
-        insn(ADD64_IMM, 3, 0, 0, -16),
-        insn(MOV64_IMM, 4, 0, 0, BPF_ANY as i32),
-        insn(CALL, 0, 0, 0, BPF_FUNC_SOCK_HASH_UPDATE),
-        insn(JA, 0, 0, 0, 0), // -> out (falls through anyway)
-        // out
-        insn(MOV64_IMM, 0, 0, 0, 1),
-        insn(EXIT, 0, 0, 0, 0),
-    ];
-    let passive = 28;
-    let found = 33;
-    for (at, to) in [
-        (2, out),
-        (7, out),
-        (17, passive),
-        (18, out),
-        (21, out),
-        (27, found),
-        (33, out),
-        (41, out),
-    ] {
-        p[at].off = (to - at - 1) as i16;
+    let mut a = Asm::default();
+    a.op(insn(MOV64_REG, 6, 1, 0, 0))
+        .op(insn(LDX_W, 2, 6, 20, 0))
+        .jump(insn(JNE32_IMM, 2, 0, 0, AF_INET), "out")
+        .op(insn(MOV64_REG, 1, 6, 0, 0))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_GET_NETNS_COOKIE))
+        .op(insn(LD_IMM64, 2, 0, 0, netns as u32 as i32))
+        .op(insn(0, 0, 0, 0, (netns >> 32) as u32 as i32))
+        .jump(insn(JNE_REG, 0, 2, 0, 0), "out");
+    for (field, slot) in [(28, -16), (24, -12), (68, -8), (64, -4)] {
+        a.op(insn(LDX_W, 2, 6, field, 0))
+            .op(insn(STX_W, 10, 2, slot, 0));
     }
-    p
+    a.op(insn(LDX_W, 2, 6, 0, 0))
+        .jump(insn(JEQ32_IMM, 2, 0, 0, PASSIVE_ESTABLISHED), "passive")
+        .jump(insn(JNE32_IMM, 2, 0, 0, ACTIVE_ESTABLISHED), "out")
+        // active: a local connection to a distribution port
+        .op(insn(LDX_W, 2, 10, -16, 0))
+        .op(insn(LDX_W, 3, 10, -12, 0))
+        .jump(insn(JNE32_REG, 2, 3, 0, 0), "out")
+        .map(1, dist_ports)
+        .op(insn(MOV64_REG, 2, 10, 0, 0))
+        .op(insn(ADD64_IMM, 2, 0, 0, -4))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM))
+        .jump(insn(JA, 0, 0, 0, 0), "found")
+        // passive: a connection the sidecar announced
+        .label("passive")
+        .map(1, expected)
+        .op(insn(MOV64_REG, 2, 10, 0, 0))
+        .op(insn(ADD64_IMM, 2, 0, 0, -16))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM))
+        .label("found")
+        .jump(insn(JEQ_IMM, 0, 0, 0, 0), "out")
+        .op(insn(MOV64_REG, 1, 6, 0, 0))
+        .map(2, nodes)
+        .op(insn(MOV64_REG, 3, 10, 0, 0))
+        .op(insn(ADD64_IMM, 3, 0, 0, -16))
+        .op(insn(MOV64_IMM, 4, 0, 0, BPF_ANY as i32))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_SOCK_HASH_UPDATE))
+        // bases[key] = snd_nxt
+        .op(insn(LDX_W, 2, 6, SOCK_OPS_SND_NXT, 0))
+        .op(insn(STX_W, 10, 2, -20, 0))
+        .map(1, bases)
+        .op(insn(MOV64_REG, 2, 10, 0, 0))
+        .op(insn(ADD64_IMM, 2, 0, 0, -16))
+        .op(insn(MOV64_REG, 3, 10, 0, 0))
+        .op(insn(ADD64_IMM, 3, 0, 0, -20))
+        .op(insn(MOV64_IMM, 4, 0, 0, BPF_ANY as i32))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM))
+        .label("out")
+        .op(insn(MOV64_IMM, 0, 0, 0, 1))
+        .op(insn(EXIT, 0, 0, 0, 0));
+    a.finish()
+}
+
+/// `bpf_sock_ops.snd_nxt`.
+const SOCK_OPS_SND_NXT: i16 = 104;
+/// `sk_msg_md.sk`.
+const MSG_SK: i16 = 72;
+
+/// `sk_msg_md.size`.
+const MSG_SIZE: i16 = 68;
+
+/// A route's value in the routes hash: where the node's messages go, how
+/// far the sidecar has relayed what the node wrote to its own socket, and
+/// how many bytes may still be routed before the sidecar looks at the
+/// target again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RouteValue {
+    /// Cookie of the sidecar socket (in the targets sockhash) the
+    /// messages go out of.
+    pub target: u64,
+    /// The node socket's first sequence number (from `bases`).
+    pub base: u32,
+    /// Bytes of the node's own socket the sidecar has written to the
+    /// target, from the start of the connection (low 32 bits).
+    pub relayed: u32,
+    /// Bytes the program may still route (it takes each message's size
+    /// off): at most the room the target's send buffer had when the
+    /// sidecar last looked.
+    pub credit: u64,
+}
+
+impl RouteValue {
+    pub const SIZE: u32 = 24;
+
+    pub fn bytes(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[..8].copy_from_slice(&self.target.to_ne_bytes());
+        b[8..12].copy_from_slice(&self.base.to_ne_bytes());
+        b[12..16].copy_from_slice(&self.relayed.to_ne_bytes());
+        b[16..].copy_from_slice(&self.credit.to_ne_bytes());
+        b
+    }
 }
 
 /// The `sk_msg` verdict program of the node sockhash: a node's message
 /// whose socket has a route goes straight to the send side of the
-/// sidecar socket the route names (a cookie in the sidecar's sockhash
-/// `sockets`), in the node's own `sendmsg`; anything else passes.
+/// sidecar socket the route names, in the node's own `sendmsg`, unless
+/// that would overtake bytes or overfill the target; then it passes,
+/// into the node's own socket, whose bytes the sidecar relays.
 ///
 /// ```text
 /// key = (local_ip4, remote_ip4, local_port, remote_port)
-/// target = routes[key]; if none: return SK_PASS
-/// bpf_msg_redirect_hash(msg, sockets, target, 0)   ; a target gone: passes
+/// route = routes[key]; if none: return SK_PASS
+/// ; every byte the node wrote to its own socket must be in the target
+/// ; already, or this message would overtake it
+/// if (u32)(tcp_sock(msg->sk).write_seq - route.base) != route.relayed: return SK_PASS
+/// ; a full target would refuse the message, and the node, whose own
+/// ; socket stays writable, would retry at once: pass it instead, so the
+/// ; sidecar wakes (and looks at the target again), and while the target
+/// ; is full the node's own socket fills and the node sleeps
+/// if msg->size > route.credit: return SK_PASS
+/// route.credit -= msg->size                  ; the program runs under the node socket's lock
+/// bpf_msg_redirect_hash(msg, targets, route.target, 0)
 /// return SK_PASS
 /// ```
-pub(super) fn msg_program(routes: i32, sockets: i32) -> Vec<Insn> {
-    vec![
-        insn(MOV64_REG, 6, 1, 0, 0),
-        insn(LDX_W, 2, 6, 24, 0),
-        insn(STX_W, 10, 2, -16, 0),
-        insn(LDX_W, 2, 6, 20, 0),
-        insn(STX_W, 10, 2, -12, 0),
-        insn(LDX_W, 2, 6, 64, 0),
-        insn(STX_W, 10, 2, -8, 0),
-        insn(LDX_W, 2, 6, 60, 0),
-        insn(STX_W, 10, 2, -4, 0),
-        insn(LD_MAP_FD, 1, 1, 0, routes),
-        insn(0, 0, 0, 0, 0),
-        insn(MOV64_REG, 2, 10, 0, 0),
-        insn(ADD64_IMM, 2, 0, 0, -16),
-        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
-        insn(JEQ_IMM, 0, 0, 6, 0),
-        insn(MOV64_REG, 3, 0, 0, 0),
-        insn(MOV64_REG, 1, 6, 0, 0),
-        insn(LD_MAP_FD, 2, 1, 0, sockets),
-        insn(0, 0, 0, 0, 0),
-        insn(MOV64_IMM, 4, 0, 0, 0),
-        insn(CALL, 0, 0, 0, BPF_FUNC_MSG_REDIRECT_HASH),
-        insn(MOV64_IMM, 0, 0, 0, SK_PASS),
-        insn(EXIT, 0, 0, 0, 0),
-    ]
+///
+/// Reading `write_seq` needs its offset in the running kernel
+/// ([`super::btf`]) and CAP_PERFMON.
+pub(super) fn msg_program(routes: i32, targets: i32, o: &super::btf::SockOffsets) -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.op(insn(MOV64_REG, 6, 1, 0, 0));
+    for (field, slot) in [(24, -16), (20, -12), (64, -8), (60, -4)] {
+        a.op(insn(LDX_W, 2, 6, field, 0))
+            .op(insn(STX_W, 10, 2, slot, 0));
+    }
+    a.map(1, routes)
+        .op(insn(MOV64_REG, 2, 10, 0, 0))
+        .op(insn(ADD64_IMM, 2, 0, 0, -16))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM))
+        .jump(insn(JEQ_IMM, 0, 0, 0, 0), "pass")
+        .op(insn(MOV64_REG, 7, 0, 0, 0))
+        // bytes the node queued on its own socket, against those relayed
+        .op(insn(LDX_DW, 1, 6, MSG_SK, 0))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_SKC_TO_TCP_SOCK))
+        .jump(insn(JEQ_IMM, 0, 0, 0, 0), "pass")
+        .op(insn(LDX_W, 2, 0, o.write_seq as i16, 0))
+        .op(insn(LDX_W, 3, 7, 8, 0))
+        .op(insn(SUB32_REG, 2, 3, 0, 0))
+        .op(insn(LDX_W, 3, 7, 12, 0))
+        .jump(insn(JNE32_REG, 2, 3, 0, 0), "pass")
+        // the credit
+        .op(insn(LDX_W, 2, 6, MSG_SIZE, 0))
+        .op(insn(LDX_DW, 3, 7, 16, 0))
+        .jump(insn(JGT_REG, 2, 3, 0, 0), "pass")
+        .op(insn(SUB64_REG, 3, 2, 0, 0))
+        .op(insn(STX_DW, 7, 3, 16, 0))
+        .op(insn(MOV64_REG, 1, 6, 0, 0))
+        .map(2, targets)
+        .op(insn(MOV64_REG, 3, 7, 0, 0))
+        .op(insn(MOV64_IMM, 4, 0, 0, 0))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_MSG_REDIRECT_HASH))
+        .label("pass")
+        .op(insn(MOV64_IMM, 0, 0, 0, SK_PASS))
+        .op(insn(EXIT, 0, 0, 0, 0));
+    a.finish()
 }
 
 /// `e` with what failed in front, for the start-up log.
@@ -401,18 +515,53 @@ pub(super) fn create_hash(key_size: u32, value_size: u32, max_entries: u32) -> i
     create_map(BPF_MAP_TYPE_HASH, key_size, value_size, max_entries)
 }
 
+/// A hash map whose replaced values stay whole for programs still
+/// reading them (freed after a grace period, not recycled).
+pub(super) fn create_rcu_hash(
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<OwnedFd> {
+    create_map_flags(
+        BPF_MAP_TYPE_HASH,
+        key_size,
+        value_size,
+        max_entries,
+        BPF_F_NO_PREALLOC,
+    )
+}
+
+/// A hash map that forgets its least recently used entries when full.
+pub(super) fn create_lru_hash(
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<OwnedFd> {
+    create_map(BPF_MAP_TYPE_LRU_HASH, key_size, value_size, max_entries)
+}
+
 fn create_map(
     map_type: u32,
     key_size: u32,
     value_size: u32,
     max_entries: u32,
 ) -> io::Result<OwnedFd> {
+    create_map_flags(map_type, key_size, value_size, max_entries, 0)
+}
+
+fn create_map_flags(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+) -> io::Result<OwnedFd> {
     let mut attr = MapCreate {
         map_type,
         key_size,
         value_size,
         max_entries,
-        map_flags: 0,
+        map_flags,
     };
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)
 }
@@ -428,12 +577,14 @@ pub(super) fn load_sock_ops(
     nodes: BorrowedFd<'_>,
     expected: BorrowedFd<'_>,
     dist_ports: BorrowedFd<'_>,
+    bases: BorrowedFd<'_>,
     netns: u64,
 ) -> io::Result<OwnedFd> {
     let insns = sock_ops_program(
         nodes.as_raw_fd(),
         expected.as_raw_fd(),
         dist_ports.as_raw_fd(),
+        bases.as_raw_fd(),
         netns,
     );
     load(
@@ -445,8 +596,12 @@ pub(super) fn load_sock_ops(
 }
 
 /// Loads the `sk_msg` program ([`msg_program`]).
-pub(super) fn load_msg(routes: BorrowedFd<'_>, sockets: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    let insns = msg_program(routes.as_raw_fd(), sockets.as_raw_fd());
+pub(super) fn load_msg(
+    routes: BorrowedFd<'_>,
+    targets: BorrowedFd<'_>,
+    offsets: &super::btf::SockOffsets,
+) -> io::Result<OwnedFd> {
+    let insns = msg_program(routes.as_raw_fd(), targets.as_raw_fd(), offsets);
     load(BPF_PROG_TYPE_SK_MSG, 0, b"distproxy_route", &insns)
 }
 
@@ -541,6 +696,23 @@ pub(super) fn node_socket(map: BorrowedFd<'_>, key: &NodeKey) -> io::Result<Opti
     };
     match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
         Ok(_) => Ok(Some(cookie)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The 4-byte value under `key` in the hash `map`, if any.
+pub(super) fn hash_get_u32(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<Option<u32>> {
+    let mut value = 0u32;
+    let mut attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: &mut value as *mut u32 as u64,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
@@ -660,6 +832,16 @@ pub(super) fn tcp_counts(fd: BorrowedFd<'_>) -> io::Result<TcpCounts> {
         acked: u64_at(120),
         received: u64_at(128),
     })
+}
+
+/// Room left in the socket's send buffer (`SO_MEMINFO`: the buffer's size
+/// less the bytes queued), as `sendmsg` sees it.
+pub(super) fn send_room(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut buf = [0u8; 4 * 9];
+    getsockopt_bytes(fd, libc::SOL_SOCKET, SO_MEMINFO, &mut buf)?;
+    let at = |i: usize| u32::from_ne_bytes(buf[4 * i..4 * i + 4].try_into().unwrap());
+    // SK_MEMINFO_SNDBUF, SK_MEMINFO_WMEM_QUEUED
+    Ok(u64::from(at(3).saturating_sub(at(5))))
 }
 
 fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<u64> {

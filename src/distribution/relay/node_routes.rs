@@ -16,30 +16,37 @@
 //! which the sidecar announces before dialling ([`NodeRoutes::expect`]).
 //! IPv4 only; other sockets are not touched.
 //!
-//! **When a route is armed.** A route changes where a node's next
-//! message goes, so it is armed only when no earlier byte of that node can
-//! still be on the old way, which the handshake's turns guarantee at the
-//! handover: on an inbound connection the node (the acceptor) has sent
-//! its challenge, which the sidecar consumed, and waits for the
-//! initiator's reply, and the initiator sends exactly one frame (the
-//! reply) before it waits for the acknowledgement; on a same-pod mirror,
-//! the relay starts before the handshake, the acceptor has sent nothing
-//! and the initiator at most its `send_name`, after which it waits.
-//! Either way, at most one frame is in flight, and it arrives before
-//! anything the routes carry.
+//! **Order and back-pressure.** A route may send a node's message past
+//! bytes the node wrote earlier, and a full target would refuse it: the
+//! kernel then fails the node's `sendmsg` with `EAGAIN` while the node's
+//! own socket stays writable, so a non-blocking sender (every BEAM) would
+//! retry at once, spinning. So the `sk_msg` program
+//! ([`bpf::msg_program`]) routes a message only when every byte the node
+//! wrote to its own socket has been relayed to the target already (the
+//! node's `write_seq`, from its first sequence number that `sock_ops`
+//! noted, against the count the sidecar publishes in the route) and the
+//! target's send buffer has room; otherwise the message passes into the
+//! node's own socket. The sidecar reads that socket's other end and
+//! writes the bytes to the target as the splice path would, publishing
+//! each write. While the target is full the sidecar does not read, so the
+//! node's own socket fills and the node sleeps, as it would on a direct
+//! connection; once the sidecar has caught up and the target has room,
+//! routes resume. Order holds at any moment, the handover included: a
+//! message is routed only when nothing of the node's is still on the
+//! other way.
 //!
 //! **Everything else is the sockmap path's:** the sidecar's two sockets
-//! stay in its sockhash (they are the routes' targets, and bytes from a
-//! remote peer still arrive on them), ends are watched the same way, and
-//! bytes are counted from the target sockets' `TCP_INFO` counters, which
-//! include the routed bytes.
+//! are the routes' targets (in a sockhash without programs), a side
+//! whose node has no route has its bytes moved by the `sk_skb` program,
+//! ends are watched the same way, and bytes are counted from the target
+//! sockets' `TCP_INFO` counters, which include the routed bytes.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use super::bpf::{self, annotate, NodeKey};
+use super::bpf::{self, annotate, NodeKey, RouteValue};
 
 /// The maps and programs of node routes; the `sock_ops` program stays
 /// attached for as long as this lives.
@@ -52,8 +59,13 @@ pub struct NodeRoutes {
     /// The sidecar's ports that relay distribution (its distribution
     /// ports and same-pod mirrors), as `remote_port` fields.
     relay_ports: OwnedFd,
-    /// Node key → cookie of the sidecar socket its messages go out of.
+    /// Node key → [`RouteValue`].
     routes: OwnedFd,
+    /// Node key → the node socket's first sequence number (`sock_ops`).
+    bases: OwnedFd,
+    /// The sidecar's sockets that routes send out of, under their cookies
+    /// (no program attached).
+    targets: OwnedFd,
     _sock_ops: OwnedFd,
     _msg: OwnedFd,
     _link: OwnedFd,
@@ -70,13 +82,9 @@ impl std::fmt::Debug for NodeRoutes {
 
 impl NodeRoutes {
     /// Creates the maps, loads both programs and attaches `sock_ops` to
-    /// the cgroup v2 directory `cgroup`. `sockets` is the sidecar's
-    /// sockhash (the routes' targets).
-    pub fn open(
-        cgroup: &Path,
-        sockets: BorrowedFd<'_>,
-        max_connections: u32,
-    ) -> io::Result<NodeRoutes> {
+    /// the cgroup v2 directory `cgroup`. Needs the kernel's BTF and
+    /// CAP_PERFMON besides the fast path's capabilities.
+    pub fn open(cgroup: &Path, max_connections: u32) -> io::Result<NodeRoutes> {
         let entries = max_connections.saturating_mul(2);
         let netns = {
             let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
@@ -89,12 +97,25 @@ impl NodeRoutes {
         };
         let expected = hash(16, 1, entries)?;
         let relay_ports = hash(4, 1, 4096)?;
-        let routes = hash(16, 8, entries)?;
-        let sock_ops =
-            bpf::load_sock_ops(nodes.as_fd(), expected.as_fd(), relay_ports.as_fd(), netns)
-                .map_err(|e| annotate(e, "failed to load the sock_ops program"))?;
-        let msg = bpf::load_msg(routes.as_fd(), sockets)
-            .map_err(|e| annotate(e, "failed to load the sk_msg program"))?;
+        let routes = bpf::create_rcu_hash(16, RouteValue::SIZE, entries)
+            .map_err(|e| annotate(e, "failed to create the routes map"))?;
+        // Bases outlive their sockets (nothing removes them): the oldest go.
+        let bases = bpf::create_lru_hash(16, 4, entries.saturating_mul(2))
+            .map_err(|e| annotate(e, "failed to create the bases map"))?;
+        let targets = bpf::create_sockhash(entries)
+            .map_err(|e| annotate(e, "failed to create the targets sockhash"))?;
+        let offsets = super::btf::sock_offsets()
+            .map_err(|e| annotate(e, "cannot read the kernel's socket layout"))?;
+        let sock_ops = bpf::load_sock_ops(
+            nodes.as_fd(),
+            expected.as_fd(),
+            relay_ports.as_fd(),
+            bases.as_fd(),
+            netns,
+        )
+        .map_err(|e| annotate(e, "failed to load the sock_ops program"))?;
+        let msg = bpf::load_msg(routes.as_fd(), targets.as_fd(), &offsets)
+            .map_err(|e| annotate(e, "failed to load the sk_msg program (CAP_PERFMON?)"))?;
         bpf::attach_msg(nodes.as_fd(), msg.as_fd())
             .map_err(|e| annotate(e, "failed to attach the sk_msg program"))?;
         let dir = std::fs::File::open(cgroup)
@@ -110,6 +131,8 @@ impl NodeRoutes {
             expected,
             relay_ports,
             routes,
+            bases,
+            targets,
             _sock_ops: sock_ops,
             _msg: msg,
             _link: link,
@@ -145,18 +168,70 @@ impl NodeRoutes {
         Some(Expected { routes: self, key })
     }
 
+    /// Whether the node at the other end of the sidecar's socket
+    /// `sidecar_end` can get a route: its socket is in the node sockhash.
+    pub fn has_node(&self, sidecar_end: &std::net::TcpStream) -> bool {
+        node_key(sidecar_end)
+            .is_some_and(|key| matches!(bpf::node_socket(self.nodes.as_fd(), &key), Ok(Some(_))))
+    }
+
+    /// Makes the sidecar socket `s` (cookie `cookie`) a target routes can
+    /// send out of, for as long as the guard lives.
+    pub fn add_target(&self, s: BorrowedFd<'_>, cookie: u64) -> io::Result<Target<'_>> {
+        bpf::map_insert(self.targets.as_fd(), cookie, s)?;
+        Ok(Target {
+            routes: self,
+            cookie,
+        })
+    }
+
     /// Routes the messages of the node at the other end of the sidecar's
-    /// socket `sidecar_end` out of the sidecar socket `target` (its
-    /// cookie), if that node's socket is in the node sockhash. The route
-    /// lasts as long as the guard.
-    pub fn arm(&self, sidecar_end: &std::net::TcpStream, target: u64) -> Option<Route<'_>> {
-        let key = NodeKey::new(
-            sidecar_end.peer_addr().ok()?,
-            sidecar_end.local_addr().ok()?,
-        )?;
+    /// socket `sidecar_end` out of the target `target` (a cookie passed
+    /// to [`NodeRoutes::add_target`]), if that node's socket is in the
+    /// node sockhash. `relayed` is how many of the node's bytes the
+    /// sidecar has written on so far. The route lasts as long as the
+    /// guard; [`Route::relayed`] tells it of every later write.
+    pub fn arm(
+        &self,
+        sidecar_end: &std::net::TcpStream,
+        target: u64,
+        relayed: u64,
+    ) -> Option<Route<'_>> {
+        let key = node_key(sidecar_end)?;
         bpf::node_socket(self.nodes.as_fd(), &key).ok()??;
-        bpf::hash_set(self.routes.as_fd(), &key.bytes(), &target.to_ne_bytes()).ok()?;
-        Some(Route { routes: self, key })
+        let base = bpf::hash_get_u32(self.bases.as_fd(), &key.bytes()).ok()??;
+        let value = RouteValue {
+            target,
+            base,
+            relayed: relayed as u32,
+            credit: 0,
+        };
+        bpf::hash_set(self.routes.as_fd(), &key.bytes(), &value.bytes()).ok()?;
+        Some(Route {
+            routes: self,
+            key,
+            value,
+        })
+    }
+}
+
+/// The node key of the node at the other end of the sidecar's socket.
+fn node_key(sidecar_end: &std::net::TcpStream) -> Option<NodeKey> {
+    NodeKey::new(
+        sidecar_end.peer_addr().ok()?,
+        sidecar_end.local_addr().ok()?,
+    )
+}
+
+/// A target socket; leaves the targets map on drop.
+pub struct Target<'a> {
+    routes: &'a NodeRoutes,
+    cookie: u64,
+}
+
+impl Drop for Target<'_> {
+    fn drop(&mut self) {
+        let _ = bpf::map_remove(self.routes.targets.as_fd(), self.cookie);
     }
 }
 
@@ -177,6 +252,26 @@ impl Drop for Expected<'_> {
 pub struct Route<'a> {
     routes: &'a NodeRoutes,
     key: NodeKey,
+    value: RouteValue,
+}
+
+/// Room kept free in a target's send buffer: the program's credit can be
+/// stale by what it routed while the sidecar was looking.
+const CREDIT_MARGIN: u64 = 256 * 1024;
+
+impl Route<'_> {
+    /// Tells the program that the sidecar has now written `relayed` bytes
+    /// of the node's own socket to the target (from the start of the
+    /// connection; never ahead of the target), and gives it as much
+    /// credit as the target `target` has room, less a margin. Messages
+    /// are routed again once the node has written no more than
+    /// `relayed`.
+    pub fn update(&mut self, relayed: u64, target: BorrowedFd<'_>) -> io::Result<()> {
+        self.value.relayed = relayed as u32;
+        self.value.credit = bpf::send_room(target)?.saturating_sub(CREDIT_MARGIN);
+        let key = self.key.bytes();
+        bpf::hash_set(self.routes.routes.as_fd(), &key, &self.value.bytes())
+    }
 }
 
 impl Drop for Route<'_> {

@@ -47,7 +47,7 @@ use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
 
 use super::bpf::{self, annotate, Ends};
-use super::node_routes::NodeRoutes;
+use super::node_routes::{NodeRoutes, Route};
 use super::StillOpen;
 
 /// How often bytes moved by the kernel are added to the counters.
@@ -121,7 +121,7 @@ impl FastPath {
         cgroup: &std::path::Path,
         dist_ports: &[u16],
     ) -> io::Result<()> {
-        let routes = NodeRoutes::open(cgroup, self.verdict.as_fd(), self.max_connections)?;
+        let routes = NodeRoutes::open(cgroup, self.max_connections)?;
         for &port in dist_ports {
             routes.add_relay_port(port)?;
         }
@@ -225,6 +225,41 @@ struct Way<'a> {
     /// Until `src` reached EOF and `dst` was shut down (after which `dst`'s
     /// FIN counts as one acknowledged byte).
     open: bool,
+    /// When `src` faces a node with a route: the sidecar moves what
+    /// arrives on `src` itself (see [`super::node_routes`]).
+    pump: Option<Pump<'a>>,
+}
+
+/// What the sidecar relays of a routed node's own socket.
+struct Pump<'a> {
+    /// Told of every write, so the node's messages can be routed again
+    /// once the sidecar has caught up (None: the route was not armed,
+    /// everything comes this way).
+    route: Option<Route<'a>>,
+    buf: Box<[u8]>,
+    /// Read and not yet written: `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Bytes of `src` written to `dst` from the start of the connection.
+    relayed: u64,
+    eof: bool,
+}
+
+/// The pump's buffer: what it holds while the target is full is what the
+/// node has in flight besides its own socket's queue.
+const PUMP_BUFFER: usize = 64 * 1024;
+
+impl<'a> Pump<'a> {
+    fn new(route: Option<Route<'a>>, relayed: u64) -> Pump<'a> {
+        Pump {
+            route,
+            buf: vec![0u8; PUMP_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            relayed,
+            eof: false,
+        }
+    }
 }
 
 impl Way<'_> {
@@ -246,11 +281,14 @@ impl Way<'_> {
         Ok(r.saturating_sub(self.src_mark.consumed + 1))
     }
 
-    /// Something happened on `src` (or it is the first look): EOF, an
-    /// error, or nothing.
+    /// Something happened on `src` or `dst` (or it is the first look):
+    /// bytes to pump, EOF, an error, or nothing.
     async fn check(&mut self) -> io::Result<()> {
         if !self.open {
             return Ok(());
+        }
+        if self.pump.is_some() {
+            return self.pump();
         }
         if let Some(e) = self.src.take_error()? {
             return Err(e);
@@ -270,6 +308,47 @@ impl Way<'_> {
             )),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Moves what `src` has to `dst` until one of them would block; on
+    /// EOF (once everything read is written), shuts `dst` down. Then
+    /// tells the route how far it got and how much room `dst` has.
+    fn pump(&mut self) -> io::Result<()> {
+        let result = self.pump_bytes();
+        let p = self.pump.as_mut().expect("a pumped way");
+        if let (Some(route), true, true) = (p.route.as_mut(), p.start == p.end, self.open) {
+            // Unpublished, the node's messages keep coming this way:
+            // slower, never out of order.
+            let _ = route.update(p.relayed, self.dst.as_fd());
+        }
+        result
+    }
+
+    fn pump_bytes(&mut self) -> io::Result<()> {
+        use std::io::{Read, Write};
+        let p = self.pump.as_mut().expect("a pumped way");
+        loop {
+            while p.start < p.end {
+                match (&mut &*self.dst).write(&p.buf[p.start..p.end]) {
+                    Ok(n) => {
+                        p.start += n;
+                        p.relayed += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+            if p.eof {
+                self.open = false;
+                return self.dst.shutdown(std::net::Shutdown::Write);
+            }
+            match (&mut &*self.src).read(&mut p.buf) {
+                Ok(0) => p.eof = true,
+                Ok(n) => (p.start, p.end) = (0, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -310,18 +389,19 @@ async fn wait_written(
     }
 }
 
-/// `bpf::map_insert` of the `i`th entry of the handover of `peer`'s
-/// connection. In tests, the last one fails when [`FAIL_LAST_INSERT`]
-/// holds a hook for `peer`'s remote address, after running the hook.
+/// `bpf::map_insert` of an entry of the handover of `peer`'s connection.
+/// In tests, the node's verdict insert (`last`) fails when
+/// [`FAIL_LAST_INSERT`] holds a hook for `peer`'s remote address, after
+/// running the hook.
 fn insert(
-    i: usize,
+    last: bool,
     map: BorrowedFd<'_>,
     key: u64,
     sock: BorrowedFd<'_>,
     peer: &TcpStream,
 ) -> io::Result<()> {
     #[cfg(test)]
-    if i == 3 {
+    if last {
         let mut slot = FAIL_LAST_INSERT.lock().unwrap();
         if slot.as_ref().map(|(a, _)| *a) == peer.peer_addr().ok() {
             let (_, hook) = slot.take().unwrap();
@@ -331,7 +411,7 @@ fn insert(
         }
     }
     #[cfg(not(test))]
-    let _ = (i, peer);
+    let _ = (last, peer);
     bpf::map_insert(map, key, sock)
 }
 
@@ -364,10 +444,15 @@ async fn take_back(
 /// An epoll set that wakes for the ends of both sockets only (peer closed
 /// its side, error, hang-up), never for data: the kernel wakes readers
 /// after each redirected message, which is what the fast path avoids.
-fn watch_ends(socks: [&TcpStream; 2]) -> io::Result<AsyncFd<Ends>> {
+/// With a pumped way (`pumps`), also when data arrives or room appears:
+/// only a routed node's passed bytes arrive that way.
+fn watch_ends(socks: [&TcpStream; 2], pumps: bool) -> io::Result<AsyncFd<Ends>> {
     let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     for (i, s) in socks.into_iter().enumerate() {
-        let flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        let mut flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        if pumps {
+            flags |= EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT;
+        }
         ep.add(s, EpollEvent::new(flags, i as u64))?;
     }
     bpf::register(ep)
@@ -377,9 +462,9 @@ fn watch_ends(socks: [&TcpStream; 2]) -> io::Result<AsyncFd<Ends>> {
 /// tokio's reactor). `Err(NotTaken)` when the connection was not handed
 /// over (nothing changed: splice it); otherwise how the relay ended, with
 /// the bytes counted as on the splice path. `on_handover` runs once the
-/// kernel has the connection. With `node_routes` (the caller knows that
-/// neither end has more than one frame in flight, see
-/// [`super::node_routes`]), a local node at either end gets a route.
+/// kernel has the connection. With `node_routes`, a local node at either
+/// end gets a route ([`super::node_routes`]), and what it still writes to
+/// its own socket is moved by the sidecar instead of the verdict program.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay(
     fp: &FastPath,
@@ -397,11 +482,15 @@ pub async fn relay(
     }
     let mut entries = Entries {
         fp,
-        keys: Vec::with_capacity(2),
+        keys: Vec::with_capacity(4),
     };
+    let routes = fp.routes.as_ref().filter(|_| node_routes);
+    // A side whose node can get a route: the sidecar moves its bytes.
+    let peer_routed = routes.is_some_and(|r| r.has_node(peer));
+    let node_routed = routes.is_some_and(|r| r.has_node(node));
     let ready = (|| {
         let (p, n) = (peer.as_fd(), node.as_fd());
-        let ends = watch_ends([peer, node])?;
+        let ends = watch_ends([peer, node], peer_routed || node_routed)?;
         Ok::<_, io::Error>((mark(p)?, mark(n)?, bpf::cookie(p)?, bpf::cookie(n)?, ends))
     })();
     let Ok((peer_mark, node_mark, peer_cookie, node_cookie, ends)) = ready else {
@@ -410,24 +499,39 @@ pub async fn relay(
     for s in [peer, node] {
         set_send_buffer(s, SEND_BUFFER);
     }
+    let (p, n) = (peer.as_fd(), node.as_fd());
+    // The routes' targets: each routed node's messages go out of the
+    // other socket.
+    let mut targets = Vec::with_capacity(2);
+    if let Some(r) = routes {
+        for (routed, sock, cookie) in [(peer_routed, n, node_cookie), (node_routed, p, peer_cookie)]
+        {
+            if routed {
+                match r.add_target(sock, cookie) {
+                    Ok(t) => targets.push(t),
+                    Err(_) => return Err(NotTaken::Refused),
+                }
+            }
+        }
+    }
     // Partners first (no program there), then the sockets themselves into
     // the map with the program: a socket's bytes are redirected from the
     // moment they are, and its partner is already there to be found.
-    let (p, n) = (peer.as_fd(), node.as_fd());
     let (partners, verdict) = (fp.partners.as_fd(), fp.verdict.as_fd());
-    for (i, (map, key, sock)) in [
-        (partners, peer_cookie, n),
-        (partners, node_cookie, p),
-        (verdict, peer_cookie, p),
-        (verdict, node_cookie, n),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        if insert(i, map, key, sock, peer).is_err() {
-            if entries.keys.len() == 3 {
-                // The peer's bytes have been redirected since the third
-                // insert: take the peer back before splicing.
+    let mut inserts = vec![(partners, peer_cookie, n), (partners, node_cookie, p)];
+    if !peer_routed {
+        inserts.push((verdict, peer_cookie, p));
+    }
+    if !node_routed {
+        inserts.push((verdict, node_cookie, n));
+    }
+    let last = inserts.len() - 1;
+    for (i, (map, key, sock)) in inserts.into_iter().enumerate() {
+        let node_verdict = i == last && !node_routed;
+        if insert(node_verdict, map, key, sock, peer).is_err() {
+            if node_verdict && !peer_routed {
+                // The peer's bytes have been redirected since its insert:
+                // take the peer back before splicing.
                 match take_back(&mut entries, peer, node, peer_mark, node_mark).await {
                     Ok(moved) => {
                         *rx += moved;
@@ -440,17 +544,36 @@ pub async fn relay(
         }
         entries.keys.push((map, key));
     }
-    // Routes last: their targets are in the map now.
-    let routes = match fp.routes.as_ref().filter(|_| node_routes) {
-        Some(r) => [
-            (r.arm(peer, node_cookie), "initiator"),
-            (r.arm(node, peer_cookie), "acceptor"),
-        ],
-        None => [(None, ""), (None, "")],
-    };
-    for (route, side) in &routes {
-        if route.is_some() {
-            metrics::counter!(crate::metrics::RELAY_NODE_ROUTES, "side" => *side).increment(1);
+    // Routes last: their targets are in place now. A route starts from
+    // the bytes the sidecar has already written on for its node.
+    let (mut peer_pump, mut node_pump) = (None, None);
+    if let Some(r) = routes {
+        for (routed, end, target, mark, pump, side) in [
+            (
+                peer_routed,
+                peer,
+                node_cookie,
+                peer_mark,
+                &mut peer_pump,
+                "initiator",
+            ),
+            (
+                node_routed,
+                node,
+                peer_cookie,
+                node_mark,
+                &mut node_pump,
+                "acceptor",
+            ),
+        ] {
+            if routed {
+                let route = r.arm(end, target, mark.consumed);
+                if route.is_some() {
+                    metrics::counter!(crate::metrics::RELAY_NODE_ROUTES, "side" => side)
+                        .increment(1);
+                }
+                *pump = Some(Pump::new(route, mark.consumed));
+            }
         }
     }
     #[cfg(test)]
@@ -465,6 +588,7 @@ pub async fn relay(
         base: *rx,
         total: rx,
         open: true,
+        pump: peer_pump,
     };
     let mut to_peer = Way {
         src: node,
@@ -475,19 +599,23 @@ pub async fn relay(
         base: *tx,
         total: tx,
         open: true,
+        pump: node_pump,
     };
     let result = watch(&ends, &mut to_node, &mut to_peer, half_close_timeout).await;
     to_node.count();
     to_peer.count();
-    drop(routes);
+    // Routes before their targets, targets before the sockets leave.
+    drop(to_node.pump.take());
+    drop(to_peer.pump.take());
+    drop(targets);
     drop(entries);
     Ok(result)
 }
 
-async fn watch(
+async fn watch<'a>(
     ends: &AsyncFd<Ends>,
-    to_node: &mut Way<'_>,
-    to_peer: &mut Way<'_>,
+    to_node: &mut Way<'a>,
+    to_peer: &mut Way<'a>,
     half_close_timeout: Option<Duration>,
 ) -> io::Result<()> {
     // The first look at each socket also makes the kernel pass what arrived
@@ -522,9 +650,15 @@ async fn watch(
                     guard.clear_ready();
                 }
                 for ev in &events[..n] {
-                    match ev.data() {
-                        0 => to_node.check().await?,
-                        _ => to_peer.check().await?,
+                    // A socket is the source of one way and the target of
+                    // the other: room on it lets that one's pump go on.
+                    let (src_of, dst_of) = match ev.data() {
+                        0 => (&mut *to_node, &mut *to_peer),
+                        _ => (&mut *to_peer, &mut *to_node),
+                    };
+                    src_of.check().await?;
+                    if dst_of.pump.is_some() {
+                        dst_of.check().await?;
                     }
                 }
             }
