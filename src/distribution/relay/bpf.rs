@@ -39,6 +39,9 @@ const BPF_NOEXIST: u64 = 1;
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_MAP_UPDATE_ELEM: i32 = 2;
 const BPF_FUNC_SKC_TO_TCP_SOCK: i32 = 137;
+const BPF_FUNC_SETSOCKOPT: i32 = 49;
+const SOL_TCP: i32 = 6;
+const TCP_NOTSENT_LOWAT: i32 = 25;
 const BPF_FUNC_GET_SOCKET_COOKIE: i32 = 46;
 const BPF_FUNC_SOCK_HASH_UPDATE: i32 = 70;
 const BPF_FUNC_MSG_REDIRECT_HASH: i32 = 71;
@@ -359,6 +362,16 @@ pub(super) fn sock_ops_program(
         .op(insn(ADD64_IMM, 3, 0, 0, -20))
         .op(insn(MOV64_IMM, 4, 0, 0, BPF_ANY as i32))
         .op(insn(CALL, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM))
+        // TCP_NOTSENT_LOWAT = 1
+        .op(insn(MOV64_IMM, 2, 0, 0, 1))
+        .op(insn(STX_W, 10, 2, -24, 0))
+        .op(insn(MOV64_REG, 1, 6, 0, 0))
+        .op(insn(MOV64_IMM, 2, 0, 0, SOL_TCP))
+        .op(insn(MOV64_IMM, 3, 0, 0, TCP_NOTSENT_LOWAT))
+        .op(insn(MOV64_REG, 4, 10, 0, 0))
+        .op(insn(ADD64_IMM, 4, 0, 0, -24))
+        .op(insn(MOV64_IMM, 5, 0, 0, 4))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_SETSOCKOPT))
         .label("out")
         .op(insn(MOV64_IMM, 0, 0, 0, 1))
         .op(insn(EXIT, 0, 0, 0, 0));

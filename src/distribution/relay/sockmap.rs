@@ -248,6 +248,11 @@ struct Pump<'a> {
 /// The pump's buffer: what it holds while the target is full is what the
 /// node has in flight besides its own socket's queue.
 const PUMP_BUFFER: usize = 64 * 1024;
+/// `SO_RCVBUF` of a sidecar socket facing a routed node: what the node
+/// can pass before it waits for the sidecar, so a passing spell ends
+/// soon after the target has room. Not below two loopback segments
+/// (64 KiB each), or the receive window closes to zero between reads.
+const PASS_RECV_BUFFER: usize = 128 * 1024;
 
 impl<'a> Pump<'a> {
     fn new(route: Option<Route<'a>>, relayed: u64) -> Pump<'a> {
@@ -312,20 +317,10 @@ impl Way<'_> {
     }
 
     /// Moves what `src` has to `dst` until one of them would block; on
-    /// EOF (once everything read is written), shuts `dst` down. Then
-    /// tells the route how far it got and how much room `dst` has.
+    /// EOF (once everything read is written), shuts `dst` down. Each time
+    /// everything read is in `dst`, tells the route how far it got and
+    /// how much room `dst` has.
     fn pump(&mut self) -> io::Result<()> {
-        let result = self.pump_bytes();
-        let p = self.pump.as_mut().expect("a pumped way");
-        if let (Some(route), true, true) = (p.route.as_mut(), p.start == p.end, self.open) {
-            // Unpublished, the node's messages keep coming this way:
-            // slower, never out of order.
-            let _ = route.update(p.relayed, self.dst.as_fd());
-        }
-        result
-    }
-
-    fn pump_bytes(&mut self) -> io::Result<()> {
         use std::io::{Read, Write};
         let p = self.pump.as_mut().expect("a pumped way");
         loop {
@@ -342,6 +337,14 @@ impl Way<'_> {
             if p.eof {
                 self.open = false;
                 return self.dst.shutdown(std::net::Shutdown::Write);
+            }
+            // Everything read is in `dst`: the node may route again as
+            // soon as it has written nothing more (published before the
+            // next read, so the node learns it as early as it can).
+            if let Some(route) = p.route.as_mut() {
+                // Unpublished, the node's messages keep coming this way:
+                // slower, never out of order.
+                let _ = route.update(p.relayed, self.dst.as_fd());
             }
             match (&mut &*self.src).read(&mut p.buf) {
                 Ok(0) => p.eof = true,
@@ -498,6 +501,11 @@ pub async fn relay(
     };
     for s in [peer, node] {
         set_send_buffer(s, SEND_BUFFER);
+    }
+    for (routed, s) in [(peer_routed, peer), (node_routed, node)] {
+        if routed {
+            let _ = socket2::SockRef::from(s).set_recv_buffer_size(PASS_RECV_BUFFER);
+        }
     }
     let (p, n) = (peer.as_fd(), node.as_fd());
     // The routes' targets: each routed node's messages go out of the
