@@ -68,6 +68,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("distribution::relay::splice", Layer::Core),
     ("distribution::relay::sockmap", Layer::Core),
     ("distribution::relay::node_routes", Layer::Core),
+    ("distribution::relay::btf", Layer::Core),
     ("distribution::relay::bpf", Layer::Core),
     ("tunnel::preamble", Layer::Core),
     ("tunnel::resolve", Layer::Core),
