@@ -943,6 +943,40 @@ mod tests {
         assert_eq!(end.stats(), RelayStats { rx: 1000, tx: 500 }, "{end:?}");
     }
 
+    /// A fast path with node routes for this process's cgroup, and the
+    /// two connections of a routed relay: node `a` dialled the sidecar's
+    /// distribution port (`s1` its sidecar end), and the sidecar dialled
+    /// node `b` (`s2`), announced. `None` when the runner opted out.
+    #[cfg(target_os = "linux")]
+    async fn routed_pair() -> Option<(
+        std::sync::Arc<FastPath>,
+        TcpStream,
+        TcpStream,
+        TcpStream,
+        TcpStream,
+    )> {
+        let mut fp = fast_path_or_skip(16)?;
+        let dist = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cgroup = node_routes::own_cgroup().expect("a cgroup v2 hierarchy");
+        fp.enable_node_routes(&cgroup, &[dist.local_addr().unwrap().port()])
+            .expect("node routes");
+        let fp = std::sync::Arc::new(fp);
+        let (a, s1) = tokio::join!(
+            TcpStream::connect(dist.local_addr().unwrap()),
+            dist.accept()
+        );
+        let b_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut announced = None;
+        let (s2, b) = tokio::join!(
+            connect_announced(b_listener.local_addr().unwrap(), Some(&fp), &mut announced),
+            b_listener.accept()
+        );
+        assert!(announced.is_some(), "the connection to b was announced");
+        drop(announced);
+        let (s2, b) = (s2.unwrap(), b.unwrap().0);
+        Some((fp, a.unwrap(), s1.unwrap().0, s2, b))
+    }
+
     /// Node routes (root, cgroup v2): the "nodes" are this process's own
     /// sockets, so the `sock_ops` program goes on this process's cgroup.
     /// A node that dialled the sidecar's port and a node the sidecar
@@ -953,29 +987,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn node_routes_send_past_the_sidecar_sockets_with_half_close_and_counts() {
         use std::os::fd::AsFd;
-        let Some(mut fp) = fast_path_or_skip(16) else {
+        let Some((fp, mut a, s1, s2, mut b)) = routed_pair().await else {
             return;
         };
-        let dist = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let cgroup = node_routes::own_cgroup().expect("a cgroup v2 hierarchy");
-        fp.enable_node_routes(&cgroup, &[dist.local_addr().unwrap().port()])
-            .expect("node routes");
-        let fp = std::sync::Arc::new(fp);
-        // Node a dials the sidecar's distribution port.
-        let (a, s1) = tokio::join!(
-            TcpStream::connect(dist.local_addr().unwrap()),
-            dist.accept()
-        );
-        let (mut a, s1) = (a.unwrap(), s1.unwrap().0);
-        // The sidecar dials node b.
-        let b_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut announced = None;
-        let (s2, b) = tokio::join!(
-            connect_announced(b_listener.local_addr().unwrap(), Some(&fp), &mut announced),
-            b_listener.accept()
-        );
-        let (s2, mut b) = (s2.unwrap(), b.unwrap().0);
-        assert!(announced.is_some(), "the connection to b was announced");
         let s1_fd = s1.as_fd().try_clone_to_owned().unwrap();
         let (rx_c, rx_n) = counter();
         let (tx_c, tx_n) = counter();
@@ -1026,26 +1040,9 @@ mod tests {
     async fn a_routed_sender_sleeps_while_its_reader_stalls_and_loses_nothing() {
         use std::io::{Read, Write};
         use std::os::fd::AsFd;
-        let Some(mut fp) = fast_path_or_skip(16) else {
+        let Some((fp, a, s1, s2, b)) = routed_pair().await else {
             return;
         };
-        let dist = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let cgroup = node_routes::own_cgroup().expect("a cgroup v2 hierarchy");
-        fp.enable_node_routes(&cgroup, &[dist.local_addr().unwrap().port()])
-            .expect("node routes");
-        let fp = std::sync::Arc::new(fp);
-        let (a, s1) = tokio::join!(
-            TcpStream::connect(dist.local_addr().unwrap()),
-            dist.accept()
-        );
-        let (a, s1) = (a.unwrap(), s1.unwrap().0);
-        let b_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut announced = None;
-        let (s2, b) = tokio::join!(
-            connect_announced(b_listener.local_addr().unwrap(), Some(&fp), &mut announced),
-            b_listener.accept()
-        );
-        let (s2, b) = (s2.unwrap(), b.unwrap().0);
         let s1_fd = s1.as_fd().try_clone_to_owned().unwrap();
         let stop = CancellationToken::new();
         let fp2 = fp.clone();

@@ -698,35 +698,29 @@ pub(super) fn hash_remove(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
 
 /// The cookie of the socket under `key` in the node sockhash, if any.
 pub(super) fn node_socket(map: BorrowedFd<'_>, key: &NodeKey) -> io::Result<Option<u64>> {
-    let k = key.bytes();
-    let mut cookie = 0u64;
-    let mut attr = MapElem {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: k.as_ptr() as u64,
-        value: &mut cookie as *mut u64 as u64,
-        flags: 0,
-    };
-    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(_) => Ok(Some(cookie)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
+    let mut cookie = [0u8; 8];
+    Ok(lookup(map, &key.bytes(), &mut cookie)?.then(|| u64::from_ne_bytes(cookie)))
 }
 
 /// The 4-byte value under `key` in the hash `map`, if any.
 pub(super) fn hash_get_u32(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<Option<u32>> {
-    let mut value = 0u32;
+    let mut value = [0u8; 4];
+    Ok(lookup(map, key, &mut value)?.then(|| u32::from_ne_bytes(value)))
+}
+
+/// Reads the value under `key` into `value` (its size is the map's value
+/// size); false when the key is absent.
+fn lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
     let mut attr = MapElem {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
         key: key.as_ptr() as u64,
-        value: &mut value as *mut u32 as u64,
+        value: value.as_mut_ptr() as u64,
         flags: 0,
     };
     match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(_) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
 }
