@@ -24,8 +24,10 @@
 //! ([`bpf::msg_program`]) routes a message only when every byte the node
 //! wrote to its own socket has been relayed to the target already (the
 //! node's `write_seq`, from its first sequence number that `sock_ops`
-//! noted, against the count the sidecar publishes in the route) and the
-//! target's send buffer has room; otherwise the message passes into the
+//! noted, against the count the sidecar publishes in the route) and
+//! within the route's credit (the room the target's send buffer had when
+//! the sidecar last looked, less a margin; the program cannot read the
+//! target itself); otherwise the message passes into the
 //! node's own socket. The sidecar reads that socket's other end and
 //! writes the bytes to the target as the splice path would, publishing
 //! each write. While the target is full the sidecar does not read, so the
