@@ -390,11 +390,31 @@ fn tls_pods_carry_every_pair_and_only_tls_crosses_the_bridge() {
             assert_eq!(n, 0.0, "pod {pod}: routes by {method}");
         }
     }
+    // Each of the 4 cross-pod pairs kept at least one connection, routed
+    // by preamble at its target's sidecar. Not more: when a pair dials each
+    // other at once, OTP keeps the connection of the node with the greater
+    // name, and the other may be given up before it reached a sidecar.
     let preamble = metric_sum(&ma, "distproxy_routes_total", &[("method", "preamble")])
         + metric_sum(&mb, "distproxy_routes_total", &[("method", "preamble")]);
     assert!(
-        preamble >= 6.0,
-        "connections routed by preamble: {preamble}"
+        preamble >= 4.0,
+        "connections routed by preamble: {preamble}\npod a:\n{ma}\npod b:\n{mb}"
+    );
+    // Every connection routed by preamble left through its initiator's
+    // sidecar, over TLS.
+    let outbound: f64 = [&ma, &mb]
+        .iter()
+        .map(|text| {
+            metric_sum(
+                text,
+                "distproxy_dist_connections_total",
+                &[("direction", "outbound")],
+            )
+        })
+        .sum();
+    assert!(
+        outbound >= preamble,
+        "tunnel connections out ({outbound}) fewer than routed by preamble ({preamble})"
     );
     sidecar_a.assert_no_misroute();
     sidecar_b.assert_no_misroute();
