@@ -1031,10 +1031,10 @@ mod tests {
     /// sender (as every BEAM is) writes to a reader that stops reading
     /// for 2 s. A full target must make the sender sleep, as on a direct
     /// connection, not fail its `sendmsg` with `EAGAIN` while its socket
-    /// stays writable (the program without the credit: 1,446 refusals in
-    /// this test, 17 and 18 with it). Once the reader reads again, every
-    /// byte arrives in order, most of them routed past the sidecar's
-    /// socket (about 12 % went through it, most during the stall).
+    /// stays writable (the program without its room check: 1,446
+    /// refusals in this test; with it, about 20). Once the reader reads
+    /// again, every byte arrives in order, nearly all of them routed past
+    /// the sidecar's socket (about 1 % went through it).
     #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_routed_sender_sleeps_while_its_reader_stalls_and_loses_nothing() {
@@ -1115,7 +1115,7 @@ mod tests {
             "the sender was refused {refused} times while its reader stalled: it spun"
         );
         assert!(
-            through_sidecar < sent / 2,
+            through_sidecar < sent / 10,
             "{through_sidecar} of {sent} bytes went through the sidecar's socket"
         );
         tokio::time::timeout(std::time::Duration::from_secs(10), relay)

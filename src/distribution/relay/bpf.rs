@@ -47,11 +47,11 @@ const BPF_FUNC_SOCK_HASH_UPDATE: i32 = 70;
 const BPF_FUNC_MSG_REDIRECT_HASH: i32 = 71;
 const BPF_FUNC_SK_REDIRECT_HASH: i32 = 72;
 const BPF_FUNC_GET_NETNS_COOKIE: i32 = 122;
+const BPF_FUNC_PROBE_READ_KERNEL: i32 = 113;
 const SK_DROP: i32 = 0;
 const SK_PASS: i32 = 1;
 
 const SO_COOKIE: libc::c_int = 57;
-const SO_MEMINFO: libc::c_int = 55;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 const SIOCINQ: libc::c_ulong = 0x541B;
 const SIOCOUTQ: libc::c_ulong = 0x5411;
@@ -183,6 +183,7 @@ const LDX_DW: u8 = 0x79;
 const MOV64_REG: u8 = 0xbf;
 const MOV64_IMM: u8 = 0xb7;
 const ADD64_IMM: u8 = 0x07;
+const ADD64_REG: u8 = 0x0f;
 const STX_W: u8 = 0x63;
 const STX_DW: u8 = 0x7b;
 const CALL: u8 = 0x85;
@@ -194,7 +195,6 @@ const JNE_REG: u8 = 0x5d;
 const JGT_REG: u8 = 0x2d;
 /// `BPF_ALU` (32-bit) subtraction of a register.
 const SUB32_REG: u8 = 0x1c;
-const SUB64_REG: u8 = 0x1f;
 /// `BPF_JMP32`: the low 32 bits only.
 const JEQ32_IMM: u8 = 0x16;
 const JNE32_IMM: u8 = 0x56;
@@ -380,16 +380,56 @@ pub(super) fn sock_ops_program(
 
 /// `bpf_sock_ops.snd_nxt`.
 const SOCK_OPS_SND_NXT: i16 = 104;
+/// `bpf_sock_ops.sk`.
+const SOCK_OPS_SK: i16 = 184;
+
+/// The `sock_ops` program attached to the sidecar's own cgroup: notes the
+/// kernel address of each of its TCP sockets as it is established, under
+/// the socket's cookie, so a route can name its target's `struct sock`
+/// for the `sk_msg` program to read (storing a pointer in a map needs
+/// CAP_PERFMON):
+///
+/// ```text
+/// if op not in (active established, passive established): return 1
+/// sockets[cookie(ctx)] = ctx->sk
+/// return 1
+/// ```
+pub(super) fn socket_address_program(sockets: i32) -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.op(insn(MOV64_REG, 6, 1, 0, 0))
+        .op(insn(LDX_W, 2, 6, 0, 0))
+        .jump(insn(JEQ32_IMM, 2, 0, 0, PASSIVE_ESTABLISHED), "note")
+        .jump(insn(JNE32_IMM, 2, 0, 0, ACTIVE_ESTABLISHED), "out")
+        .label("note")
+        .op(insn(MOV64_REG, 1, 6, 0, 0))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_GET_SOCKET_COOKIE))
+        .op(insn(STX_DW, 10, 0, -8, 0))
+        .op(insn(LDX_DW, 2, 6, SOCK_OPS_SK, 0))
+        .jump(insn(JEQ_IMM, 2, 0, 0, 0), "out")
+        .op(insn(STX_DW, 10, 2, -16, 0))
+        .map(1, sockets)
+        .op(insn(MOV64_REG, 2, 10, 0, 0))
+        .op(insn(ADD64_IMM, 2, 0, 0, -8))
+        .op(insn(MOV64_REG, 3, 10, 0, 0))
+        .op(insn(ADD64_IMM, 3, 0, 0, -16))
+        .op(insn(MOV64_IMM, 4, 0, 0, BPF_ANY as i32))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM))
+        .label("out")
+        .op(insn(MOV64_IMM, 0, 0, 0, 1))
+        .op(insn(EXIT, 0, 0, 0, 0));
+    a.finish()
+}
 /// `sk_msg_md.sk`.
 const MSG_SK: i16 = 72;
 
 /// `sk_msg_md.size`.
 const MSG_SIZE: i16 = 68;
+/// Room a routed message leaves in its target's send buffer: what the
+/// kernel charges beyond the payload (socket buffer overhead).
+const TARGET_MARGIN: i32 = 64 * 1024;
 
-/// A route's value in the routes hash: where the node's messages go, how
-/// far the sidecar has relayed what the node wrote to its own socket, and
-/// how many bytes may still be routed before the sidecar looks at the
-/// target again.
+/// A route's value in the routes hash: where the node's messages go, and
+/// how far the sidecar has relayed what the node wrote to its own socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct RouteValue {
     /// Cookie of the sidecar socket (in the targets sockhash) the
@@ -400,10 +440,10 @@ pub(super) struct RouteValue {
     /// Bytes of the node's own socket the sidecar has written to the
     /// target, from the start of the connection (low 32 bits).
     pub relayed: u32,
-    /// Bytes the program may still route (it takes each message's size
-    /// off): at most the room the target's send buffer had when the
-    /// sidecar last looked.
-    pub credit: u64,
+    /// The target's `struct sock`, whose send queue the program reads
+    /// (from [`socket_address_program`]; the sidecar holds the socket
+    /// open for as long as the route lives).
+    pub target_sock: u64,
 }
 
 impl RouteValue {
@@ -414,7 +454,7 @@ impl RouteValue {
         b[..8].copy_from_slice(&self.target.to_ne_bytes());
         b[8..12].copy_from_slice(&self.base.to_ne_bytes());
         b[12..16].copy_from_slice(&self.relayed.to_ne_bytes());
-        b[16..].copy_from_slice(&self.credit.to_ne_bytes());
+        b[16..].copy_from_slice(&self.target_sock.to_ne_bytes());
         b
     }
 }
@@ -433,16 +473,16 @@ impl RouteValue {
 /// if (u32)(tcp_sock(msg->sk).write_seq - route.base) != route.relayed: return SK_PASS
 /// ; a full target would refuse the message, and the node, whose own
 /// ; socket stays writable, would retry at once: pass it instead, so the
-/// ; sidecar wakes (and looks at the target again), and while the target
-/// ; is full the node's own socket fills and the node sleeps
-/// if msg->size > route.credit: return SK_PASS
-/// route.credit -= msg->size                  ; the program runs under the node socket's lock
+/// ; sidecar wakes, and while the target is full the node's own socket
+/// ; fills and the node sleeps
+/// queued, sndbuf = probe_read_kernel(route.target_sock: sk_wmem_queued, sk_sndbuf)
+/// if queued + msg->size + TARGET_MARGIN > sndbuf: return SK_PASS
 /// bpf_msg_redirect_hash(msg, targets, route.target, 0)
 /// return SK_PASS
 /// ```
 ///
-/// Reading `write_seq` needs its offset in the running kernel
-/// ([`super::btf`]) and CAP_PERFMON.
+/// Reading `write_seq` and the target needs their offsets in the running
+/// kernel ([`super::btf`]) and CAP_PERFMON.
 pub(super) fn msg_program(routes: i32, targets: i32, o: &super::btf::SockOffsets) -> Vec<Insn> {
     let mut a = Asm::default();
     a.op(insn(MOV64_REG, 6, 1, 0, 0));
@@ -464,13 +504,23 @@ pub(super) fn msg_program(routes: i32, targets: i32, o: &super::btf::SockOffsets
         .op(insn(LDX_W, 3, 7, 8, 0))
         .op(insn(SUB32_REG, 2, 3, 0, 0))
         .op(insn(LDX_W, 3, 7, 12, 0))
-        .jump(insn(JNE32_REG, 2, 3, 0, 0), "pass")
-        // the credit
-        .op(insn(LDX_W, 2, 6, MSG_SIZE, 0))
-        .op(insn(LDX_DW, 3, 7, 16, 0))
+        .jump(insn(JNE32_REG, 2, 3, 0, 0), "pass");
+    // the target's send queue and buffer
+    for (field, slot) in [(o.wmem_queued, -24), (o.sndbuf, -20)] {
+        a.op(insn(MOV64_REG, 1, 10, 0, 0))
+            .op(insn(ADD64_IMM, 1, 0, 0, slot))
+            .op(insn(MOV64_IMM, 2, 0, 0, 4))
+            .op(insn(LDX_DW, 3, 7, 16, 0))
+            .op(insn(ADD64_IMM, 3, 0, 0, field as i32))
+            .op(insn(CALL, 0, 0, 0, BPF_FUNC_PROBE_READ_KERNEL))
+            .jump(insn(JNE_IMM, 0, 0, 0, 0), "pass");
+    }
+    a.op(insn(LDX_W, 2, 10, -24, 0))
+        .op(insn(LDX_W, 3, 6, MSG_SIZE, 0))
+        .op(insn(ADD64_REG, 2, 3, 0, 0))
+        .op(insn(ADD64_IMM, 2, 0, 0, TARGET_MARGIN))
+        .op(insn(LDX_W, 3, 10, -20, 0))
         .jump(insn(JGT_REG, 2, 3, 0, 0), "pass")
-        .op(insn(SUB64_REG, 3, 2, 0, 0))
-        .op(insn(STX_DW, 7, 3, 16, 0))
         .op(insn(MOV64_REG, 1, 6, 0, 0))
         .map(2, targets)
         .op(insn(MOV64_REG, 3, 7, 0, 0))
@@ -608,6 +658,18 @@ pub(super) fn load_sock_ops(
     )
 }
 
+/// Loads the `sock_ops` program of the sidecar's own sockets
+/// ([`socket_address_program`]).
+pub(super) fn load_socket_addresses(sockets: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let insns = socket_address_program(sockets.as_raw_fd());
+    load(
+        BPF_PROG_TYPE_SOCK_OPS,
+        BPF_CGROUP_SOCK_OPS,
+        b"distproxy_socks",
+        &insns,
+    )
+}
+
 /// Loads the `sk_msg` program ([`msg_program`]).
 pub(super) fn load_msg(
     routes: BorrowedFd<'_>,
@@ -706,6 +768,12 @@ pub(super) fn node_socket(map: BorrowedFd<'_>, key: &NodeKey) -> io::Result<Opti
 pub(super) fn hash_get_u32(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<Option<u32>> {
     let mut value = [0u8; 4];
     Ok(lookup(map, key, &mut value)?.then(|| u32::from_ne_bytes(value)))
+}
+
+/// The 8-byte value under `key` in the hash `map`, if any.
+pub(super) fn hash_get_u64(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<Option<u64>> {
+    let mut value = [0u8; 8];
+    Ok(lookup(map, key, &mut value)?.then(|| u64::from_ne_bytes(value)))
 }
 
 /// Reads the value under `key` into `value` (its size is the map's value
@@ -841,16 +909,6 @@ pub(super) fn tcp_counts(fd: BorrowedFd<'_>) -> io::Result<TcpCounts> {
     })
 }
 
-/// Room left in the socket's send buffer (`SO_MEMINFO`: the buffer's size
-/// less the bytes queued), as `sendmsg` sees it.
-pub(super) fn send_room(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut buf = [0u8; 4 * 9];
-    getsockopt_bytes(fd, libc::SOL_SOCKET, SO_MEMINFO, &mut buf)?;
-    let at = |i: usize| u32::from_ne_bytes(buf[4 * i..4 * i + 4].try_into().unwrap());
-    // SK_MEMINFO_SNDBUF, SK_MEMINFO_WMEM_QUEUED
-    Ok(u64::from(at(3).saturating_sub(at(5))))
-}
-
 fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<u64> {
     let mut v: libc::c_int = 0;
     // SAFETY: SIOCINQ and SIOCOUTQ write one int to the pointer given.
@@ -874,16 +932,24 @@ pub(super) fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// Peeks at one byte without waiting: `Ok(0)` is EOF, `WouldBlock` none.
 pub(super) fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
-    let mut b = [0u8; 1];
-    // SAFETY: `b` is valid for one byte.
-    let r = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
+    peek_into(fd, &mut [0u8; 1])
+}
+
+/// Copies what the socket has received (as much as fits in `buf`) without
+/// consuming it or waiting: `Ok(0)` is EOF, `WouldBlock` nothing.
+pub(super) fn peek_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    recv(fd, buf, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+}
+
+/// Consumes as many received bytes as `buf` is long, without copying
+/// them (`MSG_TRUNC`).
+pub(super) fn discard(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    recv(fd, buf, libc::MSG_TRUNC | libc::MSG_DONTWAIT)
+}
+
+fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for its length.
+    let r = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {

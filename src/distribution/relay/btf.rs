@@ -1,8 +1,9 @@
 //! Field offsets of the running kernel's socket structures, read from its
-//! BTF (`/sys/kernel/btf/vmlinux`), for the node routes' order check: the
-//! `sk_msg` program reads `struct tcp_sock` fields through a BTF-typed
-//! pointer, and a raw program must carry their offsets for the kernel it
-//! runs on (they move between builds).
+//! BTF (`/sys/kernel/btf/vmlinux`), for the node routes' checks: the
+//! `sk_msg` program reads the node socket's `struct tcp_sock` through a
+//! BTF-typed pointer and the target's `struct sock` with
+//! `bpf_probe_read_kernel`, and a raw program must carry their offsets
+//! for the kernel it runs on (they move between builds).
 //!
 //! Only what that needs: the type and string sections, structs and unions
 //! with their members, anonymous members searched through.
@@ -13,13 +14,18 @@ const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 
-/// The offsets the order check reads, in bytes from the start of a
-/// `struct tcp_sock`.
+/// The offsets the node routes' checks read, in bytes from the start of a
+/// `struct tcp_sock` (which starts with its `struct sock`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SockOffsets {
     /// `tcp_sock.write_seq`: the sequence number after the last byte the
     /// application queued.
     pub write_seq: u32,
+    /// `sock.sk_wmem_queued`: the bytes (with their overhead) in the send
+    /// queue.
+    pub wmem_queued: u32,
+    /// `sock.sk_sndbuf`: the send buffer's size.
+    pub sndbuf: u32,
 }
 
 /// Reads the offsets from the running kernel's BTF.
@@ -153,7 +159,11 @@ impl<'a> Btf<'a> {
         if write_seq >= 1 << 15 {
             return Err(invalid("tcp_sock.write_seq beyond reach"));
         }
-        Ok(SockOffsets { write_seq })
+        Ok(SockOffsets {
+            write_seq,
+            wmem_queued: self.offset("sock", "sk_wmem_queued")?,
+            sndbuf: self.offset("sock", "sk_sndbuf")?,
+        })
     }
 }
 
@@ -225,17 +235,17 @@ mod tests {
         assert!(Btf::parse(b"\x7fELF").is_err());
     }
 
-    /// The running kernel's offset: past the `struct sock` a `tcp_sock`
-    /// starts with (which is far more than 512 bytes on any kernel).
+    /// The running kernel's offsets: `write_seq` past the `struct sock` a
+    /// `tcp_sock` starts with (which is far more than 512 bytes on any
+    /// kernel), the two `struct sock` fields inside it.
     #[test]
     fn the_running_kernels_offsets_are_read() {
         let o = sock_offsets().expect("this kernel's BTF (/sys/kernel/btf/vmlinux)");
-        let data = std::fs::read("/sys/kernel/btf/vmlinux").unwrap();
-        let btf = Btf::parse(&data).unwrap();
         assert!(
-            btf.offset("sock", "sk_sndbuf").unwrap() < o.write_seq,
+            o.sndbuf < o.write_seq && o.wmem_queued < o.write_seq,
             "{o:?}"
         );
+        assert_ne!(o.sndbuf, o.wmem_queued);
         assert!(o.write_seq > 512, "{o:?}");
     }
 }

@@ -25,17 +25,17 @@
 //! wrote to its own socket has been relayed to the target already (the
 //! node's `write_seq`, from its first sequence number that `sock_ops`
 //! noted, against the count the sidecar publishes in the route) and
-//! within the route's credit (the room the target's send buffer had when
-//! the sidecar last looked, less a margin; the program cannot read the
-//! target itself); otherwise the message passes into the
-//! node's own socket. The sidecar reads that socket's other end and
-//! writes the bytes to the target as the splice path would, publishing
-//! each write. While the target is full the sidecar does not read, so the
-//! node's own socket fills and the node sleeps, as it would on a direct
-//! connection; once the sidecar has caught up and the target has room,
-//! routes resume. Order holds at any moment, the handover included: a
-//! message is routed only when nothing of the node's is still on the
-//! other way.
+//! when the target's send buffer has room for it (read from the target's
+//! `struct sock`, whose address a second `sock_ops` program, on the
+//! sidecar's own cgroup, notes as the sidecar's sockets are established);
+//! otherwise the message passes into the node's own socket. The sidecar
+//! reads that socket's other end and writes the bytes to the target as
+//! the splice path would, publishing each write. While the target is
+//! full the sidecar does not read, so the node's own socket fills and the
+//! node sleeps, as it would on a direct connection; once the sidecar has
+//! caught up and the target has room, routes resume. Order holds at any
+//! moment, the handover included: a message is routed only when nothing
+//! of the node's is still on the other way.
 //!
 //! **Everything else is the sockmap path's:** the sidecar's two sockets
 //! are the routes' targets (in a sockhash without programs), a side
@@ -68,9 +68,14 @@ pub struct NodeRoutes {
     /// The sidecar's sockets that routes send out of, under their cookies
     /// (no program attached).
     targets: OwnedFd,
+    /// Cookie → kernel address of the sidecar's sockets (the second
+    /// `sock_ops` program fills it).
+    addresses: OwnedFd,
     _sock_ops: OwnedFd,
     _msg: OwnedFd,
     _link: OwnedFd,
+    _addresses_prog: OwnedFd,
+    _addresses_link: OwnedFd,
     cgroup: PathBuf,
 }
 
@@ -83,10 +88,12 @@ impl std::fmt::Debug for NodeRoutes {
 }
 
 impl NodeRoutes {
-    /// Creates the maps, loads both programs and attaches `sock_ops` to
-    /// the cgroup v2 directory `cgroup`. Needs the kernel's BTF and
+    /// Creates the maps, loads the programs, attaches the nodes' `sock_ops`
+    /// to the cgroup v2 directory `cgroup` and the one noting socket
+    /// addresses to the sidecar's own cgroup. Needs the kernel's BTF and
     /// CAP_PERFMON besides the fast path's capabilities.
     pub fn open(cgroup: &Path, max_connections: u32) -> io::Result<NodeRoutes> {
+        let own = own_cgroup().map_err(|e| annotate(e, "cannot find the sidecar's own cgroup"))?;
         let entries = max_connections.saturating_mul(2);
         let netns = {
             let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
@@ -106,6 +113,9 @@ impl NodeRoutes {
             .map_err(|e| annotate(e, "failed to create the bases map"))?;
         let targets = bpf::create_sockhash(entries)
             .map_err(|e| annotate(e, "failed to create the targets sockhash"))?;
+        // Every socket of the sidecar's cgroup is noted: the oldest go.
+        let addresses = bpf::create_lru_hash(8, 8, entries.saturating_mul(4))
+            .map_err(|e| annotate(e, "failed to create the socket addresses map"))?;
         let offsets = super::btf::sock_offsets()
             .map_err(|e| annotate(e, "cannot read the kernel's socket layout"))?;
         let sock_ops = bpf::load_sock_ops(
@@ -120,14 +130,14 @@ impl NodeRoutes {
             .map_err(|e| annotate(e, "failed to load the sk_msg program (CAP_PERFMON?)"))?;
         bpf::attach_msg(nodes.as_fd(), msg.as_fd())
             .map_err(|e| annotate(e, "failed to attach the sk_msg program"))?;
-        let dir = std::fs::File::open(cgroup)
-            .map_err(|e| annotate(e, &format!("cannot open cgroup {}", cgroup.display())))?;
-        let link = bpf::link_sock_ops(dir.as_fd(), sock_ops.as_fd()).map_err(|e| {
+        let addresses_prog = bpf::load_socket_addresses(addresses.as_fd()).map_err(|e| {
             annotate(
                 e,
-                &format!("failed to attach sock_ops to cgroup {}", cgroup.display()),
+                "failed to load the socket addresses program (CAP_PERFMON?)",
             )
         })?;
+        let nodes_link = link(cgroup, sock_ops.as_fd())?;
+        let addresses_link = link(&own, addresses_prog.as_fd())?;
         Ok(NodeRoutes {
             nodes,
             expected,
@@ -135,9 +145,12 @@ impl NodeRoutes {
             routes,
             bases,
             targets,
+            addresses,
             _sock_ops: sock_ops,
             _msg: msg,
-            _link: link,
+            _link: nodes_link,
+            _addresses_prog: addresses_prog,
+            _addresses_link: addresses_link,
             cgroup: cgroup.to_path_buf(),
         })
     }
@@ -202,11 +215,13 @@ impl NodeRoutes {
         let key = node_key(sidecar_end)?;
         bpf::node_socket(self.nodes.as_fd(), &key).ok()??;
         let base = bpf::hash_get_u32(self.bases.as_fd(), &key.bytes()).ok()??;
+        let target_sock =
+            bpf::hash_get_u64(self.addresses.as_fd(), &target.to_ne_bytes()).ok()??;
         let value = RouteValue {
             target,
             base,
             relayed: relayed as u32,
-            credit: 0,
+            target_sock,
         };
         bpf::hash_set(self.routes.as_fd(), &key.bytes(), &value.bytes()).ok()?;
         Some(Route {
@@ -215,6 +230,19 @@ impl NodeRoutes {
             value,
         })
     }
+}
+
+/// Attaches the `sock_ops` program `prog` to the cgroup v2 directory
+/// `cgroup` for as long as the returned link is open.
+fn link(cgroup: &Path, prog: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let dir = std::fs::File::open(cgroup)
+        .map_err(|e| annotate(e, &format!("cannot open cgroup {}", cgroup.display())))?;
+    bpf::link_sock_ops(dir.as_fd(), prog).map_err(|e| {
+        annotate(
+            e,
+            &format!("failed to attach sock_ops to cgroup {}", cgroup.display()),
+        )
+    })
 }
 
 /// The node key of the node at the other end of the sidecar's socket.
@@ -257,20 +285,16 @@ pub struct Route<'a> {
     value: RouteValue,
 }
 
-/// Room kept free in a target's send buffer: the program's credit can be
-/// stale by what it routed while the sidecar was looking.
-const CREDIT_MARGIN: u64 = 256 * 1024;
-
 impl Route<'_> {
     /// Tells the program that the sidecar has now written `relayed` bytes
     /// of the node's own socket to the target (from the start of the
-    /// connection; never ahead of the target), and gives it as much
-    /// credit as the target `target` has room, less a margin. Messages
-    /// are routed again once the node has written no more than
-    /// `relayed`.
-    pub fn update(&mut self, relayed: u64, target: BorrowedFd<'_>) -> io::Result<()> {
+    /// connection; never ahead of the target). Messages are routed again
+    /// once the node has written no more than `relayed`.
+    pub fn update(&mut self, relayed: u64) -> io::Result<()> {
+        if self.value.relayed == relayed as u32 {
+            return Ok(());
+        }
         self.value.relayed = relayed as u32;
-        self.value.credit = bpf::send_room(target)?.saturating_sub(CREDIT_MARGIN);
         let key = self.key.bytes();
         bpf::hash_set(self.routes.routes.as_fd(), &key, &self.value.bytes())
     }

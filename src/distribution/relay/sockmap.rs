@@ -143,6 +143,17 @@ fn set_send_buffer(s: &TcpStream, size: usize) {
     }
 }
 
+/// Whether `s` is writable as poll counts it (for TCP: a third of its
+/// send buffer free); if not, its next room wakes its epoll watchers.
+fn writable(s: &TcpStream) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
+    poll(&mut fds, PollTimeout::ZERO)?;
+    Ok(fds[0]
+        .revents()
+        .is_some_and(|r| r.contains(PollFlags::POLLOUT)))
+}
+
 /// Why a connection was not handed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotTaken {
@@ -237,7 +248,8 @@ struct Pump<'a> {
     /// everything comes this way).
     route: Option<Route<'a>>,
     buf: Box<[u8]>,
-    /// Read and not yet written: `buf[start..end]`.
+    /// Peeked (still queued on `src`) and not yet written:
+    /// `buf[start..end]`.
     start: usize,
     end: usize,
     /// Bytes of `src` written to `dst` from the start of the connection.
@@ -245,8 +257,7 @@ struct Pump<'a> {
     eof: bool,
 }
 
-/// The pump's buffer: what it holds while the target is full is what the
-/// node has in flight besides its own socket's queue.
+/// The pump's buffer: how much it peeks and writes at a time.
 const PUMP_BUFFER: usize = 64 * 1024;
 /// `SO_RCVBUF` of a sidecar socket facing a routed node: what the node
 /// can pass before it waits for the sidecar, so a passing spell ends
@@ -317,36 +328,53 @@ impl Way<'_> {
     }
 
     /// Moves what `src` has to `dst` until one of them would block; on
-    /// EOF (once everything read is written), shuts `dst` down. Each time
-    /// everything read is in `dst`, tells the route how far it got and
-    /// how much room `dst` has.
+    /// EOF (once everything is written), shuts `dst` down. Bytes are
+    /// peeked, written, and only then consumed from `src`, after the
+    /// route has been told how far the sidecar got: the node's socket
+    /// does not drain, so the node does not wake to write more, before
+    /// its next message can be routed (a node woken earlier would race
+    /// the sidecar's update, and its message would pass again).
     fn pump(&mut self) -> io::Result<()> {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let p = self.pump.as_mut().expect("a pumped way");
         loop {
-            while p.start < p.end {
+            // A target short of room (less than a third free, as poll
+            // counts) waits for more: meanwhile the node's bytes fill its
+            // socket and the node sleeps, instead of the sidecar relaying
+            // a trickle of its messages at the edge of a full target.
+            let mut blocked = p.start < p.end && !writable(self.dst)?;
+            let written_from = p.start;
+            while p.start < p.end && !blocked {
                 match (&mut &*self.dst).write(&p.buf[p.start..p.end]) {
                     Ok(n) => {
                         p.start += n;
                         p.relayed += n as u64;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        blocked = true;
+                        break;
+                    }
                     Err(e) => return Err(e),
                 }
+            }
+            if p.start > written_from {
+                if p.start == p.end {
+                    if let Some(route) = p.route.as_mut() {
+                        // Unpublished, the node's messages keep coming this
+                        // way: slower, never out of order.
+                        let _ = route.update(p.relayed);
+                    }
+                }
+                bpf::discard(self.src.as_fd(), &mut p.buf[written_from..p.start])?;
+            }
+            if blocked {
+                return Ok(());
             }
             if p.eof {
                 self.open = false;
                 return self.dst.shutdown(std::net::Shutdown::Write);
             }
-            // Everything read is in `dst`: the node may route again as
-            // soon as it has written nothing more (published before the
-            // next read, so the node learns it as early as it can).
-            if let Some(route) = p.route.as_mut() {
-                // Unpublished, the node's messages keep coming this way:
-                // slower, never out of order.
-                let _ = route.update(p.relayed, self.dst.as_fd());
-            }
-            match (&mut &*self.src).read(&mut p.buf) {
+            match bpf::peek_into(self.src.as_fd(), &mut p.buf) {
                 Ok(0) => p.eof = true,
                 Ok(n) => (p.start, p.end) = (0, n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
