@@ -384,23 +384,30 @@ const SOCK_OPS_SND_NXT: i16 = 104;
 const SOCK_OPS_SK: i16 = 184;
 
 /// The `sock_ops` program attached to the sidecar's own cgroup: notes the
-/// kernel address of each of its TCP sockets as it is established, under
+/// kernel address of each TCP socket of the sidecar's network namespace
+/// as it is established, under
 /// the socket's cookie, so a route can name its target's `struct sock`
 /// for the `sk_msg` program to read (storing a pointer in a map needs
 /// CAP_PERFMON):
 ///
 /// ```text
 /// if op not in (active established, passive established): return 1
+/// if netns cookie != netns: return 1
 /// sockets[cookie(ctx)] = ctx->sk
 /// return 1
 /// ```
-pub(super) fn socket_address_program(sockets: i32) -> Vec<Insn> {
+pub(super) fn socket_address_program(sockets: i32, netns: u64) -> Vec<Insn> {
     let mut a = Asm::default();
     a.op(insn(MOV64_REG, 6, 1, 0, 0))
         .op(insn(LDX_W, 2, 6, 0, 0))
         .jump(insn(JEQ32_IMM, 2, 0, 0, PASSIVE_ESTABLISHED), "note")
         .jump(insn(JNE32_IMM, 2, 0, 0, ACTIVE_ESTABLISHED), "out")
         .label("note")
+        .op(insn(MOV64_REG, 1, 6, 0, 0))
+        .op(insn(CALL, 0, 0, 0, BPF_FUNC_GET_NETNS_COOKIE))
+        .op(insn(LD_IMM64, 2, 0, 0, netns as u32 as i32))
+        .op(insn(0, 0, 0, 0, (netns >> 32) as u32 as i32))
+        .jump(insn(JNE_REG, 0, 2, 0, 0), "out")
         .op(insn(MOV64_REG, 1, 6, 0, 0))
         .op(insn(CALL, 0, 0, 0, BPF_FUNC_GET_SOCKET_COOKIE))
         .op(insn(STX_DW, 10, 0, -8, 0))
@@ -660,8 +667,8 @@ pub(super) fn load_sock_ops(
 
 /// Loads the `sock_ops` program of the sidecar's own sockets
 /// ([`socket_address_program`]).
-pub(super) fn load_socket_addresses(sockets: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    let insns = socket_address_program(sockets.as_raw_fd());
+pub(super) fn load_socket_addresses(sockets: BorrowedFd<'_>, netns: u64) -> io::Result<OwnedFd> {
+    let insns = socket_address_program(sockets.as_raw_fd(), netns);
     load(
         BPF_PROG_TYPE_SOCK_OPS,
         BPF_CGROUP_SOCK_OPS,

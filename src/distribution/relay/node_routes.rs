@@ -130,7 +130,7 @@ impl NodeRoutes {
             .map_err(|e| annotate(e, "failed to load the sk_msg program (CAP_PERFMON?)"))?;
         bpf::attach_msg(nodes.as_fd(), msg.as_fd())
             .map_err(|e| annotate(e, "failed to attach the sk_msg program"))?;
-        let addresses_prog = bpf::load_socket_addresses(addresses.as_fd()).map_err(|e| {
+        let addresses_prog = bpf::load_socket_addresses(addresses.as_fd(), netns).map_err(|e| {
             annotate(
                 e,
                 "failed to load the socket addresses program (CAP_PERFMON?)",
