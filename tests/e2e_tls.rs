@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use distproxy_testkit::certs::{Ca, Leaf, SecretDir};
 use support::beam::ErlangOptions;
 use support::mesh::ping_everyone_at_once;
-use support::metrics::{metric_sum, metrics};
+use support::metrics::{metric_sum, metric_sum_pods, metrics};
 use support::module::{compile_module, with_module};
 use support::process::Proc;
 use support::wait::{poll_until, wait_until};
@@ -394,24 +394,22 @@ fn tls_pods_carry_every_pair_and_only_tls_crosses_the_bridge() {
     // by preamble at its target's sidecar. Not more: when a pair dials each
     // other at once, OTP keeps the connection of the node with the greater
     // name, and the other may be given up before it reached a sidecar.
-    let preamble = metric_sum(&ma, "distproxy_routes_total", &[("method", "preamble")])
-        + metric_sum(&mb, "distproxy_routes_total", &[("method", "preamble")]);
+    let preamble = metric_sum_pods(
+        &[&ma, &mb],
+        "distproxy_routes_total",
+        &[("method", "preamble")],
+    );
     assert!(
         preamble >= 4.0,
         "connections routed by preamble: {preamble}\npod a:\n{ma}\npod b:\n{mb}"
     );
     // Every connection routed by preamble left through its initiator's
     // sidecar, over TLS.
-    let outbound: f64 = [&ma, &mb]
-        .iter()
-        .map(|text| {
-            metric_sum(
-                text,
-                "distproxy_dist_connections_total",
-                &[("direction", "outbound")],
-            )
-        })
-        .sum();
+    let outbound = metric_sum_pods(
+        &[&ma, &mb],
+        "distproxy_dist_connections_total",
+        &[("direction", "outbound")],
+    );
     assert!(
         outbound >= preamble,
         "tunnel connections out ({outbound}) fewer than routed by preamble ({preamble})"

@@ -20,7 +20,7 @@ use std::time::Duration;
 use support::mesh::{
     assert_full_mesh, assert_rpc_across_pods_answered_by_target, ping_everyone_at_once,
 };
-use support::metrics::{metric_sum, metrics};
+use support::metrics::{metric_sum, metric_sum_pods, metrics};
 use support::module::{compile_erl, compile_module, with_module};
 use support::process::Proc;
 use support::wait::poll_until;
@@ -104,22 +104,20 @@ fn tunnel_carries_every_pair_exactly_between_two_sidecar_pods() {
     // sidecar. (Not necessarily some from each pod: when a pair dials each
     // other at once, OTP keeps the connection of the node with the greater
     // name, here b's, and a's may be given up before it reached a sidecar.)
-    let outbound: f64 = [&ma, &mb]
-        .iter()
-        .map(|text| {
-            metric_sum(
-                text,
-                "distproxy_dist_connections_total",
-                &[("direction", "outbound")],
-            )
-        })
-        .sum();
+    let outbound = metric_sum_pods(
+        &[&ma, &mb],
+        "distproxy_dist_connections_total",
+        &[("direction", "outbound")],
+    );
     // 6 cross-pod pairs among 5 nodes: each set up at least one connection,
     // each routed by preamble by the target's sidecar. The 4 same-pod pairs
     // were answered with the node's own loopback port: they never reach a
     // sidecar's distribution port.
-    let preamble = metric_sum(&ma, "distproxy_routes_total", &[("method", "preamble")])
-        + metric_sum(&mb, "distproxy_routes_total", &[("method", "preamble")]);
+    let preamble = metric_sum_pods(
+        &[&ma, &mb],
+        "distproxy_routes_total",
+        &[("method", "preamble")],
+    );
     assert!(
         preamble >= 6.0,
         "connections routed by preamble: {preamble}\npod a:\n{ma}\npod b:\n{mb}"
@@ -378,8 +376,11 @@ fn tunnel_resolves_short_host_names_through_the_pod_search_domain() {
     );
 
     let (ma, mb) = (metrics(a), metrics(b));
-    let preamble = metric_sum(&ma, "distproxy_routes_total", &[("method", "preamble")])
-        + metric_sum(&mb, "distproxy_routes_total", &[("method", "preamble")]);
+    let preamble = metric_sum_pods(
+        &[&ma, &mb],
+        "distproxy_routes_total",
+        &[("method", "preamble")],
+    );
     assert!(preamble >= 2.0, "routed by preamble: {preamble}");
     assert!(
         metric_sum(

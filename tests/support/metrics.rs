@@ -29,3 +29,11 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// [`metric_sum`] over the metrics texts of several pods.
+pub fn metric_sum_pods(texts: &[&str], name: &str, labels: &[(&str, &str)]) -> f64 {
+    texts
+        .iter()
+        .map(|text| metric_sum(text, name, labels))
+        .sum()
+}

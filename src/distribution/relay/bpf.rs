@@ -158,6 +158,28 @@ impl Asm {
             .op(insn(0, 0, 0, 0, 0))
     }
 
+    /// `bpf_map_update_elem(map, fp + key, fp + value, BPF_ANY)`, key
+    /// and value on the stack.
+    fn map_update(&mut self, map: i32, key: i16, value: i16) -> &mut Asm {
+        self.map(1, map)
+            .op(insn(MOV64_REG, 2, 10, 0, 0))
+            .op(insn(ADD64_IMM, 2, 0, 0, key.into()))
+            .op(insn(MOV64_REG, 3, 10, 0, 0))
+            .op(insn(ADD64_IMM, 3, 0, 0, value.into()))
+            .op(insn(MOV64_IMM, 4, 0, 0, BPF_ANY as i32))
+            .op(insn(CALL, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM))
+    }
+
+    /// Jumps to `label` unless the socket of the context in `ctx` lives in
+    /// the network namespace `netns` (a cookie).
+    fn unless_netns(&mut self, ctx: u8, netns: u64, label: &'static str) -> &mut Asm {
+        self.op(insn(MOV64_REG, 1, ctx, 0, 0))
+            .op(insn(CALL, 0, 0, 0, BPF_FUNC_GET_NETNS_COOKIE))
+            .op(insn(LD_IMM64, 2, 0, 0, netns as u32 as i32))
+            .op(insn(0, 0, 0, 0, (netns >> 32) as u32 as i32))
+            .jump(insn(JNE_REG, 0, 2, 0, 0), label)
+    }
+
     fn finish(mut self) -> Vec<Insn> {
         for &(at, label) in &self.jumps {
             let to = self
@@ -317,11 +339,7 @@ pub(super) fn sock_ops_program(
     a.op(insn(MOV64_REG, 6, 1, 0, 0))
         .op(insn(LDX_W, 2, 6, 20, 0))
         .jump(insn(JNE32_IMM, 2, 0, 0, AF_INET), "out")
-        .op(insn(MOV64_REG, 1, 6, 0, 0))
-        .op(insn(CALL, 0, 0, 0, BPF_FUNC_GET_NETNS_COOKIE))
-        .op(insn(LD_IMM64, 2, 0, 0, netns as u32 as i32))
-        .op(insn(0, 0, 0, 0, (netns >> 32) as u32 as i32))
-        .jump(insn(JNE_REG, 0, 2, 0, 0), "out");
+        .unless_netns(6, netns, "out");
     for (field, slot) in [(28, -16), (24, -12), (68, -8), (64, -4)] {
         a.op(insn(LDX_W, 2, 6, field, 0))
             .op(insn(STX_W, 10, 2, slot, 0));
@@ -355,13 +373,7 @@ pub(super) fn sock_ops_program(
         // bases[key] = snd_nxt
         .op(insn(LDX_W, 2, 6, SOCK_OPS_SND_NXT, 0))
         .op(insn(STX_W, 10, 2, -20, 0))
-        .map(1, bases)
-        .op(insn(MOV64_REG, 2, 10, 0, 0))
-        .op(insn(ADD64_IMM, 2, 0, 0, -16))
-        .op(insn(MOV64_REG, 3, 10, 0, 0))
-        .op(insn(ADD64_IMM, 3, 0, 0, -20))
-        .op(insn(MOV64_IMM, 4, 0, 0, BPF_ANY as i32))
-        .op(insn(CALL, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM))
+        .map_update(bases, -16, -20)
         // TCP_NOTSENT_LOWAT = 1
         .op(insn(MOV64_IMM, 2, 0, 0, 1))
         .op(insn(STX_W, 10, 2, -24, 0))
@@ -403,24 +415,14 @@ pub(super) fn socket_address_program(sockets: i32, netns: u64) -> Vec<Insn> {
         .jump(insn(JEQ32_IMM, 2, 0, 0, PASSIVE_ESTABLISHED), "note")
         .jump(insn(JNE32_IMM, 2, 0, 0, ACTIVE_ESTABLISHED), "out")
         .label("note")
-        .op(insn(MOV64_REG, 1, 6, 0, 0))
-        .op(insn(CALL, 0, 0, 0, BPF_FUNC_GET_NETNS_COOKIE))
-        .op(insn(LD_IMM64, 2, 0, 0, netns as u32 as i32))
-        .op(insn(0, 0, 0, 0, (netns >> 32) as u32 as i32))
-        .jump(insn(JNE_REG, 0, 2, 0, 0), "out")
+        .unless_netns(6, netns, "out")
         .op(insn(MOV64_REG, 1, 6, 0, 0))
         .op(insn(CALL, 0, 0, 0, BPF_FUNC_GET_SOCKET_COOKIE))
         .op(insn(STX_DW, 10, 0, -8, 0))
         .op(insn(LDX_DW, 2, 6, SOCK_OPS_SK, 0))
         .jump(insn(JEQ_IMM, 2, 0, 0, 0), "out")
         .op(insn(STX_DW, 10, 2, -16, 0))
-        .map(1, sockets)
-        .op(insn(MOV64_REG, 2, 10, 0, 0))
-        .op(insn(ADD64_IMM, 2, 0, 0, -8))
-        .op(insn(MOV64_REG, 3, 10, 0, 0))
-        .op(insn(ADD64_IMM, 3, 0, 0, -16))
-        .op(insn(MOV64_IMM, 4, 0, 0, BPF_ANY as i32))
-        .op(insn(CALL, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM))
+        .map_update(sockets, -8, -16)
         .label("out")
         .op(insn(MOV64_IMM, 0, 0, 0, 1))
         .op(insn(EXIT, 0, 0, 0, 0));
