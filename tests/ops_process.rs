@@ -410,6 +410,13 @@ async fn epmd_drop_in_names_matches_otp_epmd() {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
+    // Removed when the test ends, however it ends.
+    let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(
+        config.path(),
+        format!("[dist]\nlisten = \"127.0.0.1:{dist_port}\"\n[admin]\nlisten = \"\"\n"),
+    )
+    .unwrap();
     let _ours = Proc::spawn_unlogged(
         "distproxy epmd",
         Command::new(&bin)
@@ -420,17 +427,7 @@ async fn epmd_drop_in_names_matches_otp_epmd() {
                 "-address",
                 "127.0.0.1",
             ])
-            .env("DISTPROXY_CONFIG", {
-                let dir = std::env::temp_dir().join(format!("dp-epmd-{}", std::process::id()));
-                std::fs::create_dir_all(&dir).unwrap();
-                let p = dir.join("c.toml");
-                std::fs::write(
-                    &p,
-                    format!("[dist]\nlisten = \"127.0.0.1:{dist_port}\"\n[admin]\nlisten = \"\"\n"),
-                )
-                .unwrap();
-                p
-            })
+            .env("DISTPROXY_CONFIG", config.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
