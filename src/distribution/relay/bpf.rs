@@ -769,8 +769,7 @@ pub(super) fn hash_remove(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
 
 /// The cookie of the socket under `key` in the node sockhash, if any.
 pub(super) fn node_socket(map: BorrowedFd<'_>, key: &NodeKey) -> io::Result<Option<u64>> {
-    let mut cookie = [0u8; 8];
-    Ok(lookup(map, &key.bytes(), &mut cookie)?.then(|| u64::from_ne_bytes(cookie)))
+    hash_get_u64(map, &key.bytes())
 }
 
 /// The 4-byte value under `key` in the hash `map`, if any.
