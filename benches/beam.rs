@@ -36,7 +36,10 @@
 //! timed in the sending node, p50/p99. For the proxy on the path (sidecars,
 //! HAProxy): user+system CPU seconds from `/proc/PID/stat` per GB relayed
 //! in the bulk runs and per 100k messages in the echo runs (a round trip is
-//! two messages). Ratios are against `direct` in the same run.
+//! two messages). Ratios are against `direct` in the same run; the
+//! `paired` columns compare each path with `direct` round by round (the
+//! two measured seconds apart) and give the median of those, which the
+//! machine's drift between rounds moves less.
 //!
 //! Usage:
 //!   cargo bench --bench beam                 full run (about 1.5 min on 2 CPUs)
@@ -657,25 +660,39 @@ fn main() {
         plan.rounds
     );
     println!(
-        "{:<24} {:>7} {:>11} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10} {:>8}",
+        "{:<24} {:>7} {:>11} {:>6} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9} {:>10} {:>8}",
         "path",
         "MB/s",
         "runs",
         "vs dir",
+        "paired",
         "p50 us",
         "+p50 us",
+        "paired +",
         "p99 us",
         "CPU s/GB",
         "CPU s/100k",
         "cs/msg"
     );
-    println!("{}", "-".repeat(109));
+    println!("{}", "-".repeat(128));
+    // Each round measures every path within seconds, so a path against
+    // direct in the same round cancels the machine's drift between rounds.
+    let paired: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| {
+            let mut ratio: Vec<f64> = r.mbs.iter().zip(&rows[0].mbs).map(|(m, d)| m / d).collect();
+            let mut added: Vec<f64> = r.p50.iter().zip(&rows[0].p50).map(|(p, d)| p - d).collect();
+            (median(&mut ratio), median(&mut added))
+        })
+        .collect();
     let med: Vec<(f64, f64, f64)> = rows
         .iter_mut()
         .map(|r| (median(&mut r.mbs), median(&mut r.p50), median(&mut r.p99)))
         .collect();
     let (d_mbs, d_p50, _) = med[0];
-    for ((r, row), (mbs, p50, p99)) in routes.iter().zip(&rows).zip(&med) {
+    for (((r, row), (mbs, p50, p99)), (ratio, added)) in
+        routes.iter().zip(&rows).zip(&med).zip(&paired)
+    {
         let (gb, k) = (row.bulk_bytes / 1e9, row.msgs / 1e5);
         let cpu = |c: f64, per: f64| {
             if r.pids.is_empty() {
@@ -685,13 +702,15 @@ fn main() {
             }
         };
         println!(
-            "{:<24} {:>7.0} {:>11} {:>5.2}x {:>8.1} {:>8.1} {:>8.1} {:>9} {:>10} {:>8}",
+            "{:<24} {:>7.0} {:>11} {:>5.2}x {:>6.2}x {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>9} {:>10} {:>8}",
             r.path.label(),
             mbs,
             spread(&row.mbs),
             mbs / d_mbs,
+            ratio,
             p50,
             p50 - d_p50,
+            added,
             p99,
             cpu(row.bulk_cpu, gb),
             cpu(row.msg_cpu, k),
@@ -699,7 +718,8 @@ fn main() {
         );
     }
     println!(
-        "(CPU: user+system seconds of the proxies on the path (both sidecars for the pair) \
+        "(paired: the median over rounds of the path against direct in the same round; \
+         CPU: user+system seconds of the proxies on the path (both sidecars for the pair) \
          per GB relayed and per 100k echo messages, /proc ticks are 10 ms; cs/msg: their \
          context switches per echo message)"
     );
