@@ -48,6 +48,9 @@ pub const RELAY_FAST_PATH_FALLBACKS: &str = "distproxy_relay_fast_path_fallbacks
 /// Fast-path connections whose local node's messages go straight out of
 /// the partner socket (node routes), by `side` (initiator, acceptor).
 pub const RELAY_NODE_ROUTES: &str = "distproxy_relay_node_routes_total";
+/// Fast-path connections whose local node could be routed and was not,
+/// by `side` and `reason` (see `node_routes::Missed`).
+pub const RELAY_NODE_ROUTES_MISSED: &str = "distproxy_relay_node_routes_missed_total";
 /// 1 when node routes are on (the `sock_ops` program is attached).
 pub const RELAY_NODE_ROUTES_AVAILABLE: &str = "distproxy_relay_node_routes_available";
 /// Relays ended because one side kept its direction open too long after
@@ -240,6 +243,10 @@ pub fn describe() {
     describe_counter!(
         RELAY_NODE_ROUTES,
         "Fast-path connections whose local node sends straight out of the partner socket, by side."
+    );
+    describe_counter!(
+        RELAY_NODE_ROUTES_MISSED,
+        "Fast-path connections whose local node could be routed and was not, by side and reason."
     );
     describe_counter!(
         RELAY_HALF_CLOSE_TIMEOUTS,

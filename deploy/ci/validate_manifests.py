@@ -89,6 +89,7 @@ KNOWN_METRICS = {
     "distproxy_relay_fast_path_available",
     "distproxy_relay_fast_path_fallbacks_total",
     "distproxy_relay_node_routes_total",
+    "distproxy_relay_node_routes_missed_total",
     "distproxy_relay_node_routes_available",
     "distproxy_relay_half_close_timeouts_total",
 }

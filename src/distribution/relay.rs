@@ -1027,6 +1027,65 @@ mod tests {
         assert_eq!(tx_n.load(std::sync::atomic::Ordering::Relaxed), tx);
     }
 
+    /// A sidecar socket established before node routes were enabled was
+    /// never noted by the `sock_ops` program on the sidecar's cgroup, so
+    /// it cannot be a route's target: the node's route is missed, with
+    /// that reason, and all its bytes cross the sidecar's socket, each
+    /// one delivered, half-close and counts as with a route.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_target_older_than_node_routes_misses_the_route_and_loses_nothing() {
+        use std::os::fd::AsFd;
+        let Some(mut fp) = fast_path_or_skip(16) else {
+            return;
+        };
+        // The sidecar's connection to b, before the programs are attached.
+        let (s2, b) = tcp_pair().await;
+        let dist = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cgroup = node_routes::own_cgroup().expect("a cgroup v2 hierarchy");
+        fp.enable_node_routes(&cgroup, &[dist.local_addr().unwrap().port()])
+            .expect("node routes");
+        let fp = std::sync::Arc::new(fp);
+        let (a, s1) = tokio::join!(
+            TcpStream::connect(dist.local_addr().unwrap()),
+            dist.accept()
+        );
+        let (a, s1) = (a.unwrap(), s1.unwrap().0.into_std().unwrap());
+        let routes = fp.node_routes().expect("enabled");
+        assert!(routes.has_node(&s1), "a's socket joined the node sockhash");
+        let cookie = bpf::cookie(s2.as_fd()).unwrap();
+        let target = routes.add_target(s2.as_fd(), cookie).unwrap();
+        let missed = routes.arm(&s1, cookie, 0).err();
+        assert_eq!(missed, Some(node_routes::Missed::TargetUnnoted));
+        drop(target);
+
+        let s1 = TcpStream::from_std(s1).unwrap();
+        let s1_fd = s1.as_fd().try_clone_to_owned().unwrap();
+        let at_start = bpf::tcp_counts(s1_fd.as_fd()).unwrap().received;
+        let (rx_c, rx_n) = counter();
+        let (tx_c, tx_n) = counter();
+        let stop = CancellationToken::new();
+        let fp2 = fp.clone();
+        let h =
+            tokio::spawn(
+                async move { relay(s1, s2, rx_c, tx_c, &stop, opts(Some(&fp2), true)).await },
+            );
+        let (up, down) = exchange_with_half_close(a, b).await;
+        let through_sidecar = bpf::tcp_counts(s1_fd.as_fd()).unwrap().received - at_start;
+        assert!(
+            through_sidecar >= up,
+            "without a route every byte of a crosses the sidecar's socket: {through_sidecar} of {up}"
+        );
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), h)
+            .await
+            .expect("relay ends")
+            .unwrap();
+        assert!(matches!(end, RelayEnd::Closed(_)), "{end:?}");
+        assert_eq!(end.stats(), RelayStats { rx: up, tx: down });
+        assert_eq!(rx_n.load(std::sync::atomic::Ordering::Relaxed), up);
+        assert_eq!(tx_n.load(std::sync::atomic::Ordering::Relaxed), down);
+    }
+
     /// Node routes under back-pressure (root, cgroup v2): a non-blocking
     /// sender (as every BEAM is) writes to a reader that stops reading
     /// for 2 s. A full target must make the sender sleep, as on a direct

@@ -114,7 +114,7 @@ impl NodeRoutes {
         let targets = bpf::create_sockhash(entries)
             .map_err(|e| annotate(e, "failed to create the targets sockhash"))?;
         // Every socket of the sidecar's cgroup is noted: the oldest go.
-        let addresses = bpf::create_lru_hash(8, 8, entries.saturating_mul(4))
+        let addresses = bpf::create_lru_hash(8, 8, max_connections.saturating_mul(ADDRESS_SLOTS))
             .map_err(|e| annotate(e, "failed to create the socket addresses map"))?;
         let offsets = super::btf::sock_offsets()
             .map_err(|e| annotate(e, "cannot read the kernel's socket layout"))?;
@@ -205,32 +205,77 @@ impl NodeRoutes {
     /// to [`NodeRoutes::add_target`]), if that node's socket is in the
     /// node sockhash. `relayed` is how many of the node's bytes the
     /// sidecar has written on so far. The route lasts as long as the
-    /// guard; [`Route::relayed`] tells it of every later write.
+    /// guard; [`Route::relayed`] tells it of every later write. Without a
+    /// route, the node's bytes all take the way passed messages take.
     pub fn arm(
         &self,
         sidecar_end: &std::net::TcpStream,
         target: u64,
         relayed: u64,
-    ) -> Option<Route<'_>> {
-        let key = node_key(sidecar_end)?;
-        bpf::node_socket(self.nodes.as_fd(), &key).ok()??;
-        let base = bpf::hash_get_u32(self.bases.as_fd(), &key.bytes()).ok()??;
-        let target_sock =
-            bpf::hash_get_u64(self.addresses.as_fd(), &target.to_ne_bytes()).ok()??;
+    ) -> Result<Route<'_>, Missed> {
+        let key = node_key(sidecar_end).ok_or(Missed::NodeGone)?;
+        found(bpf::node_socket(self.nodes.as_fd(), &key), Missed::NodeGone)?;
+        let base = found(
+            bpf::hash_get_u32(self.bases.as_fd(), &key.bytes()),
+            Missed::NodeUnnoted,
+        )?;
+        let target_sock = found(
+            bpf::hash_get_u64(self.addresses.as_fd(), &target.to_ne_bytes()),
+            Missed::TargetUnnoted,
+        )?;
         let value = RouteValue {
             target,
             base,
             relayed: relayed as u32,
             target_sock,
         };
-        bpf::hash_set(self.routes.as_fd(), &key.bytes(), &value.bytes()).ok()?;
-        Some(Route {
+        bpf::hash_set(self.routes.as_fd(), &key.bytes(), &value.bytes())
+            .map_err(|_| Missed::Kernel)?;
+        Ok(Route {
             routes: self,
             key,
             value,
         })
     }
 }
+
+/// Why a node that can be routed got no route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missed {
+    /// Its socket left the node sockhash (closed) after the handover
+    /// began.
+    NodeGone,
+    /// Its socket's first sequence number is no longer noted (the oldest
+    /// go when the map is full).
+    NodeUnnoted,
+    /// The address of the sidecar socket it would send out of is not
+    /// noted: established before the program was attached, or evicted
+    /// by [`ADDRESS_SLOTS`] × `fast_path_max_connections` newer sockets.
+    TargetUnnoted,
+    /// The kernel refused a map read or the route's insert.
+    Kernel,
+}
+
+/// A map read's value, or why there is none.
+fn found<T>(read: io::Result<Option<T>>, missing: Missed) -> Result<T, Missed> {
+    read.map_err(|_| Missed::Kernel)?.ok_or(missing)
+}
+
+impl Missed {
+    /// The `reason` label of `distproxy_relay_node_routes_missed_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Missed::NodeGone => "node_gone",
+            Missed::NodeUnnoted => "node_unnoted",
+            Missed::TargetUnnoted => "target_unnoted",
+            Missed::Kernel => "kernel",
+        }
+    }
+}
+
+/// Entries of the socket addresses map per fast-path connection: every
+/// socket of the sidecar's cgroup is noted, not only relayed ones.
+pub const ADDRESS_SLOTS: u32 = 8;
 
 /// Attaches the `sock_ops` program `prog` to the cgroup v2 directory
 /// `cgroup` for as long as the returned link is open.

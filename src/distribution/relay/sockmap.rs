@@ -603,11 +603,27 @@ pub async fn relay(
             ),
         ] {
             if routed {
-                let route = r.arm(end, target, mark.consumed);
-                if route.is_some() {
-                    metrics::counter!(crate::metrics::RELAY_NODE_ROUTES, "side" => side)
+                let route = match r.arm(end, target, mark.consumed) {
+                    Ok(route) => {
+                        metrics::counter!(crate::metrics::RELAY_NODE_ROUTES, "side" => side)
+                            .increment(1);
+                        Some(route)
+                    }
+                    Err(missed) => {
+                        tracing::info!(
+                            side,
+                            reason = missed.reason(),
+                            "node route not armed: this node's bytes go through the sidecar"
+                        );
+                        metrics::counter!(
+                            crate::metrics::RELAY_NODE_ROUTES_MISSED,
+                            "side" => side,
+                            "reason" => missed.reason()
+                        )
                         .increment(1);
-                }
+                        None
+                    }
+                };
                 *pump = Some(Pump::new(route, mark.consumed));
             }
         }
