@@ -828,6 +828,57 @@ async fn bad_new_files_keep_the_old_certificate() {
     }
 }
 
+/// A rotation written file by file, in place (`cp` of the certificate,
+/// then of its key, as a hand-made volume or a script may do, unlike a
+/// Kubernetes Secret volume), passes through a certificate without its
+/// key. The reloader looks again once the files have settled: one
+/// reload, no failure reported or counted. A state that stays broken is
+/// still reported once.
+#[tokio::test]
+async fn a_rotation_written_file_by_file_is_one_reload_without_a_failure() {
+    let _serial = RELOAD_LINES.lock().await;
+    let handle = prometheus();
+    let ca = Ca::new("dp-test-ca");
+    let tmp = tempfile::tempdir().unwrap();
+    let old = ca.leaf(&[POD_A], 0x3101);
+    let secret = SecretDir::create(tmp.path(), &old.cert_pem, &old.key_pem, &ca.pem);
+    // At a 1 s interval the reloader waits 200 ms for a broken state to change.
+    let tls = Tls::load(TlsSettings {
+        reload_interval: Duration::from_secs(1),
+        ..settings(&secret, ServerNameVerification::Hostname)
+    })
+    .unwrap();
+    let mut reloader = tls.reloader();
+    let failures_before = counter(&handle.render(), "distproxy_tls_reload_failures_total", &[]);
+
+    let new = ca.leaf(&[POD_A], 0x3102);
+    std::fs::write(secret.cert_file(), &new.cert_pem).unwrap();
+    let (key_file, key) = (secret.key_file(), new.key_pem.clone());
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(key_file, key).unwrap();
+    });
+    let outcome = tokio::task::spawn_blocking(move || (reloader.poll(), reloader))
+        .await
+        .unwrap();
+    writer.join().unwrap();
+    let (outcome, mut reloader) = outcome;
+    match outcome {
+        ReloadOutcome::Reloaded(id) => assert_eq!(id.serial, new.serial_string()),
+        other => panic!("expected one reload, got {other:?}"),
+    }
+    let failures = counter(&handle.render(), "distproxy_tls_reload_failures_total", &[]);
+    assert_eq!(failures, failures_before, "no failure counted");
+
+    // Only the certificate, and no key after it: a failure, reported once.
+    let newer = ca.leaf(&[POD_A], 0x3103);
+    std::fs::write(secret.cert_file(), &newer.cert_pem).unwrap();
+    assert!(matches!(reloader.poll(), ReloadOutcome::Failed(_)));
+    assert!(matches!(reloader.poll(), ReloadOutcome::Unchanged));
+    let failures = counter(&handle.render(), "distproxy_tls_reload_failures_total", &[]);
+    assert!(failures > failures_before, "the broken state is counted");
+}
+
 /// A renewal issued by a clock a little ahead of this one is not valid
 /// yet: the current certificate stays in force until the new one's
 /// `notBefore`, then the new one is taken, so peers never see a gap; and

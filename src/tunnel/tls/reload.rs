@@ -9,8 +9,15 @@ use tracing::{info, warn};
 
 use crate::metrics::{self as m};
 
-use super::load::{build, PemFiles};
+use super::load::{build, Generation, PemFiles};
 use super::{PeerIdentity, Tls, TlsLoadError};
+
+/// How long a state that cannot be loaded is given to change (the rest of
+/// a rotation written file by file) before it is reported; at most the
+/// reload interval.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+/// Looks again while the files keep changing, at most.
+const SETTLE_LOOKS: usize = 5;
 
 /// What one look at the files found.
 #[derive(Debug)]
@@ -46,18 +53,12 @@ impl TlsReloader {
         }
     }
 
-    /// One look at the files (blocking file I/O: small reads).
+    /// One look at the files (blocking file I/O: small reads; a state
+    /// that cannot be loaded is read again after a short pause, see
+    /// [`TlsReloader::settled`]).
     pub fn poll(&mut self) -> ReloadOutcome {
         let settings = &self.tls.settings;
-        let files = PemFiles::read(settings);
-        let digest = match &files {
-            Ok(f) => f.digest(),
-            Err(e) => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                e.to_string().hash(&mut h);
-                h.finish()
-            }
-        };
+        let (digest, built) = self.settled();
         if digest == self.tls.current.load().digest {
             self.last_failed = None;
             self.last_waiting = None;
@@ -79,7 +80,7 @@ impl TlsReloader {
             .local
             .validity_problem(now)
             .is_none();
-        let generation = match files.and_then(|f| build(settings, &self.tls.provider, &f)) {
+        let generation = match built {
             Ok(g) => match g.local.validity_problem(now) {
                 Some(problem) if now > g.local.not_after => Err(TlsLoadError::Invalid {
                     what: "tls.cert_file",
@@ -126,6 +127,45 @@ impl TlsReloader {
                 ReloadOutcome::Failed(e)
             }
         }
+    }
+
+    /// The files' digest and what they build, once they hold still. A
+    /// writer that replaces them one at a time (a `cp` of the new
+    /// certificate, then of its key; a Kubernetes Secret volume swaps all
+    /// three at once) leaves a certificate without its key for a moment:
+    /// a state that cannot be loaded is read again after [`SETTLE`], and
+    /// only one that did not change meanwhile is reported as failed, so
+    /// a rotation done this way is one reload, not a failure first.
+    fn settled(&self) -> (u64, Result<Generation, TlsLoadError>) {
+        let settings = &self.tls.settings;
+        let look = || {
+            let files = PemFiles::read(settings);
+            let digest = match &files {
+                Ok(f) => f.digest(),
+                Err(e) => {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    e.to_string().hash(&mut h);
+                    h.finish()
+                }
+            };
+            let built = files.and_then(|f| build(settings, &self.tls.provider, &f));
+            (digest, built)
+        };
+        let (mut digest, mut built) = look();
+        for _ in 0..SETTLE_LOOKS {
+            let known =
+                digest == self.tls.current.load().digest || self.last_failed == Some(digest);
+            if built.is_ok() || known {
+                break;
+            }
+            std::thread::sleep(SETTLE.min(settings.reload_interval));
+            let again = look();
+            if again.0 == digest {
+                break;
+            }
+            (digest, built) = again;
+        }
+        (digest, built)
     }
 
     /// Polls every `reload_interval` until `shutdown`.
