@@ -955,16 +955,7 @@ mod tests {
         TcpStream,
         TcpStream,
     )> {
-        let mut fp = fast_path_or_skip(16)?;
-        let dist = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let cgroup = node_routes::own_cgroup().expect("a cgroup v2 hierarchy");
-        fp.enable_node_routes(&cgroup, &[dist.local_addr().unwrap().port()])
-            .expect("node routes");
-        let fp = std::sync::Arc::new(fp);
-        let (a, s1) = tokio::join!(
-            TcpStream::connect(dist.local_addr().unwrap()),
-            dist.accept()
-        );
+        let (fp, a, s1) = with_routed_node(fast_path_or_skip(16)?).await;
         let b_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut announced = None;
         let (s2, b) = tokio::join!(
@@ -974,7 +965,25 @@ mod tests {
         assert!(announced.is_some(), "the connection to b was announced");
         drop(announced);
         let (s2, b) = (s2.unwrap(), b.unwrap().0);
-        Some((fp, a.unwrap(), s1.unwrap().0, s2, b))
+        Some((fp, a, s1, s2, b))
+    }
+
+    /// Enables node routes on `fp` for this process's cgroup and a new
+    /// distribution port, which node `a` dials: `(fp, a, s1)`, `s1` the
+    /// sidecar's end.
+    #[cfg(target_os = "linux")]
+    async fn with_routed_node(
+        mut fp: FastPath,
+    ) -> (std::sync::Arc<FastPath>, TcpStream, TcpStream) {
+        let dist = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cgroup = node_routes::own_cgroup().expect("a cgroup v2 hierarchy");
+        fp.enable_node_routes(&cgroup, &[dist.local_addr().unwrap().port()])
+            .expect("node routes");
+        let (a, s1) = tokio::join!(
+            TcpStream::connect(dist.local_addr().unwrap()),
+            dist.accept()
+        );
+        (std::sync::Arc::new(fp), a.unwrap(), s1.unwrap().0)
     }
 
     /// Node routes (root, cgroup v2): the "nodes" are this process's own
@@ -1036,21 +1045,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_target_older_than_node_routes_misses_the_route_and_loses_nothing() {
         use std::os::fd::AsFd;
-        let Some(mut fp) = fast_path_or_skip(16) else {
+        let Some(fp) = fast_path_or_skip(16) else {
             return;
         };
         // The sidecar's connection to b, before the programs are attached.
         let (s2, b) = tcp_pair().await;
-        let dist = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let cgroup = node_routes::own_cgroup().expect("a cgroup v2 hierarchy");
-        fp.enable_node_routes(&cgroup, &[dist.local_addr().unwrap().port()])
-            .expect("node routes");
-        let fp = std::sync::Arc::new(fp);
-        let (a, s1) = tokio::join!(
-            TcpStream::connect(dist.local_addr().unwrap()),
-            dist.accept()
-        );
-        let (a, s1) = (a.unwrap(), s1.unwrap().0.into_std().unwrap());
+        let (fp, a, s1) = with_routed_node(fp).await;
+        let s1 = s1.into_std().unwrap();
         let routes = fp.node_routes().expect("enabled");
         assert!(routes.has_node(&s1), "a's socket joined the node sockhash");
         let cookie = bpf::cookie(s2.as_fd()).unwrap();
