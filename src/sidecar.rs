@@ -408,7 +408,13 @@ impl Sidecar {
                 info!("SIGHUP: the ACL rules in the file are the ones in force")
             }
             Ok(ReloadOutcome::NoSource) => info!("SIGHUP: no configuration file to reload"),
-            Ok(ReloadOutcome::Reloaded { .. } | ReloadOutcome::Failed(_)) => {} // logged by reload
+            // Logged by reload; a SIGHUP reads the file once (the operator
+            // sends it after writing), so it is never unsettled.
+            Ok(
+                ReloadOutcome::Reloaded { .. }
+                | ReloadOutcome::Failed(_)
+                | ReloadOutcome::Unsettled,
+            ) => {}
             Err(e) => warn!(error = %e, "ACL reload task failed"),
         }
     }

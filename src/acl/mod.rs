@@ -226,6 +226,9 @@ pub enum ReloadOutcome {
     Failed(ConfigError),
     /// No configuration file to reload from.
     NoSource,
+    /// The file changed and was still changing when looked at again; it
+    /// is looked at again at the next poll.
+    Unsettled,
 }
 
 struct Source {
@@ -316,7 +319,16 @@ impl AclHandle {
         let Some(path) = lock(&self.source).as_ref().map(|s| s.path.clone()) else {
             return ReloadOutcome::NoSource;
         };
-        let bytes = std::fs::read(&path);
+        self.reload_from(&path, std::fs::read(&path), why)
+    }
+
+    /// [`AclHandle::reload`] with the file's contents read already.
+    fn reload_from(
+        &self,
+        path: &Path,
+        bytes: std::io::Result<Vec<u8>>,
+        why: &str,
+    ) -> ReloadOutcome {
         if let Some(source) = lock(&self.source).as_mut() {
             source.digest = bytes.as_ref().ok().map(|b| digest(b));
         }
@@ -381,6 +393,29 @@ impl AclHandle {
         now != source.digest
     }
 
+    /// Reloads from the source file if its content changed and then held
+    /// still for `settle`. A file rewritten in place (an editor saving
+    /// over it, `cp`, `cat >`) is truncated before it is written, and a
+    /// look in between reads an empty or cut file: valid TOML with fewer
+    /// rules, perhaps none, which would put `acl_default` alone in force.
+    /// Two reads `settle` apart must agree; a file still changing is
+    /// looked at again at the next poll. `Unchanged` when nothing changed.
+    fn reload_if_settled(&self, settle: Duration) -> ReloadOutcome {
+        if !self.source_changed() {
+            return ReloadOutcome::Unchanged;
+        }
+        let Some(path) = lock(&self.source).as_ref().map(|s| s.path.clone()) else {
+            return ReloadOutcome::NoSource;
+        };
+        let first = std::fs::read(&path).ok();
+        std::thread::sleep(settle);
+        let bytes = std::fs::read(&path);
+        if bytes.as_ref().ok() != first.as_ref() {
+            return ReloadOutcome::Unsettled;
+        }
+        self.reload_from(&path, bytes, "file changed")
+    }
+
     /// Polls the source file every `interval` until `shutdown`, reloading
     /// when its content changes (a ConfigMap update through its `..data`
     /// symlink included).
@@ -394,12 +429,8 @@ impl AclHandle {
                 _ = tick.tick() => {}
             }
             let me = Arc::clone(&self);
-            let polled = tokio::task::spawn_blocking(move || {
-                if me.source_changed() {
-                    me.reload("file changed");
-                }
-            })
-            .await;
+            let settle = SETTLE.min(interval);
+            let polled = tokio::task::spawn_blocking(move || me.reload_if_settled(settle)).await;
             if let Err(e) = polled {
                 warn!(error = %e, "ACL reload task failed; file watching stops");
                 break;
@@ -407,6 +438,10 @@ impl AclHandle {
         }
     }
 }
+
+/// How long a changed configuration file must hold still before its rules
+/// are taken (at most the poll interval).
+const SETTLE: Duration = Duration::from_millis(200);
 
 fn digest(bytes: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -676,6 +711,53 @@ mod tests {
             "a bad file keeps the rules in force"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file rewritten in place is read only once it holds still: while
+    /// a writer has truncated it (an empty file is valid TOML with no
+    /// rules) and not yet written the rest, the rules in force stay.
+    #[test]
+    fn a_file_being_rewritten_in_place_is_taken_only_once_it_settles() {
+        let _serial = lock(&RELOAD_LINES);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let deny = "[[acl]]\naction = \"deny\"\ntarget = \"a1\"\n";
+        std::fs::write(&file, deny).unwrap();
+        let handle = AclHandle::new(Acl::allow_all());
+        handle.set_source(&file);
+        handle.reload("test");
+        assert!(!handle.current().decide(&req("b1@x", "a1")).allow);
+        let settle = Duration::from_millis(300);
+        assert!(matches!(
+            handle.reload_if_settled(settle),
+            ReloadOutcome::Unchanged
+        ));
+
+        // Truncated, the rest written 50 ms later: not taken.
+        std::fs::write(&file, "").unwrap();
+        let (path, rest) = (
+            file.clone(),
+            format!("{deny}[[acl]]\naction = \"deny\"\ntarget = \"a2\"\n"),
+        );
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            std::fs::write(path, rest).unwrap();
+        });
+        assert!(matches!(
+            handle.reload_if_settled(settle),
+            ReloadOutcome::Unsettled
+        ));
+        writer.join().unwrap();
+        assert!(
+            !handle.current().decide(&req("b1@x", "a1")).allow,
+            "the half-written file was not put in force"
+        );
+        // Settled: taken whole.
+        assert!(matches!(
+            handle.reload_if_settled(settle),
+            ReloadOutcome::Reloaded { rules: 2 }
+        ));
+        assert!(!handle.current().decide(&req("b1@x", "a2")).allow);
     }
 
     /// Records, at each INFO event, whether `b1 -> a1` is allowed by the
