@@ -560,15 +560,19 @@ impl ConnectionLimit {
     }
 
     /// Under an evicting limit, ends the oldest connection not yet set up
-    /// (counted, logged at debug level) so that `for_peer` can take its
-    /// place; false when there is none. A remote peer (`local` false) only
-    /// ends remote peers' connections.
+    /// (counted, and logged at warn level with the refusals' rate limit:
+    /// a full limit means a flood or a limit too low) so that `for_peer`
+    /// can take its place; false when there is none. A remote peer
+    /// (`local` false) only ends remote peers' connections.
     fn make_room(&self, for_peer: Option<SocketAddr>, local: bool) -> bool {
         if !self.pending.as_ref().is_some_and(|q| q.evict_oldest(local)) {
             return false;
         }
-        debug!(peer = ?for_peer, listener = self.listener,
-            "connection limit reached; ended the oldest connection not yet set up to make room");
+        if let Some(skipped) = self.refusals.allow() {
+            warn!(peer = ?for_peer, listener = self.listener, limit = self.max, skipped,
+                "connection limit reached; ended the oldest connection not yet set up to make room \
+                 (rate-limited with the refusals; `skipped`: lines not logged since the previous one)");
+        }
         self.count_refused(EVICTED);
         true
     }
