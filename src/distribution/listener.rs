@@ -112,13 +112,16 @@ async fn handle(stream: TcpStream, peer: SocketAddr, permit: ConnPermit, ctx: &D
     let first = match forward::peek_first_byte(&stream, deadline).await {
         Ok(byte) => byte,
         Err(e) => {
-            debug!(%peer, error = %e, "closing distribution connection before its first byte");
-            // Nothing sent at all: a reachability probe, not a failure.
-            closed(if e.is_empty() {
-                reason::EMPTY
+            // Closed with nothing sent: a reachability probe (a Service's
+            // TCP check), not a failure. A peer silent until the deadline
+            // or failing holds a connection slot: a warning, rate-limited.
+            if e.is_empty() {
+                debug!(%peer, error = %e, "closing distribution connection before its first byte");
+                closed(reason::EMPTY);
             } else {
-                e.reason()
-            });
+                warn_throttled!(%peer, error = %e, "closing distribution connection before its first byte");
+                closed(e.reason());
+            }
             return;
         }
     };
