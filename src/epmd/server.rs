@@ -156,7 +156,9 @@ async fn handle_connection(
     let leftover = !framed.read_buffer().is_empty();
     let request = match next {
         Err(_) => {
-            debug!(%peer, "epmd request timed out; closing");
+            // A peer silent (or too slow) until the deadline holds a
+            // connection slot: a warning, rate-limited.
+            warn_throttled!(%peer, "epmd request timed out; closing");
             count("unknown", "timeout");
             return;
         }
