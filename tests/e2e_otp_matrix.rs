@@ -20,6 +20,8 @@
 //!   25) loaded by 25 and 29; TLS distribution nodes of 25 and 29.
 //! - [`rolling_upgrade_from_otp25_to_otp29_while_pinging`]: pods change
 //!   release one by one while the others keep talking.
+//! - [`otp29_node_routes`]: the kernel fast path's node routes with OTP 29
+//!   nodes.
 //!
 //! Needs root, iproute2, erlang-nox (with its `ssl` application), elixir
 //! and the root filesystems (`scripts/otp-rootfs.sh` installs erlang-nox,
@@ -73,6 +75,17 @@ fn matrix_enabled(test: &str, releases: &[Otp]) -> bool {
         missing.join("; ")
     );
     true
+}
+
+/// Node routes (the opt-in kernel fast path) with OTP 29 nodes in the
+/// routed pod: the `sock_ops` and `sk_msg` programs and the handover see
+/// that release's handshake and sockets as they see OTP 25's
+/// ([`support::fast_path::node_routes_carry_local_nodes_messages`]).
+#[test]
+fn otp29_node_routes() {
+    if matrix_enabled("otp29_node_routes", &[Otp::V29]) {
+        support::fast_path::node_routes_carry_local_nodes_messages(Otp::V29);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -156,7 +169,7 @@ fn every_path_on(otp: Otp) {
     let (b1, bm) = (b.node_name("b1"), b.node_name("bm"));
 
     for node in &mut nodes {
-        assert_release(node, otp);
+        node.assert_release(otp);
         let with_module = ["am", "bm", "be"].contains(&short(node.name()));
         let expected = if with_module {
             "distproxy_epmd"
@@ -236,7 +249,7 @@ fn every_path_on(otp: Otp) {
         || !node(&mut nodes, &b1).nodes().contains(&a2),
     );
     let mut new_a2 = a.start_erlang("a2");
-    assert_release(&mut new_a2, otp);
+    new_a2.assert_release(otp);
     let new_creation = new_a2.creation();
     assert_ne!(
         new_creation, old_creation,
@@ -301,7 +314,7 @@ fn spawn_own_tls_nodes(lab: &Lab, c: &Pod, d: &Pod, ebin: &Path) -> Vec<BeamNode
 /// target's sidecar. 8 MiB cross c1 → d2 intact.
 fn own_tls_distribution(otp: Otp, c: &Pod, d: &Pod, nodes: &mut [BeamNode]) {
     for node in nodes.iter_mut() {
-        assert_release(node, otp);
+        node.assert_release(otp);
         assert_runs_inet_tls(node);
     }
     let cm = c.node_name("cm");
@@ -400,7 +413,7 @@ fn otp25_and_otp29_pods_talk_through_both_paths() {
         .iter_mut()
         .zip([Otp::V25, Otp::V25, Otp::V29, Otp::V29])
     {
-        assert_release(node, otp);
+        node.assert_release(otp);
     }
     let beam25 = format!("\"{}\"", ebin25.join("distproxy_epmd.beam").display());
     for i in [1, 3] {
@@ -454,7 +467,7 @@ fn otp25_and_otp29_pods_talk_through_both_paths() {
     // OTP's own TLS distribution across the releases, each way on a fresh
     // connection.
     for (node, otp) in [(&mut at, Otp::V25), (&mut bt, Otp::V29)] {
-        assert_release(node, otp);
+        node.assert_release(otp);
         assert_runs_inet_tls(node);
     }
     let (at_name, bt_name) = (at.name().to_string(), bt.name().to_string());
@@ -551,7 +564,7 @@ fn rolling_upgrade_from_otp25_to_otp29_while_pinging() {
 
         for node in &mut fresh {
             node.wait_ready();
-            assert_release(node, new_otp);
+            node.assert_release(new_otp);
         }
         running[step] = fresh;
         ping_everyone_at_once(running.iter_mut().flatten());
@@ -604,13 +617,6 @@ fn spawn_tls_sidecar(lab: &Lab, pod: &Pod, ca: &Ca, serial: u64) -> (Daemon, Sec
 fn no_connect_all(mut o: ErlangOptions) -> ErlangOptions {
     o.extra_args.extend(["-connect_all".into(), "false".into()]);
     o
-}
-
-/// Panics unless `node` runs OTP release `otp`.
-fn assert_release(node: &mut BeamNode, otp: Otp) {
-    let me = node.name().to_string();
-    let release = node.rpc(&me, "erlang", "system_info", "[otp_release]");
-    assert_eq!(release, format!("\"{}\"", otp.release()), "release of {me}");
 }
 
 /// The node called `name` among `nodes`.

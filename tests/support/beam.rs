@@ -410,6 +410,13 @@ impl BeamNode {
         ))
     }
 
+    /// Panics unless this node runs OTP release `otp`.
+    pub fn assert_release(&mut self, otp: Otp) {
+        let me = self.name().to_string();
+        let release = self.rpc(&me, "erlang", "system_info", "[otp_release]");
+        assert_eq!(release, format!("\"{}\"", otp.release()), "release of {me}");
+    }
+
     /// Evaluates the Erlang expressions `src` (ending in a dot) on this
     /// node; the value printed with `~0p`, or the error.
     pub fn eval(&mut self, src: &str) -> String {

@@ -27,6 +27,8 @@
 //! - [`beam_tls`]: certificates and `ssl_dist_optfile`s for nodes of OTP's
 //!   own TLS distribution (`-proto_dist inet_tls`), in the lab directory
 //!   (which every release's root filesystem sees).
+//! - [`fast_path`]: the kernel fast path's scenarios shared by the
+//!   fast-path tests and the OTP release matrix.
 //! - [`otp`]: the OTP release a node runs ([`Otp`], per pod or per node):
 //!   the host's, or another release from a Debian root filesystem built by
 //!   `scripts/otp-rootfs.sh`, entered with `chroot` inside the pod.
@@ -44,6 +46,7 @@
 
 pub mod beam;
 pub mod beam_tls;
+pub mod fast_path;
 pub mod faults;
 pub mod lab;
 pub mod mesh;
