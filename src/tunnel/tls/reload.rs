@@ -19,6 +19,16 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 /// Looks again while the files keep changing, at most.
 const SETTLE_LOOKS: usize = 5;
 
+/// The files' contents as [`TlsReloader::settled`] found them.
+enum Look {
+    /// The contents in force.
+    InForce,
+    /// Contents that failed and were reported already.
+    Reported,
+    /// Other contents (digest), and what they build.
+    New(u64, Result<Generation, TlsLoadError>),
+}
+
 /// What one look at the files found.
 #[derive(Debug)]
 pub enum ReloadOutcome {
@@ -58,15 +68,15 @@ impl TlsReloader {
     /// [`TlsReloader::settled`]).
     pub fn poll(&mut self) -> ReloadOutcome {
         let settings = &self.tls.settings;
-        let (digest, built) = self.settled();
-        if digest == self.tls.current.load().digest {
-            self.last_failed = None;
-            self.last_waiting = None;
-            return ReloadOutcome::Unchanged;
-        }
-        if self.last_failed == Some(digest) {
-            return ReloadOutcome::Unchanged;
-        }
+        let (digest, built) = match self.settled() {
+            Look::InForce => {
+                self.last_failed = None;
+                self.last_waiting = None;
+                return ReloadOutcome::Unchanged;
+            }
+            Look::Reported => return ReloadOutcome::Unchanged,
+            Look::New(digest, built) => (digest, built),
+        };
         // An expired certificate is refused by every peer: keep the current
         // one rather than swap it in. One not valid yet (a clock ahead of
         // this one issued it) waits while the current one is still valid,
@@ -129,16 +139,17 @@ impl TlsReloader {
         }
     }
 
-    /// The files' digest and what they build, once they hold still. A
-    /// writer that replaces them one at a time (a `cp` of the new
-    /// certificate, then of its key; a Kubernetes Secret volume swaps all
-    /// three at once) leaves a certificate without its key for a moment:
-    /// a state that cannot be loaded is read again after [`SETTLE`], and
-    /// only one that did not change meanwhile is reported as failed, so
-    /// a rotation done this way is one reload, not a failure first.
-    fn settled(&self) -> (u64, Result<Generation, TlsLoadError>) {
+    /// What the files hold, once they hold still. A writer that replaces
+    /// them one at a time (a `cp` of the new certificate, then of its key;
+    /// a Kubernetes Secret volume swaps all three at once) leaves a
+    /// certificate without its key for a moment: new contents that cannot
+    /// be loaded are read again after [`SETTLE`], and only contents that
+    /// did not change meanwhile are reported as failed, so a rotation done
+    /// this way is one reload, not a failure first. Contents seen before
+    /// are not built again.
+    fn settled(&self) -> Look {
         let settings = &self.tls.settings;
-        let look = || {
+        let read = || {
             let files = PemFiles::read(settings);
             let digest = match &files {
                 Ok(f) => f.digest(),
@@ -148,24 +159,29 @@ impl TlsReloader {
                     h.finish()
                 }
             };
-            let built = files.and_then(|f| build(settings, &self.tls.provider, &f));
-            (digest, built)
+            (digest, files)
         };
-        let (mut digest, mut built) = look();
-        for _ in 0..SETTLE_LOOKS {
-            let known =
-                digest == self.tls.current.load().digest || self.last_failed == Some(digest);
-            if built.is_ok() || known {
-                break;
+        let (mut digest, mut files) = read();
+        let mut looks = 0;
+        loop {
+            if digest == self.tls.current.load().digest {
+                return Look::InForce;
             }
+            if self.last_failed == Some(digest) {
+                return Look::Reported;
+            }
+            let built = files.and_then(|f| build(settings, &self.tls.provider, &f));
+            if built.is_ok() || looks == SETTLE_LOOKS {
+                return Look::New(digest, built);
+            }
+            looks += 1;
             std::thread::sleep(SETTLE.min(settings.reload_interval));
-            let again = look();
-            if again.0 == digest {
-                break;
+            let (again, again_files) = read();
+            if again == digest {
+                return Look::New(digest, built);
             }
-            (digest, built) = again;
+            (digest, files) = (again, again_files);
         }
-        (digest, built)
     }
 
     /// Polls every `reload_interval` until `shutdown`.
