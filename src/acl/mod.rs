@@ -384,6 +384,7 @@ impl AclHandle {
     }
 
     /// Whether the source file's content differs from the last look.
+    #[cfg(test)]
     fn source_changed(&self) -> bool {
         let guard = lock(&self.source);
         let Some(source) = guard.as_ref() else {
@@ -401,13 +402,16 @@ impl AclHandle {
     /// Two reads `settle` apart must agree; a file still changing is
     /// looked at again at the next poll. `Unchanged` when nothing changed.
     fn reload_if_settled(&self, settle: Duration) -> ReloadOutcome {
-        if !self.source_changed() {
-            return ReloadOutcome::Unchanged;
-        }
-        let Some(path) = lock(&self.source).as_ref().map(|s| s.path.clone()) else {
+        let Some((path, last)) = lock(&self.source)
+            .as_ref()
+            .map(|s| (s.path.clone(), s.digest))
+        else {
             return ReloadOutcome::NoSource;
         };
         let first = std::fs::read(&path).ok();
+        if first.as_deref().map(digest) == last {
+            return ReloadOutcome::Unchanged;
+        }
         std::thread::sleep(settle);
         let bytes = std::fs::read(&path);
         if bytes.as_ref().ok() != first.as_ref() {
